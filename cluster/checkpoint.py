@@ -1,0 +1,142 @@
+"""Reading Qwen3.5-MoE safetensors checkpoints: single file or sharded, text-only or multimodal
+names, per-expert or fused expert tensors; a worker reads only the experts it holds.
+
+Names are canonicalised to the text model's own: `model.` / `model.language_model.` prefixes are
+dropped (`model.layers.3.mlp.gate.weight` -> `layers.3.mlp.gate.weight`); `lm_head.weight` stays;
+vision tensors are skipped; `mtp.*` tensors are kept aside for speculative decoding.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+INDEX_FILE = "model.safetensors.index.json"
+_EXPERT_NAME = re.compile(r"^layers\.(\d+)\.mlp\.experts\.")
+_PREFIXES = ("model.language_model.", "model.")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not match the config; the message names the tensor and the file."""
+
+
+def canonical_name(name: str) -> str | None:
+    """The text model's name for a checkpoint tensor, or None for tensors epserve does not use."""
+    if name.startswith("model.visual.") or name.startswith("visual."):
+        return None
+    if name.startswith("mtp.") or name == "lm_head.weight":
+        return name
+    for prefix in _PREFIXES:
+        if name.startswith(prefix):
+            return name[len(prefix) :]
+    return None
+
+
+class CheckpointReader:
+    def __init__(self, model_dir: str | Path) -> None:
+        self.model_dir = Path(model_dir)
+        self._where: dict[str, tuple[str, str]] = {}  # canonical -> (name in file, file)
+        self._handles: dict[str, object] = {}
+        self.bytes_read = 0
+        index = self.model_dir / INDEX_FILE
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+        else:
+            files = sorted(p.name for p in self.model_dir.glob("*.safetensors"))
+            if not files:
+                raise CheckpointError(f"no *.safetensors files in {self.model_dir}")
+            weight_map = {name: f for f in files for name in self._open(f).keys()}
+        for name, file in weight_map.items():
+            canonical = canonical_name(name)
+            if canonical is not None:
+                self._where[canonical] = (name, file)
+
+    def _open(self, file: str):
+        if file not in self._handles:
+            path = self.model_dir / file
+            if not path.is_file():
+                raise CheckpointError(f"checkpoint file {path} is listed in {INDEX_FILE} but missing")
+            self._handles[file] = safe_open(str(path), framework="pt")
+        return self._handles[file]
+
+    def has(self, name: str) -> bool:
+        return name in self._where
+
+    @property
+    def mtp_names(self) -> list[str]:
+        return sorted(n for n in self._where if n.startswith("mtp."))
+
+    def names(self) -> list[str]:
+        return sorted(self._where)
+
+    def _locate(self, name: str) -> tuple[str, str]:
+        if name not in self._where:
+            raise CheckpointError(f"tensor {name!r} is missing from the checkpoint in {self.model_dir}")
+        return self._where[name]
+
+    def shape(self, name: str) -> list[int]:
+        stored, file = self._locate(name)
+        return list(self._open(file).get_slice(stored).get_shape())
+
+    def read(self, name: str, expected_shape: tuple[int, ...] | None = None) -> torch.Tensor:
+        stored, file = self._locate(name)
+        if expected_shape is not None:
+            self._check_shape(name, expected_shape)
+        tensor = self._open(file).get_tensor(stored)
+        self.bytes_read += tensor.nbytes
+        return tensor
+
+    def read_rows(self, name: str, rows: list[int]) -> torch.Tensor:
+        """Rows of the first dimension only: other rows' bytes are never read (one slice per run
+        of consecutive rows)."""
+        stored, file = self._locate(name)
+        view = self._open(file).get_slice(stored)
+        parts, start = [], 0
+        while start < len(rows):
+            end = start
+            while end + 1 < len(rows) and rows[end + 1] == rows[end] + 1:
+                end += 1
+            parts.append(view[rows[start] : rows[end] + 1])
+            start = end + 1
+        tensor = torch.cat(parts) if len(parts) > 1 else parts[0]
+        self.bytes_read += tensor.nbytes
+        return tensor
+
+    def _check_shape(self, name: str, expected: tuple[int, ...]) -> None:
+        actual = self.shape(name)
+        if tuple(actual) != tuple(expected):
+            stored, file = self._where[name]
+            raise CheckpointError(
+                f"tensor {stored!r} in {self.model_dir / file} has shape {actual}, "
+                f"expected {list(expected)}"
+            )
+
+    def is_expert_tensor(self, name: str) -> bool:
+        return _EXPERT_NAME.match(name) is not None
+
+    def dense_names(self) -> list[str]:
+        return [n for n in self.names() if not n.startswith("mtp.") and not self.is_expert_tensor(n)]
+
+    def read_experts(
+        self, layer: int, expert_ids: list[int], num_experts: int, hidden: int, intermediate: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """gate_up [N, 2I, D] and down [N, D, I] of the given experts, whichever layout is stored."""
+        prefix = f"layers.{layer}.mlp.experts."
+        if self.has(prefix + "gate_up_proj"):
+            self._check_shape(prefix + "gate_up_proj", (num_experts, 2 * intermediate, hidden))
+            self._check_shape(prefix + "down_proj", (num_experts, hidden, intermediate))
+            return (
+                self.read_rows(prefix + "gate_up_proj", expert_ids),
+                self.read_rows(prefix + "down_proj", expert_ids),
+            )
+        gate_up, down = [], []
+        for e in expert_ids:
+            gate = self.read(f"{prefix}{e}.gate_proj.weight", (intermediate, hidden))
+            up = self.read(f"{prefix}{e}.up_proj.weight", (intermediate, hidden))
+            gate_up.append(torch.cat([gate, up], dim=0))
+            down.append(self.read(f"{prefix}{e}.down_proj.weight", (hidden, intermediate)))
+        return torch.stack(gate_up), torch.stack(down)

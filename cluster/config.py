@@ -1,0 +1,161 @@
+"""ModelConfig: every field of a Qwen3.5-MoE `config.json` that changes the math.
+
+Parsed once from the Hugging Face config (text-only `qwen3_5_moe_text` or the multimodal wrapper
+`qwen3_5_moe` with its `text_config`), frozen, and handed to everything that builds the model.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+SUPPORTED_MODEL_TYPES = ("qwen3_5_moe_text", "qwen3_5_moe")
+LAYER_TYPES = ("linear_attention", "full_attention")
+
+
+class ConfigError(ValueError):
+    """A config.json that epserve cannot serve; the message names the field."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int
+    hidden_size: int
+    num_hidden_layers: int
+    layer_types: tuple[str, ...]  # "linear_attention" (Gated DeltaNet) or "full_attention"
+    rms_norm_eps: float
+    # gated full attention
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    partial_rotary_factor: float
+    rope_theta: float
+    max_position_embeddings: int
+    # Gated DeltaNet
+    linear_num_key_heads: int
+    linear_num_value_heads: int
+    linear_key_head_dim: int
+    linear_value_head_dim: int
+    linear_conv_kernel_dim: int
+    # MoE
+    num_experts: int
+    num_experts_per_tok: int
+    moe_intermediate_size: int
+    shared_expert_intermediate_size: int
+    norm_topk_prob: bool = True  # Qwen3.5 always renormalises; False is refused below
+    tie_word_embeddings: bool = False
+    eos_token_ids: tuple[int, ...] = ()
+    model_type: str = "qwen3_5_moe_text"
+
+    def __post_init__(self) -> None:
+        if len(self.layer_types) != self.num_hidden_layers:
+            raise ConfigError(
+                f"layer_types has {len(self.layer_types)} entries but num_hidden_layers is "
+                f"{self.num_hidden_layers}"
+            )
+        for i, kind in enumerate(self.layer_types):
+            if kind not in LAYER_TYPES:
+                raise ConfigError(f"layer_types[{i}] = {kind!r}; expected one of {LAYER_TYPES}")
+        if not 1 <= self.num_experts_per_tok <= self.num_experts:
+            raise ConfigError(
+                f"num_experts_per_tok = {self.num_experts_per_tok} must be in 1..num_experts "
+                f"({self.num_experts})"
+            )
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ConfigError(
+                f"num_attention_heads ({self.num_attention_heads}) is not a multiple of "
+                f"num_key_value_heads ({self.num_key_value_heads})"
+            )
+        if self.linear_num_value_heads % self.linear_num_key_heads:
+            raise ConfigError(
+                f"linear_num_value_heads ({self.linear_num_value_heads}) is not a multiple of "
+                f"linear_num_key_heads ({self.linear_num_key_heads})"
+            )
+        if not self.norm_topk_prob:
+            raise ConfigError("norm_topk_prob = false is not supported: Qwen3.5-MoE renormalises")
+        if self.rotary_dim % 2:
+            raise ConfigError(f"head_dim * partial_rotary_factor = {self.rotary_dim} must be even")
+
+    @property
+    def rotary_dim(self) -> int:
+        return int(self.head_dim * self.partial_rotary_factor)
+
+    @property
+    def moe_layer_ids(self) -> tuple[int, ...]:
+        """Every Qwen3.5-MoE decoder layer has a MoE block."""
+        return tuple(range(self.num_hidden_layers))
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> ModelConfig:
+        model_type = raw.get("model_type")
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise ConfigError(
+                f"unsupported model_type {model_type!r}; epserve serves {SUPPORTED_MODEL_TYPES}"
+            )
+        text = raw
+        if model_type == "qwen3_5_moe":
+            if not isinstance(raw.get("text_config"), dict):
+                raise ConfigError("model_type 'qwen3_5_moe' needs a 'text_config' object")
+            text = dict(raw["text_config"])
+            # tie_word_embeddings / eos may sit on the wrapper rather than the text part
+            for key in ("tie_word_embeddings", "eos_token_id"):
+                if key not in text and key in raw:
+                    text[key] = raw[key]
+        return cls(model_type=model_type, **_text_fields(text))
+
+    @classmethod
+    def from_pretrained(cls, model_dir: str | Path) -> ModelConfig:
+        path = Path(model_dir) / "config.json"
+        if not path.is_file():
+            raise ConfigError(f"no config.json in {model_dir}")
+        return cls.from_dict(json.loads(path.read_text()))
+
+
+def _require(text: dict[str, Any], key: str) -> Any:
+    if key not in text or text[key] is None:
+        raise ConfigError(f"config.json is missing required field {key!r}")
+    return text[key]
+
+
+def _text_fields(text: dict[str, Any]) -> dict[str, Any]:
+    required_ints = [
+        "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+        "num_key_value_heads", "head_dim", "linear_num_key_heads", "linear_num_value_heads",
+        "linear_key_head_dim", "linear_value_head_dim", "linear_conv_kernel_dim", "num_experts",
+        "num_experts_per_tok", "moe_intermediate_size", "shared_expert_intermediate_size",
+    ]
+    out: dict[str, Any] = {key: int(_require(text, key)) for key in required_ints}
+    out["rms_norm_eps"] = float(_require(text, "rms_norm_eps"))
+    out["max_position_embeddings"] = int(text.get("max_position_embeddings", 262144))
+
+    num_layers = out["num_hidden_layers"]
+    layer_types = text.get("layer_types")
+    if layer_types is None:
+        interval = int(text.get("full_attention_interval", 4))
+        layer_types = [
+            "full_attention" if (i + 1) % interval == 0 else "linear_attention"
+            for i in range(num_layers)
+        ]
+    out["layer_types"] = tuple(layer_types)
+
+    # transformers 5 nests rope settings in rope_parameters; older files keep them at top level.
+    rope = text.get("rope_parameters") or text.get("rope_scaling") or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type not in ("default", "mrope"):
+        raise ConfigError(f"unsupported rope_type {rope_type!r}; only default rotary is supported")
+    theta = rope.get("rope_theta", text.get("rope_theta"))
+    if theta is None:
+        raise ConfigError("config.json is missing required field 'rope_theta'")
+    out["rope_theta"] = float(theta)
+    out["partial_rotary_factor"] = float(
+        rope.get("partial_rotary_factor", text.get("partial_rotary_factor", 0.25))
+    )
+    out["norm_topk_prob"] = bool(text.get("norm_topk_prob", True))
+    out["tie_word_embeddings"] = bool(text.get("tie_word_embeddings", False))
+    eos = text.get("eos_token_id")
+    out["eos_token_ids"] = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
+    known = {f.name for f in fields(ModelConfig)}
+    assert set(out) <= known, set(out) - known
+    return out

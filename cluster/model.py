@@ -1,0 +1,110 @@
+"""The Qwen3.5-MoE text model assembled from the pure-torch parts, and its weight loading.
+
+Parameter names equal the checkpoint's canonical names (cluster.checkpoint), so loading is a
+name-for-name copy. Routed experts are not parameters of this module: they live in an ExpertShard
+that each MoE layer reaches through its dispatcher (locally, or on expert workers).
+Shapes: T tokens of a flat batch, D hidden, V vocab.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from attention import (
+    GatedAttention,
+    GatedDeltaNet,
+    KVCache,
+    PartialRotary,
+    RMSNorm,
+    SequenceCache,
+    SequenceSlice,
+    SharedExpert,
+)
+from router import MoELayer, TopKGate
+
+from .checkpoint import CheckpointReader
+from .config import ModelConfig
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int, rotary: PartialRotary) -> None:
+        super().__init__()
+        D = cfg.hidden_size
+        self.is_linear = cfg.layer_types[layer_idx] == "linear_attention"
+        self.input_layernorm = RMSNorm(D, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(D, cfg.rms_norm_eps)
+        if self.is_linear:
+            self.linear_attn = GatedDeltaNet(
+                layer_idx, D, cfg.linear_num_key_heads, cfg.linear_num_value_heads,
+                cfg.linear_key_head_dim, cfg.linear_value_head_dim, cfg.linear_conv_kernel_dim,
+                cfg.rms_norm_eps,
+            )
+        else:
+            self.self_attn = GatedAttention(
+                layer_idx, D, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim,
+                rotary, cfg.rms_norm_eps,
+            )
+        self.mlp = MoELayer(
+            layer_idx,
+            TopKGate(D, cfg.num_experts, cfg.num_experts_per_tok),
+            SharedExpert(D, cfg.shared_expert_intermediate_size),
+            D,
+        )
+
+    def mixer(self) -> nn.Module:
+        return self.linear_attn if self.is_linear else self.self_attn
+
+    def forward(self, x_TD, positions_T, slices: list[SequenceSlice]) -> torch.Tensor:
+        x_TD = x_TD + self.mixer()(self.input_layernorm(x_TD), positions_T, slices)
+        return x_TD + self.mlp(self.post_attention_layernorm(x_TD))
+
+
+class Qwen35MoeModel(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        rotary = PartialRotary(cfg.head_dim, cfg.rotary_dim, cfg.rope_theta)
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i, rotary) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    def moe_layers(self) -> list[MoELayer]:
+        return [layer.mlp for layer in self.layers]
+
+    def new_cache(self) -> SequenceCache:
+        dtype = self.embed_tokens.weight.dtype
+        return SequenceCache(
+            layers=[
+                layer.linear_attn.new_state(dtype) if layer.is_linear else KVCache()
+                for layer in self.layers
+            ]
+        )
+
+    @torch.inference_mode()
+    def forward(
+        self, input_ids_T: torch.Tensor, positions_T: torch.Tensor, slices: list[SequenceSlice]
+    ) -> torch.Tensor:
+        """Runs the flat batch through every layer, updates the caches; returns normed hidden [T, D]."""
+        x = self.embed_tokens(input_ids_T)
+        for layer in self.layers:
+            x = layer(x, positions_T, slices)
+        for s in slices:
+            s.cache.num_tokens += s.length
+        return self.norm(x)
+
+    @torch.inference_mode()
+    def logits(self, hidden_TD: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden_TD).float()
+
+    def load_dense(self, reader: CheckpointReader) -> None:
+        """Copies every dense parameter from the checkpoint, checking names and shapes."""
+        for name, param in self.named_parameters():
+            if name == "lm_head.weight" and self.cfg.tie_word_embeddings:
+                continue  # tied: it is embed_tokens.weight
+            tensor = reader.read(name, expected_shape=tuple(param.shape))
+            with torch.no_grad():
+                param.copy_(tensor.to(param.dtype))

@@ -1,0 +1,223 @@
+"""`epserve make-tiny`: a random Qwen3.5-MoE checkpoint in Hugging Face format, written offline.
+
+config.json, safetensors with the real tensor names (text-only or multimodal prefixes, per-expert or
+fused experts, optionally sharded with an index), tokenizer.json, tokenizer_config.json and
+generation_config.json. transformers' AutoModelForCausalLM loads the text-only layout as is.
+The initialisation is wider than a trained model's so that logits are well separated (greedy
+decoding is then stable across implementations).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from .tiny_tokenizer import SPECIAL_TOKENS, byte_level_tokenizer, qwen35_tokenizer
+
+
+@dataclass(frozen=True)
+class TinySpec:
+    seed: int = 0
+    num_experts: int = 512
+    top_k: int = 10
+    layers: int = 4
+    hidden: int = 128
+    heads: int = 4
+    kv_heads: int = 2
+    head_dim: int = 32
+    linear_key_heads: int = 2
+    linear_value_heads: int = 8
+    linear_head_dim: int = 32
+    moe_intermediate: int = 32
+    shared_intermediate: int = 64
+    full_attention_interval: int = 4
+    tie_word_embeddings: bool = False
+    fused_experts: bool = False
+    multimodal: bool = False  # `model.language_model.` names, a text_config wrapper, vision/MTP extras
+    tokenizer: str = "byte"  # "byte" (small byte-level BPE) or "qwen3.5" (the real vocabulary)
+    max_shard_mb: float = 0  # > 0 splits the weights into shards with an index file
+    max_position_embeddings: int = 4096
+
+    def __post_init__(self) -> None:
+        if self.tokenizer not in ("byte", "qwen3.5"):
+            raise ValueError(f"tokenizer must be 'byte' or 'qwen3.5', got {self.tokenizer!r}")
+        if not 1 <= self.top_k <= self.num_experts:
+            raise ValueError(f"top_k {self.top_k} must be in 1..num_experts ({self.num_experts})")
+
+
+def _text_config(spec: TinySpec, vocab_size: int, eos_id: int) -> dict:
+    layer_types = [
+        "full_attention" if (i + 1) % spec.full_attention_interval == 0 else "linear_attention"
+        for i in range(spec.layers)
+    ]
+    return {
+        "model_type": "qwen3_5_moe_text",
+        "architectures": ["Qwen3_5MoeForCausalLM"],
+        "vocab_size": vocab_size,
+        "hidden_size": spec.hidden,
+        "num_hidden_layers": spec.layers,
+        "layer_types": layer_types,
+        "num_attention_heads": spec.heads,
+        "num_key_value_heads": spec.kv_heads,
+        "head_dim": spec.head_dim,
+        "linear_num_key_heads": spec.linear_key_heads,
+        "linear_num_value_heads": spec.linear_value_heads,
+        "linear_key_head_dim": spec.linear_head_dim,
+        "linear_value_head_dim": spec.linear_head_dim,
+        "linear_conv_kernel_dim": 4,
+        "num_experts": spec.num_experts,
+        "num_experts_per_tok": spec.top_k,
+        "moe_intermediate_size": spec.moe_intermediate,
+        "shared_expert_intermediate_size": spec.shared_intermediate,
+        "hidden_act": "silu",
+        "rms_norm_eps": 1e-6,
+        "max_position_embeddings": spec.max_position_embeddings,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25},
+        "tie_word_embeddings": spec.tie_word_embeddings,
+        "attention_bias": False,
+        "eos_token_id": eos_id,
+        "dtype": "float32",
+    }
+
+
+def _random_weights(spec: TinySpec, vocab_size: int) -> dict[str, torch.Tensor]:
+    """Text-model tensors under their canonical names (no `model.` prefix), per-expert layout."""
+    g = torch.Generator().manual_seed(spec.seed)
+
+    def normal(*shape, std: float) -> torch.Tensor:
+        return torch.randn(*shape, generator=g) * std
+
+    def linear(out_dim: int, in_dim: int) -> torch.Tensor:
+        return normal(out_dim, in_dim, std=1 / math.sqrt(in_dim))
+
+    D, E, I = spec.hidden, spec.num_experts, spec.moe_intermediate
+    key_dim = spec.linear_key_heads * spec.linear_head_dim
+    value_dim = spec.linear_value_heads * spec.linear_head_dim
+    conv_channels = 2 * key_dim + value_dim
+    w: dict[str, torch.Tensor] = {"embed_tokens.weight": normal(vocab_size, D, std=1.0)}
+    for i in range(spec.layers):
+        p = f"layers.{i}."
+        w[p + "input_layernorm.weight"] = normal(D, std=0.1)
+        w[p + "post_attention_layernorm.weight"] = normal(D, std=0.1)
+        if (i + 1) % spec.full_attention_interval:
+            a = p + "linear_attn."
+            w[a + "in_proj_qkv.weight"] = linear(conv_channels, D)
+            w[a + "in_proj_z.weight"] = linear(value_dim, D)
+            w[a + "in_proj_b.weight"] = linear(spec.linear_value_heads, D)
+            w[a + "in_proj_a.weight"] = linear(spec.linear_value_heads, D)
+            w[a + "conv1d.weight"] = normal(conv_channels, 1, 4, std=0.5)
+            w[a + "A_log"] = torch.empty(spec.linear_value_heads).uniform_(1, 16, generator=g).log()
+            w[a + "dt_bias"] = normal(spec.linear_value_heads, std=0.5)
+            w[a + "norm.weight"] = 1 + normal(spec.linear_head_dim, std=0.1)
+            w[a + "out_proj.weight"] = linear(D, value_dim)
+        else:
+            a = p + "self_attn."
+            w[a + "q_proj.weight"] = linear(spec.heads * spec.head_dim * 2, D)
+            w[a + "k_proj.weight"] = linear(spec.kv_heads * spec.head_dim, D)
+            w[a + "v_proj.weight"] = linear(spec.kv_heads * spec.head_dim, D)
+            w[a + "o_proj.weight"] = linear(D, spec.heads * spec.head_dim)
+            w[a + "q_norm.weight"] = normal(spec.head_dim, std=0.1)
+            w[a + "k_norm.weight"] = normal(spec.head_dim, std=0.1)
+        m = p + "mlp."
+        w[m + "gate.weight"] = linear(E, D)
+        for e in range(E):
+            w[f"{m}experts.{e}.gate_proj.weight"] = linear(I, D)
+            w[f"{m}experts.{e}.up_proj.weight"] = linear(I, D)
+            w[f"{m}experts.{e}.down_proj.weight"] = linear(D, I)
+        w[m + "shared_expert.gate_proj.weight"] = linear(spec.shared_intermediate, D)
+        w[m + "shared_expert.up_proj.weight"] = linear(spec.shared_intermediate, D)
+        w[m + "shared_expert.down_proj.weight"] = linear(D, spec.shared_intermediate)
+        w[m + "shared_expert_gate.weight"] = linear(1, D)
+    w["norm.weight"] = normal(D, std=0.1)
+    if not spec.tie_word_embeddings:
+        w["lm_head.weight"] = linear(vocab_size, D)
+    return w
+
+
+def _fuse_experts(w: dict[str, torch.Tensor], spec: TinySpec) -> dict[str, torch.Tensor]:
+    out = {k: v for k, v in w.items() if ".mlp.experts." not in k}
+    for i in range(spec.layers):
+        m = f"layers.{i}.mlp.experts."
+        out[m + "gate_up_proj"] = torch.stack(
+            [torch.cat([w[f"{m}{e}.gate_proj.weight"], w[f"{m}{e}.up_proj.weight"]]) for e in range(spec.num_experts)]
+        )
+        out[m + "down_proj"] = torch.stack([w[f"{m}{e}.down_proj.weight"] for e in range(spec.num_experts)])
+    return out
+
+
+def _file_names(w: dict[str, torch.Tensor], spec: TinySpec) -> dict[str, torch.Tensor]:
+    prefix = "model.language_model." if spec.multimodal else "model."
+    out = {(k if k == "lm_head.weight" else prefix + k): v.contiguous() for k, v in w.items()}
+    if spec.multimodal:  # tensors a text server must skip (vision) or keep aside (MTP)
+        out["model.visual.patch_embed.proj.weight"] = torch.zeros(8, 3, 2, 2)
+        out["mtp.fc.weight"] = torch.zeros(spec.hidden, 2 * spec.hidden)
+    return out
+
+
+def _save_shards(tensors: dict[str, torch.Tensor], out: Path, max_shard_mb: float) -> None:
+    if max_shard_mb <= 0:
+        save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+        return
+    limit, shards, current, size = max_shard_mb * 2**20, [], {}, 0
+    for name in sorted(tensors):
+        if current and size + tensors[name].nbytes > limit:
+            shards.append(current)
+            current, size = {}, 0
+        current[name] = tensors[name]
+        size += tensors[name].nbytes
+    shards.append(current)
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(out / file), metadata={"format": "pt"})
+        weight_map.update({name: file for name in shard})
+    total = sum(t.nbytes for t in tensors.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+def make_tiny(out_dir: str | Path, spec: TinySpec = TinySpec()) -> Path:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tok = qwen35_tokenizer() if spec.tokenizer == "qwen3.5" else byte_level_tokenizer()
+    if spec.tokenizer == "qwen3.5":
+        vocab_size = 248320  # the flagship's padded vocabulary
+    else:
+        vocab_size = math.ceil(tok.get_vocab_size() / 64) * 64
+    eos_id = tok.token_to_id("<|im_end|>")
+    text_cfg = _text_config(spec, vocab_size, eos_id)
+    config = text_cfg
+    if spec.multimodal:
+        text_cfg = {k: v for k, v in text_cfg.items() if k != "architectures"}
+        text_cfg["model_type"] = "qwen3_5_moe_text"
+        config = {
+            "model_type": "qwen3_5_moe",
+            "architectures": ["Qwen3_5MoeForConditionalGeneration"],
+            "text_config": text_cfg,
+            "tie_word_embeddings": spec.tie_word_embeddings,
+        }
+    config["epserve_tiny_spec"] = asdict(spec)  # how it was made, for humans
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    weights = _random_weights(spec, vocab_size)
+    if spec.fused_experts:
+        weights = _fuse_experts(weights, spec)
+    _save_shards(_file_names(weights, spec), out, spec.max_shard_mb)
+    tok.save(str(out / "tokenizer.json"))
+    (out / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "PreTrainedTokenizerFast",
+                "eos_token": "<|im_end|>",
+                "pad_token": "<|endoftext|>",
+                "additional_special_tokens": SPECIAL_TOKENS,
+            },
+            indent=2,
+        )
+    )
+    (out / "generation_config.json").write_text(json.dumps({"eos_token_id": eos_id}, indent=2))
+    return out

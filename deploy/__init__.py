@@ -1,0 +1,1 @@
+"""Serving entry points: the `epserve` command line (Ray Serve applications arrive with #5)."""

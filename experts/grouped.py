@@ -1,0 +1,40 @@
+"""Grouped SwiGLU over tokens routed to a bank of experts, and a plain reference beside it.
+
+Expert e computes y = (silu(x @ gate_e^T) * (x @ up_e^T)) @ down_e^T with the fused checkpoint layout:
+gate_up [N, 2I, D] (gate rows first, then up) and down [N, D, I].
+Shapes: R routed rows (token, expert pairs), D hidden, I expert intermediate, N experts in the bank.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def grouped_swiglu(
+    hidden_RD: torch.Tensor, counts_N: list[int], gate_up: torch.Tensor, down: torch.Tensor
+) -> torch.Tensor:
+    """Rows are sorted by expert: the first counts_N[0] rows go to expert 0, and so on.
+
+    One pair of matmuls per *active* expert (counts > 0): the Python loop runs over at most R
+    experts, never over the whole bank.
+    """
+    out = hidden_RD.new_empty(hidden_RD.shape)
+    start = 0
+    for e, n in enumerate(counts_N):
+        if n == 0:
+            continue
+        rows = slice(start, start + n)
+        gate, up = (hidden_RD[rows] @ gate_up[e].T).chunk(2, dim=-1)
+        out[rows] = (F.silu(gate) * up) @ down[e].T
+        start += n
+    return out
+
+
+def swiglu_reference(
+    hidden_RD: torch.Tensor, expert_R: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor
+) -> torch.Tensor:
+    """Row by row, in any order: gathers each row's expert weights. Slow and obviously right."""
+    gate_up_rows = gate_up[expert_R]  # [R, 2I, D]
+    gate, up = torch.einsum("rd,rid->ri", hidden_RD, gate_up_rows).chunk(2, dim=-1)
+    return torch.einsum("ri,rdi->rd", F.silu(gate) * up, down[expert_R])

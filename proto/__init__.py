@@ -1,0 +1,1 @@
+"""gRPC API definitions and generated stubs (arrive with the front-door issue)."""

@@ -1,0 +1,40 @@
+"""The MoE block as the attention side runs it: gate, dispatch, experts, combine, shared expert.
+
+    y = combine(experts(dispatch(x, top-k of gate(x)))) + sigmoid(shared_expert_gate(x)) * shared(x)
+
+The layer is handed its dispatcher and the local expert shard (which may hold no experts, when the
+experts live on other workers), so the same code runs in one process and across Ray actors.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .dispatcher import Dispatcher
+from .gate import TopKGate
+
+
+class MoELayer(nn.Module):
+    def __init__(
+        self,
+        layer_idx: int,
+        gate: TopKGate,
+        shared_expert: nn.Module,
+        hidden_size: int,
+    ) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.gate = gate
+        self.shared_expert = shared_expert
+        self.shared_expert_gate = nn.Linear(hidden_size, 1, bias=False)
+        self.dispatcher: Dispatcher | None = None  # wired by the runner
+        self.experts = None  # an experts.ExpertShard (duck-typed: router does not import experts)
+
+    def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
+        topk_idx, topk_weights = self.gate(x_TD)
+        batch, handle = self.dispatcher.dispatch(self.layer_idx, x_TD, topk_idx, topk_weights)
+        expert_out = self.experts.forward(self.layer_idx, batch.hidden, batch.counts)
+        routed = self.dispatcher.combine(expert_out, handle)
+        shared = torch.sigmoid(self.shared_expert_gate(x_TD)) * self.shared_expert(x_TD)
+        return routed + shared
