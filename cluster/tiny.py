@@ -99,18 +99,24 @@ def _random_weights(spec: TinySpec, vocab_size: int) -> dict[str, torch.Tensor]:
     key_dim = spec.linear_key_heads * spec.linear_head_dim
     value_dim = spec.linear_value_heads * spec.linear_head_dim
     conv_channels = 2 * key_dim + value_dim
-    w: dict[str, torch.Tensor] = {"embed_tokens.weight": normal(vocab_size, D, std=1.0)}
+    # std 1/sqrt(D) keeps tied logits (h @ embed^T) at the scale of untied ones
+    w: dict[str, torch.Tensor] = {"embed_tokens.weight": normal(vocab_size, D, std=D**-0.5)}
     for i in range(spec.layers):
         p = f"layers.{i}."
         w[p + "input_layernorm.weight"] = normal(D, std=0.1)
         w[p + "post_attention_layernorm.weight"] = normal(D, std=0.1)
         if (i + 1) % spec.full_attention_interval:
             a = p + "linear_attn."
-            w[a + "in_proj_qkv.weight"] = linear(conv_channels, D)
+            # Keys correlated with queries (as in trained models): DeltaNet's output S^T q is then
+            # not a sum of cancelling terms, and fp32 implementations agree to ~1e-5.
+            q_rows, v_rows = linear(key_dim, D), linear(value_dim, D)
+            k_rows = 0.8 * q_rows + 0.6 * linear(key_dim, D)
+            w[a + "in_proj_qkv.weight"] = torch.cat([q_rows, k_rows, v_rows])
             w[a + "in_proj_z.weight"] = linear(value_dim, D)
             w[a + "in_proj_b.weight"] = linear(spec.linear_value_heads, D)
             w[a + "in_proj_a.weight"] = linear(spec.linear_value_heads, D)
-            w[a + "conv1d.weight"] = normal(conv_channels, 1, 4, std=0.5)
+            q_conv = normal(key_dim, 1, 4, std=0.5)
+            w[a + "conv1d.weight"] = torch.cat([q_conv, q_conv, normal(value_dim, 1, 4, std=0.5)])
             w[a + "A_log"] = torch.empty(spec.linear_value_heads).uniform_(1, 16, generator=g).log()
             w[a + "dt_bias"] = normal(spec.linear_value_heads, std=0.5)
             w[a + "norm.weight"] = 1 + normal(spec.linear_head_dim, std=0.1)

