@@ -75,11 +75,11 @@ def chunked_gated_delta_rule(q, k, v, g, beta, state=None, chunk_size: int = 64)
     g, beta = g.view(B, H, n, C), beta.view(B, H, n, C)
 
     cum = g.cumsum(dim=-1)  # c_i: [B, H, n, C]
-    causal = torch.ones(C, C, dtype=torch.bool).tril()
+    causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
     decay = (cum[..., :, None] - cum[..., None, :]).masked_fill(~causal, float("-inf")).exp()
     k_beta = k * beta[..., None]
     system = ((k_beta @ k.transpose(-1, -2)) * decay).tril(-1)  # strictly lower part
-    eye = torch.eye(C, dtype=system.dtype)
+    eye = torch.eye(C, dtype=system.dtype, device=q.device)
     values = torch.linalg.solve_triangular(system + eye, v * beta[..., None], upper=False)
     state_keys = torch.linalg.solve_triangular(system + eye, k_beta * cum.exp()[..., None], upper=False)
     scores = (q @ k.transpose(-1, -2)) * decay  # [B, H, n, C, C], lower incl. diagonal

@@ -51,7 +51,9 @@ class GatedDeltaNet(nn.Module):
         self.out_proj = nn.Linear(self.value_dim, hidden_size, bias=False)
 
     def new_state(self, dtype: torch.dtype) -> DeltaNetState:
-        return DeltaNetState(conv=torch.zeros(self.conv_channels, self.conv_kernel - 1, dtype=dtype))
+        return DeltaNetState(
+            conv=torch.zeros(self.conv_channels, self.conv_kernel - 1, dtype=dtype, device=self.A_log.device)
+        )
 
     def _conv(self, qkv_BCL: torch.Tensor, states: list[DeltaNetState]) -> torch.Tensor:
         """Causal depthwise conv over [B, C, L] continuing each sequence's conv state."""
@@ -90,7 +92,7 @@ class GatedDeltaNet(nn.Module):
         # Decode: single tokens of sequences that already have a state, batched in one recurrent step.
         decode = [s for s in slices if s.length == 1 and s.cache.num_tokens > 0]
         if decode:
-            rows = torch.tensor([s.start for s in decode])
+            rows = torch.tensor([s.start for s in decode], device=x_TD.device)
             states = [s.cache.deltanet(self.layer_idx) for s in decode]
             out[rows] = self._mix(qkv[rows, None], g[rows, None], beta[rows, None], states, True)[:, 0]
         for s in slices:

@@ -58,8 +58,8 @@ class GatedAttention(nn.Module):
             )  # [KV, past + n, hd]
             past = k_all.shape[1] - s.length
             # query i (absolute position past + i) sees keys 0 .. past + i
-            q_pos = torch.arange(s.length)[:, None] + past
-            mask = torch.arange(k_all.shape[1])[None, :] <= q_pos
+            q_pos = torch.arange(s.length, device=q.device)[:, None] + past
+            mask = torch.arange(k_all.shape[1], device=q.device)[None, :] <= q_pos
             out = F.scaled_dot_product_attention(
                 q,
                 k_all.repeat_interleave(groups, dim=0),
@@ -68,5 +68,6 @@ class GatedAttention(nn.Module):
                 scale=hd**-0.5,
             )
             out_THd[s.rows] = out.transpose(0, 1)
-        out_TE = out_THd.reshape(T, -1) * torch.sigmoid(gate.reshape(T, -1))
+        width = self.num_heads * hd
+        out_TE = out_THd.reshape(T, width) * torch.sigmoid(gate.reshape(T, width))
         return self.o_proj(out_TE)

@@ -159,3 +159,45 @@ def _text_fields(text: dict[str, Any]) -> dict[str, Any]:
     known = {f.name for f in fields(ModelConfig)}
     assert set(out) <= known, set(out) - known
     return out
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """How one model instance is laid out: A attention workers and E expert workers.
+
+    With E = A = 1 and use_ray unset, everything runs in this process with the local dispatcher.
+    """
+
+    expert_workers: int = 1  # E: actors each holding a shard of every MoE layer's experts
+    attention_workers: int = 1  # A: actors running the dense layers, data-parallel over sequences
+    use_ray: bool | None = None  # None: Ray whenever E > 1 or A > 1
+    gpus_per_worker: float | None = None  # None: 1 where CUDA is available, else 0
+    cpus_per_worker: float = 0.25  # fractional on CPU machines (2 cores hold 8 workers)
+    placement: Any = None  # router.placement.ExpertPlacement; None: contiguous blocks of E_total / E
+    backend: str = "auto"  # "nccl" | "gloo" | "auto" (nccl with CUDA, else gloo)
+    timeout_s: float = 120.0  # process-group and step timeout
+    threads_per_worker: int = 1  # torch threads inside each CPU worker
+
+    def __post_init__(self) -> None:
+        if self.expert_workers < 1:
+            raise ConfigError(f"expert_workers must be >= 1, got {self.expert_workers}")
+        if self.attention_workers < 1:
+            raise ConfigError(f"attention_workers must be >= 1, got {self.attention_workers}")
+        if self.backend not in ("auto", "nccl", "gloo"):
+            raise ConfigError(f"backend must be 'auto', 'nccl' or 'gloo', got {self.backend!r}")
+        if self.cpus_per_worker <= 0:
+            raise ConfigError(f"cpus_per_worker must be > 0, got {self.cpus_per_worker}")
+        if not self.wants_ray and self.placement is not None:
+            raise ConfigError("an expert placement needs the Ray executor (use_ray=True)")
+
+    @property
+    def wants_ray(self) -> bool:
+        if self.use_ray is not None:
+            if not self.use_ray and (self.expert_workers > 1 or self.attention_workers > 1):
+                raise ConfigError("use_ray=False runs one process: expert_workers and attention_workers must be 1")
+            return self.use_ray
+        return self.expert_workers > 1 or self.attention_workers > 1
+
+    @property
+    def world_size(self) -> int:
+        return self.expert_workers + self.attention_workers

@@ -16,12 +16,9 @@ from pathlib import Path
 
 import torch
 
-from router import LocalDispatcher
-
-from .checkpoint import CheckpointReader
-from .config import ModelConfig
-from .loading import load_dense_model, load_expert_shard
-from .runner import ModelRunner, SequenceChunk, StepInput
+from .config import ClusterConfig, ModelConfig
+from .executor import LocalExecutor, RayExecutor
+from .runner import SequenceChunk, StepInput
 from .sampling import Sampler, SamplingParams
 from .tokenizer import Tokenizer
 
@@ -35,31 +32,44 @@ class Completion:
     finish_reason: str  # "stop" (end-of-sequence token) or "length" (max_tokens reached)
 
 
-def build_local_runner(cfg: ModelConfig, model_dir: str | Path, dtype: torch.dtype) -> ModelRunner:
-    """One process, every expert local: the LocalDispatcher path."""
-    reader = CheckpointReader(model_dir)
-    model = load_dense_model(cfg, reader, dtype)
-    all_experts = {layer: list(range(cfg.num_experts)) for layer in cfg.moe_layer_ids}
-    shard = load_expert_shard(cfg, reader, all_experts, dtype)
-    dispatcher = LocalDispatcher(
-        shard.local_index, {layer: len(b.expert_ids) for layer, b in shard.banks.items()}
-    )
-    for moe in model.moe_layers():
-        moe.dispatcher, moe.experts = dispatcher, shard
-    return ModelRunner(model)
-
-
 class LLM:
-    def __init__(self, model: str | Path, dtype: str = "float32") -> None:
+    def __init__(
+        self,
+        model: str | Path,
+        dtype: str = "float32",
+        expert_workers: int = 1,
+        attention_workers: int = 1,
+        use_ray: bool | None = None,
+        cluster: ClusterConfig | None = None,
+    ) -> None:
         self.model_dir = Path(model)
         self.config = ModelConfig.from_pretrained(self.model_dir)
-        self.dtype = getattr(torch, dtype)
-        self.runner = build_local_runner(self.config, self.model_dir, self.dtype)
+        self.cluster = cluster or ClusterConfig(
+            expert_workers=expert_workers, attention_workers=attention_workers, use_ray=use_ray
+        )
+        if self.cluster.wants_ray:
+            self.executor = RayExecutor(self.config, self.model_dir, dtype, self.cluster)
+        else:
+            self.executor = LocalExecutor(self.config, self.model_dir, getattr(torch, dtype))
         try:
             self.tokenizer: Tokenizer | None = Tokenizer(self.model_dir, self.config.eos_token_ids)
         except FileNotFoundError:
             self.tokenizer = None
         self._seq_ids = itertools.count()
+
+    def shutdown(self) -> None:
+        """Stops the workers (Ray actors, process group); idempotent."""
+        self.executor.shutdown()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+
+    def worker_info(self) -> list[dict]:
+        """Per worker: role, rank, bytes of weights held (experts: about 1/E of them)."""
+        return self.executor.worker_info()
 
     def _check_ids(self, ids: list[int]) -> list[int]:
         if not ids:
@@ -82,8 +92,8 @@ class LLM:
             SequenceChunk(next(self._seq_ids), tuple(self._check_ids(ids)), all_logits=True)
             for ids in token_id_lists
         )
-        logits = self.runner.execute(StepInput(chunks))
-        self.runner.execute(StepInput((), finished=tuple(c.seq_id for c in chunks)))
+        logits = self.executor.execute(StepInput(chunks))
+        self.executor.execute(StepInput((), finished=tuple(c.seq_id for c in chunks)))
         return logits
 
     def generate(
@@ -104,7 +114,7 @@ class LLM:
         pending = [SequenceChunk(s, tuple(ids)) for s, ids in zip(seq_ids, prompt_ids)]
         index = {s: i for i, s in enumerate(seq_ids)}
         while pending:
-            logits = self.runner.execute(StepInput(tuple(pending)))
+            logits = self.executor.execute(StepInput(tuple(pending)))
             next_pending = []
             for chunk, row in zip(pending, logits):
                 i = index[chunk.seq_id]
@@ -117,7 +127,7 @@ class LLM:
                 else:
                     next_pending.append(SequenceChunk(chunk.seq_id, (token,)))
             pending = next_pending
-        self.runner.execute(StepInput((), finished=tuple(seq_ids)))
+        self.executor.execute(StepInput((), finished=tuple(seq_ids)))
         return [
             Completion(
                 prompt=p if isinstance(p, str) else None,

@@ -30,15 +30,18 @@ class StepInput:
 
 
 class ModelRunner:
-    def __init__(self, model: Qwen35MoeModel) -> None:
+    def __init__(self, model: Qwen35MoeModel, spmd: bool = False) -> None:
         self.model = model
+        self.device = model.embed_tokens.weight.device
+        # spmd: the model's MoE layers join collectives, so even an empty step runs the forward
+        self.spmd = spmd
         self.caches: dict[int, SequenceCache] = {}
 
     def execute(self, step: StepInput) -> list[torch.Tensor]:
         """Returns per chunk fp32 logits [n, V] (all_logits) or [1, V]."""
         for seq_id in step.finished:
             self.caches.pop(seq_id, None)
-        if not step.chunks:
+        if not step.chunks and not self.spmd:
             return []
         slices, ids, positions, start = [], [], [], 0
         for chunk in step.chunks:
@@ -48,10 +51,14 @@ class ModelRunner:
             ids.extend(chunk.token_ids)
             positions.extend(range(cache.num_tokens, cache.num_tokens + n))
             start += n
-        hidden = self.model(torch.tensor(ids), torch.tensor(positions), slices)
-        rows = []
-        for chunk, s in zip(step.chunks, slices):
-            rows.append(torch.arange(s.start, s.start + s.length) if chunk.all_logits
-                        else torch.tensor([s.start + s.length - 1]))
-        logits = self.model.logits(hidden[torch.cat(rows)])
-        return list(logits.split([len(r) for r in rows]))
+        as_long = dict(dtype=torch.long, device=self.device)
+        hidden = self.model(torch.tensor(ids, **as_long), torch.tensor(positions, **as_long), slices)
+        if not step.chunks:
+            return []
+        rows = [
+            torch.arange(s.start, s.start + s.length) if chunk.all_logits
+            else torch.tensor([s.start + s.length - 1])
+            for chunk, s in zip(step.chunks, slices)
+        ]
+        logits = self.model.logits(hidden[torch.cat(rows).to(self.device)])
+        return list(logits.cpu().split([len(r) for r in rows]))

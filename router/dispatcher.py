@@ -50,7 +50,7 @@ class LocalHandle:
 def weighted_sum(pair_out_PD: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor:
     """[T * K, D] results of (token, k) pairs in pair order -> [T, D], summed in k order."""
     T, K = weights_TK.shape
-    weighted = pair_out_PD.view(T, K, -1) * weights_TK[..., None]
+    weighted = pair_out_PD.view(T, K, pair_out_PD.shape[-1]) * weights_TK[..., None]
     out = weighted[:, 0].clone()
     for k in range(1, K):
         out += weighted[:, k]

@@ -8,6 +8,8 @@ experts live on other workers), so the same code runs in one process and across 
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 from torch import nn
 
@@ -30,11 +32,18 @@ class MoELayer(nn.Module):
         self.shared_expert_gate = nn.Linear(hidden_size, 1, bias=False)
         self.dispatcher: Dispatcher | None = None  # wired by the runner
         self.experts = None  # an experts.ExpertShard (duck-typed: router does not import experts)
+        self.timer = None  # optional: anything with .phase(name) -> context manager
+
+    def _phase(self, name: str):
+        return self.timer.phase(name) if self.timer is not None else nullcontext()
 
     def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
         topk_idx, topk_weights = self.gate(x_TD)
-        batch, handle = self.dispatcher.dispatch(self.layer_idx, x_TD, topk_idx, topk_weights)
-        expert_out = self.experts.forward(self.layer_idx, batch.hidden, batch.counts)
-        routed = self.dispatcher.combine(expert_out, handle)
+        with self._phase("dispatch"):
+            batch, handle = self.dispatcher.dispatch(self.layer_idx, x_TD, topk_idx, topk_weights)
+        with self._phase("experts"):
+            expert_out = self.experts.forward(self.layer_idx, batch.hidden, batch.counts)
+        with self._phase("combine"):
+            routed = self.dispatcher.combine(expert_out, handle)
         shared = torch.sigmoid(self.shared_expert_gate(x_TD)) * self.shared_expert(x_TD)
         return routed + shared

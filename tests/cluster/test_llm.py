@@ -51,7 +51,7 @@ def test_seeded_sampling_is_reproducible(llm):
 
 def test_score_releases_caches(llm):
     llm.score([[1, 2, 3], [4, 5]])
-    assert llm.runner.caches == {}
+    assert llm.executor.num_cached_sequences() == 0
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,77 @@
+"""Expert placement: which worker holds which experts of each MoE layer, and the lookup tables
+dispatch uses to send a (token, expert) pair to a worker.
+
+An expert may be held by several workers (replicas); dispatch then spreads its pairs over the
+replicas by pair index, deterministically. Plain Python lists in, int64 tables out.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class ExpertPlacement:
+    """held[layer][worker] = sorted global expert ids that worker holds in that layer."""
+
+    num_experts: int
+    held: dict[int, tuple[tuple[int, ...], ...]]
+
+    def __post_init__(self) -> None:
+        for layer, workers in self.held.items():
+            covered = {e for ids in workers for e in ids}
+            missing = set(range(self.num_experts)) - covered
+            if missing:
+                raise ValueError(f"layer {layer}: experts {sorted(missing)[:8]} are held by no worker")
+            for w, ids in enumerate(workers):
+                if list(ids) != sorted(set(ids)) or (ids and not 0 <= ids[0] <= ids[-1] < self.num_experts):
+                    raise ValueError(f"layer {layer}, worker {w}: expert ids must be sorted, unique, in range")
+
+    @property
+    def num_workers(self) -> int:
+        return len(next(iter(self.held.values())))
+
+    @classmethod
+    def contiguous(cls, num_experts: int, num_workers: int, layers: list[int]) -> ExpertPlacement:
+        """Worker w holds experts [w * E / W, (w + 1) * E / W): blocks as even as they can be."""
+        if not 1 <= num_workers <= num_experts:
+            raise ValueError(f"expert workers must be in 1..{num_experts}, got {num_workers}")
+        bounds = [round(w * num_experts / num_workers) for w in range(num_workers + 1)]
+        blocks = tuple(tuple(range(bounds[w], bounds[w + 1])) for w in range(num_workers))
+        return cls(num_experts, {layer: blocks for layer in layers})
+
+    def max_local(self, layer: int) -> int:
+        return max(len(ids) for ids in self.held[layer])
+
+    def tables(self, layer: int) -> RoutingTables:
+        replicas: list[list[tuple[int, int]]] = [[] for _ in range(self.num_experts)]
+        for w, ids in enumerate(self.held[layer]):
+            for local, e in enumerate(ids):
+                replicas[e].append((w, local))
+        width = max(len(r) for r in replicas)
+        worker = torch.zeros(self.num_experts, width, dtype=torch.long)
+        local = torch.zeros(self.num_experts, width, dtype=torch.long)
+        for e, r in enumerate(replicas):
+            for i in range(width):  # pad by repeating: index i % len(r) is what dispatch reads
+                worker[e, i], local[e, i] = r[i % len(r)]
+        count = torch.tensor([len(r) for r in replicas])
+        return RoutingTables(worker, local, count)
+
+
+@dataclass(frozen=True)
+class RoutingTables:
+    """worker[e, i], local[e, i]: replica i of expert e; count[e] replicas (width >= count)."""
+
+    worker: torch.Tensor
+    local: torch.Tensor
+    count: torch.Tensor
+
+    def to(self, device) -> RoutingTables:
+        return RoutingTables(self.worker.to(device), self.local.to(device), self.count.to(device))
+
+    def route(self, expert_P: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(worker, local index) for each pair; pair p of expert e goes to replica p mod count[e]."""
+        replica = torch.arange(expert_P.numel(), device=expert_P.device) % self.count[expert_P]
+        return self.worker[expert_P, replica], self.local[expert_P, replica]
