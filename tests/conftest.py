@@ -28,3 +28,19 @@ def make_checkpoint(tmp_path_factory):
         return made[spec]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(tmp_path_factory):
+    """One local Ray cluster for the whole test session (start-up costs seconds)."""
+    ray = pytest.importorskip("ray")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        logging_level="ERROR",
+        _temp_dir=str(tmp_path_factory.mktemp("ray")),
+        object_store_memory=200 * 2**20,
+    )
+    yield ray
+    ray.shutdown()

@@ -1,0 +1,103 @@
+"""Expert parallelism on Ray: every (E, A) layout computes the single-process function."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+
+import pytest
+
+from cluster import LLM, ClusterConfig, SamplingParams
+from cluster.runner import SequenceChunk, StepInput
+from router.placement import ExpertPlacement
+from tests.conftest import FLAGSHIP_SHAPE
+from tests.reference import hf_logits
+
+LAYOUTS = [(1, 1), (2, 1), (4, 1), (2, 2)]  # (expert workers, attention workers)
+PROMPTS = [[3], list(range(10, 17)), [(i * 37) % 400 + 3 for i in range(70)]]
+GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def single_process(make_checkpoint):
+    llm = LLM(model=make_checkpoint(FLAGSHIP_SHAPE))
+    return llm.score(PROMPTS), [c.token_ids for c in llm.generate(PROMPTS, GREEDY)]
+
+
+def _worker_processes() -> list[str]:
+    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    return [line for line in ps.splitlines() if "AttentionWorker" in line or "ExpertWorker" in line]
+
+
+@pytest.mark.parametrize("experts, attention", LAYOUTS, ids=[f"E{e}A{a}" for e, a in LAYOUTS])
+def test_layout_matches_single_process_and_reference(
+    ray_cluster, make_checkpoint, single_process, experts, attention
+):
+    model_dir = make_checkpoint(FLAGSHIP_SHAPE)
+    ref_logits, ref_tokens = single_process
+    with LLM(model=model_dir, expert_workers=experts, attention_workers=attention, use_ray=True) as llm:
+        logits = llm.score(PROMPTS)
+        tokens = [c.token_ids for c in llm.generate(PROMPTS, GREEDY)]
+        info = llm.worker_info()
+    vs_local = max((a - b).abs().max().item() for a, b in zip(logits, ref_logits))
+    vs_hf = max((a - hf_logits(model_dir, p)).abs().max().item() for a, p in zip(logits, PROMPTS))
+    print(f"E={experts} A={attention}: vs single process {vs_local:.1e}, vs transformers {vs_hf:.1e}")
+    assert vs_local <= 1e-5
+    assert vs_hf <= 1e-4
+    assert tokens == ref_tokens
+
+    expert_bytes = [i["expert_bytes"] for i in info if i["role"] == "expert"]
+    total = ref_total_expert_bytes(llm.config)
+    assert len(expert_bytes) == experts and sum(expert_bytes) == total
+    assert max(expert_bytes) <= total / experts * 1.01  # each holds its 1/E share, no more
+    assert all(i["bytes_read"] == i["expert_bytes"] for i in info if i["role"] == "expert")
+
+
+def ref_total_expert_bytes(cfg) -> int:
+    return cfg.num_hidden_layers * cfg.num_experts * 3 * cfg.hidden_size * cfg.moe_intermediate_size * 4
+
+
+def test_replicated_experts_match_single_process(ray_cluster, make_checkpoint, single_process):
+    """Hot experts held twice: worker 1 also holds worker 0's first 64 experts, and vice versa."""
+    model_dir = make_checkpoint(FLAGSHIP_SHAPE)
+    base = ExpertPlacement.contiguous(512, 2, list(range(4)))
+    held = {
+        layer: (tuple(sorted(set(w0) | set(range(256, 320)))), tuple(sorted(set(w1) | set(range(64)))))
+        for layer, (w0, w1) in base.held.items()
+    }
+    placement = ExpertPlacement(512, held)
+    assert int(placement.tables(0).count.max()) == 2
+    cluster = ClusterConfig(expert_workers=2, use_ray=True, placement=placement)
+    with LLM(model=model_dir, cluster=cluster) as llm:
+        logits = llm.score(PROMPTS)
+        tokens = [c.token_ids for c in llm.generate(PROMPTS, GREEDY)]
+    ref_logits, ref_tokens = single_process
+    assert max((a - b).abs().max().item() for a, b in zip(logits, ref_logits)) <= 1e-5
+    assert tokens == ref_tokens
+
+
+def test_sequences_spread_over_attention_workers_and_are_released(ray_cluster, make_checkpoint):
+    with LLM(model=make_checkpoint(FLAGSHIP_SHAPE), expert_workers=2, attention_workers=2) as llm:
+        llm.generate(PROMPTS + PROMPTS, SamplingParams(max_tokens=3, temperature=0.0))
+        assert llm.executor.num_cached_sequences() == 0
+        # during a run both attention workers own sequences
+        llm.executor.execute(StepInput(tuple(SequenceChunk(i, (5, 6)) for i in range(1000, 1004))))
+        per_worker = [i["sequences"] for i in llm.worker_info() if i["role"] == "attention"]
+        assert per_worker == [2, 2]
+
+
+def test_shutdown_leaves_no_actors_or_processes(ray_cluster, make_checkpoint):
+    import ray
+
+    llm = LLM(model=make_checkpoint(FLAGSHIP_SHAPE), expert_workers=2, attention_workers=1)
+    workers = list(llm.executor.workers)
+    assert len(_worker_processes()) >= 3
+    llm.shutdown()
+    llm.shutdown()  # idempotent
+    for w in workers:
+        with pytest.raises(ray.exceptions.RayActorError):
+            ray.get(w.info.remote(), timeout=30)
+    deadline = time.time() + 20
+    while _worker_processes() and time.time() < deadline:
+        time.sleep(0.5)
+    assert _worker_processes() == []
