@@ -53,18 +53,24 @@ def ensure_demo_model(model_dir: Path = DEFAULT_DEMO_DIR) -> Path:
 
 
 def cmd_demo(args) -> int:
+    """Generates on an embedded local Ray cluster: E expert workers and A attention workers."""
     from cluster import LLM, SamplingParams
 
     model_dir = args.model or ensure_demo_model()
     start = time.perf_counter()
-    llm = LLM(model=model_dir)
-    print(f"loaded {model_dir} in {time.perf_counter() - start:.1f}s "
-          f"({llm.config.num_experts} experts, top-{llm.config.num_experts_per_tok}, "
-          f"{llm.config.num_hidden_layers} layers)")
-    prompts = ["Hello, my name is", "The capital of France is"]
-    start = time.perf_counter()
-    outs = llm.generate(prompts, SamplingParams(max_tokens=args.max_tokens, temperature=0.0))
-    elapsed = time.perf_counter() - start
+    use_ray = not args.local
+    with LLM(model=model_dir, expert_workers=args.expert_workers,
+             attention_workers=args.attention_workers, use_ray=use_ray) as llm:
+        cfg = llm.config
+        print(f"loaded {model_dir} in {time.perf_counter() - start:.1f}s ({cfg.num_experts} experts, "
+              f"top-{cfg.num_experts_per_tok}, {cfg.num_hidden_layers} layers)")
+        for info in llm.worker_info():
+            held = info.get("expert_bytes", info.get("dense_bytes", 0)) / 2**20
+            print(f"  {info['role']:<9} worker rank {info.get('rank', 0)}: {held:.1f} MiB of weights")
+        prompts = ["Hello, my name is", "The capital of France is"]
+        start = time.perf_counter()
+        outs = llm.generate(prompts, SamplingParams(max_tokens=args.max_tokens, temperature=0.0))
+        elapsed = time.perf_counter() - start
     for out in outs:
         print(f"{out.prompt!r} -> {out.text!r} ({len(out.token_ids)} tokens, {out.finish_reason})")
     total = sum(len(o.token_ids) for o in outs)
@@ -80,6 +86,9 @@ def main(argv: list[str] | None = None) -> int:
     demo = sub.add_parser("demo", help="generate from the demo checkpoint (created on first use)")
     demo.add_argument("--model", type=Path, default=None, help=f"default: {DEFAULT_DEMO_DIR}")
     demo.add_argument("--max-tokens", type=int, default=16)
+    demo.add_argument("--expert-workers", type=int, default=2)
+    demo.add_argument("--attention-workers", type=int, default=1)
+    demo.add_argument("--local", action="store_true", help="one process, no Ray")
     args = parser.parse_args(argv)
     handlers = {"make-tiny": cmd_make_tiny, "demo": cmd_demo}
     return handlers[args.command](args)

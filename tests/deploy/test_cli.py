@@ -27,7 +27,7 @@ def test_demo_runs(tmp_path):
     subprocess.run([sys.executable, "-m", "deploy.cli", "make-tiny", str(model_dir), "--num-experts", "8",
                     "--top-k", "2"], check=True)
     result = subprocess.run(
-        [sys.executable, "-m", "deploy.cli", "demo", "--model", str(model_dir), "--max-tokens", "4"],
+        [sys.executable, "-m", "deploy.cli", "demo", "--model", str(model_dir), "--max-tokens", "4", "--local"],
         check=True, capture_output=True, text=True,
     )
     assert "generated 8 tokens" in result.stdout
