@@ -58,9 +58,9 @@ def cmd_demo(args) -> int:
 
     model_dir = args.model or ensure_demo_model()
     start = time.perf_counter()
-    use_ray = not args.local
-    with LLM(model=model_dir, expert_workers=args.expert_workers,
-             attention_workers=args.attention_workers, use_ray=use_ray) as llm:
+    layout = dict(expert_workers=1, attention_workers=1, use_ray=False) if args.local else dict(
+        expert_workers=args.expert_workers, attention_workers=args.attention_workers, use_ray=True)
+    with LLM(model=model_dir, **layout) as llm:
         cfg = llm.config
         print(f"loaded {model_dir} in {time.perf_counter() - start:.1f}s ({cfg.num_experts} experts, "
               f"top-{cfg.num_experts_per_tok}, {cfg.num_hidden_layers} layers)")
