@@ -1,8 +1,8 @@
 """The dense side of a Qwen3.5-MoE layer (pure torch): norms, rotary, gated attention, Gated
-DeltaNet, per-sequence caches and the shared expert. Embeddings and the LM head are plain
+DeltaNet, paged KV and DeltaNet state caches and the shared expert. Embeddings and the LM head are plain
 `nn.Embedding` / `nn.Linear` in the assembled model (cluster.model)."""
 
-from .cache import DeltaNetState, KVCache, SequenceCache, SequenceSlice
+from .cache import DeltaNetStateCache, ForwardBatch, PagedKVCache, SequenceSlice
 from .deltanet import GatedDeltaNet
 from .gated_attention import GatedAttention
 from .norm import GatedRMSNorm, RMSNorm
@@ -10,6 +10,6 @@ from .rotary import PartialRotary
 from .shared_expert import SharedExpert
 
 __all__ = [
-    "DeltaNetState", "GatedAttention", "GatedDeltaNet", "GatedRMSNorm", "KVCache", "PartialRotary",
-    "RMSNorm", "SequenceCache", "SequenceSlice", "SharedExpert",
+    "DeltaNetStateCache", "ForwardBatch", "GatedAttention", "GatedDeltaNet", "GatedRMSNorm",
+    "PagedKVCache", "PartialRotary", "RMSNorm", "SequenceSlice", "SharedExpert",
 ]

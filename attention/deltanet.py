@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .cache import DeltaNetState, SequenceSlice
+from .cache import DeltaNetStateCache, ForwardBatch
 from .delta_rule import chunked_gated_delta_rule, recurrent_gated_delta_rule
 from .norm import GatedRMSNorm
 
@@ -50,56 +50,48 @@ class GatedDeltaNet(nn.Module):
         self.norm = GatedRMSNorm(value_head_dim, eps)
         self.out_proj = nn.Linear(self.value_dim, hidden_size, bias=False)
 
-    def new_state(self, dtype: torch.dtype) -> DeltaNetState:
-        return DeltaNetState(
-            conv=torch.zeros(self.conv_channels, self.conv_kernel - 1, dtype=dtype, device=self.A_log.device)
-        )
-
-    def _conv(self, qkv_BCL: torch.Tensor, states: list[DeltaNetState]) -> torch.Tensor:
-        """Causal depthwise conv over [B, C, L] continuing each sequence's conv state."""
-        history = torch.stack([st.conv for st in states])  # [B, C, kernel - 1]
-        padded = torch.cat([history, qkv_BCL], dim=-1)
-        for b, st in enumerate(states):
-            st.conv = padded[b, :, -(self.conv_kernel - 1) :].clone()
-        return F.silu(F.conv1d(padded, self.conv1d.weight, groups=self.conv_channels))
-
-    def _mix(self, qkv_BLC, g_BLH, beta_BLH, states: list[DeltaNetState], recurrent: bool):
+    def _mix(self, qkv_BLC, g_BLH, beta_BLH, slots: torch.Tensor, fresh: torch.Tensor,
+             states: DeltaNetStateCache, recurrent: bool) -> torch.Tensor:
+        """Conv + delta rule for B sequences of L new tokens each, continuing their slots' states
+        (zeros where fresh); writes the new states back. Returns [B, L, H, dv]."""
         B, L, _ = qkv_BLC.shape
-        mixed = self._conv(qkv_BLC.transpose(1, 2), states).transpose(1, 2)
+        conv_pool, rec_pool = states.conv[self.layer_idx], states.recurrent[self.layer_idx]
+        history = conv_pool[slots].masked_fill(fresh[:, None, None], 0)  # [B, C, kernel - 1]
+        padded = torch.cat([history, qkv_BLC.transpose(1, 2)], dim=-1)
+        conv_pool[slots] = padded[:, :, -(self.conv_kernel - 1) :]
+        mixed = F.silu(F.conv1d(padded, self.conv1d.weight, groups=self.conv_channels)).transpose(1, 2)
         q, k, v = mixed.split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
         q = q.reshape(B, L, self.num_key_heads, self.key_head_dim)
         k = k.reshape(B, L, self.num_key_heads, self.key_head_dim)
         v = v.reshape(B, L, self.num_value_heads, self.value_head_dim)
-        if states[0].recurrent is None:
-            initial = None
-        else:
-            initial = torch.stack([st.recurrent for st in states])
+        initial = rec_pool[slots].masked_fill(fresh[:, None, None, None], 0)
         rule = recurrent_gated_delta_rule if recurrent else chunked_gated_delta_rule
         out, final = rule(q, k, v, g_BLH, beta_BLH, initial)
-        for b, st in enumerate(states):
-            st.recurrent = final[b]
-        return out  # [B, L, H, dv]
+        rec_pool[slots] = final
+        return out
 
-    def forward(
-        self, x_TD: torch.Tensor, positions_T: torch.Tensor, slices: list[SequenceSlice]
-    ) -> torch.Tensor:
-        T = x_TD.shape[0]
+    def forward(self, x_TD: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        T, device = x_TD.shape[0], x_TD.device
         qkv = self.in_proj_qkv(x_TD)
         beta = torch.sigmoid(self.in_proj_b(x_TD))
         g = -self.A_log.float().exp() * F.softplus(self.in_proj_a(x_TD).float() + self.dt_bias)
         out = x_TD.new_empty(T, self.num_value_heads, self.value_head_dim)
 
-        # Decode: single tokens of sequences that already have a state, batched in one recurrent step.
-        decode = [s for s in slices if s.length == 1 and s.cache.num_tokens > 0]
-        if decode:
-            rows = torch.tensor([s.start for s in decode], device=x_TD.device)
-            states = [s.cache.deltanet(self.layer_idx) for s in decode]
-            out[rows] = self._mix(qkv[rows, None], g[rows, None], beta[rows, None], states, True)[:, 0]
-        for s in slices:
-            if s.length == 1 and s.cache.num_tokens > 0:
+        # Single-token slices (decode) go through one batched recurrent step; longer ones chunked.
+        singles = [s for s in batch.slices if s.length == 1]
+        if singles:
+            rows = torch.tensor([s.start for s in singles], device=device)
+            slots = torch.tensor([s.slot for s in singles], device=device)
+            fresh = torch.tensor([s.past == 0 for s in singles], device=device)
+            out[rows] = self._mix(qkv[rows, None], g[rows, None], beta[rows, None], slots, fresh,
+                                  batch.states, recurrent=True)[:, 0]
+        for s in batch.slices:
+            if s.length == 1:
                 continue
-            state = [s.cache.deltanet(self.layer_idx)]
-            out[s.rows] = self._mix(qkv[None, s.rows], g[None, s.rows], beta[None, s.rows], state, False)[0]
+            slot = torch.tensor([s.slot], device=device)
+            fresh = torch.tensor([s.past == 0], device=device)
+            out[s.rows] = self._mix(qkv[None, s.rows], g[None, s.rows], beta[None, s.rows], slot, fresh,
+                                    batch.states, recurrent=False)[0]
 
         z = self.in_proj_z(x_TD).view(-1, self.value_head_dim)
         normed = self.norm(out.view(-1, self.value_head_dim), z)

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .cache import SequenceSlice
+from .cache import ForwardBatch
 from .norm import RMSNorm
 from .rotary import PartialRotary
 
@@ -38,32 +38,27 @@ class GatedAttention(nn.Module):
         self.k_norm = RMSNorm(head_dim, eps)
         self.rotary = rotary  # shared by all attention layers; holds no weights
 
-    def forward(
-        self, x_TD: torch.Tensor, positions_T: torch.Tensor, slices: list[SequenceSlice]
-    ) -> torch.Tensor:
+    def forward(self, x_TD: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         T, hd = x_TD.shape[0], self.head_dim
         query, gate = self.q_proj(x_TD).view(T, self.num_heads, 2 * hd).split(hd, dim=-1)
         query = self.q_norm(query)
         key = self.k_norm(self.k_proj(x_TD).view(T, self.num_kv_heads, hd))
         value = self.v_proj(x_TD).view(T, self.num_kv_heads, hd)
-        cos, sin = self.rotary.cos_sin(positions_T, x_TD.dtype)
+        cos, sin = self.rotary.cos_sin(batch.positions, x_TD.dtype)
         query, key = self.rotary(query, cos, sin), self.rotary(key, cos, sin)
 
         out_THd = torch.empty_like(query)
         groups = self.num_heads // self.num_kv_heads
-        for s in slices:
-            q = query[s.rows].transpose(0, 1)  # [H, n, hd]
-            k_all, v_all = s.cache.kv(self.layer_idx).append(
-                key[s.rows].transpose(0, 1), value[s.rows].transpose(0, 1)
-            )  # [KV, past + n, hd]
-            past = k_all.shape[1] - s.length
+        for s in batch.slices:
+            batch.kv.write(self.layer_idx, s, key[s.rows], value[s.rows])
+            k_all, v_all = batch.kv.read(self.layer_idx, s)  # [past + n, KV, hd]
             # query i (absolute position past + i) sees keys 0 .. past + i
-            q_pos = torch.arange(s.length, device=q.device)[:, None] + past
-            mask = torch.arange(k_all.shape[1], device=q.device)[None, :] <= q_pos
+            q_pos = torch.arange(s.length, device=x_TD.device)[:, None] + s.past
+            mask = torch.arange(s.past + s.length, device=x_TD.device)[None, :] <= q_pos
             out = F.scaled_dot_product_attention(
-                q,
-                k_all.repeat_interleave(groups, dim=0),
-                v_all.repeat_interleave(groups, dim=0),
+                query[s.rows].transpose(0, 1),  # [H, n, hd]
+                k_all.transpose(0, 1).repeat_interleave(groups, dim=0),
+                v_all.transpose(0, 1).repeat_interleave(groups, dim=0),
                 attn_mask=mask,
                 scale=hd**-0.5,
             )

@@ -22,24 +22,27 @@ import time
 
 import torch
 
-from cluster import LLM
-from cluster.runner import SequenceChunk, StepInput
+from cluster import LLM, SamplingParams
 from cluster.tiny import TinySpec, make_tiny
 
 
-def run_decode(llm: LLM, batch: int, prompt_len: int, steps: int, base_id: int) -> tuple[float, list[dict]]:
-    seqs = [base_id + i for i in range(batch)]
-    prompts = StepInput(tuple(SequenceChunk(s, tuple(range(3 + i, 3 + i + prompt_len))) for i, s in enumerate(seqs)))
-    llm.executor.execute(prompts)
-    decode = StepInput(tuple(SequenceChunk(s, (7,)) for s in seqs))
-    llm.executor.execute(decode)  # warm-up step
+def run_decode(llm: LLM, batch: int, prompt_len: int, steps: int) -> tuple[float, list[dict]]:
+    """Prefills `batch` prompts, then times `steps` decode steps of the engine (one token each)."""
+    engine = llm.engine
+    params = SamplingParams(max_tokens=steps + 2, temperature=0.0, ignore_eos=True)
+    for i in range(batch):
+        engine.add_request(f"bench-{i}", list(range(3 + i, 3 + i + prompt_len)), params)
+    engine.step()  # prefill: every prompt fits one step's token budget
+    engine.step()  # warm-up decode step
     llm.executor.timings(reset=True)
     start = time.perf_counter()
     for _ in range(steps):
-        llm.executor.execute(decode)
+        engine.step()
     wall = (time.perf_counter() - start) / steps
     timings = llm.executor.timings(reset=True)
-    llm.executor.execute(StepInput((), finished=tuple(seqs)))
+    while engine.has_unfinished():
+        engine.step()
+    engine.flush()
     return wall, timings
 
 
@@ -73,12 +76,12 @@ def main() -> None:
     ray.init(include_dashboard=False, logging_level="ERROR")
     rows = []
     baseline = LLM(model=model_dir)
-    wall, timings = run_decode(baseline, args.batch, args.prompt_len, args.steps, 0)
+    wall, timings = run_decode(baseline, args.batch, args.prompt_len, args.steps)
     rows.append(("single process", summarize(wall, timings)))
     baseline.shutdown()
     for E in args.experts:
         with LLM(model=model_dir, expert_workers=E, attention_workers=1, use_ray=True) as llm:
-            wall, timings = run_decode(llm, args.batch, args.prompt_len, args.steps, 10_000 * E)
+            wall, timings = run_decode(llm, args.batch, args.prompt_len, args.steps)
             rows.append((f"Ray E={E} A=1", summarize(wall, timings)))
     ray.shutdown()
 

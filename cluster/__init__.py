@@ -1,7 +1,15 @@
-"""Model config, checkpoint reading, the model runner and the engine (`LLM`)."""
+"""Model and cluster config, checkpoint reading, the engine (scheduler, executors, workers) and
+the user-facing `LLM` / `AsyncLLM`."""
 
+from .cache_plan import CacheConfig
 from .config import ClusterConfig, ConfigError, ModelConfig
+from .engine import EngineCore, RequestOutput
 from .llm import LLM, Completion
 from .sampling import SamplingParams
+from .scheduler import ContextLengthError, OverloadedError, SchedulerConfig
 
-__all__ = ["LLM", "ClusterConfig", "Completion", "ConfigError", "ModelConfig", "SamplingParams"]
+__all__ = [
+    "LLM", "CacheConfig", "ClusterConfig", "Completion", "ConfigError", "ContextLengthError",
+    "EngineCore", "ModelConfig", "OverloadedError", "RequestOutput", "SamplingParams",
+    "SchedulerConfig",
+]

@@ -19,15 +19,17 @@ from router.placement import ExpertPlacement
 from .checkpoint import CheckpointReader
 from .config import ClusterConfig, ModelConfig
 from .loading import load_dense_model, load_expert_shard
-from .messages import decode_tensors, encode_step
-from .runner import ModelRunner, StepInput
+from .cache_plan import CacheLayout
+from .messages import decode_results, encode_step
+from .runner import ModelRunner
+from .step import ChunkResult, StepInput
 from .timing import PhaseTimer
 
 log = logging.getLogger(__name__)
 
 
 class LocalExecutor:
-    def __init__(self, cfg: ModelConfig, model_dir: str | Path, dtype: torch.dtype) -> None:
+    def __init__(self, cfg: ModelConfig, model_dir: str | Path, dtype: torch.dtype, layout: CacheLayout) -> None:
         reader = CheckpointReader(model_dir)
         model = load_dense_model(cfg, reader, dtype)
         all_experts = {layer: list(range(cfg.num_experts)) for layer in cfg.moe_layer_ids}
@@ -38,20 +40,21 @@ class LocalExecutor:
         self.timer = PhaseTimer()
         for moe in model.moe_layers():
             moe.dispatcher, moe.experts, moe.timer = dispatcher, shard, self.timer
-        self.runner = ModelRunner(model)
+        self.runner = ModelRunner(model, layout)
         self.expert_bytes = shard.nbytes
 
-    def execute(self, step: StepInput) -> list[torch.Tensor]:
+    def execute(self, steps: list[StepInput]) -> list[list[ChunkResult]]:
+        [step] = steps
         with self.timer.phase("step"):
             out = self.runner.execute(step)
-        self.timer.steps += 1
-        return out
+        self.timer.steps += 1 if step.chunks else 0
+        return [out]
 
     def num_cached_sequences(self) -> int:
-        return len(self.runner.caches)
+        return len(self.runner.sequences)
 
     def worker_info(self) -> list[dict]:
-        return [{"role": "local", "expert_bytes": self.expert_bytes, "sequences": len(self.runner.caches)}]
+        return [{"role": "local", "expert_bytes": self.expert_bytes, "sequences": len(self.runner.sequences)}]
 
     def timings(self, reset: bool = False) -> list[dict[str, float]]:
         snap = self.timer.snapshot()
@@ -60,11 +63,12 @@ class LocalExecutor:
         return [{"role": "local", **snap}]
 
     def shutdown(self) -> None:
-        self.runner.caches.clear()
+        self.runner.sequences.clear()
 
 
 class RayExecutor:
-    def __init__(self, cfg: ModelConfig, model_dir: str | Path, dtype: str, cluster: ClusterConfig) -> None:
+    def __init__(self, cfg: ModelConfig, model_dir: str | Path, dtype: str, cluster: ClusterConfig,
+                 layout: CacheLayout) -> None:
         import ray
         from ray.util.placement_group import placement_group, remove_placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -96,7 +100,7 @@ class RayExecutor:
             )
 
         args = (str(model_dir), cfg, placement)
-        tail = (A, A + E, dtype, cluster.threads_per_worker)
+        tail = (A, A + E, dtype, cluster.threads_per_worker, layout)
         self.attention = [
             ray.remote(AttentionWorker).options(**options(r)).remote(*args, r, *tail) for r in range(A)
         ]
@@ -108,45 +112,17 @@ class RayExecutor:
         init_method = ray.get(self.workers[0].rendezvous_address.remote(single_node), timeout=self.timeout)
         ray.get([w.connect.remote(init_method, backend, cluster.timeout_s) for w in self.workers],
                 timeout=self.timeout)
-        self.owner: dict[int, int] = {}  # seq_id -> attention worker index
-        self.load = [0] * A  # live sequences per attention worker
 
-    def _assign(self, seq_id: int) -> int:
-        if seq_id not in self.owner:
-            worker = min(range(len(self.load)), key=self.load.__getitem__)
-            self.owner[seq_id] = worker
-            self.load[worker] += 1
-        return self.owner[seq_id]
-
-    def execute(self, step: StepInput) -> list[torch.Tensor]:
-        A = len(self.attention)
-        per_worker_chunks = [[] for _ in range(A)]
-        positions = []  # (worker, index in its chunk list) per chunk of the step
-        for chunk in step.chunks:
-            w = self._assign(chunk.seq_id)
-            positions.append((w, len(per_worker_chunks[w])))
-            per_worker_chunks[w].append(chunk)
-        per_worker_finished = [[] for _ in range(A)]
-        for seq_id in step.finished:
-            if seq_id in self.owner:
-                w = self.owner.pop(seq_id)
-                self.load[w] -= 1
-                per_worker_finished[w].append(seq_id)
-        if not step.chunks:  # nothing to compute: release caches without a collective step
-            self._release(per_worker_finished)
-            return []
-        calls = [
-            worker.execute.remote(encode_step(StepInput(tuple(c), tuple(f))))
-            for worker, c, f in zip(self.attention, per_worker_chunks, per_worker_finished)
-        ]
-        calls += [worker.execute.remote() for worker in self.experts]
+    def execute(self, steps: list[StepInput]) -> list[list[ChunkResult]]:
+        """One StepInput per attention worker; the experts join when any worker has chunks."""
+        if not any(step.chunks for step in steps):  # only releases: no collective step
+            refs = [w.release.remote(list(s.freed)) for w, s in zip(self.attention, steps) if s.freed]
+            self._ray.get(refs, timeout=self.timeout)
+            return [[] for _ in steps]
+        calls = [w.execute.remote(encode_step(s)) for w, s in zip(self.attention, steps)]
+        calls += [w.execute.remote() for w in self.experts]
         replies = self._ray.get(calls, timeout=self.timeout)
-        logits = [decode_tensors(replies[w]) for w in range(A)]
-        return [logits[w][i] for w, i in positions]
-
-    def _release(self, per_worker_finished: list[list[int]]) -> None:
-        refs = [self.attention[w].release.remote(f) for w, f in enumerate(per_worker_finished) if f]
-        self._ray.get(refs, timeout=self.timeout)
+        return [decode_results(r) for r in replies[: len(self.attention)]]
 
     def num_cached_sequences(self) -> int:
         return sum(info["sequences"] for info in self.worker_info() if info["role"] == "attention")

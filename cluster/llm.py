@@ -1,26 +1,24 @@
-"""LLM: the offline entry point, vLLM-style.
+"""LLM: the offline entry point, vLLM-style, on the same engine the server uses.
 
-    llm = LLM(model=DIR)
-    llm.score([[1, 2, 3]])                         # fp32 logits [len, V] for every position
+    llm = LLM(model=DIR)                                  # one process
+    llm = LLM(model=DIR, expert_workers=4, attention_workers=2)   # Ray: 6 actors, one process group
     llm.generate(["hello"], SamplingParams(max_tokens=8, temperature=0.0))
-
-Each call runs prefill for all prompts as one flat batch, then batched decode steps that feed one
-token per unfinished sequence and reuse the caches.
+    llm.score([[1, 2, 3]])                                # fp32 logits [len, V] for every position
 """
 
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from .config import ClusterConfig, ModelConfig
-from .executor import LocalExecutor, RayExecutor
-from .runner import SequenceChunk, StepInput
-from .sampling import Sampler, SamplingParams
-from .tokenizer import Tokenizer
+from .cache_plan import CacheConfig
+from .config import ClusterConfig
+from .engine import EngineCore, TokenLogprob
+from .sampling import SamplingParams
+from .scheduler import SchedulerConfig
 
 
 @dataclass
@@ -29,7 +27,9 @@ class Completion:
     prompt_token_ids: list[int]
     token_ids: list[int]
     text: str
-    finish_reason: str  # "stop" (end-of-sequence token) or "length" (max_tokens reached)
+    finish_reason: str  # "stop" (end token, stop token or string) or "length"
+    stop_reason: str | int | None = None
+    logprobs: list[TokenLogprob] = field(default_factory=list)
 
 
 class LLM:
@@ -41,25 +41,22 @@ class LLM:
         attention_workers: int = 1,
         use_ray: bool | None = None,
         cluster: ClusterConfig | None = None,
+        scheduler: SchedulerConfig | None = None,
+        cache: CacheConfig | None = None,
     ) -> None:
-        self.model_dir = Path(model)
-        self.config = ModelConfig.from_pretrained(self.model_dir)
-        self.cluster = cluster or ClusterConfig(
-            expert_workers=expert_workers, attention_workers=attention_workers, use_ray=use_ray
-        )
-        if self.cluster.wants_ray:
-            self.executor = RayExecutor(self.config, self.model_dir, dtype, self.cluster)
-        else:
-            self.executor = LocalExecutor(self.config, self.model_dir, getattr(torch, dtype))
-        try:
-            self.tokenizer: Tokenizer | None = Tokenizer(self.model_dir, self.config.eos_token_ids)
-        except FileNotFoundError:
-            self.tokenizer = None
-        self._seq_ids = itertools.count()
+        cluster = cluster or ClusterConfig(
+            expert_workers=expert_workers, attention_workers=attention_workers, use_ray=use_ray)
+        self.engine = EngineCore(model, dtype, cluster, scheduler, cache)
+        self.config, self.tokenizer = self.engine.config, self.engine.tokenizer
+        self._ids = itertools.count()
+
+    @property
+    def executor(self):
+        return self.engine.executor
 
     def shutdown(self) -> None:
         """Stops the workers (Ray actors, process group); idempotent."""
-        self.executor.shutdown()
+        self.engine.shutdown()
 
     def __enter__(self) -> LLM:
         return self
@@ -69,72 +66,42 @@ class LLM:
 
     def worker_info(self) -> list[dict]:
         """Per worker: role, rank, bytes of weights held (experts: about 1/E of them)."""
-        return self.executor.worker_info()
+        return self.engine.executor.worker_info()
 
-    def _check_ids(self, ids: list[int]) -> list[int]:
-        if not ids:
-            raise ValueError("prompt is empty")
-        bad = [t for t in ids if not 0 <= t < self.config.vocab_size]
-        if bad:
-            raise ValueError(f"token ids {bad[:5]} are outside the vocabulary [0, {self.config.vocab_size})")
-        return list(ids)
-
-    def _tokenize(self, prompt: str | list[int]) -> list[int]:
-        if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise ValueError(f"{self.model_dir} has no tokenizer.json: pass token ids")
-            return self._check_ids(self.tokenizer.encode(prompt))
-        return self._check_ids(list(prompt))
+    def _run(self, request_ids: list[str]) -> dict[str, list]:
+        outputs: dict[str, list] = {r: [] for r in request_ids}
+        while self.engine.has_unfinished():
+            for out in self.engine.step():
+                outputs[out.request_id].append(out)
+        self.engine.flush()
+        return outputs
 
     def score(self, token_id_lists: list[list[int]]) -> list[torch.Tensor]:
-        """fp32 logits [len, V] for every position of every list, in one batch."""
-        chunks = tuple(
-            SequenceChunk(next(self._seq_ids), tuple(self._check_ids(ids)), all_logits=True)
-            for ids in token_id_lists
-        )
-        logits = self.executor.execute(StepInput(chunks))
-        self.executor.execute(StepInput((), finished=tuple(c.seq_id for c in chunks)))
-        return logits
+        """fp32 logits [len, V] for every position of every list, batched by the scheduler."""
+        ids = [f"score-{next(self._ids)}" for _ in token_id_lists]
+        for request_id, tokens in zip(ids, token_id_lists):
+            self.engine.add_request(request_id, list(tokens), SamplingParams(max_tokens=1), score_only=True)
+        outputs = self._run(ids)
+        return [outputs[r][-1].prompt_logits for r in ids]
 
     def generate(
         self, prompts: list[str | list[int]] | str, sampling_params: SamplingParams | None = None
     ) -> list[Completion]:
         params = sampling_params or SamplingParams()
-        if isinstance(prompts, str):
-            prompts = [prompts]
-        prompt_ids = [self._tokenize(p) for p in prompts]
-        seq_ids = [next(self._seq_ids) for _ in prompts]
-        samplers = [Sampler(params) for _ in prompts]
-        outputs: list[list[int]] = [[] for _ in prompts]
-        reasons: list[str | None] = [None] * len(prompts)
-        eos = set() if params.ignore_eos or self.tokenizer is None else set(self.tokenizer.eos_token_ids)
-        if not eos and not params.ignore_eos:
-            eos = set(self.config.eos_token_ids)
-
-        pending = [SequenceChunk(s, tuple(ids)) for s, ids in zip(seq_ids, prompt_ids)]
-        index = {s: i for i, s in enumerate(seq_ids)}
-        while pending:
-            logits = self.executor.execute(StepInput(tuple(pending)))
-            next_pending = []
-            for chunk, row in zip(pending, logits):
-                i = index[chunk.seq_id]
-                token = samplers[i].sample(row[-1])
-                outputs[i].append(token)
-                if token in eos:
-                    reasons[i] = "stop"
-                elif len(outputs[i]) >= params.max_tokens:
-                    reasons[i] = "length"
-                else:
-                    next_pending.append(SequenceChunk(chunk.seq_id, (token,)))
-            pending = next_pending
-        self.executor.execute(StepInput((), finished=tuple(seq_ids)))
-        return [
-            Completion(
-                prompt=p if isinstance(p, str) else None,
-                prompt_token_ids=ids,
-                token_ids=out,
-                text=self.tokenizer.decode(out) if self.tokenizer else "",
-                finish_reason=reason,
-            )
-            for p, ids, out, reason in zip(prompts, prompt_ids, outputs, reasons)
-        ]
+        prompts = [prompts] if isinstance(prompts, str) else prompts
+        ids = [f"gen-{next(self._ids)}" for _ in prompts]
+        seqs = [self.engine.add_request(r, p, params) for r, p in zip(ids, prompts)]
+        outputs = self._run(ids)
+        completions = []
+        for prompt, seq, request_id in zip(prompts, seqs, ids):
+            outs = outputs[request_id]
+            completions.append(Completion(
+                prompt=prompt if isinstance(prompt, str) else None,
+                prompt_token_ids=seq.prompt_ids,
+                token_ids=[t for o in outs for t in o.new_token_ids],
+                text="".join(o.new_text for o in outs),
+                finish_reason=outs[-1].finish_reason,
+                stop_reason=outs[-1].stop_reason,
+                logprobs=[lp for o in outs for lp in o.logprobs],
+            ))
+        return completions

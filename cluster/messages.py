@@ -1,46 +1,64 @@
-"""msgpack encoding of the control messages between the engine and its workers.
+"""msgpack encoding of the step messages between the engine and its attention workers.
 
-Tensors that cross the process group never appear here; the only tensors encoded are the logits an
-attention worker returns to the engine (raw little-endian fp32 bytes with their shape).
-Nothing is unpickled: msgpack decodes to plain lists, ints and bytes, validated by the dataclasses.
+Tensors of the MoE layers never appear here (they cross the process group); the only tensors
+encoded are scoring logits, as raw little-endian fp32 bytes with their shape. Nothing is unpickled:
+msgpack decodes to plain lists, numbers and bytes, rebuilt into the typed dataclasses.
 """
 
 from __future__ import annotations
+
+from dataclasses import astuple
 
 import msgpack
 import numpy as np
 import torch
 
-from .runner import SequenceChunk, StepInput
+from .step import ChunkResult, SamplingSpec, ScheduledChunk, StepInput
 
 
 def encode_step(step: StepInput) -> bytes:
-    return msgpack.packb(
-        {
-            "chunks": [[c.seq_id, list(c.token_ids), c.all_logits] for c in step.chunks],
-            "finished": list(step.finished),
-        }
-    )
+    chunks = [
+        [c.seq_id, list(c.token_ids), c.past, list(c.new_blocks), c.slot, c.sample, c.want_logits,
+         None if c.sampling is None else list(astuple(c.sampling))]
+        for c in step.chunks
+    ]
+    return msgpack.packb({"chunks": chunks, "freed": list(step.freed)})
 
 
 def decode_step(data: bytes) -> StepInput:
     raw = msgpack.unpackb(data)
-    chunks = tuple(
-        SequenceChunk(int(seq_id), tuple(int(t) for t in ids), bool(all_logits))
-        for seq_id, ids, all_logits in raw["chunks"]
-    )
-    return StepInput(chunks, tuple(int(s) for s in raw["finished"]))
+    chunks = []
+    for seq_id, ids, past, blocks, slot, sample, want_logits, sampling in raw["chunks"]:
+        chunks.append(ScheduledChunk(
+            int(seq_id), tuple(int(t) for t in ids), int(past), tuple(int(b) for b in blocks), int(slot),
+            bool(sample), bool(want_logits), None if sampling is None else SamplingSpec(*sampling),
+        ))
+    return StepInput(tuple(chunks), tuple(int(s) for s in raw["freed"]))
 
 
-def encode_tensors(tensors: list[torch.Tensor]) -> bytes:
-    return msgpack.packb(
-        [[list(t.shape), t.detach().float().cpu().contiguous().numpy().tobytes()] for t in tensors]
-    )
+def _encode_tensor(t: torch.Tensor | None):
+    if t is None:
+        return None
+    return [list(t.shape), t.detach().float().cpu().contiguous().numpy().tobytes()]
 
 
-def decode_tensors(data: bytes) -> list[torch.Tensor]:
-    out = []
-    for shape, buf in msgpack.unpackb(data):
-        array = np.frombuffer(buf, dtype="<f4").reshape(shape)
-        out.append(torch.from_numpy(array.copy()))
-    return out
+def _decode_tensor(raw) -> torch.Tensor | None:
+    if raw is None:
+        return None
+    shape, buf = raw
+    return torch.from_numpy(np.frombuffer(buf, dtype="<f4").reshape(shape).copy())
+
+
+def encode_results(results: list[ChunkResult]) -> bytes:
+    return msgpack.packb([
+        [r.seq_id, r.token_id, r.logprob, [list(p) for p in r.top_logprobs], _encode_tensor(r.logits)]
+        for r in results
+    ])
+
+
+def decode_results(data: bytes) -> list[ChunkResult]:
+    return [
+        ChunkResult(int(seq_id), int(token), float(logprob), [(int(i), float(lp)) for i, lp in top],
+                    _decode_tensor(logits))
+        for seq_id, token, logprob, top, logits in msgpack.unpackb(data)
+    ]

@@ -12,13 +12,11 @@ import torch
 from torch import nn
 
 from attention import (
+    ForwardBatch,
     GatedAttention,
     GatedDeltaNet,
-    KVCache,
     PartialRotary,
     RMSNorm,
-    SequenceCache,
-    SequenceSlice,
     SharedExpert,
 )
 from router import MoELayer, TopKGate
@@ -55,8 +53,8 @@ class DecoderLayer(nn.Module):
     def mixer(self) -> nn.Module:
         return self.linear_attn if self.is_linear else self.self_attn
 
-    def forward(self, x_TD, positions_T, slices: list[SequenceSlice]) -> torch.Tensor:
-        x_TD = x_TD + self.mixer()(self.input_layernorm(x_TD), positions_T, slices)
+    def forward(self, x_TD: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        x_TD = x_TD + self.mixer()(self.input_layernorm(x_TD), batch)
         return x_TD + self.mlp(self.post_attention_layernorm(x_TD))
 
 
@@ -75,25 +73,12 @@ class Qwen35MoeModel(nn.Module):
     def moe_layers(self) -> list[MoELayer]:
         return [layer.mlp for layer in self.layers]
 
-    def new_cache(self) -> SequenceCache:
-        dtype = self.embed_tokens.weight.dtype
-        return SequenceCache(
-            layers=[
-                layer.linear_attn.new_state(dtype) if layer.is_linear else KVCache()
-                for layer in self.layers
-            ]
-        )
-
     @torch.inference_mode()
-    def forward(
-        self, input_ids_T: torch.Tensor, positions_T: torch.Tensor, slices: list[SequenceSlice]
-    ) -> torch.Tensor:
-        """Runs the flat batch through every layer, updates the caches; returns normed hidden [T, D]."""
+    def forward(self, input_ids_T: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        """Runs the flat batch through every layer, writing the caches; returns normed hidden [T, D]."""
         x = self.embed_tokens(input_ids_T)
         for layer in self.layers:
-            x = layer(x, positions_T, slices)
-        for s in slices:
-            s.cache.num_tokens += s.length
+            x = layer(x, batch)
         return self.norm(x)
 
     @torch.inference_mode()

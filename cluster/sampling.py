@@ -1,40 +1,52 @@
-"""SamplingParams and token selection. Greedy (temperature 0) and plain temperature sampling for now;
-top-p / top-k / penalties arrive with the scheduler."""
+"""SamplingParams: what a user asks of one generation, validated with errors naming the bad value."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
+MAX_LOGPROBS = 20
 
 
 @dataclass(frozen=True)
 class SamplingParams:
-    max_tokens: int = 16  # tokens to generate at most
-    temperature: float = 1.0  # 0 = greedy
-    seed: int | None = None  # makes a sampled request reproducible
-    ignore_eos: bool = False  # keep generating past end-of-sequence tokens
+    max_tokens: int = 16  # tokens to generate at most (generation also stops at the context length)
+    temperature: float = 1.0  # 0: greedy
+    top_p: float = 1.0  # nucleus: smallest set of tokens whose probability reaches top_p
+    top_k: int = 0  # keep the k most likely tokens; 0 or -1: off
+    min_p: float = 0.0  # drop tokens less likely than min_p * the most likely one
+    seed: int | None = None  # reproducible sampling: same seed, same tokens, in any batch
+    stop: tuple[str, ...] = ()  # stop strings: generation ends before them
+    stop_token_ids: tuple[int, ...] = ()  # extra end tokens (beside the model's end-of-sequence)
+    ignore_eos: bool = False  # keep going past end-of-sequence tokens
+    presence_penalty: float = 0.0  # OpenAI: subtract once for every token already generated
+    frequency_penalty: float = 0.0  # OpenAI: subtract per occurrence in the output
+    repetition_penalty: float = 1.0  # HF/CTRL: divide positive, multiply negative logits of seen tokens
+    logprobs: int | None = None  # return the sampled token's logprob and the top n (0..20)
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
 
     def __post_init__(self) -> None:
-        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature!r}")
-
-
-class Sampler:
-    """Picks the next token of one request from its fp32 logits [V]."""
-
-    def __init__(self, params: SamplingParams) -> None:
-        self.params = params
-        self.generator = torch.Generator()
-        if params.seed is not None:
-            self.generator.manual_seed(params.seed)
-        else:
-            self.generator.seed()
-
-    def sample(self, logits_V: torch.Tensor) -> int:
-        if self.params.temperature == 0:
-            return int(torch.argmax(logits_V))
-        probs = torch.softmax(logits_V / self.params.temperature, dim=-1)
-        return int(torch.multinomial(probs, 1, generator=self.generator))
+        if isinstance(self.stop, str):
+            object.__setattr__(self, "stop", (self.stop,))
+        object.__setattr__(self, "stop", tuple(self.stop or ()))
+        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids or ()))
+        if self.top_k == -1:
+            object.__setattr__(self, "top_k", 0)
+        checks = [
+            (isinstance(self.max_tokens, int) and self.max_tokens >= 1, "max_tokens", "an integer >= 1"),
+            (self.temperature >= 0, "temperature", ">= 0"),
+            (0 < self.top_p <= 1, "top_p", "in (0, 1]"),
+            (isinstance(self.top_k, int) and self.top_k >= 0, "top_k", "an integer >= 0 (or -1 for off)"),
+            (0 <= self.min_p <= 1, "min_p", "in [0, 1]"),
+            (-2 <= self.presence_penalty <= 2, "presence_penalty", "in [-2, 2]"),
+            (-2 <= self.frequency_penalty <= 2, "frequency_penalty", "in [-2, 2]"),
+            (0 < self.repetition_penalty <= 10, "repetition_penalty", "in (0, 10]"),
+            (self.logprobs is None or 0 <= self.logprobs <= MAX_LOGPROBS, "logprobs", f"in 0..{MAX_LOGPROBS}"),
+            (self.seed is None or isinstance(self.seed, int) and self.seed >= 0, "seed", "an integer >= 0"),
+            (all(isinstance(s, str) and s for s in self.stop), "stop", "non-empty strings"),
+            (all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids), "stop_token_ids",
+             "integers >= 0"),
+        ]
+        for ok, name, expected in checks:
+            if not ok:
+                raise ValueError(f"{name} must be {expected}, got {getattr(self, name)!r}")

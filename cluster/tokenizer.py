@@ -26,6 +26,10 @@ class Tokenizer:
     def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode(token_ids, skip_special_tokens=skip_special_tokens)
 
+    def decode_step(self, stream, token_id: int) -> str | None:
+        """One step of a tokenizers.decoders.DecodeStream over this tokenizer."""
+        return stream.step(self._tok, token_id)
+
 
 def _eos_ids(model_dir: Path) -> tuple[int, ...]:
     path = model_dir / "generation_config.json"

@@ -22,7 +22,8 @@ from .all_to_all import AllToAllDispatcher
 from .checkpoint import CheckpointReader
 from .config import ModelConfig
 from .loading import load_dense_model, load_expert_shard
-from .messages import decode_step, encode_tensors
+from .cache_plan import CacheLayout
+from .messages import decode_step, encode_results
 from .runner import ModelRunner
 from .timing import PhaseTimer
 
@@ -69,13 +70,14 @@ class _Worker:
 
 class AttentionWorker(_Worker):
     def __init__(self, model_dir: str, cfg: ModelConfig, placement: ExpertPlacement, rank: int,
-                 num_attention: int, world_size: int, dtype: str, threads: int = 1) -> None:
+                 num_attention: int, world_size: int, dtype: str, threads: int,
+                 layout: CacheLayout) -> None:
         super().__init__(rank, world_size, threads)
         reader = CheckpointReader(model_dir)
         self.model = load_dense_model(cfg, reader, getattr(torch, dtype)).to(self.device)
         self.dense_bytes = reader.bytes_read
         self.placement, self.num_attention = placement, num_attention
-        self.runner = ModelRunner(self.model, spmd=True)
+        self.runner = ModelRunner(self.model, layout, spmd=True)
 
     def connect(self, init_method: str, backend: str, timeout_s: float) -> int:
         super().connect(init_method, backend, timeout_s)
@@ -88,23 +90,24 @@ class AttentionWorker(_Worker):
     def execute(self, step_bytes: bytes) -> bytes:
         """One step for this worker's sequences (possibly none: it still joins every collective)."""
         with self.timer.phase("step"):
-            logits = self.runner.execute(decode_step(step_bytes))
+            results = self.runner.execute(decode_step(step_bytes))
         self.timer.steps += 1
-        return encode_tensors(logits)
+        return encode_results(results)
 
     def release(self, seq_ids: list[int]) -> None:
-        """Drops finished sequences' caches outside a step (no collectives)."""
+        """Forgets finished sequences outside a step (no collectives)."""
         for seq_id in seq_ids:
-            self.runner.caches.pop(seq_id, None)
+            self.runner.sequences.pop(seq_id, None)
 
     def info(self) -> dict:
         return {"role": "attention", "rank": self.rank, "dense_bytes": self.dense_bytes,
-                "sequences": len(self.runner.caches), "device": str(self.device)}
+                "sequences": len(self.runner.sequences), "device": str(self.device)}
 
 
 class ExpertWorker(_Worker):
     def __init__(self, model_dir: str, cfg: ModelConfig, placement: ExpertPlacement, rank: int,
-                 num_attention: int, world_size: int, dtype: str, threads: int = 1) -> None:
+                 num_attention: int, world_size: int, dtype: str, threads: int,
+                 layout: CacheLayout | None = None) -> None:
         super().__init__(rank, world_size, threads)
         self.cfg, self.placement, self.num_attention = cfg, placement, num_attention
         index = rank - num_attention

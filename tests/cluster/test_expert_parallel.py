@@ -8,7 +8,6 @@ import time
 import pytest
 
 from cluster import LLM, ClusterConfig, SamplingParams
-from cluster.runner import SequenceChunk, StepInput
 from router.placement import ExpertPlacement
 from tests.conftest import FLAGSHIP_SHAPE
 from tests.reference import hf_logits
@@ -81,9 +80,15 @@ def test_sequences_spread_over_attention_workers_and_are_released(ray_cluster, m
         llm.generate(PROMPTS + PROMPTS, SamplingParams(max_tokens=3, temperature=0.0))
         assert llm.executor.num_cached_sequences() == 0
         # during a run both attention workers own sequences
-        llm.executor.execute(StepInput(tuple(SequenceChunk(i, (5, 6)) for i in range(1000, 1004))))
+        for i in range(4):
+            llm.engine.add_request(f"r{i}", [5, 6, 7], SamplingParams(max_tokens=3, temperature=0.0))
+        llm.engine.step()
         per_worker = [i["sequences"] for i in llm.worker_info() if i["role"] == "attention"]
         assert per_worker == [2, 2]
+        while llm.engine.has_unfinished():
+            llm.engine.step()
+        llm.engine.flush()
+        assert llm.executor.num_cached_sequences() == 0
 
 
 def test_shutdown_leaves_no_actors_or_processes(ray_cluster, make_checkpoint):

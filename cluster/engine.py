@@ -1,0 +1,208 @@
+"""EngineCore: requests in, streamed outputs out. The loop is three lines: schedule, execute, update.
+
+Synchronous and single-threaded: the offline LLM drives it directly, AsyncLLM runs it on a thread.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .cache_plan import CacheConfig, plan_cache
+from .config import ClusterConfig, ModelConfig
+from .detokenizer import IncrementalDetokenizer
+from .executor import LocalExecutor, RayExecutor
+from .sampling import SamplingParams
+from .scheduler import Scheduled, Scheduler, SchedulerConfig
+from .sequence import Sequence, Status
+from .step import ChunkResult
+from .tokenizer import Tokenizer
+
+
+@dataclass
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]  # the n most likely (token id, logprob), n = params.logprobs
+
+
+@dataclass
+class RequestOutput:
+    """What one step added to one request (a streaming delta)."""
+
+    request_id: str
+    new_token_ids: list[int]
+    new_text: str
+    finished: bool = False
+    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    stop_reason: str | int | None = None
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    num_prompt_tokens: int = 0
+    num_output_tokens: int = 0
+    prompt_logits: torch.Tensor | None = None  # scoring requests: [prompt, V] fp32
+    time_to_first_token: float | None = None  # seconds, set on the output carrying the first token
+
+
+class EngineCore:
+    def __init__(
+        self,
+        model_dir: str | Path,
+        dtype: str = "float32",
+        cluster: ClusterConfig | None = None,
+        scheduler: SchedulerConfig | None = None,
+        cache: CacheConfig | None = None,
+    ) -> None:
+        self.model_dir = Path(model_dir)
+        self.config = ModelConfig.from_pretrained(self.model_dir)
+        self.cluster = cluster or ClusterConfig()
+        self.scheduler_config = scheduler or SchedulerConfig()
+        self.cache_config = cache or CacheConfig()
+        dtype_bytes = torch.empty(0, dtype=getattr(torch, dtype)).element_size()
+        self.layout = plan_cache(self.config, self.cache_config, self.scheduler_config.max_num_seqs, dtype_bytes)
+        self.max_model_len = self.scheduler_config.max_model_len or self.config.max_position_embeddings
+        try:
+            self.tokenizer: Tokenizer | None = Tokenizer(self.model_dir, self.config.eos_token_ids)
+        except FileNotFoundError:
+            self.tokenizer = None
+        if self.cluster.wants_ray:
+            self.executor = RayExecutor(self.config, self.model_dir, dtype, self.cluster, self.layout)
+        else:
+            self.executor = LocalExecutor(self.config, self.model_dir, getattr(torch, dtype), self.layout)
+        self.scheduler = Scheduler(self.scheduler_config, self.layout, self.cluster.attention_workers,
+                                   self.max_model_len)
+        self.requests: dict[str, Sequence] = {}
+        self._detok: dict[str, IncrementalDetokenizer] = {}
+        self._logits: dict[str, list[torch.Tensor]] = {}
+        self._seq_ids = itertools.count()
+        self._seeds = random.Random()
+
+    # -- requests ----------------------------------------------------------------------------------
+    def tokenize(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError(f"{self.model_dir} has no tokenizer.json: send token ids")
+            ids = self.tokenizer.encode(prompt)
+        else:
+            ids = list(prompt)
+        if not ids:
+            raise ValueError("prompt is empty")
+        vocab = self.config.vocab_size
+        bad = [t for t in ids if not isinstance(t, int) or not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
+        return ids
+
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
+                    score_only: bool = False) -> Sequence:
+        """Queues a request; raises ValueError / ContextLengthError / OverloadedError at once."""
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        ids = self.tokenize(prompt)
+        max_total = len(ids) if score_only else min(len(ids) + params.max_tokens, self.max_model_len)
+        seq = Sequence(
+            seq_id=next(self._seq_ids), request_id=request_id, prompt_ids=ids, params=params,
+            seed=params.seed if params.seed is not None else self._seeds.randrange(2**31),
+            max_total_tokens=max_total, score_only=score_only,
+        )
+        self.scheduler.add(seq)
+        self.requests[request_id] = seq
+        if self.tokenizer is not None and not score_only:
+            self._detok[request_id] = IncrementalDetokenizer(
+                self.tokenizer, params.stop, params.include_stop_str_in_output, params.skip_special_tokens)
+        return seq
+
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        """Cancels a request; its KV blocks and state slot are free when this returns."""
+        seq = self.requests.get(request_id)
+        if seq is None or seq.status == Status.FINISHED:
+            return None
+        self.scheduler.finish(seq, "abort")
+        return self._finish_output(seq, [], [])
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # -- the loop ----------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        scheduled, messages = self.scheduler.schedule()
+        results = self.executor.execute(messages)
+        return self._update(scheduled, results)
+
+    def flush(self) -> None:
+        """Tells the workers about finished sequences now instead of with the next step."""
+        messages = self.scheduler.take_freed()
+        if messages is not None:
+            self.executor.execute(messages)
+
+    def _update(self, scheduled: list[Scheduled], results: list[list[ChunkResult]]) -> list[RequestOutput]:
+        by_seq = {r.seq_id: r for worker in results for r in worker}
+        outputs = []
+        now = time.monotonic()
+        for item in scheduled:
+            seq, result = item.seq, by_seq[item.seq.seq_id]
+            seq.num_computed += item.num_tokens
+            if seq.score_only:
+                self._logits.setdefault(seq.request_id, []).append(result.logits)
+                if seq.num_computed == len(seq.prompt_ids):
+                    self.scheduler.finish(seq, "length")
+                    outputs.append(self._finish_output(seq, [], []))
+                continue
+            if not item.sample:
+                continue  # a prefill chunk in the middle of the prompt
+            outputs.append(self._append_token(seq, result, now))
+        return outputs
+
+    def _append_token(self, seq: Sequence, result: ChunkResult, now: float) -> RequestOutput:
+        token = result.token_id
+        seq.output_ids.append(token)
+        ttft = None
+        if seq.first_token_time is None:
+            seq.first_token_time = now
+            ttft = now - seq.arrival_time
+        logprobs = []
+        if seq.params.logprobs is not None:
+            logprobs = [TokenLogprob(token, result.logprob, result.top_logprobs)]
+        params = seq.params
+        detok = self._detok.get(seq.request_id)
+        stop_string = detok.add(token) if detok else None
+        eos = () if params.ignore_eos or self.tokenizer is None else self.tokenizer.eos_token_ids
+        if stop_string is not None:
+            self.scheduler.finish(seq, "stop", stop_string)
+        elif token in params.stop_token_ids or token in eos:
+            self.scheduler.finish(seq, "stop", token)
+        elif len(seq.output_ids) >= params.max_tokens or seq.num_tokens >= seq.max_total_tokens:
+            self.scheduler.finish(seq, "length")
+        if seq.status == Status.FINISHED:
+            out = self._finish_output(seq, [token], logprobs)
+        else:
+            out = RequestOutput(seq.request_id, [token], detok.delta(False) if detok else "",
+                                logprobs=logprobs, num_prompt_tokens=len(seq.prompt_ids),
+                                num_output_tokens=len(seq.output_ids))
+        out.time_to_first_token = ttft
+        return out
+
+    def _finish_output(self, seq: Sequence, new_tokens: list[int], logprobs: list[TokenLogprob]) -> RequestOutput:
+        detok = self._detok.pop(seq.request_id, None)
+        logits = self._logits.pop(seq.request_id, None)
+        self.requests.pop(seq.request_id, None)
+        return RequestOutput(
+            seq.request_id, new_tokens, detok.delta(True) if detok else "", finished=True,
+            finish_reason=seq.finish_reason, stop_reason=seq.stop_reason, logprobs=logprobs,
+            num_prompt_tokens=len(seq.prompt_ids), num_output_tokens=len(seq.output_ids),
+            prompt_logits=torch.cat(logits) if logits else None,
+        )
+
+    # -- introspection -----------------------------------------------------------------------------
+    def cache_usage(self) -> dict[str, float | int]:
+        """Scheduler-side cache occupancy: KV blocks and DeltaNet slots, used and total."""
+        usage = self.scheduler.usage()
+        usage["cache_bytes_per_worker"] = self.layout.total_bytes
+        return usage
+
+    def shutdown(self) -> None:
+        self.executor.shutdown()

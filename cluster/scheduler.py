@@ -1,0 +1,202 @@
+"""Scheduler: continuous batching with chunked prefill under a token budget (plain Python policy).
+
+Each step:
+  1. running sequences, oldest first, get their next tokens: one for a decode, the rest of the
+     prompt (up to the budget) for a prefill in progress. A sequence that needs a KV block when none
+     is free preempts the newest running sequence (recomputation: its blocks and slot are freed and
+     it waits at the head of the queue, to be prefilled again with its outputs so far);
+  2. waiting sequences are admitted first come, first served, while the budget, a free state slot
+     and enough free blocks allow, on the attention worker with the most free blocks.
+The result is one StepInput per attention worker carrying only what changed since the last step.
+Capacities are plain ints, so the policy is tested with fake ones.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass
+
+from .cache_plan import CacheLayout
+from .config import ConfigError
+from .free_list import FreeList
+from .sequence import Sequence, Status
+from .step import ScheduledChunk, StepInput
+
+
+class OverloadedError(RuntimeError):
+    """The wait queue is full: the request is refused rather than queued without bound."""
+
+
+class ContextLengthError(ValueError):
+    """The request cannot fit the model's context or a worker's KV cache."""
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_seqs: int = 32  # running sequences per attention worker (= its DeltaNet state slots)
+    max_num_batched_tokens: int = 256  # tokens per step: prefill chunks + decodes
+    max_waiting: int = 256  # queued requests beyond which new ones are refused (overload)
+    max_model_len: int | None = None  # None: the model's max_position_embeddings
+
+    def __post_init__(self) -> None:
+        for name in ("max_num_seqs", "max_num_batched_tokens", "max_waiting"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ConfigError(f"max_model_len must be >= 2, got {self.max_model_len}")
+
+
+@dataclass
+class Scheduled:
+    seq: Sequence
+    num_tokens: int  # tokens computed this step
+    sample: bool  # the chunk reaches the sequence's last token: a new token comes back
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, layout: CacheLayout, num_workers: int,
+                 max_model_len: int) -> None:
+        self.config, self.layout = config, layout
+        self.max_model_len = max_model_len
+        self.blocks = [FreeList(layout.num_blocks) for _ in range(num_workers)]
+        self.slots = [FreeList(min(layout.num_slots, config.max_num_seqs)) for _ in range(num_workers)]
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []  # admission order
+        self._freed: list[list[int]] = [[] for _ in range(num_workers)]  # for the next step message
+
+    # -- admission control -------------------------------------------------------------------------
+    def check(self, num_prompt: int, max_total: int) -> None:
+        """Raises unless a request of this size can ever run."""
+        if num_prompt >= self.max_model_len:
+            raise ContextLengthError(
+                f"prompt has {num_prompt} tokens; the model's context is {self.max_model_len} "
+                f"(prompt + at least one generated token must fit)")
+        blocks = math.ceil(max_total / self.layout.block_size)
+        if blocks > self.layout.num_blocks:
+            raise ContextLengthError(
+                f"prompt + max_tokens = {max_total} tokens need {blocks} KV blocks, but an attention "
+                f"worker's cache holds {self.layout.num_blocks}; lower max_tokens or raise the cache budget")
+
+    def add(self, seq: Sequence) -> None:
+        if len(self.waiting) >= self.config.max_waiting:
+            raise OverloadedError(f"server overloaded: {len(self.waiting)} requests already waiting")
+        self.check(len(seq.prompt_ids), seq.max_total_tokens)
+        self.waiting.append(seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # -- releasing ---------------------------------------------------------------------------------
+    def _release(self, seq: Sequence) -> None:
+        if seq.worker >= 0:
+            self.blocks[seq.worker].free(seq.block_table)
+            self.slots[seq.worker].free([seq.slot])
+            self._freed[seq.worker].append(seq.seq_id)
+        seq.worker, seq.slot, seq.block_table, seq.blocks_sent, seq.num_computed = -1, -1, [], 0, 0
+
+    def finish(self, seq: Sequence, reason: str, stop_reason: str | int | None = None) -> None:
+        """Ends a sequence (done, or cancelled): its blocks and slot are free at once."""
+        if seq.status == Status.FINISHED:
+            return
+        if seq.status == Status.RUNNING:
+            self.running.remove(seq)
+        else:
+            self.waiting.remove(seq)
+        self._release(seq)
+        seq.status, seq.finish_reason, seq.stop_reason = Status.FINISHED, reason, stop_reason
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self._release(seq)
+        seq.status = Status.WAITING
+        seq.num_preemptions += 1
+        self.waiting.appendleft(seq)
+
+    # -- scheduling --------------------------------------------------------------------------------
+    def _grow(self, seq: Sequence, total_tokens: int) -> bool:
+        need = math.ceil(total_tokens / self.layout.block_size) - len(seq.block_table)
+        if need <= 0:
+            return True
+        if self.blocks[seq.worker].num_free < need:
+            return False
+        seq.block_table.extend(self.blocks[seq.worker].allocate(need))
+        return True
+
+    def schedule(self) -> tuple[list[Scheduled], list[StepInput]]:
+        budget = self.config.max_num_batched_tokens
+        scheduled: list[Scheduled] = []
+        preempted = False
+        for seq in list(self.running):
+            if budget == 0:
+                break
+            if seq.status != Status.RUNNING:  # preempted earlier in this loop
+                continue
+            n = min(seq.num_tokens - seq.num_computed, budget)
+            while not self._grow(seq, seq.num_computed + n):
+                victim = self.running[-1]
+                for item in [s for s in scheduled if s.seq is victim]:
+                    scheduled.remove(item)
+                    budget += item.num_tokens
+                self._preempt(victim)
+                preempted = True
+                if victim is seq:
+                    break
+            if seq.status == Status.RUNNING:
+                scheduled.append(Scheduled(seq, n, seq.num_computed + n == seq.num_tokens))
+                budget -= n
+
+        while self.waiting and budget > 0 and not preempted:
+            seq = self.waiting[0]
+            n = min(seq.num_tokens, budget)
+            candidates = [w for w in range(len(self.blocks)) if self.slots[w].num_free
+                          and self.blocks[w].num_free >= math.ceil(n / self.layout.block_size)]
+            if not candidates:
+                break
+            worker = max(candidates, key=lambda w: (self.blocks[w].num_free, -w))
+            self.waiting.popleft()
+            seq.worker, seq.slot = worker, self.slots[worker].allocate(1)[0]
+            self._grow(seq, n)
+            seq.status = Status.RUNNING
+            self.running.append(seq)
+            scheduled.append(Scheduled(seq, n, n == seq.num_tokens))
+            budget -= n
+        return scheduled, self._messages(scheduled)
+
+    def _messages(self, scheduled: list[Scheduled]) -> list[StepInput]:
+        chunks: list[list[ScheduledChunk]] = [[] for _ in self.blocks]
+        for item in scheduled:
+            seq = item.seq
+            fresh = seq.num_computed == 0
+            chunks[seq.worker].append(ScheduledChunk(
+                seq_id=seq.seq_id,
+                token_ids=seq.tokens(seq.num_computed, seq.num_computed + item.num_tokens),
+                past=seq.num_computed,
+                new_blocks=tuple(seq.block_table[seq.blocks_sent:]),
+                slot=seq.slot if fresh else -1,
+                sample=item.sample and not seq.score_only,
+                want_logits=seq.score_only,
+                sampling=seq.sampling_spec() if fresh else None,
+            ))
+            seq.blocks_sent = len(seq.block_table)
+        messages = [StepInput(tuple(c), tuple(f)) for c, f in zip(chunks, self._freed)]
+        self._freed = [[] for _ in self.blocks]
+        return messages
+
+    def take_freed(self) -> list[StepInput] | None:
+        """Step messages that only release finished sequences on the workers, if there are any."""
+        if not any(self._freed):
+            return None
+        return self._messages([])
+
+    def usage(self) -> dict[str, float | int]:
+        used_blocks = sum(b.num_used for b in self.blocks)
+        total_blocks = sum(b.size for b in self.blocks)
+        used_slots = sum(s.num_used for s in self.slots)
+        total_slots = sum(s.size for s in self.slots)
+        return {
+            "running": len(self.running), "waiting": len(self.waiting),
+            "kv_blocks_used": used_blocks, "kv_blocks_total": total_blocks,
+            "kv_usage": used_blocks / total_blocks, "state_slots_used": used_slots,
+            "state_slots_total": total_slots, "state_slot_usage": used_slots / total_slots,
+        }

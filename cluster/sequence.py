@@ -1,0 +1,59 @@
+"""Sequence: the engine's record of one request (tokens, cache ownership, stop state, timings)."""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+from .sampling import SamplingParams
+from .step import SamplingSpec
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"  # queued, or preempted and waiting to be recomputed
+    RUNNING = "running"  # owns a worker's slot and KV blocks
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Sequence:
+    seq_id: int
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    seed: int  # the user's seed, or one drawn at arrival: sampling is a function of it
+    max_total_tokens: int  # prompt + outputs may not pass this (max_tokens or the context)
+    score_only: bool = False  # scoring: compute the prompt's logits, generate nothing
+    output_ids: list[int] = field(default_factory=list)
+    status: Status = Status.WAITING
+    num_computed: int = 0  # tokens already in the worker's caches
+    worker: int = -1  # attention worker holding the caches while running
+    slot: int = -1
+    block_table: list[int] = field(default_factory=list)
+    blocks_sent: int = 0  # block_table entries the worker already knows
+    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    stop_reason: str | int | None = None  # the stop string or token that ended it
+    arrival_time: float = field(default_factory=time.monotonic)
+    first_token_time: float | None = None
+    num_preemptions: int = 0
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    def token(self, i: int) -> int:
+        n = len(self.prompt_ids)
+        return self.prompt_ids[i] if i < n else self.output_ids[i - n]
+
+    def tokens(self, begin: int, end: int) -> tuple[int, ...]:
+        return tuple(self.token(i) for i in range(begin, end))
+
+    def sampling_spec(self) -> SamplingSpec:
+        p = self.params
+        return SamplingSpec(
+            temperature=p.temperature, top_p=p.top_p, top_k=p.top_k, min_p=p.min_p, seed=self.seed,
+            presence_penalty=p.presence_penalty, frequency_penalty=p.frequency_penalty,
+            repetition_penalty=p.repetition_penalty,
+            logprobs=-1 if p.logprobs is None else p.logprobs, prompt_len=len(self.prompt_ids),
+        )

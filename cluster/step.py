@@ -1,0 +1,56 @@
+"""The step message between the engine (scheduler) and an attention worker, and its reply.
+
+A step message carries only what changed since the last one: new tokens of each scheduled
+sequence, the KV blocks appended to its block table, and — with a sequence's first chunk (past == 0,
+a new or recomputed sequence) — its state slot and sampling spec. Sequences that finished, were
+cancelled or preempted are listed in `freed`; the worker forgets them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingSpec:
+    """How the worker picks a sequence's next token (see cluster.sampling.SamplingParams)."""
+
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0: off
+    min_p: float = 0.0
+    seed: int = 0  # the engine always sets one: sampling is a function of (seed, output index)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logprobs: int = -1  # -1: none; n >= 0: the sampled token's logprob and the top n
+    prompt_len: int = 0  # tokens before this index are prompt (penalties treat them apart)
+
+
+@dataclass(frozen=True)
+class ScheduledChunk:
+    seq_id: int
+    token_ids: tuple[int, ...]  # tokens computed this step: a prompt chunk or the last sampled token
+    past: int  # tokens of this sequence already cached on the worker (0: start afresh)
+    new_blocks: tuple[int, ...] = ()  # KV blocks appended to the sequence's block table
+    slot: int = -1  # DeltaNet state slot; sent when past == 0
+    sample: bool = True  # the chunk reaches the last known token: sample the next one
+    want_logits: bool = False  # return fp32 logits of every position of the chunk (scoring)
+    sampling: SamplingSpec | None = None  # sent when past == 0
+
+
+@dataclass(frozen=True)
+class StepInput:
+    chunks: tuple[ScheduledChunk, ...]
+    freed: tuple[int, ...] = field(default=())  # seq ids to forget before this step
+
+
+@dataclass
+class ChunkResult:
+    seq_id: int
+    token_id: int = -1  # the sampled next token, -1 when the chunk did not sample
+    logprob: float = 0.0  # its log-probability under the model (raw logits)
+    top_logprobs: list[tuple[int, float]] = field(default_factory=list)
+    logits: torch.Tensor | None = None  # [n, V] fp32, only for want_logits chunks
