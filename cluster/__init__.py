@@ -3,13 +3,14 @@ the user-facing `LLM` / `AsyncLLM`."""
 
 from .cache_plan import CacheConfig
 from .config import ClusterConfig, ConfigError, ModelConfig
+from .async_llm import AsyncLLM
 from .engine import EngineCore, RequestOutput
 from .llm import LLM, Completion
 from .sampling import SamplingParams
 from .scheduler import ContextLengthError, OverloadedError, SchedulerConfig
 
 __all__ = [
-    "LLM", "CacheConfig", "ClusterConfig", "Completion", "ConfigError", "ContextLengthError",
+    "LLM", "AsyncLLM", "CacheConfig", "ClusterConfig", "Completion", "ConfigError", "ContextLengthError",
     "EngineCore", "ModelConfig", "OverloadedError", "RequestOutput", "SamplingParams",
     "SchedulerConfig",
 ]

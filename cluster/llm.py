@@ -72,7 +72,8 @@ class LLM:
         outputs: dict[str, list] = {r: [] for r in request_ids}
         while self.engine.has_unfinished():
             for out in self.engine.step():
-                outputs[out.request_id].append(out)
+                if out.request_id in outputs:  # requests added to the engine directly are not ours
+                    outputs[out.request_id].append(out)
         self.engine.flush()
         return outputs
 
@@ -90,7 +91,14 @@ class LLM:
         params = sampling_params or SamplingParams()
         prompts = [prompts] if isinstance(prompts, str) else prompts
         ids = [f"gen-{next(self._ids)}" for _ in prompts]
-        seqs = [self.engine.add_request(r, p, params) for r, p in zip(ids, prompts)]
+        seqs = []
+        try:
+            for request_id, prompt in zip(ids, prompts):
+                seqs.append(self.engine.add_request(request_id, prompt, params))
+        except Exception:  # one bad prompt refuses the call: take back those already queued
+            for seq in seqs:
+                self.engine.abort_request(seq.request_id)
+            raise
         outputs = self._run(ids)
         completions = []
         for prompt, seq, request_id in zip(prompts, seqs, ids):

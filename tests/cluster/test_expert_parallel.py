@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from cluster import LLM, ClusterConfig, SamplingParams
+from cluster import LLM, ClusterConfig, SamplingParams, SchedulerConfig
 from router.placement import ExpertPlacement
 from tests.conftest import FLAGSHIP_SHAPE
 from tests.reference import hf_logits
@@ -54,6 +54,20 @@ def test_layout_matches_single_process_and_reference(
 
 def ref_total_expert_bytes(cfg) -> int:
     return cfg.num_hidden_layers * cfg.num_experts * 3 * cfg.hidden_size * cfg.moe_intermediate_size * 4
+
+
+def test_mixed_batch_and_seeded_sampling_match_single_process(ray_cluster, make_checkpoint):
+    """16 mixed-length prompts with chunked prefill, greedy and seeded: identical on E=2, A=2."""
+    model_dir = make_checkpoint(FLAGSHIP_SHAPE)
+    prompts = [[(7 * i + 13 * j) % 450 + 3 for j in range(1 + (i * 37) % 90)] for i in range(16)]
+    seeded = SamplingParams(max_tokens=8, temperature=1.0, top_p=0.9, seed=5, ignore_eos=True)
+    budget = SchedulerConfig(max_num_batched_tokens=128)
+    local = LLM(model=model_dir, scheduler=budget)
+    expected = [c.token_ids for c in local.generate(prompts, GREEDY)]
+    expected_seeded = [c.token_ids for c in local.generate(prompts[:4], seeded)]
+    with LLM(model=model_dir, expert_workers=2, attention_workers=2, scheduler=budget) as llm:
+        assert [c.token_ids for c in llm.generate(prompts, GREEDY)] == expected
+        assert [c.token_ids for c in llm.generate(prompts[:4], seeded)] == expected_seeded
 
 
 def test_replicated_experts_match_single_process(ray_cluster, make_checkpoint, single_process):

@@ -1,0 +1,121 @@
+"""AsyncLLM: the engine for a server. Submit a request, iterate its streamed outputs, cancel it.
+
+The EngineCore runs on one background thread (schedule -> execute -> update, in a loop while
+there is work); callers on any asyncio loop add and abort requests under a lock, so errors in a
+request (bad input, context too long, overload) are raised to its caller at once and never reach
+the loop. Outputs are handed to each request's asyncio.Queue with call_soon_threadsafe.
+Leaving the `async for` early (client gone, task cancelled) aborts the request: its KV blocks and
+state slot are freed at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from .engine import EngineCore, RequestOutput
+from .sampling import SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+class AsyncLLM:
+    def __init__(self, model: str | Path, **engine_kwargs) -> None:
+        self.engine = EngineCore(model, **engine_kwargs)
+        self.config, self.tokenizer = self.engine.config, self.engine.tokenizer
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stopped = False
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self.last_error: BaseException | None = None
+        self._thread = threading.Thread(target=self._loop, name="epserve-engine", daemon=True)
+        self._thread.start()
+
+    # -- the engine thread -------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while not self._stopped:
+            with self._lock:
+                busy = self.engine.has_unfinished()
+                try:
+                    outputs = self.engine.step() if busy else []
+                    if not busy:
+                        self.engine.flush()
+                except Exception as e:  # a failed step ends the requests it held, not the server
+                    log.exception("engine step failed")
+                    self.last_error = e
+                    outputs = self._fail_all(e)
+            for out in outputs:
+                self._deliver(out.request_id, out)
+            if not busy:
+                self._wake.wait(timeout=0.5)
+                self._wake.clear()
+
+    def _fail_all(self, error: Exception) -> list:
+        for request_id in list(self.engine.requests):
+            self.engine.abort_request(request_id)
+            self._deliver(request_id, error)
+        return []
+
+    def _deliver(self, request_id: str, item: RequestOutput | Exception) -> None:
+        stream = self._streams.get(request_id)
+        if stream is None:
+            return
+        loop, queue = stream
+        if isinstance(item, Exception) or item.finished:
+            self._streams.pop(request_id, None)
+        try:
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+        except RuntimeError:  # the caller's loop is closed: nobody is listening
+            pass
+
+    # -- the API -----------------------------------------------------------------------------------
+    def _add(self, request_id, prompt, params, loop, queue) -> None:
+        with self._lock:
+            self.engine.add_request(request_id, prompt, params)
+            self._streams[request_id] = (loop, queue)
+        self._wake.set()
+
+    async def generate(self, prompt: str | list[int], params: SamplingParams | None = None,
+                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+        """Streams a request's outputs; raises ValueError / ContextLengthError / OverloadedError
+        before the first one if the request is refused."""
+        request_id = request_id or uuid.uuid4().hex
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        await loop.run_in_executor(None, self._add, request_id, prompt, params or SamplingParams(), loop, queue)
+        finished = False
+        try:
+            while not finished:
+                item = await queue.get()
+                if isinstance(item, Exception):
+                    raise item
+                finished = item.finished
+                yield item
+        finally:
+            if not finished:
+                await self.abort(request_id)
+
+    async def abort(self, request_id: str) -> None:
+        """Cancels a request; its blocks and slot are free when this returns."""
+        await asyncio.get_running_loop().run_in_executor(None, self._abort, request_id)
+
+    def _abort(self, request_id: str) -> None:
+        with self._lock:
+            out = self.engine.abort_request(request_id)
+        if out is not None:
+            self._deliver(request_id, out)
+
+    def cache_usage(self) -> dict:
+        with self._lock:
+            return self.engine.cache_usage()
+
+    def shutdown(self) -> None:
+        self._stopped = True
+        self._wake.set()
+        self._thread.join(timeout=10)
+        with self._lock:
+            self.engine.shutdown()

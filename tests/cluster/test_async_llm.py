@@ -1,0 +1,84 @@
+"""AsyncLLM: streaming, cancellation, refusals, and the server going on serving."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from cluster import AsyncLLM, ContextLengthError, OverloadedError, SamplingParams, SchedulerConfig
+from cluster.tiny import TinySpec
+
+SPEC = TinySpec(seed=9, num_experts=16, top_k=4)
+
+
+@pytest.fixture(scope="module")
+def engine(make_checkpoint):
+    llm = AsyncLLM(make_checkpoint(SPEC), scheduler=SchedulerConfig(max_waiting=8, max_model_len=128))
+    yield llm
+    llm.shutdown()
+
+
+async def collect(engine, prompt, params, request_id=None):
+    return [o async for o in engine.generate(prompt, params, request_id)]
+
+
+def test_streams_concurrent_requests(engine):
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+
+    async def main():
+        return await asyncio.gather(*(collect(engine, f"hello {i}", params) for i in range(6)))
+
+    results = asyncio.run(main())
+    for outs in results:
+        assert sum(len(o.new_token_ids) for o in outs) == 8
+        assert outs[-1].finished and outs[-1].finish_reason == "length"
+        assert outs[0].time_to_first_token is not None and outs[-1].num_output_tokens == 8
+    tokens = [[t for o in outs for t in o.new_token_ids] for outs in results]
+    alone = asyncio.run(collect(engine, "hello 3", params))
+    assert [t for o in alone for t in o.new_token_ids] == tokens[3]
+
+
+def test_cancel_by_leaving_the_stream_frees_the_request(engine):
+    async def main():
+        stream = engine.generate([5, 6, 7], SamplingParams(max_tokens=100, ignore_eos=True), "leaver")
+        async for out in stream:
+            if out.num_output_tokens >= 3:
+                break
+        await stream.aclose()  # what a disconnecting client's handler does
+        await asyncio.sleep(0)
+
+    asyncio.run(main())
+    usage = engine.cache_usage()
+    assert usage["running"] == 0 and usage["kv_blocks_used"] == 0 and usage["state_slots_used"] == 0
+
+
+def test_refusals_are_raised_and_the_server_keeps_serving(engine):
+    async def main():
+        with pytest.raises(ContextLengthError):
+            await collect(engine, list(range(3, 200)), SamplingParams())
+        with pytest.raises(ValueError, match="outside the vocabulary"):
+            await collect(engine, [10**9], SamplingParams())
+        with pytest.raises(ValueError, match="prompt is empty"):
+            await collect(engine, "", SamplingParams())
+        return await collect(engine, "still here?", SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
+
+    outs = asyncio.run(main())
+    assert outs[-1].finished and outs[-1].num_output_tokens == 4
+
+
+def test_overload_is_an_explicit_error(engine):
+    async def main():
+        params = SamplingParams(max_tokens=64, ignore_eos=True)
+        streams = [engine.generate([3, 4], params) for _ in range(40)]
+        tasks = [asyncio.create_task(collect_stream(s)) for s in streams]
+        return await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def collect_stream(stream):
+        return [o async for o in stream]
+
+    results = asyncio.run(main())
+    refused = [r for r in results if isinstance(r, OverloadedError)]
+    served = [r for r in results if isinstance(r, list)]
+    assert refused and served and len(refused) + len(served) == 40
+    assert all(r[-1].num_output_tokens == 64 for r in served)
