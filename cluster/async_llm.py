@@ -1,7 +1,8 @@
 """AsyncLLM: the engine for a server. Submit a request, iterate its streamed outputs, cancel it.
 
-The EngineCore runs on one background thread (schedule -> execute -> update, in a loop while
-there is work); callers on any asyncio loop add and abort requests under a lock, so errors in a
+The EngineCore is built and runs on one background thread (schedule -> execute -> update, in a
+loop while there is work): all of its torch work stays on that thread, since CPU torch runs ~3x
+slower when its OpenMP work hops between threads; callers on any asyncio loop add and abort requests under a lock, so errors in a
 request (bad input, context too long, overload) are raised to its caller at once and never reach
 the loop. Outputs are handed to each request's asyncio.Queue with call_soon_threadsafe.
 Leaving the `async for` early (client gone, task cancelled) aborts the request: its KV blocks and
@@ -17,6 +18,8 @@ import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import torch
+
 from .engine import EngineCore, RequestOutput
 from .sampling import SamplingParams
 
@@ -25,18 +28,33 @@ log = logging.getLogger(__name__)
 
 class AsyncLLM:
     def __init__(self, model: str | Path, **engine_kwargs) -> None:
-        self.engine = EngineCore(model, **engine_kwargs)
-        self.config, self.tokenizer = self.engine.config, self.engine.tokenizer
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stopped = False
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self.last_error: BaseException | None = None
-        self._thread = threading.Thread(target=self._loop, name="epserve-engine", daemon=True)
+        self.engine: EngineCore | None = None
+        started = threading.Event()
+        self._thread = threading.Thread(target=self._loop, args=(model, engine_kwargs, started),
+                                        name="epserve-engine", daemon=True)
         self._thread.start()
+        started.wait()
+        if self.engine is None:
+            raise self.last_error
+        self.config, self.tokenizer = self.engine.config, self.engine.tokenizer
 
     # -- the engine thread -------------------------------------------------------------------------
-    def _loop(self) -> None:
+    def _loop(self, model, engine_kwargs: dict, started: threading.Event) -> None:
+        # One intra-op thread (process-wide, as in Ray actors): with more, CPU torch on this thread
+        # slows down several-fold once another thread has used torch too (libgomp, 2 cores).
+        torch.set_num_threads(1)
+        try:
+            self.engine = EngineCore(model, **engine_kwargs)
+        except BaseException as e:  # reported to the constructor's caller
+            self.last_error = e
+            return
+        finally:
+            started.set()
         while not self._stopped:
             with self._lock:
                 busy = self.engine.has_unfinished()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from experts import ExpertBank, ExpertShard, grouped_swiglu, swiglu_reference
-from experts.grouped import looped_swiglu
+from experts.grouped import _grouped_mm_swiglu, looped_swiglu
 
 
 def test_grouped_equals_reference_with_empty_and_hot_experts():
@@ -16,7 +16,7 @@ def test_grouped_equals_reference_with_empty_and_hot_experts():
     expert_R = torch.repeat_interleave(torch.arange(N), torch.tensor(counts))
     hidden = torch.randn(len(expert_R), D, generator=g)
     reference = swiglu_reference(hidden, expert_R, gate_up, down)
-    for kernel in (grouped_swiglu, looped_swiglu):  # grouped_mm fast path and the per-expert loop
+    for kernel in (grouped_swiglu, looped_swiglu, _grouped_mm_swiglu):
         assert (kernel(hidden, counts, gate_up, down) - reference).abs().max() < 1e-4
     # counts may run past the bank (a worker's share of a wider all-to-all): zeros are ignored
     assert torch.equal(grouped_swiglu(hidden, counts + [0, 0], gate_up, down),
