@@ -90,13 +90,20 @@ class RayExecutor:
             gpus = 1 if torch.cuda.is_available() else 0
         backend = cluster.backend if cluster.backend != "auto" else ("nccl" if gpus else "gloo")
         bundle = {"CPU": cluster.cpus_per_worker, **({"GPU": gpus} if gpus else {})}
-        self.pg = placement_group([bundle] * (A + E), strategy="PACK")
+        # Inside a Serve replica whose placement group reserved this instance (bundle 0: the replica,
+        # then one per worker) the workers go there; otherwise the executor makes its own group.
+        current = ray.util.get_current_placement_group()
+        if current is not None and len(current.bundle_specs) == 1 + A + E:
+            self.pg, first_bundle, self.own_pg = current, 1, False
+        else:
+            self.pg, first_bundle, self.own_pg = placement_group([bundle] * (A + E), strategy="PACK"), 0, True
         ray.get(self.pg.ready(), timeout=self.timeout)
 
         def options(i: int) -> dict:
             return dict(
                 num_cpus=cluster.cpus_per_worker, num_gpus=gpus,
-                scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=i),
+                scheduling_strategy=PlacementGroupSchedulingStrategy(
+                    self.pg, placement_group_bundle_index=first_bundle + i),
             )
 
         args = (str(model_dir), cfg, placement)
@@ -145,6 +152,7 @@ class RayExecutor:
         for w in self.workers:
             self._ray.kill(w)
         self.workers, self.attention, self.experts = [], [], []
-        self._remove_pg(self.pg)
+        if self.own_pg:
+            self._remove_pg(self.pg)
         if self.started_ray:
             self._ray.shutdown()

@@ -19,6 +19,14 @@ from safetensors.torch import save_file
 
 from .tiny_tokenizer import SPECIAL_TOKENS, byte_level_tokenizer, qwen35_tokenizer
 
+# Qwen's ChatML (no tools, no thinking); deploy.chat uses the same default for checkpoints without one
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
 
 @dataclass(frozen=True)
 class TinySpec:
@@ -221,6 +229,7 @@ def make_tiny(out_dir: str | Path, spec: TinySpec = TinySpec()) -> Path:
                 "eos_token": "<|im_end|>",
                 "pad_token": "<|endoftext|>",
                 "additional_special_tokens": SPECIAL_TOKENS,
+                "chat_template": CHATML_TEMPLATE,
             },
             indent=2,
         )

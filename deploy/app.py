@@ -1,0 +1,65 @@
+"""The Ray Serve application: `build_app(config) -> Application`.
+
+    Ingress  (stateless; gRPC epserve.v1.Generation + OpenAI HTTP)  --handle-->  Model x N
+    Model    one whole model instance per replica: placement group bundles reserve the replica
+             (bundle 0) and each of its A + E worker actors (bundles 1..), so an instance starts
+             whole or not at all; Serve's autoscaling adds and removes whole instances.
+
+`serve run deploy/serve_config.yaml` or `epserve serve` start it; KubeRay's serveConfigV2 uses the
+same import path (`deploy.app:build_app`) and args.
+"""
+
+from __future__ import annotations
+
+from ray import serve
+from ray.serve import Application
+
+from .config import AppConfig
+from .ingress import Ingress
+from .model_server import ModelServer
+from .openai_api import OpenAIRoutes, app
+
+GRPC_SERVICER = "epserve_proto.generation_pb2_grpc.add_GenerationServicer_to_server"
+
+
+@serve.ingress(app)
+class EpserveIngress(OpenAIRoutes, Ingress):
+    """gRPC methods from Ingress, HTTP routes from OpenAIRoutes, one replica class."""
+
+
+def model_deployment_options(cfg: AppConfig) -> dict:
+    worker = {"CPU": cfg.cpus_per_worker}
+    if cfg.gpus_per_worker:
+        worker["GPU"] = cfg.gpus_per_worker
+    options = dict(
+        name="Model",
+        ray_actor_options={"num_cpus": cfg.replica_cpus},
+        placement_group_bundles=[{"CPU": cfg.replica_cpus}] + [worker] * (cfg.attention_workers + cfg.expert_workers),
+        placement_group_strategy="PACK",
+        max_ongoing_requests=cfg.max_ongoing_requests,
+        graceful_shutdown_timeout_s=10,
+    )
+    if cfg.min_replicas == cfg.max_replicas:
+        options["num_replicas"] = cfg.max_replicas
+    else:
+        options["autoscaling_config"] = {
+            "min_replicas": cfg.min_replicas, "max_replicas": cfg.max_replicas,
+            "target_ongoing_requests": cfg.target_ongoing_requests, "upscale_delay_s": cfg.upscale_delay_s,
+            "downscale_delay_s": cfg.downscale_delay_s, "metrics_interval_s": cfg.metrics_interval_s,
+            "look_back_period_s": cfg.look_back_period_s,
+        }
+    return options
+
+
+def build_app(args: dict | AppConfig) -> Application:
+    """Validated config in, Serve application out (the builder Serve's import_path points at)."""
+    cfg = args if isinstance(args, AppConfig) else AppConfig(**args)
+    config = cfg.model_dump()
+    if not cfg.gpus_per_worker:
+        config["gpus_per_worker"] = 0  # the bundles reserve no GPU: the workers must not ask for one
+    model = serve.deployment(ModelServer).options(**model_deployment_options(cfg)).bind(config)
+    ingress = serve.deployment(EpserveIngress).options(
+        name="Ingress", ray_actor_options={"num_cpus": cfg.ingress_cpus},
+        max_ongoing_requests=cfg.max_ongoing_requests * max(cfg.max_replicas, 1),
+    )
+    return ingress.bind(model, config)

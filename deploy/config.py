@@ -1,0 +1,51 @@
+"""AppConfig: everything `build_app` needs, validated with messages that name the bad field."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class AppConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    model: str = Field(description="checkpoint directory in Hugging Face format (config.json, safetensors)")
+    served_model_name: str | None = Field(None, description="name clients send; default: the directory name")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="weights and activations")
+    # one model instance = one Serve replica of the model deployment
+    expert_workers: int = Field(1, ge=1, description="expert-worker actors per model instance")
+    attention_workers: int = Field(1, ge=1, description="attention-worker actors per model instance")
+    cpus_per_worker: float = Field(0.25, gt=0, description="CPUs reserved per worker actor")
+    gpus_per_worker: float | None = Field(None, ge=0, description="GPUs per worker; default 1 with CUDA, else 0")
+    replica_cpus: float = Field(0.1, gt=0, description="CPUs of the model replica itself (engine, scheduler)")
+    # the engine
+    max_num_seqs: int = Field(32, ge=1, description="running sequences per attention worker")
+    max_num_batched_tokens: int = Field(256, ge=1, description="tokens per engine step")
+    max_waiting: int = Field(256, ge=1, description="queued requests per instance before RESOURCE_EXHAUSTED / 429")
+    max_model_len: int | None = Field(None, ge=2, description="context length; default the model's")
+    kv_cache_memory_mb: float = Field(512, gt=0, description="KV blocks + DeltaNet state per attention worker")
+    max_tokens_limit: int = Field(4096, ge=1, description="largest max_tokens a request may ask for")
+    # Serve
+    max_ongoing_requests: int = Field(64, ge=1, description="requests in flight per model replica")
+    min_replicas: int = Field(1, ge=0, description="autoscaling: fewest model instances")
+    max_replicas: int = Field(1, ge=1, description="autoscaling: most model instances")
+    target_ongoing_requests: float = Field(16, gt=0, description="autoscaling: requests per instance to aim at")
+    upscale_delay_s: float = Field(30, ge=0)
+    downscale_delay_s: float = Field(600, ge=0)
+    metrics_interval_s: float = Field(10, gt=0)
+    look_back_period_s: float = Field(30, gt=0)
+    ingress_cpus: float = Field(0.1, gt=0, description="CPUs of each ingress replica")
+
+    @model_validator(mode="after")
+    def _check(self) -> AppConfig:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas ({self.min_replicas}) > max_replicas ({self.max_replicas})")
+        if not (Path(self.model) / "config.json").is_file():
+            raise ValueError(f"model: no config.json in {self.model!r}")
+        return self
+
+    @property
+    def name(self) -> str:
+        return self.served_model_name or Path(self.model).name

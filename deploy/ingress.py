@@ -1,0 +1,136 @@
+"""Ingress: the stateless front of the application — validation, tokenisation, streaming back.
+
+Serves Serve's gRPC proxy (methods named after the RPCs of epserve.v1.Generation; streaming RPCs are
+async generators) and, through deploy.openai_api, the OpenAI-compatible HTTP routes. Requests are
+checked here and refused with a named problem before they reach a model instance; model instances
+are reached through a deployment handle.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+
+from cluster import ModelConfig, SamplingParams
+from cluster.tokenizer import Tokenizer
+from epserve_proto import convert
+from epserve_proto import generation_pb2 as pb
+
+from .chat import ChatTemplate
+from .config import AppConfig
+from .errors import RequestError, classify
+
+
+class Ingress:
+    def __init__(self, model_handle, config: dict) -> None:
+        self.config = AppConfig(**config)
+        self.model = model_handle
+        self.model_config = ModelConfig.from_pretrained(self.config.model)
+        self.tokenizer = Tokenizer(self.config.model, self.model_config.eos_token_ids)
+        self.chat_template = ChatTemplate(self.config.model)
+        self.name = self.config.name
+        self.max_model_len = self.config.max_model_len or self.model_config.max_position_embeddings
+
+    # -- shared by gRPC and HTTP -------------------------------------------------------------------
+    def check_model(self, name: str | None) -> None:
+        if name and name != self.name:
+            raise RequestError("not_found", f"model {name!r} is not served here; this server serves "
+                                            f"{self.name!r}", "model")
+
+    def prepare(self, model: str | None, prompt: str | list[int], sampling: dict) -> tuple[list[int], dict]:
+        """Validates a request; returns the prompt's token ids and checked sampling kwargs."""
+        self.check_model(model)
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        if not ids:
+            raise RequestError("invalid", "prompt is empty", "prompt")
+        vocab = self.model_config.vocab_size
+        bad = [t for t in ids if not isinstance(t, int) or not 0 <= t < vocab]
+        if bad:
+            raise RequestError("invalid", f"token ids {bad[:5]} are outside the vocabulary [0, {vocab})", "prompt")
+        try:
+            params = SamplingParams(**sampling)
+        except (TypeError, ValueError) as e:
+            raise RequestError("invalid", str(e), str(e).split(" ", 1)[0]) from e
+        if params.max_tokens > self.config.max_tokens_limit:
+            raise RequestError("out_of_range", f"max_tokens = {params.max_tokens} is above this server's "
+                                               f"limit of {self.config.max_tokens_limit}", "max_tokens")
+        if len(ids) + params.max_tokens > self.max_model_len:
+            raise RequestError("out_of_range", f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) "
+                                               f"exceeds the context length of {self.max_model_len}", "max_tokens")
+        return ids, sampling
+
+    async def stream(self, ids: list[int], sampling: dict, request_id: str) -> AsyncIterator[dict]:
+        """Output dicts from a model instance; engine refusals become RequestErrors. Leaving early
+        cancels the request in the engine."""
+        response = self.model.options(stream=True).generate.remote(ids, sampling, request_id)
+        finished = False
+        try:
+            async for out in response:
+                finished = out["finished"]
+                yield out
+        except RequestError:
+            raise
+        except Exception as e:
+            raise classify(e) from e
+        finally:
+            if not finished:
+                response.cancel()
+
+    # -- gRPC: epserve.v1.Generation ---------------------------------------------------------------
+    @staticmethod
+    def _fail(grpc_context, error: BaseException) -> None:
+        err = classify(error)
+        if grpc_context is not None:
+            grpc_context.set_code(err.grpc_code)
+            grpc_context.set_details(err.message)
+        raise err from error
+
+    async def Generate(self, request: pb.GenerateRequest, grpc_context=None) -> pb.GenerateResponse:
+        request_id = request.request_id or uuid.uuid4().hex
+        try:
+            ids, sampling = self.prepare(request.model, convert.prompt_of(request),
+                                         convert.sampling_kwargs(request.sampling))
+            outs = [out async for out in self.stream(ids, sampling, request_id)]
+        except Exception as e:
+            self._fail(grpc_context, e)
+        last = outs[-1]
+        return convert.generate_response(
+            request_id, [t for o in outs for t in o["new_token_ids"]], "".join(o["new_text"] for o in outs),
+            [lp for o in outs for lp in o["logprobs"]], last["finish_reason"], last["stop_reason"],
+            (last["num_prompt_tokens"], last["num_output_tokens"]))
+
+    async def GenerateStream(self, request: pb.GenerateRequest, grpc_context=None):
+        request_id = request.request_id or uuid.uuid4().hex
+        try:
+            ids, sampling = self.prepare(request.model, convert.prompt_of(request),
+                                         convert.sampling_kwargs(request.sampling))
+            async for o in self.stream(ids, sampling, request_id):
+                yield convert.generate_response(
+                    request_id, o["new_token_ids"], o["new_text"], o["logprobs"], o["finish_reason"],
+                    o["stop_reason"], (o["num_prompt_tokens"], o["num_output_tokens"]) if o["finished"] else None)
+        except Exception as e:
+            self._fail(grpc_context, e)
+
+    async def GetModelInfo(self, request: pb.GetModelInfoRequest, grpc_context=None) -> pb.ModelInfo:
+        c = self.model_config
+        return pb.ModelInfo(
+            model=self.name, max_model_len=self.max_model_len, vocab_size=c.vocab_size,
+            num_layers=c.num_hidden_layers, num_experts=c.num_experts, num_experts_per_tok=c.num_experts_per_tok,
+            expert_workers=self.config.expert_workers, attention_workers=self.config.attention_workers,
+            eos_token_ids=list(self.tokenizer.eos_token_ids), max_tokens_limit=self.config.max_tokens_limit)
+
+    async def Tokenize(self, request: pb.TokenizeRequest, grpc_context=None) -> pb.TokenizeResponse:
+        try:
+            self.check_model(request.model)
+        except Exception as e:
+            self._fail(grpc_context, e)
+        return pb.TokenizeResponse(token_ids=self.tokenizer.encode(request.text))
+
+    async def Detokenize(self, request: pb.DetokenizeRequest, grpc_context=None) -> pb.DetokenizeResponse:
+        try:
+            self.check_model(request.model)
+            self.prepare(None, list(request.token_ids) or [0], {"max_tokens": 1})  # range checks
+        except Exception as e:
+            self._fail(grpc_context, e)
+        return pb.DetokenizeResponse(text=self.tokenizer.decode(list(request.token_ids)))
+

@@ -1,0 +1,59 @@
+"""ModelServer: one model instance (attention group + expert group) behind one Serve replica.
+
+A plain class (tests build it without Serve); `deploy.app` wraps it in a deployment whose placement
+group bundles reserve the replica and every worker at once, so an instance starts whole or not at
+all. Outputs cross the deployment handle as plain dicts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import Any
+
+from cluster import AsyncLLM, CacheConfig, ClusterConfig, SamplingParams, SchedulerConfig
+
+from .config import AppConfig
+
+
+def output_dict(out) -> dict[str, Any]:
+    d = asdict(out)
+    d.pop("prompt_logits", None)
+    d["logprobs"] = [(lp["token_id"], lp["logprob"], [tuple(t) for t in lp["top"]]) for lp in d["logprobs"]]
+    return d
+
+
+class ModelServer:
+    def __init__(self, config: dict) -> None:
+        cfg = AppConfig(**config)
+        self.config = cfg
+        self.engine = AsyncLLM(
+            cfg.model,
+            dtype=cfg.dtype,
+            cluster=ClusterConfig(expert_workers=cfg.expert_workers, attention_workers=cfg.attention_workers,
+                                  use_ray=True, cpus_per_worker=cfg.cpus_per_worker,
+                                  gpus_per_worker=cfg.gpus_per_worker),
+            scheduler=SchedulerConfig(max_num_seqs=cfg.max_num_seqs, max_num_batched_tokens=cfg.max_num_batched_tokens,
+                                      max_waiting=cfg.max_waiting, max_model_len=cfg.max_model_len),
+            cache=CacheConfig(memory_budget_mb=cfg.kv_cache_memory_mb),
+        )
+
+    async def generate(self, prompt: list[int], params: dict, request_id: str):
+        """Streams output dicts; raises OverloadedError / ContextLengthError / ValueError first."""
+        async for out in self.engine.generate(prompt, SamplingParams(**params), request_id):
+            yield output_dict(out)
+
+    def cache_usage(self) -> dict:
+        return self.engine.cache_usage()
+
+    def worker_info(self) -> list[dict]:
+        return self.engine.engine.executor.worker_info()
+
+    def check_health(self) -> None:
+        """Serve's health check: the engine thread is alive and its last step did not fail."""
+        if not self.engine._thread.is_alive():
+            raise RuntimeError("engine thread stopped")
+
+    def __del__(self) -> None:
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            engine.shutdown()
