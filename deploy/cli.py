@@ -1,4 +1,4 @@
-"""The `epserve` command line."""
+"""The `epserve` command line: make-tiny, demo, serve, generate, bench."""
 
 from __future__ import annotations
 
@@ -52,45 +52,153 @@ def ensure_demo_model(model_dir: Path = DEFAULT_DEMO_DIR) -> Path:
     return model_dir
 
 
-def cmd_demo(args) -> int:
-    """Generates on an embedded local Ray cluster: E expert workers and A attention workers."""
-    from cluster import LLM, SamplingParams
+def _server_config(args):
+    from .config import AppConfig
 
-    model_dir = args.model or ensure_demo_model()
+    model = args.model or ensure_demo_model()
+    return AppConfig(
+        model=str(model), served_model_name=args.name, expert_workers=args.expert_workers,
+        attention_workers=args.attention_workers, min_replicas=args.min_replicas,
+        max_replicas=max(args.max_replicas, args.min_replicas),
+        target_ongoing_requests=args.target_ongoing_requests,
+    )
+
+
+def cmd_serve(args) -> int:
+    """Serves gRPC and HTTP until interrupted."""
+    from .launch import start_server, stop_server
+
+    cfg = _server_config(args)
     start = time.perf_counter()
-    layout = dict(expert_workers=1, attention_workers=1, use_ray=False) if args.local else dict(
-        expert_workers=args.expert_workers, attention_workers=args.attention_workers, use_ray=True)
-    with LLM(model=model_dir, **layout) as llm:
-        cfg = llm.config
-        print(f"loaded {model_dir} in {time.perf_counter() - start:.1f}s ({cfg.num_experts} experts, "
-              f"top-{cfg.num_experts_per_tok}, {cfg.num_hidden_layers} layers)")
-        for info in llm.worker_info():
-            held = info.get("expert_bytes", info.get("dense_bytes", 0)) / 2**20
-            print(f"  {info['role']:<9} worker rank {info.get('rank', 0)}: {held:.1f} MiB of weights")
-        prompts = ["Hello, my name is", "The capital of France is"]
-        start = time.perf_counter()
-        outs = llm.generate(prompts, SamplingParams(max_tokens=args.max_tokens, temperature=0.0))
-        elapsed = time.perf_counter() - start
-    for out in outs:
-        print(f"{out.prompt!r} -> {out.text!r} ({len(out.token_ids)} tokens, {out.finish_reason})")
-    total = sum(len(o.token_ids) for o in outs)
-    print(f"generated {total} tokens in {elapsed:.2f}s ({total / elapsed:.1f} tok/s); "
-          "the weights are random, so the text is too")
+    start_server(cfg, args.grpc_port, args.http_port, args.host, args.address)
+    print(f"serving {cfg.name!r} ({cfg.attention_workers} attention + {cfg.expert_workers} expert workers "
+          f"per instance, {cfg.min_replicas}-{cfg.max_replicas} instances) in {time.perf_counter() - start:.0f}s")
+    print(f"  gRPC  {args.host}:{args.grpc_port}  epserve.v1.Generation    "
+          f"try: epserve generate \"hello\" --address 127.0.0.1:{args.grpc_port}")
+    print(f"  HTTP  http://{args.host}:{args.http_port}/v1  OpenAI API       "
+          f"try: curl http://127.0.0.1:{args.http_port}/v1/completions -H 'Content-Type: application/json' "
+          f"-d '{{\"model\": \"{cfg.name}\", \"prompt\": \"hello\", \"max_tokens\": 8}}'")
+    print("Ctrl-C stops the server.", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        stop_server()
     return 0
+
+
+def cmd_generate(args) -> int:
+    from .client import Client
+
+    client = Client(args.address)
+    sampling = dict(max_tokens=args.max_tokens, temperature=args.temperature)
+    if args.seed is not None:
+        sampling["seed"] = args.seed
+    if args.stream:
+        last = None
+        for msg in client.stream(args.prompt, **sampling):
+            print(msg.text, end="", flush=True)
+            last = msg
+        print()
+        usage = last.usage
+    else:
+        reply = client.generate(args.prompt, **sampling)
+        print(reply.text)
+        usage = reply.usage
+    print(f"[{usage.prompt_tokens} prompt + {usage.completion_tokens} completion tokens]", file=sys.stderr)
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from .bench import format_result, run_bench
+    from .client import Client
+
+    host = args.address.rsplit(":", 1)[0]
+    info = Client(args.address).model_info()
+    result = run_bench(args.endpoint, args.address, args.http_url or f"http://{host}:8000", args.concurrency,
+                       args.num_prompts, args.prompt_len, args.output_len, info.vocab_size, info.model,
+                       progress=not args.json)
+    print(format_result(result, args.json))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    """The whole system once: embedded Ray, the Serve app, a gRPC call and an OpenAI HTTP call."""
+    import json
+    import urllib.request
+
+    from .client import Client
+    from .launch import start_server, stop_server
+
+    cfg = _server_config(args)
+    start = time.perf_counter()
+    start_server(cfg, args.grpc_port, args.http_port)
+    print(f"started an embedded Ray cluster and the epserve app in {time.perf_counter() - start:.0f}s: "
+          f"model {cfg.name!r}, {cfg.attention_workers} attention + {cfg.expert_workers} expert workers")
+    try:
+        client = Client(f"127.0.0.1:{args.grpc_port}")
+        info = client.model_info()
+        print(f"gRPC GetModelInfo: {info.num_experts} experts, top-{info.num_experts_per_tok}, "
+              f"{info.num_layers} layers, context {info.max_model_len}")
+        reply = client.generate("Hello, my name is", max_tokens=args.max_tokens, temperature=0.0)
+        print(f"gRPC Generate: {reply.text!r} ({reply.usage.completion_tokens} tokens)")
+        body = json.dumps({"model": cfg.name, "messages": [{"role": "user", "content": "What is MoE?"}],
+                           "max_tokens": args.max_tokens, "temperature": 0.0}).encode()
+        req = urllib.request.Request(f"http://127.0.0.1:{args.http_port}/v1/chat/completions", data=body,
+                                     headers={"Content-Type": "application/json"})
+        chat = json.loads(urllib.request.urlopen(req, timeout=120).read())
+        print(f"HTTP /v1/chat/completions: {chat['choices'][0]['message']['content']!r} "
+              f"({chat['usage']['completion_tokens']} tokens)")
+        print("the weights are random, so the text is too")
+    finally:
+        stop_server()
+    return 0
+
+
+def _add_server_args(p, grpc_port: int, http_port: int) -> None:
+    p.add_argument("--model", type=Path, default=None, help=f"checkpoint dir (default: {DEFAULT_DEMO_DIR})")
+    p.add_argument("--name", default=None, help="served model name (default: the directory name)")
+    p.add_argument("--expert-workers", type=int, default=2)
+    p.add_argument("--attention-workers", type=int, default=1)
+    p.add_argument("--grpc-port", type=int, default=grpc_port)
+    p.add_argument("--http-port", type=int, default=http_port)
+    p.add_argument("--min-replicas", type=int, default=1, help="autoscaling: fewest model instances")
+    p.add_argument("--max-replicas", type=int, default=1, help="autoscaling: most model instances")
+    p.add_argument("--target-ongoing-requests", type=float, default=16)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="epserve", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _add_make_tiny(sub)
-    demo = sub.add_parser("demo", help="generate from the demo checkpoint (created on first use)")
-    demo.add_argument("--model", type=Path, default=None, help=f"default: {DEFAULT_DEMO_DIR}")
-    demo.add_argument("--max-tokens", type=int, default=16)
-    demo.add_argument("--expert-workers", type=int, default=2)
-    demo.add_argument("--attention-workers", type=int, default=1)
-    demo.add_argument("--local", action="store_true", help="one process, no Ray")
+    serve_p = sub.add_parser("serve", help="serve gRPC and OpenAI HTTP on an embedded (or existing) Ray cluster")
+    _add_server_args(serve_p, 9000, 8000)
+    serve_p.add_argument("--host", default="127.0.0.1", help="HTTP bind address (gRPC listens on all)")
+    serve_p.add_argument("--address", default=None, help="join this Ray cluster ('auto': the running one)")
+    demo = sub.add_parser("demo", help="start the server, call it over gRPC and HTTP, stop")
+    _add_server_args(demo, 9000, 8000)
+    demo.add_argument("--max-tokens", type=int, default=12)
+    gen = sub.add_parser("generate", help="generate through a running server (gRPC)")
+    gen.add_argument("prompt")
+    gen.add_argument("--address", default="127.0.0.1:9000")
+    gen.add_argument("--stream", action="store_true")
+    gen.add_argument("--max-tokens", type=int, default=32)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--seed", type=int, default=None)
+    bench = sub.add_parser("bench", help="load-test a running server")
+    bench.add_argument("--endpoint", choices=["grpc", "http"], default="grpc")
+    bench.add_argument("--address", default="127.0.0.1:9000", help="gRPC address")
+    bench.add_argument("--http-url", default=None, help="default: http://<host of --address>:8000")
+    bench.add_argument("--concurrency", type=int, default=8)
+    bench.add_argument("--num-prompts", type=int, default=64)
+    bench.add_argument("--prompt-len", type=int, default=32)
+    bench.add_argument("--output-len", type=int, default=32)
+    bench.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
-    handlers = {"make-tiny": cmd_make_tiny, "demo": cmd_demo}
+    handlers = {"make-tiny": cmd_make_tiny, "demo": cmd_demo, "serve": cmd_serve, "generate": cmd_generate,
+                "bench": cmd_bench}
     return handlers[args.command](args)
 
 

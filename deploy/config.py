@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class AppConfig(BaseModel):
@@ -37,6 +37,11 @@ class AppConfig(BaseModel):
     metrics_interval_s: float = Field(10, gt=0)
     look_back_period_s: float = Field(30, gt=0)
     ingress_cpus: float = Field(0.1, gt=0, description="CPUs of each ingress replica")
+
+    @field_validator("model")
+    @classmethod
+    def _expand(cls, value: str) -> str:
+        return str(Path(value).expanduser())
 
     @model_validator(mode="after")
     def _check(self) -> AppConfig:

@@ -36,7 +36,7 @@ def ray_cluster(tmp_path_factory):
     ray = pytest.importorskip("ray")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     ray.init(
-        num_cpus=2,
+        num_cpus=4,  # logical: fractional actors of several model instances on 2 cores
         include_dashboard=False,
         logging_level="ERROR",
         _temp_dir=str(tmp_path_factory.mktemp("ray")),

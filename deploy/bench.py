@@ -1,0 +1,119 @@
+"""`epserve bench`: a load generator against a running server's gRPC or HTTP endpoint.
+
+Closed loop: `concurrency` workers each send requests one after another until `num_prompts` are
+done. Prompts are random token ids of `prompt_len`; every request asks for exactly `output_len`
+tokens (end-of-sequence ignored). Reports throughput, TTFT and TPOT (p50/p99), as text or JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+import threading
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+
+
+@dataclass
+class BenchResult:
+    endpoint: str
+    concurrency: int
+    num_prompts: int
+    failed: int
+    duration_s: float
+    requests_per_s: float
+    output_tokens_per_s: float
+    ttft_p50_ms: float
+    ttft_p99_ms: float
+    tpot_p50_ms: float
+    tpot_p99_ms: float
+
+
+def _percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    values = sorted(values)
+    return values[min(len(values) - 1, int(round(q / 100 * (len(values) - 1))))]
+
+
+def _grpc_one(client, prompt, output_len) -> tuple[float, list[float]]:
+    times = []
+    start = time.perf_counter()
+    for msg in client.stream(prompt, max_tokens=output_len, ignore_eos=True, temperature=0.0):
+        if msg.token_ids:
+            times.append(time.perf_counter())
+    return start, times
+
+
+def _http_one(url, model, prompt, output_len) -> tuple[float, list[float]]:
+    body = json.dumps({"model": model, "prompt": prompt, "max_tokens": output_len, "stream": True,
+                       "ignore_eos": True, "temperature": 0.0}).encode()
+    req = urllib.request.Request(f"{url}/v1/completions", data=body, headers={"Content-Type": "application/json"})
+    times = []
+    start = time.perf_counter()
+    with urllib.request.urlopen(req, timeout=600) as resp:
+        for line in resp:
+            if line.startswith(b"data: {"):
+                times.append(time.perf_counter())
+    return start, times
+
+
+def run_bench(endpoint: str, address: str, http_url: str, concurrency: int, num_prompts: int,
+              prompt_len: int, output_len: int, vocab_size: int, model: str = "",
+              progress: bool = True) -> BenchResult:
+    from .client import Client
+
+    rng = random.Random(0)
+    prompts = [[rng.randrange(3, vocab_size) for _ in range(prompt_len)] for _ in range(num_prompts)]
+    ttfts, tpots, tokens, failed, done = [], [], 0, 0, 0
+    lock = threading.Lock()
+    client = Client(address) if endpoint == "grpc" else None
+
+    def one(prompt):
+        nonlocal tokens, failed, done
+        try:
+            if client is not None:
+                start, times = _grpc_one(client, prompt, output_len)
+            else:
+                start, times = _http_one(http_url, model, prompt, output_len)
+            ok = bool(times)
+        except Exception:
+            ok, times, start = False, [], 0.0
+        with lock:
+            done += 1
+            if ok:
+                ttfts.append(times[0] - start)
+                if len(times) > 1:
+                    tpots.append((times[-1] - times[0]) / (len(times) - 1))
+                tokens += len(times)
+            else:
+                failed += 1
+            if progress:
+                bar = "#" * (30 * done // num_prompts)
+                print(f"\r[{bar:<30}] {done}/{num_prompts}", end="", file=sys.stderr, flush=True)
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        list(pool.map(one, prompts))
+    duration = time.perf_counter() - start
+    if progress:
+        print(file=sys.stderr)
+    if client is not None:
+        client.close()
+    return BenchResult(
+        endpoint, concurrency, num_prompts, failed, duration, (num_prompts - failed) / duration,
+        tokens / duration, _percentile(ttfts, 50) * 1e3, _percentile(ttfts, 99) * 1e3,
+        _percentile(tpots, 50) * 1e3, _percentile(tpots, 99) * 1e3)
+
+
+def format_result(r: BenchResult, as_json: bool) -> str:
+    if as_json:
+        return json.dumps(asdict(r), indent=2)
+    return (f"{r.endpoint} bench: concurrency {r.concurrency}, {r.num_prompts} requests ({r.failed} failed) "
+            f"in {r.duration_s:.1f}s\n"
+            f"  throughput   {r.requests_per_s:.2f} req/s, {r.output_tokens_per_s:.1f} output tok/s\n"
+            f"  TTFT         p50 {r.ttft_p50_ms:.1f} ms, p99 {r.ttft_p99_ms:.1f} ms\n"
+            f"  TPOT         p50 {r.tpot_p50_ms:.1f} ms, p99 {r.tpot_p99_ms:.1f} ms")

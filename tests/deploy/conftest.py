@@ -1,0 +1,34 @@
+"""One Serve application for the deploy tests, on the session's Ray cluster, on loopback ports."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+
+from cluster.tiny import TinySpec
+from deploy.config import AppConfig
+
+SERVE_SPEC = TinySpec(seed=11, num_experts=16, top_k=4)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def server(ray_cluster, make_checkpoint):
+    from ray import serve
+
+    from deploy.launch import start_server
+
+    model_dir = make_checkpoint(SERVE_SPEC)
+    cfg = AppConfig(model=model_dir, served_model_name="tiny", expert_workers=2, attention_workers=1,
+                    max_num_seqs=4, max_waiting=4, max_model_len=256, max_tokens_limit=128)
+    grpc_port, http_port = free_port(), free_port()
+    start_server(cfg, grpc_port=grpc_port, http_port=http_port)
+    yield {"grpc": f"127.0.0.1:{grpc_port}", "http": f"http://127.0.0.1:{http_port}", "config": cfg,
+           "model_dir": model_dir}
+    serve.shutdown()

@@ -1,0 +1,271 @@
+"""The Serve application through its real gRPC and HTTP proxies on loopback."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import grpc
+import pytest
+
+from cluster import LLM, SamplingParams
+from deploy.client import Client
+from epserve_proto import generation_pb2 as pb
+from tests.deploy.conftest import free_port
+
+GREEDY = dict(max_tokens=8, temperature=0.0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    c = Client(server["grpc"])
+    yield c
+    c.close()
+
+
+@pytest.fixture(scope="module")
+def offline(server):
+    return LLM(model=server["model_dir"])
+
+
+def model_usage() -> dict:
+    from ray import serve
+
+    return serve.get_deployment_handle("Model", app_name="epserve").cache_usage.remote().result(timeout_s=30)
+
+
+def post(server, path: str, body: dict) -> tuple[int, dict]:
+    req = urllib.request.Request(server["http"] + path, data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def test_grpc_unary_and_stream_equal_the_offline_engine(client, offline):
+    expected = offline.generate([[5, 6, 7, 8]], SamplingParams(**GREEDY))[0]
+    reply = client.generate([5, 6, 7, 8], **GREEDY)
+    assert list(reply.token_ids) == expected.token_ids and reply.text == expected.text
+    assert reply.finish_reason == pb.FINISH_REASON_LENGTH
+    assert (reply.usage.prompt_tokens, reply.usage.completion_tokens, reply.usage.total_tokens) == (4, 8, 12)
+    messages = list(client.stream([5, 6, 7, 8], **GREEDY))
+    assert [t for m in messages for t in m.token_ids] == expected.token_ids
+    assert "".join(m.text for m in messages) == expected.text
+    assert all(m.finish_reason == pb.FINISH_REASON_UNSPECIFIED for m in messages[:-1])
+    assert messages[-1].usage.completion_tokens == 8
+
+
+def test_grpc_text_prompt_logprobs_info_and_tokenize(client, offline):
+    reply = client.generate("hello world", max_tokens=4, temperature=0.0, logprobs=2, ignore_eos=True)
+    expected = offline.generate(["hello world"], SamplingParams(max_tokens=4, temperature=0.0, logprobs=2,
+                                                                ignore_eos=True))[0]
+    assert list(reply.token_ids) == expected.token_ids
+    assert [lp.token_id for lp in reply.logprobs] == expected.token_ids and len(reply.logprobs[0].top) == 2
+    info = client.model_info()
+    assert (info.model, info.num_experts, info.expert_workers, info.max_model_len) == ("tiny", 16, 2, 256)
+    ids = client.stub.Tokenize(pb.TokenizeRequest(text="hello world")).token_ids
+    assert list(ids) == offline.tokenizer.encode("hello world")
+    assert client.stub.Detokenize(pb.DetokenizeRequest(token_ids=ids)).text == "hello world"
+
+
+def test_openai_client_completions_chat_and_streaming(server, offline):
+    openai = pytest.importorskip("openai")
+    api = openai.OpenAI(base_url=server["http"] + "/v1", api_key="unused")
+    assert [m.id for m in api.models.list().data] == ["tiny"]
+    expected = offline.generate(["hello"], SamplingParams(**GREEDY))[0]
+    done = api.completions.create(model="tiny", prompt="hello", max_tokens=8, temperature=0.0,
+                                  extra_body={"ignore_eos": True})
+    assert done.choices[0].text == expected.text and done.usage.completion_tokens == 8
+    stream = api.completions.create(model="tiny", prompt="hello", max_tokens=8, temperature=0.0, stream=True,
+                                    extra_body={"ignore_eos": True})
+    assert "".join(c.choices[0].text for c in stream) == expected.text
+    chat = api.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=6,
+                                       temperature=0.0, extra_body={"ignore_eos": True})
+    prompt = "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    assert chat.choices[0].message.content == offline.generate([prompt], SamplingParams(
+        max_tokens=6, temperature=0.0, ignore_eos=True))[0].text
+    chunks = list(api.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}],
+                                              max_tokens=6, temperature=0.0, stream=True,
+                                              stream_options={"include_usage": True},
+                                              extra_body={"ignore_eos": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == chat.choices[0].message.content
+    assert chunks[-1].usage.completion_tokens == 6
+
+
+BAD_GRPC = [
+    (dict(prompt=""), grpc.StatusCode.INVALID_ARGUMENT, "prompt is empty"),
+    (dict(prompt=[3, 10**6]), grpc.StatusCode.INVALID_ARGUMENT, "outside the vocabulary"),
+    (dict(prompt=list(range(3, 300))), grpc.StatusCode.OUT_OF_RANGE, "exceeds the context length of 256"),
+    (dict(prompt="hi", max_tokens=129), grpc.StatusCode.OUT_OF_RANGE, "above this server's limit of 128"),
+    (dict(prompt="hi", temperature=-1.0), grpc.StatusCode.INVALID_ARGUMENT, "temperature must be >= 0"),
+    (dict(prompt="hi", top_p=0.0), grpc.StatusCode.INVALID_ARGUMENT, "top_p must be in"),
+    (dict(prompt="hi", logprobs=50), grpc.StatusCode.INVALID_ARGUMENT, "logprobs must be in 0..20"),
+    (dict(prompt="hi", model="gpt-4"), grpc.StatusCode.NOT_FOUND, "model 'gpt-4' is not served here"),
+]
+
+
+@pytest.mark.parametrize("kwargs, code, message", BAD_GRPC, ids=[m for _, _, m in BAD_GRPC])
+def test_grpc_bad_inputs_name_the_problem(client, kwargs, code, message):
+    prompt = kwargs.pop("prompt")
+    for call in (client.generate, lambda p, **k: list(client.stream(p, **k))):
+        with pytest.raises(grpc.RpcError) as info:
+            call(prompt, **kwargs)
+        assert info.value.code() == code and message in info.value.details()
+    assert client.generate([5], max_tokens=2).usage.completion_tokens >= 1  # still serving
+
+
+def test_grpc_request_without_prompt(client):
+    with pytest.raises(grpc.RpcError) as info:
+        client.stub.Generate(pb.GenerateRequest())
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "no prompt" in info.value.details()
+
+
+BAD_HTTP = [
+    ("/v1/completions", {"model": "tiny", "prompt": ""}, 400, "prompt is empty"),
+    ("/v1/completions", {"model": "tiny", "prompt": [3, 10**6]}, 400, "outside the vocabulary"),
+    ("/v1/completions", {"model": "tiny", "prompt": "hi", "max_tokens": 1000}, 400, "limit of 128"),
+    ("/v1/completions", {"model": "tiny", "prompt": "hi", "temperature": -2}, 400, "temperature"),
+    ("/v1/completions", {"model": "tiny", "prompt": "hi", "n": 3}, 400, "n must be 1"),
+    ("/v1/completions", {"model": "nope", "prompt": "hi"}, 404, "'nope' is not served"),
+    ("/v1/completions", {"prompt": "hi"}, 400, "model"),
+    ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "robot", "content": "x"}]}, 400, "role"),
+    ("/v1/chat/completions", {"model": "tiny", "messages": []}, 400, "messages is empty"),
+]
+
+
+@pytest.mark.parametrize("path, body, status, message", BAD_HTTP, ids=[m for *_, m in BAD_HTTP])
+def test_http_bad_inputs_get_openai_errors(server, path, body, status, message):
+    code, reply = post(server, path, body)
+    assert code == status and message in reply["error"]["message"]
+    assert reply["error"]["type"] and reply["error"]["code"] == status
+    code, reply = post(server, "/v1/completions", {"model": "tiny", "prompt": "ok", "max_tokens": 2})
+    assert code == 200
+
+
+def test_malformed_http_body(server):
+    req = urllib.request.Request(server["http"] + "/v1/completions", data=b"{not json",
+                                 headers={"Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as info:
+        urllib.request.urlopen(req, timeout=30)
+    assert info.value.code == 400 and "error" in json.loads(info.value.read())
+
+
+def wait_idle(deadline_s: float = 20) -> dict:
+    deadline = time.time() + deadline_s
+    while True:
+        usage = model_usage()
+        if usage["running"] == 0 and usage["waiting"] == 0 or time.time() > deadline:
+            return usage
+
+
+def test_cancelled_grpc_stream_frees_the_request(client):
+    stream = client.stream([5, 6, 7], max_tokens=120, ignore_eos=True)
+    next(stream)
+    next(stream)
+    assert model_usage()["running"] == 1
+    stream.cancel()
+    usage = wait_idle()
+    assert usage["running"] == 0 and usage["kv_blocks_used"] == 0 and usage["state_slots_used"] == 0
+
+
+def test_disconnected_http_stream_frees_the_request(server):
+    body = json.dumps({"model": "tiny", "prompt": [5, 6], "max_tokens": 120, "stream": True, "ignore_eos": True})
+    req = urllib.request.Request(server["http"] + "/v1/completions", data=body.encode(),
+                                 headers={"Content-Type": "application/json"})
+    resp = urllib.request.urlopen(req, timeout=60)
+    resp.readline()
+    resp.close()  # the client goes away mid-stream
+    usage = wait_idle()
+    assert usage["running"] == 0 and usage["kv_blocks_used"] == 0
+
+
+def test_overload_gives_resource_exhausted_and_429(server, client):
+    """4 running + 4 waiting per instance: a burst of 16 long requests must see refusals."""
+    codes, lock = [], threading.Lock()
+
+    def one(i):
+        try:
+            list(client.stream([5 + i], max_tokens=60, ignore_eos=True))
+            code = grpc.StatusCode.OK
+        except grpc.RpcError as e:
+            code = e.code()
+            assert code != grpc.StatusCode.RESOURCE_EXHAUSTED or "overloaded" in e.details()
+        with lock:
+            codes.append(code)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    time.sleep(1.0)
+    status, reply = post(server, "/v1/completions", {"model": "tiny", "prompt": "x", "max_tokens": 5})
+    for t in threads:
+        t.join(timeout=120)
+    assert grpc.StatusCode.RESOURCE_EXHAUSTED in codes and grpc.StatusCode.OK in codes
+    assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}
+    assert status == 429 and reply["error"]["type"] == "rate_limit_error"
+    wait_idle()
+    assert client.generate([5], max_tokens=2).usage.completion_tokens >= 1  # serving again
+
+
+def test_readme_demo_command(server, tmp_path):
+    """`epserve demo` end to end in its own process and embedded Ray cluster."""
+    result = subprocess.run(
+        [sys.executable, "-m", "deploy.cli", "demo", "--model", server["model_dir"], "--grpc-port",
+         str(free_port()), "--http-port", str(free_port()), "--max-tokens", "4"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "gRPC Generate:" in result.stdout and "HTTP /v1/chat/completions:" in result.stdout
+
+
+def test_autoscaling_adds_and_removes_whole_instances(server):
+    """A second application with fast autoscaling settings: load brings a second model instance
+    (its replica and 3 worker actors), idleness takes it away. Runs last: it adds an application."""
+    from ray import serve
+
+    from deploy.app import build_app
+
+    cfg = server["config"].model_copy(update=dict(
+        min_replicas=1, max_replicas=2, target_ongoing_requests=1, upscale_delay_s=0.5, downscale_delay_s=2,
+        metrics_interval_s=0.5, look_back_period_s=1, max_waiting=16, max_num_seqs=8))
+    serve.run(build_app(cfg), name="scale", route_prefix="/scale")
+    client = Client(server["grpc"], application="scale")  # two applications: name the one meant
+
+    def running_replicas() -> int:
+        return serve.status().applications["scale"].deployments["Model"].replica_states.get("RUNNING", 0)
+
+    def load(i):  # through the proxy and the ingress, whose handle reports the ongoing requests
+        while not stop.is_set():
+            for _ in client.stream([5 + i], max_tokens=100, ignore_eos=True):
+                if stop.is_set():
+                    break
+
+    stop = threading.Event()
+    threads = [threading.Thread(target=load, args=(i,)) for i in range(6)]
+    try:
+        assert running_replicas() == 1
+        for t in threads:
+            t.start()
+        deadline = time.time() + 120
+        while running_replicas() < 2 and time.time() < deadline:
+            time.sleep(0.5)
+        scaled_up = running_replicas()
+        stop.set()
+        for t in threads:
+            t.join(timeout=120)
+        deadline = time.time() + 120
+        while running_replicas() > 1 and time.time() < deadline:
+            time.sleep(0.5)
+        assert scaled_up == 2 and running_replicas() == 1
+    finally:
+        stop.set()
+        client.close()
+        serve.delete("scale")
