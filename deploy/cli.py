@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import time
 from dataclasses import fields
@@ -78,7 +79,13 @@ def cmd_serve(args) -> int:
     print(f"  HTTP  http://{args.host}:{args.http_port}/v1  OpenAI API       "
           f"try: curl http://127.0.0.1:{args.http_port}/v1/completions -H 'Content-Type: application/json' "
           f"-d '{{\"model\": \"{cfg.name}\", \"prompt\": \"hello\", \"max_tokens\": 8}}'")
-    print("Ctrl-C stops the server.", flush=True)
+    print("Ctrl-C (or SIGTERM) stops the server.", flush=True)
+
+    def _stop(*_):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
     try:
         while True:
             time.sleep(3600)
