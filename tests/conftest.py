@@ -39,6 +39,7 @@ def ray_cluster(tmp_path_factory):
         num_cpus=4,  # logical: fractional actors of several model instances on 2 cores
         include_dashboard=False,
         logging_level="ERROR",
+        log_to_driver=False,  # actor logs (expected request errors) would flood the test output
         _temp_dir=str(tmp_path_factory.mktemp("ray")),
         object_store_memory=200 * 2**20,
     )
