@@ -2,7 +2,7 @@
 the user-facing `LLM` / `AsyncLLM`."""
 
 from .cache_plan import CacheConfig
-from .config import ClusterConfig, ConfigError, ModelConfig
+from .config import ClusterConfig, ConfigError, ModelConfig, RebalanceConfig
 from .async_llm import AsyncLLM
 from .engine import EngineCore, RequestOutput
 from .llm import LLM, Completion
@@ -11,6 +11,6 @@ from .scheduler import ContextLengthError, OverloadedError, SchedulerConfig
 
 __all__ = [
     "LLM", "AsyncLLM", "CacheConfig", "ClusterConfig", "Completion", "ConfigError", "ContextLengthError",
-    "EngineCore", "ModelConfig", "OverloadedError", "RequestOutput", "SamplingParams",
+    "EngineCore", "ModelConfig", "OverloadedError", "RebalanceConfig", "RequestOutput", "SamplingParams",
     "SchedulerConfig",
 ]

@@ -127,6 +127,22 @@ class AsyncLLM:
         if out is not None:
             self._deliver(request_id, out)
 
+    async def _call(self, method: str, *args):
+        """Runs an engine method between two steps (under the engine lock) off the event loop."""
+        def locked():
+            with self._lock:
+                return getattr(self.engine, method)(*args)
+        return await asyncio.get_running_loop().run_in_executor(None, locked)
+
+    async def expert_load(self):
+        return await self._call("expert_load")
+
+    async def rebalance(self, redundant_slots: int | None = None) -> dict:
+        return await self._call("rebalance", redundant_slots)
+
+    async def scale_experts(self, num_workers: int) -> dict:
+        return await self._call("scale_experts", num_workers)
+
     def cache_usage(self) -> dict:
         with self._lock:
             return self.engine.cache_usage()

@@ -201,3 +201,22 @@ class ClusterConfig:
     @property
     def world_size(self) -> int:
         return self.expert_workers + self.attention_workers
+
+
+@dataclass(frozen=True)
+class RebalanceConfig:
+    """When the engine moves hot experts between expert workers (Ray layouts with E > 1)."""
+
+    enabled: bool = False  # periodic rebalancing; the server turns it on
+    interval_steps: int = 200  # look at the load every this many engine steps
+    imbalance_threshold: float = 1.25  # rebalance when busiest / mean worker load passes this
+    redundant_slots: int | None = None  # replicas per layer beyond one per expert; None: E / 16
+    window_steps: int = 64  # steps in the load window (the runner's counters)
+
+    def __post_init__(self) -> None:
+        if self.interval_steps < 1:
+            raise ConfigError(f"interval_steps must be >= 1, got {self.interval_steps}")
+        if self.imbalance_threshold < 1:
+            raise ConfigError(f"imbalance_threshold must be >= 1, got {self.imbalance_threshold}")
+        if self.redundant_slots is not None and self.redundant_slots < 0:
+            raise ConfigError(f"redundant_slots must be >= 0, got {self.redundant_slots}")

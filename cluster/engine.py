@@ -14,7 +14,9 @@ from pathlib import Path
 import torch
 
 from .cache_plan import CacheConfig, plan_cache
-from .config import ClusterConfig, ModelConfig
+from router import ExpertPlacement, PlacementPlanner, PlanStats, placement_stats
+
+from .config import ClusterConfig, ModelConfig, RebalanceConfig
 from .detokenizer import IncrementalDetokenizer
 from .executor import LocalExecutor, RayExecutor
 from .sampling import SamplingParams
@@ -56,12 +58,15 @@ class EngineCore:
         cluster: ClusterConfig | None = None,
         scheduler: SchedulerConfig | None = None,
         cache: CacheConfig | None = None,
+        rebalance: RebalanceConfig | None = None,
     ) -> None:
         self.model_dir = Path(model_dir)
         self.config = ModelConfig.from_pretrained(self.model_dir)
         self.cluster = cluster or ClusterConfig()
         self.scheduler_config = scheduler or SchedulerConfig()
         self.cache_config = cache or CacheConfig()
+        self.rebalance_config = rebalance or RebalanceConfig()
+        self._steps = 0
         dtype_bytes = torch.empty(0, dtype=getattr(torch, dtype)).element_size()
         self.layout = plan_cache(self.config, self.cache_config, self.scheduler_config.max_num_seqs, dtype_bytes)
         self.max_model_len = self.scheduler_config.max_model_len or self.config.max_position_embeddings
@@ -70,9 +75,11 @@ class EngineCore:
         except FileNotFoundError:
             self.tokenizer = None
         if self.cluster.wants_ray:
-            self.executor = RayExecutor(self.config, self.model_dir, dtype, self.cluster, self.layout)
+            self.executor = RayExecutor(self.config, self.model_dir, dtype, self.cluster, self.layout,
+                                        self.rebalance_config.window_steps)
         else:
-            self.executor = LocalExecutor(self.config, self.model_dir, getattr(torch, dtype), self.layout)
+            self.executor = LocalExecutor(self.config, self.model_dir, getattr(torch, dtype), self.layout,
+                                          self.rebalance_config.window_steps)
         self.scheduler = Scheduler(self.scheduler_config, self.layout, self.cluster.attention_workers,
                                    self.max_model_len)
         self.requests: dict[str, Sequence] = {}
@@ -131,7 +138,9 @@ class EngineCore:
     def step(self) -> list[RequestOutput]:
         scheduled, messages = self.scheduler.schedule()
         results = self.executor.execute(messages)
-        return self._update(scheduled, results)
+        outputs = self._update(scheduled, results)
+        self._maybe_rebalance()
+        return outputs
 
     def flush(self) -> None:
         """Tells the workers about finished sequences now instead of with the next step."""
@@ -196,6 +205,51 @@ class EngineCore:
             num_prompt_tokens=len(seq.prompt_ids), num_output_tokens=len(seq.output_ids),
             prompt_logits=torch.cat(logits) if logits else None,
         )
+
+    # -- expert placement ------------------------------------------------------------------------
+    def expert_load(self) -> torch.Tensor:
+        """[layers, experts] (token, expert) pairs routed over the load window."""
+        return self.executor.expert_load()
+
+    def _loads(self) -> dict[int, list[float]]:
+        totals = self.expert_load().tolist()
+        return {layer: [float(x) for x in totals[layer]] for layer in self.config.moe_layer_ids}
+
+    def rebalance(self, redundant_slots: int | None = None) -> dict:
+        """Plans a placement for the current load window and applies it between steps; returns the
+        placement and the max / mean worker load before and after (PlanStats)."""
+        current: ExpertPlacement | None = self.executor.placement
+        loads = self._loads()
+        if current is None:  # one process: every expert is local
+            stats = PlanStats(max_load=sum(sum(v) for v in loads.values()),
+                              mean_load=sum(sum(v) for v in loads.values()))
+            return {"placement": None, "before": stats, "after": stats, "bytes_loaded": 0}
+        slots = redundant_slots if redundant_slots is not None else self.rebalance_config.redundant_slots
+        if slots is None:
+            slots = self.config.num_experts // 16
+        new = PlacementPlanner(current.num_workers, slots).plan(loads, self.config.num_experts, current)
+        loaded = self.executor.apply_placement(new) if new != current else 0
+        return {"placement": new, "before": placement_stats(loads, current),
+                "after": placement_stats(loads, new), "bytes_loaded": loaded}
+
+    def scale_experts(self, num_workers: int) -> dict:
+        """Adds or removes expert workers between steps (new process group, contiguous placement);
+        requests in flight keep their caches on the attention workers."""
+        if self.executor.placement is None:
+            raise ValueError("scale_experts needs the Ray executor (use_ray=True)")
+        if not 1 <= num_workers <= self.config.num_experts:
+            raise ValueError(f"expert workers must be in 1..{self.config.num_experts}, got {num_workers}")
+        placement = ExpertPlacement.contiguous(self.config.num_experts, num_workers, list(self.config.moe_layer_ids))
+        self.executor.scale_experts(num_workers, placement)
+        return {"expert_workers": num_workers, "placement": placement}
+
+    def _maybe_rebalance(self) -> None:
+        policy = self.rebalance_config
+        self._steps += 1
+        if not policy.enabled or self._steps % policy.interval_steps or self.executor.placement is None:
+            return
+        if placement_stats(self._loads(), self.executor.placement).imbalance > policy.imbalance_threshold:
+            self.rebalance()
 
     # -- introspection -----------------------------------------------------------------------------
     def cache_usage(self) -> dict[str, float | int]:

@@ -29,7 +29,8 @@ log = logging.getLogger(__name__)
 
 
 class LocalExecutor:
-    def __init__(self, cfg: ModelConfig, model_dir: str | Path, dtype: torch.dtype, layout: CacheLayout) -> None:
+    def __init__(self, cfg: ModelConfig, model_dir: str | Path, dtype: torch.dtype, layout: CacheLayout,
+                 load_window_steps: int = 64) -> None:
         reader = CheckpointReader(model_dir)
         model = load_dense_model(cfg, reader, dtype)
         all_experts = {layer: list(range(cfg.num_experts)) for layer in cfg.moe_layer_ids}
@@ -40,7 +41,7 @@ class LocalExecutor:
         self.timer = PhaseTimer()
         for moe in model.moe_layers():
             moe.dispatcher, moe.experts, moe.timer = dispatcher, shard, self.timer
-        self.runner = ModelRunner(model, layout)
+        self.runner = ModelRunner(model, layout, load_window_steps=load_window_steps)
         self.expert_bytes = shard.nbytes
 
     def execute(self, steps: list[StepInput]) -> list[list[ChunkResult]]:
@@ -52,6 +53,11 @@ class LocalExecutor:
 
     def num_cached_sequences(self) -> int:
         return len(self.runner.sequences)
+
+    placement = None  # every expert is local: there is nothing to place
+
+    def expert_load(self) -> torch.Tensor:
+        return self.runner.load.totals()
 
     def worker_info(self) -> list[dict]:
         return [{"role": "local", "expert_bytes": self.expert_bytes, "sequences": len(self.runner.sequences)}]
@@ -68,7 +74,7 @@ class LocalExecutor:
 
 class RayExecutor:
     def __init__(self, cfg: ModelConfig, model_dir: str | Path, dtype: str, cluster: ClusterConfig,
-                 layout: CacheLayout) -> None:
+                 layout: CacheLayout, load_window_steps: int = 64) -> None:
         import ray
         from ray.util.placement_group import placement_group, remove_placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -85,6 +91,8 @@ class RayExecutor:
         placement = cluster.placement or ExpertPlacement.contiguous(cfg.num_experts, E, list(cfg.moe_layer_ids))
         if placement.num_workers != E:
             raise ValueError(f"placement has {placement.num_workers} workers but expert_workers = {E}")
+        self.placement, self.cfg, self.model_dir, self.dtype = placement, cfg, str(model_dir), dtype
+        self.extra_pgs: list = []  # groups reserved for expert workers added by scale_experts
         gpus = cluster.gpus_per_worker
         if gpus is None:
             gpus = 1 if torch.cuda.is_available() else 0
@@ -107,7 +115,7 @@ class RayExecutor:
             )
 
         args = (str(model_dir), cfg, placement)
-        tail = (A, A + E, dtype, cluster.threads_per_worker, layout)
+        tail = (A, A + E, dtype, cluster.threads_per_worker, layout, load_window_steps)
         self.attention = [
             ray.remote(AttentionWorker).options(**options(r)).remote(*args, r, *tail) for r in range(A)
         ]
@@ -116,9 +124,13 @@ class RayExecutor:
         ]
         self.workers = self.attention + self.experts
         single_node = len([n for n in ray.nodes() if n["Alive"]]) == 1
-        init_method = ray.get(self.workers[0].rendezvous_address.remote(single_node), timeout=self.timeout)
-        ray.get([w.connect.remote(init_method, backend, cluster.timeout_s) for w in self.workers],
-                timeout=self.timeout)
+        self.backend, self.single_node, self.bundle, self.layout = backend, single_node, bundle, layout
+        self._connect()
+
+    def _connect(self) -> None:
+        init_method = self._ray.get(self.workers[0].rendezvous_address.remote(self.single_node), timeout=self.timeout)
+        self._ray.get([w.connect.remote(init_method, self.backend, self.timeout) for w in self.workers],
+                      timeout=self.timeout)
 
     def execute(self, steps: list[StepInput]) -> list[list[ChunkResult]]:
         """One StepInput per attention worker; the experts join when any worker has chunks."""
@@ -133,6 +145,53 @@ class RayExecutor:
 
     def num_cached_sequences(self) -> int:
         return sum(info["sequences"] for info in self.worker_info() if info["role"] == "attention")
+
+    def expert_load(self) -> torch.Tensor:
+        """[L, E] routed pairs over the load window, summed over attention workers."""
+        loads = self._ray.get([w.expert_load.remote() for w in self.attention], timeout=self.timeout)
+        return torch.tensor(loads).sum(0)
+
+    def apply_placement(self, placement: ExpertPlacement) -> int:
+        """Between steps: every expert worker loads its new experts while the old ones stay, then
+        all workers switch tables together. Returns the bytes read from the checkpoint."""
+        if placement.num_workers != len(self.experts):
+            raise ValueError(f"placement has {placement.num_workers} workers, the instance {len(self.experts)}")
+        loaded = self._ray.get([w.prepare_placement.remote(placement) for w in self.experts], timeout=self.timeout)
+        self._ray.get([w.commit_placement.remote() for w in self.experts]
+                      + [w.set_placement.remote(placement) for w in self.attention], timeout=self.timeout)
+        self.placement = placement
+        return sum(loaded)
+
+    def scale_experts(self, num_workers: int, placement: ExpertPlacement) -> None:
+        """Between steps: a new expert group of `num_workers` actors and a new process group. The
+        attention workers keep their caches, so sequences in flight carry on."""
+        from ray.util.placement_group import placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        from .workers import ExpertWorker
+
+        ray, A = self._ray, len(self.attention)
+        ray.get([w.disconnect.remote() for w in self.workers], timeout=self.timeout)
+        for worker in self.experts[num_workers:]:
+            ray.kill(worker)
+        self.experts = self.experts[:num_workers]
+        world = A + num_workers
+        resized = [w.resize.remote(A + i, world, placement) for i, w in enumerate(self.experts)]
+        added = num_workers - len(self.experts)
+        if added > 0:
+            pg = placement_group([self.bundle] * added, strategy="PACK")
+            ray.get(pg.ready(), timeout=self.timeout)
+            self.extra_pgs.append(pg)
+            for i in range(added):
+                strategy = PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i)
+                self.experts.append(ray.remote(ExpertWorker).options(
+                    num_cpus=self.bundle["CPU"], num_gpus=self.bundle.get("GPU", 0), scheduling_strategy=strategy,
+                ).remote(self.model_dir, self.cfg, placement, A + len(self.experts), A, world, self.dtype,
+                         self.cluster.threads_per_worker, self.layout))
+        ray.get(resized + [w.resize.remote(world, placement) for w in self.attention], timeout=self.timeout)
+        self.workers = self.attention + self.experts
+        self.placement = placement
+        self._connect()
 
     def worker_info(self) -> list[dict]:
         return self._ray.get([w.info.remote() for w in self.workers], timeout=self.timeout)
@@ -154,5 +213,8 @@ class RayExecutor:
         self.workers, self.attention, self.experts = [], [], []
         if self.own_pg:
             self._remove_pg(self.pg)
+        for pg in self.extra_pgs:
+            self._remove_pg(pg)
+        self.extra_pgs = []
         if self.started_ray:
             self._ray.shutdown()

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from .cache_plan import CacheConfig
-from .config import ClusterConfig
+from .config import ClusterConfig, RebalanceConfig
 from .engine import EngineCore, TokenLogprob
 from .sampling import SamplingParams
 from .scheduler import SchedulerConfig
@@ -43,10 +43,11 @@ class LLM:
         cluster: ClusterConfig | None = None,
         scheduler: SchedulerConfig | None = None,
         cache: CacheConfig | None = None,
+        rebalance: RebalanceConfig | None = None,
     ) -> None:
         cluster = cluster or ClusterConfig(
             expert_workers=expert_workers, attention_workers=attention_workers, use_ray=use_ray)
-        self.engine = EngineCore(model, dtype, cluster, scheduler, cache)
+        self.engine = EngineCore(model, dtype, cluster, scheduler, cache, rebalance)
         self.config, self.tokenizer = self.engine.config, self.engine.tokenizer
         self._ids = itertools.count()
 
@@ -67,6 +68,19 @@ class LLM:
     def worker_info(self) -> list[dict]:
         """Per worker: role, rank, bytes of weights held (experts: about 1/E of them)."""
         return self.engine.executor.worker_info()
+
+    def expert_load(self) -> torch.Tensor:
+        """[layers, experts] (token, expert) pairs routed over the current load window."""
+        return self.engine.expert_load()
+
+    def rebalance(self, redundant_slots: int | None = None) -> dict:
+        """Plans and applies an expert placement now: {"placement", "before", "after", "bytes_loaded"},
+        before/after being the max and mean worker load (router.PlanStats)."""
+        return self.engine.rebalance(redundant_slots)
+
+    def scale_experts(self, num_workers: int) -> dict:
+        """Changes the number of expert workers, rebuilding the process group and the placement."""
+        return self.engine.scale_experts(num_workers)
 
     def _run(self, request_ids: list[str]) -> dict[str, list]:
         outputs: dict[str, list] = {r: [] for r in request_ids}

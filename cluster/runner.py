@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from attention import DeltaNetStateCache, ForwardBatch, PagedKVCache, SequenceSlice
+from router import ExpertLoadWindow
 
 from .cache_plan import CacheLayout
 from .model import Qwen35MoeModel
@@ -30,7 +31,8 @@ class _SequenceState:
 
 
 class ModelRunner:
-    def __init__(self, model: Qwen35MoeModel, layout: CacheLayout, spmd: bool = False) -> None:
+    def __init__(self, model: Qwen35MoeModel, layout: CacheLayout, spmd: bool = False,
+                 load_window_steps: int = 64) -> None:
         self.model = model
         cfg = model.cfg
         self.device = model.embed_tokens.weight.device
@@ -47,6 +49,9 @@ class ModelRunner:
         # spmd: the model's MoE layers join collectives, so even an empty step runs the forward
         self.spmd = spmd
         self.sequences: dict[int, _SequenceState] = {}
+        self.load = ExpertLoadWindow(cfg.num_hidden_layers, cfg.num_experts, load_window_steps)
+        for moe in model.moe_layers():
+            moe.load = self.load
 
     def execute(self, step: StepInput) -> list[ChunkResult]:
         for seq_id in step.freed:
@@ -74,6 +79,7 @@ class ModelRunner:
         hidden = self.model(torch.tensor(ids, **as_long), batch)
         if not step.chunks:
             return []
+        self.load.advance()
         return self._results(step, slices, hidden)
 
     def _results(self, step: StepInput, slices: list[SequenceSlice], hidden: torch.Tensor) -> list[ChunkResult]:

@@ -15,7 +15,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from experts import ExpertShard
+from experts import ExpertBank, ExpertShard
 from router.placement import ExpertPlacement
 
 from .all_to_all import AllToAllDispatcher
@@ -71,21 +71,34 @@ class _Worker:
 class AttentionWorker(_Worker):
     def __init__(self, model_dir: str, cfg: ModelConfig, placement: ExpertPlacement, rank: int,
                  num_attention: int, world_size: int, dtype: str, threads: int,
-                 layout: CacheLayout) -> None:
+                 layout: CacheLayout, load_window_steps: int = 64) -> None:
         super().__init__(rank, world_size, threads)
         reader = CheckpointReader(model_dir)
         self.model = load_dense_model(cfg, reader, getattr(torch, dtype)).to(self.device)
         self.dense_bytes = reader.bytes_read
         self.placement, self.num_attention = placement, num_attention
-        self.runner = ModelRunner(self.model, layout, spmd=True)
+        self.runner = ModelRunner(self.model, layout, spmd=True, load_window_steps=load_window_steps)
 
     def connect(self, init_method: str, backend: str, timeout_s: float) -> int:
         super().connect(init_method, backend, timeout_s)
-        dispatcher = AllToAllDispatcher(self.placement, self.num_attention, device=self.device)
-        no_experts = ExpertShard(self.placement.num_experts, {})
+        self.set_placement(self.placement)
+        return self.rank
+
+    def set_placement(self, placement: ExpertPlacement) -> None:
+        """Switches the routing tables (between steps, once the expert workers hold the weights)."""
+        self.placement = placement
+        dispatcher = AllToAllDispatcher(placement, self.num_attention, device=self.device)
+        no_experts = ExpertShard(placement.num_experts, {})
         for moe in self.model.moe_layers():
             moe.dispatcher, moe.experts, moe.timer = dispatcher, no_experts, self.timer
-        return self.rank
+
+    def resize(self, world_size: int, placement: ExpertPlacement) -> None:
+        """A new expert group size: takes effect with the next connect()."""
+        self.world_size, self.placement = world_size, placement
+
+    def expert_load(self) -> list[list[int]]:
+        """[layer][expert] routed pairs over the load window, for this worker's sequences."""
+        return self.runner.load.totals().tolist()
 
     def execute(self, step_bytes: bytes) -> bytes:
         """One step for this worker's sequences (possibly none: it still joins every collective)."""
@@ -107,18 +120,51 @@ class AttentionWorker(_Worker):
 class ExpertWorker(_Worker):
     def __init__(self, model_dir: str, cfg: ModelConfig, placement: ExpertPlacement, rank: int,
                  num_attention: int, world_size: int, dtype: str, threads: int,
-                 layout: CacheLayout | None = None) -> None:
+                 layout: CacheLayout | None = None, load_window_steps: int = 0) -> None:
         super().__init__(rank, world_size, threads)
-        self.cfg, self.placement, self.num_attention = cfg, placement, num_attention
-        index = rank - num_attention
-        own = {layer: list(placement.held[layer][index]) for layer in cfg.moe_layer_ids}
-        reader = CheckpointReader(model_dir)
-        shard = load_expert_shard(cfg, reader, own, getattr(torch, dtype))
-        self.shard = ExpertShard(cfg.num_experts, {
-            layer: type(bank)(bank.expert_ids, bank.gate_up.to(self.device), bank.down.to(self.device))
-            for layer, bank in shard.banks.items()
-        })
-        self.bytes_read = reader.bytes_read
+        self.cfg, self.num_attention = cfg, num_attention
+        self.model_dir, self.dtype = model_dir, getattr(torch, dtype)
+        self.shard = ExpertShard(cfg.num_experts, {})
+        self.bytes_read = 0
+        self.prepare_placement(placement)
+        self.commit_placement()
+
+    def prepare_placement(self, placement: ExpertPlacement) -> int:
+        """Loads the experts this worker will hold under `placement` (keeping those it has) while
+        the current shard keeps serving; returns the bytes read from the checkpoint."""
+        index = self.rank - self.num_attention
+        reader = CheckpointReader(self.model_dir)
+        banks = {}
+        for layer in self.cfg.moe_layer_ids:
+            ids = list(placement.held[layer][index])
+            old = self.shard.banks.get(layer)
+            have = {e: i for i, e in enumerate(old.expert_ids)} if old is not None else {}
+            missing = [e for e in ids if e not in have]
+            fresh = {}
+            if missing:
+                bank = load_expert_shard(self.cfg, reader, {layer: missing}, self.dtype).banks[layer]
+                fresh = {e: (bank.gate_up[i].to(self.device), bank.down[i].to(self.device))
+                         for i, e in enumerate(missing)}
+            gate_up = [old.gate_up[have[e]] if e in have else fresh[e][0] for e in ids]
+            down = [old.down[have[e]] if e in have else fresh[e][1] for e in ids]
+            banks[layer] = ExpertBank(tuple(ids), torch.stack(gate_up), torch.stack(down))
+        self._pending = (placement, ExpertShard(self.cfg.num_experts, banks))
+        self.bytes_read += reader.bytes_read
+        return reader.bytes_read
+
+    def commit_placement(self) -> None:
+        """Switches to the prepared shard and routing tables (between steps)."""
+        self.placement, self.shard = self._pending
+        self._pending = None
+        if dist.is_initialized():
+            self.dispatcher = AllToAllDispatcher(self.placement, self.num_attention, device=self.device)
+
+    def resize(self, rank: int, world_size: int, placement: ExpertPlacement) -> int:
+        """A new expert group: this worker's rank may change; loads its experts for the next connect()."""
+        self.rank, self.world_size = rank, world_size
+        loaded = self.prepare_placement(placement)
+        self.commit_placement()
+        return loaded
 
     def connect(self, init_method: str, backend: str, timeout_s: float) -> int:
         super().connect(init_method, backend, timeout_s)

@@ -2,6 +2,12 @@
 
 from .dispatcher import Dispatcher, ExpertBatch, LocalDispatcher, weighted_sum
 from .gate import TopKGate
+from .load import ExpertLoadWindow
 from .moe_layer import MoELayer
+from .placement import ExpertPlacement
+from .planner import PlacementPlanner, PlanStats, placement_stats
 
-__all__ = ["Dispatcher", "ExpertBatch", "LocalDispatcher", "MoELayer", "TopKGate", "weighted_sum"]
+__all__ = [
+    "Dispatcher", "ExpertBatch", "ExpertLoadWindow", "ExpertPlacement", "LocalDispatcher", "MoELayer",
+    "PlacementPlanner", "PlanStats", "TopKGate", "placement_stats", "weighted_sum",
+]

@@ -33,12 +33,15 @@ class MoELayer(nn.Module):
         self.dispatcher: Dispatcher | None = None  # wired by the runner
         self.experts = None  # an experts.ExpertShard (duck-typed: router does not import experts)
         self.timer = None  # optional: anything with .phase(name) -> context manager
+        self.load = None  # optional router.load.ExpertLoadWindow: counts routed pairs per expert
 
     def _phase(self, name: str):
         return self.timer.phase(name) if self.timer is not None else nullcontext()
 
     def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
         topk_idx, topk_weights = self.gate(x_TD)
+        if self.load is not None:
+            self.load.record(self.layer_idx, topk_idx)
         with self._phase("dispatch"):
             batch, handle = self.dispatcher.dispatch(self.layer_idx, x_TD, topk_idx, topk_weights)
         with self._phase("experts"):
