@@ -50,6 +50,7 @@ class TinySpec:
     tokenizer: str = "byte"  # "byte" (small byte-level BPE) or "qwen3.5" (the real vocabulary)
     max_shard_mb: float = 0  # > 0 splits the weights into shards with an index file
     max_position_embeddings: int = 4096
+    router_skew: float = 0.0  # > 0: a few experts of each layer take much of the traffic
 
     def __post_init__(self) -> None:
         if self.tokenizer not in ("byte", "qwen3.5"):
@@ -138,7 +139,7 @@ def _random_weights(spec: TinySpec, vocab_size: int) -> dict[str, torch.Tensor]:
             w[a + "q_norm.weight"] = normal(spec.head_dim, std=0.1)
             w[a + "k_norm.weight"] = normal(spec.head_dim, std=0.1)
         m = p + "mlp."
-        w[m + "gate.weight"] = linear(E, D)
+        w[m + "gate.weight"] = linear(E, D) * _router_scale(E, spec.router_skew, g)[:, None]
         for e in range(E):
             w[f"{m}experts.{e}.gate_proj.weight"] = linear(I, D)
             w[f"{m}experts.{e}.up_proj.weight"] = linear(I, D)
@@ -151,6 +152,15 @@ def _random_weights(spec: TinySpec, vocab_size: int) -> dict[str, torch.Tensor]:
     if not spec.tie_word_embeddings:
         w["lm_head.weight"] = linear(vocab_size, D)
     return w
+
+
+def _router_scale(num_experts: int, skew: float, g: torch.Generator) -> torch.Tensor:
+    """Row scales of the router: the k-th hottest expert (a random one) gets 1 + skew * 0.8^k.
+    A larger scale widens that expert's logits, so it lands in the top-k far more often."""
+    order = torch.randperm(num_experts, generator=g)
+    scale = torch.ones(num_experts)
+    scale[order] = 1 + skew * 0.8 ** torch.arange(num_experts, dtype=torch.float32)
+    return scale
 
 
 def _fuse_experts(w: dict[str, torch.Tensor], spec: TinySpec) -> dict[str, torch.Tensor]:

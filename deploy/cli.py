@@ -1,4 +1,4 @@
-"""The `epserve` command line: make-tiny, demo, serve, generate, bench."""
+"""The `epserve` command line: make-tiny, demo, serve, generate, bench, experts."""
 
 from __future__ import annotations
 
@@ -131,6 +131,44 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def _http_json(url: str, body: dict | None = None) -> dict:
+    import json
+    import urllib.request
+
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"},
+                                 method="GET" if body is None else "POST")
+    with urllib.request.urlopen(req, timeout=300) as resp:
+        return json.loads(resp.read())
+
+
+def cmd_experts(args) -> int:
+    """Expert placement and load of a running server; optionally rebalance / scale and draw heatmaps."""
+    from .heatmap import write_heatmap
+
+    def show(status: dict, label: str) -> None:
+        per_layer = [sum(len(ids) for ids in layer) for layer in status["placement"]]
+        print(f"{label}: {status['expert_workers']} expert workers, {per_layer[0]} expert slots in layer 0 "
+              f"({per_layer[0] - len(status['load'][0])} replicas), worker load max {status['max_load']:.0f} / "
+              f"mean {status['mean_load']:.0f} = imbalance {status['imbalance']:.2f}")
+        if args.heatmap:
+            path = Path(args.heatmap)
+            out = path.with_name(f"{path.stem}-{label}{path.suffix}") if (args.rebalance or args.scale) else path
+            write_heatmap(out, status["load"], status["placement"],
+                          f"expert load ({label}): imbalance {status['imbalance']:.2f}")
+            print(f"  heatmap: {out}")
+
+    before = _http_json(f"{args.url}/v1/experts")
+    show(before, "before" if (args.rebalance or args.scale) else "now")
+    if args.scale:
+        _http_json(f"{args.url}/v1/experts/scale", {"expert_workers": args.scale})
+    if args.rebalance:
+        _http_json(f"{args.url}/v1/experts/rebalance", {})
+    if args.rebalance or args.scale:
+        show(_http_json(f"{args.url}/v1/experts"), "after")
+    return 0
+
+
 def cmd_demo(args) -> int:
     """The whole system once: embedded Ray, the Serve app, a gRPC call and an OpenAI HTTP call."""
     import json
@@ -203,9 +241,14 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--prompt-len", type=int, default=32)
     bench.add_argument("--output-len", type=int, default=32)
     bench.add_argument("--json", action="store_true")
+    experts = sub.add_parser("experts", help="expert placement and load of a running server")
+    experts.add_argument("--url", default="http://127.0.0.1:8000")
+    experts.add_argument("--heatmap", default=None, help="write a PNG heatmap (before/after with --rebalance)")
+    experts.add_argument("--rebalance", action="store_true", help="plan and apply a placement now")
+    experts.add_argument("--scale", type=int, default=None, help="change the number of expert workers")
     args = parser.parse_args(argv)
     handlers = {"make-tiny": cmd_make_tiny, "demo": cmd_demo, "serve": cmd_serve, "generate": cmd_generate,
-                "bench": cmd_bench}
+                "bench": cmd_bench, "experts": cmd_experts}
     return handlers[args.command](args)
 
 

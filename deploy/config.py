@@ -27,6 +27,11 @@ class AppConfig(BaseModel):
     max_model_len: int | None = Field(None, ge=2, description="context length; default the model's")
     kv_cache_memory_mb: float = Field(512, gt=0, description="KV blocks + DeltaNet state per attention worker")
     max_tokens_limit: int = Field(4096, ge=1, description="largest max_tokens a request may ask for")
+    # expert placement
+    rebalance: bool = Field(True, description="move hot experts between expert workers as load changes")
+    rebalance_interval_steps: int = Field(200, ge=1, description="engine steps between load checks")
+    rebalance_threshold: float = Field(1.25, ge=1, description="rebalance above this max/mean worker load")
+    redundant_expert_slots: int | None = Field(None, ge=0, description="replicas per layer; default E/16")
     # Serve
     max_ongoing_requests: int = Field(64, ge=1, description="requests in flight per model replica")
     min_replicas: int = Field(1, ge=0, description="autoscaling: fewest model instances")

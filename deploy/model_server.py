@@ -10,7 +10,8 @@ from __future__ import annotations
 from dataclasses import asdict
 from typing import Any
 
-from cluster import AsyncLLM, CacheConfig, ClusterConfig, SamplingParams, SchedulerConfig
+from cluster import AsyncLLM, CacheConfig, ClusterConfig, RebalanceConfig, SamplingParams, SchedulerConfig
+from router import placement_stats
 
 from .config import AppConfig
 
@@ -35,12 +36,33 @@ class ModelServer:
             scheduler=SchedulerConfig(max_num_seqs=cfg.max_num_seqs, max_num_batched_tokens=cfg.max_num_batched_tokens,
                                       max_waiting=cfg.max_waiting, max_model_len=cfg.max_model_len),
             cache=CacheConfig(memory_budget_mb=cfg.kv_cache_memory_mb),
+            rebalance=RebalanceConfig(enabled=cfg.rebalance, interval_steps=cfg.rebalance_interval_steps,
+                                      imbalance_threshold=cfg.rebalance_threshold,
+                                      redundant_slots=cfg.redundant_expert_slots),
         )
 
     async def generate(self, prompt: list[int], params: dict, request_id: str):
         """Streams output dicts; raises OverloadedError / ContextLengthError / ValueError first."""
         async for out in self.engine.generate(prompt, SamplingParams(**params), request_id):
             yield output_dict(out)
+
+    async def expert_status(self) -> dict:
+        """Per-layer, per-expert load of the window, the placement and its worker-load stats."""
+        load = (await self.engine.expert_load()).tolist()
+        placement = self.engine.engine.executor.placement
+        held = [[list(ids) for ids in placement.held[layer]] for layer in sorted(placement.held)]
+        stats = placement_stats({layer: [float(x) for x in row] for layer, row in enumerate(load)}, placement)
+        return {"expert_workers": placement.num_workers, "load": load, "placement": held,
+                "max_load": stats.max_load, "mean_load": stats.mean_load, "imbalance": stats.imbalance}
+
+    async def rebalance(self) -> dict:
+        result = await self.engine.rebalance()
+        return {"before": result["before"].__dict__, "after": result["after"].__dict__,
+                "bytes_loaded": result["bytes_loaded"]}
+
+    async def scale_experts(self, num_workers: int) -> dict:
+        await self.engine.scale_experts(num_workers)
+        return {"expert_workers": num_workers}
 
     def cache_usage(self) -> dict:
         return self.engine.cache_usage()

@@ -85,6 +85,10 @@ class ChatCompletionRequest(_Sampling):
     top_logprobs: int | None = None
 
 
+class ScaleRequest(BaseModel):
+    expert_workers: int
+
+
 def _usage(out: dict) -> dict:
     p, c = out["num_prompt_tokens"], out["num_output_tokens"]
     return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
@@ -97,6 +101,22 @@ class OpenAIRoutes:
     async def list_models(self) -> dict:
         return {"object": "list", "data": [{"id": self.name, "object": "model", "created": 0,
                                             "owned_by": "epserve", "max_model_len": self.max_model_len}]}
+
+    # -- expert placement (operators; one model instance answers) -------------------------------
+    @app.get("/v1/experts")
+    async def expert_status(self) -> dict:
+        return await self.model.expert_status.remote()
+
+    @app.post("/v1/experts/rebalance")
+    async def rebalance_experts(self) -> dict:
+        return await self.model.rebalance.remote()
+
+    @app.post("/v1/experts/scale")
+    async def scale_experts(self, body: ScaleRequest) -> dict:
+        if not 1 <= body.expert_workers <= self.model_config.num_experts:
+            raise RequestError("out_of_range", f"expert_workers must be in 1..{self.model_config.num_experts}, "
+                                               f"got {body.expert_workers}", "expert_workers")
+        return await self.model.scale_experts.remote(body.expert_workers)
 
     async def _start(self, model: str, prompt, sampling: dict) -> tuple[list[int], AsyncIterator[dict], dict]:
         """Validates, starts generation and waits for the first output, so that refusals (bad

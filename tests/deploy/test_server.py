@@ -226,6 +226,33 @@ def test_readme_demo_command(server, tmp_path):
     assert "gRPC Generate:" in result.stdout and "HTTP /v1/chat/completions:" in result.stdout
 
 
+def get(server, path: str) -> dict:
+    with urllib.request.urlopen(server["http"] + path, timeout=60) as resp:
+        return json.loads(resp.read())
+
+
+def test_experts_api_cli_heatmap_rebalance_and_scale(server, client, offline, tmp_path):
+    client.generate(list(range(5, 60)), max_tokens=16, ignore_eos=True)  # some load in the window
+    status = get(server, "/v1/experts")
+    assert status["expert_workers"] == 2 and len(status["load"]) == 4 and len(status["load"][0]) == 16
+    assert sum(map(sum, status["load"])) > 0
+    assert sorted(e for ids in status["placement"][0] for e in ids) == list(range(16))
+    result = subprocess.run(
+        [sys.executable, "-m", "deploy.cli", "experts", "--url", server["http"], "--heatmap",
+         str(tmp_path / "load.png"), "--rebalance"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "before: 2 expert workers" in result.stdout and "after: 2 expert workers" in result.stdout
+    for name in ("load-before.png", "load-after.png"):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    code, reply = post(server, "/v1/experts/scale", {"expert_workers": 0})
+    assert code == 400 and "expert_workers must be in 1..16" in reply["error"]["message"]
+    expected = offline.generate([[9, 8, 7]], SamplingParams(**GREEDY))[0].token_ids
+    for workers in (3, 2):
+        code, reply = post(server, "/v1/experts/scale", {"expert_workers": workers})
+        assert code == 200 and get(server, "/v1/experts")["expert_workers"] == workers
+        assert list(client.generate([9, 8, 7], **GREEDY).token_ids) == expected
+
+
 def test_autoscaling_adds_and_removes_whole_instances(server):
     """A second application with fast autoscaling settings: load brings a second model instance
     (its replica and 3 worker actors), idleness takes it away. Runs last: it adds an application."""
