@@ -6,8 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def slot_loads(load: list[list[float]], held: list[list[list[int]]]) -> tuple[list[list[float]], list[int]]:
-    """Per layer, the load of each held replica in worker order; and the worker boundaries."""
+def slot_loads(load: list[list[float]], held: list[list[list[int]]]) -> tuple[list[list[float]], list[list[int]]]:
+    """Per layer, the load of each held replica in worker order, and where each worker ends."""
     rows, bounds = [], []
     for layer, layer_held in enumerate(held):
         replicas = [0] * len(load[layer])
@@ -15,12 +15,11 @@ def slot_loads(load: list[list[float]], held: list[list[list[int]]]) -> tuple[li
             for e in ids:
                 replicas[e] += 1
         rows.append([load[layer][e] / replicas[e] for ids in layer_held for e in ids])
-        if layer == 0:
-            edges, total = [], 0
-            for ids in layer_held[:-1]:
-                total += len(ids)
-                edges.append(total)
-            bounds = edges
+        ends, total = [], 0
+        for ids in layer_held[:-1]:
+            total += len(ids)
+            ends.append(total)
+        bounds.append(ends)
     width = max(len(r) for r in rows)
     return [r + [0.0] * (width - len(r)) for r in rows], bounds
 
@@ -34,8 +33,9 @@ def write_heatmap(path: str | Path, load: list[list[float]], held: list[list[lis
     rows, bounds = slot_loads(load, held)
     fig, ax = plt.subplots(figsize=(12, 1.2 + 0.5 * len(rows)))
     image = ax.imshow(rows, aspect="auto", cmap="viridis", interpolation="nearest")
-    for x in bounds:
-        ax.axvline(x - 0.5, color="white", linewidth=1.5)
+    for layer, ends in enumerate(bounds):  # worker boundaries differ per layer once replicas move
+        ax.vlines([x - 0.5 for x in ends], layer - 0.5, layer + 0.5, color="white", linewidth=1.5)
+    ax.set_yticks(range(len(rows)))
     ax.set_xlabel("expert replica slots, grouped by expert worker")
     ax.set_ylabel("MoE layer")
     ax.set_title(title)
