@@ -177,6 +177,10 @@ class ClusterConfig:
     backend: str = "auto"  # "nccl" | "gloo" | "auto" (nccl with CUDA, else gloo)
     timeout_s: float = 120.0  # process-group and step timeout
     threads_per_worker: int = 1  # torch threads inside each CPU worker
+    # custom Ray resources each worker also reserves: steer the roles onto node groups (KubeRay worker
+    # groups advertise them with rayStartParams.resources), e.g. {"epserve_expert": 1}
+    attention_resources: tuple[tuple[str, float], ...] = ()
+    expert_resources: tuple[tuple[str, float], ...] = ()
 
     def __post_init__(self) -> None:
         if self.expert_workers < 1:

@@ -97,19 +97,23 @@ class RayExecutor:
         if gpus is None:
             gpus = 1 if torch.cuda.is_available() else 0
         backend = cluster.backend if cluster.backend != "auto" else ("nccl" if gpus else "gloo")
-        bundle = {"CPU": cluster.cpus_per_worker, **({"GPU": gpus} if gpus else {})}
+        base = {"CPU": cluster.cpus_per_worker, **({"GPU": gpus} if gpus else {})}
+        attention_bundle = {**base, **dict(cluster.attention_resources)}
+        bundle = {**base, **dict(cluster.expert_resources)}  # an expert worker's
         # Inside a Serve replica whose placement group reserved this instance (bundle 0: the replica,
         # then one per worker) the workers go there; otherwise the executor makes its own group.
         current = ray.util.get_current_placement_group()
         if current is not None and len(current.bundle_specs) == 1 + A + E:
             self.pg, first_bundle, self.own_pg = current, 1, False
         else:
-            self.pg, first_bundle, self.own_pg = placement_group([bundle] * (A + E), strategy="PACK"), 0, True
+            bundles = [attention_bundle] * A + [bundle] * E
+            self.pg, first_bundle, self.own_pg = placement_group(bundles, strategy="PACK"), 0, True
         ray.get(self.pg.ready(), timeout=self.timeout)
 
         def options(i: int) -> dict:
+            custom = dict(cluster.attention_resources if i < A else cluster.expert_resources)
             return dict(
-                num_cpus=cluster.cpus_per_worker, num_gpus=gpus,
+                num_cpus=cluster.cpus_per_worker, num_gpus=gpus, resources=custom,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(
                     self.pg, placement_group_bundle_index=first_bundle + i),
             )
@@ -185,7 +189,8 @@ class RayExecutor:
             for i in range(added):
                 strategy = PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i)
                 self.experts.append(ray.remote(ExpertWorker).options(
-                    num_cpus=self.bundle["CPU"], num_gpus=self.bundle.get("GPU", 0), scheduling_strategy=strategy,
+                    num_cpus=self.bundle["CPU"], num_gpus=self.bundle.get("GPU", 0),
+                    resources=dict(self.cluster.expert_resources), scheduling_strategy=strategy,
                 ).remote(self.model_dir, self.cfg, placement, A + len(self.experts), A, world, self.dtype,
                          self.cluster.threads_per_worker, self.layout))
         ray.get(resized + [w.resize.remote(world, placement) for w in self.attention], timeout=self.timeout)

@@ -31,10 +31,13 @@ def model_deployment_options(cfg: AppConfig) -> dict:
     worker = {"CPU": cfg.cpus_per_worker}
     if cfg.gpus_per_worker:
         worker["GPU"] = cfg.gpus_per_worker
+    attention = {**worker, **cfg.attention_worker_resources}
+    expert = {**worker, **cfg.expert_worker_resources}
     options = dict(
         name="Model",
         ray_actor_options={"num_cpus": cfg.replica_cpus},
-        placement_group_bundles=[{"CPU": cfg.replica_cpus}] + [worker] * (cfg.attention_workers + cfg.expert_workers),
+        placement_group_bundles=[{"CPU": cfg.replica_cpus}] + [attention] * cfg.attention_workers
+        + [expert] * cfg.expert_workers,
         placement_group_strategy="PACK",
         max_ongoing_requests=cfg.max_ongoing_requests,
         graceful_shutdown_timeout_s=10,

@@ -20,6 +20,10 @@ class AppConfig(BaseModel):
     cpus_per_worker: float = Field(0.25, gt=0, description="CPUs reserved per worker actor")
     gpus_per_worker: float | None = Field(None, ge=0, description="GPUs per worker; default 1 with CUDA, else 0")
     replica_cpus: float = Field(0.1, gt=0, description="CPUs of the model replica itself (engine, scheduler)")
+    attention_worker_resources: dict[str, float] = Field(
+        default_factory=dict, description="custom Ray resources per attention worker (node-group steering)")
+    expert_worker_resources: dict[str, float] = Field(
+        default_factory=dict, description="custom Ray resources per expert worker (node-group steering)")
     # the engine
     max_num_seqs: int = Field(32, ge=1, description="running sequences per attention worker")
     max_num_batched_tokens: int = Field(256, ge=1, description="tokens per engine step")

@@ -1,0 +1,115 @@
+"""k8s/ manifests: valid against KubeRay v1.7.0's CRDs, and consistent with the project's code."""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import re
+import tomllib
+from pathlib import Path
+
+import pytest
+import ray
+import yaml
+from ray.serve.schema import ServeDeploySchema
+
+from deploy.config import AppConfig
+from tests.k8s.crd import validate
+
+ROOT = Path(__file__).resolve().parents[2]
+MANIFESTS = sorted((ROOT / "k8s").glob("*.yaml"))
+VERSION = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+
+
+def resources(path: Path) -> list[dict]:
+    return [d for d in yaml.safe_load_all(path.read_text()) if d and d.get("apiVersion", "").startswith("ray.io/")]
+
+
+def containers(cluster: dict) -> list[dict]:
+    groups = [cluster["headGroupSpec"]] + cluster.get("workerGroupSpecs", [])
+    return [c for g in groups for c in g["template"]["spec"]["containers"]]
+
+
+@pytest.fixture(params=MANIFESTS, ids=[p.name for p in MANIFESTS])
+def service(request) -> dict:
+    [resource] = resources(request.param)
+    assert resource["kind"] == "RayService"
+    return resource
+
+
+def test_manifests_exist():
+    assert {p.name for p in MANIFESTS} >= {"rayservice-gpu.yaml", "rayservice-cpu.yaml"}
+
+
+def test_valid_against_the_crd_in_strict_mode(service):
+    assert validate(service) == []
+
+
+def test_the_validator_catches_mistakes(service):
+    typo = copy.deepcopy(service)
+    typo["spec"]["rayClusterConfig"]["enableInTreeAutoscalling"] = True
+    assert any("enableInTreeAutoscalling" in e for e in validate(typo))
+    wrong_type = copy.deepcopy(service)
+    wrong_type["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["maxReplicas"] = "many"
+    assert any("maxReplicas" in e for e in validate(wrong_type))
+    duplicate = copy.deepcopy(service)
+    head = duplicate["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+    head["ports"].append({"containerPort": 9000, "name": "grpc-again"})  # list-map key: containerPort
+    assert any("duplicate" in e for e in validate(duplicate))
+
+
+def test_controller_rules(service):
+    name = service["metadata"]["name"]
+    assert len(name) <= 47 and re.fullmatch(r"[a-z]([-a-z0-9]*[a-z0-9])?", name)
+    for group in service["spec"]["rayClusterConfig"]["workerGroupSpecs"]:
+        assert group["minReplicas"] <= group.get("replicas", group["minReplicas"]) <= group["maxReplicas"]
+
+
+def test_serve_config_parses_and_matches_the_code(service):
+    serve_config = ServeDeploySchema(**yaml.safe_load(service["spec"]["serveConfigV2"]))
+    [app] = serve_config.applications
+    module, attr = app.import_path.split(":")
+    assert callable(getattr(importlib.import_module(module), attr))  # deploy.app:build_app
+    for function in serve_config.grpc_options.grpc_servicer_functions:
+        module, attr = function.rsplit(".", 1)
+        assert callable(getattr(importlib.import_module(module), attr))
+    fields = set(AppConfig.model_fields)  # the model path exists in the pod only: check the names
+    assert set(app.args) <= fields, set(app.args) - fields
+
+
+def test_ports_images_versions_and_resources(service):
+    cluster = service["spec"]["rayClusterConfig"]
+    serve_config = yaml.safe_load(service["spec"]["serveConfigV2"])
+    assert cluster["rayVersion"] == ray.__version__
+    head = cluster["headGroupSpec"]["template"]["spec"]["containers"][0]
+    assert len({p["name"] for p in head["ports"]}) == len(head["ports"])  # names are unique per pod
+    ports = {p["name"]: p["containerPort"] for p in head["ports"]}
+    assert ports["serve"] == serve_config["http_options"]["port"]
+    assert ports["serve-grpc"] == serve_config["grpc_options"]["port"]  # KubeRay exposes serve-* ports
+    images = {c["image"] for c in containers(cluster)}
+    assert len(images) == 1
+    [image] = images
+    assert image.startswith("epserve/epserve:") and image.split(":")[1].startswith(VERSION)
+    args = serve_config["applications"][0]["args"]
+    gpus = args.get("gpus_per_worker", 0)
+    for group in cluster["workerGroupSpecs"]:
+        limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
+        if gpus:
+            assert limits.get("nvidia.com/gpu", 0) >= gpus, group["groupName"]
+    for role in ("attention_worker_resources", "expert_worker_resources"):
+        for resource_name in args.get(role, {}):  # steered workers need a group that offers it
+            assert any(resource_name in g["rayStartParams"].get("resources", "")
+                       for g in cluster["workerGroupSpecs"]), f"no worker group advertises {resource_name}"
+    # the Dockerfile builds on the same Ray
+    dockerfile = (ROOT / "k8s" / "Dockerfile").read_text()
+    assert f"rayproject/ray:{cluster['rayVersion']}" in dockerfile
+
+
+def test_deploy_serve_config_matches_the_manifests():
+    local = yaml.safe_load((ROOT / "deploy" / "serve_config.yaml").read_text())
+    ServeDeploySchema(**local)
+    for path in MANIFESTS:
+        [resource] = resources(path)
+        remote = yaml.safe_load(resource["spec"]["serveConfigV2"])
+        assert remote["grpc_options"] == local["grpc_options"]
+        assert remote["applications"][0]["import_path"] == local["applications"][0]["import_path"]
