@@ -62,6 +62,7 @@ class AsyncLLM:
                     outputs = self.engine.step() if busy else []
                     if not busy:
                         self.engine.flush()
+                    self.last_error = None
                 except Exception as e:  # a failed step ends the requests it held, not the server
                     log.exception("engine step failed")
                     self.last_error = e

@@ -20,6 +20,8 @@ from .model_server import ModelServer
 from .openai_api import OpenAIRoutes, app
 
 GRPC_SERVICER = "epserve_proto.generation_pb2_grpc.add_GenerationServicer_to_server"
+HEALTH_SERVICER = "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server"
+GRPC_SERVICERS = [GRPC_SERVICER, HEALTH_SERVICER]
 
 
 @serve.ingress(app)

@@ -13,6 +13,8 @@ from collections.abc import AsyncIterator
 
 from cluster import ModelConfig, SamplingParams
 from cluster.tokenizer import Tokenizer
+from grpc_health.v1 import health_pb2
+
 from epserve_proto import convert
 from epserve_proto import generation_pb2 as pb
 
@@ -110,6 +112,18 @@ class Ingress:
                     o["stop_reason"], (o["num_prompt_tokens"], o["num_output_tokens"]) if o["finished"] else None)
         except Exception as e:
             self._fail(grpc_context, e)
+
+    async def Check(self, request: health_pb2.HealthCheckRequest, grpc_context=None):
+        """grpc.health.v1 Check: SERVING once a model instance answers (model loaded, process group
+        formed); "" and "epserve.v1.Generation" are known services."""
+        if request.service not in ("", "epserve.v1.Generation"):
+            self._fail(grpc_context, RequestError("not_found", f"unknown service {request.service!r}"))
+        try:
+            ready = await self.model.ready.remote()
+        except Exception:
+            ready = False
+        status = health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
+        return health_pb2.HealthCheckResponse(status=status)
 
     async def GetModelInfo(self, request: pb.GetModelInfoRequest, grpc_context=None) -> pb.ModelInfo:
         c = self.model_config

@@ -9,7 +9,7 @@ import ray
 from ray import serve
 from ray.serve.config import HTTPOptions, gRPCOptions
 
-from .app import GRPC_SERVICER, build_app
+from .app import GRPC_SERVICERS, build_app
 from .config import AppConfig
 
 APP_NAME = "epserve"
@@ -24,7 +24,7 @@ def start_server(cfg: AppConfig, grpc_port: int = 9000, http_port: int = 8000, h
                  logging_level=logging.WARNING, log_to_driver=False)
     serve.start(
         http_options=HTTPOptions(host=host, port=http_port),
-        grpc_options=gRPCOptions(port=grpc_port, grpc_servicer_functions=[GRPC_SERVICER]),
+        grpc_options=gRPCOptions(port=grpc_port, grpc_servicer_functions=GRPC_SERVICERS),
     )
     serve.run(build_app(cfg), name=APP_NAME, route_prefix="/")
 

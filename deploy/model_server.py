@@ -72,6 +72,11 @@ class ModelServer:
     def worker_info(self) -> list[dict]:
         return self.engine.engine.executor.worker_info()
 
+    def ready(self) -> bool:
+        """The model is loaded and the workers' process group formed (both happen before the engine
+        thread starts serving), and the engine thread is alive."""
+        return self.engine._thread.is_alive() and self.engine.last_error is None
+
     def check_health(self) -> None:
         """Serve's health check: the engine thread is alive and its last step did not fail."""
         if not self.engine._thread.is_alive():

@@ -253,6 +253,23 @@ def test_experts_api_cli_heatmap_rebalance_and_scale(server, client, offline, tm
         assert list(client.generate([9, 8, 7], **GREEDY).token_ids) == expected
 
 
+def test_grpc_health_and_reflection(server):
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+
+    channel = grpc.insecure_channel(server["grpc"])
+    health = health_pb2_grpc.HealthStub(channel)
+    for service in ("", "epserve.v1.Generation"):
+        reply = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=30)
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    with pytest.raises(grpc.RpcError) as info:
+        health.Check(health_pb2.HealthCheckRequest(service="nope.v1.Nothing"), timeout=30)
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND
+    services = ProtoReflectionDescriptorDatabase(channel).get_services()
+    assert "epserve.v1.Generation" in services and "grpc.health.v1.Health" in services
+    channel.close()
+
+
 def test_autoscaling_adds_and_removes_whole_instances(server):
     """A second application with fast autoscaling settings: load brings a second model instance
     (its replica and 3 worker actors), idleness takes it away. Runs last: it adds an application."""
