@@ -15,12 +15,13 @@ import torch
 
 from .cache_plan import CacheConfig, plan_cache
 from router import ExpertPlacement, PlacementPlanner, PlanStats, placement_stats
+from router.planner import worker_loads
 
 from .config import ClusterConfig, ModelConfig, RebalanceConfig
 from .detokenizer import IncrementalDetokenizer
 from .executor import LocalExecutor, RayExecutor
 from .sampling import SamplingParams
-from .scheduler import Scheduled, Scheduler, SchedulerConfig
+from .scheduler import OverloadedError, Scheduled, Scheduler, SchedulerConfig
 from .sequence import Sequence, Status
 from .step import ChunkResult
 from .tokenizer import Tokenizer
@@ -59,6 +60,8 @@ class EngineCore:
         scheduler: SchedulerConfig | None = None,
         cache: CacheConfig | None = None,
         rebalance: RebalanceConfig | None = None,
+        metrics_name: str | None = None,
+        metrics_interval_steps: int = 50,
     ) -> None:
         self.model_dir = Path(model_dir)
         self.config = ModelConfig.from_pretrained(self.model_dir)
@@ -87,6 +90,15 @@ class EngineCore:
         self._logits: dict[str, list[torch.Tensor]] = {}
         self._seq_ids = itertools.count()
         self._seeds = random.Random()
+        self.metrics = None  # cluster.metrics.EngineMetrics when asked for and Ray is up
+        if metrics_name is not None:
+            import ray
+
+            if ray.is_initialized():
+                from .metrics import EngineMetrics
+
+                self.metrics = EngineMetrics(metrics_name)
+        self.metrics_interval_steps = metrics_interval_steps
 
     # -- requests ----------------------------------------------------------------------------------
     def tokenize(self, prompt: str | list[int]) -> list[int]:
@@ -109,15 +121,25 @@ class EngineCore:
         """Queues a request; raises ValueError / ContextLengthError / OverloadedError at once."""
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
-        ids = self.tokenize(prompt)
+        try:
+            ids = self.tokenize(prompt)
+        except ValueError:
+            self._count_rejection("rejected_invalid")
+            raise
         max_total = len(ids) if score_only else min(len(ids) + params.max_tokens, self.max_model_len)
         seq = Sequence(
             seq_id=next(self._seq_ids), request_id=request_id, prompt_ids=ids, params=params,
             seed=params.seed if params.seed is not None else self._seeds.randrange(2**31),
             max_total_tokens=max_total, score_only=score_only,
         )
-        self.scheduler.add(seq)
+        try:
+            self.scheduler.add(seq)
+        except Exception as e:
+            self._count_rejection("rejected_overload" if isinstance(e, OverloadedError) else "rejected_context")
+            raise
         self.requests[request_id] = seq
+        if self.metrics is not None:
+            self.metrics.prompt_tokens.inc(len(ids), self.metrics.tags)
         if self.tokenizer is not None and not score_only:
             self._detok[request_id] = IncrementalDetokenizer(
                 self.tokenizer, params.stop, params.include_stop_str_in_output, params.skip_special_tokens)
@@ -140,7 +162,33 @@ class EngineCore:
         results = self.executor.execute(messages)
         outputs = self._update(scheduled, results)
         self._maybe_rebalance()
+        self._record_metrics(outputs)
         return outputs
+
+    def _count_rejection(self, outcome: str) -> None:
+        if self.metrics is not None:
+            self.metrics.requests.inc(1, {**self.metrics.tags, "outcome": outcome})
+
+    def _record_metrics(self, outputs: list[RequestOutput]) -> None:
+        m = self.metrics
+        if m is None:
+            return
+        generated = sum(len(o.new_token_ids) for o in outputs)
+        if generated:
+            m.generated_tokens.inc(generated, m.tags)
+        for out in outputs:
+            if out.time_to_first_token is not None:
+                m.ttft.observe(out.time_to_first_token, m.tags)
+        m.step(self.scheduler.usage())
+        if self._steps % self.metrics_interval_steps == 0:
+            m.phases(self.executor.timings(reset=True))
+            load = self.expert_load().tolist()
+            placement = self.executor.placement
+            per_worker = None
+            if placement is not None:
+                per_worker = [worker_loads([float(x) for x in load[layer]], placement.held[layer])
+                              for layer in sorted(placement.held)]
+            m.expert_load(load, per_worker)
 
     def flush(self) -> None:
         """Tells the workers about finished sequences now instead of with the next step."""
@@ -196,6 +244,9 @@ class EngineCore:
         return out
 
     def _finish_output(self, seq: Sequence, new_tokens: list[int], logprobs: list[TokenLogprob]) -> RequestOutput:
+        if self.metrics is not None and not seq.score_only:
+            self.metrics.request_finished(seq.finish_reason, len(seq.output_ids), seq.first_token_time,
+                                          time.monotonic())
         detok = self._detok.pop(seq.request_id, None)
         logits = self._logits.pop(seq.request_id, None)
         self.requests.pop(seq.request_id, None)

@@ -36,6 +36,7 @@ class AppConfig(BaseModel):
     rebalance_interval_steps: int = Field(200, ge=1, description="engine steps between load checks")
     rebalance_threshold: float = Field(1.25, ge=1, description="rebalance above this max/mean worker load")
     redundant_expert_slots: int | None = Field(None, ge=0, description="replicas per layer; default E/16")
+    metrics_interval_steps: int = Field(50, ge=1, description="engine steps between step-phase / load metrics")
     # Serve
     max_ongoing_requests: int = Field(64, ge=1, description="requests in flight per model replica")
     min_replicas: int = Field(1, ge=0, description="autoscaling: fewest model instances")

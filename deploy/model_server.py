@@ -41,6 +41,8 @@ class ModelServer:
             rebalance=RebalanceConfig(enabled=cfg.rebalance, interval_steps=cfg.rebalance_interval_steps,
                                       imbalance_threshold=cfg.rebalance_threshold,
                                       redundant_slots=cfg.redundant_expert_slots),
+            metrics_name=cfg.name,
+            metrics_interval_steps=cfg.metrics_interval_steps,
         )
 
     async def generate(self, prompt: list[int], params: dict, request_id: str):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 
 import pytest
 import torch
@@ -30,6 +31,15 @@ def make_checkpoint(tmp_path_factory):
     return make
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+METRICS_PORT = _free_port()  # Ray's Prometheus endpoint for this test session
+
+
 @pytest.fixture(scope="session")
 def ray_cluster(tmp_path_factory):
     """One local Ray cluster for the whole test session (start-up costs seconds)."""
@@ -42,6 +52,7 @@ def ray_cluster(tmp_path_factory):
         log_to_driver=False,  # actor logs (expected request errors) would flood the test output
         _temp_dir=str(tmp_path_factory.mktemp("ray")),
         object_store_memory=200 * 2**20,
+        _metrics_export_port=METRICS_PORT,
     )
     yield ray
     ray.shutdown()

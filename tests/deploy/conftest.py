@@ -26,7 +26,8 @@ def server(ray_cluster, make_checkpoint):
 
     model_dir = make_checkpoint(SERVE_SPEC)
     cfg = AppConfig(model=model_dir, served_model_name="tiny", expert_workers=2, attention_workers=1,
-                    max_num_seqs=4, max_waiting=4, max_model_len=256, max_tokens_limit=128)
+                    max_num_seqs=4, max_waiting=4, max_model_len=256, max_tokens_limit=128,
+                    metrics_interval_steps=5)
     grpc_port, http_port = free_port(), free_port()
     start_server(cfg, grpc_port=grpc_port, http_port=http_port)
     yield {"grpc": f"127.0.0.1:{grpc_port}", "http": f"http://127.0.0.1:{http_port}", "config": cfg,

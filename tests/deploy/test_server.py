@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import threading
@@ -268,6 +269,34 @@ def test_grpc_health_and_reflection(server):
     services = ProtoReflectionDescriptorDatabase(channel).get_services()
     assert "epserve.v1.Generation" in services and "grpc.health.v1.Health" in services
     channel.close()
+
+
+METRICS = [
+    "ray_epserve_requests_total", "ray_epserve_prompt_tokens_total", "ray_epserve_generated_tokens_total",
+    "ray_epserve_waiting_requests", "ray_epserve_running_sequences", "ray_epserve_kv_cache_usage",
+    "ray_epserve_state_slot_usage", "ray_epserve_time_to_first_token_seconds_bucket",
+    "ray_epserve_time_per_output_token_seconds_bucket", "ray_epserve_step_phase_seconds",
+    "ray_epserve_expert_load_imbalance", "ray_epserve_expert_hottest_share", "ray_epserve_expert_worker_load",
+]
+
+
+def test_prometheus_endpoint_has_the_engine_metrics(server, client):
+    from tests.conftest import METRICS_PORT
+
+    for i in range(12):  # enough steps for the every-5-steps phase and load gauges
+        client.generate([5 + i, 6], max_tokens=4, ignore_eos=True)
+    with pytest.raises(grpc.RpcError):
+        client.generate("", max_tokens=4)
+    deadline, text = time.time() + 40, ""
+    while time.time() < deadline:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{METRICS_PORT}/metrics", timeout=10).read().decode()
+        if all(name in text for name in METRICS):
+            break
+        time.sleep(1)
+    missing = [name for name in METRICS if name not in text]
+    assert not missing
+    assert re.search(r'ray_epserve_requests_total\{[^}]*outcome="length"', text)
+    assert re.search(r'ray_epserve_step_phase_seconds\{[^}]*phase="dispatch"', text)
 
 
 def test_autoscaling_adds_and_removes_whole_instances(server):

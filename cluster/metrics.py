@@ -1,0 +1,79 @@
+"""Engine metrics through Ray's own metrics API: exported in Prometheus format on each node's
+metrics port (names gain a `ray_` prefix, counters a `_total` suffix) and shown in the Ray dashboard.
+
+Series stay few: per model; per layer (expert-load imbalance and hottest-expert share, not one
+series per expert); per expert worker; per step phase.
+"""
+
+from __future__ import annotations
+
+TTFT_BOUNDARIES = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30]
+TPOT_BOUNDARIES = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1]
+
+
+class EngineMetrics:
+    def __init__(self, model: str) -> None:
+        from ray.util.metrics import Counter, Gauge, Histogram
+
+        self.tags = {"model": model}
+        keys = ("model",)
+        self.requests = Counter("epserve_requests", "Requests by outcome: stop, length, abort, or rejected_*",
+                                tag_keys=keys + ("outcome",))
+        self.prompt_tokens = Counter("epserve_prompt_tokens", "Prompt tokens of accepted requests", tag_keys=keys)
+        self.generated_tokens = Counter("epserve_generated_tokens", "Tokens generated", tag_keys=keys)
+        self.waiting = Gauge("epserve_waiting_requests", "Requests queued (the wait queue depth)", tag_keys=keys)
+        self.running = Gauge("epserve_running_sequences", "Sequences holding cache", tag_keys=keys)
+        self.kv_usage = Gauge("epserve_kv_cache_usage", "Fraction of KV cache blocks in use", tag_keys=keys)
+        self.slot_usage = Gauge("epserve_state_slot_usage", "Fraction of DeltaNet state slots in use",
+                                tag_keys=keys)
+        self.ttft = Histogram("epserve_time_to_first_token_seconds", "Time to first token",
+                              boundaries=TTFT_BOUNDARIES, tag_keys=keys)
+        self.tpot = Histogram("epserve_time_per_output_token_seconds", "Mean time per output token after the first",
+                              boundaries=TPOT_BOUNDARIES, tag_keys=keys)
+        self.step_phase = Gauge("epserve_step_phase_seconds",
+                                "Mean seconds per step: attention, dispatch, combine (attention workers), "
+                                "experts (slowest expert worker)", tag_keys=keys + ("phase",))
+        self.imbalance = Gauge("epserve_expert_load_imbalance", "Busiest / mean expert-worker load per layer",
+                               tag_keys=keys + ("layer",))
+        self.hottest = Gauge("epserve_expert_hottest_share", "Share of a layer's routed pairs taken by its "
+                             "hottest expert", tag_keys=keys + ("layer",))
+        self.worker_load = Gauge("epserve_expert_worker_load", "Routed pairs per expert worker over the load "
+                                 "window, summed over layers", tag_keys=keys + ("worker",))
+
+    def request_finished(self, outcome: str, num_output: int, first: float | None, last: float | None) -> None:
+        self.requests.inc(1, {**self.tags, "outcome": outcome})
+        if first is not None and last is not None and num_output > 1:
+            self.tpot.observe((last - first) / (num_output - 1), self.tags)
+
+    def step(self, usage: dict) -> None:
+        self.waiting.set(usage["waiting"], self.tags)
+        self.running.set(usage["running"], self.tags)
+        self.kv_usage.set(usage["kv_usage"], self.tags)
+        self.slot_usage.set(usage["state_slot_usage"], self.tags)
+
+    def phases(self, timings: list[dict]) -> None:
+        attention = [t for t in timings if t["role"] in ("attention", "local") and t.get("steps")]
+        experts = [t for t in timings if t["role"] == "expert" and t.get("steps")]
+        if not attention:
+            return
+        a = max(attention, key=lambda t: t.get("step", 0.0))
+        per_step = {k: a.get(k, 0.0) / a["steps"] for k in ("step", "dispatch", "combine", "experts")}
+        expert = max((t.get("experts", 0.0) / t["steps"] for t in experts), default=per_step["experts"])
+        values = {"attention": per_step["step"] - per_step["dispatch"] - per_step["combine"] - per_step["experts"],
+                  "dispatch": per_step["dispatch"], "combine": per_step["combine"], "experts": expert}
+        for phase, seconds in values.items():
+            self.step_phase.set(max(seconds, 0.0), {**self.tags, "phase": phase})
+
+    def expert_load(self, load: list[list[float]], worker_loads: list[list[float]] | None) -> None:
+        for layer, row in enumerate(load):
+            total = sum(row)
+            if total:
+                self.hottest.set(max(row) / total, {**self.tags, "layer": str(layer)})
+        if worker_loads:
+            per_worker = [sum(layer[w] for layer in worker_loads) for w in range(len(worker_loads[0]))]
+            for w, value in enumerate(per_worker):
+                self.worker_load.set(value, {**self.tags, "worker": str(w)})
+            for layer, loads in enumerate(worker_loads):
+                mean = sum(loads) / len(loads)
+                if mean:
+                    self.imbalance.set(max(loads) / mean, {**self.tags, "layer": str(layer)})
