@@ -44,7 +44,12 @@ class _Worker:
 
     def rendezvous_address(self, loopback: bool) -> str:
         """A free TCP port on this worker's node, for init_process_group."""
-        host = "127.0.0.1" if loopback else socket.gethostbyname(socket.gethostname())
+        if loopback:
+            host = "127.0.0.1"
+        else:
+            import ray
+
+            host = ray.util.get_node_ip_address()
         with socket.socket() as s:
             s.bind((host, 0))
             port = s.getsockname()[1]
