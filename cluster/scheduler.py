@@ -36,7 +36,7 @@ class ContextLengthError(ValueError):
 class SchedulerConfig:
     max_num_seqs: int = 32  # running sequences per attention worker (= its DeltaNet state slots)
     max_num_batched_tokens: int = 256  # tokens per step: prefill chunks + decodes
-    max_waiting: int = 256  # queued requests beyond which new ones are refused (overload)
+    max_waiting: int = 256  # queued requests (beyond free slots) past which new ones are refused
     max_model_len: int | None = None  # None: the model's max_position_embeddings
 
     def __post_init__(self) -> None:
@@ -79,7 +79,9 @@ class Scheduler:
                 f"worker's cache holds {self.layout.num_blocks}; lower max_tokens or raise the cache budget")
 
     def add(self, seq: Sequence) -> None:
-        if len(self.waiting) >= self.config.max_waiting:
+        # requests that free state slots will take at the next step are not queued in effect
+        free_slots = sum(s.num_free for s in self.slots)
+        if len(self.waiting) >= self.config.max_waiting + free_slots:
             raise OverloadedError(f"server overloaded: {len(self.waiting)} requests already waiting")
         self.check(len(seq.prompt_ids), seq.max_total_tokens)
         self.waiting.append(seq)

@@ -112,12 +112,13 @@ def test_cancellation_returns_every_block_and_slot(llm):
 
 
 def test_overload_is_refused_with_a_clear_error(make_checkpoint):
-    small = LLM(model=make_checkpoint(SPEC), scheduler=SchedulerConfig(max_waiting=2))
-    small.engine.add_request("a", [1, 2], GREEDY)
-    small.engine.add_request("b", [1, 2], GREEDY)
+    small = LLM(model=make_checkpoint(SPEC), scheduler=SchedulerConfig(max_waiting=1, max_num_seqs=2))
+    for name in "abc":  # two free slots + one queue place
+        small.engine.add_request(name, [1, 2], GREEDY)
     with pytest.raises(OverloadedError, match="overloaded"):
-        small.engine.add_request("c", [1, 2], GREEDY)
-    small.engine.step()  # a and b start running: the queue has room again
+        small.engine.add_request("d", [1, 2], GREEDY)
+    for _ in range(12):
+        small.engine.step()  # a and b finish, c runs: the queue has room again
     assert [c.finish_reason for c in small.generate([[3, 4]], GREEDY)] == ["length"]
 
 

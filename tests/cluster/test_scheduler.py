@@ -119,11 +119,16 @@ def test_finish_returns_every_block_and_slot():
 
 
 def test_overload_and_context_errors():
-    s = Scheduler(SchedulerConfig(max_waiting=2), layout(20), 1, 64)
-    s.add(seq(0, 3))
-    s.add(seq(1, 3))
-    with pytest.raises(OverloadedError, match="2 requests already waiting"):
-        s.add(seq(2, 3))
+    s = Scheduler(SchedulerConfig(max_waiting=2), layout(20, slots=1), 1, 64)
+    for i in range(3):  # one will take the free slot at the next step, two wait
+        s.add(seq(i, 3))
+    with pytest.raises(OverloadedError, match="3 requests already waiting"):
+        s.add(seq(3, 3))
+    scheduled, _ = run(s)  # one is admitted and holds the slot: still full
+    with pytest.raises(OverloadedError):
+        s.add(seq(3, 3))
+    s.finish(scheduled[0].seq, "length")  # its slot is free again: one more may queue
+    s.add(seq(3, 3))
     with pytest.raises(ContextLengthError, match="prompt has 64 tokens; the model's context is 64"):
         s.check(64, 65)
     with pytest.raises(ContextLengthError, match="need 26 KV blocks"):
