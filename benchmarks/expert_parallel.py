@@ -23,16 +23,18 @@ import time
 import torch
 
 from cluster import LLM, SamplingParams
+from cluster.timing import split_step
 from cluster.tiny import TinySpec, make_tiny
 
 
-def run_decode(llm: LLM, batch: int, prompt_len: int, steps: int) -> tuple[float, list[dict]]:
-    """Prefills `batch` prompts, then times `steps` decode steps of the engine (one token each)."""
+def run_decode(llm: LLM, prompts: list[list[int]], steps: int) -> tuple[float, list[dict]]:
+    """Prefills the prompts, then times `steps` decode steps of the engine (one token each);
+    returns seconds per step and the executor's timings of those steps."""
     engine = llm.engine
     params = SamplingParams(max_tokens=steps + 2, temperature=0.0, ignore_eos=True)
-    for i in range(batch):
-        engine.add_request(f"bench-{i}", list(range(3 + i, 3 + i + prompt_len)), params)
-    engine.step()  # prefill: every prompt fits one step's token budget
+    for i, prompt in enumerate(prompts):
+        engine.add_request(f"bench-{i}", prompt, params)
+    engine.step()  # prefill
     engine.step()  # warm-up decode step
     llm.executor.timings(reset=True)
     start = time.perf_counter()
@@ -47,18 +49,10 @@ def run_decode(llm: LLM, batch: int, prompt_len: int, steps: int) -> tuple[float
 
 
 def summarize(wall: float, timings: list[dict]) -> dict[str, float]:
-    per_step = [{k: v / max(t["steps"], 1) for k, v in t.items() if k not in ("role", "steps")} | {"role": t["role"]}
-                for t in timings]
-    attn = [t for t in per_step if t["role"] in ("attention", "local")]
-    experts_side = [t for t in per_step if t["role"] == "expert"]
-    a = max(attn, key=lambda t: t["step"])
-    experts = max((t.get("experts", 0.0) for t in experts_side), default=a.get("experts", 0.0))
-    dispatch, combine = a.get("dispatch", 0.0), a.get("combine", 0.0)
-    local_experts = a.get("experts", 0.0)  # single process: experts run on the same worker
-    attention = a["step"] - dispatch - combine - local_experts
-    comm = max(dispatch + combine - (experts if experts_side else 0.0), 0.0)
-    return {"step": wall, "attention": attention, "dispatch": dispatch, "combine": combine,
-            "experts": experts, "comm": comm, "ray": wall - a["step"]}
+    split = split_step(timings)
+    remote_experts = any(t["role"] == "expert" for t in timings)
+    comm = max(split["dispatch"] + split["combine"] - (split["experts"] if remote_experts else 0.0), 0.0)
+    return {**split, "step": wall, "comm": comm, "ray": wall - split["step"]}
 
 
 def main() -> None:
@@ -75,13 +69,14 @@ def main() -> None:
     model_dir = args.model or make_tiny(tempfile.mkdtemp(), TinySpec())
     ray.init(include_dashboard=False, logging_level="ERROR")
     rows = []
+    prompts = [list(range(3 + i, 3 + i + args.prompt_len)) for i in range(args.batch)]
     baseline = LLM(model=model_dir)
-    wall, timings = run_decode(baseline, args.batch, args.prompt_len, args.steps)
+    wall, timings = run_decode(baseline, prompts, args.steps)
     rows.append(("single process", summarize(wall, timings)))
     baseline.shutdown()
     for E in args.experts:
         with LLM(model=model_dir, expert_workers=E, attention_workers=1, use_ray=True) as llm:
-            wall, timings = run_decode(llm, args.batch, args.prompt_len, args.steps)
+            wall, timings = run_decode(llm, prompts, args.steps)
             rows.append((f"Ray E={E} A=1", summarize(wall, timings)))
     ray.shutdown()
 

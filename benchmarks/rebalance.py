@@ -14,35 +14,23 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-import time
 
 import ray
 import torch
 
-from cluster import LLM, SamplingParams
+from expert_parallel import run_decode  # benchmarks/ is on the path when run as a script
+
+from cluster import LLM
+from cluster.timing import split_step
 from cluster.tiny import TinySpec, make_tiny
 from router import placement_stats
 
 
-def decode_run(llm: LLM, batch: int, steps: int, tag: str) -> tuple[float, float]:
+def decode_run(llm: LLM, batch: int, steps: int) -> tuple[float, float]:
     """tokens/s over `steps` decode steps of `batch` sequences; slowest expert worker ms/step."""
-    engine = llm.engine
-    params = SamplingParams(max_tokens=steps + 2, temperature=0.0, ignore_eos=True)
-    for i in range(batch):
-        engine.add_request(f"{tag}-{i}", [(17 * i + 31 * j) % 400 + 3 for j in range(32)], params)
-    engine.step()
-    engine.step()
-    llm.executor.timings(reset=True)
-    start = time.perf_counter()
-    for _ in range(steps):
-        engine.step()
-    wall = time.perf_counter() - start
-    timings = llm.executor.timings(reset=True)
-    while engine.has_unfinished():
-        engine.step()
-    engine.flush()
-    experts = max(t.get("experts", 0.0) / max(t["steps"], 1) for t in timings if t["role"] == "expert")
-    return batch * steps / wall, experts * 1e3
+    prompts = [[(17 * i + 31 * j) % 400 + 3 for j in range(32)] for i in range(batch)]
+    wall, timings = run_decode(llm, prompts, steps)
+    return batch / wall, split_step(timings)["experts"] * 1e3
 
 
 def main() -> None:
@@ -58,13 +46,13 @@ def main() -> None:
     model_dir = make_tiny(tempfile.mkdtemp(), TinySpec(router_skew=args.skew))
     ray.init(include_dashboard=False, logging_level="ERROR")
     with LLM(model=model_dir, expert_workers=args.experts, use_ray=True) as llm:
-        decode_run(llm, args.batch, args.steps, "warm")  # fills the load window
+        decode_run(llm, args.batch, args.steps)  # fills the load window
         load = llm.expert_load()
         loads = {layer: [float(x) for x in row] for layer, row in enumerate(load.tolist())}
         before_placement = llm.executor.placement
-        tps_before, experts_before = decode_run(llm, args.batch, args.steps, "before")
+        tps_before, experts_before = decode_run(llm, args.batch, args.steps)
         result = llm.rebalance(redundant_slots=args.slots)
-        tps_after, experts_after = decode_run(llm, args.batch, args.steps, "after")
+        tps_after, experts_after = decode_run(llm, args.batch, args.steps)
         after_placement = llm.executor.placement
     ray.shutdown()
     before, after = placement_stats(loads, before_placement), placement_stats(loads, after_placement)

@@ -63,10 +63,7 @@ class LocalExecutor:
         return [{"role": "local", "expert_bytes": self.expert_bytes, "sequences": len(self.runner.sequences)}]
 
     def timings(self, reset: bool = False) -> list[dict[str, float]]:
-        snap = self.timer.snapshot()
-        if reset:
-            self.timer.reset()
-        return [{"role": "local", **snap}]
+        return [{"role": "local", **self.timer.snapshot(reset)}]
 
     def shutdown(self) -> None:
         self.runner.sequences.clear()

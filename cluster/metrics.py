@@ -7,6 +7,8 @@ series per expert); per expert worker; per step phase.
 
 from __future__ import annotations
 
+from .timing import split_step
+
 TTFT_BOUNDARIES = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30]
 TPOT_BOUNDARIES = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1]
 
@@ -52,17 +54,11 @@ class EngineMetrics:
         self.slot_usage.set(usage["state_slot_usage"], self.tags)
 
     def phases(self, timings: list[dict]) -> None:
-        attention = [t for t in timings if t["role"] in ("attention", "local") and t.get("steps")]
-        experts = [t for t in timings if t["role"] == "expert" and t.get("steps")]
-        if not attention:
+        split = split_step(timings)
+        if split is None:
             return
-        a = max(attention, key=lambda t: t.get("step", 0.0))
-        per_step = {k: a.get(k, 0.0) / a["steps"] for k in ("step", "dispatch", "combine", "experts")}
-        expert = max((t.get("experts", 0.0) / t["steps"] for t in experts), default=per_step["experts"])
-        values = {"attention": per_step["step"] - per_step["dispatch"] - per_step["combine"] - per_step["experts"],
-                  "dispatch": per_step["dispatch"], "combine": per_step["combine"], "experts": expert}
-        for phase, seconds in values.items():
-            self.step_phase.set(max(seconds, 0.0), {**self.tags, "phase": phase})
+        for phase in ("attention", "dispatch", "combine", "experts"):
+            self.step_phase.set(max(split[phase], 0.0), {**self.tags, "phase": phase})
 
     def expert_load(self, load: list[list[float]], worker_loads: list[list[float]] | None) -> None:
         for layer, row in enumerate(load):

@@ -28,5 +28,26 @@ class PhaseTimer:
         self.seconds.clear()
         self.steps = 0
 
-    def snapshot(self) -> dict[str, float]:
-        return {"steps": self.steps, **self.seconds}
+    def snapshot(self, reset: bool = False) -> dict[str, float]:
+        snap = {"steps": self.steps, **self.seconds}
+        if reset:
+            self.reset()
+        return snap
+
+
+def split_step(timings: list[dict]) -> dict[str, float] | None:
+    """Seconds per step of each phase, from an executor's timings() (one dict per worker):
+    step and attention (the busiest attention worker's whole step, and its part outside the MoE
+    exchange), dispatch and combine (its time in the exchange, waiting for the experts included),
+    experts (the slowest expert worker; in one process, the local expert compute).
+    None when no worker has timed a step."""
+    per_step = [{k: v / t["steps"] for k, v in t.items() if k not in ("role", "steps")} | {"role": t["role"]}
+                for t in timings if t.get("steps")]
+    attention = [t for t in per_step if t["role"] in ("attention", "local")]
+    if not attention:
+        return None
+    a = max(attention, key=lambda t: t.get("step", 0.0))
+    dispatch, combine, local = a.get("dispatch", 0.0), a.get("combine", 0.0), a.get("experts", 0.0)
+    experts = max((t.get("experts", 0.0) for t in per_step if t["role"] == "expert"), default=local)
+    return {"step": a["step"], "attention": a["step"] - dispatch - combine - local, "dispatch": dispatch,
+            "combine": combine, "experts": experts}

@@ -67,10 +67,7 @@ class _Worker:
             dist.destroy_process_group()
 
     def timings(self, reset: bool = False) -> dict[str, float]:
-        snap = self.timer.snapshot()
-        if reset:
-            self.timer.reset()
-        return snap
+        return self.timer.snapshot(reset)
 
 
 class AttentionWorker(_Worker):
