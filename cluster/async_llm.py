@@ -138,6 +138,9 @@ class AsyncLLM:
     async def expert_load(self):
         return await self._call("expert_load")
 
+    async def expert_status(self) -> dict:
+        return await self._call("expert_status")
+
     async def rebalance(self, redundant_slots: int | None = None) -> dict:
         return await self._call("rebalance", redundant_slots)
 

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import torch
 
-from .cache_plan import CacheConfig, plan_cache
 from router import ExpertPlacement, PlacementPlanner, PlanStats, placement_stats
 from router.planner import worker_loads
 
+from .cache_plan import CacheConfig, plan_cache
 from .config import ClusterConfig, ModelConfig, RebalanceConfig
 from .detokenizer import IncrementalDetokenizer
 from .executor import LocalExecutor, RayExecutor
@@ -182,13 +182,8 @@ class EngineCore:
         m.step(self.scheduler.usage())
         if self._steps % self.metrics_interval_steps == 0:
             m.phases(self.executor.timings(reset=True))
-            load = self.expert_load().tolist()
-            placement = self.executor.placement
-            per_worker = None
-            if placement is not None:
-                per_worker = [worker_loads([float(x) for x in load[layer]], placement.held[layer])
-                              for layer in sorted(placement.held)]
-            m.expert_load(load, per_worker)
+            status = self.expert_status()
+            m.expert_load(status["load"], status["worker_loads"])
 
     def flush(self) -> None:
         """Tells the workers about finished sequences now instead of with the next step."""
@@ -262,9 +257,19 @@ class EngineCore:
         """[layers, experts] (token, expert) pairs routed over the load window."""
         return self.executor.expert_load()
 
-    def _loads(self) -> dict[int, list[float]]:
+    def _loads(self) -> dict[int, list[int]]:
         totals = self.expert_load().tolist()
-        return {layer: [float(x) for x in totals[layer]] for layer in self.config.moe_layer_ids}
+        return {layer: totals[layer] for layer in self.config.moe_layer_ids}
+
+    def expert_status(self) -> dict:
+        """The load window {layer: pairs per expert}, the placement (None in one process) and, with a
+        placement, {layer: load per worker} and the PlanStats."""
+        loads, placement = self._loads(), self.executor.placement
+        if placement is None:
+            return {"load": loads, "placement": None, "worker_loads": None, "stats": None}
+        return {"load": loads, "placement": placement,
+                "worker_loads": {layer: worker_loads(row, placement.held[layer]) for layer, row in loads.items()},
+                "stats": placement_stats(loads, placement)}
 
     def rebalance(self, redundant_slots: int | None = None) -> dict:
         """Plans a placement for the current load window and applies it between steps; returns the

@@ -60,16 +60,18 @@ class EngineMetrics:
         for phase in ("attention", "dispatch", "combine", "experts"):
             self.step_phase.set(max(split[phase], 0.0), {**self.tags, "phase": phase})
 
-    def expert_load(self, load: list[list[float]], worker_loads: list[list[float]] | None) -> None:
-        for layer, row in enumerate(load):
+    def expert_load(self, load: dict[int, list[int]], worker_loads: dict[int, list[float]] | None) -> None:
+        """load: {layer: pairs per expert}; worker_loads: {layer: load per expert worker} (None in
+        one process), as EngineCore.expert_status gives them."""
+        for layer, row in load.items():
             total = sum(row)
             if total:
                 self.hottest.set(max(row) / total, {**self.tags, "layer": str(layer)})
         if worker_loads:
-            per_worker = [sum(layer[w] for layer in worker_loads) for w in range(len(worker_loads[0]))]
+            per_worker = [sum(column) for column in zip(*worker_loads.values())]
             for w, value in enumerate(per_worker):
                 self.worker_load.set(value, {**self.tags, "worker": str(w)})
-            for layer, loads in enumerate(worker_loads):
+            for layer, loads in worker_loads.items():
                 mean = sum(loads) / len(loads)
                 if mean:
                     self.imbalance.set(max(loads) / mean, {**self.tags, "layer": str(layer)})

@@ -107,7 +107,6 @@ def _random_weights(spec: TinySpec, vocab_size: int) -> dict[str, torch.Tensor]:
     D, E, I = spec.hidden, spec.num_experts, spec.moe_intermediate
     key_dim = spec.linear_key_heads * spec.linear_head_dim
     value_dim = spec.linear_value_heads * spec.linear_head_dim
-    conv_channels = 2 * key_dim + value_dim
     # std 1/sqrt(D) keeps tied logits (h @ embed^T) at the scale of untied ones
     w: dict[str, torch.Tensor] = {"embed_tokens.weight": normal(vocab_size, D, std=D**-0.5)}
     for i in range(spec.layers):

@@ -11,7 +11,6 @@ from dataclasses import asdict
 from typing import Any
 
 from cluster import AsyncLLM, CacheConfig, ClusterConfig, RebalanceConfig, SamplingParams, SchedulerConfig
-from router import placement_stats
 
 from .config import AppConfig
 
@@ -52,10 +51,10 @@ class ModelServer:
 
     async def expert_status(self) -> dict:
         """Per-layer, per-expert load of the window, the placement and its worker-load stats."""
-        load = (await self.engine.expert_load()).tolist()
-        placement = self.engine.engine.executor.placement
-        held = [[list(ids) for ids in placement.held[layer]] for layer in sorted(placement.held)]
-        stats = placement_stats({layer: [float(x) for x in row] for layer, row in enumerate(load)}, placement)
+        status = await self.engine.expert_status()
+        placement, stats, layers = status["placement"], status["stats"], sorted(status["load"])
+        held = [[list(ids) for ids in placement.held[layer]] for layer in layers]
+        load = [status["load"][layer] for layer in layers]
         return {"expert_workers": placement.num_workers, "load": load, "placement": held,
                 "max_load": stats.max_load, "mean_load": stats.mean_load, "imbalance": stats.imbalance}
 
