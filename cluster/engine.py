@@ -24,7 +24,7 @@ from .sampling import SamplingParams
 from .scheduler import OverloadedError, Scheduled, Scheduler, SchedulerConfig
 from .sequence import Sequence, Status
 from .step import ChunkResult
-from .tokenizer import Tokenizer
+from .tokenizer import Tokenizer, check_token_ids
 
 
 @dataclass
@@ -108,13 +108,7 @@ class EngineCore:
             ids = self.tokenizer.encode(prompt)
         else:
             ids = list(prompt)
-        if not ids:
-            raise ValueError("prompt is empty")
-        vocab = self.config.vocab_size
-        bad = [t for t in ids if not isinstance(t, int) or not 0 <= t < vocab]
-        if bad:
-            raise ValueError(f"token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
-        return ids
+        return check_token_ids(ids, self.config.vocab_size)
 
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
                     score_only: bool = False) -> Sequence:

@@ -31,6 +31,16 @@ class Tokenizer:
         return stream.step(self._tok, token_id)
 
 
+def check_token_ids(ids: list[int], vocab_size: int) -> list[int]:
+    """A prompt's ids, or ValueError naming the problem: empty, or ids outside the vocabulary."""
+    if not ids:
+        raise ValueError("prompt is empty")
+    bad = [t for t in ids if not isinstance(t, int) or not 0 <= t < vocab_size]
+    if bad:
+        raise ValueError(f"token ids {bad[:5]} are outside the vocabulary [0, {vocab_size})")
+    return ids
+
+
 def _eos_ids(model_dir: Path) -> tuple[int, ...]:
     path = model_dir / "generation_config.json"
     if not path.is_file():

@@ -12,7 +12,7 @@ import uuid
 from collections.abc import AsyncIterator
 
 from cluster import ModelConfig, SamplingParams
-from cluster.tokenizer import Tokenizer
+from cluster.tokenizer import Tokenizer, check_token_ids
 from grpc_health.v1 import health_pb2
 
 from epserve_proto import convert
@@ -43,12 +43,10 @@ class Ingress:
         """Validates a request; returns the prompt's token ids and checked sampling kwargs."""
         self.check_model(model)
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-        if not ids:
-            raise RequestError("invalid", "prompt is empty", "prompt")
-        vocab = self.model_config.vocab_size
-        bad = [t for t in ids if not isinstance(t, int) or not 0 <= t < vocab]
-        if bad:
-            raise RequestError("invalid", f"token ids {bad[:5]} are outside the vocabulary [0, {vocab})", "prompt")
+        try:
+            check_token_ids(ids, self.model_config.vocab_size)
+        except ValueError as e:
+            raise RequestError("invalid", str(e), "prompt") from e
         try:
             params = SamplingParams(**sampling)
         except (TypeError, ValueError) as e:
