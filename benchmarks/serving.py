@@ -21,11 +21,7 @@ import torch
 
 from cluster import AsyncLLM, SamplingParams
 from cluster.tiny import TinySpec, make_tiny
-
-
-def percentile(values: list[float], q: float) -> float:
-    values = sorted(values)
-    return values[min(len(values) - 1, int(round(q / 100 * (len(values) - 1))))]
+from deploy.bench import percentile
 
 
 async def run_epserve(engine: AsyncLLM, prompts: list[list[int]], concurrency: int, output_len: int):

@@ -32,7 +32,7 @@ class BenchResult:
     tpot_p99_ms: float
 
 
-def _percentile(values: list[float], q: float) -> float:
+def percentile(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
     values = sorted(values)
@@ -105,8 +105,8 @@ def run_bench(endpoint: str, address: str, http_url: str, concurrency: int, num_
         client.close()
     return BenchResult(
         endpoint, concurrency, num_prompts, failed, duration, (num_prompts - failed) / duration,
-        tokens / duration, _percentile(ttfts, 50) * 1e3, _percentile(ttfts, 99) * 1e3,
-        _percentile(tpots, 50) * 1e3, _percentile(tpots, 99) * 1e3)
+        tokens / duration, percentile(ttfts, 50) * 1e3, percentile(ttfts, 99) * 1e3,
+        percentile(tpots, 50) * 1e3, percentile(tpots, 99) * 1e3)
 
 
 def format_result(r: BenchResult, as_json: bool) -> str:

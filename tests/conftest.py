@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
 
 import pytest
 import torch
@@ -31,13 +32,20 @@ def make_checkpoint(tmp_path_factory):
     return make
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-METRICS_PORT = _free_port()  # Ray's Prometheus endpoint for this test session
+def worker_processes(*roles: str) -> list[str]:
+    """Command lines of live processes of these Ray actor classes (default: both worker roles)."""
+    roles = roles or ("AttentionWorker", "ExpertWorker")
+    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    return [line for line in ps.splitlines() if any(role in line for role in roles)]
+
+
+METRICS_PORT = free_port()  # Ray's Prometheus endpoint for this test session
 
 
 @pytest.fixture(scope="session")

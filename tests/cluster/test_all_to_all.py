@@ -4,7 +4,6 @@ against a pure-torch reference of dispatch + experts + combine."""
 from __future__ import annotations
 
 import os
-import socket
 from datetime import timedelta
 
 import torch
@@ -14,6 +13,7 @@ import torch.multiprocessing as mp
 from cluster.all_to_all import AllToAllDispatcher
 from experts import ExpertBank, ExpertShard, swiglu_reference
 from router.placement import ExpertPlacement
+from tests.conftest import free_port
 
 E, D, I, K, A, W = 8, 16, 8, 3, 2, 4
 REPLICATED = ExpertPlacement(E, {0: ((0, 1, 2, 3), (0, 4, 5, 6, 7))})  # expert 0 on both workers
@@ -80,9 +80,7 @@ def _rank_main(rank: int, init_method: str, results) -> None:
 
 
 def test_all_to_all_matches_reference():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import subprocess
 import time
 
 import pytest
 
 from cluster import LLM, ClusterConfig, SamplingParams, SchedulerConfig
 from router.placement import ExpertPlacement
-from tests.conftest import FLAGSHIP_SHAPE
+from tests.conftest import FLAGSHIP_SHAPE, worker_processes
 from tests.reference import hf_logits
 
 LAYOUTS = [(1, 1), (2, 1), (4, 1), (2, 2)]  # (expert workers, attention workers)
@@ -21,11 +20,6 @@ GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
 def single_process(make_checkpoint):
     llm = LLM(model=make_checkpoint(FLAGSHIP_SHAPE))
     return llm.score(PROMPTS), [c.token_ids for c in llm.generate(PROMPTS, GREEDY)]
-
-
-def _worker_processes() -> list[str]:
-    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
-    return [line for line in ps.splitlines() if "AttentionWorker" in line or "ExpertWorker" in line]
 
 
 @pytest.mark.parametrize("experts, attention", LAYOUTS, ids=[f"E{e}A{a}" for e, a in LAYOUTS])
@@ -110,13 +104,13 @@ def test_shutdown_leaves_no_actors_or_processes(ray_cluster, make_checkpoint):
 
     llm = LLM(model=make_checkpoint(FLAGSHIP_SHAPE), expert_workers=2, attention_workers=1)
     workers = list(llm.executor.workers)
-    assert len(_worker_processes()) >= 3
+    assert len(worker_processes()) >= 3
     llm.shutdown()
     llm.shutdown()  # idempotent
     for w in workers:
         with pytest.raises(ray.exceptions.RayActorError):
             ray.get(w.info.remote(), timeout=30)
     deadline = time.time() + 20
-    while _worker_processes() and time.time() < deadline:
+    while worker_processes() and time.time() < deadline:
         time.sleep(0.5)
-    assert _worker_processes() == []
+    assert worker_processes() == []

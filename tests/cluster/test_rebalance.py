@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import subprocess
 import time
 
 from cluster import LLM, AsyncLLM, ClusterConfig, SamplingParams
 from cluster.tiny import TinySpec
+from tests.conftest import worker_processes
 
 SPEC = TinySpec(seed=12, num_experts=16, top_k=4)
 PROMPTS = [[3, 4, 5], list(range(10, 40)), [7], list(range(100, 170))]
@@ -15,8 +15,7 @@ GREEDY = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
 
 
 def expert_processes() -> int:
-    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
-    return sum("ExpertWorker" in line for line in ps.splitlines())
+    return len(worker_processes("ExpertWorker"))
 
 
 def wait_for(predicate, seconds: float = 20) -> bool:

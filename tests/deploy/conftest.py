@@ -2,20 +2,13 @@
 
 from __future__ import annotations
 
-import socket
-
 import pytest
 
 from cluster.tiny import TinySpec
 from deploy.config import AppConfig
+from tests.conftest import free_port
 
 SERVE_SPEC = TinySpec(seed=11, num_experts=16, top_k=4)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")

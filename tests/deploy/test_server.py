@@ -17,7 +17,7 @@ import pytest
 from cluster import LLM, SamplingParams
 from deploy.client import Client
 from epserve_proto import generation_pb2 as pb
-from tests.deploy.conftest import free_port
+from tests.conftest import free_port
 
 GREEDY = dict(max_tokens=8, temperature=0.0, ignore_eos=True)
 
