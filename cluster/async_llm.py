@@ -66,18 +66,18 @@ class AsyncLLM:
                 except Exception as e:  # a failed step ends the requests it held, not the server
                     log.exception("engine step failed")
                     self.last_error = e
-                    outputs = self._fail_all(e)
+                    self._fail_all(e)
+                    outputs = []
             for out in outputs:
                 self._deliver(out.request_id, out)
             if not busy:
                 self._wake.wait(timeout=0.5)
                 self._wake.clear()
 
-    def _fail_all(self, error: Exception) -> list:
+    def _fail_all(self, error: Exception) -> None:
         for request_id in list(self.engine.requests):
             self.engine.abort_request(request_id)
             self._deliver(request_id, error)
-        return []
 
     def _deliver(self, request_id: str, item: RequestOutput | Exception) -> None:
         stream = self._streams.get(request_id)

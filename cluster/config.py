@@ -202,10 +202,6 @@ class ClusterConfig:
             return self.use_ray
         return self.expert_workers > 1 or self.attention_workers > 1
 
-    @property
-    def world_size(self) -> int:
-        return self.expert_workers + self.attention_workers
-
 
 @dataclass(frozen=True)
 class RebalanceConfig:

@@ -44,7 +44,6 @@ class Dispatcher(Protocol):
 class LocalHandle:
     order: torch.Tensor  # [T * K]: row r of the expert batch is (token, k) pair order[r]
     weights_TK: torch.Tensor
-    num_tokens: int
 
 
 def weighted_sum(pair_out_PD: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor:
@@ -65,14 +64,14 @@ class LocalDispatcher:
         self.num_local = num_local  # layer -> experts in the local bank
 
     def dispatch(self, layer, hidden_TD, topk_idx_TK, topk_weights_TK):
-        T, K = topk_idx_TK.shape
+        K = topk_idx_TK.shape[1]
         local = self.local_index[layer][topk_idx_TK.reshape(-1)]  # [T * K]
         if bool((local < 0).any()):
             raise RuntimeError(f"layer {layer}: routed to an expert that is not held locally")
         local_sorted, order = torch.sort(local, stable=True)
         counts = torch.bincount(local_sorted, minlength=self.num_local[layer]).tolist()
         batch = ExpertBatch(hidden=hidden_TD[order // K], counts=counts)
-        return batch, LocalHandle(order=order, weights_TK=topk_weights_TK, num_tokens=T)
+        return batch, LocalHandle(order=order, weights_TK=topk_weights_TK)
 
     def combine(self, expert_out_RD, handle: LocalHandle):
         pair_out = torch.empty_like(expert_out_RD)
