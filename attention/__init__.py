@@ -1,8 +1,8 @@
 """The dense side of a Qwen3.5-MoE layer (pure torch): norms, rotary, gated attention, Gated
 DeltaNet, paged KV and DeltaNet state caches and the shared expert. Embeddings and the LM head are plain
-`nn.Embedding` / `nn.Linear` in the assembled model (cluster.model)."""
+`nn.Embedding` / `nn.Linear` in the assembled model (cluster.model). Hot ops run through `kernels`."""
 
-from .cache import DeltaNetStateCache, ForwardBatch, PagedKVCache, SequenceSlice
+from .cache import DeltaNetStateCache, ForwardBatch, PagedKVCache
 from .deltanet import GatedDeltaNet
 from .gated_attention import GatedAttention
 from .norm import GatedRMSNorm, RMSNorm
@@ -11,5 +11,5 @@ from .shared_expert import SharedExpert
 
 __all__ = [
     "DeltaNetStateCache", "ForwardBatch", "GatedAttention", "GatedDeltaNet", "GatedRMSNorm",
-    "PagedKVCache", "PartialRotary", "RMSNorm", "SequenceSlice", "SharedExpert",
+    "PagedKVCache", "PartialRotary", "RMSNorm", "SharedExpert",
 ]

@@ -6,29 +6,15 @@ fixed-size state per sequence whatever its length, in a *slot*: the last `kernel
 and the recurrent matrix (fp32). The pools are allocated once, from a memory budget; which
 sequence owns which blocks and slot is decided by the scheduler (cluster.scheduler).
 
-Shapes: N blocks, S block size, KV kv heads, hd head dim, M slots, C conv channels, H value heads.
+Shapes: N blocks, S block size, KV kv heads, hd head dim, M slots, C conv channels, H value heads,
+T rows of a step, B sequences of a step.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
-
-
-@dataclass(frozen=True)
-class SequenceSlice:
-    """Rows [start, start + length) of a flat batch are new tokens of one sequence."""
-
-    start: int
-    length: int
-    past: int  # tokens of this sequence already in the caches (0: a new or recomputed sequence)
-    block_table: torch.Tensor  # int64 KV block ids covering past + length tokens
-    slot: int  # DeltaNet state slot
-
-    @property
-    def rows(self) -> slice:
-        return slice(self.start, self.start + self.length)
 
 
 class PagedKVCache:
@@ -46,34 +32,24 @@ class PagedKVCache:
                         dtype_bytes: int) -> int:
         return 2 * num_layers * block_size * kv_heads * head_dim * dtype_bytes
 
-    def _flat_index(self, block_table: torch.Tensor, begin: int, end: int) -> torch.Tensor:
-        pos = torch.arange(begin, end, device=block_table.device)
-        return block_table[pos // self.block_size] * self.block_size + pos % self.block_size
-
-    def write(self, layer: int, s: SequenceSlice, key: torch.Tensor, value: torch.Tensor) -> None:
-        """Stores [n, KV, hd] new entries at positions past .. past + n."""
-        index = self._flat_index(s.block_table, s.past, s.past + s.length)
-        self.key[layer].view(-1, *key.shape[1:]).index_copy_(0, index, key)
-        self.value[layer].view(-1, *value.shape[1:]).index_copy_(0, index, value)
-
-    def read(self, layer: int, s: SequenceSlice) -> tuple[torch.Tensor, torch.Tensor]:
-        """The sequence's whole K, V [past + length, KV, hd]."""
-        index = self._flat_index(s.block_table, 0, s.past + s.length)
-        k = self.key[layer].view(-1, *self.key[layer].shape[2:])
-        v = self.value[layer].view(-1, *self.value[layer].shape[2:])
-        return k[index], v[index]
-
 
 class DeltaNetStateCache:
-    """Per DeltaNet layer: conv [M, C, kernel - 1] and recurrent [M, H, dk, dv] (fp32) slots."""
+    """Per DeltaNet layer: conv [M, C, kernel - 1] and recurrent [M, H, dk, dv] (fp32) slots, held as
+    one tensor of each kind over all layers so that a fresh slot is zeroed in one op per kind."""
 
     def __init__(self, layers: list[int], num_slots: int, conv_channels: int, conv_kernel: int,
                  num_heads: int, key_dim: int, value_dim: int, dtype: torch.dtype,
                  device: torch.device | str = "cpu") -> None:
-        self.conv = {i: torch.zeros(num_slots, conv_channels, conv_kernel - 1, dtype=dtype, device=device)
-                     for i in layers}
-        self.recurrent = {i: torch.zeros(num_slots, num_heads, key_dim, value_dim, device=device)
-                          for i in layers}
+        L = len(layers)
+        self._conv = torch.zeros(L, num_slots, conv_channels, conv_kernel - 1, dtype=dtype, device=device)
+        self._recurrent = torch.zeros(L, num_slots, num_heads, key_dim, value_dim, device=device)
+        self.conv = {layer: self._conv[i] for i, layer in enumerate(layers)}
+        self.recurrent = {layer: self._recurrent[i] for i, layer in enumerate(layers)}
+
+    def reset(self, slots: torch.Tensor) -> None:
+        """Zeroes the slots of sequences starting afresh (new, or recomputed after preemption)."""
+        self._conv.index_fill_(1, slots, 0)
+        self._recurrent.index_fill_(1, slots, 0)
 
     @staticmethod
     def bytes_per_slot(num_layers: int, conv_channels: int, conv_kernel: int, num_heads: int,
@@ -84,9 +60,19 @@ class DeltaNetStateCache:
 
 @dataclass
 class ForwardBatch:
-    """Everything a layer needs besides its input rows."""
+    """Everything a layer needs besides its input rows [T, D].
+
+    Sequences appear in turn, the `num_decodes` single-row ones first (decode steps), then the
+    prefill chunks. Built once per step by the runner; the tensors live on the model's device."""
 
     positions: torch.Tensor  # [T] position of each row in its sequence
-    slices: list[SequenceSlice]
+    query_lens: list[int]  # [B] rows of each sequence (host)
+    num_decodes: int  # sequences 0 .. num_decodes - 1 have one row each
+    query_start: torch.Tensor  # [B + 1] row offsets
+    context_lens: torch.Tensor  # [B] tokens of each sequence in the caches once this step is written
+    slots: torch.Tensor  # [B] DeltaNet state slot
+    block_tables: torch.Tensor  # [B, max_blocks] KV blocks of each sequence (padded with 0)
+    slot_mapping: torch.Tensor  # [T] flat KV position (block * S + offset) of each row
     kv: PagedKVCache
     states: DeltaNetStateCache
+    memo: dict = field(default_factory=dict)  # per-step values layers share (rotary cos/sin)

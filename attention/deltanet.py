@@ -2,9 +2,10 @@
 
 in_proj_qkv -> depthwise causal conv1d + SiLU -> q | k | v; beta = sigmoid(b);
 g = -exp(A_log) * softplus(a + dt_bias); gated delta rule; gated RMSNorm with z; out_proj.
-Works on a flat batch; prefill slices use the chunked rule, decode slices are batched together
-through the recurrent rule.
-Shapes: T tokens, D hidden, C conv channels (2 * Hk * dk + H * dv), H value heads.
+One pass over the step's flat batch: one projection matmul (qkv, z, b, a fused), one conv over every
+row, one batched recurrent step for the decode rows and one chunked rule for every prefill chunk,
+each updating the sequences' state slots in place (kernels).
+Shapes: T tokens, D hidden, C conv channels (2 * Hk * dk + H * dv), Hk key heads, H value heads.
 """
 
 from __future__ import annotations
@@ -13,8 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .cache import DeltaNetStateCache, ForwardBatch
-from .delta_rule import chunked_gated_delta_rule, recurrent_gated_delta_rule
+from kernels import causal_conv1d, delta_rule_decode, delta_rule_prefill, fuse_weights
+
+from .cache import ForwardBatch
 from .norm import GatedRMSNorm
 
 
@@ -49,50 +51,32 @@ class GatedDeltaNet(nn.Module):
         self.dt_bias = nn.Parameter(torch.ones(num_value_heads))
         self.norm = GatedRMSNorm(value_head_dim, eps)
         self.out_proj = nn.Linear(self.value_dim, hidden_size, bias=False)
+        self.in_proj: torch.Tensor | None = None  # [C + H * dv + 2H, D] once fused
 
-    def _mix(self, qkv_BLC, g_BLH, beta_BLH, slots: torch.Tensor, fresh: torch.Tensor,
-             states: DeltaNetStateCache, recurrent: bool) -> torch.Tensor:
-        """Conv + delta rule for B sequences of L new tokens each, continuing their slots' states
-        (zeros where fresh); writes the new states back. Returns [B, L, H, dv]."""
-        B, L, _ = qkv_BLC.shape
-        conv_pool, rec_pool = states.conv[self.layer_idx], states.recurrent[self.layer_idx]
-        history = conv_pool[slots].masked_fill(fresh[:, None, None], 0)  # [B, C, kernel - 1]
-        padded = torch.cat([history, qkv_BLC.transpose(1, 2)], dim=-1)
-        conv_pool[slots] = padded[:, :, -(self.conv_kernel - 1) :]
-        mixed = F.silu(F.conv1d(padded, self.conv1d.weight, groups=self.conv_channels)).transpose(1, 2)
-        q, k, v = mixed.split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
-        q = q.reshape(B, L, self.num_key_heads, self.key_head_dim)
-        k = k.reshape(B, L, self.num_key_heads, self.key_head_dim)
-        v = v.reshape(B, L, self.num_value_heads, self.value_head_dim)
-        initial = rec_pool[slots].masked_fill(fresh[:, None, None, None], 0)
-        rule = recurrent_gated_delta_rule if recurrent else chunked_gated_delta_rule
-        out, final = rule(q, k, v, g_BLH, beta_BLH, initial)
-        rec_pool[slots] = final
-        return out
+    def fuse(self) -> None:
+        """After loading: one matmul for qkv, z, b and a."""
+        self.in_proj = fuse_weights(self.in_proj_qkv, self.in_proj_z, self.in_proj_b, self.in_proj_a)
 
     def forward(self, x_TD: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
-        T, device = x_TD.shape[0], x_TD.device
-        qkv = self.in_proj_qkv(x_TD)
-        beta = torch.sigmoid(self.in_proj_b(x_TD))
-        g = -self.A_log.float().exp() * F.softplus(self.in_proj_a(x_TD).float() + self.dt_bias)
-        out = x_TD.new_empty(T, self.num_value_heads, self.value_head_dim)
-
-        # Single-token slices (decode) go through one batched recurrent step; longer ones chunked.
-        singles = [s for s in batch.slices if s.length == 1]
-        if singles:
-            rows = torch.tensor([s.start for s in singles], device=device)
-            slots = torch.tensor([s.slot for s in singles], device=device)
-            fresh = torch.tensor([s.past == 0 for s in singles], device=device)
-            out[rows] = self._mix(qkv[rows, None], g[rows, None], beta[rows, None], slots, fresh,
-                                  batch.states, recurrent=True)[:, 0]
-        for s in batch.slices:
-            if s.length == 1:
-                continue
-            slot = torch.tensor([s.slot], device=device)
-            fresh = torch.tensor([s.past == 0], device=device)
-            out[s.rows] = self._mix(qkv[None, s.rows], g[None, s.rows], beta[None, s.rows], slot, fresh,
-                                    batch.states, recurrent=False)[0]
-
-        z = self.in_proj_z(x_TD).view(-1, self.value_head_dim)
-        normed = self.norm(out.view(-1, self.value_head_dim), z)
+        T, H, dk, dv = x_TD.shape[0], self.num_value_heads, self.key_head_dim, self.value_head_dim
+        qkv, z, b, a = F.linear(x_TD, self.in_proj).split([self.conv_channels, self.value_dim, H, H], dim=-1)
+        conv_state = batch.states.conv[self.layer_idx]
+        mixed = causal_conv1d(qkv, self.conv1d.weight.view(self.conv_channels, -1), conv_state, batch.slots,
+                              batch.query_start, batch.query_lens)
+        q, k, v = mixed.split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
+        q, k = q.view(T, self.num_key_heads, dk), k.view(T, self.num_key_heads, dk)
+        v = v.view(T, H, dv)
+        state, d = batch.states.recurrent[self.layer_idx], batch.num_decodes
+        gating = (self.A_log, self.dt_bias, state)
+        if d == len(batch.query_lens):  # decode only
+            out = delta_rule_decode(q, k, v, a, b, *gating, batch.slots)
+        elif d == 0:  # prefill only
+            out = delta_rule_prefill(q, k, v, a, b, *gating, batch.slots, batch.query_lens)
+        else:
+            out = torch.cat([
+                delta_rule_decode(q[:d], k[:d], v[:d], a[:d], b[:d], *gating, batch.slots[:d]),
+                delta_rule_prefill(q[d:], k[d:], v[d:], a[d:], b[d:], *gating, batch.slots[d:],
+                                   batch.query_lens[d:]),
+            ])
+        normed = self.norm(out, z.view(T, H, dv))
         return self.out_proj(normed.view(T, self.value_dim))

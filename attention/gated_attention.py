@@ -1,7 +1,8 @@
 """Gated full attention: GQA with q/k RMSNorm, partial RoPE and a sigmoid output gate.
 
 `q_proj` yields, per head, head_dim query values then head_dim gate values. Works on a flat batch of
-several sequences ([T, D]); each sequence attends to its own KV cache.
+several sequences ([T, D]): the new K/V are written into the paged cache, then one attention call
+covers every sequence of the step (kernels.paged_attention).
 Shapes: T tokens in the batch, D hidden, H query heads, KV kv heads, hd head dim.
 """
 
@@ -10,6 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from kernels import fuse_weights, paged_attention, write_kv
 
 from .cache import ForwardBatch
 from .norm import RMSNorm
@@ -37,32 +40,22 @@ class GatedAttention(nn.Module):
         self.q_norm = RMSNorm(head_dim, eps)
         self.k_norm = RMSNorm(head_dim, eps)
         self.rotary = rotary  # shared by all attention layers; holds no weights
+        self.qkv: torch.Tensor | None = None  # [2 H hd + 2 KV hd, D] once fused
+
+    def fuse(self) -> None:
+        """After loading: one matmul for q (with its gate), k and v."""
+        self.qkv = fuse_weights(self.q_proj, self.k_proj, self.v_proj)
 
     def forward(self, x_TD: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
-        T, hd = x_TD.shape[0], self.head_dim
-        query, gate = self.q_proj(x_TD).view(T, self.num_heads, 2 * hd).split(hd, dim=-1)
-        query = self.q_norm(query)
-        key = self.k_norm(self.k_proj(x_TD).view(T, self.num_kv_heads, hd))
-        value = self.v_proj(x_TD).view(T, self.num_kv_heads, hd)
-        cos, sin = self.rotary.cos_sin(batch.positions, x_TD.dtype)
+        T, H, KV, hd = x_TD.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
+        q_and_gate, key, value = F.linear(x_TD, self.qkv).split([2 * H * hd, KV * hd, KV * hd], dim=-1)
+        query, gate = q_and_gate.view(T, H, 2 * hd).split(hd, dim=-1)
+        query, key = self.q_norm(query), self.k_norm(key.view(T, KV, hd))
+        cos, sin = self.rotary.cos_sin_for(batch, x_TD.dtype)
         query, key = self.rotary(query, cos, sin), self.rotary(key, cos, sin)
-
-        out_THd = torch.empty_like(query)
-        groups = self.num_heads // self.num_kv_heads
-        for s in batch.slices:
-            batch.kv.write(self.layer_idx, s, key[s.rows], value[s.rows])
-            k_all, v_all = batch.kv.read(self.layer_idx, s)  # [past + n, KV, hd]
-            # query i (absolute position past + i) sees keys 0 .. past + i
-            q_pos = torch.arange(s.length, device=x_TD.device)[:, None] + s.past
-            mask = torch.arange(s.past + s.length, device=x_TD.device)[None, :] <= q_pos
-            out = F.scaled_dot_product_attention(
-                query[s.rows].transpose(0, 1),  # [H, n, hd]
-                k_all.transpose(0, 1).repeat_interleave(groups, dim=0),
-                v_all.transpose(0, 1).repeat_interleave(groups, dim=0),
-                attn_mask=mask,
-                scale=hd**-0.5,
-            )
-            out_THd[s.rows] = out.transpose(0, 1)
-        width = self.num_heads * hd
-        out_TE = out_THd.reshape(T, width) * torch.sigmoid(gate.reshape(T, width))
-        return self.o_proj(out_TE)
+        key_cache, value_cache = batch.kv.key[self.layer_idx], batch.kv.value[self.layer_idx]
+        write_kv(key_cache, value_cache, key, value.view(T, KV, hd), batch.slot_mapping)
+        out = paged_attention(query, key_cache, value_cache, batch.block_tables, batch.query_start,
+                              batch.context_lens, hd**-0.5, batch.query_lens)
+        width = H * hd
+        return self.o_proj(out.reshape(T, width) * torch.sigmoid(gate.reshape(T, width)))

@@ -23,6 +23,13 @@ class PartialRotary(nn.Module):
         angles = torch.cat([freqs, freqs], dim=-1)  # [T, rotary_dim]
         return angles.cos().to(dtype), angles.sin().to(dtype)
 
+    def cos_sin_for(self, batch, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+        """cos/sin of a ForwardBatch's positions, computed once per step for every attention layer."""
+        key = ("rotary", dtype)
+        if key not in batch.memo:
+            batch.memo[key] = self.cos_sin(batch.positions, dtype)
+        return batch.memo[key]
+
     def forward(self, x_THd: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """x: [T, heads, head_dim]; cos, sin: [T, rotary_dim]."""
         rot, rest = x_THd[..., : self.rotary_dim], x_THd[..., self.rotary_dim :]

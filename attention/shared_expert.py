@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kernels import fuse_weights
+
 
 class SharedExpert(nn.Module):
     def __init__(self, hidden_size: int, intermediate_size: int) -> None:
@@ -16,6 +18,12 @@ class SharedExpert(nn.Module):
         self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        self.gate_up: torch.Tensor | None = None  # [2I, D] once fused
+
+    def fuse(self) -> None:
+        """After loading: one matmul for gate and up."""
+        self.gate_up = fuse_weights(self.gate_proj, self.up_proj)
 
     def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x_TD)) * self.up_proj(x_TD))
+        gate, up = F.linear(x_TD, self.gate_up).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)

@@ -5,10 +5,10 @@ no tokens). Per MoE layer every rank calls dispatch then combine, in layer order
 
   dispatch: sort this rank's (token, k) pairs by (destination rank, local expert); exchange a
             [world, M] count matrix (int64 all-to-all); send the hidden rows (uneven all-to-all);
-            regroup what arrived by local expert for the grouped kernel.
-  combine:  undo the regrouping, send results back along the reverse splits, put each result in
-            its (token, k) slot and sum with the router weights in k order (router.weighted_sum),
-            so the output does not depend on E, A or the placement.
+            each arrived row is one pair for one local expert (weight 1: the bank groups them).
+  combine:  send results back along the reverse splits, put each result in its (token, k) slot
+            and sum with the router weights in k order (router.weighted_sum), so the output does
+            not depend on E, A or the placement.
 
 Shapes: T tokens, K top-k, P = T * K pairs, D hidden, W world size, M max experts per worker,
 R rows received.
@@ -28,7 +28,6 @@ from router.placement import ExpertPlacement
 @dataclass
 class AllToAllHandle:
     order: torch.Tensor  # [P]: send row i is pair order[i]
-    regroup: torch.Tensor  # [R]: expert-batch row j is arrival row regroup[j]
     send_splits: list[int]  # rows sent to each rank
     recv_splits: list[int]  # rows received from each rank
     weights_TK: torch.Tensor
@@ -61,18 +60,15 @@ class AllToAllDispatcher:
         dist.all_to_all_single(
             received, hidden_TD[order // K].contiguous(), recv_splits, send_splits, group=self.group
         )
-        # rows arrive grouped by source rank, then local expert: regroup by local expert
-        local_R = torch.arange(M, device=recv_counts.device).repeat(W).repeat_interleave(recv_counts)
-        regroup = torch.sort(local_R, stable=True).indices
-        batch = ExpertBatch(hidden=received[regroup], counts=recv_WM.sum(0).tolist())
-        return batch, AllToAllHandle(order, regroup, send_splits, recv_splits, topk_weights_TK)
+        # rows arrive grouped by source rank, then local expert
+        local_R = torch.arange(M, device=recv_counts.device).repeat(W).repeat_interleave(recv_WM.reshape(-1))
+        batch = ExpertBatch(received, local_R[:, None], torch.ones_like(local_R[:, None], dtype=received.dtype))
+        return batch, AllToAllHandle(order, send_splits, recv_splits, topk_weights_TK)
 
     def combine(self, expert_out_RD, handle: AllToAllHandle):
-        arrived_order = torch.empty_like(expert_out_RD)
-        arrived_order[handle.regroup] = expert_out_RD
         results = expert_out_RD.new_empty(sum(handle.send_splits), expert_out_RD.shape[-1])
         dist.all_to_all_single(
-            results, arrived_order, handle.send_splits, handle.recv_splits, group=self.group
+            results, expert_out_RD.contiguous(), handle.send_splits, handle.recv_splits, group=self.group
         )
         pair_out = torch.empty_like(results)
         pair_out[handle.order] = results

@@ -35,9 +35,7 @@ class LocalExecutor:
         model = load_dense_model(cfg, reader, dtype)
         all_experts = {layer: list(range(cfg.num_experts)) for layer in cfg.moe_layer_ids}
         shard = load_expert_shard(cfg, reader, all_experts, dtype)
-        dispatcher = LocalDispatcher(
-            shard.local_index, {layer: len(b.expert_ids) for layer, b in shard.banks.items()}
-        )
+        dispatcher = LocalDispatcher(shard.local_index)
         self.timer = PhaseTimer()
         for moe in model.moe_layers():
             moe.dispatcher, moe.experts, moe.timer = dispatcher, shard, self.timer

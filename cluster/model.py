@@ -53,9 +53,15 @@ class DecoderLayer(nn.Module):
     def mixer(self) -> nn.Module:
         return self.linear_attn if self.is_linear else self.self_attn
 
-    def forward(self, x_TD: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
-        x_TD = x_TD + self.mixer()(self.input_layernorm(x_TD), batch)
-        return x_TD + self.mlp(self.post_attention_layernorm(x_TD))
+    def forward(self, out_TD: torch.Tensor, residual_TD: torch.Tensor | None, batch: ForwardBatch):
+        """x = x + mixer(norm(x)); x = x + mlp(norm(x)), with each residual add fused into the next
+        norm: takes the previous layer's (output, residual), returns this layer's (None: the embeddings)."""
+        if residual_TD is None:
+            residual_TD, h = out_TD, self.input_layernorm(out_TD)
+        else:
+            residual_TD, h = self.input_layernorm.add_forward(residual_TD, out_TD)
+        residual_TD, h = self.post_attention_layernorm.add_forward(residual_TD, self.mixer()(h, batch))
+        return self.mlp(h), residual_TD
 
 
 class Qwen35MoeModel(nn.Module):
@@ -73,13 +79,19 @@ class Qwen35MoeModel(nn.Module):
     def moe_layers(self) -> list[MoELayer]:
         return [layer.mlp for layer in self.layers]
 
+    def fuse(self) -> None:
+        """After loading and placing the weights: sibling projections become one matmul each."""
+        for layer in self.layers:
+            layer.mixer().fuse()
+            layer.mlp.fuse()
+
     @torch.inference_mode()
     def forward(self, input_ids_T: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         """Runs the flat batch through every layer, writing the caches; returns normed hidden [T, D]."""
-        x = self.embed_tokens(input_ids_T)
+        out, residual = self.embed_tokens(input_ids_T), None
         for layer in self.layers:
-            x = layer(x, batch)
-        return self.norm(x)
+            out, residual = layer(out, residual, batch)
+        return self.norm.add_forward(residual, out)[1]
 
     @torch.inference_mode()
     def logits(self, hidden_TD: torch.Tensor) -> torch.Tensor:

@@ -2,9 +2,9 @@
 
 Owns the dense model, the paged KV cache and DeltaNet state slots (allocated once from a
 CacheLayout) and, per sequence, its block table, slot, sampling spec and token history. Executes one
-StepInput: lays the chunks out as a flat batch, runs the model once, samples where asked.
-Plain Python around torch: the engine calls it directly in one process; an AttentionWorker wraps it
-on Ray.
+StepInput: lays the chunks out as one flat batch (decodes first, then prefill chunks), runs the
+model once, samples where asked. Plain Python around torch: the engine calls it directly in one
+process; an AttentionWorker wraps it on Ray.
 """
 
 from __future__ import annotations
@@ -13,13 +13,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from attention import DeltaNetStateCache, ForwardBatch, PagedKVCache, SequenceSlice
+from attention import DeltaNetStateCache, ForwardBatch, PagedKVCache
 from router import ExpertLoadWindow
 
 from .cache_plan import CacheLayout
 from .model import Qwen35MoeModel
 from .sampler import sample_batch
-from .step import ChunkResult, SamplingSpec, StepInput
+from .step import ChunkResult, SamplingSpec, ScheduledChunk, StepInput
 
 
 @dataclass
@@ -34,11 +34,13 @@ class ModelRunner:
     def __init__(self, model: Qwen35MoeModel, layout: CacheLayout, spmd: bool = False,
                  load_window_steps: int = 64) -> None:
         self.model = model
+        model.fuse()
         cfg = model.cfg
         self.device = model.embed_tokens.weight.device
         dtype = model.embed_tokens.weight.dtype
         full = [i for i, t in enumerate(cfg.layer_types) if t == "full_attention"]
         linear = [i for i, t in enumerate(cfg.layer_types) if t == "linear_attention"]
+        self.block_size = layout.block_size
         self.kv = PagedKVCache(full, layout.num_blocks, layout.block_size, cfg.num_key_value_heads,
                                cfg.head_dim, dtype, self.device)
         conv_channels = 2 * cfg.linear_num_key_heads * cfg.linear_key_head_dim + (
@@ -49,7 +51,7 @@ class ModelRunner:
         # spmd: the model's MoE layers join collectives, so even an empty step runs the forward
         self.spmd = spmd
         self.sequences: dict[int, _SequenceState] = {}
-        self.load = ExpertLoadWindow(cfg.num_hidden_layers, cfg.num_experts, load_window_steps)
+        self.load = ExpertLoadWindow(cfg.num_hidden_layers, cfg.num_experts, load_window_steps, self.device)
         for moe in model.moe_layers():
             moe.load = self.load
 
@@ -58,40 +60,68 @@ class ModelRunner:
             self.sequences.pop(seq_id, None)
         if not step.chunks and not self.spmd:
             return []
-        slices, ids, positions, start = [], [], [], 0
-        for chunk in step.chunks:
+        chunks = sorted(step.chunks, key=lambda c: len(c.token_ids) > 1)  # decodes first (stable)
+        ids, batch = self._layout(chunks)
+        hidden = self.model(ids, batch)
+        if not chunks:
+            return []
+        self.load.advance()
+        return self._results(chunks, batch, hidden)
+
+    def _layout(self, chunks: list[ScheduledChunk]) -> tuple[torch.Tensor, ForwardBatch]:
+        """The step's flat batch: token ids [T] and the ForwardBatch (host lists -> one tensor each)."""
+        ids, positions, slot_mapping, query_lens, context_lens, slots, tables, fresh = [], [], [], [], [], [], [], []
+        bs = self.block_size
+        for chunk in chunks:
             if chunk.past == 0:
                 self.sequences[chunk.seq_id] = _SequenceState(chunk.slot, chunk.sampling or SamplingSpec())
+                fresh.append(chunk.slot)
             seq = self.sequences[chunk.seq_id]
             if len(seq.tokens) != chunk.past:
                 raise RuntimeError(f"sequence {chunk.seq_id}: worker has {len(seq.tokens)} tokens, "
                                    f"step says {chunk.past}")
             seq.block_table.extend(chunk.new_blocks)
             seq.tokens.extend(chunk.token_ids)
-            n = len(chunk.token_ids)
-            table = torch.tensor(seq.block_table, dtype=torch.long, device=self.device)
-            slices.append(SequenceSlice(start, n, chunk.past, table, seq.slot))
+            n, past, table = len(chunk.token_ids), chunk.past, seq.block_table
             ids.extend(chunk.token_ids)
-            positions.extend(range(chunk.past, chunk.past + n))
-            start += n
+            positions.extend(range(past, past + n))
+            slot_mapping.extend(table[p // bs] * bs + p % bs for p in range(past, past + n))
+            query_lens.append(n)
+            context_lens.append(past + n)
+            slots.append(seq.slot)
+            tables.append(table)
+        width = max((len(t) for t in tables), default=1)
+        padded = [t + [0] * (width - len(t)) for t in tables]
         as_long = dict(dtype=torch.long, device=self.device)
-        batch = ForwardBatch(torch.tensor(positions, **as_long), slices, self.kv, self.states)
-        hidden = self.model(torch.tensor(ids, **as_long), batch)
-        if not step.chunks:
-            return []
-        self.load.advance()
-        return self._results(step, slices, hidden)
+        starts = [0]
+        for n in query_lens:
+            starts.append(starts[-1] + n)
+        batch = ForwardBatch(
+            positions=torch.tensor(positions, **as_long),
+            query_lens=query_lens,
+            num_decodes=sum(1 for n in query_lens if n == 1),
+            query_start=torch.tensor(starts, **as_long),
+            context_lens=torch.tensor(context_lens, **as_long),
+            slots=torch.tensor(slots, **as_long),
+            block_tables=torch.tensor(padded, **as_long).view(len(tables), width),
+            slot_mapping=torch.tensor(slot_mapping, **as_long),
+            kv=self.kv, states=self.states,
+        )
+        if fresh:  # new or recomputed sequences start from zero states
+            self.states.reset(torch.tensor(fresh, **as_long))
+        return torch.tensor(ids, **as_long), batch
 
-    def _results(self, step: StepInput, slices: list[SequenceSlice], hidden: torch.Tensor) -> list[ChunkResult]:
-        results = [ChunkResult(chunk.seq_id) for chunk in step.chunks]
-        for chunk, s, result in zip(step.chunks, slices, results):
+    def _results(self, chunks: list[ScheduledChunk], batch: ForwardBatch, hidden: torch.Tensor) -> list[ChunkResult]:
+        results = [ChunkResult(chunk.seq_id) for chunk in chunks]
+        starts = batch.query_start.tolist() if any(c.want_logits for c in chunks) else None
+        for i, chunk in enumerate(chunks):
             if chunk.want_logits:
-                result.logits = self.model.logits(hidden[s.rows]).cpu()
-        sampling = [i for i, chunk in enumerate(step.chunks) if chunk.sample]
+                results[i].logits = self.model.logits(hidden[starts[i] : starts[i + 1]]).cpu()
+        sampling = [i for i, chunk in enumerate(chunks) if chunk.sample]
         if sampling:
-            last_rows = torch.tensor([slices[i].start + slices[i].length - 1 for i in sampling], device=self.device)
+            last_rows = batch.query_start[1:][sampling] - 1 if len(sampling) < len(chunks) else batch.query_start[1:] - 1
             logits = self.model.logits(hidden[last_rows])
-            seqs = [self.sequences[step.chunks[i].seq_id] for i in sampling]
+            seqs = [self.sequences[chunks[i].seq_id] for i in sampling]
             picks = sample_batch(logits, [s.sampling for s in seqs], [s.tokens for s in seqs])
             for i, (token, logprob, top) in zip(sampling, picks):
                 results[i].token_id, results[i].logprob, results[i].top_logprobs = token, logprob, top

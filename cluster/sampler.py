@@ -1,9 +1,8 @@
-"""Token selection for a batch of sequences with their own sampling specs, on the attention worker.
+"""Token selection on the attention worker: per-row sampling specs become batch tensors for
+kernels.sample (penalties, temperature, top-k/p, min-p, seeded draws, logprobs), vectorised.
 
-Order of operations (as vLLM): penalties on the raw logits, then temperature, then top-k, top-p and
-min-p filtering, then a draw. The draw for output token i of a request is a function of (seed, i)
-only, so a seeded request gives the same tokens alone, in any batch, on any worker, and after
-preemption. Logprobs are those of the raw model logits.
+The draw for output token i of a request is uniform_draw(seed, i): a function of (seed, i) only, so
+a seeded request gives the same tokens alone, in any batch, on any worker, and after preemption.
 Shapes: B rows (sequences sampling this step), V vocab.
 """
 
@@ -11,66 +10,62 @@ from __future__ import annotations
 
 import torch
 
+from kernels import SamplingTensors, sample, uniform_draw
+
 from .step import SamplingSpec
 
 
-def _draw_key(seed: int, index: int) -> int:
-    return (seed * 1_000_003 + index) % (2**63 - 1)
+def sampling_tensors(specs: list[SamplingSpec], histories: list[list[int]], vocab_size: int,
+                     device: torch.device | str = "cpu") -> SamplingTensors:
+    """histories[i]: every token row i has fed so far (prompt, then outputs)."""
 
+    def column(values, dtype=torch.float32):
+        return torch.tensor(values, dtype=dtype, device=device)
 
-def apply_penalties(logits_V: torch.Tensor, spec: SamplingSpec, history: list[int]) -> torch.Tensor:
-    """OpenAI presence/frequency penalties on output tokens; HF repetition penalty on all tokens."""
-    out_tokens = history[spec.prompt_len :]
-    if spec.repetition_penalty != 1.0 and history:
-        seen = torch.tensor(sorted(set(history)), device=logits_V.device)
-        values = logits_V[seen]
-        logits_V[seen] = torch.where(values > 0, values / spec.repetition_penalty,
-                                     values * spec.repetition_penalty)
-    if (spec.presence_penalty or spec.frequency_penalty) and out_tokens:
-        counts = torch.bincount(torch.tensor(out_tokens, device=logits_V.device),
-                                minlength=logits_V.shape[0]).to(logits_V.dtype)
-        logits_V -= spec.frequency_penalty * counts + spec.presence_penalty * (counts > 0)
-    return logits_V
-
-
-def filter_logits(logits_V: torch.Tensor, spec: SamplingSpec) -> torch.Tensor:
-    """Temperature, then top-k, top-p (nucleus) and min-p: filtered entries become -inf."""
-    logits_V = logits_V / spec.temperature
-    if 0 < spec.top_k < logits_V.shape[0]:
-        kth = torch.topk(logits_V, spec.top_k).values[-1]
-        logits_V = logits_V.masked_fill(logits_V < kth, float("-inf"))
-    if spec.top_p < 1.0:
-        sorted_logits, order = torch.sort(logits_V, descending=True)
-        cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(-1)
-        drop_sorted = cumulative - torch.softmax(sorted_logits, dim=-1) >= spec.top_p  # keep >= 1 token
-        logits_V = logits_V.masked_fill(torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted),
-                                        float("-inf"))
-    if spec.min_p > 0.0:
-        probs = torch.softmax(logits_V, dim=-1)
-        logits_V = logits_V.masked_fill(probs < spec.min_p * probs.max(), float("-inf"))
-    return logits_V
+    penalised = [i for i, s in enumerate(specs)
+                 if s.presence_penalty or s.frequency_penalty or s.repetition_penalty != 1.0]
+    counts = seen = None
+    if penalised:
+        B = len(specs)
+        counts = torch.zeros(B, vocab_size, device=device)
+        seen = torch.zeros(B, vocab_size, dtype=torch.bool, device=device)
+        out_rows = [i for i in penalised for _ in histories[i][specs[i].prompt_len :]]
+        out_tokens = [t for i in penalised for t in histories[i][specs[i].prompt_len :]]
+        if out_tokens:
+            counts.index_put_((column(out_rows, torch.long), column(out_tokens, torch.long)),
+                              torch.ones(len(out_tokens), device=device), accumulate=True)
+        all_rows = [i for i in penalised for _ in histories[i]]
+        all_tokens = [t for i in penalised for t in histories[i]]
+        if all_tokens:
+            seen[column(all_rows, torch.long), column(all_tokens, torch.long)] = True
+    return SamplingTensors(
+        temperature=column([s.temperature for s in specs]),
+        top_k=column([s.top_k for s in specs], torch.long),
+        top_p=column([s.top_p for s in specs]),
+        min_p=column([s.min_p for s in specs]),
+        uniform=column([uniform_draw(s.seed, len(h) - s.prompt_len) for s, h in zip(specs, histories)],
+                       torch.float64),
+        presence_penalty=column([s.presence_penalty for s in specs]),
+        frequency_penalty=column([s.frequency_penalty for s in specs]),
+        repetition_penalty=column([s.repetition_penalty for s in specs]),
+        output_counts=counts, seen=seen,
+        num_logprobs=max((s.logprobs for s in specs), default=-1),
+        all_greedy=all(s.temperature == 0.0 for s in specs),
+        max_top_k=max((s.top_k for s in specs if s.temperature > 0), default=0),
+        any_top_p=any(s.top_p < 1.0 and s.temperature > 0 for s in specs),
+        any_min_p=any(s.min_p > 0.0 and s.temperature > 0 for s in specs),
+    )
 
 
 def sample_batch(
     logits_BV: torch.Tensor, specs: list[SamplingSpec], histories: list[list[int]]
 ) -> list[tuple[int, float, list[tuple[int, float]]]]:
-    """Per row: (token id, its raw logprob, top-n raw logprobs)."""
-    raw_logprobs = torch.log_softmax(logits_BV.float(), dim=-1)
-    results = []
-    for row, (spec, history) in enumerate(zip(specs, histories)):
-        logits = apply_penalties(logits_BV[row].float().clone(), spec, history)
-        if spec.temperature == 0.0:
-            token = int(torch.argmax(logits))
-        else:
-            probs = torch.softmax(filter_logits(logits, spec), dim=-1)
-            generator = torch.Generator(device=logits.device)
-            generator.manual_seed(_draw_key(spec.seed, len(history) - spec.prompt_len))
-            # exponential race: argmax(p / E), E ~ Exp(1), draws token t with probability p_t
-            race = torch.empty_like(probs).exponential_(generator=generator)
-            token = int(torch.argmax(probs / race))
-        top = []
-        if spec.logprobs > 0:
-            values, ids = torch.topk(raw_logprobs[row], spec.logprobs)
-            top = list(zip(ids.tolist(), values.tolist()))
-        results.append((token, float(raw_logprobs[row, token]), top))
-    return results
+    """Per row: (token id, its raw logprob, top-n raw logprobs); one batched selection."""
+    st = sampling_tensors(specs, histories, logits_BV.shape[-1], logits_BV.device)
+    result = sample(logits_BV, st)
+    tokens = result.tokens.tolist()
+    if result.logprobs is None:
+        return [(token, 0.0, []) for token in tokens]
+    logprobs, top_ids, top_values = result.logprobs.tolist(), result.top_ids.tolist(), result.top_logprobs.tolist()
+    return [(token, logprob, list(zip(ids[: s.logprobs], values[: s.logprobs])) if s.logprobs > 0 else [])
+            for token, logprob, ids, values, s in zip(tokens, logprobs, top_ids, top_values, specs)]

@@ -186,7 +186,7 @@ class ExpertWorker(_Worker):
                         layer, self.empty_hidden, self.empty_idx, self.empty_weights
                     )
                 with self.timer.phase("experts"):
-                    out = self.shard.forward(layer, batch.hidden, batch.counts)
+                    out = self.shard.forward(layer, batch)
                 with self.timer.phase("combine"):
                     self.dispatcher.combine(out, handle)
         self.timer.steps += 1

@@ -1,6 +1,5 @@
-"""Expert weights of a shard and grouped expert compute (pure torch)."""
+"""Expert weights of a shard; their grouped compute is kernels.moe_experts (pure torch + C++)."""
 
-from .grouped import grouped_swiglu, swiglu_reference
 from .shard import ExpertBank, ExpertShard
 
-__all__ = ["ExpertBank", "ExpertShard", "grouped_swiglu", "swiglu_reference"]
+__all__ = ["ExpertBank", "ExpertShard"]

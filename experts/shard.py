@@ -3,7 +3,7 @@
 A shard may hold any subset of each layer's experts (contiguous blocks by default, replicas of hot
 experts later). Weights of a layer are stacked in the order of `expert_ids[layer]`, so local index i
 is global expert expert_ids[layer][i].
-Shapes: N experts held in a layer, E experts in the model, D hidden, I intermediate, R routed rows.
+Shapes: N experts held in a layer, E experts in the model, D hidden, I intermediate, R rows.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .grouped import grouped_swiglu
+from kernels import moe_experts
 
 
 @dataclass
@@ -43,17 +43,17 @@ class ExpertShard:
         # local_index[layer][e] = position of global expert e in the bank, or -1 if not held here
         self.local_index: dict[int, torch.Tensor] = {}
         for layer, bank in banks.items():
-            index = torch.full((num_experts,), -1, dtype=torch.long)
-            index[list(bank.expert_ids)] = torch.arange(len(bank.expert_ids))
+            index = torch.full((num_experts,), -1, dtype=torch.long, device=bank.gate_up.device)
+            index[list(bank.expert_ids)] = torch.arange(len(bank.expert_ids), device=index.device)
             self.local_index[layer] = index
 
     @property
     def nbytes(self) -> int:
         return sum(bank.nbytes for bank in self.banks.values())
 
-    def forward(self, layer: int, hidden_RD: torch.Tensor, counts_N: list[int]) -> torch.Tensor:
-        """Rows sorted by local expert index, counts_N[i] rows for local expert i."""
-        if hidden_RD.shape[0] == 0:
-            return hidden_RD
+    def forward(self, layer: int, batch) -> torch.Tensor:
+        """A router.ExpertBatch -> [R, D]: per row, the weighted sum of its experts' SwiGLU outputs."""
+        if batch.hidden.shape[0] == 0:
+            return batch.hidden
         bank = self.banks[layer]
-        return grouped_swiglu(hidden_RD, counts_N, bank.gate_up, bank.down)
+        return moe_experts(batch.hidden, batch.expert_idx, batch.weights, bank.gate_up, bank.down)

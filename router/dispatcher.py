@@ -1,14 +1,16 @@
 """Dispatch and combine: the pair that moves routed tokens to the experts and back (after DeepEP).
 
     batch, handle = dispatcher.dispatch(layer, hidden_TD, topk_idx_TK, topk_weights_TK)
-    expert_out = shard.forward(layer, batch.hidden, batch.counts)   # on whoever holds the experts
+    expert_out = shard.forward(layer, batch)   # on whoever holds the experts
     out_TD = dispatcher.combine(expert_out, handle)
 
-Every worker of a model instance makes the same calls in the same order (SPMD): a worker with no
-tokens dispatches T = 0 rows, a worker with no experts receives R = 0 rows. `combine` weights each
-(token, k) result by its router weight and sums over k in k order, so the sum does not depend on
-how experts are spread over workers.
-Shapes: T tokens, K top-k, D hidden, R rows received by this worker (sorted by local expert).
+An ExpertBatch is what a worker's expert bank computes: rows, and for each row up to K' (bank index,
+weight) pairs; the bank returns, per row, the weighted sum of those experts' outputs in pair order
+(kernels.moe_experts). In one process the batch is the tokens themselves with their top-k (K' = K),
+and combine has nothing left to do. Every worker of a model instance makes the same calls in the
+same order (SPMD): a worker with no tokens dispatches T = 0 rows, a worker with no experts receives
+R = 0 rows.
+Shapes: T tokens, K top-k, D hidden, R rows received by this worker, K' pairs per row.
 """
 
 from __future__ import annotations
@@ -21,11 +23,9 @@ import torch
 
 @dataclass
 class ExpertBatch:
-    """Rows received by this worker: hidden [R, D] sorted by local expert; counts[i] rows for
-    local expert i of the layer's bank."""
-
-    hidden: torch.Tensor
-    counts: list[int]
+    hidden: torch.Tensor  # [R, D]
+    expert_idx: torch.Tensor  # [R, K'] int64 index in this worker's bank; -1: no expert
+    weights: torch.Tensor  # [R, K'] weight of each pair in the row's sum
 
 
 class Dispatcher(Protocol):
@@ -40,12 +40,6 @@ class Dispatcher(Protocol):
     def combine(self, expert_out_RD: torch.Tensor, handle: Any) -> torch.Tensor: ...
 
 
-@dataclass
-class LocalHandle:
-    order: torch.Tensor  # [T * K]: row r of the expert batch is (token, k) pair order[r]
-    weights_TK: torch.Tensor
-
-
 def weighted_sum(pair_out_PD: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor:
     """[T * K, D] results of (token, k) pairs in pair order -> [T, D], summed in k order."""
     T, K = weights_TK.shape
@@ -57,23 +51,17 @@ def weighted_sum(pair_out_PD: torch.Tensor, weights_TK: torch.Tensor) -> torch.T
 
 
 class LocalDispatcher:
-    """One process holds every routed expert: dispatch is a sort by expert, combine its inverse."""
+    """One process holds every routed expert: the tokens go to the bank as they are."""
 
-    def __init__(self, local_index: dict[int, torch.Tensor], num_local: dict[int, int]) -> None:
-        self.local_index = local_index  # layer -> [E] global expert -> local index
-        self.num_local = num_local  # layer -> experts in the local bank
+    def __init__(self, local_index: dict[int, torch.Tensor]) -> None:
+        # layer -> [E] global expert -> bank index; None where the bank is every expert in order
+        identity = {layer: bool((t == torch.arange(t.numel(), device=t.device)).all()) for layer, t in local_index.items()}
+        self.local_index = {layer: None if identity[layer] else t for layer, t in local_index.items()}
 
     def dispatch(self, layer, hidden_TD, topk_idx_TK, topk_weights_TK):
-        K = topk_idx_TK.shape[1]
-        local = self.local_index[layer][topk_idx_TK.reshape(-1)]  # [T * K]
-        if bool((local < 0).any()):
-            raise RuntimeError(f"layer {layer}: routed to an expert that is not held locally")
-        local_sorted, order = torch.sort(local, stable=True)
-        counts = torch.bincount(local_sorted, minlength=self.num_local[layer]).tolist()
-        batch = ExpertBatch(hidden=hidden_TD[order // K], counts=counts)
-        return batch, LocalHandle(order=order, weights_TK=topk_weights_TK)
+        table = self.local_index[layer]
+        idx = topk_idx_TK if table is None else table[topk_idx_TK]
+        return ExpertBatch(hidden_TD, idx, topk_weights_TK), None
 
-    def combine(self, expert_out_RD, handle: LocalHandle):
-        pair_out = torch.empty_like(expert_out_RD)
-        pair_out[handle.order] = expert_out_RD
-        return weighted_sum(pair_out, handle.weights_TK)
+    def combine(self, expert_out_RD, handle):
+        return expert_out_RD

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+from kernels import topk_softmax
 
 
 class TopKGate(nn.Module):
@@ -12,10 +15,9 @@ class TopKGate(nn.Module):
         self.top_k = top_k
         self.weight = nn.Parameter(torch.zeros(num_experts, hidden_size))
 
+    def select(self, logits_TE: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """topk_idx [T, K] (int64 expert ids, most likely first) and topk_weights [T, K] (logits' dtype)."""
+        return topk_softmax(logits_TE, self.top_k)
+
     def forward(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns topk_idx [T, K] (int64 expert ids) and topk_weights [T, K] (x's dtype)."""
-        logits = x_TD @ self.weight.T
-        probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
-        weights, idx = torch.topk(probs, self.top_k, dim=-1)
-        weights = weights / weights.sum(dim=-1, keepdim=True)
-        return idx, weights.to(logits.dtype)
+        return self.select(F.linear(x_TD, self.weight))

@@ -1,8 +1,9 @@
 """ExpertLoadWindow: per-layer, per-expert token counts over a sliding window of steps.
 
-One bincount per MoE layer per step and a ring of W step slots: cheap enough to stay on in
-production. Counts are (token, expert) pairs routed, i.e. each token counts once for each of its
-top-k experts. Shapes: W window slots, L MoE layers, E experts.
+One scatter-add per MoE layer per step, on the model's device (no host transfer on the hot path),
+into a ring of W step slots: cheap enough to stay on in production. Counts are (token, expert) pairs
+routed, i.e. each token counts once for each of its top-k experts. Shapes: W window slots, L MoE
+layers, E experts.
 """
 
 from __future__ import annotations
@@ -11,15 +12,15 @@ import torch
 
 
 class ExpertLoadWindow:
-    def __init__(self, num_layers: int, num_experts: int, window_steps: int = 64) -> None:
+    def __init__(self, num_layers: int, num_experts: int, window_steps: int = 64,
+                 device: torch.device | str = "cpu") -> None:
         self.num_experts = num_experts
-        self.counts = torch.zeros(window_steps, num_layers, num_experts, dtype=torch.long)  # [W, L, E]
+        self.counts = torch.zeros(window_steps, num_layers, num_experts, dtype=torch.long, device=device)
         self.slot = 0
 
     def record(self, layer: int, topk_idx_TK: torch.Tensor) -> None:
-        if topk_idx_TK.numel():
-            counts = torch.bincount(topk_idx_TK.reshape(-1).cpu(), minlength=self.num_experts)
-            self.counts[self.slot, layer] += counts
+        flat = topk_idx_TK.reshape(-1)
+        self.counts[self.slot, layer].index_add_(0, flat, torch.ones_like(flat))
 
     def advance(self) -> None:
         """Starts the next step's slot, dropping the oldest."""
@@ -27,5 +28,5 @@ class ExpertLoadWindow:
         self.counts[self.slot].zero_()
 
     def totals(self) -> torch.Tensor:
-        """[L, E] pairs routed to each expert over the window."""
-        return self.counts.sum(0)
+        """[L, E] pairs routed to each expert over the window (on the host)."""
+        return self.counts.sum(0).cpu()

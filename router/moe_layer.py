@@ -3,7 +3,8 @@
     y = combine(experts(dispatch(x, top-k of gate(x)))) + sigmoid(shared_expert_gate(x)) * shared(x)
 
 The layer is handed its dispatcher and the local expert shard (which may hold no experts, when the
-experts live on other workers), so the same code runs in one process and across Ray actors.
+experts live on other workers), so the same code runs in one process and across Ray actors. The
+router and the shared expert's gate run as one matmul once fused.
 """
 
 from __future__ import annotations
@@ -11,7 +12,10 @@ from __future__ import annotations
 from contextlib import nullcontext
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+from kernels import fuse_weights
 
 from .dispatcher import Dispatcher
 from .gate import TopKGate
@@ -34,19 +38,27 @@ class MoELayer(nn.Module):
         self.experts = None  # an experts.ExpertShard (duck-typed: router does not import experts)
         self.timer = None  # optional: anything with .phase(name) -> context manager
         self.load = None  # optional router.load.ExpertLoadWindow: counts routed pairs per expert
+        self.router: torch.Tensor | None = None  # [E + 1, D]: gate rows, then the shared gate's
+
+    def fuse(self) -> None:
+        """After loading: the router and the shared expert's gate as one matmul."""
+        self.router = fuse_weights(self.gate, self.shared_expert_gate)
+        self.shared_expert.fuse()
 
     def _phase(self, name: str):
         return self.timer.phase(name) if self.timer is not None else nullcontext()
 
     def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
-        topk_idx, topk_weights = self.gate(x_TD)
+        logits = F.linear(x_TD, self.router)
+        num_experts = logits.shape[1] - 1
+        topk_idx, topk_weights = self.gate.select(logits[:, :num_experts])
         if self.load is not None:
             self.load.record(self.layer_idx, topk_idx)
         with self._phase("dispatch"):
             batch, handle = self.dispatcher.dispatch(self.layer_idx, x_TD, topk_idx, topk_weights)
         with self._phase("experts"):
-            expert_out = self.experts.forward(self.layer_idx, batch.hidden, batch.counts)
+            expert_out = self.experts.forward(self.layer_idx, batch)
         with self._phase("combine"):
             routed = self.dispatcher.combine(expert_out, handle)
-        shared = torch.sigmoid(self.shared_expert_gate(x_TD)) * self.shared_expert(x_TD)
+        shared = torch.sigmoid(logits[:, num_experts:]) * self.shared_expert(x_TD)
         return routed + shared

@@ -30,3 +30,16 @@ def hf_greedy(model_dir: str, token_ids: list[int], max_new_tokens: int) -> list
         pad_token_id=0,
     )
     return out[0, len(token_ids):].tolist()
+
+
+def expert_mix(x_TD: torch.Tensor, idx_TK: torch.Tensor, weights_TK: torch.Tensor, gate_up: torch.Tensor,
+               down: torch.Tensor) -> torch.Tensor:
+    """sum_k w[t, k] * SwiGLU of expert idx[t, k] on x[t], token by token (obviously right; fp32)."""
+    out = torch.zeros(x_TD.shape[0], x_TD.shape[1])
+    for t in range(x_TD.shape[0]):
+        for k in range(idx_TK.shape[1]):
+            e = int(idx_TK[t, k])
+            if e >= 0:
+                gate, up = (gate_up[e].float() @ x_TD[t].float()).chunk(2)
+                out[t] += weights_TK[t, k].float() * (down[e].float() @ (torch.nn.functional.silu(gate) * up))
+    return out

@@ -11,9 +11,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from cluster.all_to_all import AllToAllDispatcher
-from experts import ExpertBank, ExpertShard, swiglu_reference
+from experts import ExpertBank, ExpertShard
 from router.placement import ExpertPlacement
 from tests.conftest import free_port
+from tests.reference import expert_mix
 
 E, D, I, K, A, W = 8, 16, 8, 3, 2, 4
 REPLICATED = ExpertPlacement(E, {0: ((0, 1, 2, 3), (0, 4, 5, 6, 7))})  # expert 0 on both workers
@@ -45,11 +46,7 @@ def _scenarios():
 
 
 def _reference(x, idx, w):
-    gate_up, down = _weights()
-    out = torch.zeros(x.shape[0], D)
-    for k in range(K):
-        out += w[:, k, None] * swiglu_reference(x, idx[:, k], gate_up, down)
-    return out
+    return expert_mix(x, idx, w, *_weights())
 
 
 def _rank_main(rank: int, init_method: str, results) -> None:
@@ -73,8 +70,8 @@ def _rank_main(rank: int, init_method: str, results) -> None:
             else:
                 x, idx, w = torch.empty(0, D), torch.empty(0, K, dtype=torch.long), torch.empty(0, K)
             batch, handle = dispatcher.dispatch(0, x, idx, w)
-            y = dispatcher.combine(shard.forward(0, batch.hidden, batch.counts), handle)
-            out[(placement_name, name)] = (y, sum(batch.counts))
+            y = dispatcher.combine(shard.forward(0, batch), handle)
+            out[(placement_name, name)] = (y, batch.hidden.shape[0])
     results.put((rank, out))
     dist.destroy_process_group()
 

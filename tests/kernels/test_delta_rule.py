@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from attention.delta_rule import chunked_gated_delta_rule, recurrent_gated_delta_rule
+from kernels.delta_rule import chunked_gated_delta_rule, recurrent_gated_delta_rule
 
 
 def _inputs(B, L, Hk, H, dk, dv, seed=0):

@@ -1,0 +1,269 @@
+"""epserve against the engines its users would pick instead, on one checkpoint, in one sitting.
+
+    python benchmarks/peer.py [--vllm-venv /tmp/vllm-venv] [--model DIR]      # throughput (default)
+    python benchmarks/peer.py --mode bandwidth                                 # batch-1 vs memory bound
+    python benchmarks/peer.py --mode long-context                              # decode after 60K tokens
+
+throughput: 32 prompts of 8-63 random token ids (numpy default_rng(1234), ids < 300) x 48 greedy
+  tokens, a warm-up pass on other prompts, then --passes timed passes; then single-stream decode
+  (one request: 128 tokens minus 1 token, median of runs). epserve in process in fp32 and bf16,
+  transformers' batched generate (fp32, left-padded), and vLLM's CPU engine when --vllm-venv is
+  given (run by this same file under that venv's python; install it as ../shared/peer-vllm/README.md
+  says, never as a project dependency). Default checkpoint: `make-tiny --linear-head-dim 128
+  --fused-experts` (vLLM's CPU build accepts only 64- or 128-wide DeltaNet heads).
+bandwidth: the bandwidth-bound shape (hidden 512, 8 layers, 512 experts of width 128): bytes of
+  weights one decode token reads / measured read bandwidth gives the bound; batch-1 decode tok/s
+  against it, epserve fp32 and bf16 and transformers fp32.
+long-context: the default toy with a 64K context: batch-1 decode rate after a 60,000-token prompt
+  against the rate after a 256-token prompt.
+
+Figures are medians over passes on this machine; compare rows of one run only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+OUTPUT_LEN = 48
+SINGLE_LEN = 128
+
+
+def make_prompts(seed: int, n: int = 32, vocab: int = 300) -> list[list[int]]:
+    rng = np.random.default_rng(seed)
+    lens = rng.integers(8, 64, size=n)
+    return [rng.integers(0, vocab, size=int(L)).tolist() for L in lens]
+
+
+def timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def measure(generate, passes: int) -> dict:
+    """generate(prompts, max_tokens) -> number of output tokens. Throughput and single-stream decode."""
+    bench, warm = make_prompts(1234), make_prompts(999)
+    generate(warm, OUTPUT_LEN)
+    rates = []
+    for _ in range(passes):
+        tokens = []
+        rates.append(1 / timed(lambda: tokens.append(generate(bench, OUTPUT_LEN))) * tokens[0])
+    single = [bench[0]]
+    generate(single, SINGLE_LEN)
+    first = statistics.median(timed(lambda: generate(single, 1)) for _ in range(5))
+    whole = statistics.median(timed(lambda: generate(single, SINGLE_LEN)) for _ in range(3))
+    return {"batch_out_tok_s": statistics.median(rates), "passes": [round(r, 1) for r in rates],
+            "single_decode_tok_s": (SINGLE_LEN - 1) / (whole - first), "single_first_token_s": first}
+
+
+# -- the engines ----------------------------------------------------------------------------------
+def epserve_generate(model_dir: str, dtype: str):
+    from cluster import LLM, SamplingParams
+
+    llm = LLM(model=model_dir, dtype=dtype)
+
+    def generate(prompts, max_tokens):
+        params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+        return sum(len(c.token_ids) for c in llm.generate(prompts, params))
+
+    return generate
+
+
+def transformers_generate(model_dir: str):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+
+    def generate(prompts, max_tokens):
+        width = max(len(p) for p in prompts)
+        ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+        with torch.no_grad():
+            out = model.generate(ids, attention_mask=mask, max_new_tokens=max_tokens, min_new_tokens=max_tokens,
+                                 do_sample=False, eos_token_id=None, pad_token_id=0)
+        return (out.shape[1] - width) * len(prompts)
+
+    return generate
+
+
+def vllm_generate(model_dir: str):
+    """Runs inside the vLLM venv (`--run-vllm`)."""
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    llm = LLM(model=model_dir, tokenizer=model_dir, dtype="bfloat16", enforce_eager=True, max_model_len=512,
+              max_num_seqs=32, seed=0, enable_prefix_caching=False)
+
+    def generate(prompts, max_tokens):
+        params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+        outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+        return sum(len(o.outputs[0].token_ids) for o in outs)
+
+    return generate
+
+
+def run_vllm(venv: str, model_dir: str, passes: int) -> dict | None:
+    python = Path(venv) / "bin" / "python"
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "2", "HF_HUB_OFFLINE": "1"}
+    preload = [str(p) for p in (Path("/tmp/tcm/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4"),
+                                Path(venv) / "lib" / "libiomp5.so") if p.exists()]
+    if preload:  # vLLM's CPU engine runs fastest with tcmalloc and Intel's OpenMP (its README)
+        env["LD_PRELOAD"] = ":".join(preload)
+    proc = subprocess.run([str(python), __file__, "--run-vllm", "--model", model_dir, "--passes", str(passes)],
+                          env=env, capture_output=True, text=True)
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT "):])
+    print(f"vLLM run failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}", file=sys.stderr)
+    return None
+
+
+# -- modes ----------------------------------------------------------------------------------------
+def throughput(args) -> None:
+    import torch
+
+    from cluster.tiny import TinySpec, make_tiny
+
+    model_dir = args.model or str(make_tiny(tempfile.mkdtemp(), TinySpec(linear_head_dim=128, fused_experts=True)))
+    print(f"checkpoint {model_dir}; 32 prompts of 8-63 tokens x {OUTPUT_LEN} greedy tokens, then one request x "
+          f"{SINGLE_LEN}; torch threads {torch.get_num_threads()}")
+    rows = {}
+    for dtype in ("float32", "bfloat16"):
+        rows[f"epserve {dtype}"] = measure(epserve_generate(model_dir, dtype), args.passes)
+    if not args.skip_transformers:
+        rows["transformers float32"] = measure(transformers_generate(model_dir), args.passes)
+    if args.vllm_venv:
+        result = run_vllm(args.vllm_venv, model_dir, args.passes)
+        if result is not None:
+            rows["vLLM CPU bfloat16"] = result
+    peer = rows.get("vLLM CPU bfloat16")
+    print(f"{'engine':<22} {'32x48 tok/s':>12} {'single tok/s':>13} {'vs vLLM':>16}   passes")
+    for name, r in rows.items():
+        ratio = (f"{r['batch_out_tok_s'] / peer['batch_out_tok_s']:.2f}x / "
+                 f"{r['single_decode_tok_s'] / peer['single_decode_tok_s']:.2f}x") if peer else "-"
+        print(f"{name:<22} {r['batch_out_tok_s']:12.1f} {r['single_decode_tok_s']:13.1f} {ratio:>16}   {r['passes']}")
+
+
+def read_bandwidth(threads: int) -> float:
+    """Bytes per second of a sum over 1 GiB (best of 5), with the engine's thread count."""
+    import torch
+
+    torch.set_num_threads(threads)
+    x = torch.ones(2**28)
+    x.sum()
+    return x.nbytes / min(timed(x.sum) for _ in range(5))
+
+
+def decode_bytes(model_dir: str, dtype_bytes: int) -> int:
+    """Weight bytes one decode token reads: every dense weight except the embedding table (one row),
+    and top-k experts in every MoE layer."""
+    from cluster.config import ModelConfig
+
+    cfg = ModelConfig.from_pretrained(model_dir)
+    D, V, L = cfg.hidden_size, cfg.vocab_size, cfg.num_hidden_layers
+    dense = V * D + D  # LM head, one embedding row
+    for kind in cfg.layer_types:
+        if kind == "linear_attention":
+            kd, vd = cfg.linear_num_key_heads * cfg.linear_key_head_dim, cfg.linear_num_value_heads * cfg.linear_value_head_dim
+            channels = 2 * kd + vd
+            dense += D * (channels + vd + 2 * cfg.linear_num_value_heads) + channels * cfg.linear_conv_kernel_dim + vd * D
+        else:
+            hd, H, KV = cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
+            dense += D * (2 * H * hd + 2 * KV * hd) + H * hd * D
+        dense += (cfg.num_experts + 1) * D + 3 * D * cfg.shared_expert_intermediate_size
+    experts = L * cfg.num_experts_per_tok * 3 * D * cfg.moe_intermediate_size
+    return (dense + experts) * dtype_bytes
+
+
+def bandwidth(args) -> None:
+    import torch
+
+    from cluster.tiny import TinySpec, make_tiny
+
+    spec = TinySpec(hidden=512, layers=8, moe_intermediate=128, fused_experts=True)
+    model_dir = args.model or str(make_tiny(tempfile.mkdtemp(), spec))
+    threads = torch.get_num_threads()
+    bw = read_bandwidth(threads)
+    print(f"checkpoint {model_dir} (hidden 512, 8 layers, 512 experts of width 128); read bandwidth "
+          f"{bw / 1e9:.1f} GB/s on {threads} threads")
+    print(f"{'engine':<22} {'bytes/token':>12} {'bound tok/s':>12} {'tok/s':>8} {'of bound':>9}")
+    engines = [("epserve float32", lambda: epserve_generate(model_dir, "float32"), 4),
+               ("epserve bfloat16", lambda: epserve_generate(model_dir, "bfloat16"), 2)]
+    if not args.skip_transformers:
+        engines.append(("transformers float32", lambda: transformers_generate(model_dir), 4))
+    for name, make, dtype_bytes in engines:
+        generate = make()
+        single = [make_prompts(1234)[0]]
+        generate(single, SINGLE_LEN)
+        first = statistics.median(timed(lambda: generate(single, 1)) for _ in range(3))
+        whole = statistics.median(timed(lambda: generate(single, SINGLE_LEN)) for _ in range(3))
+        rate = (SINGLE_LEN - 1) / (whole - first)
+        nbytes = decode_bytes(model_dir, dtype_bytes)
+        print(f"{name:<22} {nbytes / 1e6:10.1f}MB {bw / nbytes:12.1f} {rate:8.1f} {rate * nbytes / bw:8.0%}")
+
+
+def stream_times(llm, prompt: list[int], max_tokens: int) -> list[float]:
+    """Times at which each output token of one request arrives, stepping the engine directly."""
+    from cluster import SamplingParams
+
+    engine, times = llm.engine, []
+    engine.add_request(f"long-{len(prompt)}", prompt, SamplingParams(max_tokens=max_tokens, temperature=0.0,
+                                                                      ignore_eos=True))
+    while engine.has_unfinished():
+        for out in engine.step():
+            times += [time.perf_counter()] * len(out.new_token_ids)
+    engine.flush()
+    return times
+
+
+def long_context(args) -> None:
+    from cluster import LLM, CacheConfig, SchedulerConfig
+    from cluster.tiny import TinySpec, make_tiny
+
+    model_dir = args.model or str(make_tiny(tempfile.mkdtemp(), TinySpec(max_position_embeddings=65536)))
+    print(f"checkpoint {model_dir} (default toy, 64K context); batch-1 decode of {SINGLE_LEN} tokens")
+    for dtype in ("float32", "bfloat16"):
+        llm = LLM(model=model_dir, dtype=dtype, scheduler=SchedulerConfig(max_num_batched_tokens=2048),
+                  cache=CacheConfig(memory_budget_mb=1024))
+        rates = {}
+        for length in (256, args.long_prompt):
+            prompt = np.random.default_rng(length).integers(0, 300, size=length).tolist()
+            start = time.perf_counter()
+            times = stream_times(llm, prompt, SINGLE_LEN)
+            rates[length] = (len(times) - 1) / (times[-1] - times[0])
+            print(f"  epserve {dtype:<9} prompt {length:>6}: first token after {times[0] - start:6.2f}s, "
+                  f"then {rates[length]:6.1f} tok/s")
+        print(f"  epserve {dtype:<9} decode after {args.long_prompt} / after 256 tokens: "
+              f"{rates[args.long_prompt] / rates[256]:.2f}x")
+        llm.shutdown()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--mode", choices=["throughput", "bandwidth", "long-context"], default="throughput")
+    parser.add_argument("--model", help="checkpoint (default: made for the mode in a temp dir)")
+    parser.add_argument("--vllm-venv", help="a venv with vllm-cpu installed (../shared/peer-vllm/README.md)")
+    parser.add_argument("--passes", type=int, default=3, help="timed passes of the 32 x 48 batch")
+    parser.add_argument("--long-prompt", type=int, default=60000, help="tokens of the long prompt")
+    parser.add_argument("--skip-transformers", action="store_true")
+    parser.add_argument("--run-vllm", action="store_true", help=argparse.SUPPRESS)  # inside the vLLM venv
+    args = parser.parse_args()
+    if args.run_vllm:
+        print("RESULT " + json.dumps(measure(vllm_generate(args.model), args.passes)), flush=True)
+        return
+    {"throughput": throughput, "bandwidth": bandwidth, "long-context": long_context}[args.mode](args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,34 @@
+"""The hot ops of a step, behind one small interface the model code calls (it never names a backend).
+
+Each op has a plain-torch reference (any device; slow, obviously right) and a fast version; tests
+compare the two on random inputs with ragged batches (tests/kernels). On CPU the fast versions are
+C++ (kernels/csrc, built once per machine: kernels.build); the chunked DeltaNet prefill and the
+sampler are batched torch. A CUDA backend registers the same torch.ops.epserve schemas.
+
+| op | module | fast CPU |
+|---|---|---|
+| rms_norm, add_rms_norm, gated_rms_norm | norms | C++ |
+| causal_conv1d (decode and prefill, conv state slots in place) | conv | C++ |
+| delta_rule_decode (state slots in place) | delta_rule | C++ |
+| delta_rule_prefill (chunked, every sequence of the step at once) | delta_rule | batched torch |
+| paged_attention (+ write_kv) | attention | C++ |
+| topk_softmax (router), moe_experts (grouped SwiGLU + weighted sum) | moe | C++ |
+| sample (penalties, temperature, top-k/p, min-p, seeded draws, logprobs) | sampling | batched torch |
+
+`fuse_weights` concatenates sibling projections (q/k/v, gate/up, ...) for one matmul each.
+"""
+
+from .attention import paged_attention, write_kv
+from .backend import cpu_kernels_loaded, reference_kernels
+from .conv import causal_conv1d
+from .delta_rule import delta_rule_decode, delta_rule_prefill
+from .fuse import fuse_weights
+from .moe import moe_experts, topk_softmax
+from .norms import add_rms_norm, gated_rms_norm, rms_norm
+from .sampling import SamplingTensors, sample, uniform_draw
+
+__all__ = [
+    "SamplingTensors", "add_rms_norm", "causal_conv1d", "cpu_kernels_loaded", "delta_rule_decode",
+    "delta_rule_prefill", "fuse_weights", "gated_rms_norm", "moe_experts", "paged_attention", "reference_kernels",
+    "rms_norm", "sample", "topk_softmax", "uniform_draw", "write_kv",
+]

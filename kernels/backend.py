@@ -1,0 +1,56 @@
+"""Which implementation of each op runs: the C++ CPU kernels for CPU tensors when they load, the
+plain-torch references otherwise (other devices until their kernels plug in, no compiler,
+EPSERVE_KERNELS=reference, or inside `reference_kernels()` in tests)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from contextlib import contextmanager
+
+import torch
+
+from . import build
+
+log = logging.getLogger(__name__)
+
+_cpu_kernels: bool | None = None  # None: not tried yet; loading happens once per process
+_forced_reference = False
+
+
+def cpu_kernels_loaded() -> bool:
+    """Loads the C++ CPU kernels on first call (building them once per machine)."""
+    global _cpu_kernels
+    if _cpu_kernels is None:
+        if os.environ.get("EPSERVE_KERNELS", "").lower() == "reference":
+            _cpu_kernels = False
+        else:
+            try:
+                seconds = build.load()
+                log.info("epserve CPU kernels ready in %.1fs", seconds)
+                _cpu_kernels = True
+            except Exception as e:  # no compiler, unsupported platform: the references still work
+                log.warning("epserve CPU kernels unavailable, using the torch references: %s", e)
+                _cpu_kernels = False
+    return _cpu_kernels
+
+
+def native(t: torch.Tensor) -> bool:
+    """True when the fast CPU kernel should run on tensors like t."""
+    return t.device.type == "cpu" and not _forced_reference and cpu_kernels_loaded()
+
+
+def batched(t: torch.Tensor) -> bool:
+    """True unless references are forced: batched plain-torch versions run on any device."""
+    return not _forced_reference
+
+
+@contextmanager
+def reference_kernels():
+    """Runs every op's plain-torch reference inside the block (tests compare the two)."""
+    global _forced_reference
+    previous, _forced_reference = _forced_reference, True
+    try:
+        yield
+    finally:
+        _forced_reference = previous

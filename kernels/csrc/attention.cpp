@@ -1,0 +1,143 @@
+// Causal attention of a flat batch of sequences against the paged KV cache, in one call per layer.
+//   query [T, Hq, hd] (rows of all sequences; heads may be strided), key_cache / value_cache
+//   [N, S, Hkv, hd], block_tables [B, max_blocks], query_start [B + 1], context_lens [B] (keys in
+//   the cache for each sequence, this step's included)  ->  out [T, Hq, hd].
+// Query i of a sequence with n new tokens and L = context_len sits at position L - n + i and sees
+// keys 0 .. L - n + i. K/V are read in place, block by block (no gathered copy, no GQA repeat):
+// a task is (sequence, kv head, tile of up to kTile query positions) with all the query heads of
+// that kv head; online softmax over key blocks (flash-attention style), fp32 throughout.
+#include "common.h"
+
+namespace epserve {
+
+namespace {
+
+constexpr int64_t kTile = 8;  // query positions per task
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+struct Task {
+  int64_t seq, first, count, kv_head;
+};
+
+template <typename T>
+void attention_impl(const at::Tensor& query, const at::Tensor& key_cache, const at::Tensor& value_cache,
+                    const int64_t* tables, int64_t max_blocks, const int64_t* qs, const int64_t* cl,
+                    const std::vector<Task>& tasks, float scale, at::Tensor& out) {
+  const int64_t Hq = query.size(1), hd = query.size(2);
+  const int64_t S = key_cache.size(1), Hkv = key_cache.size(2), G = Hq / Hkv;
+  const int64_t qs0 = query.stride(0), qs1 = query.stride(1);
+  const T* qp = query.data_ptr<T>();
+  const T* kc = key_cache.data_ptr<T>();
+  const T* vc = value_cache.data_ptr<T>();
+  T* op = out.data_ptr<T>();
+  const int64_t num_tasks = static_cast<int64_t>(tasks.size());
+#pragma omp parallel if (num_tasks > 1)
+  {
+    const int64_t nq_max = kTile * G;
+    std::vector<float> q(nq_max * hd), acc(nq_max * hd), m(nq_max), l(nq_max), s(nq_max * S);
+    std::vector<int64_t> qpos(nq_max);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t t = 0; t < num_tasks; ++t) {
+      const Task task = tasks[t];
+      const int64_t row0 = qs[task.seq] + task.first;
+      const int64_t first_pos = cl[task.seq] - (qs[task.seq + 1] - qs[task.seq]) + task.first;
+      const int64_t nq = task.count * G;
+      for (int64_t r = 0; r < task.count; ++r)
+        for (int64_t g = 0; g < G; ++g) {
+          const int64_t v = r * G + g;
+          const T* src = qp + (row0 + r) * qs0 + (task.kv_head * G + g) * qs1;
+          float* dst = &q[v * hd];
+#pragma omp simd
+          for (int64_t d = 0; d < hd; ++d) dst[d] = to_float(src[d]) * scale;
+          qpos[v] = first_pos + r;
+        }
+      std::fill(m.begin(), m.begin() + nq, kNegInf);
+      std::fill(l.begin(), l.begin() + nq, 0.f);
+      std::fill(acc.begin(), acc.begin() + nq * hd, 0.f);
+      const int64_t last_pos = first_pos + task.count - 1;
+      const int64_t* table = tables + task.seq * max_blocks;
+      for (int64_t kb = 0; kb * S <= last_pos; ++kb) {
+        const int64_t base = kb * S, nk = std::min(S, last_pos + 1 - base), block = table[kb];
+        for (int64_t j = 0; j < nk; ++j) {
+          const T* key = kc + ((block * S + j) * Hkv + task.kv_head) * hd;
+          for (int64_t v = 0; v < nq; ++v)
+            s[v * S + j] = base + j <= qpos[v] ? dot(&q[v * hd], key, hd) : kNegInf;
+        }
+        for (int64_t v = 0; v < nq; ++v) {
+          const float* sv = &s[v * S];
+          float block_max = kNegInf;
+          for (int64_t j = 0; j < nk; ++j) block_max = std::max(block_max, sv[j]);
+          if (block_max == kNegInf) continue;  // every key of the block is in this query's future
+          const float new_m = std::max(m[v], block_max);
+          const float correction = std::exp(m[v] - new_m);
+          float* a = &acc[v * hd];
+          float sum = l[v] * correction;
+#pragma omp simd
+          for (int64_t d = 0; d < hd; ++d) a[d] *= correction;
+          for (int64_t j = 0; j < nk; ++j) {
+            if (sv[j] == kNegInf) continue;
+            const float p = std::exp(sv[j] - new_m);
+            sum += p;
+            const T* val = vc + ((block * S + j) * Hkv + task.kv_head) * hd;
+#pragma omp simd
+            for (int64_t d = 0; d < hd; ++d) a[d] += p * to_float(val[d]);
+          }
+          l[v] = sum;
+          m[v] = new_m;
+        }
+      }
+      for (int64_t r = 0; r < task.count; ++r)
+        for (int64_t g = 0; g < G; ++g) {
+          const int64_t v = r * G + g;
+          const float inv = 1.f / l[v];
+          T* dst = op + ((row0 + r) * Hq + task.kv_head * G + g) * hd;
+#pragma omp simd
+          for (int64_t d = 0; d < hd; ++d) dst[d] = from_float<T>(acc[v * hd + d] * inv);
+        }
+    }
+  }
+}
+
+}  // namespace
+
+at::Tensor paged_attention(const at::Tensor& query, const at::Tensor& key_cache,
+                           const at::Tensor& value_cache, const at::Tensor& block_tables,
+                           const at::Tensor& query_start, const at::Tensor& context_lens, double scale) {
+  check_rows(query, 3, "query");
+  check_cpu(key_cache, "key_cache");
+  TORCH_CHECK(key_cache.is_contiguous() && value_cache.is_contiguous() && key_cache.dim() == 4 &&
+                  key_cache.sizes() == value_cache.sizes(),
+              "key_cache and value_cache must be contiguous [N, S, Hkv, hd] pools");
+  const int64_t T = query.size(0), Hq = query.size(1), hd = query.size(2);
+  const int64_t S = key_cache.size(1), Hkv = key_cache.size(2);
+  TORCH_CHECK(key_cache.size(3) == hd, "head dims of query and cache differ");
+  TORCH_CHECK(Hq % Hkv == 0, "query heads must be a multiple of kv heads");
+  TORCH_CHECK(query.scalar_type() == key_cache.scalar_type() &&
+                  query.scalar_type() == value_cache.scalar_type(),
+              "query and cache dtypes differ");
+  const int64_t B = context_lens.numel();
+  TORCH_CHECK(query_start.numel() == B + 1 && block_tables.dim() == 2 && block_tables.size(0) == B,
+              "query_start, context_lens and block_tables disagree on the batch");
+  auto bt = block_tables.to(at::kLong).contiguous();
+  auto qs_c = query_start.to(at::kLong).contiguous();
+  auto cl_c = context_lens.to(at::kLong).contiguous();
+  const int64_t *qs = qs_c.data_ptr<int64_t>(), *cl = cl_c.data_ptr<int64_t>();
+  const int64_t max_blocks = bt.size(1);
+  TORCH_CHECK(qs[B] == T, "query_start must end at the number of query rows");
+  std::vector<Task> tasks;
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t n = qs[b + 1] - qs[b];
+    TORCH_CHECK(n <= cl[b] && (cl[b] + S - 1) / S <= max_blocks, "sequence ", b,
+                ": context shorter than its queries, or more blocks than its block table holds");
+    for (int64_t i = 0; i < n; i += kTile)
+      for (int64_t h = 0; h < Hkv; ++h) tasks.push_back({b, i, std::min(kTile, n - i), h});
+  }
+  auto out = at::empty({T, Hq, hd}, query.options());
+  EPSERVE_DISPATCH(query.scalar_type(), "paged_attention", [&] {
+    attention_impl<scalar_t>(query, key_cache, value_cache, bt.data_ptr<int64_t>(), max_blocks, qs, cl,
+                             tasks, static_cast<float>(scale), out);
+  });
+  return out;
+}
+
+}  // namespace epserve

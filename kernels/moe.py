@@ -1,0 +1,52 @@
+"""The routed experts of a MoE layer: the router's top-k, and grouped SwiGLU with the weighted sum.
+
+Shapes: T tokens, E experts in the router, K top-k, R rows handed to a bank of N experts, D hidden,
+I expert intermediate. A bank stores gate_up [N, 2I, D] (gate rows first, then up) and down
+[N, D, I], the fused checkpoint layout.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .backend import native
+
+
+def topk_softmax_reference(logits_TE: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    probs = torch.softmax(logits_TE, dim=-1, dtype=torch.float32)
+    weights, idx = torch.topk(probs, k, dim=-1)
+    weights = weights / weights.sum(dim=-1, keepdim=True)
+    return idx, weights.to(logits_TE.dtype)
+
+
+def topk_softmax(logits_TE: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax over all experts (fp32), the k largest, renormalised to sum 1: idx [T, K] int64
+    (descending), weights [T, K] in the logits' dtype."""
+    if native(logits_TE):
+        return torch.ops.epserve.topk_softmax(logits_TE, k)
+    return topk_softmax_reference(logits_TE, k)
+
+
+def moe_experts_reference(x_RD, idx_RK, weights_RK, gate_up, down) -> torch.Tensor:
+    """One pair of matmuls per active expert, then the router-weighted sum in k order."""
+    R, K = idx_RK.shape
+    pair_out = x_RD.new_zeros(R * K, x_RD.shape[1])
+    flat = idx_RK.reshape(-1)
+    for e in flat[flat >= 0].unique().tolist():
+        pairs = (flat == e).nonzero()[:, 0]
+        gate, up = (x_RD[pairs // K] @ gate_up[e].T).chunk(2, dim=-1)
+        pair_out[pairs] = (F.silu(gate) * up) @ down[e].T
+    weighted = pair_out.view(R, K, -1) * weights_RK.to(x_RD.dtype)[..., None]
+    out = weighted[:, 0].clone()
+    for k in range(1, K):
+        out += weighted[:, k]
+    return out
+
+
+def moe_experts(x_RD, idx_RK, weights_RK, gate_up, down) -> torch.Tensor:
+    """out[r] = sum over k (in k order) of weights[r, k] * SwiGLU of expert idx[r, k] on x[r];
+    idx are positions in the bank, -1 where the expert is not in this bank (contributes nothing)."""
+    if native(x_RD):
+        return torch.ops.epserve.moe_experts(x_RD, idx_RK, weights_RK, gate_up, down)
+    return moe_experts_reference(x_RD, idx_RK, weights_RK, gate_up, down)

@@ -1,0 +1,192 @@
+"""Every fast kernel against its plain-torch reference on random inputs, ragged batches included."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import kernels
+from kernels import reference_kernels
+
+DTYPES = {torch.float32: 2e-5, torch.bfloat16: 3e-2}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def cpu_kernels():
+    assert kernels.cpu_kernels_loaded(), "the C++ CPU kernels did not build"
+
+
+def both(fn, *args):
+    """(fast, reference) results of fn on the same inputs (in-place state arguments cloned)."""
+    fast_args = [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
+    ref_args = [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
+    fast = fn(*fast_args)
+    with reference_kernels():
+        ref = fn(*ref_args)
+    return fast, ref, fast_args, ref_args
+
+
+def close(a, b, tol):
+    if isinstance(a, tuple):
+        return all(close(x, y, tol) for x, y in zip(a, b))
+    scale = max(1.0, b.abs().max().item())
+    return (a.float() - b.float()).abs().max().item() <= tol * scale
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_norms(dtype):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(7, 3, 64, generator=g).to(dtype)
+    w = (0.1 * torch.randn(64, generator=g)).to(dtype)
+    strided = torch.randn(7, 3, 128, generator=g).to(dtype)[..., :64]  # heads sliced from a projection
+    for inp in (x, strided, x[:, 0]):
+        fast, ref, *_ = both(kernels.rms_norm, inp, w, 1e-6)
+        assert close(fast, ref, DTYPES[dtype])
+    fast, ref, *_ = both(kernels.add_rms_norm, x[:, 0], x[:, 1], w, 1e-6)
+    assert close(fast, ref, DTYPES[dtype])
+    z = torch.randn(7, 3, 64, generator=g).to(dtype)
+    fast, ref, *_ = both(kernels.gated_rms_norm, x, z, 1 + w, 1e-6)
+    assert close(fast, ref, DTYPES[dtype])
+
+
+def ragged(lens):
+    starts = [0]
+    for n in lens:
+        starts.append(starts[-1] + n)
+    return torch.tensor(starts)
+
+
+LENS = [1, 1, 5, 64, 65, 130, 3]  # decodes, short and long prefill chunks around the chunk size
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_causal_conv1d(dtype):
+    g = torch.Generator().manual_seed(1)
+    T, C, K, M = sum(LENS), 96, 4, 10
+    x = torch.randn(T, 2 * C, generator=g).to(dtype)[:, :C]  # strided rows, as the fused projection
+    weight = torch.randn(C, K, generator=g).to(dtype)
+    state = torch.randn(M, C, K - 1, generator=g).to(dtype)
+    slots = torch.tensor([7, 2, 0, 9, 4, 1, 5])
+    fast, ref, fast_args, ref_args = both(kernels.causal_conv1d, x, weight, state, slots, ragged(LENS), LENS)
+    assert close(fast, ref, DTYPES[dtype])
+    assert torch.equal(fast_args[2], ref_args[2])  # the slots' last inputs, untouched elsewhere
+
+
+def delta_inputs(T, Hk, H, dk, dv, M, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    qkv = torch.randn(T, 2 * Hk * dk + H * dv + 7, generator=g).to(dtype)  # strided views
+    q = qkv[:, : Hk * dk].view(T, Hk, dk)
+    k = qkv[:, Hk * dk : 2 * Hk * dk].view(T, Hk, dk)
+    v = qkv[:, 2 * Hk * dk : 2 * Hk * dk + H * dv].view(T, H, dv)
+    ab = torch.randn(T, 2 * H, generator=g).to(dtype)
+    A_log = torch.rand(H, generator=g).to(dtype)
+    dt_bias = torch.randn(H, generator=g).to(dtype)
+    state = 0.1 * torch.randn(M, H, dk, dv, generator=g)
+    return q, k, v, ab[:, :H], ab[:, H:], A_log, dt_bias, state
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_delta_rule_decode(dtype):
+    q, k, v, a, b, A_log, dt_bias, state = delta_inputs(5, 2, 4, 32, 16, 8, dtype, seed=2)
+    slots = torch.tensor([3, 0, 7, 5, 1])
+    fast, ref, fast_args, ref_args = both(kernels.delta_rule_decode, q, k, v, a, b, A_log, dt_bias, state, slots)
+    assert close(fast, ref, DTYPES[dtype])
+    assert close(fast_args[7], ref_args[7], 2e-5)  # states stay fp32
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_delta_rule_prefill(dtype):
+    lens = [5, 64, 65, 130, 1, 17]
+    q, k, v, a, b, A_log, dt_bias, state = delta_inputs(sum(lens), 2, 4, 32, 16, 8, dtype, seed=3)
+    slots = torch.tensor([3, 0, 7, 5, 1, 6])
+    fast, ref, fast_args, ref_args = both(kernels.delta_rule_prefill, q, k, v, a, b, A_log, dt_bias, state,
+                                          slots, lens)
+    assert close(fast, ref, DTYPES[dtype])
+    assert close(fast_args[7], ref_args[7], 2e-5)
+
+
+def test_prefill_then_decode_equals_recurrence():
+    """A prefill chunk followed by decode steps continues the same recurrence as token-by-token."""
+    q, k, v, a, b, A_log, dt_bias, state = delta_inputs(40, 2, 4, 32, 16, 2, torch.float32, seed=4)
+    state.zero_()
+    slots = torch.tensor([1])
+    whole = kernels.delta_rule_prefill(q, k, v, a, b, A_log, dt_bias, state.clone(), slots, [40])
+    split_state = state.clone()
+    first = kernels.delta_rule_prefill(q[:30], k[:30], v[:30], a[:30], b[:30], A_log, dt_bias, split_state,
+                                       slots, [30])
+    rest = [kernels.delta_rule_decode(q[t : t + 1], k[t : t + 1], v[t : t + 1], a[t : t + 1], b[t : t + 1],
+                                      A_log, dt_bias, split_state, slots) for t in range(30, 40)]
+    assert close(torch.cat([first, *rest]), whole, 2e-5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("heads", [(4, 2), (8, 1), (2, 2)])
+def test_paged_attention(dtype, heads):
+    H, KV = heads
+    g = torch.Generator().manual_seed(5)
+    S, hd, N = 4, 16, 64
+    lens, past = [1, 1, 9, 3, 17], [0, 20, 3, 0, 14]  # new rows and cached tokens per sequence
+    context = [n + p for n, p in zip(lens, past)]
+    key_cache = torch.randn(N, S, KV, hd, generator=g).to(dtype)
+    value_cache = torch.randn(N, S, KV, hd, generator=g).to(dtype)
+    blocks = torch.randperm(N, generator=g).tolist()
+    tables, used = [], 0
+    for L in context:
+        n = -(-L // S)
+        tables.append(blocks[used : used + n] + [0] * (12 - n))
+        used += n
+    query = torch.randn(sum(lens), H, 2 * hd, generator=g).to(dtype)[..., :hd]  # strided heads
+    args = (query, key_cache, value_cache, torch.tensor(tables), ragged(lens), torch.tensor(context), hd**-0.5, lens)
+    fast, ref, *_ = both(kernels.paged_attention, *args)
+    assert close(fast, ref, DTYPES[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_topk_softmax(dtype):
+    g = torch.Generator().manual_seed(6)
+    # distinct values (bf16 has few): tie order is up to each implementation
+    logits = torch.stack([torch.randperm(64, generator=g) for _ in range(9)]).to(dtype) / 8
+    (idx, w), (ref_idx, ref_w), *_ = both(kernels.topk_softmax, logits, 6)
+    assert torch.equal(idx, ref_idx) and close(w, ref_w, DTYPES[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_moe_experts(dtype):
+    g = torch.Generator().manual_seed(7)
+    R, K, N, D, I = 40, 3, 6, 32, 8
+    x = torch.randn(R, D, generator=g).to(dtype)
+    idx = torch.randint(-1, N, (R, K), generator=g)  # -1: not in this bank
+    idx[:20, 0] = 2  # a hot expert: more rows than one task takes
+    weights = torch.rand(R, K, generator=g).to(dtype)
+    gate_up = (0.3 * torch.randn(N, 2 * I, D, generator=g)).to(dtype)
+    down = (0.3 * torch.randn(N, D, I, generator=g)).to(dtype)
+    fast, ref, *_ = both(kernels.moe_experts, x, idx, weights, gate_up, down)
+    assert close(fast, ref, DTYPES[dtype])
+    # obviously right, row by row
+    expected = torch.zeros(R, D)
+    for r in range(R):
+        for k in range(K):
+            e = int(idx[r, k])
+            if e >= 0:
+                gate, up = (gate_up[e].float() @ x[r].float()).chunk(2)
+                expected[r] += weights[r, k].float() * (down[e].float() @ (torch.nn.functional.silu(gate) * up))
+    assert close(fast, expected, DTYPES[dtype])
+
+
+def test_empty_batch_runs_through_every_op():
+    """An attention worker with no sequences still runs the forward (it joins the collectives)."""
+    T, none = 0, torch.zeros(0, dtype=torch.long)
+    q, k, v, a, b, A_log, dt_bias, state = delta_inputs(T, 2, 4, 32, 16, 8, torch.float32, seed=8)
+    assert kernels.delta_rule_decode(q, k, v, a, b, A_log, dt_bias, state, none).shape == (0, 4, 16)
+    assert kernels.gated_rms_norm(v, v, torch.ones(16), 1e-6).shape == (0, 4, 16)
+    assert kernels.rms_norm(q, torch.ones(32), 1e-6).shape == (0, 2, 32)
+    conv = kernels.causal_conv1d(torch.zeros(0, 8), torch.zeros(8, 4), torch.zeros(2, 8, 3), none,
+                                 torch.zeros(1, dtype=torch.long), [])
+    assert conv.shape == (0, 8)
+    cache = torch.zeros(4, 4, 2, 16)
+    out = kernels.paged_attention(torch.zeros(0, 4, 16), cache, cache, torch.zeros(0, 1, dtype=torch.long),
+                                  torch.zeros(1, dtype=torch.long), none, 0.25, [])
+    assert out.shape == (0, 4, 16)
+    idx, w = kernels.topk_softmax(torch.zeros(0, 8), 2)
+    assert idx.shape == w.shape == (0, 2)
+    assert kernels.moe_experts(torch.zeros(0, 16), idx, w, torch.zeros(8, 8, 16), torch.zeros(8, 16, 4)).shape == (0, 16)
