@@ -34,14 +34,14 @@ class PagedKVCache:
 
 
 class DeltaNetStateCache:
-    """Per DeltaNet layer: conv [M, C, kernel - 1] and recurrent [M, H, dk, dv] (fp32) slots, held as
+    """Per DeltaNet layer: conv [M, kernel - 1, C] and recurrent [M, H, dk, dv] (fp32) slots, held as
     one tensor of each kind over all layers so that a fresh slot is zeroed in one op per kind."""
 
     def __init__(self, layers: list[int], num_slots: int, conv_channels: int, conv_kernel: int,
                  num_heads: int, key_dim: int, value_dim: int, dtype: torch.dtype,
                  device: torch.device | str = "cpu") -> None:
         L = len(layers)
-        self._conv = torch.zeros(L, num_slots, conv_channels, conv_kernel - 1, dtype=dtype, device=device)
+        self._conv = torch.zeros(L, num_slots, conv_kernel - 1, conv_channels, dtype=dtype, device=device)
         self._recurrent = torch.zeros(L, num_slots, num_heads, key_dim, value_dim, device=device)
         self.conv = {layer: self._conv[i] for i, layer in enumerate(layers)}
         self.recurrent = {layer: self._recurrent[i] for i, layer in enumerate(layers)}

@@ -3,18 +3,17 @@
 in_proj_qkv -> depthwise causal conv1d + SiLU -> q | k | v; beta = sigmoid(b);
 g = -exp(A_log) * softplus(a + dt_bias); gated delta rule; gated RMSNorm with z; out_proj.
 One pass over the step's flat batch: one projection matmul (qkv, z, b, a fused), one conv over every
-row, one batched recurrent step for the decode rows and one chunked rule for every prefill chunk,
-each updating the sequences' state slots in place (kernels).
+row and one delta-rule call for every decode row and prefill chunk, each updating the sequences'
+state slots in place (kernels).
 Shapes: T tokens, D hidden, C conv channels (2 * Hk * dk + H * dv), Hk key heads, H value heads.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from kernels import causal_conv1d, delta_rule_decode, delta_rule_prefill, fuse_weights
+from kernels import causal_conv1d, delta_rule, fuse_weights, linear
 
 from .cache import ForwardBatch
 from .norm import GatedRMSNorm
@@ -59,24 +58,14 @@ class GatedDeltaNet(nn.Module):
 
     def forward(self, x_TD: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         T, H, dk, dv = x_TD.shape[0], self.num_value_heads, self.key_head_dim, self.value_head_dim
-        qkv, z, b, a = F.linear(x_TD, self.in_proj).split([self.conv_channels, self.value_dim, H, H], dim=-1)
+        qkv, z, b, a = linear(x_TD, self.in_proj).split([self.conv_channels, self.value_dim, H, H], dim=-1)
         conv_state = batch.states.conv[self.layer_idx]
         mixed = causal_conv1d(qkv, self.conv1d.weight.view(self.conv_channels, -1), conv_state, batch.slots,
                               batch.query_start, batch.query_lens)
         q, k, v = mixed.split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
         q, k = q.view(T, self.num_key_heads, dk), k.view(T, self.num_key_heads, dk)
         v = v.view(T, H, dv)
-        state, d = batch.states.recurrent[self.layer_idx], batch.num_decodes
-        gating = (self.A_log, self.dt_bias, state)
-        if d == len(batch.query_lens):  # decode only
-            out = delta_rule_decode(q, k, v, a, b, *gating, batch.slots)
-        elif d == 0:  # prefill only
-            out = delta_rule_prefill(q, k, v, a, b, *gating, batch.slots, batch.query_lens)
-        else:
-            out = torch.cat([
-                delta_rule_decode(q[:d], k[:d], v[:d], a[:d], b[:d], *gating, batch.slots[:d]),
-                delta_rule_prefill(q[d:], k[d:], v[d:], a[d:], b[d:], *gating, batch.slots[d:],
-                                   batch.query_lens[d:]),
-            ])
+        out = delta_rule(q, k, v, a, b, self.A_log, self.dt_bias, batch.states.recurrent[self.layer_idx],
+                         batch.slots, batch.query_start, batch.query_lens, batch.num_decodes)
         normed = self.norm(out, z.view(T, H, dv))
-        return self.out_proj(normed.view(T, self.value_dim))
+        return linear(normed.view(T, self.value_dim), self.out_proj.weight)

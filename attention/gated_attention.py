@@ -9,10 +9,9 @@ Shapes: T tokens in the batch, D hidden, H query heads, KV kv heads, hd head dim
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from kernels import fuse_weights, paged_attention, write_kv
+from kernels import fuse_weights, linear, paged_attention, write_kv
 
 from .cache import ForwardBatch
 from .norm import RMSNorm
@@ -48,7 +47,7 @@ class GatedAttention(nn.Module):
 
     def forward(self, x_TD: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         T, H, KV, hd = x_TD.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
-        q_and_gate, key, value = F.linear(x_TD, self.qkv).split([2 * H * hd, KV * hd, KV * hd], dim=-1)
+        q_and_gate, key, value = linear(x_TD, self.qkv).split([2 * H * hd, KV * hd, KV * hd], dim=-1)
         query, gate = q_and_gate.view(T, H, 2 * hd).split(hd, dim=-1)
         query, key = self.q_norm(query), self.k_norm(key.view(T, KV, hd))
         cos, sin = self.rotary.cos_sin_for(batch, x_TD.dtype)
@@ -58,4 +57,4 @@ class GatedAttention(nn.Module):
         out = paged_attention(query, key_cache, value_cache, batch.block_tables, batch.query_start,
                               batch.context_lens, hd**-0.5, batch.query_lens)
         width = H * hd
-        return self.o_proj(out.reshape(T, width) * torch.sigmoid(gate.reshape(T, width)))
+        return linear(out.reshape(T, width) * torch.sigmoid(gate.reshape(T, width)), self.o_proj.weight)

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels import fuse_weights
+from kernels import fuse_weights, linear
 
 
 class SharedExpert(nn.Module):
@@ -25,5 +25,5 @@ class SharedExpert(nn.Module):
         self.gate_up = fuse_weights(self.gate_proj, self.up_proj)
 
     def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
-        gate, up = F.linear(x_TD, self.gate_up).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        gate, up = linear(x_TD, self.gate_up).chunk(2, dim=-1)
+        return linear(F.silu(gate) * up, self.down_proj.weight)

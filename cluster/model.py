@@ -19,6 +19,7 @@ from attention import (
     RMSNorm,
     SharedExpert,
 )
+from kernels import linear
 from router import MoELayer, TopKGate
 
 from .checkpoint import CheckpointReader
@@ -95,7 +96,7 @@ class Qwen35MoeModel(nn.Module):
 
     @torch.inference_mode()
     def logits(self, hidden_TD: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden_TD).float()
+        return linear(hidden_TD, self.lm_head.weight).float()
 
     def load_dense(self, reader: CheckpointReader) -> None:
         """Copies every dense parameter from the checkpoint, checking names and shapes."""

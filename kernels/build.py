@@ -20,7 +20,7 @@ import torch
 log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).parent / "csrc"
-CFLAGS = ["-O3", "-march=native", "-fopenmp"]
+CFLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-trapping-math"]  # the last lets floor() vectorise
 # -fopenmp links libgomp.so.1, which resolves to the copy torch has already loaded: one thread pool.
 LDFLAGS = ["-fopenmp"]
 LIBRARY = "epserve_cpu_kernels"

@@ -1,7 +1,8 @@
 """Gated DeltaNet's depthwise causal conv1d + SiLU over a flat batch, continuing each sequence's
 conv state slot (its last K - 1 inputs) and updating it in place.
 Shapes: T rows (B sequences in turn), C channels, K kernel, M slots; x [T, C], weight [C, K],
-state [M, C, K - 1], slots [B], query_start [B + 1] (row offsets), query_lens [B] (host)."""
+state [M, K - 1, C] (oldest input first), slots [B], query_start [B + 1] (row offsets), query_lens
+[B] (host)."""
 
 from __future__ import annotations
 
@@ -17,9 +18,9 @@ def causal_conv1d_reference(x, weight, state, slots, query_start, query_lens: li
     start = 0
     for i, n in enumerate(query_lens):
         slot = slots[i : i + 1]
-        padded = torch.cat([state[slot][0], x[start : start + n].T], dim=-1)  # [C, K - 1 + n]
-        state[slot] = padded[None, :, -(K - 1):]
-        mixed = F.conv1d(padded[None], weight[:, None], groups=weight.shape[0])
+        padded = torch.cat([state[slot][0], x[start : start + n]])  # [K - 1 + n, C]
+        state[slot] = padded[None, -(K - 1):]
+        mixed = F.conv1d(padded.T[None], weight[:, None], groups=weight.shape[0])
         out[start : start + n] = F.silu(mixed[0].T)
         start += n
     return out

@@ -9,6 +9,9 @@ g = -exp(A_log) * softplus(a + dt_bias) and beta = sigmoid(b) come from the raw 
 Shapes: T rows (B sequences, one after another), Hk key heads, H value heads, dk / dv head dims,
 M state slots. Inputs q, k [T, Hk, dk], v [T, H, dv], a and b [T, H]; the pool state [M, H, dk, dv]
 (fp32) is read at `slots` [B] and updated in place; outputs o [T, H, dv] in v's dtype.
+On CPU one C++ kernel walks every sequence's rows with its state in cache (decode and prefill
+alike); elsewhere decodes take one batched recurrent step and prefills the chunked form, batched
+over every chunk of the step.
 The sequence-level rules (`recurrent_gated_delta_rule`, `chunked_gated_delta_rule`) take
 [B, L, heads, d] and return (o, final state): they are the references.
 """
@@ -123,10 +126,33 @@ def delta_rule_decode_reference(q, k, v, a, b, A_log, dt_bias, state, slots) -> 
     return out[:, 0]
 
 
+def delta_rule(q, k, v, a, b, A_log, dt_bias, state, slots, query_start, query_lens: list[int],
+               num_decodes: int) -> torch.Tensor:
+    """A step's rows: sequences 0 .. num_decodes - 1 have one row each, the rest are prefill chunks;
+    query_start [B + 1] row offsets (query_lens the same on the host)."""
+    if native(q):
+        return torch.ops.epserve.delta_rule(q, k, v, a, b, A_log, dt_bias, state, slots, query_start)
+    d, args = num_decodes, (A_log, dt_bias, state)
+    if d == len(query_lens):
+        return delta_rule_decode(q, k, v, a, b, *args, slots)
+    if d == 0:
+        return delta_rule_prefill(q, k, v, a, b, *args, slots, query_lens)
+    return torch.cat([delta_rule_decode(q[:d], k[:d], v[:d], a[:d], b[:d], *args, slots[:d]),
+                      delta_rule_prefill(q[d:], k[d:], v[d:], a[d:], b[d:], *args, slots[d:], query_lens[d:])])
+
+
+def _offsets(query_lens: list[int], device) -> torch.Tensor:
+    starts = [0]
+    for n in query_lens:
+        starts.append(starts[-1] + n)
+    return torch.tensor(starts, device=device)
+
+
 def delta_rule_decode(q, k, v, a, b, A_log, dt_bias, state, slots) -> torch.Tensor:
     """One token per sequence (T = B), in place on the pool: the state is read and written once."""
     if native(q):
-        return torch.ops.epserve.delta_rule_decode(q, k, v, a, b, A_log, dt_bias, state, slots)
+        query_start = torch.arange(q.shape[0] + 1, device=q.device)
+        return torch.ops.epserve.delta_rule(q, k, v, a, b, A_log, dt_bias, state, slots, query_start)
     return delta_rule_decode_reference(q, k, v, a, b, A_log, dt_bias, state, slots)
 
 
@@ -149,6 +175,9 @@ def delta_rule_prefill(q, k, v, a, b, A_log, dt_bias, state, slots, query_lens: 
     """Every sequence's chunks at once: each sequence is cut into chunks (the last one padded), the
     within-chunk solves run batched over all chunks of all sequences, and the state hand-off runs
     once per chunk index, batched over the sequences that have that chunk. query_lens [B] (host)."""
+    if native(q):
+        query_start = _offsets(query_lens, q.device)
+        return torch.ops.epserve.delta_rule(q, k, v, a, b, A_log, dt_bias, state, slots, query_start)
     if not batched(q):
         return delta_rule_prefill_reference(q, k, v, a, b, A_log, dt_bias, state, slots, query_lens)
     T, H = v.shape[0], v.shape[1]

@@ -12,10 +12,9 @@ from __future__ import annotations
 from contextlib import nullcontext
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from kernels import fuse_weights
+from kernels import fuse_weights, linear
 
 from .dispatcher import Dispatcher
 from .gate import TopKGate
@@ -49,7 +48,7 @@ class MoELayer(nn.Module):
         return self.timer.phase(name) if self.timer is not None else nullcontext()
 
     def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
-        logits = F.linear(x_TD, self.router)
+        logits = linear(x_TD, self.router)
         num_experts = logits.shape[1] - 1
         topk_idx, topk_weights = self.gate.select(logits[:, :num_experts])
         if self.load is not None:

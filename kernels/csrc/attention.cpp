@@ -76,7 +76,7 @@ void attention_impl(const at::Tensor& query, const at::Tensor& key_cache, const 
           for (int64_t d = 0; d < hd; ++d) a[d] *= correction;
           for (int64_t j = 0; j < nk; ++j) {
             if (sv[j] == kNegInf) continue;
-            const float p = std::exp(sv[j] - new_m);
+            const float p = fast_exp(sv[j] - new_m);
             sum += p;
             const T* val = vc + ((block * S + j) * Hkv + task.kv_head) * hd;
 #pragma omp simd

@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -21,6 +22,16 @@ inline float to_float(c10::Half x) { return static_cast<float>(x); }
 
 template <typename T>
 inline T from_float(float x) { return static_cast<T>(x); }
+
+// round to nearest even, NaN kept quiet: c10's conversion, written without branches so loops vectorise
+template <>
+inline c10::BFloat16 from_float<c10::BFloat16>(float x) {
+  uint32_t u;
+  std::memcpy(&u, &x, sizeof(u));
+  const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+  const bool nan = (u & 0x7FFFFFFFu) > 0x7F800000u;
+  return c10::BFloat16(static_cast<uint16_t>(nan ? 0x7FC0u : rounded), c10::BFloat16::from_bits());
+}
 
 // rounds through the storage type (so fp32 code reproduces a reference's bf16 intermediates)
 template <typename T>
@@ -46,8 +57,36 @@ inline float dot(const float* a, const T* b, int64_t n) {
   return acc;
 }
 
-inline float silu(float x) { return x / (1.f + std::exp(-x)); }
-inline float sigmoid(float x) { return 1.f / (1.f + std::exp(-x)); }
+// exp(x) for x in float range, to about 1 ulp, in plain arithmetic so that loops over it vectorise
+// (std::exp does not without -ffast-math): 2^n * p(r), n = round(x / ln 2), Cephes' polynomial.
+// Below -87.3 it returns the smallest normal float instead of a denormal or 0.
+inline float fast_exp(float x) {
+  x = std::min(std::max(x, -87.33654f), 88.72283f);
+  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
+  const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+}
+
+template <typename T>
+inline float dot_both(const T* a, const T* b, int64_t n) {
+  float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+  for (int64_t i = 0; i < n; ++i) acc += to_float(a[i]) * to_float(b[i]);
+  return acc;
+}
+
+inline float silu(float x) { return x / (1.f + fast_exp(-x)); }
+inline float sigmoid(float x) { return 1.f / (1.f + fast_exp(-x)); }
 inline float softplus(float x) { return x > 20.f ? x : std::log1p(std::exp(x)); }  // torch's threshold
 
 inline void check_cpu(const at::Tensor& t, const char* name) {

@@ -1,9 +1,9 @@
 // Depthwise causal conv1d + SiLU over Gated DeltaNet's qkv channels, for a flat batch of sequences
 // (decode tokens and prefill chunks alike), continuing and updating each sequence's conv state slot
-// in place: state[slot] holds the last K - 1 inputs of the sequence.
-//   x [T, C] (rows may be strided), weight [C, K], state [M, C, K - 1], slots [B], query_start [B + 1]
+// in place: state[slot] holds the sequence's last K - 1 inputs, oldest first.
+//   x [T, C] (rows may be strided), weight [C, K], state [M, K - 1, C], slots [B], query_start [B + 1]
 //   -> y [T, C] = silu(conv(state ++ x)) per sequence (the conv output rounded to x's dtype first,
-//   as the reference's conv1d then silu).
+//   as the reference's conv1d then silu). Vectorised across channels.
 #include "common.h"
 
 namespace epserve {
@@ -11,7 +11,7 @@ namespace epserve {
 namespace {
 
 constexpr int64_t kMaxKernel = 8;
-constexpr int64_t kBlock = 128;  // channels per task, vectorised across
+constexpr int64_t kBlock = 256;  // channels per task
 
 template <typename T>
 void conv_impl(const at::Tensor& x, const at::Tensor& weight, at::Tensor& state, const int64_t* slots,
@@ -23,28 +23,30 @@ void conv_impl(const at::Tensor& x, const at::Tensor& weight, at::Tensor& state,
   T* st = state.data_ptr<T>();
   T* yp = y.data_ptr<T>();
   at::parallel_for(0, B * blocks, 1, [&](int64_t begin, int64_t end) {
-    float w[kMaxKernel][kBlock], win[kMaxKernel][kBlock];
+    float w[kMaxKernel][kBlock], acc[kBlock];
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t b = item / blocks, c0 = (item % blocks) * kBlock;
-      const int64_t n = std::min(C, c0 + kBlock) - c0;
-      T* slot_state = st + slots[b] * C * H;
-      for (int64_t c = 0; c < n; ++c) {
-        for (int64_t j = 0; j < K; ++j) w[j][c] = to_float(wp[(c0 + c) * K + j]);
-        for (int64_t j = 0; j < H; ++j) win[j][c] = to_float(slot_state[(c0 + c) * H + j]);
-      }
-      for (int64_t t = qs[b]; t < qs[b + 1]; ++t) {
-        load_floats(win[H], xp + t * xs + c0, n);
-        T* out = yp + t * C + c0;
-#pragma omp simd
-        for (int64_t c = 0; c < n; ++c) {
-          float acc = 0.f;
-          for (int64_t j = 0; j < K; ++j) acc += w[j][c] * win[j][c];
-          out[c] = from_float<T>(silu(round_to<T>(acc)));
-        }
-        for (int64_t j = 0; j < H; ++j) std::copy(win[j + 1], win[j + 1] + n, win[j]);
-      }
+      const int64_t b = item / blocks, c0 = (item % blocks) * kBlock, n = std::min(C, c0 + kBlock) - c0;
+      const int64_t t0 = qs[b], L = qs[b + 1] - t0;
+      T* hist = st + slots[b] * H * C + c0;  // row j: input j - H relative to the chunk's first
+      auto input = [&](int64_t p) { return p < 0 ? hist + (H + p) * C : xp + (t0 + p) * xs + c0; };
       for (int64_t c = 0; c < n; ++c)
-        for (int64_t j = 0; j < H; ++j) slot_state[(c0 + c) * H + j] = from_float<T>(win[j][c]);
+        for (int64_t j = 0; j < K; ++j) w[j][c] = to_float(wp[(c0 + c) * K + j]);
+      for (int64_t t = 0; t < L; ++t) {
+        std::fill(acc, acc + n, 0.f);
+        for (int64_t j = 0; j < K; ++j) {
+          const T* in = input(t - H + j);
+          const float* wj = w[j];
+#pragma omp simd
+          for (int64_t c = 0; c < n; ++c) acc[c] += wj[c] * to_float(in[c]);
+        }
+        T* out = yp + (t0 + t) * C + c0;
+#pragma omp simd
+        for (int64_t c = 0; c < n; ++c) out[c] = from_float<T>(silu(round_to<T>(acc[c])));
+      }
+      for (int64_t j = 0; j < H; ++j) {  // the last K - 1 inputs; reads run ahead of writes
+        const T* src = input(L - H + j);
+        if (src != hist + j * C) std::copy(src, src + n, hist + j * C);
+      }
     }
   });
 }
@@ -55,10 +57,10 @@ at::Tensor causal_conv1d(const at::Tensor& x, const at::Tensor& weight, at::Tens
                          const at::Tensor& slots, const at::Tensor& query_start) {
   check_rows(x, 2, "x");
   check_cpu(state, "state");
-  TORCH_CHECK(state.is_contiguous() && state.dim() == 3, "state must be a contiguous [M, C, K - 1] pool");
+  TORCH_CHECK(state.is_contiguous() && state.dim() == 3, "state must be a contiguous [M, K - 1, C] pool");
   TORCH_CHECK(weight.is_contiguous() && weight.dim() == 2, "weight must be a contiguous [C, K] tensor");
   const int64_t C = x.size(1), K = weight.size(1), B = slots.numel();
-  TORCH_CHECK(weight.size(0) == C && state.size(1) == C && state.size(2) == K - 1, "conv shapes disagree");
+  TORCH_CHECK(weight.size(0) == C && state.size(1) == K - 1 && state.size(2) == C, "conv shapes disagree");
   TORCH_CHECK(K >= 2 && K <= kMaxKernel, "conv kernel must be in 2..", kMaxKernel);
   TORCH_CHECK(query_start.numel() == B + 1, "query_start must have B + 1 entries");
   TORCH_CHECK(x.scalar_type() == state.scalar_type() && x.scalar_type() == weight.scalar_type(),

@@ -9,6 +9,7 @@
 //   expert's weights are read once per task; intermediate values round through the storage dtype
 //   where the reference (kernels.moe) rounds them.
 #include "common.h"
+#include "gemv.h"
 
 namespace epserve {
 
@@ -67,28 +68,31 @@ void experts_impl(const at::Tensor& x, const int64_t* ip, const T* wp, const at:
   const int64_t num_tasks = static_cast<int64_t>(tasks.size());
 #pragma omp parallel if (num_tasks > 1)
   {
-    std::vector<float> xt(kRows * D), h(kRows * I2), act(kRows * I), wrow(std::max(D, I));
+    std::vector<float> h(kRows * I2), y(kRows * D);
+    std::vector<T> act(kRows * I);
+    const T* rows[kRows];
 #pragma omp for schedule(dynamic, 1)
     for (int64_t t = 0; t < num_tasks; ++t) {
       const Task task = tasks[t];
       const int64_t n = task.count;
-      const T* gu = gp + task.expert * I2 * D;
-      const T* dn = dp + task.expert * D * I;
-      for (int64_t r = 0; r < n; ++r) load_floats(&xt[r * D], xp + (order[task.first + r] / K) * xs, D);
-      for (int64_t i = 0; i < I2; ++i) {
-        load_floats(wrow.data(), gu + i * D, D);
-        for (int64_t r = 0; r < n; ++r) h[r * I2 + i] = round_to<T>(dot(&xt[r * D], wrow.data(), D));
-      }
-      for (int64_t r = 0; r < n; ++r)
+      for (int64_t r = 0; r < n; ++r) rows[r] = xp + (order[task.first + r] / K) * xs;
+      rows_times_weights(rows, n, gp + task.expert * I2 * D, I2, D, h.data());  // gate | up
+      for (int64_t r = 0; r < n; ++r) {
+        const float* hr = &h[r * I2];
+        T* ar = &act[r * I];
+#pragma omp simd
         for (int64_t i = 0; i < I; ++i)
-          act[r * I + i] = round_to<T>(round_to<T>(silu(h[r * I2 + i])) * h[r * I2 + I + i]);
-      for (int64_t d = 0; d < D; ++d) {
-        load_floats(wrow.data(), dn + d * I, I);
-        for (int64_t r = 0; r < n; ++r) {
-          const int64_t p = order[task.first + r];
-          const float y = round_to<T>(dot(&act[r * I], wrow.data(), I));
-          pp[p * D + d] = from_float<T>(to_float(wp[p]) * y);
-        }
+          ar[i] = from_float<T>(round_to<T>(silu(round_to<T>(hr[i]))) * round_to<T>(hr[I + i]));
+        rows[r] = ar;
+      }
+      rows_times_weights(rows, n, dp + task.expert * D * I, D, I, y.data());  // down
+      for (int64_t r = 0; r < n; ++r) {
+        const int64_t p = order[task.first + r];
+        const float w = to_float(wp[p]);
+        const float* yr = &y[r * D];
+        T* dst = pp + p * D;
+#pragma omp simd
+        for (int64_t d = 0; d < D; ++d) dst[d] = from_float<T>(w * round_to<T>(yr[d]));
       }
     }
   }

@@ -78,6 +78,7 @@ void gated_rms_norm_impl(const at::Tensor& x, const at::Tensor& z, const at::Ten
       const float inv = 1.f / std::sqrt(ss / D + e);
       const T* zr = zp + r * zs + g * D;
       T* o = op + r * W + g * D;
+#pragma omp simd
       for (int64_t i = 0; i < D; ++i) {
         const float normed = round_to<T>(row[i] * inv);
         const float scaled = round_to<T>(to_float(wp[i]) * normed);

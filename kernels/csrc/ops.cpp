@@ -11,15 +11,16 @@ std::tuple<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& x, const at::T
 at::Tensor gated_rms_norm(const at::Tensor& x, const at::Tensor& z, const at::Tensor& weight, double eps);
 at::Tensor causal_conv1d(const at::Tensor& x, const at::Tensor& weight, at::Tensor& state,
                          const at::Tensor& slots, const at::Tensor& query_start);
-at::Tensor delta_rule_decode(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                             const at::Tensor& a, const at::Tensor& b, const at::Tensor& A_log,
-                             const at::Tensor& dt_bias, at::Tensor& state, const at::Tensor& slots);
+at::Tensor delta_rule(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& a,
+                      const at::Tensor& b, const at::Tensor& A_log, const at::Tensor& dt_bias,
+                      at::Tensor& state, const at::Tensor& slots, const at::Tensor& query_start);
 at::Tensor paged_attention(const at::Tensor& query, const at::Tensor& key_cache,
                            const at::Tensor& value_cache, const at::Tensor& block_tables,
                            const at::Tensor& query_start, const at::Tensor& context_lens, double scale);
 std::tuple<at::Tensor, at::Tensor> topk_softmax(const at::Tensor& logits, int64_t K);
 at::Tensor moe_experts(const at::Tensor& x, const at::Tensor& idx, const at::Tensor& weights,
                        const at::Tensor& gate_up, const at::Tensor& down);
+at::Tensor linear_rows(const at::Tensor& x, const at::Tensor& weight);
 }  // namespace epserve
 
 TORCH_LIBRARY(epserve, m) {
@@ -27,11 +28,12 @@ TORCH_LIBRARY(epserve, m) {
   m.def("add_rms_norm(Tensor x, Tensor delta, Tensor weight, float eps) -> (Tensor, Tensor)");
   m.def("gated_rms_norm(Tensor x, Tensor z, Tensor weight, float eps) -> Tensor");
   m.def("causal_conv1d(Tensor x, Tensor weight, Tensor(a!) state, Tensor slots, Tensor query_start) -> Tensor");
-  m.def("delta_rule_decode(Tensor q, Tensor k, Tensor v, Tensor a, Tensor b, Tensor A_log, "
-        "Tensor dt_bias, Tensor(a!) state, Tensor slots) -> Tensor");
+  m.def("delta_rule(Tensor q, Tensor k, Tensor v, Tensor a, Tensor b, Tensor A_log, "
+        "Tensor dt_bias, Tensor(a!) state, Tensor slots, Tensor query_start) -> Tensor");
   m.def("paged_attention(Tensor query, Tensor key_cache, Tensor value_cache, Tensor block_tables, "
         "Tensor query_start, Tensor context_lens, float scale) -> Tensor");
   m.def("topk_softmax(Tensor logits, int k) -> (Tensor, Tensor)");
+  m.def("linear_rows(Tensor x, Tensor weight) -> Tensor");
   m.def("moe_experts(Tensor x, Tensor idx, Tensor weights, Tensor gate_up, Tensor down) -> Tensor");
 }
 
@@ -40,8 +42,9 @@ TORCH_LIBRARY_IMPL(epserve, CPU, m) {
   m.impl("add_rms_norm", &epserve::add_rms_norm);
   m.impl("gated_rms_norm", &epserve::gated_rms_norm);
   m.impl("causal_conv1d", &epserve::causal_conv1d);
-  m.impl("delta_rule_decode", &epserve::delta_rule_decode);
+  m.impl("delta_rule", &epserve::delta_rule);
   m.impl("paged_attention", &epserve::paged_attention);
   m.impl("topk_softmax", &epserve::topk_softmax);
+  m.impl("linear_rows", &epserve::linear_rows);
   m.impl("moe_experts", &epserve::moe_experts);
 }

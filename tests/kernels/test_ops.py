@@ -65,7 +65,7 @@ def test_causal_conv1d(dtype):
     T, C, K, M = sum(LENS), 96, 4, 10
     x = torch.randn(T, 2 * C, generator=g).to(dtype)[:, :C]  # strided rows, as the fused projection
     weight = torch.randn(C, K, generator=g).to(dtype)
-    state = torch.randn(M, C, K - 1, generator=g).to(dtype)
+    state = torch.randn(M, K - 1, C, generator=g).to(dtype)
     slots = torch.tensor([7, 2, 0, 9, 4, 1, 5])
     fast, ref, fast_args, ref_args = both(kernels.causal_conv1d, x, weight, state, slots, ragged(LENS), LENS)
     assert close(fast, ref, DTYPES[dtype])
@@ -180,7 +180,7 @@ def test_empty_batch_runs_through_every_op():
     assert kernels.delta_rule_decode(q, k, v, a, b, A_log, dt_bias, state, none).shape == (0, 4, 16)
     assert kernels.gated_rms_norm(v, v, torch.ones(16), 1e-6).shape == (0, 4, 16)
     assert kernels.rms_norm(q, torch.ones(32), 1e-6).shape == (0, 2, 32)
-    conv = kernels.causal_conv1d(torch.zeros(0, 8), torch.zeros(8, 4), torch.zeros(2, 8, 3), none,
+    conv = kernels.causal_conv1d(torch.zeros(0, 8), torch.zeros(8, 4), torch.zeros(2, 3, 8), none,
                                  torch.zeros(1, dtype=torch.long), [])
     assert conv.shape == (0, 8)
     cache = torch.zeros(4, 4, 2, 16)
@@ -190,3 +190,44 @@ def test_empty_batch_runs_through_every_op():
     idx, w = kernels.topk_softmax(torch.zeros(0, 8), 2)
     assert idx.shape == w.shape == (0, 2)
     assert kernels.moe_experts(torch.zeros(0, 16), idx, w, torch.zeros(8, 8, 16), torch.zeros(8, 16, 4)).shape == (0, 16)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_delta_rule_on_a_mixed_step(dtype):
+    """Decode rows first, then prefill chunks, in one call, as a layer makes it."""
+    lens = [1, 1, 1, 70, 5]
+    q, k, v, a, b, A_log, dt_bias, state = delta_inputs(sum(lens), 2, 4, 32, 16, 8, dtype, seed=9)
+    slots = torch.tensor([6, 2, 4, 0, 7])
+    fast, ref, fast_args, ref_args = both(kernels.delta_rule, q, k, v, a, b, A_log, dt_bias, state, slots,
+                                          ragged(lens), lens, 3)
+    assert close(fast, ref, DTYPES[dtype])
+    assert close(fast_args[7], ref_args[7], 2e-5)
+
+
+def test_batched_chunked_prefill_equals_per_sequence():
+    """The batched torch prefill (the path for devices without their own kernel) against the
+    sequence-by-sequence reference."""
+    from kernels.delta_rule import delta_rule_prefill_reference
+    from kernels import backend
+
+    lens = [5, 64, 65, 130, 1, 17]
+    q, k, v, a, b, A_log, dt_bias, state = delta_inputs(sum(lens), 2, 4, 32, 16, 8, torch.float32, seed=3)
+    slots = torch.tensor([3, 0, 7, 5, 1, 6])
+    batched_state, ref_state = state.clone(), state.clone()
+    loaded, backend._cpu_kernels = backend._cpu_kernels, False  # as on a device without C++ kernels
+    try:
+        out = kernels.delta_rule_prefill(q, k, v, a, b, A_log, dt_bias, batched_state, slots, lens)
+    finally:
+        backend._cpu_kernels = loaded
+    ref = delta_rule_prefill_reference(q, k, v, a, b, A_log, dt_bias, ref_state, slots, lens)
+    assert close(out, ref, 2e-5) and close(batched_state, ref_state, 2e-5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows", [1, 3, 8])
+def test_linear_few_rows(dtype, rows):
+    g = torch.Generator().manual_seed(10)
+    x = torch.randn(rows, 2 * 100, generator=g).to(dtype)[:, :100]  # strided rows, K not a multiple of 16
+    weight = torch.randn(67, 100, generator=g).to(dtype)
+    fast, ref, *_ = both(kernels.linear, x, weight)
+    assert close(fast, ref, DTYPES[dtype])
