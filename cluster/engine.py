@@ -6,6 +6,7 @@ Synchronous and single-threaded: the offline LLM drives it directly, AsyncLLM ru
 from __future__ import annotations
 
 import itertools
+import logging
 import random
 import time
 from dataclasses import dataclass, field
@@ -25,6 +26,8 @@ from .scheduler import OverloadedError, Scheduled, Scheduler, SchedulerConfig
 from .sequence import Sequence, Status
 from .step import ChunkResult
 from .tokenizer import Tokenizer, check_token_ids
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -62,6 +65,7 @@ class EngineCore:
         rebalance: RebalanceConfig | None = None,
         metrics_name: str | None = None,
         metrics_interval_steps: int = 50,
+        warm_up: bool = True,
     ) -> None:
         self.model_dir = Path(model_dir)
         self.config = ModelConfig.from_pretrained(self.model_dir)
@@ -91,6 +95,7 @@ class EngineCore:
         self._seq_ids = itertools.count()
         self._seeds = random.Random()
         self.metrics = None  # cluster.metrics.EngineMetrics when asked for and Ray is up
+        self.warm_up_seconds = self.warm_up() if warm_up else None  # before metrics: not counted
         if metrics_name is not None:
             import ray
 
@@ -158,6 +163,29 @@ class EngineCore:
         self._maybe_rebalance()
         self._record_metrics(outputs)
         return outputs
+
+    def warm_up(self) -> float:
+        """Runs two throw-away requests through every path of a step before serving — a chunked
+        prefill across DeltaNet chunks, a one-token prompt, decodes, greedy and sampled selection —
+        so that loading the kernels (building them, the first time on a machine) and first-shape
+        work do not land on the first real requests. Returns the seconds it took."""
+        start = time.perf_counter()
+        room = min(self.max_model_len, self.layout.num_blocks * self.layout.block_size) - 4
+        prompts = {"warm-up-prefill": [0] * max(1, min(2 * 64 + 5, room)), "warm-up-decode": [0]}
+        for request_id, prompt in prompts.items():
+            self.add_request(request_id, prompt, SamplingParams(
+                max_tokens=3, temperature=0.0 if request_id.endswith("prefill") else 1.0, top_p=0.9, seed=0,
+                ignore_eos=True))
+        steps = 0
+        while self.has_unfinished():
+            scheduled, messages = self.scheduler.schedule()
+            self._update(scheduled, self.executor.execute(messages))
+            steps += 1
+        self.flush()
+        self.executor.reset_load()  # the load window describes real traffic only
+        seconds = time.perf_counter() - start
+        log.info("warm-up: %d steps in %.2fs", steps, seconds)
+        return seconds
 
     def _count_rejection(self, outcome: str) -> None:
         if self.metrics is not None:

@@ -57,6 +57,9 @@ class LocalExecutor:
     def expert_load(self) -> torch.Tensor:
         return self.runner.load.totals()
 
+    def reset_load(self) -> None:
+        self.runner.load.reset()
+
     def worker_info(self) -> list[dict]:
         return [{"role": "local", "expert_bytes": self.expert_bytes, "sequences": len(self.runner.sequences)}]
 
@@ -149,6 +152,9 @@ class RayExecutor:
         """[L, E] routed pairs over the load window, summed over attention workers."""
         loads = self._ray.get([w.expert_load.remote() for w in self.attention], timeout=self.timeout)
         return torch.tensor(loads).sum(0)
+
+    def reset_load(self) -> None:
+        self._ray.get([w.reset_load.remote() for w in self.attention], timeout=self.timeout)
 
     def apply_placement(self, placement: ExpertPlacement) -> int:
         """Between steps: every expert worker loads its new experts while the old ones stay, then

@@ -44,10 +44,11 @@ class LLM:
         scheduler: SchedulerConfig | None = None,
         cache: CacheConfig | None = None,
         rebalance: RebalanceConfig | None = None,
+        warm_up: bool = True,
     ) -> None:
         cluster = cluster or ClusterConfig(
             expert_workers=expert_workers, attention_workers=attention_workers, use_ray=use_ray)
-        self.engine = EngineCore(model, dtype, cluster, scheduler, cache, rebalance)
+        self.engine = EngineCore(model, dtype, cluster, scheduler, cache, rebalance, warm_up=warm_up)
         self.config, self.tokenizer = self.engine.config, self.engine.tokenizer
         self._ids = itertools.count()
 

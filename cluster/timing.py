@@ -1,4 +1,5 @@
-"""PhaseTimer: wall time accumulated per named phase of a step (attention, dispatch, experts, combine).
+"""Step profiling: PhaseTimer (wall time accumulated per named phase of a step: attention, dispatch,
+experts, combine), split_step, and count_host_syncs.
 
 Cheap enough to stay on: one perf_counter pair per phase per layer. On CUDA the numbers are host
 times (no synchronisation), which is what the CPU benchmarks here read.
@@ -7,8 +8,10 @@ times (no synchronisation), which is what the CPU benchmarks here read.
 from __future__ import annotations
 
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from contextlib import contextmanager
+
+import torch
 
 
 class PhaseTimer:
@@ -51,3 +54,29 @@ def split_step(timings: list[dict]) -> dict[str, float] | None:
     experts = max((t.get("experts", 0.0) for t in per_step if t["role"] == "expert"), default=local)
     return {"step": a["step"], "attention": a["step"] - dispatch - combine - local, "dispatch": dispatch,
             "combine": combine, "experts": experts}
+
+
+_SYNCING = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "cpu", "numpy")
+
+
+@contextmanager
+def count_host_syncs():
+    """Counts, by method, the tensor calls made inside the block that copy a device tensor's values
+    to the host (item, tolist, bool/int/float, cpu, numpy): on CPU they cost nothing, on a GPU each
+    one waits for the device. Yields a Counter, filled as the block runs."""
+    counts: Counter[str] = Counter()
+    originals = {name: getattr(torch.Tensor, name) for name in _SYNCING}
+
+    def counting(name, method):
+        def call(self, *args, **kwargs):
+            counts[name] += 1
+            return method(self, *args, **kwargs)
+        return call
+
+    for name, method in originals.items():
+        setattr(torch.Tensor, name, counting(name, method))
+    try:
+        yield counts
+    finally:
+        for name, method in originals.items():
+            setattr(torch.Tensor, name, method)

@@ -102,6 +102,9 @@ class AttentionWorker(_Worker):
         """[layer][expert] routed pairs over the load window, for this worker's sequences."""
         return self.runner.load.totals().tolist()
 
+    def reset_load(self) -> None:
+        self.runner.load.reset()
+
     def execute(self, step_bytes: bytes) -> bytes:
         """One step for this worker's sequences (possibly none: it still joins every collective)."""
         with self.timer.phase("step"):

@@ -27,6 +27,10 @@ class ExpertLoadWindow:
         self.slot = (self.slot + 1) % self.counts.shape[0]
         self.counts[self.slot].zero_()
 
+    def reset(self) -> None:
+        self.counts.zero_()
+        self.slot = 0
+
     def totals(self) -> torch.Tensor:
         """[L, E] pairs routed to each expert over the window (on the host)."""
         return self.counts.sum(0).cpu()
