@@ -12,7 +12,7 @@ T rows of a step, B sequences of a step.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -75,4 +75,3 @@ class ForwardBatch:
     slot_mapping: torch.Tensor  # [T] flat KV position (block * S + offset) of each row
     kv: PagedKVCache
     states: DeltaNetStateCache
-    memo: dict = field(default_factory=dict)  # per-step values layers share (rotary cos/sin)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kernels import causal_conv1d, delta_rule, fuse_weights, linear
+from kernels import causal_conv1d, delta_rule, fuse_weights, gated_rms_norm, linear
 
 from .cache import ForwardBatch
 from .norm import GatedRMSNorm
@@ -67,5 +67,5 @@ class GatedDeltaNet(nn.Module):
         v = v.view(T, H, dv)
         out = delta_rule(q, k, v, a, b, self.A_log, self.dt_bias, batch.states.recurrent[self.layer_idx],
                          batch.slots, batch.query_start, batch.query_lens, batch.num_decodes)
-        normed = self.norm(out, z.view(T, H, dv))
+        normed = gated_rms_norm(out, z.view(T, H, dv), self.norm.weight, self.norm.eps)
         return linear(normed.view(T, self.value_dim), self.out_proj.weight)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kernels import fuse_weights, linear, paged_attention, write_kv
+from kernels import fuse_weights, linear, paged_attention, qk_norm_rope, write_kv
 
 from .cache import ForwardBatch
 from .norm import RMSNorm
@@ -49,9 +49,8 @@ class GatedAttention(nn.Module):
         T, H, KV, hd = x_TD.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
         q_and_gate, key, value = linear(x_TD, self.qkv).split([2 * H * hd, KV * hd, KV * hd], dim=-1)
         query, gate = q_and_gate.view(T, H, 2 * hd).split(hd, dim=-1)
-        query, key = self.q_norm(query), self.k_norm(key.view(T, KV, hd))
-        cos, sin = self.rotary.cos_sin_for(batch, x_TD.dtype)
-        query, key = self.rotary(query, cos, sin), self.rotary(key, cos, sin)
+        query, key = qk_norm_rope(query, key.view(T, KV, hd), self.q_norm.weight, self.k_norm.weight,
+                                  self.q_norm.eps, batch.positions, self.rotary.inv_freq)
         key_cache, value_cache = batch.kv.key[self.layer_idx], batch.kv.value[self.layer_idx]
         write_kv(key_cache, value_cache, key, value.view(T, KV, hd), batch.slot_mapping)
         out = paged_attention(query, key_cache, value_cache, batch.block_tables, batch.query_start,

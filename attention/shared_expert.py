@@ -1,15 +1,12 @@
-"""The shared expert: one dense SwiGLU MLP every token goes through, beside the routed experts.
-
-The MoE layer scales its output by `sigmoid(shared_expert_gate(x))` (see router.moe_layer).
-"""
+"""The shared expert: one dense SwiGLU MLP every token goes through, beside the routed experts,
+scaled by `sigmoid(shared_expert_gate(x))` (the gate's logit comes from router.moe_layer)."""
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from kernels import fuse_weights, linear
+from kernels import add_shared_expert, fuse_weights
 
 
 class SharedExpert(nn.Module):
@@ -24,6 +21,6 @@ class SharedExpert(nn.Module):
         """After loading: one matmul for gate and up."""
         self.gate_up = fuse_weights(self.gate_proj, self.up_proj)
 
-    def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
-        gate, up = linear(x_TD, self.gate_up).chunk(2, dim=-1)
-        return linear(F.silu(gate) * up, self.down_proj.weight)
+    def forward(self, x_TD: torch.Tensor, gate_logit_T1: torch.Tensor, routed_TD: torch.Tensor) -> torch.Tensor:
+        """routed + sigmoid(gate_logit) * SwiGLU(x)."""
+        return add_shared_expert(x_TD, self.gate_up, self.down_proj.weight, gate_logit_T1, routed_TD)

@@ -12,6 +12,31 @@ import torch
 import torch.nn.functional as F
 
 from .backend import native
+from .norms import rms_norm_reference
+
+
+def rope_reference(x_THd: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """NeoX rotate-half on the first rotary dims of each head: x [T, heads, hd]; cos, sin [T, R]."""
+    R = cos.shape[-1]
+    rot, rest = x_THd[..., :R], x_THd[..., R:]
+    rotated_half = torch.cat([-rot[..., R // 2 :], rot[..., : R // 2]], dim=-1)
+    return torch.cat([rot * cos[:, None] + rotated_half * sin[:, None], rest], dim=-1)
+
+
+def qk_norm_rope_reference(query, key, q_weight, k_weight, eps: float, positions, inv_freq):
+    freqs = positions[:, None].float() * inv_freq  # [T, R / 2]
+    angles = torch.cat([freqs, freqs], dim=-1)
+    cos, sin = angles.cos().to(query.dtype), angles.sin().to(query.dtype)
+    return (rope_reference(rms_norm_reference(query, q_weight, eps), cos, sin),
+            rope_reference(rms_norm_reference(key, k_weight, eps), cos, sin))
+
+
+def qk_norm_rope(query, key, q_weight, k_weight, eps: float, positions, inv_freq):
+    """Per head: zero-centred RMSNorm, then rotary embedding (NeoX, first 2 * len(inv_freq) dims) at
+    the rows' positions. query [T, H, hd], key [T, KV, hd] (heads may be strided) -> new tensors."""
+    if native(query):
+        return torch.ops.epserve.qk_norm_rope(query, key, q_weight, k_weight, eps, positions, inv_freq)
+    return qk_norm_rope_reference(query, key, q_weight, k_weight, eps, positions, inv_freq)
 
 
 def write_kv(key_cache, value_cache, key, value, slot_mapping) -> None:

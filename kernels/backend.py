@@ -37,7 +37,7 @@ def cpu_kernels_loaded() -> bool:
 
 def native(t: torch.Tensor) -> bool:
     """True when the fast CPU kernel should run on tensors like t."""
-    return t.device.type == "cpu" and not _forced_reference and cpu_kernels_loaded()
+    return t.is_cpu and not _forced_reference and (_cpu_kernels or (_cpu_kernels is None and cpu_kernels_loaded()))
 
 
 def batched(t: torch.Tensor) -> bool:

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from .backend import native
+from .linear import SMALL_ROWS, linear
 
 
 def topk_softmax_reference(logits_TE: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -50,3 +51,16 @@ def moe_experts(x_RD, idx_RK, weights_RK, gate_up, down) -> torch.Tensor:
     if native(x_RD):
         return torch.ops.epserve.moe_experts(x_RD, idx_RK, weights_RK, gate_up, down)
     return moe_experts_reference(x_RD, idx_RK, weights_RK, gate_up, down)
+
+
+def add_shared_expert_reference(x_TD, gate_up, down, gate_logit_T1, routed_TD) -> torch.Tensor:
+    gate, up = linear(x_TD, gate_up).chunk(2, dim=-1)
+    return routed_TD + torch.sigmoid(gate_logit_T1) * linear(F.silu(gate) * up, down)
+
+
+def add_shared_expert(x_TD, gate_up, down, gate_logit_T1, routed_TD) -> torch.Tensor:
+    """routed + sigmoid(gate_logit) * down(silu(gate) * up), gate | up = x gate_up^T: the shared
+    expert (gate_up [2I, D], down [D, I]) joined to the routed experts' sum. Few rows: one C++ call."""
+    if x_TD.shape[0] <= SMALL_ROWS and native(x_TD):
+        return torch.ops.epserve.shared_expert(x_TD, gate_up, down, gate_logit_T1, routed_TD)
+    return add_shared_expert_reference(x_TD, gate_up, down, gate_logit_T1, routed_TD)

@@ -1,5 +1,5 @@
 """RMSNorms of Qwen3.5: zero-centred `rms(x) * (1 + w)` (layers, q/k, final), its fused
-residual-add form, and Gated DeltaNet's `w * rms(x) * silu(z)`. Shapes: [..., D] rows of D."""
+residual-add form, and Gated DeltaNet's `w * rms(x) * silu(z)`. Shapes: rows of D."""
 
 from __future__ import annotations
 
@@ -23,31 +23,23 @@ def gated_rms_norm_reference(x: torch.Tensor, z: torch.Tensor, weight: torch.Ten
     return (out * F.silu(z.float())).to(dtype)
 
 
-def _rows(x: torch.Tensor) -> torch.Tensor:
-    """x [..., G, D] as 2-D rows for the kernels, without a copy where the strides allow: [T, G * D]
-    when each row's G groups are contiguous (heads sliced from a projection), else [T * G, D]."""
-    if x.dim() == 3 and x.stride(1) == x.shape[2] and x.stride(2) == 1:
-        return x.view(x.shape[0], x.shape[1] * x.shape[2])
-    return x.reshape(-1, x.shape[-1])
-
-
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """Over the last dim (D = weight's size) of x [..., D]."""
+    """Over the last dim (D = weight's size) of x [R, D] or [R, G, D] (strided rows and heads)."""
     if native(x):
-        return torch.ops.epserve.rms_norm(_rows(x), weight, eps).view(x.shape)
+        return torch.ops.epserve.rms_norm(x, weight, eps)
     return rms_norm_reference(x, weight, eps)
 
 
 def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float):
-    """(x + delta, rms_norm(x + delta)): the residual stream and the next sublayer's input."""
+    """(x + delta, rms_norm(x + delta)) for [T, D]: the residual stream and the next sublayer's input."""
     if native(x):
-        total, normed = torch.ops.epserve.add_rms_norm(_rows(x), _rows(delta), weight, eps)
-        return total.view(x.shape), normed.view(x.shape)
+        return torch.ops.epserve.add_rms_norm(x, delta, weight, eps)
     total = x + delta
     return total, rms_norm_reference(total, weight, eps)
 
 
 def gated_rms_norm(x: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """w * rms(x) * silu(z) over the last dim of x, z [R, D] or [R, G, D]."""
     if native(x):
-        return torch.ops.epserve.gated_rms_norm(_rows(x), _rows(z), weight, eps).view(x.shape)
+        return torch.ops.epserve.gated_rms_norm(x, z, weight, eps)
     return gated_rms_norm_reference(x, z, weight, eps)

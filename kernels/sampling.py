@@ -26,25 +26,35 @@ def uniform_draw(seed: int, index: int) -> float:
 
 
 @dataclass
-class SamplingTensors:
-    """Per-row parameters [B] (on the logits' device); the host flags skip whole stages."""
+class Penalties:
+    """Per row [B]; counts and seen [B, V]."""
+
+    presence: torch.Tensor  # fp32: subtracted once from every token in the output
+    frequency: torch.Tensor  # fp32: subtracted per occurrence in the output
+    repetition: torch.Tensor  # fp32: divides positive, multiplies negative logits of seen tokens; 1: off
+    output_counts: torch.Tensor  # fp32 occurrences in the output
+    seen: torch.Tensor  # bool: in the prompt or the output
+
+
+@dataclass
+class Draws:
+    """Per row [B] (greedy rows included: their draw is ignored); the host flags skip stages."""
 
     temperature: torch.Tensor  # fp32; 0: greedy
     top_k: torch.Tensor  # int64; 0: off
     top_p: torch.Tensor  # fp32; 1: off
     min_p: torch.Tensor  # fp32; 0: off
     uniform: torch.Tensor  # fp64 draws in [0, 1)
-    presence_penalty: torch.Tensor  # fp32
-    frequency_penalty: torch.Tensor  # fp32
-    repetition_penalty: torch.Tensor  # fp32; 1: off
-    output_counts: torch.Tensor | None  # [B, V] fp32 occurrences in the output; None: no penalties
-    seen: torch.Tensor | None  # [B, V] bool: in the prompt or the output
-    # host-side summaries, so that no stage asks the device what it holds
-    num_logprobs: int  # largest n asked for; -1: no row wants logprobs
-    all_greedy: bool
-    max_top_k: int  # 0: no row filters by top-k
+    max_top_k: int  # 0: no sampled row filters by top-k
     any_top_p: bool
     any_min_p: bool
+
+
+@dataclass
+class SamplingTensors:
+    draws: Draws | None  # None: every row is greedy
+    penalties: Penalties | None  # None: no row is penalised
+    num_logprobs: int  # largest n asked for; -1: no row wants logprobs
 
 
 @dataclass
@@ -55,31 +65,30 @@ class SampleResult:
     top_logprobs: torch.Tensor | None  # [B, n]
 
 
-def apply_penalties(logits_BV: torch.Tensor, st: SamplingTensors) -> torch.Tensor:
+def apply_penalties(logits_BV: torch.Tensor, p: Penalties) -> torch.Tensor:
     """OpenAI presence/frequency penalties on output tokens; HF repetition penalty on seen tokens."""
-    rep = st.repetition_penalty[:, None]
-    logits_BV = torch.where(st.seen, torch.where(logits_BV > 0, logits_BV / rep, logits_BV * rep), logits_BV)
-    counts = st.output_counts
-    return logits_BV - st.frequency_penalty[:, None] * counts - st.presence_penalty[:, None] * (counts > 0)
+    rep = p.repetition[:, None]
+    logits_BV = torch.where(p.seen, torch.where(logits_BV > 0, logits_BV / rep, logits_BV * rep), logits_BV)
+    counts = p.output_counts
+    return logits_BV - p.frequency[:, None] * counts - p.presence[:, None] * (counts > 0)
 
 
-def filter_logits(logits_BV: torch.Tensor, st: SamplingTensors) -> torch.Tensor:
+def filter_logits(logits_BV: torch.Tensor, d: Draws) -> torch.Tensor:
     """Temperature, then top-k, top-p (nucleus) and min-p: filtered entries become -inf."""
     inf = float("-inf")
-    temperature = torch.where(st.temperature > 0, st.temperature, 1.0)
-    logits_BV = logits_BV / temperature[:, None]
-    if st.max_top_k > 0:
-        top = torch.topk(logits_BV, min(st.max_top_k, logits_BV.shape[1]), dim=-1).values
-        kth = top.gather(1, (st.top_k.clamp(1, top.shape[1]) - 1)[:, None])
-        logits_BV = logits_BV.masked_fill((st.top_k[:, None] > 0) & (logits_BV < kth), inf)
-    if st.any_top_p:
+    logits_BV = logits_BV / torch.where(d.temperature > 0, d.temperature, 1.0)[:, None]
+    if d.max_top_k > 0:
+        top = torch.topk(logits_BV, min(d.max_top_k, logits_BV.shape[1]), dim=-1).values
+        kth = top.gather(1, (d.top_k.clamp(1, top.shape[1]) - 1)[:, None])
+        logits_BV = logits_BV.masked_fill((d.top_k[:, None] > 0) & (logits_BV < kth), inf)
+    if d.any_top_p:
         sorted_logits, order = torch.sort(logits_BV, dim=-1, descending=True)
         probs = torch.softmax(sorted_logits, dim=-1)
-        drop_sorted = (probs.cumsum(-1) - probs >= st.top_p[:, None]) & (st.top_p[:, None] < 1)
+        drop_sorted = (probs.cumsum(-1) - probs >= d.top_p[:, None]) & (d.top_p[:, None] < 1)
         logits_BV = logits_BV.masked_fill(torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted), inf)
-    if st.any_min_p:
+    if d.any_min_p:
         probs = torch.softmax(logits_BV, dim=-1)
-        logits_BV = logits_BV.masked_fill(probs < st.min_p[:, None] * probs.max(-1, keepdim=True).values, inf)
+        logits_BV = logits_BV.masked_fill(probs < d.min_p[:, None] * probs.max(-1, keepdim=True).values, inf)
     return logits_BV
 
 
@@ -93,11 +102,11 @@ def _draw(filtered_BV: torch.Tensor, uniform_B: torch.Tensor) -> torch.Tensor:
 
 def sample(logits_BV: torch.Tensor, st: SamplingTensors) -> SampleResult:
     logits_BV = logits_BV.float()
-    penalised = apply_penalties(logits_BV, st) if st.output_counts is not None else logits_BV
+    penalised = logits_BV if st.penalties is None else apply_penalties(logits_BV, st.penalties)
     tokens = penalised.argmax(-1)
-    if not st.all_greedy:
-        drawn = _draw(filter_logits(penalised, st), st.uniform)
-        tokens = torch.where(st.temperature > 0, drawn, tokens)
+    if st.draws is not None:
+        drawn = _draw(filter_logits(penalised, st.draws), st.draws.uniform)
+        tokens = torch.where(st.draws.temperature > 0, drawn, tokens)
     return _with_logprobs(logits_BV, tokens, st.num_logprobs)
 
 
@@ -109,23 +118,26 @@ def _with_logprobs(logits_BV: torch.Tensor, tokens: torch.Tensor, n: int) -> Sam
     return SampleResult(tokens, raw.gather(1, tokens[:, None])[:, 0], top.indices, top.values)
 
 
+def _row(t, i: int):
+    """Row i of a Draws / Penalties, as a batch of one."""
+    if t is None:
+        return None
+    fields = {k: (v[i : i + 1] if isinstance(v, torch.Tensor) else v) for k, v in vars(t).items()}
+    if isinstance(t, Draws):  # the host flags of that row alone
+        fields.update(max_top_k=int(t.top_k[i]), any_top_p=bool(t.top_p[i] < 1), any_min_p=bool(t.min_p[i] > 0))
+    return type(t)(**fields)
+
+
 def sample_reference(logits_BV: torch.Tensor, st: SamplingTensors) -> SampleResult:
     """Row by row: each row's parameters applied to its own logits."""
     logits_BV = logits_BV.float()
     tokens = []
-    for row in range(logits_BV.shape[0]):
-        one = SamplingTensors(
-            st.temperature[row : row + 1], st.top_k[row : row + 1], st.top_p[row : row + 1],
-            st.min_p[row : row + 1], st.uniform[row : row + 1], st.presence_penalty[row : row + 1],
-            st.frequency_penalty[row : row + 1], st.repetition_penalty[row : row + 1],
-            None if st.output_counts is None else st.output_counts[row : row + 1],
-            None if st.seen is None else st.seen[row : row + 1], -1, False,
-            int(st.top_k[row]), bool(st.top_p[row] < 1), bool(st.min_p[row] > 0))
-        logits = logits_BV[row : row + 1]
-        if one.output_counts is not None:
-            logits = apply_penalties(logits, one)
-        if float(one.temperature) == 0.0:
+    for i in range(logits_BV.shape[0]):
+        logits, draws, penalties = logits_BV[i : i + 1], _row(st.draws, i), _row(st.penalties, i)
+        if penalties is not None:
+            logits = apply_penalties(logits, penalties)
+        if draws is None or float(draws.temperature) == 0.0:
             tokens.append(int(logits.argmax()))
         else:
-            tokens.append(int(_draw(filter_logits(logits, one), one.uniform)))
+            tokens.append(int(_draw(filter_logits(logits, draws), draws.uniform)))
     return _with_logprobs(logits_BV, torch.tensor(tokens, device=logits_BV.device), st.num_logprobs)

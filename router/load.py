@@ -17,10 +17,13 @@ class ExpertLoadWindow:
         self.num_experts = num_experts
         self.counts = torch.zeros(window_steps, num_layers, num_experts, dtype=torch.long, device=device)
         self.slot = 0
+        self._ones = torch.ones(0, dtype=torch.long, device=device)
 
     def record(self, layer: int, topk_idx_TK: torch.Tensor) -> None:
         flat = topk_idx_TK.reshape(-1)
-        self.counts[self.slot, layer].index_add_(0, flat, torch.ones_like(flat))
+        if self._ones.numel() < flat.numel():
+            self._ones = torch.ones(2 * flat.numel(), dtype=torch.long, device=flat.device)
+        self.counts[self.slot, layer].index_add_(0, flat, self._ones[: flat.numel()])
 
     def advance(self) -> None:
         """Starts the next step's slot, dropping the oldest."""

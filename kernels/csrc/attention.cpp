@@ -22,7 +22,7 @@ struct Task {
 template <typename T>
 void attention_impl(const at::Tensor& query, const at::Tensor& key_cache, const at::Tensor& value_cache,
                     const int64_t* tables, int64_t max_blocks, const int64_t* qs, const int64_t* cl,
-                    const std::vector<Task>& tasks, float scale, at::Tensor& out) {
+                    const std::vector<Task>& tasks, int64_t work, float scale, at::Tensor& out) {
   const int64_t Hq = query.size(1), hd = query.size(2);
   const int64_t S = key_cache.size(1), Hkv = key_cache.size(2), G = Hq / Hkv;
   const int64_t qs0 = query.stride(0), qs1 = query.stride(1);
@@ -31,7 +31,7 @@ void attention_impl(const at::Tensor& query, const at::Tensor& key_cache, const 
   const T* vc = value_cache.data_ptr<T>();
   T* op = out.data_ptr<T>();
   const int64_t num_tasks = static_cast<int64_t>(tasks.size());
-#pragma omp parallel if (num_tasks > 1)
+#pragma omp parallel if (num_tasks > 1 && work > kParallelWork)
   {
     const int64_t nq_max = kTile * G;
     std::vector<float> q(nq_max * hd), acc(nq_max * hd), m(nq_max), l(nq_max), s(nq_max * S);
@@ -125,17 +125,19 @@ at::Tensor paged_attention(const at::Tensor& query, const at::Tensor& key_cache,
   const int64_t max_blocks = bt.size(1);
   TORCH_CHECK(qs[B] == T, "query_start must end at the number of query rows");
   std::vector<Task> tasks;
+  int64_t work = 0;  // (query head, key) pairs times head dim
   for (int64_t b = 0; b < B; ++b) {
     const int64_t n = qs[b + 1] - qs[b];
     TORCH_CHECK(n <= cl[b] && (cl[b] + S - 1) / S <= max_blocks, "sequence ", b,
                 ": context shorter than its queries, or more blocks than its block table holds");
     for (int64_t i = 0; i < n; i += kTile)
       for (int64_t h = 0; h < Hkv; ++h) tasks.push_back({b, i, std::min(kTile, n - i), h});
+    work += n * cl[b] * Hq * hd;
   }
   auto out = at::empty({T, Hq, hd}, query.options());
   EPSERVE_DISPATCH(query.scalar_type(), "paged_attention", [&] {
     attention_impl<scalar_t>(query, key_cache, value_cache, bt.data_ptr<int64_t>(), max_blocks, qs, cl,
-                             tasks, static_cast<float>(scale), out);
+                             tasks, work, static_cast<float>(scale), out);
   });
   return out;
 }

@@ -99,7 +99,13 @@ inline void check_rows(const at::Tensor& t, int64_t dims, const char* name) {
   TORCH_CHECK(t.stride(-1) == 1, name, " must be contiguous in its last dim");
 }
 
-inline int64_t num_threads() { return at::get_num_threads(); }
+// Waking a second thread costs several microseconds: a parallel loop hands each thread at least
+// this much work (in elements touched), so decode-sized calls stay on one thread.
+constexpr int64_t kParallelWork = 1 << 16;
+
+inline int64_t grain_for(int64_t work_per_item) {
+  return std::max<int64_t>(1, kParallelWork / std::max<int64_t>(1, work_per_item));
+}
 
 }  // namespace epserve
 

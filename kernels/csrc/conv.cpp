@@ -22,7 +22,8 @@ void conv_impl(const at::Tensor& x, const at::Tensor& weight, at::Tensor& state,
   const T* wp = weight.data_ptr<T>();
   T* st = state.data_ptr<T>();
   T* yp = y.data_ptr<T>();
-  at::parallel_for(0, B * blocks, 1, [&](int64_t begin, int64_t end) {
+  const int64_t rows_per_item = std::max<int64_t>(1, qs[B] / std::max<int64_t>(1, B));
+  at::parallel_for(0, B * blocks, grain_for(rows_per_item * kBlock * K), [&](int64_t begin, int64_t end) {
     float w[kMaxKernel][kBlock], acc[kBlock];
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item / blocks, c0 = (item % blocks) * kBlock, n = std::min(C, c0 + kBlock) - c0;

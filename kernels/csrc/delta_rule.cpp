@@ -61,8 +61,6 @@ class RowReader {
   float scale_;
 };
 
-constexpr int64_t kBlock = 64;  // value columns kept in registers while a sweep runs down S
-
 // S^T k over S [dk, dv]: acc[j] = sum_i S[i, j] k[i]
 inline void transpose_times(const float* S, const float* k, int64_t dk, int64_t dv, float* acc) {
   std::fill(acc, acc + dv, 0.f);
@@ -75,40 +73,35 @@ inline void transpose_times(const float* S, const float* k, int64_t dk, int64_t 
 }
 
 // One sweep down S for one row: S <- decay S + k (x) delta; o = S^T q; kv_next = S^T k_next.
-// Columns go in blocks whose accumulators stay in registers while i runs down the rows.
-inline void sweep(float* S, int64_t dk, int64_t dv, float decay, const float* k, const float* q,
-                  const float* delta, const float* k_next, float* o, float* kv_next) {
-  for (int64_t j0 = 0; j0 < dv; j0 += kBlock) {
-    const int64_t n = std::min(kBlock, dv - j0);
-    if (n != kBlock) {  // a ragged tail: plain loops
-      for (int64_t j = j0; j < dv; ++j) o[j] = kv_next[j] = 0.f;
-      for (int64_t i = 0; i < dk; ++i)
-        for (int64_t j = j0; j < dv; ++j) {
-          const float u = decay * S[i * dv + j] + k[i] * delta[j];
-          S[i * dv + j] = u;
-          o[j] += u * q[i];
-          kv_next[j] += u * k_next[i];
-        }
-      continue;
-    }
-    float acc_o[kBlock] = {}, acc_kv[kBlock] = {}, d[kBlock];
-    for (int64_t j = 0; j < kBlock; ++j) d[j] = delta[j0 + j];
-    for (int64_t i = 0; i < dk; ++i) {
-      float* Si = S + i * dv + j0;
-      const float ki = k[i], qi = q[i], kn = k_next[i];
+// Columns go in blocks of N whose accumulators stay in registers while i runs down the rows.
+template <int64_t N>
+inline void sweep_block(float* S, int64_t dk, int64_t dv, float decay, const float* k, const float* q,
+                        const float* delta, const float* k_next, float* o, float* kv_next) {
+  float acc_o[N] = {}, acc_kv[N] = {}, d[N];
+  for (int64_t j = 0; j < N; ++j) d[j] = delta[j];
+  for (int64_t i = 0; i < dk; ++i) {
+    float* Si = S + i * dv;
+    const float ki = k[i], qi = q[i], kn = k_next[i];
 #pragma omp simd
-      for (int64_t j = 0; j < kBlock; ++j) {
-        const float u = decay * Si[j] + ki * d[j];
-        Si[j] = u;
-        acc_o[j] += u * qi;
-        acc_kv[j] += u * kn;
-      }
-    }
-    for (int64_t j = 0; j < kBlock; ++j) {
-      o[j0 + j] = acc_o[j];
-      kv_next[j0 + j] = acc_kv[j];
+    for (int64_t j = 0; j < N; ++j) {
+      const float u = decay * Si[j] + ki * d[j];
+      Si[j] = u;
+      acc_o[j] += u * qi;
+      acc_kv[j] += u * kn;
     }
   }
+  for (int64_t j = 0; j < N; ++j) {
+    o[j] = acc_o[j];
+    kv_next[j] = acc_kv[j];
+  }
+}
+
+inline void sweep(float* S, int64_t dk, int64_t dv, float decay, const float* k, const float* q,
+                  const float* delta, const float* k_next, float* o, float* kv_next) {
+  int64_t j0 = 0;
+  for (; j0 + 64 <= dv; j0 += 64) sweep_block<64>(S + j0, dk, dv, decay, k, q, delta + j0, k_next, o + j0, kv_next + j0);
+  for (; j0 + 16 <= dv; j0 += 16) sweep_block<16>(S + j0, dk, dv, decay, k, q, delta + j0, k_next, o + j0, kv_next + j0);
+  for (; j0 < dv; ++j0) sweep_block<1>(S + j0, dk, dv, decay, k, q, delta + j0, k_next, o + j0, kv_next + j0);
 }
 
 template <typename T>
@@ -118,7 +111,8 @@ void recurrent_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
   const int64_t H = v.size(1), dk = q.size(2), dv = v.size(2);
   const RowReader<T> reader(q, k, v, a, b, A_log, dt_bias);
   T* op = out.data_ptr<T>();
-  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+  const int64_t rows_per_item = std::max<int64_t>(1, qs[B] / std::max<int64_t>(1, B));
+  at::parallel_for(0, B * H, grain_for(rows_per_item * dk * dv), [&](int64_t begin, int64_t end) {
     Row row, next;
     std::vector<float> kv(dv), kv_next(dv), delta(dv), o(dv), zeros(dk, 0.f);
     for (int64_t item = begin; item < end; ++item) {

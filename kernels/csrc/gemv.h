@@ -1,7 +1,6 @@
-// Small matrix products for the expert kernels: n rows (n small) times the rows of a weight matrix,
-// as dot products along the contiguous dim. Four weight rows at a time share each loaded input
-// chunk; AVX-512 (fp32 FMA, and bf16 pairs with AVX512-BF16's dpbf16) where the CPU has it,
-// plain loops elsewhere.
+// Small matrix products for the expert and few-row linear kernels: n rows (n small) times the rows
+// of a weight matrix, as dot products along the contiguous dim. AVX-512 (fp32 FMA, and bf16 pairs
+// with AVX512-BF16's dpbf16) where the CPU has it, plain loops elsewhere.
 #pragma once
 
 #include "common.h"
@@ -29,40 +28,86 @@ inline void rows_times_weights_plain(const T* const* rows, int64_t n, const T* W
 
 #if defined(__AVX512F__)
 
+// Lanes of one 512-bit register, and how to load / multiply-add them, per storage type: fp32 FMA
+// on 16 floats; with AVX512-BF16, dpbf16 on 32 bf16 (products of pairs summed into 16 fp32 lanes).
+template <typename T>
+struct Simd;
+
+template <>
+struct Simd<float> {
+  using Vec = __m512;
+  using Mask = __mmask16;
+  static constexpr int64_t kLanes = 16;
+  static Vec load(const float* p) { return _mm512_loadu_ps(p); }
+  static Vec load(const float* p, Mask m) { return _mm512_maskz_loadu_ps(m, p); }
+  static __m512 fma(__m512 acc, Vec a, Vec b) { return _mm512_fmadd_ps(a, b, acc); }
+};
+
+#if defined(__AVX512BF16__)
+template <>
+struct Simd<c10::BFloat16> {
+  using Vec = __m512bh;
+  using Mask = __mmask32;
+  static constexpr int64_t kLanes = 32;
+  static Vec load(const c10::BFloat16* p) { return (__m512bh)_mm512_loadu_si512(p); }
+  static Vec load(const c10::BFloat16* p, Mask m) { return (__m512bh)_mm512_maskz_loadu_epi16(m, p); }
+  static __m512 fma(__m512 acc, Vec a, Vec b) { return _mm512_dpbf16_ps(acc, a, b); }
+};
+#endif
+
+// The weight is read strictly in memory order, one row after another (interleaving several rows
+// halves what this machine's prefetchers deliver); each weight chunk serves four input rows.
+template <typename T>
+inline void rows_times_weights_simd(const T* const* rows, int64_t n, const T* W, int64_t out_dim, int64_t D,
+                                    float* out) {
+  using S = Simd<T>;
+  constexpr int64_t L = S::kLanes;
+  const int64_t full = D / L * L;
+  const auto tail = static_cast<typename S::Mask>((D - full) ? (1ull << (D - full)) - 1ull : 0ull);
+  for (int64_t i = 0; i < out_dim; ++i) {
+    const T* w = W + i * D;
+    int64_t r = 0;
+    for (; r + 4 <= n; r += 4) {
+      const T *x0 = rows[r], *x1 = rows[r + 1], *x2 = rows[r + 2], *x3 = rows[r + 3];
+      __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+      for (int64_t d = 0; d < full; d += L) {
+        const auto wv = S::load(w + d);
+        a0 = S::fma(a0, wv, S::load(x0 + d));
+        a1 = S::fma(a1, wv, S::load(x1 + d));
+        a2 = S::fma(a2, wv, S::load(x2 + d));
+        a3 = S::fma(a3, wv, S::load(x3 + d));
+      }
+      if (tail) {
+        const auto wv = S::load(w + full, tail);
+        a0 = S::fma(a0, wv, S::load(x0 + full, tail));
+        a1 = S::fma(a1, wv, S::load(x1 + full, tail));
+        a2 = S::fma(a2, wv, S::load(x2 + full, tail));
+        a3 = S::fma(a3, wv, S::load(x3 + full, tail));
+      }
+      out[r * out_dim + i] = _mm512_reduce_add_ps(a0);
+      out[(r + 1) * out_dim + i] = _mm512_reduce_add_ps(a1);
+      out[(r + 2) * out_dim + i] = _mm512_reduce_add_ps(a2);
+      out[(r + 3) * out_dim + i] = _mm512_reduce_add_ps(a3);
+    }
+    for (; r < n; ++r) {  // one row: two accumulators hide the FMA latency
+      const T* x = rows[r];
+      __m512 a0 = _mm512_setzero_ps(), a1 = a0;
+      int64_t d = 0;
+      for (; d + 2 * L <= full; d += 2 * L) {
+        a0 = S::fma(a0, S::load(w + d), S::load(x + d));
+        a1 = S::fma(a1, S::load(w + d + L), S::load(x + d + L));
+      }
+      for (; d < full; d += L) a0 = S::fma(a0, S::load(w + d), S::load(x + d));
+      if (tail) a1 = S::fma(a1, S::load(w + full, tail), S::load(x + full, tail));
+      out[r * out_dim + i] = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+    }
+  }
+}
+
 template <>
 inline void rows_times_weights<float>(const float* const* rows, int64_t n, const float* W, int64_t out_dim,
                                       int64_t D, float* out) {
-  const int64_t full = D / 16 * 16;
-  const __mmask16 tail = static_cast<__mmask16>((1u << (D - full)) - 1u);
-  int64_t i = 0;
-  for (; i + 4 <= out_dim; i += 4) {
-    const float *w0 = W + i * D, *w1 = w0 + D, *w2 = w1 + D, *w3 = w2 + D;
-    for (int64_t r = 0; r < n; ++r) {
-      const float* x = rows[r];
-      __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-      for (int64_t d = 0; d < full; d += 16) {
-        const __m512 xv = _mm512_loadu_ps(x + d);
-        a0 = _mm512_fmadd_ps(_mm512_loadu_ps(w0 + d), xv, a0);
-        a1 = _mm512_fmadd_ps(_mm512_loadu_ps(w1 + d), xv, a1);
-        a2 = _mm512_fmadd_ps(_mm512_loadu_ps(w2 + d), xv, a2);
-        a3 = _mm512_fmadd_ps(_mm512_loadu_ps(w3 + d), xv, a3);
-      }
-      if (tail) {
-        const __m512 xv = _mm512_maskz_loadu_ps(tail, x + full);
-        a0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(tail, w0 + full), xv, a0);
-        a1 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(tail, w1 + full), xv, a1);
-        a2 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(tail, w2 + full), xv, a2);
-        a3 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(tail, w3 + full), xv, a3);
-      }
-      float* o = out + r * out_dim + i;
-      o[0] = _mm512_reduce_add_ps(a0);
-      o[1] = _mm512_reduce_add_ps(a1);
-      o[2] = _mm512_reduce_add_ps(a2);
-      o[3] = _mm512_reduce_add_ps(a3);
-    }
-  }
-  for (; i < out_dim; ++i)
-    for (int64_t r = 0; r < n; ++r) out[r * out_dim + i] = dot_both(rows[r], W + i * D, D);
+  rows_times_weights_simd(rows, n, W, out_dim, D, out);
 }
 
 #if defined(__AVX512BF16__)
@@ -70,39 +115,7 @@ inline void rows_times_weights<float>(const float* const* rows, int64_t n, const
 template <>
 inline void rows_times_weights<c10::BFloat16>(const c10::BFloat16* const* rows, int64_t n, const c10::BFloat16* W,
                                               int64_t out_dim, int64_t D, float* out) {
-  const int64_t full = D / 32 * 32;
-  const __mmask32 tail = static_cast<__mmask32>((D - full) ? (1ull << (D - full)) - 1ull : 0ull);
-  auto load = [](const c10::BFloat16* p) { return (__m512bh)_mm512_loadu_si512(p); };
-  auto load_tail = [tail](const c10::BFloat16* p) { return (__m512bh)_mm512_maskz_loadu_epi16(tail, p); };
-  int64_t i = 0;
-  for (; i + 4 <= out_dim; i += 4) {
-    const c10::BFloat16 *w0 = W + i * D, *w1 = w0 + D, *w2 = w1 + D, *w3 = w2 + D;
-    for (int64_t r = 0; r < n; ++r) {
-      const c10::BFloat16* x = rows[r];
-      __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-      for (int64_t d = 0; d < full; d += 32) {
-        const __m512bh xv = load(x + d);
-        a0 = _mm512_dpbf16_ps(a0, load(w0 + d), xv);
-        a1 = _mm512_dpbf16_ps(a1, load(w1 + d), xv);
-        a2 = _mm512_dpbf16_ps(a2, load(w2 + d), xv);
-        a3 = _mm512_dpbf16_ps(a3, load(w3 + d), xv);
-      }
-      if (tail) {
-        const __m512bh xv = load_tail(x + full);
-        a0 = _mm512_dpbf16_ps(a0, load_tail(w0 + full), xv);
-        a1 = _mm512_dpbf16_ps(a1, load_tail(w1 + full), xv);
-        a2 = _mm512_dpbf16_ps(a2, load_tail(w2 + full), xv);
-        a3 = _mm512_dpbf16_ps(a3, load_tail(w3 + full), xv);
-      }
-      float* o = out + r * out_dim + i;
-      o[0] = _mm512_reduce_add_ps(a0);
-      o[1] = _mm512_reduce_add_ps(a1);
-      o[2] = _mm512_reduce_add_ps(a2);
-      o[3] = _mm512_reduce_add_ps(a3);
-    }
-  }
-  for (; i < out_dim; ++i)
-    for (int64_t r = 0; r < n; ++r) out[r * out_dim + i] = dot_both(rows[r], W + i * D, D);
+  rows_times_weights_simd(rows, n, W, out_dim, D, out);
 }
 
 #endif  // __AVX512BF16__
@@ -111,6 +124,23 @@ inline void rows_times_weights<c10::BFloat16>(const c10::BFloat16* const* rows, 
 template <typename T>
 void rows_times_weights(const T* const* rows, int64_t n, const T* W, int64_t out_dim, int64_t D, float* out) {
   detail::rows_times_weights_plain(rows, n, W, out_dim, D, out);
+}
+
+// The same, split across threads by blocks of output columns (a few rows: the weight is streamed
+// once in all): out [n, out_dim] fp32.
+template <typename T>
+void rows_times_weights_parallel(const T* const* rows, int64_t n, const T* W, int64_t out_dim, int64_t D,
+                                 float* out) {
+  constexpr int64_t kColumns = 64;
+  const int64_t blocks = (out_dim + kColumns - 1) / kColumns;
+  at::parallel_for(0, blocks, grain_for(kColumns * D), [&](int64_t begin, int64_t end) {
+    std::vector<float> part(n * kColumns);
+    for (int64_t blk = begin; blk < end; ++blk) {
+      const int64_t i0 = blk * kColumns, m = std::min(out_dim, i0 + kColumns) - i0;
+      rows_times_weights(rows, n, W + i0 * D, m, D, part.data());
+      for (int64_t r = 0; r < n; ++r) std::copy(&part[r * m], &part[r * m] + m, out + r * out_dim + i0);
+    }
+  });
 }
 
 }  // namespace epserve

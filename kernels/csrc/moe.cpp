@@ -23,7 +23,7 @@ void topk_impl(const at::Tensor& logits, int64_t K, at::Tensor& idx, at::Tensor&
   const T* lp = logits.data_ptr<T>();
   int64_t* ip = idx.data_ptr<int64_t>();
   T* wp = weights.data_ptr<T>();
-  at::parallel_for(0, T_rows, std::max<int64_t>(1, 8192 / E), [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, T_rows, grain_for(E), [&](int64_t begin, int64_t end) {
     std::vector<float> top_v(K);
     std::vector<int64_t> top_i(K);
     for (int64_t t = begin; t < end; ++t) {
@@ -66,7 +66,8 @@ void experts_impl(const at::Tensor& x, const int64_t* ip, const T* wp, const at:
   const T *xp = x.data_ptr<T>(), *gp = gate_up.data_ptr<T>(), *dp = down.data_ptr<T>();
   T* pp = pair_out.data_ptr<T>();
   const int64_t num_tasks = static_cast<int64_t>(tasks.size());
-#pragma omp parallel if (num_tasks > 1)
+  const int64_t work = num_tasks * 3 * I * D;  // weight elements read
+#pragma omp parallel if (num_tasks > 1 && work > kParallelWork)
   {
     std::vector<float> h(kRows * I2), y(kRows * D);
     std::vector<T> act(kRows * I);
@@ -97,7 +98,7 @@ void experts_impl(const at::Tensor& x, const int64_t* ip, const T* wp, const at:
     }
   }
   T* op = out.data_ptr<T>();
-  at::parallel_for(0, R, std::max<int64_t>(1, 4096 / (D * K)), [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, R, grain_for(D * K), [&](int64_t begin, int64_t end) {
     std::vector<float> sum(D);
     for (int64_t r = begin; r < end; ++r) {
       std::fill(sum.begin(), sum.end(), 0.f);

@@ -21,6 +21,12 @@ std::tuple<at::Tensor, at::Tensor> topk_softmax(const at::Tensor& logits, int64_
 at::Tensor moe_experts(const at::Tensor& x, const at::Tensor& idx, const at::Tensor& weights,
                        const at::Tensor& gate_up, const at::Tensor& down);
 at::Tensor linear_rows(const at::Tensor& x, const at::Tensor& weight);
+std::tuple<at::Tensor, at::Tensor> qk_norm_rope(const at::Tensor& query, const at::Tensor& key,
+                                                const at::Tensor& q_weight, const at::Tensor& k_weight,
+                                                double eps, const at::Tensor& positions,
+                                                const at::Tensor& inv_freq);
+at::Tensor shared_expert(const at::Tensor& x, const at::Tensor& gate_up, const at::Tensor& down,
+                         const at::Tensor& gate_logit, const at::Tensor& routed);
 }  // namespace epserve
 
 TORCH_LIBRARY(epserve, m) {
@@ -34,6 +40,9 @@ TORCH_LIBRARY(epserve, m) {
         "Tensor query_start, Tensor context_lens, float scale) -> Tensor");
   m.def("topk_softmax(Tensor logits, int k) -> (Tensor, Tensor)");
   m.def("linear_rows(Tensor x, Tensor weight) -> Tensor");
+  m.def("qk_norm_rope(Tensor query, Tensor key, Tensor q_weight, Tensor k_weight, float eps, "
+        "Tensor positions, Tensor inv_freq) -> (Tensor, Tensor)");
+  m.def("shared_expert(Tensor x, Tensor gate_up, Tensor down, Tensor gate_logit, Tensor routed) -> Tensor");
   m.def("moe_experts(Tensor x, Tensor idx, Tensor weights, Tensor gate_up, Tensor down) -> Tensor");
 }
 
@@ -46,5 +55,7 @@ TORCH_LIBRARY_IMPL(epserve, CPU, m) {
   m.impl("paged_attention", &epserve::paged_attention);
   m.impl("topk_softmax", &epserve::topk_softmax);
   m.impl("linear_rows", &epserve::linear_rows);
+  m.impl("qk_norm_rope", &epserve::qk_norm_rope);
+  m.impl("shared_expert", &epserve::shared_expert);
   m.impl("moe_experts", &epserve::moe_experts);
 }

@@ -32,7 +32,7 @@ def test_filters():
     logits = torch.tensor([[4.0, 3.0, 2.0, 1.0, 0.0]])
 
     def keep(spec):
-        return torch.isfinite(filter_logits(logits, sampling_tensors([spec], [[0]], 5))).tolist()[0]
+        return torch.isfinite(filter_logits(logits, sampling_tensors([spec], [[0]], 5).draws)).tolist()[0]
 
     assert keep(SamplingSpec(temperature=1.0, top_k=2)) == [True, True, False, False, False]
     # probs ~ [.64, .24, .09, .03, .01]: top_p .8 keeps the first two (.64 < .8 <= .88)
@@ -42,17 +42,17 @@ def test_filters():
     # rows filter by their own values in one batch
     specs = [SamplingSpec(temperature=1.0, top_k=2), SamplingSpec(temperature=1.0, top_p=0.5),
              SamplingSpec(temperature=1.0)]
-    kept = torch.isfinite(filter_logits(logits.repeat(3, 1), sampling_tensors(specs, [[0]] * 3, 5)))
+    kept = torch.isfinite(filter_logits(logits.repeat(3, 1), sampling_tensors(specs, [[0]] * 3, 5).draws))
     assert kept.sum(-1).tolist() == [2, 1, 5]
 
 
 def test_penalties():
     logits = torch.tensor([[2.0, -2.0, 1.0, 0.5]])
     spec = SamplingSpec(repetition_penalty=2.0, prompt_len=1)
-    assert apply_penalties(logits, sampling_tensors([spec], [[0, 1]], 4)).tolist() == [[1.0, -4.0, 1.0, 0.5]]
+    assert apply_penalties(logits, sampling_tensors([spec], [[0, 1]], 4).penalties).tolist() == [[1.0, -4.0, 1.0, 0.5]]
     spec = SamplingSpec(presence_penalty=0.5, frequency_penalty=0.25, prompt_len=1)
     # prompt token 0 is not penalised; output tokens 2, 2, 3
-    penalised = apply_penalties(logits, sampling_tensors([spec], [[0, 2, 2, 3]], 4))
+    penalised = apply_penalties(logits, sampling_tensors([spec], [[0, 2, 2, 3]], 4).penalties)
     assert penalised.tolist() == [[2.0, -2.0, 0.0, -0.25]]
 
 

@@ -231,3 +231,30 @@ def test_linear_few_rows(dtype, rows):
     weight = torch.randn(67, 100, generator=g).to(dtype)
     fast, ref, *_ = both(kernels.linear, x, weight)
     assert close(fast, ref, DTYPES[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows", [1, 5, 12])
+def test_add_shared_expert(dtype, rows):
+    g = torch.Generator().manual_seed(11)
+    D, I = 48, 24
+    x = torch.randn(rows, D, generator=g).to(dtype)
+    gate_up = (0.3 * torch.randn(2 * I, D, generator=g)).to(dtype)
+    down = (0.3 * torch.randn(D, I, generator=g)).to(dtype)
+    logits = torch.randn(rows, 9, generator=g).to(dtype)  # the shared gate's logit is the last column
+    routed = torch.randn(rows, D, generator=g).to(dtype)
+    fast, ref, *_ = both(kernels.add_shared_expert, x, gate_up, down, logits[:, 8:], routed)
+    assert close(fast, ref, DTYPES[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_qk_norm_rope(dtype):
+    g = torch.Generator().manual_seed(12)
+    T, H, KV, hd = 6, 4, 2, 32
+    q_and_gate = torch.randn(T, H, 2 * hd, generator=g).to(dtype)
+    key = torch.randn(T, KV, hd, generator=g).to(dtype)
+    weights = [(0.1 * torch.randn(hd, generator=g)).to(dtype) for _ in range(2)]
+    positions = torch.tensor([0, 1, 7, 100, 4095, 60000])
+    inv_freq = 1.0 / (10000.0 ** (torch.arange(0, 8, 2).float() / 8))  # rotary on 8 of 32 dims
+    fast, ref, *_ = both(kernels.qk_norm_rope, q_and_gate[..., :hd], key, *weights, 1e-6, positions, inv_freq)
+    assert close(fast, ref, DTYPES[dtype])
