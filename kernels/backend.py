@@ -35,9 +35,13 @@ def cpu_kernels_loaded() -> bool:
     return _cpu_kernels
 
 
+_NATIVE_DTYPES = (torch.float32, torch.bfloat16)
+
+
 def native(t: torch.Tensor) -> bool:
-    """True when the fast CPU kernel should run on tensors like t."""
-    return t.is_cpu and not _forced_reference and (_cpu_kernels or (_cpu_kernels is None and cpu_kernels_loaded()))
+    """True when the fast CPU kernel should run on tensors like t (CPU, fp32 or bf16)."""
+    return (t.is_cpu and t.dtype in _NATIVE_DTYPES and not _forced_reference
+            and (_cpu_kernels or (_cpu_kernels is None and cpu_kernels_loaded())))
 
 
 def batched(t: torch.Tensor) -> bool:

@@ -35,6 +35,7 @@ void attention_impl(const at::Tensor& query, const at::Tensor& key_cache, const 
   {
     const int64_t nq_max = kTile * G;
     std::vector<float> q(nq_max * hd), acc(nq_max * hd), m(nq_max), l(nq_max), s(nq_max * S);
+    std::vector<float> correction(nq_max);
     std::vector<int64_t> qpos(nq_max);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t t = 0; t < num_tasks; ++t) {
@@ -58,32 +59,56 @@ void attention_impl(const at::Tensor& query, const at::Tensor& key_cache, const 
       const int64_t* table = tables + task.seq * max_blocks;
       for (int64_t kb = 0; kb * S <= last_pos; ++kb) {
         const int64_t base = kb * S, nk = std::min(S, last_pos + 1 - base), block = table[kb];
-        for (int64_t j = 0; j < nk; ++j) {
-          const T* key = kc + ((block * S + j) * Hkv + task.kv_head) * hd;
-          for (int64_t v = 0; v < nq; ++v)
-            s[v * S + j] = base + j <= qpos[v] ? dot(&q[v * hd], key, hd) : kNegInf;
-        }
+        const int64_t key_stride = Hkv * hd;
+        const T* keys = kc + (block * S * Hkv + task.kv_head) * hd;  // key j at keys + j * key_stride
+        const T* values = vc + (block * S * Hkv + task.kv_head) * hd;
+        // scores, then their exponentials against the running max (rescaling what came before)
         for (int64_t v = 0; v < nq; ++v) {
-          const float* sv = &s[v * S];
-          float block_max = kNegInf;
-          for (int64_t j = 0; j < nk; ++j) block_max = std::max(block_max, sv[j]);
-          if (block_max == kNegInf) continue;  // every key of the block is in this query's future
-          const float new_m = std::max(m[v], block_max);
-          const float correction = std::exp(m[v] - new_m);
-          float* a = &acc[v * hd];
-          float sum = l[v] * correction;
-#pragma omp simd
-          for (int64_t d = 0; d < hd; ++d) a[d] *= correction;
-          for (int64_t j = 0; j < nk; ++j) {
-            if (sv[j] == kNegInf) continue;
-            const float p = fast_exp(sv[j] - new_m);
-            sum += p;
-            const T* val = vc + ((block * S + j) * Hkv + task.kv_head) * hd;
-#pragma omp simd
-            for (int64_t d = 0; d < hd; ++d) a[d] += p * to_float(val[d]);
+          const int64_t visible = std::clamp<int64_t>(qpos[v] - base + 1, 0, nk);  // causal mask
+          float* sv = &s[v * S];
+          const float* qv = &q[v * hd];
+          int64_t j = 0;
+#if defined(__AVX512F__)
+          for (; j + 4 <= visible; j += 4) {
+            const T* k = keys + j * key_stride;
+            dot4(qv, k, k + key_stride, k + 2 * key_stride, k + 3 * key_stride, hd, sv + j);
           }
-          l[v] = sum;
-          m[v] = new_m;
+#endif
+          for (; j < visible; ++j) sv[j] = dot(qv, keys + j * key_stride, hd);
+          float block_max = kNegInf;
+          for (j = 0; j < visible; ++j) block_max = std::max(block_max, sv[j]);
+          const float new_m = std::max(m[v], block_max);
+          correction[v] = visible ? fast_exp(m[v] - new_m) : 1.f;  // ~0 on the first block (m = -inf)
+          float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+          for (j = 0; j < nk; ++j) {
+            sv[j] = j < visible ? fast_exp(sv[j] - new_m) : 0.f;
+            sum += sv[j];
+          }
+          l[v] = l[v] * correction[v] + sum;
+          m[v] = visible ? new_m : m[v];
+          float* a = &acc[v * hd];
+#pragma omp simd
+          for (int64_t d = 0; d < hd; ++d) a[d] *= correction[v];
+        }
+        // acc[v] += sum_j p[v, j] V[j]: a register-wide slice of acc stays in a register over the keys
+        for (int64_t v = 0; v < nq; ++v) {
+          const float* p = &s[v * S];
+          float* a = &acc[v * hd];
+#if defined(__AVX512F__)
+          for (int64_t d = 0; d < hd; d += 16) {
+            const __mmask16 mask = hd - d >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (hd - d)) - 1u);
+            __m512 slice = _mm512_maskz_loadu_ps(mask, a + d);
+            for (int64_t j = 0; j < nk; ++j)
+              slice = _mm512_fmadd_ps(_mm512_set1_ps(p[j]), load_as_floats(values + j * key_stride + d, mask), slice);
+            _mm512_mask_storeu_ps(a + d, mask, slice);
+          }
+#else
+          for (int64_t j = 0; j < nk; ++j) {
+            const T* val = values + j * key_stride;
+            for (int64_t d = 0; d < hd; ++d) a[d] += p[j] * to_float(val[d]);
+          }
+#endif
         }
       }
       for (int64_t r = 0; r < task.count; ++r)

@@ -14,11 +14,14 @@
 #include <limits>
 #include <vector>
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
 namespace epserve {
 
 inline float to_float(float x) { return x; }
 inline float to_float(c10::BFloat16 x) { return static_cast<float>(x); }
-inline float to_float(c10::Half x) { return static_cast<float>(x); }
 
 template <typename T>
 inline T from_float(float x) { return static_cast<T>(x); }
@@ -56,6 +59,61 @@ inline float dot(const float* a, const T* b, int64_t n) {
   for (int64_t i = 0; i < n; ++i) acc += a[i] * to_float(b[i]);
   return acc;
 }
+
+#if defined(__AVX512F__)
+// Short dot products (a head: 32..256 values) are dominated by the final horizontal sum: one
+// register-wide accumulation, then one reduction.
+inline __m512 load_as_floats(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+inline __m512 load_as_floats(const c10::BFloat16* p, __mmask16 m) {
+  const __m256i bits = _mm256_maskz_loadu_epi16(m, p);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
+}
+
+// The four horizontal sums of a, b, c, d in one tree: [sum a, sum b, sum c, sum d].
+inline __m128 reduce_add4(__m512 a, __m512 b, __m512 c, __m512 d) {
+  const __m512 ab = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
+  const __m512 cd = _mm512_add_ps(_mm512_unpacklo_ps(c, d), _mm512_unpackhi_ps(c, d));
+  const __m512 abcd = _mm512_add_ps(_mm512_shuffle_ps(ab, cd, 0x44), _mm512_shuffle_ps(ab, cd, 0xEE));
+  const __m256 halves = _mm256_add_ps(_mm512_castps512_ps256(abcd),
+                                      _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(abcd), 1)));
+  return _mm_add_ps(_mm256_castps256_ps128(halves), _mm256_extractf128_ps(halves, 1));
+}
+
+// Dot products of q with four rows k0..k3 (n values each): out[0..3].
+template <typename T>
+inline void dot4(const float* q, const T* k0, const T* k1, const T* k2, const T* k3, int64_t n, float* out) {
+  __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 m = n - i >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (n - i)) - 1u);
+    const __m512 qv = _mm512_maskz_loadu_ps(m, q + i);
+    a0 = _mm512_fmadd_ps(qv, load_as_floats(k0 + i, m), a0);
+    a1 = _mm512_fmadd_ps(qv, load_as_floats(k1 + i, m), a1);
+    a2 = _mm512_fmadd_ps(qv, load_as_floats(k2 + i, m), a2);
+    a3 = _mm512_fmadd_ps(qv, load_as_floats(k3 + i, m), a3);
+  }
+  _mm_storeu_ps(out, reduce_add4(a0, a1, a2, a3));
+}
+
+template <>
+inline float dot<float>(const float* a, const float* b, int64_t n) {
+  __m512 acc = _mm512_setzero_ps();
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 m = n - i >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (n - i)) - 1u);
+    acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a + i), load_as_floats(b + i, m), acc);
+  }
+  return _mm512_reduce_add_ps(acc);
+}
+
+template <>
+inline float dot<c10::BFloat16>(const float* a, const c10::BFloat16* b, int64_t n) {
+  __m512 acc = _mm512_setzero_ps();
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 m = n - i >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (n - i)) - 1u);
+    acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a + i), load_as_floats(b + i, m), acc);
+  }
+  return _mm512_reduce_add_ps(acc);
+}
+#endif
 
 // exp(x) for x in float range, to about 1 ulp, in plain arithmetic so that loops over it vectorise
 // (std::exp does not without -ffast-math): 2^n * p(r), n = round(x / ln 2), Cephes' polynomial.
@@ -109,6 +167,7 @@ inline int64_t grain_for(int64_t work_per_item) {
 
 }  // namespace epserve
 
-// float, bfloat16 and half storage
-#define EPSERVE_DISPATCH(TYPE, NAME, ...) \
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, TYPE, NAME, __VA_ARGS__)
+// float and bfloat16 storage (other dtypes take the torch references: kernels.backend)
+#define EPSERVE_DISPATCH(TYPE, NAME, ...)                      \
+  AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__) \
+                                     AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
