@@ -18,12 +18,13 @@ import torch
 
 
 class PagedKVCache:
-    """K and V of every full-attention layer: [N, S, KV, hd] each, per layer."""
+    """K and V of every full-attention layer: [N, KV, S, hd] each, per layer (a kv head's tokens of a
+    block side by side, so attention streams them)."""
 
     def __init__(self, layers: list[int], num_blocks: int, block_size: int, kv_heads: int,
                  head_dim: int, dtype: torch.dtype, device: torch.device | str = "cpu") -> None:
         self.block_size = block_size
-        shape = (num_blocks, block_size, kv_heads, head_dim)
+        shape = (num_blocks, kv_heads, block_size, head_dim)
         self.key = {i: torch.zeros(shape, dtype=dtype, device=device) for i in layers}
         self.value = {i: torch.zeros(shape, dtype=dtype, device=device) for i in layers}
 

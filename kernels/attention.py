@@ -1,7 +1,8 @@
 """Causal attention of a flat batch of sequences against the paged KV cache.
 
 Shapes: T query rows (B sequences in turn), Hq query heads, Hkv kv heads, hd head dim, N blocks of
-S tokens. query [T, Hq, hd]; key_cache / value_cache [N, S, Hkv, hd]; block_tables [B, max_blocks];
+S tokens. query [T, Hq, hd]; key_cache / value_cache [N, Hkv, S, hd] (a kv head's keys of a block
+together, read as one stream); block_tables [B, max_blocks];
 query_start [B + 1] row offsets; context_lens [B] keys cached per sequence (this step's included);
 slot_mapping [T] flat cache position (block * S + offset) of each new row.
 """
@@ -41,22 +42,24 @@ def qk_norm_rope(query, key, q_weight, k_weight, eps: float, positions, inv_freq
 
 def write_kv(key_cache, value_cache, key, value, slot_mapping) -> None:
     """Stores the new rows' K and V [T, Hkv, hd] at their cache positions."""
-    key_cache.view(-1, *key.shape[1:]).index_copy_(0, slot_mapping, key)
-    value_cache.view(-1, *value.shape[1:]).index_copy_(0, slot_mapping, value)
+    S = key_cache.shape[2]
+    blocks, offsets = slot_mapping // S, slot_mapping % S
+    key_cache[blocks, :, offsets] = key
+    value_cache[blocks, :, offsets] = value
 
 
 def paged_attention_reference(query, key_cache, value_cache, block_tables, query_start, context_lens,
                               scale: float, query_lens: list[int]) -> torch.Tensor:
     """Sequence by sequence: gathers its K/V, repeats kv heads, one SDPA with a causal offset mask."""
-    S, groups = key_cache.shape[1], query.shape[1] // key_cache.shape[2]
+    S, groups = key_cache.shape[2], query.shape[1] // key_cache.shape[1]
     out = torch.empty_like(query)
     start = 0
     for i, n in enumerate(query_lens):
         L = int(context_lens[i])
         positions = torch.arange(L, device=query.device)
-        index = block_tables[i][positions // S] * S + positions % S
-        k = key_cache.view(-1, *key_cache.shape[2:])[index].transpose(0, 1).repeat_interleave(groups, 0)
-        v = value_cache.view(-1, *value_cache.shape[2:])[index].transpose(0, 1).repeat_interleave(groups, 0)
+        blocks, offsets = block_tables[i][positions // S], positions % S
+        k = key_cache[blocks, :, offsets].transpose(0, 1).repeat_interleave(groups, 0)  # [Hq, L, hd]
+        v = value_cache[blocks, :, offsets].transpose(0, 1).repeat_interleave(groups, 0)
         mask = positions[None, :] <= torch.arange(L - n, L, device=query.device)[:, None]
         o = F.scaled_dot_product_attention(query[start : start + n].transpose(0, 1), k, v,
                                            attn_mask=mask, scale=scale)

@@ -59,4 +59,4 @@ class MoELayer(nn.Module):
             expert_out = self.experts.forward(self.layer_idx, batch)
         with self._phase("combine"):
             routed = self.dispatcher.combine(expert_out, handle)
-        return self.shared_expert(x_TD, logits[:, num_experts:], routed)
+        return self.shared_expert.forward(x_TD, logits[:, num_experts:], routed)

@@ -1,6 +1,6 @@
 // Causal attention of a flat batch of sequences against the paged KV cache, in one call per layer.
 //   query [T, Hq, hd] (rows of all sequences; heads may be strided), key_cache / value_cache
-//   [N, S, Hkv, hd], block_tables [B, max_blocks], query_start [B + 1], context_lens [B] (keys in
+//   [N, Hkv, S, hd] (a kv head's keys of a block contiguous: one stream per task), block_tables [B, max_blocks], query_start [B + 1], context_lens [B] (keys in
 //   the cache for each sequence, this step's included)  ->  out [T, Hq, hd].
 // Query i of a sequence with n new tokens and L = context_len sits at position L - n + i and sees
 // keys 0 .. L - n + i. K/V are read in place, block by block (no gathered copy, no GQA repeat):
@@ -13,6 +13,7 @@ namespace epserve {
 namespace {
 
 constexpr int64_t kTile = 8;  // query positions per task
+constexpr int64_t kAhead = 4;  // KV blocks prefetched ahead (into L2)
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 struct Task {
@@ -20,11 +21,17 @@ struct Task {
 };
 
 template <typename T>
+inline void prefetch(const T* p, int64_t n) {
+  const char* bytes = reinterpret_cast<const char*>(p);
+  for (int64_t i = 0; i < n * static_cast<int64_t>(sizeof(T)); i += 64) __builtin_prefetch(bytes + i, 0, 2);
+}
+
+template <typename T>
 void attention_impl(const at::Tensor& query, const at::Tensor& key_cache, const at::Tensor& value_cache,
                     const int64_t* tables, int64_t max_blocks, const int64_t* qs, const int64_t* cl,
                     const std::vector<Task>& tasks, int64_t work, float scale, at::Tensor& out) {
   const int64_t Hq = query.size(1), hd = query.size(2);
-  const int64_t S = key_cache.size(1), Hkv = key_cache.size(2), G = Hq / Hkv;
+  const int64_t Hkv = key_cache.size(1), S = key_cache.size(2), G = Hq / Hkv;
   const int64_t qs0 = query.stride(0), qs1 = query.stride(1);
   const T* qp = query.data_ptr<T>();
   const T* kc = key_cache.data_ptr<T>();
@@ -59,9 +66,14 @@ void attention_impl(const at::Tensor& query, const at::Tensor& key_cache, const 
       const int64_t* table = tables + task.seq * max_blocks;
       for (int64_t kb = 0; kb * S <= last_pos; ++kb) {
         const int64_t base = kb * S, nk = std::min(S, last_pos + 1 - base), block = table[kb];
-        const int64_t key_stride = Hkv * hd;
-        const T* keys = kc + (block * S * Hkv + task.kv_head) * hd;  // key j at keys + j * key_stride
-        const T* values = vc + (block * S * Hkv + task.kv_head) * hd;
+        const int64_t key_stride = hd;
+        const T* keys = kc + (block * Hkv + task.kv_head) * S * hd;  // key j at keys + j * hd
+        const T* values = vc + (block * Hkv + task.kv_head) * S * hd;
+        if ((kb + kAhead) * S <= last_pos) {  // blocks lie anywhere: fetch ahead while this one runs
+          const int64_t next = (table[kb + kAhead] * Hkv + task.kv_head) * S * hd;
+          prefetch(kc + next, S * hd);
+          prefetch(vc + next, S * hd);
+        }
         // scores, then their exponentials against the running max (rescaling what came before)
         for (int64_t v = 0; v < nq; ++v) {
           const int64_t visible = std::clamp<int64_t>(qpos[v] - base + 1, 0, nk);  // causal mask
@@ -132,9 +144,9 @@ at::Tensor paged_attention(const at::Tensor& query, const at::Tensor& key_cache,
   check_cpu(key_cache, "key_cache");
   TORCH_CHECK(key_cache.is_contiguous() && value_cache.is_contiguous() && key_cache.dim() == 4 &&
                   key_cache.sizes() == value_cache.sizes(),
-              "key_cache and value_cache must be contiguous [N, S, Hkv, hd] pools");
+              "key_cache and value_cache must be contiguous [N, Hkv, S, hd] pools");
   const int64_t T = query.size(0), Hq = query.size(1), hd = query.size(2);
-  const int64_t S = key_cache.size(1), Hkv = key_cache.size(2);
+  const int64_t Hkv = key_cache.size(1), S = key_cache.size(2);
   TORCH_CHECK(key_cache.size(3) == hd, "head dims of query and cache differ");
   TORCH_CHECK(Hq % Hkv == 0, "query heads must be a multiple of kv heads");
   TORCH_CHECK(query.scalar_type() == key_cache.scalar_type() &&

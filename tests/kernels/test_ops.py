@@ -127,8 +127,8 @@ def test_paged_attention(dtype, heads):
     S, hd, N = 4, 16, 64
     lens, past = [1, 1, 9, 3, 17], [0, 20, 3, 0, 14]  # new rows and cached tokens per sequence
     context = [n + p for n, p in zip(lens, past)]
-    key_cache = torch.randn(N, S, KV, hd, generator=g).to(dtype)
-    value_cache = torch.randn(N, S, KV, hd, generator=g).to(dtype)
+    key_cache = torch.randn(N, KV, S, hd, generator=g).to(dtype)
+    value_cache = torch.randn(N, KV, S, hd, generator=g).to(dtype)
     blocks = torch.randperm(N, generator=g).tolist()
     tables, used = [], 0
     for L in context:
@@ -183,7 +183,7 @@ def test_empty_batch_runs_through_every_op():
     conv = kernels.causal_conv1d(torch.zeros(0, 8), torch.zeros(8, 4), torch.zeros(2, 3, 8), none,
                                  torch.zeros(1, dtype=torch.long), [])
     assert conv.shape == (0, 8)
-    cache = torch.zeros(4, 4, 2, 16)
+    cache = torch.zeros(4, 2, 4, 16)
     out = kernels.paged_attention(torch.zeros(0, 4, 16), cache, cache, torch.zeros(0, 1, dtype=torch.long),
                                   torch.zeros(1, dtype=torch.long), none, 0.25, [])
     assert out.shape == (0, 4, 16)
