@@ -10,11 +10,12 @@ sampler are batched torch. A CUDA backend registers the same torch.ops.epserve s
 | linear (few rows: the weight streamed once; more: torch's BLAS) | linear | C++ |
 | rms_norm, add_rms_norm, gated_rms_norm | norms | C++ |
 | causal_conv1d (decode and prefill, conv state slots in place) | conv | C++ |
-| delta_rule: delta_rule_decode and delta_rule_prefill for a mixed step (state slots in place) | delta_rule | C++ (one sweep per row; batched torch chunked prefill elsewhere) |
+| delta_rule = delta_rule_decode + delta_rule_prefill on a mixed step (slots in place) | delta_rule | C++ (*) |
 | qk_norm_rope (q/k norms + rotary), paged_attention (+ write_kv) | attention | C++ |
 | topk_softmax (router), moe_experts (grouped SwiGLU + weighted sum), add_shared_expert | moe | C++ |
 | sample (penalties, temperature, top-k/p, min-p, seeded draws, logprobs) | sampling | batched torch |
 
+(*) one sweep over the state per row; elsewhere the chunked prefill runs batched in torch.
 `fuse_weights` concatenates sibling projections (q/k/v, gate/up, ...) for one matmul each.
 """
 
@@ -29,7 +30,8 @@ from .norms import add_rms_norm, gated_rms_norm, rms_norm
 from .sampling import SamplingTensors, sample, uniform_draw
 
 __all__ = [
-    "SamplingTensors", "add_rms_norm", "add_shared_expert", "causal_conv1d", "cpu_kernels_loaded", "delta_rule", "delta_rule_decode",
-    "delta_rule_prefill", "fuse_weights", "gated_rms_norm", "linear", "moe_experts", "paged_attention", "qk_norm_rope", "reference_kernels",
-    "rms_norm", "sample", "topk_softmax", "uniform_draw", "write_kv",
+    "SamplingTensors", "add_rms_norm", "add_shared_expert", "causal_conv1d", "cpu_kernels_loaded",
+    "delta_rule", "delta_rule_decode", "delta_rule_prefill", "fuse_weights", "gated_rms_norm", "linear",
+    "moe_experts", "paged_attention", "qk_norm_rope", "reference_kernels", "rms_norm", "sample",
+    "topk_softmax", "uniform_draw", "write_kv",
 ]

@@ -207,8 +207,8 @@ def test_delta_rule_on_a_mixed_step(dtype):
 def test_batched_chunked_prefill_equals_per_sequence():
     """The batched torch prefill (the path for devices without their own kernel) against the
     sequence-by-sequence reference."""
-    from kernels.delta_rule import delta_rule_prefill_reference
     from kernels import backend
+    from kernels.delta_rule import delta_rule_prefill_reference
 
     lens = [5, 64, 65, 130, 1, 17]
     q, k, v, a, b, A_log, dt_bias, state = delta_inputs(sum(lens), 2, 4, 32, 16, 8, torch.float32, seed=3)
