@@ -1,6 +1,6 @@
 """The dense side of a Qwen3.5-MoE layer (pure torch): norms, rotary, gated attention, Gated
 DeltaNet, paged KV and DeltaNet state caches and the shared expert. Embeddings and the LM head are plain
-`nn.Embedding` / `nn.Linear` in the assembled model (cluster.model). Hot ops run through `kernels`."""
+`nn.Embedding` / `nn.Linear` in the assembled model (cluster.model.model). Hot ops run through `kernels`."""
 
 from .cache import DeltaNetStateCache, ForwardBatch, PagedKVCache
 from .deltanet import GatedDeltaNet

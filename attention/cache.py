@@ -4,7 +4,7 @@ Full-attention layers keep K/V for every past token in a *paged* pool: fixed-siz
 sequence owning a block table (which blocks hold its tokens, in order). Gated DeltaNet layers keep a
 fixed-size state per sequence whatever its length, in a *slot*: the last `kernel - 1` conv inputs
 and the recurrent matrix (fp32). The pools are allocated once, from a memory budget; which
-sequence owns which blocks and slot is decided by the scheduler (cluster.scheduler).
+sequence owns which blocks and slot is decided by the scheduler (cluster.engine.scheduler).
 
 Shapes: N blocks, S block size, KV kv heads, hd head dim, M slots, C conv channels, H value heads,
 T rows of a step, B sequences of a step.

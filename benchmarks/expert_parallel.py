@@ -23,8 +23,8 @@ import time
 import torch
 
 from cluster import LLM, SamplingParams
-from cluster.timing import split_step
-from cluster.tiny import TinySpec, make_tiny
+from cluster.worker.timing import split_step
+from cluster.model.tiny import TinySpec, make_tiny
 
 
 def run_decode(llm: LLM, prompts: list[list[int]], steps: int) -> tuple[float, list[dict]]:

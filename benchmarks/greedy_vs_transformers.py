@@ -15,7 +15,7 @@ import time
 import torch
 
 from cluster import LLM, SamplingParams
-from cluster.tiny import TinySpec, make_tiny
+from cluster.model.tiny import TinySpec, make_tiny
 
 
 def best_time(fn, repeats: int) -> float:

@@ -133,7 +133,7 @@ def run_vllm(venv: str, model_dir: str, passes: int) -> dict | None:
 def throughput(args) -> None:
     import torch
 
-    from cluster.tiny import TinySpec, make_tiny
+    from cluster.model.tiny import TinySpec, make_tiny
 
     model_dir = args.model or str(make_tiny(tempfile.mkdtemp(), TinySpec(linear_head_dim=128, fused_experts=True)))
     print(f"checkpoint {model_dir}; 32 prompts of 8-63 tokens x {OUTPUT_LEN} greedy tokens, then one request x "
@@ -190,7 +190,7 @@ def decode_bytes(model_dir: str, dtype_bytes: int) -> int:
 def bandwidth(args) -> None:
     import torch
 
-    from cluster.tiny import TinySpec, make_tiny
+    from cluster.model.tiny import TinySpec, make_tiny
 
     spec = TinySpec(hidden=512, layers=8, moe_intermediate=128, fused_experts=True)
     model_dir = args.model or str(make_tiny(tempfile.mkdtemp(), spec))
@@ -232,7 +232,7 @@ def stream_times(llm, prompt: list[int], max_tokens: int) -> list[float]:
 
 def long_context(args) -> None:
     from cluster import LLM, CacheConfig, SchedulerConfig
-    from cluster.tiny import TinySpec, make_tiny
+    from cluster.model.tiny import TinySpec, make_tiny
 
     model_dir = args.model or str(make_tiny(tempfile.mkdtemp(), TinySpec(max_position_embeddings=65536)))
     print(f"checkpoint {model_dir} (default toy, 64K context); batch-1 decode of {SINGLE_LEN} tokens")

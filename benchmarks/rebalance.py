@@ -21,8 +21,8 @@ import torch
 from expert_parallel import run_decode  # benchmarks/ is on the path when run as a script
 
 from cluster import LLM
-from cluster.timing import split_step
-from cluster.tiny import TinySpec, make_tiny
+from cluster.worker.timing import split_step
+from cluster.model.tiny import TinySpec, make_tiny
 from router import placement_stats
 
 

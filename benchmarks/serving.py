@@ -20,7 +20,7 @@ import time
 import torch
 
 from cluster import AsyncLLM, SamplingParams
-from cluster.tiny import TinySpec, make_tiny
+from cluster.model.tiny import TinySpec, make_tiny
 from deploy.bench import percentile
 
 

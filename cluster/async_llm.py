@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-from .engine import EngineCore, RequestOutput
-from .sampling import SamplingParams
+from .engine.engine import EngineCore, RequestOutput
+from .engine.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
 

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import torch
 
-from .cache_plan import CacheConfig
+from .engine.cache_plan import CacheConfig
 from .config import ClusterConfig, RebalanceConfig
-from .engine import EngineCore, TokenLogprob
-from .sampling import SamplingParams
-from .scheduler import SchedulerConfig
+from .engine.engine import EngineCore, TokenLogprob
+from .engine.sampling import SamplingParams
+from .engine.scheduler import SchedulerConfig
 
 
 @dataclass

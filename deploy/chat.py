@@ -7,7 +7,7 @@ from pathlib import Path
 
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from cluster.tiny import CHATML_TEMPLATE  # Qwen's ChatML: what make-tiny writes, and the default
+from cluster.model.tiny import CHATML_TEMPLATE  # Qwen's ChatML: what make-tiny writes, and the default
 
 ROLES = ("system", "user", "assistant", "tool", "developer")
 

@@ -14,7 +14,7 @@ DEFAULT_DEMO_DIR = Path(os.environ.get("EPSERVE_CACHE", Path.home() / ".cache" /
 
 
 def _add_make_tiny(sub) -> None:
-    from cluster.tiny import TinySpec
+    from cluster.model.tiny import TinySpec
 
     p = sub.add_parser("make-tiny", help="write a random Qwen3.5-MoE checkpoint (HF format)")
     p.add_argument("dir", type=Path)
@@ -29,13 +29,13 @@ def _add_make_tiny(sub) -> None:
 
 
 def _spec_from_args(args):
-    from cluster.tiny import TinySpec
+    from cluster.model.tiny import TinySpec
 
     return TinySpec(**{f.name: getattr(args, f.name) for f in fields(TinySpec)})
 
 
 def cmd_make_tiny(args) -> int:
-    from cluster.tiny import make_tiny
+    from cluster.model.tiny import make_tiny
 
     start = time.perf_counter()
     out = make_tiny(args.dir, _spec_from_args(args))
@@ -45,7 +45,7 @@ def cmd_make_tiny(args) -> int:
 
 def ensure_demo_model(model_dir: Path = DEFAULT_DEMO_DIR) -> Path:
     """The demo checkpoint: flagship structure at toy width with the real Qwen3.5 vocabulary."""
-    from cluster.tiny import TinySpec, make_tiny
+    from cluster.model.tiny import TinySpec, make_tiny
 
     if not (model_dir / "config.json").is_file():
         print(f"creating the demo checkpoint in {model_dir} (once) ...", flush=True)

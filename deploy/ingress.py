@@ -12,7 +12,7 @@ import uuid
 from collections.abc import AsyncIterator
 
 from cluster import ModelConfig, SamplingParams
-from cluster.tokenizer import Tokenizer, check_token_ids
+from cluster.engine.tokenizer import Tokenizer, check_token_ids
 from grpc_health.v1 import health_pb2
 
 from epserve_proto import convert

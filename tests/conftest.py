@@ -9,7 +9,7 @@ import subprocess
 import pytest
 import torch
 
-from cluster.tiny import TinySpec, make_tiny
+from cluster.model.tiny import TinySpec, make_tiny
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 

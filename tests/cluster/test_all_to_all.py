@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from cluster.all_to_all import AllToAllDispatcher
+from cluster.worker.all_to_all import AllToAllDispatcher
 from experts import ExpertBank, ExpertShard
 from router.placement import ExpertPlacement
 from tests.conftest import free_port

@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from cluster import AsyncLLM, ContextLengthError, OverloadedError, SamplingParams, SchedulerConfig
-from cluster.tiny import TinySpec
+from cluster.model.tiny import TinySpec
 
 SPEC = TinySpec(seed=9, num_experts=16, top_k=4)
 

@@ -11,8 +11,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from cluster import LLM, ModelConfig
-from cluster.checkpoint import CheckpointError, CheckpointReader, canonical_name
-from cluster.tiny import TinySpec
+from cluster.model.checkpoint import CheckpointError, CheckpointReader, canonical_name
+from cluster.model.tiny import TinySpec
 
 PER_EXPERT = TinySpec(seed=6, num_experts=16, top_k=4)
 FUSED = TinySpec(seed=6, num_experts=16, top_k=4, fused_experts=True)

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from cluster import ConfigError, ModelConfig
-from cluster.tiny import TinySpec
+from cluster.model.tiny import TinySpec
 
 
 def _text_config(make_checkpoint) -> dict:

@@ -8,7 +8,7 @@ import torch
 from cluster import (
     LLM, CacheConfig, ContextLengthError, OverloadedError, SamplingParams, SchedulerConfig,
 )
-from cluster.tiny import TinySpec
+from cluster.model.tiny import TinySpec
 
 SPEC = TinySpec(seed=8, num_experts=16, top_k=4)
 GREEDY = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)

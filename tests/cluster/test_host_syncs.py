@@ -4,8 +4,8 @@ the forward: on a GPU every such copy stalls the step."""
 from __future__ import annotations
 
 from cluster import LLM, SamplingParams, SchedulerConfig
-from cluster.timing import count_host_syncs
-from cluster.tiny import TinySpec
+from cluster.worker.timing import count_host_syncs
+from cluster.model.tiny import TinySpec
 
 SPEC = TinySpec(seed=8, num_experts=16, top_k=4)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from cluster import LLM, SamplingParams
-from cluster.tiny import TinySpec
+from cluster.model.tiny import TinySpec
 
 SPEC = TinySpec(seed=7, num_experts=16, top_k=4)
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from cluster.messages import decode_results, decode_step, encode_results, encode_step
-from cluster.step import ChunkResult, SamplingSpec, ScheduledChunk, StepInput
+from cluster.worker.messages import decode_results, decode_step, encode_results, encode_step
+from cluster.worker.step import ChunkResult, SamplingSpec, ScheduledChunk, StepInput
 
 
 def test_step_round_trip():

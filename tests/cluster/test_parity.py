@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from cluster import LLM, SamplingParams
-from cluster.tiny import TinySpec
+from cluster.model.tiny import TinySpec
 from tests.conftest import FEW_EXPERTS, FLAGSHIP_SHAPE, TIED_FUSED
 from tests.reference import hf_greedy, hf_logits
 

@@ -6,7 +6,7 @@ import asyncio
 import time
 
 from cluster import LLM, AsyncLLM, ClusterConfig, SamplingParams
-from cluster.tiny import TinySpec
+from cluster.model.tiny import TinySpec
 from tests.conftest import worker_processes
 
 SPEC = TinySpec(seed=12, num_experts=16, top_k=4)

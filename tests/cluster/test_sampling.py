@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cluster.sampler import sample_batch, sampling_tensors
-from cluster.sampling import SamplingParams
-from cluster.step import SamplingSpec
+from cluster.worker.sampler import sample_batch, sampling_tensors
+from cluster.engine.sampling import SamplingParams
+from cluster.worker.step import SamplingSpec
 from kernels.sampling import apply_penalties, filter_logits, sample, sample_reference
 
 

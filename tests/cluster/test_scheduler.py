@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from cluster.cache_plan import CacheLayout
-from cluster.sampling import SamplingParams
-from cluster.scheduler import ContextLengthError, OverloadedError, Scheduler, SchedulerConfig
-from cluster.sequence import Sequence, Status
+from cluster.engine.cache_plan import CacheLayout
+from cluster.engine.sampling import SamplingParams
+from cluster.engine.scheduler import ContextLengthError, OverloadedError, Scheduler, SchedulerConfig
+from cluster.engine.sequence import Sequence, Status
 
 
 def layout(blocks: int, slots: int = 8, block_size: int = 4) -> CacheLayout:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from cluster.tiny import TinySpec
+from cluster.model.tiny import TinySpec
 from deploy.config import AppConfig
 from tests.conftest import free_port
 

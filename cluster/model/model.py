@@ -1,6 +1,6 @@
 """The Qwen3.5-MoE text model assembled from the pure-torch parts, and its weight loading.
 
-Parameter names equal the checkpoint's canonical names (cluster.checkpoint), so loading is a
+Parameter names equal the checkpoint's canonical names (cluster.model.checkpoint), so loading is a
 name-for-name copy. Routed experts are not parameters of this module: they live in an ExpertShard
 that each MoE layer reaches through its dispatcher (locally, or on expert workers).
 Shapes: T tokens of a flat batch, D hidden, V vocab.
@@ -23,7 +23,7 @@ from kernels import linear
 from router import MoELayer, TopKGate
 
 from .checkpoint import CheckpointReader
-from .config import ModelConfig
+from ..config import ModelConfig
 
 
 class DecoderLayer(nn.Module):

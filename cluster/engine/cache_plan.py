@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from attention import DeltaNetStateCache, PagedKVCache
 
-from .config import ConfigError, ModelConfig
+from ..config import ConfigError, ModelConfig
 
 
 @dataclass(frozen=True)

@@ -16,8 +16,8 @@ import torch
 from attention import DeltaNetStateCache, ForwardBatch, PagedKVCache
 from router import ExpertLoadWindow
 
-from .cache_plan import CacheLayout
-from .model import Qwen35MoeModel
+from ..engine.cache_plan import CacheLayout
+from ..model.model import Qwen35MoeModel
 from .sampler import sample_batch
 from .step import ChunkResult, SamplingSpec, ScheduledChunk, StepInput
 

@@ -15,7 +15,7 @@ import torch
 
 @dataclass(frozen=True)
 class SamplingSpec:
-    """How the worker picks a sequence's next token (see cluster.sampling.SamplingParams)."""
+    """How the worker picks a sequence's next token (see cluster.engine.sampling.SamplingParams)."""
 
     temperature: float = 0.0  # 0: greedy
     top_p: float = 1.0

@@ -7,7 +7,7 @@ import time
 from dataclasses import dataclass, field
 
 from .sampling import SamplingParams
-from .step import SamplingSpec
+from ..worker.step import SamplingSpec
 
 
 class Status(enum.Enum):

@@ -16,14 +16,14 @@ import torch
 from router import LocalDispatcher
 from router.placement import ExpertPlacement
 
-from .checkpoint import CheckpointReader
-from .config import ClusterConfig, ModelConfig
-from .loading import load_dense_model, load_expert_shard
+from ..model.checkpoint import CheckpointReader
+from ..config import ClusterConfig, ModelConfig
+from ..model.loading import load_dense_model, load_expert_shard
 from .cache_plan import CacheLayout
-from .messages import decode_results, encode_step
-from .runner import ModelRunner
-from .step import ChunkResult, StepInput
-from .timing import PhaseTimer
+from ..worker.messages import decode_results, encode_step
+from ..worker.runner import ModelRunner
+from ..worker.step import ChunkResult, StepInput
+from ..worker.timing import PhaseTimer
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +77,7 @@ class RayExecutor:
         from ray.util.placement_group import placement_group, remove_placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-        from .workers import AttentionWorker, ExpertWorker
+        from ..worker.workers import AttentionWorker, ExpertWorker
 
         self._ray, self._remove_pg = ray, remove_placement_group
         self.started_ray = not ray.is_initialized()
@@ -173,7 +173,7 @@ class RayExecutor:
         from ray.util.placement_group import placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-        from .workers import ExpertWorker
+        from ..worker.workers import ExpertWorker
 
         ray, A = self._ray, len(self.attention)
         ray.get([w.disconnect.remote() for w in self.workers], timeout=self.timeout)

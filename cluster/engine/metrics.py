@@ -7,7 +7,7 @@ series per expert); per expert worker; per step phase.
 
 from __future__ import annotations
 
-from .timing import split_step
+from ..worker.timing import split_step
 
 TTFT_BOUNDARIES = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30]
 TPOT_BOUNDARIES = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1]

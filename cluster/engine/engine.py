@@ -18,13 +18,13 @@ from router import ExpertPlacement, PlacementPlanner, PlanStats, placement_stats
 from router.planner import worker_loads
 
 from .cache_plan import CacheConfig, plan_cache
-from .config import ClusterConfig, ModelConfig, RebalanceConfig
+from ..config import ClusterConfig, ModelConfig, RebalanceConfig
 from .detokenizer import IncrementalDetokenizer
 from .executor import LocalExecutor, RayExecutor
 from .sampling import SamplingParams
 from .scheduler import OverloadedError, Scheduled, Scheduler, SchedulerConfig
 from .sequence import Sequence, Status
-from .step import ChunkResult
+from ..worker.step import ChunkResult
 from .tokenizer import Tokenizer, check_token_ids
 
 log = logging.getLogger(__name__)
@@ -94,7 +94,7 @@ class EngineCore:
         self._logits: dict[str, list[torch.Tensor]] = {}
         self._seq_ids = itertools.count()
         self._seeds = random.Random()
-        self.metrics = None  # cluster.metrics.EngineMetrics when asked for and Ray is up
+        self.metrics = None  # cluster.engine.metrics.EngineMetrics when asked for and Ray is up
         self.warm_up_seconds = self.warm_up() if warm_up else None  # before metrics: not counted
         if metrics_name is not None:
             import ray

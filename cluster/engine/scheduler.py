@@ -18,10 +18,10 @@ from collections import deque
 from dataclasses import dataclass
 
 from .cache_plan import CacheLayout
-from .config import ConfigError
+from ..config import ConfigError
 from .free_list import FreeList
 from .sequence import Sequence, Status
-from .step import ScheduledChunk, StepInput
+from ..worker.step import ScheduledChunk, StepInput
 
 
 class OverloadedError(RuntimeError):

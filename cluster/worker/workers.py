@@ -1,4 +1,4 @@
-"""The two worker roles of a model instance, as plain classes (Ray wraps them in cluster.executor).
+"""The two worker roles of a model instance, as plain classes (Ray wraps them in cluster.engine.executor).
 
 AttentionWorker: the dense model (embeddings, DeltaNet / attention, norms, router gate, shared
 expert, LM head) and the caches of its sequences; no routed experts.
@@ -19,10 +19,10 @@ from experts import ExpertBank, ExpertShard
 from router.placement import ExpertPlacement
 
 from .all_to_all import AllToAllDispatcher
-from .checkpoint import CheckpointReader
-from .config import ModelConfig
-from .loading import load_dense_model, load_expert_shard
-from .cache_plan import CacheLayout
+from ..model.checkpoint import CheckpointReader
+from ..config import ModelConfig
+from ..model.loading import load_dense_model, load_expert_shard
+from ..engine.cache_plan import CacheLayout
 from .messages import decode_step, encode_results
 from .runner import ModelRunner
 from .timing import PhaseTimer

@@ -7,7 +7,7 @@ import torch
 from experts import ExpertBank, ExpertShard
 
 from .checkpoint import CheckpointReader
-from .config import ModelConfig
+from ..config import ModelConfig
 from .model import Qwen35MoeModel
 
 
