@@ -174,9 +174,11 @@ class ClusterConfig:
     gpus_per_worker: float | None = None  # None: 1 where CUDA is available, else 0
     cpus_per_worker: float = 0.25  # fractional on CPU machines (2 cores hold 8 workers)
     placement: Any = None  # router.placement.ExpertPlacement; None: contiguous blocks of E_total / E
-    backend: str = "auto"  # "nccl" | "gloo" | "auto" (nccl with CUDA, else gloo)
-    timeout_s: float = 120.0  # process-group and step timeout
+    timeout_s: float = 120.0  # worker start-up, control calls, and the wait for a step's reply
     threads_per_worker: int = 1  # torch threads inside each CPU worker
+    # Ray layouts: split each step into two micro-batches (whole sequences) so that one's dense
+    # layers run on the attention workers while the other's experts run on the expert workers
+    two_batch_overlap: bool = True
     # custom Ray resources each worker also reserves: steer the roles onto node groups (KubeRay worker
     # groups advertise them with rayStartParams.resources), e.g. {"epserve_expert": 1}
     attention_resources: tuple[tuple[str, float], ...] = ()
@@ -187,8 +189,6 @@ class ClusterConfig:
             raise ConfigError(f"expert_workers must be >= 1, got {self.expert_workers}")
         if self.attention_workers < 1:
             raise ConfigError(f"attention_workers must be >= 1, got {self.attention_workers}")
-        if self.backend not in ("auto", "nccl", "gloo"):
-            raise ConfigError(f"backend must be 'auto', 'nccl' or 'gloo', got {self.backend!r}")
         if self.cpus_per_worker <= 0:
             raise ConfigError(f"cpus_per_worker must be > 0, got {self.cpus_per_worker}")
         if not self.wants_ray and self.placement is not None:

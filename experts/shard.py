@@ -51,9 +51,10 @@ class ExpertShard:
     def nbytes(self) -> int:
         return sum(bank.nbytes for bank in self.banks.values())
 
-    def forward(self, layer: int, batch) -> torch.Tensor:
-        """A router.ExpertBatch -> [R, D]: per row, the weighted sum of its experts' SwiGLU outputs."""
+    def forward(self, layer: int, batch, partial: bool = False) -> torch.Tensor:
+        """A router.ExpertBatch -> [R, D]: per row, the weighted sum of its experts' SwiGLU outputs
+        (partial=True: unrounded fp64, to be added to other workers' parts)."""
         if batch.hidden.shape[0] == 0:
-            return batch.hidden
+            return batch.hidden.double() if partial else batch.hidden
         bank = self.banks[layer]
-        return moe_experts(batch.hidden, batch.expert_idx, batch.weights, bank.gate_up, bank.down)
+        return moe_experts(batch.hidden, batch.expert_idx, batch.weights, bank.gate_up, bank.down, partial)

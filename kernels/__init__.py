@@ -7,7 +7,7 @@ sampler are batched torch. A CUDA backend registers the same torch.ops.epserve s
 
 | op | module | fast CPU |
 |---|---|---|
-| linear (few rows: the weight streamed once; more: torch's BLAS) | linear | C++ |
+| linear (row-wise: a row's result does not depend on its batch) | linear | C++ |
 | rms_norm, add_rms_norm, gated_rms_norm | norms | C++ |
 | causal_conv1d (decode and prefill, conv state slots in place) | conv | C++ |
 | delta_rule = delta_rule_decode + delta_rule_prefill on a mixed step (slots in place) | delta_rule | C++ (*) |

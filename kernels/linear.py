@@ -1,5 +1,6 @@
-"""y = x W^T. Decode batches (a few rows) go through a C++ kernel that streams the weight once,
-split across threads by output rows; larger batches through torch's BLAS (MKL / oneDNN).
+"""y = x W^T, row by row: on CPU a C++ kernel sums every output in one fixed order whatever the
+batch (a row's result does not depend on the rows beside it, so a sequence decodes the same alone,
+in any batch, in any micro-batch split), streaming the weight once per call; elsewhere torch.
 Shapes: x [M, K] (last dim contiguous), weight [N, K] -> [M, N]."""
 
 from __future__ import annotations
@@ -9,10 +10,7 @@ import torch.nn.functional as F
 
 from .backend import native
 
-SMALL_ROWS = 8  # up to here the C++ kernel beats the BLAS call on small CPUs (benchmarks/peer.py)
-
-
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    if x.shape[0] <= SMALL_ROWS and native(x):
+    if native(x):
         return torch.ops.epserve.linear_rows(x, weight)
     return F.linear(x, weight)

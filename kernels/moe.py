@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from .backend import native
-from .linear import SMALL_ROWS, linear
+from .linear import linear
 
 
 def topk_softmax_reference(logits_TE: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -29,28 +29,28 @@ def topk_softmax(logits_TE: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.T
     return topk_softmax_reference(logits_TE, k)
 
 
-def moe_experts_reference(x_RD, idx_RK, weights_RK, gate_up, down) -> torch.Tensor:
-    """One pair of matmuls per active expert, then the router-weighted sum in k order."""
+def moe_experts_reference(x_RD, idx_RK, weights_RK, gate_up, down, partial: bool = False) -> torch.Tensor:
+    """One pair of matmuls per active expert, then the router-weighted sum over each row's pairs."""
     R, K = idx_RK.shape
     pair_out = x_RD.new_zeros(R * K, x_RD.shape[1])
-    flat = idx_RK.reshape(-1)
+    flat = idx_RK.reshape(-1).long()
     for e in flat[flat >= 0].unique().tolist():
         pairs = (flat == e).nonzero()[:, 0]
         gate, up = (x_RD[pairs // K] @ gate_up[e].T).chunk(2, dim=-1)
         pair_out[pairs] = (F.silu(gate) * up) @ down[e].T
     weighted = pair_out.view(R, K, -1) * weights_RK.to(x_RD.dtype)[..., None]
-    out = weighted[:, 0].clone()
-    for k in range(1, K):
-        out += weighted[:, k]
-    return out
+    total = weighted.double().sum(1)
+    return total if partial else total.float().to(x_RD.dtype)
 
 
-def moe_experts(x_RD, idx_RK, weights_RK, gate_up, down) -> torch.Tensor:
-    """out[r] = sum over k (in k order) of weights[r, k] * SwiGLU of expert idx[r, k] on x[r];
-    idx are positions in the bank, -1 where the expert is not in this bank (contributes nothing)."""
+def moe_experts(x_RD, idx_RK, weights_RK, gate_up, down, partial: bool = False) -> torch.Tensor:
+    """out[r] = sum over k of weights[r, k] * SwiGLU of expert idx[r, k] on x[r], the sum taken in
+    fp64 (exact for a row's few terms, so any split of its experts over workers adds up to the same
+    bits) and rounded once; partial=True returns the fp64 sums (an expert worker's part). idx are
+    positions in the bank, -1 where the expert is not in this bank (contributes nothing)."""
     if native(x_RD):
-        return torch.ops.epserve.moe_experts(x_RD, idx_RK, weights_RK, gate_up, down)
-    return moe_experts_reference(x_RD, idx_RK, weights_RK, gate_up, down)
+        return torch.ops.epserve.moe_experts(x_RD, idx_RK, weights_RK, gate_up, down, partial)
+    return moe_experts_reference(x_RD, idx_RK, weights_RK, gate_up, down, partial)
 
 
 def add_shared_expert_reference(x_TD, gate_up, down, gate_logit_T1, routed_TD) -> torch.Tensor:
@@ -60,7 +60,7 @@ def add_shared_expert_reference(x_TD, gate_up, down, gate_logit_T1, routed_TD) -
 
 def add_shared_expert(x_TD, gate_up, down, gate_logit_T1, routed_TD) -> torch.Tensor:
     """routed + sigmoid(gate_logit) * down(silu(gate) * up), gate | up = x gate_up^T: the shared
-    expert (gate_up [2I, D], down [D, I]) joined to the routed experts' sum. Few rows: one C++ call."""
-    if x_TD.shape[0] <= SMALL_ROWS and native(x_TD):
+    expert (gate_up [2I, D], down [D, I]) joined to the routed experts' sum, in one C++ call."""
+    if native(x_TD):
         return torch.ops.epserve.shared_expert(x_TD, gate_up, down, gate_logit_T1, routed_TD)
     return add_shared_expert_reference(x_TD, gate_up, down, gate_logit_T1, routed_TD)

@@ -47,7 +47,9 @@ class MoELayer(nn.Module):
     def _phase(self, name: str):
         return self.timer.phase(name) if self.timer is not None else nullcontext()
 
-    def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
+    def start(self, x_TD: torch.Tensor) -> tuple:
+        """Routes and dispatches: the experts start on x (on other workers, they now compute while
+        this one does something else). Returns what `finish` needs."""
         logits = linear(x_TD, self.router)
         num_experts = logits.shape[1] - 1
         topk_idx, topk_weights = self.gate.select(logits[:, :num_experts])
@@ -57,6 +59,14 @@ class MoELayer(nn.Module):
             batch, handle = self.dispatcher.dispatch(self.layer_idx, x_TD, topk_idx, topk_weights)
         with self._phase("experts"):
             expert_out = self.experts.forward(self.layer_idx, batch)
+        return x_TD, logits[:, num_experts:], expert_out, handle
+
+    def finish(self, started: tuple) -> torch.Tensor:
+        """Collects the routed experts' sum and adds the shared expert."""
+        x_TD, shared_logit, expert_out, handle = started
         with self._phase("combine"):
             routed = self.dispatcher.combine(expert_out, handle)
-        return self.shared_expert.forward(x_TD, logits[:, num_experts:], routed)
+        return self.shared_expert.forward(x_TD, shared_logit, routed)
+
+    def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
+        return self.finish(self.start(x_TD))

@@ -20,7 +20,8 @@ from router.planner import worker_loads
 from .cache_plan import CacheConfig, plan_cache
 from ..config import ClusterConfig, ModelConfig, RebalanceConfig
 from .detokenizer import IncrementalDetokenizer
-from .executor import LocalExecutor, RayExecutor
+from .executor import LocalExecutor
+from .ray_executor import RayExecutor
 from .sampling import SamplingParams
 from .scheduler import OverloadedError, Scheduled, Scheduler, SchedulerConfig
 from .sequence import Sequence, Status

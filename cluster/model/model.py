@@ -54,15 +54,20 @@ class DecoderLayer(nn.Module):
     def mixer(self) -> nn.Module:
         return self.linear_attn if self.is_linear else self.self_attn
 
-    def forward(self, out_TD: torch.Tensor, residual_TD: torch.Tensor | None, batch: ForwardBatch):
-        """x = x + mixer(norm(x)); x = x + mlp(norm(x)), with each residual add fused into the next
-        norm: takes the previous layer's (output, residual), returns this layer's (None: the embeddings)."""
+    def attend(self, out_TD: torch.Tensor, residual_TD: torch.Tensor | None, batch: ForwardBatch):
+        """The dense half: x = x + mixer(norm(x)), then norm(x) for the MoE, with each residual add
+        fused into the next norm. Takes the previous layer's (output, residual) (None: the
+        embeddings); returns (residual, the MoE's input)."""
         if residual_TD is None:
             residual_TD, h = out_TD, self.input_layernorm(out_TD)
         else:
             residual_TD, h = self.input_layernorm.add_forward(residual_TD, out_TD)
         # .forward directly: nn.Module.__call__'s hook handling costs microseconds per call per step
-        residual_TD, h = self.post_attention_layernorm.add_forward(residual_TD, self.mixer().forward(h, batch))
+        return self.post_attention_layernorm.add_forward(residual_TD, self.mixer().forward(h, batch))
+
+    def forward(self, out_TD: torch.Tensor, residual_TD: torch.Tensor | None, batch: ForwardBatch):
+        """x = x + mixer(norm(x)); x = x + mlp(norm(x)): returns this layer's (output, residual)."""
+        residual_TD, h = self.attend(out_TD, residual_TD, batch)
         return self.mlp.forward(h), residual_TD
 
 
@@ -94,6 +99,24 @@ class Qwen35MoeModel(nn.Module):
         for layer in self.layers:
             out, residual = layer.forward(out, residual, batch)
         return self.norm.add_forward(residual, out)[1]
+
+    @torch.inference_mode()
+    def forward_overlapped(self, ids: list[torch.Tensor], batches: list[ForwardBatch]) -> list[torch.Tensor]:
+        """Two micro-batches of different sequences, layer by layer, so that one's routed experts
+        compute (on the expert workers) while the other's dense half runs here. Same function as
+        forward() on each; returns each micro-batch's normed hidden."""
+        outs = [self.embed_tokens(i) for i in ids]
+        residuals: list = [None] * len(ids)
+        started: list = [None] * len(ids)
+        previous = None
+        for layer in self.layers:
+            for m, batch in enumerate(batches):
+                if previous is not None:
+                    outs[m] = previous.mlp.finish(started[m])
+                residuals[m], h = layer.attend(outs[m], residuals[m], batch)
+                started[m] = layer.mlp.start(h)
+            previous = layer
+        return [self.norm.add_forward(residual, previous.mlp.finish(s))[1] for residual, s in zip(residuals, started)]
 
     @torch.inference_mode()
     def logits(self, hidden_TD: torch.Tensor) -> torch.Tensor:

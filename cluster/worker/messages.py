@@ -1,4 +1,5 @@
-"""msgpack encoding of the step messages between the engine and its attention workers.
+"""msgpack encoding of the messages between the engine and its workers: step inputs, results,
+and the commands of the step loop.
 
 Tensors of the MoE layers never appear here (they cross the process group); the only tensors
 encoded are scoring logits, as raw little-endian fp32 bytes with their shape. Nothing is unpickled:
@@ -57,8 +58,32 @@ def encode_results(results: list[ChunkResult]) -> bytes:
 
 
 def decode_results(data: bytes) -> list[ChunkResult]:
+    """A worker's reply to a step: its results, or raises the error it reported (encode_error)."""
+    raw = msgpack.unpackb(data)
+    if isinstance(raw, dict):
+        raise RuntimeError(f"worker failed: {raw.get('error')}")
     return [
         ChunkResult(int(seq_id), int(token), float(logprob), [(int(i), float(lp)) for i, lp in top],
                     _decode_tensor(logits))
-        for seq_id, token, logprob, top, logits in msgpack.unpackb(data)
+        for seq_id, token, logprob, top, logits in raw
     ]
+
+
+# -- engine -> worker commands over the control link (cluster.worker.links) ---------------------
+STEP, RELEASE, PAUSE = 0, 1, 2  # run a step; only forget finished sequences; leave the step loop
+
+
+def encode_command(kind: int, rows: list[list[int]], step: bytes = b"") -> bytes:
+    """rows[a][m]: rows attention worker a computes in micro-batch m of this step (the expert
+    exchange's message sizes); step: that attention worker's encoded StepInput (empty for experts)."""
+    return msgpack.packb([kind, [list(r) for r in rows], step])
+
+
+def decode_command(data: bytes) -> tuple[int, list[list[int]], bytes]:
+    kind, rows, step = msgpack.unpackb(data)
+    return int(kind), [[int(n) for n in r] for r in rows], bytes(step)
+
+
+def encode_error(message: str) -> bytes:
+    """A worker's reply when its step failed (results are a msgpack list; an error is a dict)."""
+    return msgpack.packb({"error": message})

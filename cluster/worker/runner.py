@@ -9,6 +9,7 @@ process; an AttentionWorker wraps it on Ray.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 
 import torch
@@ -19,7 +20,7 @@ from router import ExpertLoadWindow
 from ..engine.cache_plan import CacheLayout
 from ..model.model import Qwen35MoeModel
 from .sampler import sample_batch
-from .step import ChunkResult, SamplingSpec, ScheduledChunk, StepInput
+from .step import ChunkResult, SamplingSpec, ScheduledChunk, StepInput, micro_batches
 
 
 @dataclass
@@ -31,8 +32,8 @@ class _SequenceState:
 
 
 class ModelRunner:
-    def __init__(self, model: Qwen35MoeModel, layout: CacheLayout, spmd: bool = False,
-                 load_window_steps: int = 64) -> None:
+    def __init__(self, model: Qwen35MoeModel, layout: CacheLayout, load_window_steps: int = 64,
+                 overlap: bool = False) -> None:
         self.model = model
         model.fuse()
         cfg = model.cfg
@@ -48,8 +49,7 @@ class ModelRunner:
         self.states = DeltaNetStateCache(linear, layout.num_slots, conv_channels, cfg.linear_conv_kernel_dim,
                                          cfg.linear_num_value_heads, cfg.linear_key_head_dim,
                                          cfg.linear_value_head_dim, dtype, self.device)
-        # spmd: the model's MoE layers join collectives, so even an empty step runs the forward
-        self.spmd = spmd
+        self.overlap = overlap  # two micro-batches per step (expert workers elsewhere: cluster.worker.step)
         self.sequences: dict[int, _SequenceState] = {}
         self.load = ExpertLoadWindow(cfg.num_hidden_layers, cfg.num_experts, load_window_steps, self.device)
         for moe in model.moe_layers():
@@ -58,15 +58,18 @@ class ModelRunner:
     def execute(self, step: StepInput) -> list[ChunkResult]:
         for seq_id in step.freed:
             self.sequences.pop(seq_id, None)
-        if not step.chunks and not self.spmd:
+        if not step.chunks:
             return []
-        chunks = sorted(step.chunks, key=lambda c: len(c.token_ids) > 1)  # decodes first (stable)
-        ids, batch = self._layout(chunks)
-        hidden = self.model(ids, batch)
-        if not chunks:
-            return []
+        # per micro-batch, decodes first (stable)
+        groups = [sorted(g, key=lambda c: len(c.token_ids) > 1) for g in micro_batches(step.chunks, self.overlap)]
+        laid = [self._layout(group) for group in groups]
+        if len(laid) == 1:
+            hidden = self.model(*laid[0])
+        else:
+            hidden = torch.cat(self.model.forward_overlapped([ids for ids, _ in laid], [b for _, b in laid]))
         self.load.advance()
-        return self._results(chunks, batch, hidden)
+        chunks = [chunk for group in groups for chunk in group]
+        return self._results(chunks, [n for _, batch in laid for n in batch.query_lens], hidden)
 
     def _layout(self, chunks: list[ScheduledChunk]) -> tuple[torch.Tensor, ForwardBatch]:
         """The step's flat batch: token ids [T] and the ForwardBatch (host lists -> one tensor each)."""
@@ -111,15 +114,16 @@ class ModelRunner:
             self.states.reset(torch.tensor(fresh, **as_long))
         return torch.tensor(ids, **as_long), batch
 
-    def _results(self, chunks: list[ScheduledChunk], batch: ForwardBatch, hidden: torch.Tensor) -> list[ChunkResult]:
+    def _results(self, chunks: list[ScheduledChunk], query_lens: list[int], hidden: torch.Tensor) -> list[ChunkResult]:
+        """hidden [T, D]: the chunks' rows in order, query_lens[i] of them for chunk i."""
         results = [ChunkResult(chunk.seq_id) for chunk in chunks]
-        starts = batch.query_start.tolist() if any(c.want_logits for c in chunks) else None
+        ends = list(itertools.accumulate(query_lens))
         for i, chunk in enumerate(chunks):
             if chunk.want_logits:
-                results[i].logits = self.model.logits(hidden[starts[i] : starts[i + 1]]).cpu()
+                results[i].logits = self.model.logits(hidden[ends[i] - query_lens[i] : ends[i]]).cpu()
         sampling = [i for i, chunk in enumerate(chunks) if chunk.sample]
         if sampling:
-            last_rows = batch.query_start[1:][sampling] - 1 if len(sampling) < len(chunks) else batch.query_start[1:] - 1
+            last_rows = torch.tensor([ends[i] - 1 for i in sampling], device=self.device)
             logits = self.model.logits(hidden[last_rows])
             seqs = [self.sequences[chunks[i].seq_id] for i in sampling]
             picks = sample_batch(logits, [s.sampling for s in seqs], [s.tokens for s in seqs])

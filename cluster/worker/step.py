@@ -54,3 +54,17 @@ class ChunkResult:
     logprob: float = 0.0  # its log-probability under the model (raw logits)
     top_logprobs: list[tuple[int, float]] = field(default_factory=list)
     logits: torch.Tensor | None = None  # [n, V] fp32, only for want_logits chunks
+
+
+def micro_batches(chunks: tuple[ScheduledChunk, ...], overlap: bool) -> list[tuple[ScheduledChunk, ...]]:
+    """How a step's chunks split into micro-batches: two halves by rows (whole sequences each) when
+    two-batch overlap is on and there are two sequences or more, else one. The engine (for the
+    expert workers' message sizes) and the attention worker (for its forward) both call this."""
+    if not overlap or len(chunks) < 2:
+        return [chunks]
+    total, running = sum(len(c.token_ids) for c in chunks), 0
+    for i, chunk in enumerate(chunks[:-1]):
+        running += len(chunk.token_ids)
+        if 2 * running >= total:
+            return [chunks[: i + 1], chunks[i + 1 :]]
+    return [chunks[:-1], chunks[-1:]]

@@ -1,31 +1,38 @@
-"""The two worker roles of a model instance, as plain classes (Ray wraps them in cluster.engine.executor).
+"""The two worker roles of a model instance, as plain classes (Ray wraps them in
+cluster.engine.executor).
 
 AttentionWorker: the dense model (embeddings, DeltaNet / attention, norms, router gate, shared
 expert, LM head) and the caches of its sequences; no routed experts.
 ExpertWorker: an ExpertShard with only its own experts, read from the checkpoint by itself.
-Both join one process group and run every step together: per MoE layer the attention workers'
-MoELayer and the expert workers' loop make the same dispatch/combine calls (SPMD).
+
+Each worker runs a persistent step loop (`serve_steps`, one long Ray call): it waits on its control
+link for the engine's next command, runs the step, and — attention workers — answers with the
+results; per MoE layer the attention workers' dispatcher and the expert workers' ExpertServer
+exchange one message each way over the worker links (cluster.worker.exchange). Ray keeps
+placement, lifecycle and the control operations, which the engine makes between steps after
+pausing the loops (PAUSE).
 """
 
 from __future__ import annotations
 
-import socket
-from datetime import timedelta
+import logging
 
 import torch
-import torch.distributed as dist
 
 from experts import ExpertBank, ExpertShard
 from router.placement import ExpertPlacement
 
-from .all_to_all import AllToAllDispatcher
-from ..model.checkpoint import CheckpointReader
 from ..config import ModelConfig
-from ..model.loading import load_dense_model, load_expert_shard
 from ..engine.cache_plan import CacheLayout
-from .messages import decode_step, encode_results
+from ..model.checkpoint import CheckpointReader
+from ..model.loading import load_dense_model, load_expert_shard
+from . import links as links_
+from .exchange import ExpertServer, LinkDispatcher
+from .messages import PAUSE, RELEASE, decode_command, decode_step, encode_error, encode_results
 from .runner import ModelRunner
 from .timing import PhaseTimer
+
+log = logging.getLogger(__name__)
 
 
 def worker_device() -> torch.device:
@@ -33,70 +40,104 @@ def worker_device() -> torch.device:
 
 
 class _Worker:
-    """Process-group membership shared by both roles."""
+    """Links and the step loop shared by both roles."""
 
-    def __init__(self, rank: int, world_size: int, threads: int) -> None:
-        self.rank, self.world_size = rank, world_size
+    role = ""
+
+    def __init__(self, rank: int, num_attention: int, threads: int) -> None:
+        self.rank, self.num_attention = rank, num_attention
         self.device = worker_device()
         if self.device.type == "cpu":
             torch.set_num_threads(threads)
         self.timer = PhaseTimer()
+        self.listener: links_.Listener | None = None
+        self.engine_link: links_.Link | None = None
 
-    def rendezvous_address(self, loopback: bool) -> str:
-        """A free TCP port on this worker's node, for init_process_group."""
+    def listen(self, loopback: bool) -> tuple[str, int]:
+        """Opens this worker's listening socket (loopback when the instance is on one node)."""
         if loopback:
             host = "127.0.0.1"
         else:
             import ray
 
             host = ray.util.get_node_ip_address()
-        with socket.socket() as s:
-            s.bind((host, 0))
-            port = s.getsockname()[1]
-        return f"tcp://{host}:{port}"
+        self.close_links()
+        self.listener = links_.Listener(host)
+        return self.listener.address
 
-    def connect(self, init_method: str, backend: str, timeout_s: float) -> int:
-        dist.init_process_group(
-            backend, init_method=init_method, rank=self.rank, world_size=self.world_size,
-            timeout=timedelta(seconds=timeout_s),
-        )
-        return self.rank
+    def close_links(self) -> None:
+        for link in self._links():
+            link.close()
+        if self.listener is not None:
+            self.listener.close()
+            self.listener = None
+        self.engine_link = None
 
-    def disconnect(self) -> None:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    def _links(self) -> list[links_.Link]:
+        return [self.engine_link] if self.engine_link is not None else []
+
+    def serve_steps(self) -> int:
+        """The step loop: runs commands from the engine until PAUSE; returns the steps served."""
+        served = 0
+        while True:
+            kind, rows, body = decode_command(self.engine_link.recv_bytes())
+            if kind == PAUSE:
+                return served
+            try:
+                self._command(kind, rows, body)
+            except Exception as e:  # noqa: BLE001 - reported to the engine, then the loop ends
+                log.exception("step failed on %s %d", self.role, self.rank)
+                self._fail(e)
+                raise
+            served += 1
+
+    def _command(self, kind: int, rows: list[list[int]], body: bytes) -> None:
+        raise NotImplementedError
+
+    def _fail(self, error: Exception) -> None:
+        """After an error the exchange is out of step: every link closes, so peers stop too."""
+        self.close_links()
 
     def timings(self, reset: bool = False) -> dict[str, float]:
         return self.timer.snapshot(reset)
 
 
 class AttentionWorker(_Worker):
+    role = "attention"
+
     def __init__(self, model_dir: str, cfg: ModelConfig, placement: ExpertPlacement, rank: int,
-                 num_attention: int, world_size: int, dtype: str, threads: int,
-                 layout: CacheLayout, load_window_steps: int = 64) -> None:
-        super().__init__(rank, world_size, threads)
+                 num_attention: int, dtype: str, threads: int, layout: CacheLayout,
+                 load_window_steps: int = 64, overlap: bool = False) -> None:
+        super().__init__(rank, num_attention, threads)
         reader = CheckpointReader(model_dir)
         self.model = load_dense_model(cfg, reader, getattr(torch, dtype)).to(self.device)
         self.dense_bytes = reader.bytes_read
-        self.placement, self.num_attention = placement, num_attention
-        self.runner = ModelRunner(self.model, layout, spmd=True, load_window_steps=load_window_steps)
+        self.placement = placement
+        self.expert_links: list[links_.Link] = []
+        self.runner = ModelRunner(self.model, layout, load_window_steps=load_window_steps, overlap=overlap)
 
-    def connect(self, init_method: str, backend: str, timeout_s: float) -> int:
-        super().connect(init_method, backend, timeout_s)
-        self.set_placement(self.placement)
-        return self.rank
+    def _links(self) -> list[links_.Link]:
+        return super()._links() + self.expert_links
+
+    def connect_links(self, token: str, expert_addresses: list[tuple[str, int]], placement: ExpertPlacement,
+                      timeout_s: float) -> None:
+        """Connects to every expert worker (routing by `placement`), then takes the engine's link."""
+        self.expert_links = [links_.connect(address, token, self.role, self.rank, timeout_s)
+                             for address in expert_addresses]
+        self.engine_link = self.listener.accept(token, {("engine", 0)}, timeout_s)[("engine", 0)]
+        self.set_placement(placement)
+
+    def close_links(self) -> None:
+        super().close_links()
+        self.expert_links = []
 
     def set_placement(self, placement: ExpertPlacement) -> None:
         """Switches the routing tables (between steps, once the expert workers hold the weights)."""
         self.placement = placement
-        dispatcher = AllToAllDispatcher(placement, self.num_attention, device=self.device)
+        dispatcher = LinkDispatcher(placement, self.expert_links, device=self.device)
         no_experts = ExpertShard(placement.num_experts, {})
         for moe in self.model.moe_layers():
             moe.dispatcher, moe.experts, moe.timer = dispatcher, no_experts, self.timer
-
-    def resize(self, world_size: int, placement: ExpertPlacement) -> None:
-        """A new expert group size: takes effect with the next connect()."""
-        self.world_size, self.placement = world_size, placement
 
     def expert_load(self) -> list[list[int]]:
         """[layer][expert] routed pairs over the load window, for this worker's sequences."""
@@ -105,17 +146,23 @@ class AttentionWorker(_Worker):
     def reset_load(self) -> None:
         self.runner.load.reset()
 
-    def execute(self, step_bytes: bytes) -> bytes:
-        """One step for this worker's sequences (possibly none: it still joins every collective)."""
+    def _command(self, kind: int, rows: list[list[int]], body: bytes) -> None:
+        step = decode_step(body)
+        if kind == RELEASE:
+            for seq_id in step.freed:
+                self.runner.sequences.pop(seq_id, None)
+            return
         with self.timer.phase("step"):
-            results = self.runner.execute(decode_step(step_bytes))
-        self.timer.steps += 1
-        return encode_results(results)
+            results = self.runner.execute(step)
+        self.timer.steps += 1 if step.chunks else 0
+        self.engine_link.send(encode_results(results))
 
-    def release(self, seq_ids: list[int]) -> None:
-        """Forgets finished sequences outside a step (no collectives)."""
-        for seq_id in seq_ids:
-            self.runner.sequences.pop(seq_id, None)
+    def _fail(self, error: Exception) -> None:
+        try:  # the engine is waiting for this worker's reply: tell it what happened
+            self.engine_link.send(encode_error(f"{type(error).__name__}: {error}"))
+        except links_.LinkError:
+            pass
+        super()._fail(error)
 
     def info(self) -> dict:
         return {"role": "attention", "rank": self.rank, "dense_bytes": self.dense_bytes,
@@ -123,16 +170,37 @@ class AttentionWorker(_Worker):
 
 
 class ExpertWorker(_Worker):
+    role = "expert"
+
     def __init__(self, model_dir: str, cfg: ModelConfig, placement: ExpertPlacement, rank: int,
-                 num_attention: int, world_size: int, dtype: str, threads: int,
-                 layout: CacheLayout | None = None, load_window_steps: int = 0) -> None:
-        super().__init__(rank, world_size, threads)
-        self.cfg, self.num_attention = cfg, num_attention
+                 num_attention: int, dtype: str, threads: int) -> None:
+        super().__init__(rank, num_attention, threads)
+        self.cfg = cfg
         self.model_dir, self.dtype = model_dir, getattr(torch, dtype)
         self.shard = ExpertShard(cfg.num_experts, {})
         self.bytes_read = 0
+        self.attention_links: list[links_.Link] = []
+        self.server: ExpertServer | None = None
         self.prepare_placement(placement)
         self.commit_placement()
+
+    def _links(self) -> list[links_.Link]:
+        return super()._links() + self.attention_links
+
+    def connect_links(self, token: str, expert_addresses: list[tuple[str, int]], placement: ExpertPlacement,
+                      timeout_s: float) -> None:
+        """Takes the engine's control link and one link from every attention worker (its experts
+        were loaded for `placement` already)."""
+        expected = {("engine", 0)} | {("attention", a) for a in range(self.num_attention)}
+        accepted = self.listener.accept(token, expected, timeout_s)
+        self.engine_link = accepted[("engine", 0)]
+        self.attention_links = [accepted[("attention", a)] for a in range(self.num_attention)]
+        self.server = ExpertServer(self.attention_links, self.cfg.hidden_size, self.cfg.num_experts_per_tok,
+                                   self.dtype, self.device, self.timer)
+
+    def close_links(self) -> None:
+        super().close_links()
+        self.attention_links, self.server = [], None
 
     def prepare_placement(self, placement: ExpertPlacement) -> int:
         """Loads the experts this worker will hold under `placement` (keeping those it has) while
@@ -158,43 +226,30 @@ class ExpertWorker(_Worker):
         return reader.bytes_read
 
     def commit_placement(self) -> None:
-        """Switches to the prepared shard and routing tables (between steps)."""
+        """Switches to the prepared shard (between steps)."""
         self.placement, self.shard = self._pending
         self._pending = None
-        if dist.is_initialized():
-            self.dispatcher = AllToAllDispatcher(self.placement, self.num_attention, device=self.device)
 
-    def resize(self, rank: int, world_size: int, placement: ExpertPlacement) -> int:
-        """A new expert group: this worker's rank may change; loads its experts for the next connect()."""
-        self.rank, self.world_size = rank, world_size
+    def resize(self, rank: int, placement: ExpertPlacement) -> int:
+        """A new expert group: this worker's rank may change; loads its experts for the next links."""
+        self.rank = rank
         loaded = self.prepare_placement(placement)
         self.commit_placement()
         return loaded
 
-    def connect(self, init_method: str, backend: str, timeout_s: float) -> int:
-        super().connect(init_method, backend, timeout_s)
-        self.dispatcher = AllToAllDispatcher(self.placement, self.num_attention, device=self.device)
-        dtype = next(iter(self.shard.banks.values())).gate_up.dtype
-        self.empty_hidden = torch.empty(0, self.cfg.hidden_size, dtype=dtype, device=self.device)
-        self.empty_idx = torch.empty(0, self.cfg.num_experts_per_tok, dtype=torch.long, device=self.device)
-        self.empty_weights = torch.empty(0, self.cfg.num_experts_per_tok, dtype=dtype, device=self.device)
-        return self.rank
-
-    def execute(self) -> None:
-        """One step: serve every MoE layer once, in layer order."""
+    def _command(self, kind: int, rows: list[list[int]], body: bytes) -> None:
+        """Serves every MoE layer of the step, micro-batch by micro-batch as the attention workers
+        send them; rows[a][m]: rows of attention worker a in micro-batch m."""
+        if kind == RELEASE or not any(map(any, rows)):
+            return
         with self.timer.phase("step"):
             for layer in self.cfg.moe_layer_ids:
-                with self.timer.phase("dispatch"):
-                    batch, handle = self.dispatcher.dispatch(
-                        layer, self.empty_hidden, self.empty_idx, self.empty_weights
-                    )
-                with self.timer.phase("experts"):
-                    out = self.shard.forward(layer, batch)
-                with self.timer.phase("combine"):
-                    self.dispatcher.combine(out, handle)
+                for m in range(max(len(r) for r in rows)):
+                    self.server.serve(layer, [r[m] if m < len(r) else 0 for r in rows], self.shard)
         self.timer.steps += 1
 
     def info(self) -> dict:
         return {"role": "expert", "rank": self.rank, "expert_bytes": self.shard.nbytes,
                 "bytes_read": self.bytes_read, "device": str(self.device),
-                "experts_per_layer": {layer: len(b.expert_ids) for layer, b in self.shard.banks.items()}}
+                "experts_per_layer": {layer: len(b.expert_ids) for layer, b in self.shard.banks.items()},
+                "bytes_in": self.server.bytes_in if self.server is not None else 0}

@@ -57,6 +57,9 @@ struct Simd<c10::BFloat16> {
 
 // The weight is read strictly in memory order, one row after another (interleaving several rows
 // halves what this machine's prefetchers deliver); each weight chunk serves four input rows.
+// Every output is summed in one fixed order — register-wide chunks in turn, then reduce_add4's
+// tree — whatever n is and wherever the row falls in its group of four (a short group repeats its
+// last row), so a row's result does not depend on the batch around it.
 template <typename T>
 inline void rows_times_weights_simd(const T* const* rows, int64_t n, const T* W, int64_t out_dim, int64_t D,
                                     float* out) {
@@ -66,9 +69,11 @@ inline void rows_times_weights_simd(const T* const* rows, int64_t n, const T* W,
   const auto tail = static_cast<typename S::Mask>((D - full) ? (1ull << (D - full)) - 1ull : 0ull);
   for (int64_t i = 0; i < out_dim; ++i) {
     const T* w = W + i * D;
-    int64_t r = 0;
-    for (; r + 4 <= n; r += 4) {
-      const T *x0 = rows[r], *x1 = rows[r + 1], *x2 = rows[r + 2], *x3 = rows[r + 3];
+    for (int64_t r = 0; r < n; r += 4) {
+      const T* x0 = rows[r];
+      const T* x1 = rows[std::min(r + 1, n - 1)];
+      const T* x2 = rows[std::min(r + 2, n - 1)];
+      const T* x3 = rows[std::min(r + 3, n - 1)];
       __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
       for (int64_t d = 0; d < full; d += L) {
         const auto wv = S::load(w + d);
@@ -84,22 +89,9 @@ inline void rows_times_weights_simd(const T* const* rows, int64_t n, const T* W,
         a2 = S::fma(a2, wv, S::load(x2 + full, tail));
         a3 = S::fma(a3, wv, S::load(x3 + full, tail));
       }
-      out[r * out_dim + i] = _mm512_reduce_add_ps(a0);
-      out[(r + 1) * out_dim + i] = _mm512_reduce_add_ps(a1);
-      out[(r + 2) * out_dim + i] = _mm512_reduce_add_ps(a2);
-      out[(r + 3) * out_dim + i] = _mm512_reduce_add_ps(a3);
-    }
-    for (; r < n; ++r) {  // one row: two accumulators hide the FMA latency
-      const T* x = rows[r];
-      __m512 a0 = _mm512_setzero_ps(), a1 = a0;
-      int64_t d = 0;
-      for (; d + 2 * L <= full; d += 2 * L) {
-        a0 = S::fma(a0, S::load(w + d), S::load(x + d));
-        a1 = S::fma(a1, S::load(w + d + L), S::load(x + d + L));
-      }
-      for (; d < full; d += L) a0 = S::fma(a0, S::load(w + d), S::load(x + d));
-      if (tail) a1 = S::fma(a1, S::load(w + full, tail), S::load(x + full, tail));
-      out[r * out_dim + i] = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+      alignas(16) float sums[4];
+      _mm_store_ps(sums, reduce_add4(a0, a1, a2, a3));
+      for (int64_t j = 0; j < 4 && r + j < n; ++j) out[(r + j) * out_dim + i] = sums[j];
     }
   }
 }

@@ -1,5 +1,6 @@
-// Few-row products (decode batches), the weight streamed once, split across threads by output
-// columns; larger batches go to the BLAS (kernels.linear decides).
+// Row-wise products: each output element is summed in one fixed order whatever the batch
+// (gemv.h), so a row's result does not depend on the rows beside it; the weight is streamed in
+// memory order, split across threads by blocks of output columns.
 //   linear_rows: x [M, K] (rows may be strided), weight [N, K]  ->  y [M, N] = x W^T
 //   shared_expert: routed + sigmoid(gate_logit) * down (silu(gate) * up) with gate | up = x W_gu^T,
 //     x [M, D], gate_up [2I, D], down [D, I], gate_logit [M, 1], routed [M, D] -> [M, D]
@@ -10,8 +11,6 @@
 namespace epserve {
 
 namespace {
-
-constexpr int64_t kMaxRows = 16;
 
 template <typename T>
 std::vector<const T*> row_pointers(const at::Tensor& x) {
@@ -61,7 +60,6 @@ at::Tensor linear_rows(const at::Tensor& x, const at::Tensor& weight) {
   check_rows(x, 2, "x");
   TORCH_CHECK(weight.dim() == 2 && weight.is_contiguous() && weight.size(1) == x.size(1),
               "weight must be a contiguous [N, K] matrix matching x's K");
-  TORCH_CHECK(x.size(0) <= kMaxRows, "linear_rows takes at most ", kMaxRows, " rows");
   TORCH_CHECK(x.scalar_type() == weight.scalar_type(), "x and weight dtypes differ");
   auto y = at::empty({x.size(0), weight.size(0)}, x.options());
   EPSERVE_DISPATCH(x.scalar_type(), "linear_rows", [&] { linear_impl<scalar_t>(x, weight, y); });
@@ -74,7 +72,6 @@ at::Tensor shared_expert(const at::Tensor& x, const at::Tensor& gate_up, const a
   check_rows(routed, 2, "routed");
   check_rows(gate_logit, 2, "gate_logit");
   const int64_t M = x.size(0), D = x.size(1), I = down.size(1);
-  TORCH_CHECK(M <= kMaxRows, "shared_expert takes at most ", kMaxRows, " rows");
   TORCH_CHECK(gate_up.is_contiguous() && down.is_contiguous() && gate_up.size(0) == 2 * I &&
                   gate_up.size(1) == D && down.size(0) == D,
               "gate_up must be [2I, D] and down [D, I], contiguous");

@@ -6,8 +6,10 @@
 //   gate_up [N, 2I, D], down [N, D, I]  ->  out [R, D] = sum over k, in k order, of
 //   weights[r, k] * down_e (silu(gate_e x_r) * up_e x_r), e = idx[r, k].
 //   Pairs are grouped by expert (counting sort); a task is up to kRows pairs of one expert, so the
-//   expert's weights are read once per task; intermediate values round through the storage dtype
-//   where the reference (kernels.moe) rounds them.
+//   expert's weights are read once per task; each pair's weighted output rounds through the
+//   storage dtype as the reference's does, and the sum over a row's pairs is taken in fp64 (exact
+//   for these few terms), so any split of a row's experts over workers, summed again in fp64, gives
+//   the same bits. partial=true returns those fp64 sums (an expert worker's answer) unrounded.
 #include "common.h"
 #include "gemv.h"
 
@@ -57,7 +59,7 @@ struct Task {
 };
 
 // pairs p = r * K + k in `order`, grouped by expert: tasks[t] covers order[first .. first + count)
-template <typename T>
+template <typename T, typename Out>
 void experts_impl(const at::Tensor& x, const int64_t* ip, const T* wp, const at::Tensor& gate_up,
                   const at::Tensor& down, int64_t K, const std::vector<int64_t>& order,
                   const std::vector<Task>& tasks, at::Tensor& pair_out, at::Tensor& out) {
@@ -97,19 +99,26 @@ void experts_impl(const at::Tensor& x, const int64_t* ip, const T* wp, const at:
       }
     }
   }
-  T* op = out.data_ptr<T>();
+  Out* op = out.data_ptr<Out>();
   at::parallel_for(0, R, grain_for(D * K), [&](int64_t begin, int64_t end) {
-    std::vector<float> sum(D);
+    std::vector<double> sum(D);
     for (int64_t r = begin; r < end; ++r) {
-      std::fill(sum.begin(), sum.end(), 0.f);
-      for (int64_t k = 0; k < K; ++k) {  // in k order, rounding as the reference's running sum
+      std::fill(sum.begin(), sum.end(), 0.0);
+      for (int64_t k = 0; k < K; ++k) {
         if (ip[r * K + k] < 0) continue;
         const T* src = pp + (r * K + k) * D;
-        float* acc = sum.data();
+        double* acc = sum.data();
 #pragma omp simd
-        for (int64_t d = 0; d < D; ++d) acc[d] = round_to<T>(acc[d] + to_float(src[d]));
+        for (int64_t d = 0; d < D; ++d) acc[d] += static_cast<double>(to_float(src[d]));
       }
-      store_floats(op + r * D, sum.data(), D);
+      Out* dst = op + r * D;
+      for (int64_t d = 0; d < D; ++d) {
+        if constexpr (std::is_same_v<Out, double>) {
+          dst[d] = sum[d];
+        } else {
+          dst[d] = from_float<T>(static_cast<float>(sum[d]));
+        }
+      }
     }
   });
 }
@@ -127,7 +136,7 @@ std::tuple<at::Tensor, at::Tensor> topk_softmax(const at::Tensor& logits, int64_
 }
 
 at::Tensor moe_experts(const at::Tensor& x, const at::Tensor& idx, const at::Tensor& weights,
-                       const at::Tensor& gate_up, const at::Tensor& down) {
+                       const at::Tensor& gate_up, const at::Tensor& down, bool partial) {
   check_rows(x, 2, "x");
   check_cpu(idx, "idx");
   TORCH_CHECK(gate_up.is_contiguous() && down.is_contiguous() && gate_up.dim() == 3 && down.dim() == 3,
@@ -159,10 +168,15 @@ at::Tensor moe_experts(const at::Tensor& x, const at::Tensor& idx, const at::Ten
   for (int64_t e = 0; e < N; ++e)
     for (int64_t i = offsets[e]; i < offsets[e + 1]; i += kRows)
       tasks.push_back({e, i, std::min(kRows, offsets[e + 1] - i)});
-  auto out = at::empty({R, D}, x.options());
+  auto out = at::empty({R, D}, partial ? x.options().dtype(at::kDouble) : x.options());
   auto pair_out = at::empty({P, D}, x.options());  // the weighted result of each (row, k) pair
   EPSERVE_DISPATCH(x.scalar_type(), "moe_experts", [&] {
-    experts_impl<scalar_t>(x, ip, w_c.data_ptr<scalar_t>(), gate_up, down, K, order, tasks, pair_out, out);
+    if (partial) {
+      experts_impl<scalar_t, double>(x, ip, w_c.data_ptr<scalar_t>(), gate_up, down, K, order, tasks, pair_out, out);
+    } else {
+      experts_impl<scalar_t, scalar_t>(x, ip, w_c.data_ptr<scalar_t>(), gate_up, down, K, order, tasks, pair_out,
+                                       out);
+    }
   });
   return out;
 }

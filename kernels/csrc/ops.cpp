@@ -19,7 +19,7 @@ at::Tensor paged_attention(const at::Tensor& query, const at::Tensor& key_cache,
                            const at::Tensor& query_start, const at::Tensor& context_lens, double scale);
 std::tuple<at::Tensor, at::Tensor> topk_softmax(const at::Tensor& logits, int64_t K);
 at::Tensor moe_experts(const at::Tensor& x, const at::Tensor& idx, const at::Tensor& weights,
-                       const at::Tensor& gate_up, const at::Tensor& down);
+                       const at::Tensor& gate_up, const at::Tensor& down, bool partial);
 at::Tensor linear_rows(const at::Tensor& x, const at::Tensor& weight);
 std::tuple<at::Tensor, at::Tensor> qk_norm_rope(const at::Tensor& query, const at::Tensor& key,
                                                 const at::Tensor& q_weight, const at::Tensor& k_weight,
@@ -43,7 +43,7 @@ TORCH_LIBRARY(epserve, m) {
   m.def("qk_norm_rope(Tensor query, Tensor key, Tensor q_weight, Tensor k_weight, float eps, "
         "Tensor positions, Tensor inv_freq) -> (Tensor, Tensor)");
   m.def("shared_expert(Tensor x, Tensor gate_up, Tensor down, Tensor gate_logit, Tensor routed) -> Tensor");
-  m.def("moe_experts(Tensor x, Tensor idx, Tensor weights, Tensor gate_up, Tensor down) -> Tensor");
+  m.def("moe_experts(Tensor x, Tensor idx, Tensor weights, Tensor gate_up, Tensor down, bool partial) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(epserve, CPU, m) {

@@ -132,3 +132,17 @@ def test_context_errors(make_checkpoint, llm):
         llm.engine.add_request("dup", [1], GREEDY)
         llm.engine.add_request("dup", [1], GREEDY)
     llm.engine.abort_request("dup")
+
+
+def test_logits_do_not_depend_on_the_batch(llm):
+    """A sequence's logits are the same bits alone, inside a batch of mixed prefills and decodes,
+    and split into two micro-batches: every kernel is row-wise, expert sums are exact."""
+    prompts = mixed_prompts(12)
+    alone = llm.score([prompts[3]])[0]
+    assert torch.equal(llm.score(prompts)[3], alone)
+    runner = llm.executor.runner
+    runner.overlap = True
+    try:
+        assert torch.equal(llm.score(prompts)[3], alone)
+    finally:
+        runner.overlap = False

@@ -35,7 +35,7 @@ def test_layout_matches_single_process_and_reference(
     vs_local = max((a - b).abs().max().item() for a, b in zip(logits, ref_logits))
     vs_hf = max((a - hf_logits(model_dir, p)).abs().max().item() for a, p in zip(logits, PROMPTS))
     print(f"E={experts} A={attention}: vs single process {vs_local:.1e}, vs transformers {vs_hf:.1e}")
-    assert vs_local <= 1e-5
+    assert vs_local == 0.0  # the same bits: row-wise kernels, expert sums exact whatever the split
     assert vs_hf <= 1e-4
     assert tokens == ref_tokens
 
