@@ -1,17 +1,24 @@
-"""Decode step time split into attention, dispatch, expert compute and combine, for E expert workers.
+"""Expert parallelism against the single-process engine: the decode step split, the bytes each MoE
+layer moves, and the throughput of concurrent generations, for E expert workers and one attention
+worker on this machine's cores.
 
-    python benchmarks/expert_parallel.py [--model DIR] [--experts 1 2 4] [--batch 8] [--steps 32]
+    python benchmarks/expert_parallel.py [--model DIR] [--experts 1 2 4] [--batch 32] [--steps 32]
+                                         [--generations 32] [--overlap auto|on|off]
 
-Runs the single-process engine (baseline) and the Ray executor with E = 1, 2, 4 expert workers and
-one attention worker, in one process and one Ray cluster, on the same checkpoint (default: the
-tiny flagship-shaped one). Per decode step (one token for each of --batch sequences):
-  step       wall time seen by the engine (driver), per step
+Runs in one process and one Ray cluster, on one checkpoint (default: the tiny flagship-shaped one).
+Step split, per decode step of --batch sequences (ms):
+  step       wall time seen by the engine, per step
   attention  attention-worker time outside the MoE exchange (dense layers, gate, shared expert, LM head)
-  dispatch   attention-worker time in dispatch (count + token all-to-all)
-  combine    attention-worker time in combine: waits for the experts, then the result all-to-all
+  dispatch   attention-worker time sending the rows to the expert workers
+  combine    attention-worker time waiting for and adding the partial sums
   experts    expert compute, slowest expert worker
-  comm       dispatch + combine - experts: time in communication and waiting, on the attention side
-  ray        step - attention-worker step: the Ray call and message encoding overhead
+  comm       dispatch + combine - experts: communication and waiting, on the attention side
+  engine     step - attention-worker step: scheduling, the step command and its reply
+Bytes per MoE layer at that batch: what the exchange moves now (measured on the expert workers,
+plus the partial sums back), and what the earlier exchange moved (per (row, expert) pair both ways,
+and a count matrix).
+Throughput: --generations prompts of 16 tokens x 32 greedy tokens, against the single-process
+engine with one torch thread and with two (the same cores as the workers together).
 """
 
 from __future__ import annotations
@@ -22,9 +29,9 @@ import time
 
 import torch
 
-from cluster import LLM, SamplingParams
-from cluster.worker.timing import split_step
+from cluster import LLM, ClusterConfig, SamplingParams
 from cluster.model.tiny import TinySpec, make_tiny
+from cluster.worker.timing import split_step
 
 
 def run_decode(llm: LLM, prompts: list[list[int]], steps: int) -> tuple[float, list[dict]]:
@@ -52,44 +59,88 @@ def summarize(wall: float, timings: list[dict]) -> dict[str, float]:
     split = split_step(timings)
     remote_experts = any(t["role"] == "expert" for t in timings)
     comm = max(split["dispatch"] + split["combine"] - (split["experts"] if remote_experts else 0.0), 0.0)
-    return {**split, "step": wall, "comm": comm, "ray": wall - split["step"]}
+    return {**split, "step": wall, "comm": comm, "engine": wall - split["step"]}
+
+
+def generation_rate(llm: LLM, prompts: list[list[int]]) -> float:
+    params = SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True)
+    llm.generate(prompts[:2], SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
+    start = time.perf_counter()
+    tokens = sum(len(c.token_ids) for c in llm.generate(prompts, params))
+    return tokens / (time.perf_counter() - start)
+
+
+def bytes_per_layer(llm: LLM, batch: int, before_steps: int) -> tuple[float, float]:
+    """(now, earlier) bytes one MoE layer moves in a decode step of `batch` rows."""
+    cfg, E = llm.config, llm.engine.cluster.expert_workers
+    infos = [i for i in llm.worker_info() if i["role"] == "expert"]
+    layers_served = before_steps * cfg.num_hidden_layers
+    dispatched = sum(i["bytes_in"] for i in infos) / layers_served
+    combined = E * batch * cfg.hidden_size * 8  # one fp64 partial sum per row from every expert worker
+    es = 4  # fp32
+    pairs = batch * cfg.num_experts_per_tok * cfg.hidden_size * es
+    world, max_local = 1 + E, -(-cfg.num_experts // E)
+    counts = world * world * max_local * 8  # every rank sent every rank a [world, max_local] int64 count
+    return dispatched + combined, 2 * pairs + counts
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default=None)
     parser.add_argument("--experts", type=int, nargs="+", default=[1, 2, 4])
-    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--prompt-len", type=int, default=16)
     parser.add_argument("--steps", type=int, default=32)
+    parser.add_argument("--generations", type=int, default=32)
+    parser.add_argument("--overlap", choices=["auto", "on", "off"], default="auto",
+                        help="two-batch overlap (auto: on when the workers fit the cores)")
     args = parser.parse_args()
     import ray
 
     torch.set_num_threads(1)  # like each worker: compare per-worker compute on equal terms
     model_dir = args.model or make_tiny(tempfile.mkdtemp(), TinySpec())
     ray.init(include_dashboard=False, logging_level="ERROR")
-    rows = []
     prompts = [list(range(3 + i, 3 + i + args.prompt_len)) for i in range(args.batch)]
+    generations = [[(7 * i + 13 * j) % 400 + 3 for j in range(16)] for i in range(args.generations)]
+    overlap = {"auto": None, "on": True, "off": False}[args.overlap]
+    steps, rates, moved = [], {}, {}
+
     baseline = LLM(model=model_dir)
-    wall, timings = run_decode(baseline, prompts, args.steps)
-    rows.append(("single process", summarize(wall, timings)))
+    steps.append(("single process", summarize(*run_decode(baseline, prompts, args.steps))))
+    rates["single process, 1 thread"] = generation_rate(baseline, generations)
+    torch.set_num_threads(2)
+    rates["single process, 2 threads"] = generation_rate(baseline, generations)
+    torch.set_num_threads(1)
     baseline.shutdown()
     for E in args.experts:
-        with LLM(model=model_dir, expert_workers=E, attention_workers=1, use_ray=True) as llm:
+        cluster = ClusterConfig(expert_workers=E, attention_workers=1, use_ray=True, two_batch_overlap=overlap)
+        with LLM(model=model_dir, cluster=cluster) as llm:
+            name = f"Ray E={E} A=1" + (" (overlap)" if llm.executor.overlap else "")
             wall, timings = run_decode(llm, prompts, args.steps)
-            rows.append((f"Ray E={E} A=1", summarize(wall, timings)))
+            steps.append((name, summarize(wall, timings)))
+            moved[name] = bytes_per_layer(llm, args.batch, args.steps + 1)
+            rates[name] = generation_rate(llm, generations)
     ray.shutdown()
 
     cfg = baseline.config
-    print(f"model {model_dir}: {cfg.num_experts} experts top-{cfg.num_experts_per_tok}, {cfg.num_hidden_layers} layers, "
-          f"hidden {cfg.hidden_size}; decode batch {args.batch}, {args.steps} steps, 1 torch thread per worker")
-    cols = ["step", "attention", "dispatch", "combine", "experts", "comm", "ray"]
-    print(f"{'layout':<16}" + "".join(f"{c + ' ms':>13}" for c in cols) + f"{'tok/s':>9}{'vs single':>11}{'comm %':>8}")
-    base_tps = args.batch / rows[0][1]["step"]
-    for name, r in rows:
+    print(f"model {model_dir}: {cfg.num_experts} experts top-{cfg.num_experts_per_tok}, {cfg.num_hidden_layers} "
+          f"layers, hidden {cfg.hidden_size}; decode batch {args.batch}, {args.steps} steps, 1 torch thread per "
+          f"worker")
+    cols = ["step", "attention", "dispatch", "combine", "experts", "comm", "engine"]
+    print(f"{'layout':<24}" + "".join(f"{c + ' ms':>13}" for c in cols) + f"{'tok/s':>9}{'vs single':>11}"
+          f"{'comm %':>8}{'KB/layer':>10}{'before':>8}")
+    base_tps = args.batch / steps[0][1]["step"]
+    for name, r in steps:
         tps = args.batch / r["step"]
-        comm_pct = 100 * (r["comm"] + r["ray"]) / r["step"] if name != "single process" else 0.0
-        print(f"{name:<16}" + "".join(f"{r[c] * 1e3:13.2f}" for c in cols) + f"{tps:9.1f}{tps / base_tps:10.2f}x{comm_pct:7.0f}%")
+        comm_pct = 100 * (r["comm"] + r["engine"]) / r["step"] if name in moved else 0.0
+        now, before = moved.get(name, (0.0, 0.0))
+        print(f"{name:<24}" + "".join(f"{r[c] * 1e3:13.2f}" for c in cols) + f"{tps:9.1f}{tps / base_tps:10.2f}x"
+              f"{comm_pct:7.0f}%{now / 1024:10.1f}{before / 1024:8.1f}")
+    print(f"\n{args.generations} concurrent generations (16 prompt + 32 output tokens):")
+    one, two = rates["single process, 1 thread"], rates["single process, 2 threads"]
+    for name, rate in rates.items():
+        print(f"  {name:<28} {rate:8.1f} tok/s   {rate / two:5.2f}x single (2 threads)   "
+              f"{rate / one:5.2f}x single (1 thread)")
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@ The EngineCore is built and runs on one background thread (schedule -> execute -
 loop while there is work): all of its torch work stays on that thread, since CPU torch runs ~3x
 slower when its OpenMP work hops between threads; callers on any asyncio loop add and abort requests under a lock, so errors in a
 request (bad input, context too long, overload) are raised to its caller at once and never reach
-the loop. Outputs are handed to each request's asyncio.Queue with call_soon_threadsafe.
+the loop. Outputs are handed to each request's asyncio.Queue with call_soon_threadsafe; deltas that queue
+up while the consumer is busy are merged into one.
 Leaving the `async for` early (client gone, task cancelled) aborts the request: its KV blocks and
 state slot are freed at once.
 """
@@ -110,6 +111,11 @@ class AsyncLLM:
         try:
             while not finished:
                 item = await queue.get()
+                # deltas that queued up while the consumer was busy leave as one: under load a
+                # stream crosses the serving stack once per turn, not once per token
+                while not isinstance(item, Exception) and not item.finished and not queue.empty():
+                    following = queue.get_nowait()
+                    item = item.then(following) if not isinstance(following, Exception) else following
                 if isinstance(item, Exception):
                     raise item
                 finished = item.finished

@@ -177,8 +177,10 @@ class ClusterConfig:
     timeout_s: float = 120.0  # worker start-up, control calls, and the wait for a step's reply
     threads_per_worker: int = 1  # torch threads inside each CPU worker
     # Ray layouts: split each step into two micro-batches (whole sequences) so that one's dense
-    # layers run on the attention workers while the other's experts run on the expert workers
-    two_batch_overlap: bool = True
+    # layers run on the attention workers while the other's experts run on the expert workers.
+    # None: on when each worker can compute at the same time as the others (a GPU each, or no more
+    # workers than the node's cores): with more processes than cores it costs more than it hides.
+    two_batch_overlap: bool | None = None
     # custom Ray resources each worker also reserves: steer the roles onto node groups (KubeRay worker
     # groups advertise them with rayStartParams.resources), e.g. {"epserve_expert": 1}
     attention_resources: tuple[tuple[str, float], ...] = ()

@@ -3,6 +3,7 @@
 Closed loop: `concurrency` workers each send requests one after another until `num_prompts` are
 done. Prompts are random token ids of `prompt_len`; every request asks for exactly `output_len`
 tokens (end-of-sequence ignored). Reports throughput, TTFT and TPOT (p50/p99), as text or JSON.
+Tokens are counted, not messages: a stream may carry several tokens in one message.
 """
 
 from __future__ import annotations
@@ -39,26 +40,36 @@ def percentile(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(round(q / 100 * (len(values) - 1))))]
 
 
-def _grpc_one(client, prompt, output_len) -> tuple[float, list[float]]:
-    times = []
+def _grpc_one(client, prompt, output_len) -> tuple[float, list[float], int]:
+    """(start, arrival time of each message with tokens, tokens)."""
+    times, tokens = [], 0
     start = time.perf_counter()
     for msg in client.stream(prompt, max_tokens=output_len, ignore_eos=True, temperature=0.0):
         if msg.token_ids:
             times.append(time.perf_counter())
-    return start, times
+            tokens += len(msg.token_ids)
+    return start, times, tokens
 
 
-def _http_one(url, model, prompt, output_len) -> tuple[float, list[float]]:
+def _http_one(url, model, prompt, output_len) -> tuple[float, list[float], int]:
+    """(start, arrival time of each event with text, tokens): the usage the server reports at the
+    end counts the tokens, since a server may send several in one event."""
     body = json.dumps({"model": model, "prompt": prompt, "max_tokens": output_len, "stream": True,
-                       "ignore_eos": True, "temperature": 0.0}).encode()
+                       "stream_options": {"include_usage": True}, "ignore_eos": True,
+                       "temperature": 0.0}).encode()
     req = urllib.request.Request(f"{url}/v1/completions", data=body, headers={"Content-Type": "application/json"})
-    times = []
+    times, tokens = [], 0
     start = time.perf_counter()
     with urllib.request.urlopen(req, timeout=600) as resp:
         for line in resp:
-            if line.startswith(b"data: {"):
+            if not line.startswith(b"data: {"):
+                continue
+            event = json.loads(line[len(b"data: "):])
+            if any(choice.get("text") for choice in event.get("choices") or []):
                 times.append(time.perf_counter())
-    return start, times
+            if event.get("usage"):
+                tokens = event["usage"]["completion_tokens"]
+    return start, times, tokens or len(times)
 
 
 def run_bench(endpoint: str, address: str, http_url: str, concurrency: int, num_prompts: int,
@@ -76,19 +87,19 @@ def run_bench(endpoint: str, address: str, http_url: str, concurrency: int, num_
         nonlocal tokens, failed, done
         try:
             if client is not None:
-                start, times = _grpc_one(client, prompt, output_len)
+                start, times, count = _grpc_one(client, prompt, output_len)
             else:
-                start, times = _http_one(http_url, model, prompt, output_len)
+                start, times, count = _http_one(http_url, model, prompt, output_len)
             ok = bool(times)
         except Exception:
-            ok, times, start = False, [], 0.0
+            ok, times, start, count = False, [], 0.0, 0
         with lock:
             done += 1
             if ok:
                 ttfts.append(times[0] - start)
-                if len(times) > 1:
-                    tpots.append((times[-1] - times[0]) / (len(times) - 1))
-                tokens += len(times)
+                if count > 1:  # the time per output token after the first, however they were grouped
+                    tpots.append((times[-1] - times[0]) / (count - 1))
+                tokens += count
             else:
                 failed += 1
             if progress:

@@ -119,14 +119,21 @@ def cmd_generate(args) -> int:
 
 
 def cmd_bench(args) -> int:
+    """Loads a server. gRPC: epserve's own API. HTTP: any OpenAI-compatible server (the model name
+    comes from its /v1/models; prompts are token ids below --vocab-size)."""
     from .bench import format_result, run_bench
-    from .client import Client
 
     host = args.address.rsplit(":", 1)[0]
-    info = Client(args.address).model_info()
-    result = run_bench(args.endpoint, args.address, args.http_url or f"http://{host}:8000", args.concurrency,
-                       args.num_prompts, args.prompt_len, args.output_len, info.vocab_size, info.model,
-                       progress=not args.json)
+    http_url = (args.http_url or f"http://{host}:8000").rstrip("/")
+    if args.endpoint == "grpc":
+        from .client import Client
+
+        info = Client(args.address).model_info()
+        model, vocab_size = info.model, args.vocab_size or info.vocab_size
+    else:
+        model, vocab_size = _http_json(f"{http_url}/v1/models")["data"][0]["id"], args.vocab_size or 256
+    result = run_bench(args.endpoint, args.address, http_url, args.concurrency, args.num_prompts, args.prompt_len,
+                       args.output_len, vocab_size, model, progress=not args.json)
     print(format_result(result, args.json))
     return 0
 
@@ -235,7 +242,10 @@ def main(argv: list[str] | None = None) -> int:
     bench = sub.add_parser("bench", help="load-test a running server")
     bench.add_argument("--endpoint", choices=["grpc", "http"], default="grpc")
     bench.add_argument("--address", default="127.0.0.1:9000", help="gRPC address")
-    bench.add_argument("--http-url", default=None, help="default: http://<host of --address>:8000")
+    bench.add_argument("--http-url", default=None,
+                       help="an OpenAI-compatible server's URL (default: http://<host of --address>:8000)")
+    bench.add_argument("--vocab-size", type=int, default=None,
+                       help="prompt token ids are drawn below this (default: the model's over gRPC, 256 over HTTP)")
     bench.add_argument("--concurrency", type=int, default=8)
     bench.add_argument("--num-prompts", type=int, default=64)
     bench.add_argument("--prompt-len", type=int, default=32)

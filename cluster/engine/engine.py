@@ -54,6 +54,14 @@ class RequestOutput:
     prompt_logits: torch.Tensor | None = None  # scoring requests: [prompt, V] fp32
     time_to_first_token: float | None = None  # seconds, set on the output carrying the first token
 
+    def then(self, later: RequestOutput) -> RequestOutput:
+        """This delta followed by a later one of the same request, as one delta."""
+        return RequestOutput(
+            self.request_id, self.new_token_ids + later.new_token_ids, self.new_text + later.new_text,
+            later.finished, later.finish_reason, later.stop_reason, self.logprobs + later.logprobs,
+            later.num_prompt_tokens, later.num_output_tokens, later.prompt_logits,
+            self.time_to_first_token if self.time_to_first_token is not None else later.time_to_first_token)
+
 
 class EngineCore:
     def __init__(

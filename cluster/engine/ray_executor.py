@@ -12,6 +12,7 @@ the loops, make ordinary Ray calls, and start the loops again.
 from __future__ import annotations
 
 import logging
+import os
 import secrets
 from contextlib import contextmanager
 from pathlib import Path
@@ -43,7 +44,6 @@ class RayExecutor:
             ray.init(ignore_reinit_error=True, logging_level=logging.WARNING)
         self.cluster = cluster
         self.timeout = cluster.timeout_s
-        self.overlap = cluster.two_batch_overlap
         A, E = cluster.attention_workers, cluster.expert_workers
         placement = cluster.placement or ExpertPlacement.contiguous(cfg.num_experts, E, list(cfg.moe_layer_ids))
         if placement.num_workers != E:
@@ -53,6 +53,9 @@ class RayExecutor:
         gpus = cluster.gpus_per_worker
         if gpus is None:
             gpus = 1 if torch.cuda.is_available() else 0
+        self.overlap = cluster.two_batch_overlap
+        if self.overlap is None:
+            self.overlap = gpus >= 1 or A + E <= (os.cpu_count() or 1)
         base = {"CPU": cluster.cpus_per_worker, **({"GPU": gpus} if gpus else {})}
         self.bundle = {**base, **dict(cluster.expert_resources)}  # an expert worker's
         attention_bundle = {**base, **dict(cluster.attention_resources)}

@@ -22,6 +22,7 @@ import time
 import torch
 
 _LENGTH = struct.Struct("<q")
+_BUFFER_BYTES = 4 << 20
 
 
 class LinkError(ConnectionError):
@@ -29,12 +30,13 @@ class LinkError(ConnectionError):
 
 
 def _as_bytes(part) -> memoryview:
+    """A flat byte view of a tensor (its own memory; device tensors are copied to the host) or bytes."""
     if isinstance(part, torch.Tensor):
         part = part.detach()
         if part.device.type != "cpu":
             part = part.cpu()
-        return memoryview(part.contiguous().view(torch.uint8).numpy())
-    return memoryview(part)
+        return memoryview(part.contiguous().view(torch.uint8).numpy()).cast("B")
+    return memoryview(part).cast("B")
 
 
 class Link:
@@ -43,6 +45,8 @@ class Link:
 
     def __init__(self, sock: socket.socket, timeout_s: float | None = None) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for option in (socket.SO_SNDBUF, socket.SO_RCVBUF):  # a layer's message fits: a send never waits
+            sock.setsockopt(socket.SOL_SOCKET, option, _BUFFER_BYTES)
         sock.settimeout(timeout_s)
         self.sock = sock
         self._buffer = torch.empty(1 << 16, dtype=torch.uint8)
@@ -51,12 +55,16 @@ class Link:
         self.sock.settimeout(timeout_s)
 
     def send(self, *parts) -> None:
+        """One message: the parts' bytes back to back, gathered by the kernel in one call."""
         views = [_as_bytes(p) for p in parts]
+        pending = [memoryview(_LENGTH.pack(sum(v.nbytes for v in views)))] + [v for v in views if v.nbytes]
         try:
-            self.sock.sendall(_LENGTH.pack(sum(v.nbytes for v in views)))
-            for view in views:
-                if view.nbytes:
-                    self.sock.sendall(view)
+            while pending:
+                sent = self.sock.sendmsg(pending)
+                while pending and sent >= len(pending[0]):
+                    sent -= len(pending.pop(0))
+                if pending and sent:
+                    pending[0] = pending[0][sent:]
         except OSError as e:
             raise LinkError(f"send failed: {e}") from e
 

@@ -16,6 +16,7 @@ pausing the loops (PAUSE).
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 
@@ -175,6 +176,10 @@ class ExpertWorker(_Worker):
     def __init__(self, model_dir: str, cfg: ModelConfig, placement: ExpertPlacement, rank: int,
                  num_attention: int, dtype: str, threads: int) -> None:
         super().__init__(rank, num_attention, threads)
+        if self.device.type == "cpu" and hasattr(os, "SCHED_BATCH"):
+            # woken by a dispatch, an expert worker must not take the core of the attention worker
+            # that is still sending to the others: it runs on a free core, or when the sender waits
+            os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
         self.cfg = cfg
         self.model_dir, self.dtype = model_dir, getattr(torch, dtype)
         self.shard = ExpertShard(cfg.num_experts, {})

@@ -82,3 +82,23 @@ def test_overload_is_an_explicit_error(engine):
     served = [r for r in results if isinstance(r, list)]
     assert refused and served and len(refused) + len(served) == 60
     assert all(r[-1].num_output_tokens == 64 for r in served)
+
+
+def test_a_slow_consumer_gets_merged_deltas(engine):
+    """Deltas that queue up while the consumer is busy arrive merged, nothing lost or reordered."""
+    params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True, logprobs=1)
+
+    async def slow():
+        outs = []
+        async for out in engine.generate("hello merged", params):
+            outs.append(out)
+            await asyncio.sleep(0.05)  # the engine runs ahead meanwhile
+        return outs
+
+    outs = asyncio.run(slow())
+    fast = asyncio.run(collect(engine, "hello merged", params))
+    assert len(outs) < len(fast)
+    assert [t for o in outs for t in o.new_token_ids] == [t for o in fast for t in o.new_token_ids]
+    assert "".join(o.new_text for o in outs) == "".join(o.new_text for o in fast)
+    assert [lp.token_id for o in outs for lp in o.logprobs] == [t for o in fast for t in o.new_token_ids]
+    assert outs[-1].finished and outs[-1].num_output_tokens == 24 and outs[0].time_to_first_token is not None

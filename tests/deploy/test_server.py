@@ -349,3 +349,15 @@ def test_autoscaling_adds_and_removes_whole_instances(server):
         stop.set()
         client.close()
         serve.delete("scale")
+
+
+def test_http_bench_needs_no_grpc(server, capsys):
+    """`epserve bench --endpoint http --http-url URL` loads any OpenAI-compatible server: the gRPC
+    address given here answers nothing."""
+    from deploy.cli import main
+
+    assert main(["bench", "--endpoint", "http", "--http-url", server["http"], "--address", "127.0.0.1:1",
+                 "--concurrency", "2", "--num-prompts", "4", "--prompt-len", "6", "--output-len", "4",
+                 "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["failed"] == 0 and result["num_prompts"] == 4 and result["output_tokens_per_s"] > 0
