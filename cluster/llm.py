@@ -1,7 +1,7 @@
 """LLM: the offline entry point, vLLM-style, on the same engine the server uses.
 
     llm = LLM(model=DIR)                                  # one process
-    llm = LLM(model=DIR, expert_workers=4, attention_workers=2)   # Ray: 6 actors, one process group
+    llm = LLM(model=DIR, expert_workers=4, attention_workers=2)   # Ray: 6 actors linked to each other
     llm.generate(["hello"], SamplingParams(max_tokens=8, temperature=0.0))
     llm.score([[1, 2, 3]])                                # fp32 logits [len, V] for every position
 """
@@ -57,7 +57,7 @@ class LLM:
         return self.engine.executor
 
     def shutdown(self) -> None:
-        """Stops the workers (Ray actors, process group); idempotent."""
+        """Stops the workers (step loops, links, Ray actors); idempotent."""
         self.engine.shutdown()
 
     def __enter__(self) -> LLM:
@@ -80,7 +80,7 @@ class LLM:
         return self.engine.rebalance(redundant_slots)
 
     def scale_experts(self, num_workers: int) -> dict:
-        """Changes the number of expert workers, rebuilding the process group and the placement."""
+        """Changes the number of expert workers, linking them afresh with a new placement."""
         return self.engine.scale_experts(num_workers)
 
     def _run(self, request_ids: list[str]) -> dict[str, list]:

@@ -112,8 +112,8 @@ class Ingress:
             self._fail(grpc_context, e)
 
     async def Check(self, request: health_pb2.HealthCheckRequest, grpc_context=None):
-        """grpc.health.v1 Check: SERVING once a model instance answers (model loaded, process group
-        formed); "" and "epserve.v1.Generation" are known services."""
+        """grpc.health.v1 Check: SERVING once a model instance answers (model loaded, workers
+        linked); "" and "epserve.v1.Generation" are known services."""
         if request.service not in ("", "epserve.v1.Generation"):
             self._fail(grpc_context, RequestError("not_found", f"unknown service {request.service!r}"))
         try:

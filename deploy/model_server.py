@@ -74,7 +74,7 @@ class ModelServer:
         return self.engine.engine.executor.worker_info()
 
     def ready(self) -> bool:
-        """The model is loaded and the workers' process group formed (both happen before the engine
+        """The model is loaded and the workers linked (both happen before the engine
         thread starts serving), and the engine thread is alive."""
         return self.engine._thread.is_alive() and self.engine.last_error is None
 

@@ -320,7 +320,7 @@ class EngineCore:
                 "after": placement_stats(loads, new), "bytes_loaded": loaded}
 
     def scale_experts(self, num_workers: int) -> dict:
-        """Adds or removes expert workers between steps (new process group, contiguous placement);
+        """Adds or removes expert workers between steps (new links, contiguous placement);
         requests in flight keep their caches on the attention workers."""
         if self.executor.placement is None:
             raise ValueError("scale_experts needs the Ray executor (use_ray=True)")

@@ -1,7 +1,7 @@
 """msgpack encoding of the messages between the engine and its workers: step inputs, results,
 and the commands of the step loop.
 
-Tensors of the MoE layers never appear here (they cross the process group); the only tensors
+Tensors of the MoE layers never appear here (they cross the worker links raw); the only tensors
 encoded are scoring logits, as raw little-endian fp32 bytes with their shape. Nothing is unpickled:
 msgpack decodes to plain lists, numbers and bytes, rebuilt into the typed dataclasses.
 """
