@@ -52,6 +52,16 @@ class DeltaNetStateCache:
         self._conv.index_fill_(1, slots, 0)
         self._recurrent.index_fill_(1, slots, 0)
 
+    def save(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A copy of the slots' states (conv [L, B, K-1, C], recurrent [L, B, H, dk, dv]), taken before a
+        step that may fail half-way: the kernels update the states in place, layer by layer."""
+        return self._conv.index_select(1, slots), self._recurrent.index_select(1, slots)
+
+    def restore(self, slots: torch.Tensor, saved: tuple[torch.Tensor, torch.Tensor]) -> None:
+        """Puts back what save() copied: the slots are as before the failed step."""
+        self._conv.index_copy_(1, slots, saved[0])
+        self._recurrent.index_copy_(1, slots, saved[1])
+
     @staticmethod
     def bytes_per_slot(num_layers: int, conv_channels: int, conv_kernel: int, num_heads: int,
                        key_dim: int, value_dim: int, dtype_bytes: int) -> int:

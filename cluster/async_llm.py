@@ -63,16 +63,18 @@ class AsyncLLM:
                     outputs = self.engine.step() if busy else []
                     if not busy:
                         self.engine.flush()
+                        self.engine.maintain()
+                    background = self.engine.busy_in_background
                     self.last_error = None
                 except Exception as e:  # a failed step ends the requests it held, not the server
                     log.exception("engine step failed")
                     self.last_error = e
                     self._fail_all(e)
-                    outputs = []
+                    outputs, background = [], False
             for out in outputs:
                 self._deliver(out.request_id, out)
-            if not busy:
-                self._wake.wait(timeout=0.5)
+            if not busy:  # idle: a request wakes the loop; work in the background is polled
+                self._wake.wait(timeout=0.02 if background else 0.5)
                 self._wake.clear()
 
     def _fail_all(self, error: Exception) -> None:
@@ -148,7 +150,12 @@ class AsyncLLM:
         return await self._call("expert_status")
 
     async def rebalance(self, redundant_slots: int | None = None) -> dict:
-        return await self._call("rebalance", redundant_slots)
+        """Plans and applies a placement for the current load; experts load while serving goes on,
+        the switch happens between two steps."""
+        change = await self._call("start_rebalance", redundant_slots)
+        self._wake.set()
+        timeout = self.engine.cluster.timeout_s
+        return await asyncio.get_running_loop().run_in_executor(None, change.wait, timeout)
 
     async def scale_experts(self, num_workers: int) -> dict:
         return await self._call("scale_experts", num_workers)

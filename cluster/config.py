@@ -174,7 +174,11 @@ class ClusterConfig:
     gpus_per_worker: float | None = None  # None: 1 where CUDA is available, else 0
     cpus_per_worker: float = 0.25  # fractional on CPU machines (2 cores hold 8 workers)
     placement: Any = None  # router.placement.ExpertPlacement; None: contiguous blocks of E_total / E
-    timeout_s: float = 120.0  # worker start-up, control calls, and the wait for a step's reply
+    timeout_s: float = 120.0  # worker start-up and control calls
+    step_timeout_s: float = 10.0  # a step's reply later than this: the instance is stuck, recover it
+    # deterministic failure for tests: "attention:0:5" makes attention worker 0 exit as it gets its
+    # 5th step command (role "attention" or "expert", index within the role); replacements never do
+    fault_injection: str | None = None
     threads_per_worker: int = 1  # torch threads inside each CPU worker
     # Ray layouts: split each step into two micro-batches (whole sequences) so that one's dense
     # layers run on the attention workers while the other's experts run on the expert workers.
@@ -193,6 +197,14 @@ class ClusterConfig:
             raise ConfigError(f"attention_workers must be >= 1, got {self.attention_workers}")
         if self.cpus_per_worker <= 0:
             raise ConfigError(f"cpus_per_worker must be > 0, got {self.cpus_per_worker}")
+        if self.step_timeout_s <= 0:
+            raise ConfigError(f"step_timeout_s must be > 0, got {self.step_timeout_s}")
+        if self.fault_injection is not None:
+            role, _, rest = self.fault_injection.partition(":")
+            index, _, step = rest.partition(":")
+            if role not in ("attention", "expert") or not index.isdigit() or not step.isdigit():
+                raise ConfigError(f"fault_injection must be 'attention|expert:<index>:<step>', "
+                                  f"got {self.fault_injection!r}")
         if not self.wants_ray and self.placement is not None:
             raise ConfigError("an expert placement needs the Ray executor (use_ray=True)")
 

@@ -43,6 +43,10 @@ def model_deployment_options(cfg: AppConfig) -> dict:
         placement_group_strategy="PACK",
         max_ongoing_requests=cfg.max_ongoing_requests,
         graceful_shutdown_timeout_s=10,
+        # a replica that cannot recover from a lost worker fails check_health; Serve replaces it
+        # after a few failed checks (seconds, not the default half minute)
+        health_check_period_s=2,
+        health_check_timeout_s=10,
     )
     if cfg.min_replicas == cfg.max_replicas:
         options["num_replicas"] = cfg.max_replicas

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import grpc
 
-from cluster import ContextLengthError, OverloadedError
+from cluster import ContextLengthError, OverloadedError, UnavailableError
 
 # kind -> (gRPC status, HTTP status, OpenAI error type)
 KINDS = {
@@ -12,6 +12,7 @@ KINDS = {
     "out_of_range": (grpc.StatusCode.OUT_OF_RANGE, 400, "invalid_request_error"),
     "not_found": (grpc.StatusCode.NOT_FOUND, 404, "not_found_error"),
     "overloaded": (grpc.StatusCode.RESOURCE_EXHAUSTED, 429, "rate_limit_error"),
+    "unavailable": (grpc.StatusCode.UNAVAILABLE, 503, "server_error"),
     "internal": (grpc.StatusCode.INTERNAL, 500, "server_error"),
 }
 
@@ -45,6 +46,8 @@ def classify(error: BaseException) -> RequestError:
         return error
     if isinstance(error, OverloadedError | BackPressureError):
         return RequestError("overloaded", str(getattr(error, "message", None) or error).splitlines()[-1])
+    if isinstance(error, UnavailableError):
+        return RequestError("unavailable", _last_line(error))
     if isinstance(error, ContextLengthError):
         return RequestError("out_of_range", _last_line(error))
     if isinstance(error, ValueError):

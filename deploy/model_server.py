@@ -74,14 +74,21 @@ class ModelServer:
         return self.engine.engine.executor.worker_info()
 
     def ready(self) -> bool:
-        """The model is loaded and the workers linked (both happen before the engine
-        thread starts serving), and the engine thread is alive."""
-        return self.engine._thread.is_alive() and self.engine.last_error is None
+        """Whether the instance can step: the model is loaded and the workers linked (both before
+        the engine thread starts), the thread is alive, and it is not re-forming after a worker
+        failure nor broken (grpc.health.v1 says NOT_SERVING meanwhile)."""
+        engine = self.engine.engine
+        return (self.engine._thread.is_alive() and self.engine.last_error is None
+                and not engine.recovering and not engine.broken)
 
     def check_health(self) -> None:
-        """Serve's health check: the engine thread is alive and its last step did not fail."""
+        """Serve's health check: it fails once the engine thread stopped or the instance could not
+        recover from a worker failure, and Serve replaces the replica. (A recovery in progress
+        is bounded by the cluster's timeouts and ends broken if they pass.)"""
         if not self.engine._thread.is_alive():
             raise RuntimeError("engine thread stopped")
+        if self.engine.engine.broken:
+            raise RuntimeError("the instance lost workers and could not recover")
 
     def __del__(self) -> None:
         engine = getattr(self, "engine", None)

@@ -42,6 +42,22 @@ class ExpertPlacement:
         blocks = tuple(tuple(range(bounds[w], bounds[w + 1])) for w in range(num_workers))
         return cls(num_experts, {layer: blocks for layer in layers})
 
+    def without_workers(self, lost: list[int]) -> ExpertPlacement:
+        """The placement over the other workers (in order) after `lost` are gone: an expert they
+        alone held goes to the survivor holding fewest experts of that layer (replicas elsewhere
+        simply serve it)."""
+        kept = [w for w in range(self.num_workers) if w not in set(lost)]
+        if not kept:
+            raise ValueError("no worker would be left")
+        held = {}
+        for layer, workers in self.held.items():
+            survivors = [list(workers[w]) for w in kept]
+            covered = {e for ids in survivors for e in ids}
+            for e in sorted(set(range(self.num_experts)) - covered):
+                min(survivors, key=len).append(e)  # the first of the least loaded
+            held[layer] = tuple(tuple(sorted(ids)) for ids in survivors)
+        return ExpertPlacement(self.num_experts, held)
+
     def max_local(self, layer: int) -> int:
         return max(len(ids) for ids in self.held[layer])
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import itertools
 import logging
 import random
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +22,7 @@ from .cache_plan import CacheConfig, plan_cache
 from ..config import ClusterConfig, ModelConfig, RebalanceConfig
 from .detokenizer import IncrementalDetokenizer
 from .executor import LocalExecutor
-from .ray_executor import RayExecutor
+from .ray_executor import RayExecutor, WorkerFailure
 from .sampling import SamplingParams
 from .scheduler import OverloadedError, Scheduled, Scheduler, SchedulerConfig
 from .sequence import Sequence, Status
@@ -29,6 +30,12 @@ from ..worker.step import ChunkResult
 from .tokenizer import Tokenizer, check_token_ids
 
 log = logging.getLogger(__name__)
+
+MAX_RECOVERIES_IN_A_ROW = 3  # then the instance is broken: requests fail, health says so, Serve replaces it
+
+
+class UnavailableError(RuntimeError):
+    """The instance lost workers and could not re-form: it takes no more requests."""
 
 
 @dataclass
@@ -61,6 +68,33 @@ class RequestOutput:
             later.finished, later.finish_reason, later.stop_reason, self.logprobs + later.logprobs,
             later.num_prompt_tokens, later.num_output_tokens, later.prompt_logits,
             self.time_to_first_token if self.time_to_first_token is not None else later.time_to_first_token)
+
+
+class PlacementChange:
+    """A rebalance under way (EngineCore.start_rebalance): `done` is set once the workers have
+    switched, or the change failed and the last placement stays."""
+
+    def __init__(self, result: dict) -> None:
+        self.result, self.error = result, None
+        self.done = threading.Event()
+
+    @classmethod
+    def finished(cls, result: dict) -> PlacementChange:
+        change = cls(result)
+        change.done.set()
+        return change
+
+    def fail(self, error: Exception) -> None:
+        self.error = error
+        self.done.set()
+
+    def wait(self, timeout: float | None = None) -> dict:
+        """The placement and the load statistics before and after; raises what made it fail."""
+        if not self.done.wait(timeout):
+            raise TimeoutError("the rebalance has not finished")
+        if self.error is not None:
+            raise self.error
+        return self.result
 
 
 class EngineCore:
@@ -103,6 +137,12 @@ class EngineCore:
         self._logits: dict[str, list[torch.Tensor]] = {}
         self._seq_ids = itertools.count()
         self._seeds = random.Random()
+        self._failures_in_a_row = 0
+        self.recovering = False  # re-forming after a worker failure: not serving meanwhile
+        self.broken = False  # could not recover: requests fail and health says so
+        self.recoveries: list[dict] = []  # per recovery: what was lost, seconds, replayed or recomputed
+        self.replayed_steps = 0
+        self._change: PlacementChange | None = None  # a rebalance loading beside serving
         self.metrics = None  # cluster.engine.metrics.EngineMetrics when asked for and Ray is up
         self.warm_up_seconds = self.warm_up() if warm_up else None  # before metrics: not counted
         if metrics_name is not None:
@@ -126,7 +166,10 @@ class EngineCore:
 
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
                     score_only: bool = False) -> Sequence:
-        """Queues a request; raises ValueError / ContextLengthError / OverloadedError at once."""
+        """Queues a request; raises ValueError / ContextLengthError / OverloadedError /
+        UnavailableError at once."""
+        if self.broken:
+            raise UnavailableError("this model instance lost workers and could not recover; it is being replaced")
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         try:
@@ -167,11 +210,73 @@ class EngineCore:
     # -- the loop ----------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         scheduled, messages = self.scheduler.schedule()
-        results = self.executor.execute(messages)
+        results = self._execute(messages)
+        if results is None:  # a worker failed; the instance re-formed and recomputes the step's sequences
+            return []
         outputs = self._update(scheduled, results)
+        self.maintain()
         self._maybe_rebalance()
         self._record_metrics(outputs)
         return outputs
+
+    # -- failures ----------------------------------------------------------------------------------
+    def _execute(self, messages) -> list[list[ChunkResult]] | None:
+        """Runs a step; after a worker failure, re-forms the instance and replays the step where the
+        attention workers kept their caches. None: the step's sequences were sent back to be
+        prefilled again (an attention worker was lost), nothing to update."""
+        while True:
+            try:
+                results = self.executor.execute(messages)
+            except WorkerFailure as failure:
+                if self._recover(failure):
+                    self.replayed_steps += 1
+                    if self.metrics is not None:
+                        self.metrics.replayed.inc(1, self.metrics.tags)
+                    continue
+                return None
+            self._failures_in_a_row = 0
+            return results
+
+    def _recover(self, failure: WorkerFailure) -> bool:
+        """Re-forms the instance (cluster.engine.ray_executor.RayExecutor.recover). Returns True where
+        every attention worker kept its caches as before the failed step, which is then replayed:
+        the same inputs give the same bits in any layout, so greedy streams go on unchanged.
+        Otherwise every running sequence is prefilled again from its prompt and outputs (prefill
+        walks rows as decode does: the same bits again); nothing was delivered from the failed
+        step, so no client sees a token twice or misses one."""
+        self._failures_in_a_row += 1
+        if self._failures_in_a_row > MAX_RECOVERIES_IN_A_ROW:
+            self.broken = True
+            raise UnavailableError(f"the instance cannot recover: {failure}") from failure
+        self.recovering = True
+        start = time.monotonic()
+        log.warning("worker failure, recovering: %s", failure)
+        try:
+            recovery = self.executor.recover()
+        except Exception as e:
+            self.broken = True
+            raise UnavailableError(f"the instance cannot recover: {e}") from e
+        finally:
+            self.recovering = False
+        recomputed = 0 if recovery.caches_kept else self.scheduler.recompute_all()
+        seconds = time.monotonic() - start
+        self.recoveries.append({"lost": recovery.lost, "replacing": recovery.replacing, "seconds": seconds,
+                                "replayed": recovery.caches_kept, "recomputed": recomputed, "cause": str(failure)})
+        log.warning("recovered in %.2fs: lost %s, replacing %s, %s", seconds, recovery.lost or "none",
+                    recovery.replacing or "none",
+                    "replaying the step" if recovery.caches_kept else f"{recomputed} sequences recomputed")
+        if self.metrics is not None:
+            self.metrics.recovered(recovery.lost, seconds, recomputed)
+        return recovery.caches_kept
+
+    def _controlled(self, what: str, action):
+        """A control operation; a worker failure during it re-forms the instance (at the last
+        placement that worked) and is reported."""
+        try:
+            return action()
+        except WorkerFailure as failure:
+            self._recover(failure)
+            raise RuntimeError(f"{what} failed ({failure}); the instance recovered and serves on") from failure
 
     def warm_up(self) -> float:
         """Runs two throw-away requests through every path of a step before serving — a chunked
@@ -188,10 +293,12 @@ class EngineCore:
         steps = 0
         while self.has_unfinished():
             scheduled, messages = self.scheduler.schedule()
-            self._update(scheduled, self.executor.execute(messages))
+            results = self._execute(messages)
+            if results is not None:
+                self._update(scheduled, results)
             steps += 1
         self.flush()
-        self.executor.reset_load()  # the load window describes real traffic only
+        self._controlled("resetting the load window", self.executor.reset_load)  # real traffic only
         seconds = time.perf_counter() - start
         log.info("warm-up: %d steps in %.2fs", steps, seconds)
         return seconds
@@ -212,7 +319,11 @@ class EngineCore:
                 m.ttft.observe(out.time_to_first_token, m.tags)
         m.step(self.scheduler.usage())
         if self._steps % self.metrics_interval_steps == 0:
-            m.phases(self.executor.timings(reset=True))
+            try:
+                m.phases(self._controlled("reading step timings", lambda: self.executor.timings(reset=True)))
+            except RuntimeError as e:  # recovered; the next interval reads them
+                log.warning("%s", e)
+                return
             status = self.expert_status()
             m.expert_load(status["load"], status["worker_loads"])
 
@@ -220,7 +331,7 @@ class EngineCore:
         """Tells the workers about finished sequences now instead of with the next step."""
         messages = self.scheduler.take_freed()
         if messages is not None:
-            self.executor.execute(messages)
+            self._execute(messages)
 
     def _update(self, scheduled: list[Scheduled], results: list[list[ChunkResult]]) -> list[RequestOutput]:
         by_seq = {r.seq_id: r for worker in results for r in worker}
@@ -286,7 +397,7 @@ class EngineCore:
     # -- expert placement ------------------------------------------------------------------------
     def expert_load(self) -> torch.Tensor:
         """[layers, experts] (token, expert) pairs routed over the load window."""
-        return self.executor.expert_load()
+        return self._controlled("reading the expert load", self.executor.expert_load)
 
     def _loads(self) -> dict[int, list[int]]:
         totals = self.expert_load().tolist()
@@ -302,22 +413,66 @@ class EngineCore:
                 "worker_loads": {layer: worker_loads(row, placement.held[layer]) for layer, row in loads.items()},
                 "stats": placement_stats(loads, placement)}
 
-    def rebalance(self, redundant_slots: int | None = None) -> dict:
-        """Plans a placement for the current load window and applies it between steps; returns the
-        placement and the max / mean worker load before and after (PlanStats)."""
+    def start_rebalance(self, redundant_slots: int | None = None) -> PlacementChange:
+        """Plans a placement for the current load window; the expert workers load what it needs
+        beside serving and the switch happens between two steps (maintain()). The returned change
+        completes with the placement and the max / mean worker load before and after (PlanStats)."""
         current: ExpertPlacement | None = self.executor.placement
         loads = self._loads()
         if current is None:  # one process: every expert is local
             stats = PlanStats(max_load=sum(sum(v) for v in loads.values()),
                               mean_load=sum(sum(v) for v in loads.values()))
-            return {"placement": None, "before": stats, "after": stats, "bytes_loaded": 0}
+            return PlacementChange.finished({"placement": None, "before": stats, "after": stats, "bytes_loaded": 0})
+        if self._change is not None:
+            raise RuntimeError("a rebalance is already under way")
         slots = redundant_slots if redundant_slots is not None else self.rebalance_config.redundant_slots
         if slots is None:
             slots = self.config.num_experts // 16
         new = PlacementPlanner(current.num_workers, slots).plan(loads, self.config.num_experts, current)
-        loaded = self.executor.apply_placement(new) if new != current else 0
-        return {"placement": new, "before": placement_stats(loads, current),
-                "after": placement_stats(loads, new), "bytes_loaded": loaded}
+        result = {"placement": new, "before": placement_stats(loads, current),
+                  "after": placement_stats(loads, new), "bytes_loaded": 0}
+        if new == current:
+            return PlacementChange.finished(result)
+        self._controlled("rebalancing", lambda: self.executor.begin_placement(new))
+        self._change = PlacementChange(result)
+        return self._change
+
+    def rebalance(self, redundant_slots: int | None = None) -> dict:
+        """start_rebalance, then wait for the switch (maintaining here: for callers that own the loop)."""
+        change = self.start_rebalance(redundant_slots)
+        deadline = time.monotonic() + self.cluster.timeout_s
+        while not change.done.is_set() and time.monotonic() < deadline:
+            self.maintain()
+            change.done.wait(0.01)
+        return change.wait(0)
+
+    def maintain(self) -> None:
+        """Work between steps that never waits: folds replacement expert workers back in once they
+        have started, switches to a prepared placement."""
+        if getattr(self.executor, "starting", None):
+            try:
+                folded = self._controlled("folding in replacement workers", self.executor.fold_in)
+            except RuntimeError as e:
+                log.warning("%s", e)
+            else:
+                if folded:
+                    log.warning("folded in %s", folded)
+        change = self._change
+        if change is not None and (self.executor.preparing is None or self.executor.placement_prepared()):
+            self._change = None
+            try:
+                if self.executor.preparing is None:  # dropped by a recovery
+                    raise RuntimeError("a worker failure interrupted the rebalance; the placement is unchanged")
+                change.result["bytes_loaded"] = self._controlled("rebalancing", self.executor.commit_placement)
+            except RuntimeError as e:
+                change.fail(e)
+            else:
+                change.done.set()
+
+    @property
+    def busy_in_background(self) -> bool:
+        """Replacements starting or a placement loading: maintain() has work to finish."""
+        return bool(getattr(self.executor, "starting", None)) or self._change is not None
 
     def scale_experts(self, num_workers: int) -> dict:
         """Adds or removes expert workers between steps (new links, contiguous placement);
@@ -327,7 +482,7 @@ class EngineCore:
         if not 1 <= num_workers <= self.config.num_experts:
             raise ValueError(f"expert workers must be in 1..{self.config.num_experts}, got {num_workers}")
         placement = ExpertPlacement.contiguous(self.config.num_experts, num_workers, list(self.config.moe_layer_ids))
-        self.executor.scale_experts(num_workers, placement)
+        self._controlled("scaling the expert workers", lambda: self.executor.scale_experts(num_workers, placement))
         return {"expert_workers": num_workers, "placement": placement}
 
     def _maybe_rebalance(self) -> None:
@@ -335,8 +490,12 @@ class EngineCore:
         self._steps += 1
         if not policy.enabled or self._steps % policy.interval_steps or self.executor.placement is None:
             return
-        if placement_stats(self._loads(), self.executor.placement).imbalance > policy.imbalance_threshold:
-            self.rebalance()
+        try:
+            if self._change is None and not self.busy_in_background and (
+                    placement_stats(self._loads(), self.executor.placement).imbalance > policy.imbalance_threshold):
+                self.start_rebalance()
+        except RuntimeError as e:  # recovered at the placement that worked; serving goes on
+            log.warning("%s", e)
 
     # -- introspection -----------------------------------------------------------------------------
     def cache_usage(self) -> dict[str, float | int]:

@@ -11,6 +11,7 @@ from ..worker.timing import split_step
 
 TTFT_BOUNDARIES = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30]
 TPOT_BOUNDARIES = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1]
+RECOVERY_BOUNDARIES = [0.5, 1, 2, 3, 5, 10, 20, 60]
 
 
 class EngineMetrics:
@@ -41,11 +42,29 @@ class EngineMetrics:
                              "hottest expert", tag_keys=keys + ("layer",))
         self.worker_load = Gauge("epserve_expert_worker_load", "Routed pairs per expert worker over the load "
                                  "window, summed over layers", tag_keys=keys + ("worker",))
+        self.worker_failures = Counter("epserve_worker_failures", "Workers lost (died or hung)",
+                                       tag_keys=keys + ("role",))
+        self.recoveries = Counter("epserve_recoveries", "Times the instance re-formed after a worker failure",
+                                  tag_keys=keys)
+        self.replayed = Counter("epserve_replayed_steps", "Steps run again after a recovery (the attention "
+                                "workers undid the failed one)", tag_keys=keys)
+        self.recomputed = Counter("epserve_recomputed_sequences", "Sequences prefilled again after a failure "
+                                  "(the failed step's work is redone this way)", tag_keys=keys)
+        self.recovery_seconds = Histogram("epserve_recovery_seconds", "Seconds from a failure to serving again",
+                                          boundaries=RECOVERY_BOUNDARIES, tag_keys=keys)
 
     def request_finished(self, outcome: str, num_output: int, first: float | None, last: float | None) -> None:
         self.requests.inc(1, {**self.tags, "outcome": outcome})
         if first is not None and last is not None and num_output > 1:
             self.tpot.observe((last - first) / (num_output - 1), self.tags)
+
+    def recovered(self, lost: list[str], seconds: float, recomputed: int) -> None:
+        for worker in lost:  # "expert 1", "attention 0"
+            self.worker_failures.inc(1, {**self.tags, "role": worker.split()[0]})
+        self.recoveries.inc(1, self.tags)
+        if recomputed:
+            self.recomputed.inc(recomputed, self.tags)
+        self.recovery_seconds.observe(seconds, self.tags)
 
     def step(self, usage: dict) -> None:
         self.waiting.set(usage["waiting"], self.tags)

@@ -7,6 +7,14 @@ engine drives it over control links (cluster.worker.links): per step one command
 no Ray call on the step path. The MoE tensors go between the workers over their own links, one
 message each way per layer. Control operations (load statistics, placement, scaling, info) pause
 the loops, make ordinary Ray calls, and start the loops again.
+
+Failures surface in seconds: a dead process closes its sockets (the peers' reads end at once), a
+stuck one misses the step timeout. `execute` then raises WorkerFailure and `recover` re-forms the
+instance: every loop ends (a stuck worker is killed), a lost attention worker is restarted in its
+placement-group bundle, a lost expert worker's experts go to the survivors (kept replicas serve
+theirs) while a replacement starts in its bundle, to be folded back in by `fold_in` between later
+steps. Attention workers undo a step that failed half-way, so the engine replays it; where an
+attention worker was lost, its sequences are prefilled again (Recovery says which).
 """
 
 from __future__ import annotations
@@ -15,6 +23,7 @@ import logging
 import os
 import secrets
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -28,6 +37,22 @@ from ..worker.step import ChunkResult, StepInput, micro_batches
 from .cache_plan import CacheLayout
 
 log = logging.getLogger(__name__)
+
+
+class WorkerFailure(RuntimeError):
+    """A worker died, stopped answering, or failed its step: the instance must recover."""
+
+
+@dataclass
+class Recovery:
+    """What recover() did. lost: the workers that died or hung ("expert 1", "attention 0");
+    caches_kept: every attention worker holds its caches as before the step in flight (the engine
+    replays it), else the running sequences must be prefilled again; replacing: expert workers
+    starting in the background, folded in by fold_in()."""
+
+    lost: list[str] = field(default_factory=list)
+    caches_kept: bool = True
+    replacing: list[str] = field(default_factory=list)
 
 
 class RayExecutor:
@@ -68,29 +93,50 @@ class RayExecutor:
             bundles = [attention_bundle] * A + [self.bundle] * E
             self.pg, first_bundle, self.own_pg = placement_group(bundles, strategy="PACK"), 0, True
         ray.get(self.pg.ready(), timeout=self.timeout)
+        fault = self._fault_step(cluster.fault_injection)
         self.attention = [
             self._actor(AttentionWorker, self.pg, first_bundle + r, cluster.attention_resources,
-                        r, A, dtype, cluster.threads_per_worker, layout, load_window_steps, self.overlap)
+                        r, A, dtype, cluster.threads_per_worker, layout, load_window_steps, self.overlap,
+                        fault.get(("attention", r)))
             for r in range(A)
         ]
         self.experts = [
             self._actor(ExpertWorker, self.pg, first_bundle + A + i, cluster.expert_resources,
-                        A + i, A, dtype, cluster.threads_per_worker)
+                        A + i, A, dtype, cluster.threads_per_worker, fault.get(("expert", i)))
             for i in range(E)
         ]
         self.workers = self.attention + self.experts
         self.single_node = len([n for n in ray.nodes() if n["Alive"]]) == 1
         self.links: list[links.Link] = []  # control links, in worker order
         self._loops: list | None = None  # the workers' serve_steps calls while they run
+        self._bundles = [(self.pg, first_bundle + i) for i in range(A + E)]  # where each worker runs
+        self.layout, self.load_window_steps = layout, load_window_steps
+        self._placement_in_doubt = False  # a placement change failed half-way: re-assert on recovery
+        self._step_number, self._in_flight = 0, None  # the step sent and not yet answered
+        # after an expert worker is lost: the instance runs on the survivors (self.experts, in slot
+        # order; self.slots: their indices in full_placement) while replacements start
+        self.slots = list(range(E))
+        self.full_placement: ExpertPlacement | None = None
+        self.starting: dict[int, tuple] = {}  # slot -> (actor, its ready ref)
+        self.preparing: tuple | None = None  # (placement, prepare refs) while experts load for it
         self._connect()
 
-    def _actor(self, cls, pg, bundle_index: int, resources, *args):
+    @staticmethod
+    def _fault_step(spec: str | None) -> dict[tuple[str, int], int]:
+        """ClusterConfig.fault_injection as {(role, index): step}."""
+        if spec is None:
+            return {}
+        role, index, step = spec.split(":")
+        return {(role, int(index)): int(step)}
+
+    def _actor(self, cls, pg, bundle_index: int, resources, *args, placement: ExpertPlacement | None = None):
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         return self._ray.remote(cls).options(
             num_cpus=self.bundle["CPU"], num_gpus=self.bundle.get("GPU", 0), resources=dict(resources),
+            max_concurrency=cls.max_concurrency,
             scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=bundle_index),
-        ).remote(self.model_dir, self.cfg, self.placement, *args)
+        ).remote(self.model_dir, self.cfg, placement or self.placement, *args)
 
     # -- links and the step loops ---------------------------------------------------------------------
     def _connect(self) -> None:
@@ -99,24 +145,28 @@ class RayExecutor:
         ray, token = self._ray, secrets.token_hex(16)
         addresses = ray.get([w.listen.remote(self.single_node) for w in self.workers], timeout=self.timeout)
         expert_addresses = addresses[len(self.attention):]
-        accepting = [w.connect_links.remote(token, expert_addresses, self.placement, self.timeout)
-                     for w in self.workers]
+        accepting = [w.connect_links.remote(token, expert_addresses, self.placement, self.timeout,
+                                            self.cluster.step_timeout_s) for w in self.workers]
         self.links = [links.connect(address, token, "engine", 0, self.timeout) for address in addresses]
         ray.get(accepting, timeout=self.timeout)
         for link in self.links:
-            link.set_timeout(self.timeout)  # a step's reply, or the instance is in trouble
+            link.set_timeout(self.cluster.step_timeout_s)  # no reply by then: the instance is stuck
         self._start_loops()
 
     def _start_loops(self) -> None:
         self._loops = [w.serve_steps.remote() for w in self.workers]
 
     def _pause(self) -> None:
-        """Ends the step loops (each returns after its current command)."""
+        """Ends the step loops (each returns after its current command); a worker that cannot be
+        told or does not return is a failure."""
         if self._loops is None:
             return
-        for link in self.links:
-            link.send(encode_command(PAUSE, []))
-        self._ray.get(self._loops, timeout=self.timeout)
+        try:
+            for link in self.links:
+                link.send(encode_command(PAUSE, []))
+            self._ray.get(self._loops, timeout=self.cluster.step_timeout_s)
+        except (links.LinkError, self._ray.exceptions.RayError, TimeoutError) as e:
+            raise WorkerFailure(f"pausing the step loops: {e}") from e
         self._loops = None
 
     @contextmanager
@@ -142,16 +192,150 @@ class RayExecutor:
         rows = [[sum(len(c.token_ids) for c in group) for group in micro_batches(step.chunks, self.overlap)]
                 for step in steps]
         A = len(self.attention)
-        if not any(map(any, rows)):  # only releases: no forward anywhere
+        try:
+            if not any(map(any, rows)):  # only releases: no forward anywhere
+                for link, step in zip(self.links[:A], steps):
+                    if step.freed:
+                        link.send(encode_command(RELEASE, rows, encode_step(step)))
+                return [[] for _ in steps]
+            self._step_number += 1
+            self._in_flight = number = self._step_number
             for link, step in zip(self.links[:A], steps):
-                if step.freed:
-                    link.send(encode_command(RELEASE, rows, encode_step(step)))
-            return [[] for _ in steps]
-        for link, step in zip(self.links[:A], steps):
-            link.send(encode_command(STEP, rows, encode_step(step)))
-        for link in self.links[A:]:
-            link.send(encode_command(STEP, rows))
-        return [decode_results(link.recv_bytes()) for link in self.links[:A]]
+                link.send(encode_command(STEP, rows, encode_step(step), number))
+            for link in self.links[A:]:
+                link.send(encode_command(STEP, rows, b"", number))
+            results = [decode_results(link.recv_bytes()) for link in self.links[:A]]
+        except (links.LinkError, RuntimeError) as e:  # RuntimeError: a worker reported its step failed
+            raise WorkerFailure(str(e)) from e
+        self._in_flight = None
+        return results
+
+    # -- failures ----------------------------------------------------------------------------------
+    def recover(self, grace_s: float = 5.0) -> Recovery:
+        """Ends every step loop, then re-forms the instance without the workers that died or hang:
+        attention workers restarted (their sequences' caches are lost), expert workers' experts
+        moved to the survivors while replacements start. Links the instance again."""
+        ray, A = self._ray, len(self.attention)
+        self._close_links()  # every loop's next read ends: the survivors return
+        lost = self._stopped_workers(grace_s)
+        self._loops = None
+        recovery = Recovery()
+        for i in [i for i in lost if i < A]:
+            self.attention[i] = self._start(i, self._bundles[i], self.placement)
+            ray.get(self.attention[i].pid.remote(), timeout=self.timeout)
+            recovery.lost.append(f"attention {i}")
+            recovery.caches_kept = False
+        lost_experts = [i - A for i in lost if i >= A]
+        recovery.lost += [f"expert {self.slots[e]}" for e in lost_experts]
+        if lost_experts and len(lost_experts) == len(self.experts):  # no survivor: wait for replacements
+            for e in lost_experts:
+                self.experts[e] = self._start(A + self.slots[e], self._bundles[A + self.slots[e]], self.placement)
+            ray.get([w.pid.remote() for w in self.experts], timeout=self.timeout)
+        elif lost_experts:
+            self._run_without(lost_experts)
+            recovery.replacing = [f"expert {slot}" for slot in sorted(self.starting)]
+        self.workers = self.attention + self.experts
+        if self._in_flight is not None and recovery.caches_kept:  # did anyone finish the failed step?
+            done = ray.get([w.last_completed_step.remote() for w in self.attention], timeout=self.timeout)
+            recovery.caches_kept = self._in_flight not in done
+        self._in_flight = None
+        self.preparing = None  # a placement change under way is dropped
+        if self._placement_in_doubt and not lost_experts:  # survivors may hold a half-switched placement
+            self._reassert_placement()
+        self._placement_in_doubt = False
+        self._connect()
+        return recovery
+
+    def _stopped_workers(self, grace_s: float) -> list[int]:
+        """Waits for the step loops to end; kills the workers that hang (expert workers first: an
+        attention worker may only be waiting on one). Returns the indices of the lost workers."""
+        ray, A = self._ray, len(self.attention)
+        if self._loops is None:
+            return []
+        lost = []
+        _, stuck = ray.wait(self._loops, num_returns=len(self._loops), timeout=grace_s)
+        for roles in (range(A, len(self.workers)), range(A)):
+            hung = [i for i in roles if self._loops[i] in stuck]
+            for i in hung:
+                if i < A:  # another chance, now that hung expert workers are gone
+                    if ray.wait([self._loops[i]], timeout=grace_s)[0]:
+                        continue
+                ray.kill(self.workers[i], no_restart=True)
+                lost.append(i)
+        for i, ref in enumerate(self._loops):
+            if i in lost:
+                continue
+            try:
+                ray.get(ref, timeout=self.timeout)
+            except ray.exceptions.RayActorError:
+                lost.append(i)
+            except Exception:  # noqa: BLE001 - the loop ended on a broken link: the worker lives
+                pass
+        return sorted(lost)
+
+    def _run_without(self, lost: list[int]) -> None:
+        """Re-forms on the surviving expert workers (indices into self.experts): they take the lost
+        workers' experts (from replicas they hold, else from the checkpoint); replacements for the
+        lost ones start in their bundles meanwhile."""
+        ray, A = self._ray, len(self.attention)
+        if self.full_placement is None:
+            self.full_placement = self.placement
+        for e in lost:
+            slot = self.slots[e]
+            actor = self._start(A + slot, self._bundles[A + slot], self.full_placement)
+            self.starting[slot] = (actor, actor.pid.remote())
+        kept = [e for e in range(len(self.experts)) if e not in lost]
+        self.placement = self.placement.without_workers(lost)
+        self.experts, self.slots = [self.experts[e] for e in kept], [self.slots[e] for e in kept]
+        ray.get([w.resize.remote(A + k, self.placement) for k, w in enumerate(self.experts)], timeout=self.timeout)
+
+    def fold_in(self) -> list[str]:
+        """Between steps: once every replacement has started, the instance takes them back and the
+        full placement (the survivors only drop the experts they took over). Returns the workers
+        folded in; [] while some are still starting (the call does not wait)."""
+        if not self.starting:
+            return []
+        ray, A = self._ray, len(self.attention)
+        refs = [ref for _, ref in self.starting.values()]
+        if len(ray.wait(refs, num_returns=len(refs), timeout=0)[0]) < len(refs):
+            return []
+        for slot, (actor, ref) in list(self.starting.items()):
+            try:
+                ray.get(ref)
+            except ray.exceptions.RayError as e:  # it died starting: try again
+                log.warning("replacement for expert worker %d failed to start (%s); starting another", slot, e)
+                actor = self._start(A + slot, self._bundles[A + slot], self.full_placement)
+                self.starting[slot] = (actor, actor.pid.remote())
+                return []
+        by_slot = dict(zip(self.slots, self.experts)) | {slot: actor for slot, (actor, _) in self.starting.items()}
+        self._pause()
+        self._close_links()
+        full = self.full_placement
+        survivors = [by_slot[slot].resize.remote(A + slot, full) for slot in self.slots]
+        try:
+            ray.get(survivors, timeout=self.timeout)
+        except ray.exceptions.RayError as e:
+            raise WorkerFailure(f"folding replacements in: {e}") from e
+        folded = [f"expert {slot}" for slot in sorted(self.starting)]
+        self.experts = [by_slot[slot] for slot in sorted(by_slot)]
+        self.slots, self.placement = sorted(by_slot), full
+        self.full_placement, self.starting = None, {}
+        self.workers = self.attention + self.experts
+        self._connect()
+        return folded
+
+    def _start(self, index: int, bundle: tuple, placement: ExpertPlacement):
+        """A new actor for worker `index` (attention workers first) in `bundle`; no fault injection."""
+        from ..worker.workers import AttentionWorker, ExpertWorker
+
+        pg, bundle_index = bundle
+        A, c = len(self.attention), self.cluster
+        if index < A:
+            return self._actor(AttentionWorker, pg, bundle_index, c.attention_resources, index, A, self.dtype,
+                               c.threads_per_worker, self.layout, self.load_window_steps, self.overlap,
+                               placement=placement)
+        return self._actor(ExpertWorker, pg, bundle_index, c.expert_resources, index, A, self.dtype,
+                           c.threads_per_worker, placement=placement)
 
     # -- control, between steps -------------------------------------------------------------------
     def num_cached_sequences(self) -> int:
@@ -167,18 +351,63 @@ class RayExecutor:
         with self._between_steps():
             self._ray.get([w.reset_load.remote() for w in self.attention], timeout=self.timeout)
 
-    def apply_placement(self, placement: ExpertPlacement) -> int:
-        """Between steps: every expert worker loads its new experts while the old ones stay, then
-        all workers switch tables together. Returns the bytes read from the checkpoint."""
+    def begin_placement(self, placement: ExpertPlacement) -> None:
+        """The expert workers start loading their experts for `placement` beside their step loops
+        (a second thread in each: serving goes on); commit_placement() switches once they are done."""
         if placement.num_workers != len(self.experts):
             raise ValueError(f"placement has {placement.num_workers} workers, the instance {len(self.experts)}")
+        self._check_whole("a new placement")
+        self.preparing = (placement, [w.prepare_placement.remote(placement) for w in self.experts])
+
+    def placement_prepared(self) -> bool:
+        """Whether every expert worker has loaded what the placement under way needs (no wait)."""
+        if self.preparing is None:
+            return False
+        refs = self.preparing[1]
+        return len(self._ray.wait(refs, num_returns=len(refs), timeout=0)[0]) == len(refs)
+
+    def commit_placement(self) -> int:
+        """Between steps: every worker switches to the prepared placement together (milliseconds).
+        Returns the bytes the expert workers read from the checkpoint. A worker that died or failed
+        to load leaves the last placement in force."""
+        ray = self._ray
+        placement, refs = self.preparing
+        self.preparing = None
+        try:
+            loaded = ray.get(refs, timeout=self.timeout)
+        except ray.exceptions.RayActorError as e:
+            raise WorkerFailure(f"loading experts for a new placement: {e}") from e
+        except (ray.exceptions.RayError, TimeoutError) as e:  # out of memory, a bad file: drop it all
+            ray.get([w.drop_prepared.remote() for w in self.experts], timeout=self.timeout)
+            raise RuntimeError(f"loading experts for a new placement failed, the placement is unchanged: {e}") from e
         with self._between_steps():
-            loaded = self._ray.get([w.prepare_placement.remote(placement) for w in self.experts],
-                                   timeout=self.timeout)
+            self._switch(placement)
+        return sum(loaded)
+
+    def apply_placement(self, placement: ExpertPlacement) -> int:
+        """begin_placement, wait, commit_placement: for callers that may block (offline, tests)."""
+        self.begin_placement(placement)
+        self._ray.wait(self.preparing[1], num_returns=len(self.experts), timeout=self.timeout)
+        return self.commit_placement()
+
+    def _switch(self, placement: ExpertPlacement) -> None:
+        """All workers take the prepared placement together. A failure part-way leaves the instance
+        in doubt, and recovery re-asserts the last placement that worked."""
+        try:
             self._ray.get([w.commit_placement.remote() for w in self.experts]
                           + [w.set_placement.remote(placement) for w in self.attention], timeout=self.timeout)
+        except self._ray.exceptions.RayError as e:
+            self._placement_in_doubt = True
+            raise WorkerFailure(f"switching to a new placement: {e}") from e
         self.placement = placement
-        return sum(loaded)
+
+    def _reassert_placement(self) -> None:
+        """After a switch failed part-way: every worker back on self.placement (paused)."""
+        try:
+            self._ray.get([w.prepare_placement.remote(self.placement) for w in self.experts], timeout=self.timeout)
+        except self._ray.exceptions.RayError as e:
+            raise WorkerFailure(f"restoring the placement: {e}") from e
+        self._switch(self.placement)
 
     def scale_experts(self, num_workers: int, placement: ExpertPlacement) -> None:
         """Between steps: a new expert group of `num_workers` actors and new links. The attention
@@ -188,6 +417,7 @@ class RayExecutor:
         from ..worker.workers import ExpertWorker
 
         ray, A = self._ray, len(self.attention)
+        self._check_whole("scaling")
         self._pause()
         self._close_links()
         for worker in self.experts[num_workers:]:
@@ -206,7 +436,16 @@ class RayExecutor:
                                                 self.cluster.threads_per_worker))
         ray.get(resized, timeout=self.timeout)
         self.workers = self.attention + self.experts
+        self._bundles = self._bundles[: A + min(num_workers, len(self._bundles) - A)]
+        self._bundles += [(pg, i) for i in range(added)] if added > 0 else []
+        self.slots = list(range(num_workers))
         self._connect()
+
+    def _check_whole(self, what: str) -> None:
+        if self.starting:
+            raise RuntimeError(f"{what} must wait: expert workers {sorted(self.starting)} are being replaced")
+        if self.preparing is not None:
+            raise RuntimeError(f"{what} must wait: a placement change is under way")
 
     def worker_info(self) -> list[dict]:
         with self._between_steps():
@@ -223,12 +462,12 @@ class RayExecutor:
             return
         try:
             self._pause()
-        except Exception as e:  # a dead worker must not keep the others alive
+        except WorkerFailure as e:  # a dead worker must not keep the others alive, nor the caller waiting
             log.warning("step loops did not stop cleanly: %s", e)
         self._close_links()
-        for w in self.workers:
+        for w in self.workers + [actor for actor, _ in self.starting.values()]:
             self._ray.kill(w)
-        self.workers, self.attention, self.experts = [], [], []
+        self.workers, self.attention, self.experts, self.starting = [], [], [], {}
         if self.own_pg:
             self._remove_pg(self.pg)
         for pg in self.extra_pgs:

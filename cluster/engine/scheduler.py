@@ -108,6 +108,14 @@ class Scheduler:
         self._release(seq)
         seq.status, seq.finish_reason, seq.stop_reason = Status.FINISHED, reason, stop_reason
 
+    def recompute_all(self) -> int:
+        """Every running sequence back to the head of the queue, to be prefilled again from its
+        prompt and outputs (after a worker failure left caches in doubt); returns how many."""
+        running = list(self.running)
+        for seq in reversed(running):  # the oldest ends up first in the queue
+            self._preempt(seq)
+        return len(running)
+
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
         self._release(seq)

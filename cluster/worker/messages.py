@@ -73,15 +73,16 @@ def decode_results(data: bytes) -> list[ChunkResult]:
 STEP, RELEASE, PAUSE = 0, 1, 2  # run a step; only forget finished sequences; leave the step loop
 
 
-def encode_command(kind: int, rows: list[list[int]], step: bytes = b"") -> bytes:
+def encode_command(kind: int, rows: list[list[int]], step: bytes = b"", number: int = 0) -> bytes:
     """rows[a][m]: rows attention worker a computes in micro-batch m of this step (the expert
-    exchange's message sizes); step: that attention worker's encoded StepInput (empty for experts)."""
-    return msgpack.packb([kind, [list(r) for r in rows], step])
+    exchange's message sizes); step: that attention worker's encoded StepInput (empty for experts);
+    number: the engine's count of steps, by which recovery tells a finished step from a failed one."""
+    return msgpack.packb([kind, [list(r) for r in rows], step, number])
 
 
-def decode_command(data: bytes) -> tuple[int, list[list[int]], bytes]:
-    kind, rows, step = msgpack.unpackb(data)
-    return int(kind), [[int(n) for n in r] for r in rows], bytes(step)
+def decode_command(data: bytes) -> tuple[int, list[list[int]], bytes, int]:
+    kind, rows, step, number = msgpack.unpackb(data)
+    return int(kind), [[int(n) for n in r] for r in rows], bytes(step), int(number)
 
 
 def encode_error(message: str) -> bytes:

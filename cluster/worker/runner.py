@@ -5,6 +5,11 @@ CacheLayout) and, per sequence, its block table, slot, sampling spec and token h
 StepInput: lays the chunks out as one flat batch (decodes first, then prefill chunks), runs the
 model once, samples where asked. Plain Python around torch: the engine calls it directly in one
 process; an AttentionWorker wraps it on Ray.
+
+A transactional runner (an AttentionWorker's, whose experts live in other processes that may die)
+can undo a step that fails half-way: it copies the step's DeltaNet states before the forward and
+puts them back, with its token and block bookkeeping, when the forward raises. K/V writes need no
+undo: a replay writes the same bits to the same places before any row reads them.
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ class _SequenceState:
 
 class ModelRunner:
     def __init__(self, model: Qwen35MoeModel, layout: CacheLayout, load_window_steps: int = 64,
-                 overlap: bool = False) -> None:
+                 overlap: bool = False, transactional: bool = False) -> None:
         self.model = model
         model.fuse()
         cfg = model.cfg
@@ -50,6 +55,7 @@ class ModelRunner:
                                          cfg.linear_num_value_heads, cfg.linear_key_head_dim,
                                          cfg.linear_value_head_dim, dtype, self.device)
         self.overlap = overlap  # two micro-batches per step (expert workers elsewhere: cluster.worker.step)
+        self.transactional = transactional
         self.sequences: dict[int, _SequenceState] = {}
         self.load = ExpertLoadWindow(cfg.num_hidden_layers, cfg.num_experts, load_window_steps, self.device)
         for moe in model.moe_layers():
@@ -62,14 +68,38 @@ class ModelRunner:
             return []
         # per micro-batch, decodes first (stable)
         groups = [sorted(g, key=lambda c: len(c.token_ids) > 1) for g in micro_batches(step.chunks, self.overlap)]
-        laid = [self._layout(group) for group in groups]
-        if len(laid) == 1:
-            hidden = self.model(*laid[0])
-        else:
-            hidden = torch.cat(self.model.forward_overlapped([ids for ids, _ in laid], [b for _, b in laid]))
+        undo = self._undo_point(step) if self.transactional else None
+        try:
+            laid = [self._layout(group) for group in groups]
+            if len(laid) == 1:
+                hidden = self.model(*laid[0])
+            else:
+                hidden = torch.cat(self.model.forward_overlapped([ids for ids, _ in laid], [b for _, b in laid]))
+        except Exception:
+            if undo is not None:
+                self._roll_back(*undo)
+            raise
         self.load.advance()
         chunks = [chunk for group in groups for chunk in group]
         return self._results(chunks, [n for _, batch in laid for n in batch.query_lens], hidden)
+
+    def _undo_point(self, step: StepInput):
+        """What a failed step would change: the continuing sequences' states, token and block
+        counts, and this step's expert-load counts."""
+        lengths = {c.seq_id: (len(self.sequences[c.seq_id].tokens), len(self.sequences[c.seq_id].block_table))
+                   for c in step.chunks if c.past > 0 and c.seq_id in self.sequences}
+        slots = torch.tensor([self.sequences[i].slot for i in lengths], dtype=torch.long, device=self.device)
+        load = self.load.counts[self.load.slot].clone()
+        return lengths, slots, self.states.save(slots), load, [c.seq_id for c in step.chunks if c.past == 0]
+
+    def _roll_back(self, lengths, slots, states, load, started) -> None:
+        for seq_id, (num_tokens, num_blocks) in lengths.items():
+            seq = self.sequences[seq_id]
+            del seq.tokens[num_tokens:], seq.block_table[num_blocks:]
+        for seq_id in started:  # a replay starts them afresh
+            self.sequences.pop(seq_id, None)
+        self.states.restore(slots, states)
+        self.load.counts[self.load.slot] = load
 
     def _layout(self, chunks: list[ScheduledChunk]) -> tuple[torch.Tensor, ForwardBatch]:
         """The step's flat batch: token ids [T] and the ForwardBatch (host lists -> one tensor each)."""

@@ -29,7 +29,7 @@ from ..model.checkpoint import CheckpointReader
 from ..model.loading import load_dense_model, load_expert_shard
 from . import links as links_
 from .exchange import ExpertServer, LinkDispatcher
-from .messages import PAUSE, RELEASE, decode_command, decode_step, encode_error, encode_results
+from .messages import PAUSE, RELEASE, STEP, decode_command, decode_step, encode_error, encode_results
 from .runner import ModelRunner
 from .timing import PhaseTimer
 
@@ -44,9 +44,11 @@ class _Worker:
     """Links and the step loop shared by both roles."""
 
     role = ""
+    max_concurrency = 1  # Ray calls at once: the step loop holds the one thread while it runs
 
-    def __init__(self, rank: int, num_attention: int, threads: int) -> None:
+    def __init__(self, rank: int, num_attention: int, threads: int, fault_step: int | None = None) -> None:
         self.rank, self.num_attention = rank, num_attention
+        self.fault_step, self.steps_seen = fault_step, 0  # ClusterConfig.fault_injection
         self.device = worker_device()
         if self.device.type == "cpu":
             torch.set_num_threads(threads)
@@ -81,18 +83,26 @@ class _Worker:
         """The step loop: runs commands from the engine until PAUSE; returns the steps served."""
         served = 0
         while True:
-            kind, rows, body = decode_command(self.engine_link.recv_bytes())
+            kind, rows, body, number = decode_command(self.engine_link.recv_bytes())
             if kind == PAUSE:
                 return served
+            if kind == STEP:
+                self.steps_seen += 1
+                if self.steps_seen == self.fault_step:
+                    log.warning("fault injection: %s %d exits at step %d", self.role, self.rank, self.steps_seen)
+                    os._exit(1)  # as a crash: no cleanup, the OS closes the sockets
             try:
-                self._command(kind, rows, body)
+                self._command(kind, rows, body, number)
             except Exception as e:  # noqa: BLE001 - reported to the engine, then the loop ends
-                log.exception("step failed on %s %d", self.role, self.rank)
+                if isinstance(e, links_.LinkError):  # a peer is gone: the engine recovers
+                    log.warning("step ended on %s %d: %s", self.role, self.rank, e)
+                else:
+                    log.exception("step failed on %s %d", self.role, self.rank)
                 self._fail(e)
                 raise
             served += 1
 
-    def _command(self, kind: int, rows: list[list[int]], body: bytes) -> None:
+    def _command(self, kind: int, rows: list[list[int]], body: bytes, number: int) -> None:
         raise NotImplementedError
 
     def _fail(self, error: Exception) -> None:
@@ -102,29 +112,38 @@ class _Worker:
     def timings(self, reset: bool = False) -> dict[str, float]:
         return self.timer.snapshot(reset)
 
+    def pid(self) -> int:
+        return os.getpid()
+
 
 class AttentionWorker(_Worker):
     role = "attention"
 
     def __init__(self, model_dir: str, cfg: ModelConfig, placement: ExpertPlacement, rank: int,
                  num_attention: int, dtype: str, threads: int, layout: CacheLayout,
-                 load_window_steps: int = 64, overlap: bool = False) -> None:
-        super().__init__(rank, num_attention, threads)
+                 load_window_steps: int = 64, overlap: bool = False, fault_step: int | None = None) -> None:
+        super().__init__(rank, num_attention, threads, fault_step)
         reader = CheckpointReader(model_dir)
         self.model = load_dense_model(cfg, reader, getattr(torch, dtype)).to(self.device)
         self.dense_bytes = reader.bytes_read
         self.placement = placement
         self.expert_links: list[links_.Link] = []
-        self.runner = ModelRunner(self.model, layout, load_window_steps=load_window_steps, overlap=overlap)
+        # transactional: a step that fails half-way (an expert worker lost) is undone, for a replay
+        self.runner = ModelRunner(self.model, layout, load_window_steps=load_window_steps, overlap=overlap,
+                                  transactional=True)
+        self.completed_step = 0  # the number of the last step whose results went to the engine
 
     def _links(self) -> list[links_.Link]:
         return super()._links() + self.expert_links
 
     def connect_links(self, token: str, expert_addresses: list[tuple[str, int]], placement: ExpertPlacement,
-                      timeout_s: float) -> None:
-        """Connects to every expert worker (routing by `placement`), then takes the engine's link."""
+                      timeout_s: float, step_timeout_s: float | None = None) -> None:
+        """Connects to every expert worker (routing by `placement`), then takes the engine's link.
+        An expert silent for step_timeout_s within a step fails the step (a hung peer)."""
         self.expert_links = [links_.connect(address, token, self.role, self.rank, timeout_s)
                              for address in expert_addresses]
+        for link in self.expert_links:
+            link.set_timeout(step_timeout_s)
         self.engine_link = self.listener.accept(token, {("engine", 0)}, timeout_s)[("engine", 0)]
         self.set_placement(placement)
 
@@ -147,7 +166,7 @@ class AttentionWorker(_Worker):
     def reset_load(self) -> None:
         self.runner.load.reset()
 
-    def _command(self, kind: int, rows: list[list[int]], body: bytes) -> None:
+    def _command(self, kind: int, rows: list[list[int]], body: bytes, number: int) -> None:
         step = decode_step(body)
         if kind == RELEASE:
             for seq_id in step.freed:
@@ -156,7 +175,11 @@ class AttentionWorker(_Worker):
         with self.timer.phase("step"):
             results = self.runner.execute(step)
         self.timer.steps += 1 if step.chunks else 0
+        self.completed_step = number
         self.engine_link.send(encode_results(results))
+
+    def last_completed_step(self) -> int:
+        return self.completed_step
 
     def _fail(self, error: Exception) -> None:
         try:  # the engine is waiting for this worker's reply: tell it what happened
@@ -172,10 +195,11 @@ class AttentionWorker(_Worker):
 
 class ExpertWorker(_Worker):
     role = "expert"
+    max_concurrency = 2  # prepare_placement loads new experts on a second thread while the loop serves
 
     def __init__(self, model_dir: str, cfg: ModelConfig, placement: ExpertPlacement, rank: int,
-                 num_attention: int, dtype: str, threads: int) -> None:
-        super().__init__(rank, num_attention, threads)
+                 num_attention: int, dtype: str, threads: int, fault_step: int | None = None) -> None:
+        super().__init__(rank, num_attention, threads, fault_step)
         if self.device.type == "cpu" and hasattr(os, "SCHED_BATCH"):
             # woken by a dispatch, an expert worker must not take the core of the attention worker
             # that is still sending to the others: it runs on a free core, or when the sender waits
@@ -193,13 +217,16 @@ class ExpertWorker(_Worker):
         return super()._links() + self.attention_links
 
     def connect_links(self, token: str, expert_addresses: list[tuple[str, int]], placement: ExpertPlacement,
-                      timeout_s: float) -> None:
+                      timeout_s: float, step_timeout_s: float | None = None) -> None:
         """Takes the engine's control link and one link from every attention worker (its experts
-        were loaded for `placement` already)."""
+        were loaded for `placement` already). An attention worker silent for step_timeout_s within
+        a step fails the step."""
         expected = {("engine", 0)} | {("attention", a) for a in range(self.num_attention)}
         accepted = self.listener.accept(token, expected, timeout_s)
         self.engine_link = accepted[("engine", 0)]
         self.attention_links = [accepted[("attention", a)] for a in range(self.num_attention)]
+        for link in self.attention_links:
+            link.set_timeout(step_timeout_s)
         self.server = ExpertServer(self.attention_links, self.cfg.hidden_size, self.cfg.num_experts_per_tok,
                                    self.dtype, self.device, self.timer)
 
@@ -209,7 +236,8 @@ class ExpertWorker(_Worker):
 
     def prepare_placement(self, placement: ExpertPlacement) -> int:
         """Loads the experts this worker will hold under `placement` (keeping those it has) while
-        the current shard keeps serving; returns the bytes read from the checkpoint."""
+        the current shard keeps serving (this runs beside the step loop, which only reads
+        self.shard); returns the bytes read from the checkpoint."""
         index = self.rank - self.num_attention
         reader = CheckpointReader(self.model_dir)
         banks = {}
@@ -235,6 +263,9 @@ class ExpertWorker(_Worker):
         self.placement, self.shard = self._pending
         self._pending = None
 
+    def drop_prepared(self) -> None:
+        self._pending = None
+
     def resize(self, rank: int, placement: ExpertPlacement) -> int:
         """A new expert group: this worker's rank may change; loads its experts for the next links."""
         self.rank = rank
@@ -242,7 +273,7 @@ class ExpertWorker(_Worker):
         self.commit_placement()
         return loaded
 
-    def _command(self, kind: int, rows: list[list[int]], body: bytes) -> None:
+    def _command(self, kind: int, rows: list[list[int]], body: bytes, number: int) -> None:
         """Serves every MoE layer of the step, micro-batch by micro-batch as the attention workers
         send them; rows[a][m]: rows of attention worker a in micro-batch m."""
         if kind == RELEASE or not any(map(any, rows)):
