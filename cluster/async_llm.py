@@ -160,6 +160,10 @@ class AsyncLLM:
     async def scale_experts(self, num_workers: int) -> dict:
         return await self._call("scale_experts", num_workers)
 
+    async def worker_info(self) -> list[dict]:
+        """Per worker (attention workers first): role, rank, pid, bytes held, ..."""
+        return await self._call("worker_info")
+
     def cache_usage(self) -> dict:
         with self._lock:
             return self.engine.cache_usage()

@@ -70,8 +70,8 @@ class ModelServer:
     def cache_usage(self) -> dict:
         return self.engine.cache_usage()
 
-    def worker_info(self) -> list[dict]:
-        return self.engine.engine.executor.worker_info()
+    async def worker_info(self) -> list[dict]:
+        return await self.engine.worker_info()
 
     def ready(self) -> bool:
         """Whether the instance can step: the model is loaded and the workers linked (both before

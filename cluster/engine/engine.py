@@ -498,6 +498,9 @@ class EngineCore:
             log.warning("%s", e)
 
     # -- introspection -----------------------------------------------------------------------------
+    def worker_info(self) -> list[dict]:
+        return self.executor.worker_info()
+
     def cache_usage(self) -> dict[str, float | int]:
         """Scheduler-side cache occupancy: KV blocks and DeltaNet slots, used and total."""
         usage = self.scheduler.usage()

@@ -156,15 +156,15 @@ class RayExecutor:
     def _start_loops(self) -> None:
         self._loops = [w.serve_steps.remote() for w in self.workers]
 
-    def _pause(self) -> None:
+    def _pause(self, timeout_s: float | None = None) -> None:
         """Ends the step loops (each returns after its current command); a worker that cannot be
-        told or does not return is a failure."""
+        told or does not return within timeout_s (default: the step timeout) is a failure."""
         if self._loops is None:
             return
         try:
             for link in self.links:
                 link.send(encode_command(PAUSE, []))
-            self._ray.get(self._loops, timeout=self.cluster.step_timeout_s)
+            self._ray.get(self._loops, timeout=timeout_s or self.cluster.step_timeout_s)
         except (links.LinkError, self._ray.exceptions.RayError, TimeoutError) as e:
             raise WorkerFailure(f"pausing the step loops: {e}") from e
         self._loops = None
@@ -250,8 +250,19 @@ class RayExecutor:
         """Waits for the step loops to end; kills the workers that hang (expert workers first: an
         attention worker may only be waiting on one). Returns the indices of the lost workers."""
         ray, A = self._ray, len(self.attention)
-        if self._loops is None:
-            return []
+        if self._loops is None:  # between steps: the dead ones do not answer
+            pings = [w.pid.remote() for w in self.workers]
+            ready, _ = ray.wait(pings, num_returns=len(pings), timeout=grace_s)
+            lost = [i for i, ref in enumerate(pings) if ref not in ready]
+            for i in lost:
+                ray.kill(self.workers[i], no_restart=True)
+            for i, ref in enumerate(pings):
+                if i not in lost:
+                    try:
+                        ray.get(ref)
+                    except ray.exceptions.RayActorError:
+                        lost.append(i)
+            return sorted(lost)
         lost = []
         _, stuck = ray.wait(self._loops, num_returns=len(self._loops), timeout=grace_s)
         for roles in (range(A, len(self.workers)), range(A)):
@@ -410,36 +421,59 @@ class RayExecutor:
         self._switch(self.placement)
 
     def scale_experts(self, num_workers: int, placement: ExpertPlacement) -> None:
-        """Between steps: a new expert group of `num_workers` actors and new links. The attention
-        workers keep their caches, so sequences in flight carry on."""
+        """A new expert group of `num_workers` actors under `placement`, between steps. Added
+        workers start and kept workers load their new experts first (a failure there leaves the
+        instance unchanged), then the group switches and links again; a failure in the switch is
+        a WorkerFailure, and recovery re-forms the old group. The attention workers keep their
+        caches, so sequences in flight carry on."""
         from ray.util.placement_group import placement_group
 
         from ..worker.workers import ExpertWorker
 
         ray, A = self._ray, len(self.attention)
         self._check_whole("scaling")
+        kept, removed = self.experts[:num_workers], self.experts[num_workers:]
+        added = max(0, num_workers - len(self.experts))
+        pg, started = None, []
+        try:
+            if added:
+                pg = placement_group([self.bundle] * added, strategy="PACK")
+                ray.get(pg.ready(), timeout=self.timeout)
+                c = self.cluster
+                started = [self._actor(ExpertWorker, pg, i, c.expert_resources, A + len(kept) + i, A, self.dtype,
+                                       c.threads_per_worker, placement=placement) for i in range(added)]
+            ray.get([w.prepare_placement.remote(placement) for w in kept] + [w.pid.remote() for w in started],
+                    timeout=self.timeout)
+        except (ray.exceptions.RayError, TimeoutError) as e:
+            self._drop_started(started, pg)
+            try:
+                ray.get([w.drop_prepared.remote() for w in kept], timeout=self.timeout)
+            except ray.exceptions.RayError as lost:  # a kept worker died: recovery re-forms the group
+                raise WorkerFailure(f"scaling the expert workers: {lost}") from e
+            raise RuntimeError(f"starting the new expert group failed, the instance is unchanged: {e}") from e
         self._pause()
         self._close_links()
-        for worker in self.experts[num_workers:]:
+        try:
+            ray.get([w.commit_placement.remote() for w in kept], timeout=self.timeout)
+        except ray.exceptions.RayError as e:  # recovery re-forms the old group on the old placement
+            self._drop_started(started, pg)
+            self._placement_in_doubt = True
+            raise WorkerFailure(f"switching to {num_workers} expert workers: {e}") from e
+        for worker in removed:
             ray.kill(worker)
-        self.experts = self.experts[:num_workers]
-        self.placement = placement
-        resized = [w.resize.remote(A + i, placement) for i, w in enumerate(self.experts)]
-        added = num_workers - len(self.experts)
-        if added > 0:
-            pg = placement_group([self.bundle] * added, strategy="PACK")
-            ray.get(pg.ready(), timeout=self.timeout)
-            self.extra_pgs.append(pg)
-            for i in range(added):
-                self.experts.append(self._actor(ExpertWorker, pg, i, self.cluster.expert_resources,
-                                                A + len(self.experts), A, self.dtype,
-                                                self.cluster.threads_per_worker))
-        ray.get(resized, timeout=self.timeout)
+        self.experts, self.placement = kept + started, placement
         self.workers = self.attention + self.experts
-        self._bundles = self._bundles[: A + min(num_workers, len(self._bundles) - A)]
-        self._bundles += [(pg, i) for i in range(added)] if added > 0 else []
+        self._bundles = self._bundles[: A + len(kept)] + [(pg, i) for i in range(added)]
+        if pg is not None:
+            self.extra_pgs.append(pg)
         self.slots = list(range(num_workers))
         self._connect()
+
+    def _drop_started(self, started: list, pg) -> None:
+        for worker in started:
+            self._ray.kill(worker)
+        if pg is not None:
+            self._remove_pg(pg)
 
     def _check_whole(self, what: str) -> None:
         if self.starting:
@@ -460,8 +494,8 @@ class RayExecutor:
     def shutdown(self) -> None:
         if not self.workers:
             return
-        try:
-            self._pause()
+        try:  # the workers are killed next: a short wait for the loops to end is enough
+            self._pause(timeout_s=min(2.0, self.cluster.step_timeout_s))
         except WorkerFailure as e:  # a dead worker must not keep the others alive, nor the caller waiting
             log.warning("step loops did not stop cleanly: %s", e)
         self._close_links()

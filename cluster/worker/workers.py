@@ -189,7 +189,7 @@ class AttentionWorker(_Worker):
         super()._fail(error)
 
     def info(self) -> dict:
-        return {"role": "attention", "rank": self.rank, "dense_bytes": self.dense_bytes,
+        return {"role": "attention", "rank": self.rank, "pid": os.getpid(), "dense_bytes": self.dense_bytes,
                 "sequences": len(self.runner.sequences), "device": str(self.device)}
 
 
@@ -285,7 +285,7 @@ class ExpertWorker(_Worker):
         self.timer.steps += 1
 
     def info(self) -> dict:
-        return {"role": "expert", "rank": self.rank, "expert_bytes": self.shard.nbytes,
+        return {"role": "expert", "rank": self.rank, "pid": os.getpid(), "expert_bytes": self.shard.nbytes,
                 "bytes_read": self.bytes_read, "device": str(self.device),
                 "experts_per_layer": {layer: len(b.expert_ids) for layer, b in self.shard.banks.items()},
                 "bytes_in": self.server.bytes_in if self.server is not None else 0}

@@ -138,7 +138,7 @@ def test_hung_expert_worker_misses_the_step_timeout(ray_cluster, make_checkpoint
     """SIGSTOP: the process lives and its sockets stay open; only the step timeout finds it."""
     cluster = ClusterConfig(expert_workers=2, use_ray=True, step_timeout_s=1.5)
     with LLM(model=make_checkpoint(FLAGSHIP_SHAPE), cluster=cluster) as llm:
-        pid = ray_cluster.get(llm.engine.executor.experts[1].pid.remote())
+        [*_, pid] = [info["pid"] for info in llm.worker_info() if info["role"] == "expert"]
         engine = llm.engine
         for i, prompt in enumerate(PROMPTS):
             engine.add_request(str(i), prompt, GREEDY)
@@ -176,12 +176,10 @@ def test_rebalance_interrupted_by_a_lost_worker_keeps_the_last_placement(ray_clu
 
 
 # -- on Ray: a worker killed from outside while requests stream ---------------------------------
-async def _stream_and_kill(llm: AsyncLLM, victim, params: SamplingParams) -> tuple[list[list[int]], float]:
-    """Streams every prompt; once each has a token, SIGKILLs `victim` (a worker actor). Returns
+async def _stream_and_kill(llm: AsyncLLM, role: str, params: SamplingParams) -> tuple[list[list[int]], float]:
+    """Streams every prompt; once each has a token, SIGKILLs the last worker of `role`. Returns
     the streamed tokens and the longest pause between two deltas of any stream."""
-    import ray
-
-    pid = await asyncio.get_running_loop().run_in_executor(None, ray.get, victim.pid.remote())
+    [*_, pid] = [info["pid"] for info in await llm.worker_info() if info["role"] == role]
     started = [asyncio.Event() for _ in PROMPTS]
     longest = 0.0
 
@@ -211,10 +209,8 @@ async def _stream_and_kill(llm: AsyncLLM, victim, params: SamplingParams) -> tup
 def test_worker_killed_mid_stream_changes_no_token(ray_cluster, make_checkpoint, undisturbed, role):
     llm = AsyncLLM(make_checkpoint(FLAGSHIP_SHAPE), cluster=ClusterConfig(expert_workers=2, use_ray=True))
     try:
-        executor = llm.engine.executor
-        victim = executor.experts[1] if role == "expert" else executor.attention[0]
         params = SamplingParams(max_tokens=48, temperature=0.0, ignore_eos=True)
-        tokens, longest = asyncio.run(_stream_and_kill(llm, victim, params))
+        tokens, longest = asyncio.run(_stream_and_kill(llm, role, params))
         reference = [c.token_ids for c in LLM(model=make_checkpoint(FLAGSHIP_SHAPE)).generate(PROMPTS, params)]
         assert tokens == reference  # no request lost, no token repeated, skipped or changed
         [recovery] = llm.engine.recoveries
@@ -223,3 +219,19 @@ def test_worker_killed_mid_stream_changes_no_token(ray_cluster, make_checkpoint,
         assert longest < 30  # the < 5 s figure is benchmarks/failover.py's, on an idle machine
     finally:
         llm.shutdown()
+
+
+def test_scaling_with_a_dead_worker_fails_safe(ray_cluster, make_checkpoint, undisturbed):
+    """A worker dies while the instance is idle; the next scale finds it, re-forms, and says so."""
+    with LLM(model=make_checkpoint(FLAGSHIP_SHAPE), expert_workers=2, use_ray=True) as llm:
+        before = llm.engine.executor.placement
+        ray_cluster.kill(llm.engine.executor.experts[1])
+        with pytest.raises(RuntimeError, match="recovered and serves on"):
+            llm.engine.scale_experts(3)
+        assert llm.engine.recoveries[-1]["lost"] == ["expert 1"]
+        assert [c.token_ids for c in llm.generate(PROMPTS, GREEDY)] == undisturbed["greedy"]
+        _wait_folded_in(llm)
+        assert llm.engine.executor.placement == before
+        llm.engine.scale_experts(3)
+        assert llm.engine.executor.placement.num_workers == 3
+        assert [c.token_ids for c in llm.generate(PROMPTS, GREEDY)] == undisturbed["greedy"]
