@@ -97,7 +97,7 @@ class RayExecutor:
         self.attention = [
             self._actor(AttentionWorker, self.pg, first_bundle + r, cluster.attention_resources,
                         r, A, dtype, cluster.threads_per_worker, layout, load_window_steps, self.overlap,
-                        fault.get(("attention", r)))
+                        cluster.replay_failed_steps, fault.get(("attention", r)))
             for r in range(A)
         ]
         self.experts = [
@@ -235,6 +235,8 @@ class RayExecutor:
             self._run_without(lost_experts)
             recovery.replacing = [f"expert {slot}" for slot in sorted(self.starting)]
         self.workers = self.attention + self.experts
+        if self._in_flight is not None and not self.cluster.replay_failed_steps:  # no undo point kept
+            recovery.caches_kept = False
         if self._in_flight is not None and recovery.caches_kept:  # did anyone finish the failed step?
             done = ray.get([w.last_completed_step.remote() for w in self.attention], timeout=self.timeout)
             recovery.caches_kept = self._in_flight not in done
@@ -344,7 +346,7 @@ class RayExecutor:
         if index < A:
             return self._actor(AttentionWorker, pg, bundle_index, c.attention_resources, index, A, self.dtype,
                                c.threads_per_worker, self.layout, self.load_window_steps, self.overlap,
-                               placement=placement)
+                               c.replay_failed_steps, placement=placement)
         return self._actor(ExpertWorker, pg, bundle_index, c.expert_resources, index, A, self.dtype,
                            c.threads_per_worker, placement=placement)
 

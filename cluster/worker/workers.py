@@ -121,7 +121,8 @@ class AttentionWorker(_Worker):
 
     def __init__(self, model_dir: str, cfg: ModelConfig, placement: ExpertPlacement, rank: int,
                  num_attention: int, dtype: str, threads: int, layout: CacheLayout,
-                 load_window_steps: int = 64, overlap: bool = False, fault_step: int | None = None) -> None:
+                 load_window_steps: int = 64, overlap: bool = False, transactional: bool = True,
+                 fault_step: int | None = None) -> None:
         super().__init__(rank, num_attention, threads, fault_step)
         reader = CheckpointReader(model_dir)
         self.model = load_dense_model(cfg, reader, getattr(torch, dtype)).to(self.device)
@@ -130,7 +131,7 @@ class AttentionWorker(_Worker):
         self.expert_links: list[links_.Link] = []
         # transactional: a step that fails half-way (an expert worker lost) is undone, for a replay
         self.runner = ModelRunner(self.model, layout, load_window_steps=load_window_steps, overlap=overlap,
-                                  transactional=True)
+                                  transactional=transactional)
         self.completed_step = 0  # the number of the last step whose results went to the engine
 
     def _links(self) -> list[links_.Link]:

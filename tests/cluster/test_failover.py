@@ -123,6 +123,15 @@ def test_lost_expert_worker_replays_the_step(ray_cluster, make_checkpoint, undis
         assert [c.token_ids for c in llm.generate(PROMPTS, SEEDED)] == undisturbed["seeded"]
 
 
+def test_without_undo_points_a_lost_expert_worker_costs_a_recompute(ray_cluster, make_checkpoint, undisturbed):
+    cluster = ClusterConfig(expert_workers=2, use_ray=True, fault_injection="expert:1:9", replay_failed_steps=False)
+    with LLM(model=make_checkpoint(FLAGSHIP_SHAPE), cluster=cluster) as llm:
+        greedy = [c.token_ids for c in llm.generate(PROMPTS, GREEDY)]
+        [recovery] = llm.engine.recoveries
+        assert not recovery["replayed"] and recovery["recomputed"] == len(PROMPTS)
+        assert greedy == undisturbed["greedy"]
+
+
 def test_lost_attention_worker_recomputes_its_sequences(ray_cluster, make_checkpoint, undisturbed):
     cluster = ClusterConfig(expert_workers=2, use_ray=True, fault_injection="attention:0:10")
     with LLM(model=make_checkpoint(FLAGSHIP_SHAPE), cluster=cluster) as llm:

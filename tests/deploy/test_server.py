@@ -278,12 +278,46 @@ def test_grpc_health_and_reflection(server):
     channel.close()
 
 
+def test_expert_worker_killed_mid_grpc_stream(server, client, offline):
+    """End to end: the stream goes on with the undisturbed tokens, the instance serves on with a
+    replacement folded in, health says SERVING again."""
+    import os
+    import signal
+
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from ray import serve
+
+    model = serve.get_deployment_handle("Model", app_name="epserve")
+    [*_, pid] = [w["pid"] for w in model.worker_info.remote().result(timeout_s=30) if w["role"] == "expert"]
+    params = dict(max_tokens=48, temperature=0.0, ignore_eos=True)
+    expected = offline.generate([[7, 3, 9]], SamplingParams(**params))[0].token_ids
+    tokens = []
+    for message in client.stream([7, 3, 9], **params):
+        if not tokens:
+            os.kill(pid, signal.SIGKILL)
+        tokens += message.token_ids
+    assert tokens == expected
+    health = health_pb2_grpc.HealthStub(grpc.insecure_channel(server["grpc"]))
+    deadline = time.time() + 30
+    while health.Check(health_pb2.HealthCheckRequest(service=""), timeout=30).status != \
+            health_pb2.HealthCheckResponse.SERVING:
+        assert time.time() < deadline, "the instance never reported SERVING again"
+        time.sleep(0.2)
+    while len([w for w in model.worker_info.remote().result(timeout_s=30) if w["role"] == "expert"]) < 2:
+        assert time.time() < deadline, "the replacement expert worker was never folded in"
+        time.sleep(0.2)
+    assert list(client.generate([7, 3, 9], **params).token_ids) == expected
+
+
 METRICS = [
     "ray_epserve_requests_total", "ray_epserve_prompt_tokens_total", "ray_epserve_generated_tokens_total",
     "ray_epserve_waiting_requests", "ray_epserve_running_sequences", "ray_epserve_kv_cache_usage",
     "ray_epserve_state_slot_usage", "ray_epserve_time_to_first_token_seconds_bucket",
     "ray_epserve_time_per_output_token_seconds_bucket", "ray_epserve_step_phase_seconds",
     "ray_epserve_expert_load_imbalance", "ray_epserve_expert_hottest_share", "ray_epserve_expert_worker_load",
+    # from the worker killed above
+    "ray_epserve_worker_failures_total", "ray_epserve_recoveries_total", "ray_epserve_replayed_steps_total",
+    "ray_epserve_recovery_seconds_bucket",
 ]
 
 
