@@ -13,11 +13,13 @@ import os
 import signal
 import time
 
+import grpc
 import pytest
 import torch
 
-from cluster import LLM, AsyncLLM, ClusterConfig, ConfigError, SamplingParams
+from cluster import LLM, AsyncLLM, ClusterConfig, ConfigError, SamplingParams, UnavailableError
 from cluster.engine.engine import EngineCore
+from cluster.engine.ray_executor import WorkerFailure
 from router.placement import ExpertPlacement
 from tests.conftest import FLAGSHIP_SHAPE
 
@@ -244,3 +246,34 @@ def test_scaling_with_a_dead_worker_fails_safe(ray_cluster, make_checkpoint, und
         llm.engine.scale_experts(3)
         assert llm.engine.executor.placement.num_workers == 3
         assert [c.token_ids for c in llm.generate(PROMPTS, GREEDY)] == undisturbed["greedy"]
+
+
+class _Unrecoverable:
+    """An executor whose workers fail and cannot be re-formed (say, no room for a replacement)."""
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def execute(self, steps):
+        raise WorkerFailure("expert worker lost")
+
+    def recover(self):
+        raise RuntimeError("no room for a replacement expert worker")
+
+
+def test_an_instance_that_cannot_recover_says_unavailable(make_checkpoint):
+    from deploy.errors import classify
+
+    engine = EngineCore(make_checkpoint(FLAGSHIP_SHAPE), warm_up=False)
+    engine.executor = _Unrecoverable(engine.executor)
+    engine.add_request("a", [3, 4], GREEDY)
+    with pytest.raises(UnavailableError, match="no room for a replacement"):
+        engine.step()
+    assert engine.broken and not engine.recovering
+    with pytest.raises(UnavailableError) as info:
+        engine.add_request("b", [3, 4], GREEDY)
+    error = classify(info.value)
+    assert (error.grpc_code, error.http_status) == (grpc.StatusCode.UNAVAILABLE, 503)
