@@ -103,6 +103,9 @@ class ModelConfig:
             for key in ("tie_word_embeddings", "eos_token_id"):
                 if key not in text and key in raw:
                     text[key] = raw[key]
+        from .model.quantization import quantization_from
+
+        quantization_from(raw)  # refuses a method epserve cannot load, before anything is read
         return cls(model_type=model_type, **_text_fields(text))
 
     @classmethod

@@ -3,7 +3,8 @@ names, per-expert or fused expert tensors; a worker reads only the experts it ho
 
 Names are canonicalised to the text model's own: `model.` / `model.language_model.` prefixes are
 dropped (`model.layers.3.mlp.gate.weight` -> `layers.3.mlp.gate.weight`); `lm_head.weight` stays;
-vision tensors are skipped; `mtp.*` tensors are kept aside for speculative decoding.
+vision tensors are skipped; `mtp.*` tensors are kept aside for speculative decoding. Block-wise
+FP8 weights (cluster/model/quantization.py) are dequantised as they are read: callers see fp32.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
+
+from .quantization import FP8, SCALE_SUFFIX, dequantize, read_quantization
 
 INDEX_FILE = "model.safetensors.index.json"
 _EXPERT_NAME = re.compile(r"^layers\.(\d+)\.mlp\.experts\.")
@@ -42,6 +45,7 @@ class CheckpointReader:
         self._where: dict[str, tuple[str, str]] = {}  # canonical -> (name in file, file)
         self._handles: dict[str, object] = {}
         self.bytes_read = 0
+        self.quantization = read_quantization(self.model_dir)  # None, or block-wise FP8
         index = self.model_dir / INDEX_FILE
         if index.is_file():
             weight_map = json.loads(index.read_text())["weight_map"]
@@ -71,7 +75,7 @@ class CheckpointReader:
         return sorted(n for n in self._where if n.startswith("mtp."))
 
     def names(self) -> list[str]:
-        return sorted(self._where)
+        return sorted(n for n in self._where if not n.endswith(SCALE_SUFFIX))
 
     def _locate(self, name: str) -> tuple[str, str]:
         if name not in self._where:
@@ -88,7 +92,21 @@ class CheckpointReader:
             self._check_shape(name, expected_shape)
         tensor = self._open(file).get_tensor(stored)
         self.bytes_read += tensor.nbytes
-        return tensor
+        return self._dequantized(name, tensor, None)
+
+    def _dequantized(self, name: str, tensor: torch.Tensor, rows: list[int] | None) -> torch.Tensor:
+        """An FP8 weight times its block scales (of the same rows of the first dimension), fp32."""
+        if tensor.dtype != FP8:
+            return tensor
+        scale_name = name + SCALE_SUFFIX
+        if self.quantization is None or not self.has(scale_name):
+            stored, file = self._where[name]
+            raise CheckpointError(
+                f"tensor {stored!r} in {self.model_dir / file} is float8 but "
+                + ("config.json has no block-wise fp8 quantization_config" if self.quantization is None
+                   else f"{stored + SCALE_SUFFIX!r} (its weight_scale_inv) is missing"))
+        scale = self.read(scale_name) if rows is None else self.read_rows(scale_name, rows)
+        return dequantize(tensor, scale, self.quantization.block)
 
     def read_rows(self, name: str, rows: list[int]) -> torch.Tensor:
         """Rows of the first dimension only: other rows' bytes are never read (one slice per run
@@ -104,7 +122,7 @@ class CheckpointReader:
             start = end + 1
         tensor = torch.cat(parts) if len(parts) > 1 else parts[0]
         self.bytes_read += tensor.nbytes
-        return tensor
+        return self._dequantized(name, tensor, rows)
 
     def _check_shape(self, name: str, expected: tuple[int, ...]) -> None:
         actual = self.shape(name)
