@@ -16,5 +16,14 @@ class PartialRotary(nn.Module):
         super().__init__()
         self.head_dim = head_dim
         self.rotary_dim = rotary_dim
-        exponent = torch.arange(0, rotary_dim, 2, dtype=torch.float32) / rotary_dim
-        self.register_buffer("inv_freq", 1.0 / (theta**exponent), persistent=False)
+        self.theta = theta
+        self.register_buffer("inv_freq", self._frequencies(), persistent=False)
+
+    def _frequencies(self) -> torch.Tensor:
+        exponent = torch.arange(0, self.rotary_dim, 2, dtype=torch.float32) / self.rotary_dim
+        return 1.0 / (self.theta**exponent)
+
+    def reset_buffers(self) -> None:
+        """Recomputes inv_freq in place (a model built on the meta device has none yet)."""
+        with torch.no_grad():
+            self.inv_freq.copy_(self._frequencies())

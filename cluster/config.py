@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 SUPPORTED_MODEL_TYPES = ("qwen3_5_moe_text", "qwen3_5_moe")
+DEVICES = ("auto", "cuda", "cpu")
 LAYER_TYPES = ("linear_attention", "full_attention")
 
 
@@ -174,7 +175,10 @@ class ClusterConfig:
     expert_workers: int = 1  # E: actors each holding a shard of every MoE layer's experts
     attention_workers: int = 1  # A: actors running the dense layers, data-parallel over sequences
     use_ray: bool | None = None  # None: Ray whenever E > 1 or A > 1
-    gpus_per_worker: float | None = None  # None: 1 where CUDA is available, else 0
+    # "cuda", "cpu", or "auto": cuda when there are GPUs (the Ray cluster's for Ray layouts, this
+    # process's in one process); weights are created there, in the engine's dtype
+    device: str = "auto"
+    gpus_per_worker: float | None = None  # None: 1 on cuda, 0 on cpu; whole GPUs only
     cpus_per_worker: float = 0.25  # fractional on CPU machines (2 cores hold 8 workers)
     placement: Any = None  # router.placement.ExpertPlacement; None: contiguous blocks of E_total / E
     timeout_s: float = 120.0  # worker start-up and control calls
@@ -206,6 +210,16 @@ class ClusterConfig:
             raise ConfigError(f"cpus_per_worker must be > 0, got {self.cpus_per_worker}")
         if self.step_timeout_s <= 0:
             raise ConfigError(f"step_timeout_s must be > 0, got {self.step_timeout_s}")
+        if self.device not in DEVICES:
+            raise ConfigError(f"device must be one of {DEVICES}, got {self.device!r}")
+        gpus = self.gpus_per_worker
+        if gpus is not None and (gpus < 0 or gpus != int(gpus)):
+            raise ConfigError(f"gpus_per_worker must be a whole number, got {gpus}: each worker drives one "
+                              f"GPU of its own (sharing a GPU between workers is not supported)")
+        if self.device == "cuda" and gpus == 0:
+            raise ConfigError("device 'cuda' with gpus_per_worker = 0: the workers would see no GPU")
+        if self.device == "cpu" and gpus:
+            raise ConfigError(f"device 'cpu' with gpus_per_worker = {gpus}: drop one of them")
         if self.fault_injection is not None:
             role, _, rest = self.fault_injection.partition(":")
             index, _, step = rest.partition(":")
@@ -214,6 +228,16 @@ class ClusterConfig:
                                   f"got {self.fault_injection!r}")
         if not self.wants_ray and self.placement is not None:
             raise ConfigError("an expert placement needs the Ray executor (use_ray=True)")
+
+    def resolve_device(self, gpus_available: bool) -> str:
+        """"cuda" or "cpu" for this instance, given whether GPUs are there to use; refuses cuda
+        without GPUs."""
+        if self.device == "cuda" and not gpus_available:
+            raise ConfigError("device 'cuda' was asked for but there is no GPU (torch.cuda.is_available() is "
+                              "False here, or the Ray cluster has no GPU resources)")
+        if self.device == "auto":
+            return "cuda" if gpus_available and self.gpus_per_worker != 0 else "cpu"
+        return self.device
 
     @property
     def wants_ray(self) -> bool:

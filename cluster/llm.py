@@ -8,6 +8,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import itertools
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +39,7 @@ class LLM:
         self,
         model: str | Path,
         dtype: str = "float32",
+        device: str = "auto",
         expert_workers: int = 1,
         attention_workers: int = 1,
         use_ray: bool | None = None,
@@ -47,7 +50,9 @@ class LLM:
         warm_up: bool = True,
     ) -> None:
         cluster = cluster or ClusterConfig(
-            expert_workers=expert_workers, attention_workers=attention_workers, use_ray=use_ray)
+            expert_workers=expert_workers, attention_workers=attention_workers, use_ray=use_ray, device=device)
+        if device != "auto" and cluster.device != device:
+            cluster = dataclasses.replace(cluster, device=device)
         self.engine = EngineCore(model, dtype, cluster, scheduler, cache, rebalance, warm_up=warm_up)
         self.config, self.tokenizer = self.engine.config, self.engine.tokenizer
         self._ids = itertools.count()

@@ -29,6 +29,20 @@ class EpserveIngress(OpenAIRoutes, Ingress):
     """gRPC methods from Ingress, HTTP routes from OpenAIRoutes, one replica class."""
 
 
+def with_device(cfg: AppConfig) -> AppConfig:
+    """Resolves device "auto" against the Ray cluster this app is built on (GPUs there: cuda) and
+    the GPUs each worker's bundle reserves (1 on cuda, 0 on cpu): the replica and its workers
+    then agree on both. Refuses cuda on a cluster without GPUs."""
+    import ray
+
+    from cluster import ClusterConfig
+
+    gpus_available = ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0
+    device = ClusterConfig(device=cfg.device, gpus_per_worker=cfg.gpus_per_worker).resolve_device(gpus_available)
+    gpus = cfg.gpus_per_worker if cfg.gpus_per_worker is not None else int(device == "cuda")
+    return cfg.model_copy(update={"device": device, "gpus_per_worker": gpus})
+
+
 def model_deployment_options(cfg: AppConfig) -> dict:
     worker = {"CPU": cfg.cpus_per_worker}
     if cfg.gpus_per_worker:
@@ -63,9 +77,8 @@ def model_deployment_options(cfg: AppConfig) -> dict:
 def build_app(args: dict | AppConfig) -> Application:
     """Validated config in, Serve application out (the builder Serve's import_path points at)."""
     cfg = args if isinstance(args, AppConfig) else AppConfig(**args)
+    cfg = with_device(cfg)
     config = cfg.model_dump()
-    if not cfg.gpus_per_worker:
-        config["gpus_per_worker"] = 0  # the bundles reserve no GPU: the workers must not ask for one
     model = serve.deployment(ModelServer).options(**model_deployment_options(cfg)).bind(config)
     ingress = serve.deployment(EpserveIngress).options(
         name="Ingress", ray_actor_options={"num_cpus": cfg.ingress_cpus},

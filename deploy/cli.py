@@ -1,4 +1,4 @@
-"""The `epserve` command line: make-tiny, demo, serve, generate, bench, experts."""
+"""The `epserve` command line: make-tiny, demo, serve, generate, bench, experts, plan."""
 
 from __future__ import annotations
 
@@ -61,7 +61,7 @@ def _server_config(args):
         model=str(model), served_model_name=args.name, expert_workers=args.expert_workers,
         attention_workers=args.attention_workers, min_replicas=args.min_replicas,
         max_replicas=max(args.max_replicas, args.min_replicas),
-        target_ongoing_requests=args.target_ongoing_requests,
+        target_ongoing_requests=args.target_ongoing_requests, device=args.device, dtype=args.dtype,
     )
 
 
@@ -219,12 +219,54 @@ def _add_server_args(p, grpc_port: int, http_port: int) -> None:
     p.add_argument("--min-replicas", type=int, default=1, help="autoscaling: fewest model instances")
     p.add_argument("--max-replicas", type=int, default=1, help="autoscaling: most model instances")
     p.add_argument("--target-ongoing-requests", type=float, default=16)
+    p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto",
+                   help="where the workers run (auto: cuda when the Ray cluster has GPUs)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                   help="weights and activations (bfloat16 on GPUs)")
+
+
+def cmd_plan(args) -> int:
+    """The memory plan of one model instance, and whether it fits a device of --device-gib."""
+    from cluster import ConfigError
+    from cluster.config import ClusterConfig, ModelConfig
+    from cluster.engine.cache_plan import CacheConfig, plan_cache
+    from cluster.engine.memory_plan import FLAGSHIP, GIB, plan_memory
+    from router import ExpertPlacement
+
+    cfg = ModelConfig.from_dict(FLAGSHIP) if args.model is None else ModelConfig.from_pretrained(args.model)
+    dtype_bytes = {"float32": 4, "bfloat16": 2, "float16": 2}[args.dtype]
+    layout = plan_cache(cfg, CacheConfig(memory_budget_mb=args.kv_cache_memory_mb), args.max_num_seqs, dtype_bytes)
+    held = ExpertPlacement.contiguous(cfg.num_experts, args.expert_workers, list(cfg.moe_layer_ids)).held
+    plan = plan_memory(cfg, layout, dtype_bytes, max_batched_tokens=args.max_num_batched_tokens,
+                       experts_per_worker=max(len(ids) for per_layer in held.values() for ids in per_layer),
+                       attention_workers=args.attention_workers, expert_workers=args.expert_workers,
+                       replay_failed_steps=ClusterConfig().replay_failed_steps)
+    print(f"{args.model or 'Qwen3.5-397B-A17B (flagship shape)'}, {args.dtype}: {args.attention_workers} attention + "
+          f"{args.expert_workers} expert workers; {args.max_num_seqs} sequences, {layout.num_blocks} KV blocks "
+          f"of {layout.block_size} tokens per attention worker")
+    print(plan.describe())
+    try:
+        plan.check(f"a {args.device_gib:g} GiB device", int(args.device_gib * GIB))
+    except ConfigError as e:
+        print(f"does not fit: {str(e).splitlines()[0]}")
+        return 1
+    print(f"fits a {args.device_gib:g} GiB device per worker")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="epserve", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _add_make_tiny(sub)
+    plan_p = sub.add_parser("plan", help="memory per worker of one model instance (default: the flagship)")
+    plan_p.add_argument("--model", type=Path, default=None, help="checkpoint dir (default: the 397B flagship shape)")
+    plan_p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="bfloat16")
+    plan_p.add_argument("--expert-workers", type=int, default=8)
+    plan_p.add_argument("--attention-workers", type=int, default=2)
+    plan_p.add_argument("--max-num-seqs", type=int, default=32)
+    plan_p.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    plan_p.add_argument("--kv-cache-memory-mb", type=float, default=16384)
+    plan_p.add_argument("--device-gib", type=float, default=80, help="memory of each worker's device")
     serve_p = sub.add_parser("serve", help="serve gRPC and OpenAI HTTP on an embedded (or existing) Ray cluster")
     _add_server_args(serve_p, 9000, 8000)
     serve_p.add_argument("--host", default="127.0.0.1", help="HTTP bind address (gRPC listens on all)")
@@ -257,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     experts.add_argument("--rebalance", action="store_true", help="plan and apply a placement now")
     experts.add_argument("--scale", type=int, default=None, help="change the number of expert workers")
     args = parser.parse_args(argv)
-    handlers = {"make-tiny": cmd_make_tiny, "demo": cmd_demo, "serve": cmd_serve, "generate": cmd_generate,
+    handlers = {"make-tiny": cmd_make_tiny, "demo": cmd_demo, "serve": cmd_serve, "plan": cmd_plan, "generate": cmd_generate,
                 "bench": cmd_bench, "experts": cmd_experts}
     return handlers[args.command](args)
 

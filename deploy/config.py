@@ -14,11 +14,13 @@ class AppConfig(BaseModel):
     model: str = Field(description="checkpoint directory in Hugging Face format (config.json, safetensors)")
     served_model_name: str | None = Field(None, description="name clients send; default: the directory name")
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="weights and activations")
+    device: Literal["auto", "cuda", "cpu"] = Field(
+        "auto", description="where the workers run; auto: cuda when the Ray cluster has GPUs")
     # one model instance = one Serve replica of the model deployment
     expert_workers: int = Field(1, ge=1, description="expert-worker actors per model instance")
     attention_workers: int = Field(1, ge=1, description="attention-worker actors per model instance")
     cpus_per_worker: float = Field(0.25, gt=0, description="CPUs reserved per worker actor")
-    gpus_per_worker: float | None = Field(None, ge=0, description="GPUs per worker; default 1 with CUDA, else 0")
+    gpus_per_worker: int | None = Field(None, ge=0, description="GPUs per worker (whole); default 1 on cuda, else 0")
     replica_cpus: float = Field(0.1, gt=0, description="CPUs of the model replica itself (engine, scheduler)")
     attention_worker_resources: dict[str, float] = Field(
         default_factory=dict, description="custom Ray resources per attention worker (node-group steering)")

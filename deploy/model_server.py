@@ -30,7 +30,7 @@ class ModelServer:
             cfg.model,
             dtype=cfg.dtype,
             cluster=ClusterConfig(expert_workers=cfg.expert_workers, attention_workers=cfg.attention_workers,
-                                  use_ray=True, cpus_per_worker=cfg.cpus_per_worker,
+                                  use_ray=True, device=cfg.device, cpus_per_worker=cfg.cpus_per_worker,
                                   gpus_per_worker=cfg.gpus_per_worker,
                                   attention_resources=tuple(cfg.attention_worker_resources.items()),
                                   expert_resources=tuple(cfg.expert_worker_resources.items())),

@@ -24,11 +24,11 @@ from .cache_plan import CacheLayout
 
 class LocalExecutor:
     def __init__(self, cfg: ModelConfig, model_dir: str | Path, dtype: torch.dtype, layout: CacheLayout,
-                 load_window_steps: int = 64) -> None:
+                 load_window_steps: int = 64, device: str = "cpu") -> None:
         reader = CheckpointReader(model_dir)
-        model = load_dense_model(cfg, reader, dtype)
+        model = load_dense_model(cfg, reader, dtype, device)
         all_experts = {layer: list(range(cfg.num_experts)) for layer in cfg.moe_layer_ids}
-        shard = load_expert_shard(cfg, reader, all_experts, dtype)
+        shard = load_expert_shard(cfg, reader, all_experts, dtype, device)
         dispatcher = LocalDispatcher(shard.local_index)
         self.timer = PhaseTimer()
         for moe in model.moe_layers():

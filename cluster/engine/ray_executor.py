@@ -35,6 +35,7 @@ from ..worker import links
 from ..worker.messages import PAUSE, RELEASE, STEP, decode_results, encode_command, encode_step
 from ..worker.step import ChunkResult, StepInput, micro_batches
 from .cache_plan import CacheLayout
+from .memory_plan import MemoryPlan, load_timeout_s
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +58,7 @@ class Recovery:
 
 class RayExecutor:
     def __init__(self, cfg: ModelConfig, model_dir: str | Path, dtype: str, cluster: ClusterConfig,
-                 layout: CacheLayout, load_window_steps: int = 64) -> None:
+                 layout: CacheLayout, load_window_steps: int = 64, memory_plan: MemoryPlan | None = None) -> None:
         import ray
         from ray.util.placement_group import placement_group, remove_placement_group
 
@@ -69,15 +70,20 @@ class RayExecutor:
             ray.init(ignore_reinit_error=True, logging_level=logging.WARNING)
         self.cluster = cluster
         self.timeout = cluster.timeout_s
+        self.memory_plan = memory_plan  # each GPU worker checks its share before loading
+        # start-up waits follow the bytes a worker reads (a 397B checkpoint takes minutes)
+        self.start_timeout = self.timeout if memory_plan is None else load_timeout_s(
+            max(w.weights for w in memory_plan.workers()), self.timeout)
         A, E = cluster.attention_workers, cluster.expert_workers
         placement = cluster.placement or ExpertPlacement.contiguous(cfg.num_experts, E, list(cfg.moe_layer_ids))
         if placement.num_workers != E:
             raise ValueError(f"placement has {placement.num_workers} workers but expert_workers = {E}")
         self.placement, self.cfg, self.model_dir, self.dtype = placement, cfg, str(model_dir), dtype
         self.extra_pgs: list = []  # groups reserved for expert workers added by scale_experts
+        self.device = cluster.resolve_device(ray.cluster_resources().get("GPU", 0) > 0)
         gpus = cluster.gpus_per_worker
         if gpus is None:
-            gpus = 1 if torch.cuda.is_available() else 0
+            gpus = 1 if self.device == "cuda" else 0
         self.overlap = cluster.two_batch_overlap
         if self.overlap is None:
             self.overlap = gpus >= 1 or A + E <= (os.cpu_count() or 1)
@@ -136,14 +142,15 @@ class RayExecutor:
             num_cpus=self.bundle["CPU"], num_gpus=self.bundle.get("GPU", 0), resources=dict(resources),
             max_concurrency=cls.max_concurrency,
             scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=bundle_index),
-        ).remote(self.model_dir, self.cfg, placement or self.placement, *args)
+        ).remote(self.model_dir, self.cfg, placement or self.placement, *args, device=self.device,
+                 memory_plan=self.memory_plan)
 
     # -- links and the step loops ---------------------------------------------------------------------
     def _connect(self) -> None:
         """Links every attention worker to every expert worker and the engine to every worker, then
         starts the step loops."""
         ray, token = self._ray, secrets.token_hex(16)
-        addresses = ray.get([w.listen.remote(self.single_node) for w in self.workers], timeout=self.timeout)
+        addresses = ray.get([w.listen.remote(self.single_node) for w in self.workers], timeout=self.start_timeout)
         expert_addresses = addresses[len(self.attention):]
         accepting = [w.connect_links.remote(token, expert_addresses, self.placement, self.timeout,
                                             self.cluster.step_timeout_s) for w in self.workers]
@@ -222,7 +229,7 @@ class RayExecutor:
         recovery = Recovery()
         for i in [i for i in lost if i < A]:
             self.attention[i] = self._start(i, self._bundles[i], self.placement)
-            ray.get(self.attention[i].pid.remote(), timeout=self.timeout)
+            ray.get(self.attention[i].pid.remote(), timeout=self.start_timeout)
             recovery.lost.append(f"attention {i}")
             recovery.caches_kept = False
         lost_experts = [i - A for i in lost if i >= A]
@@ -230,7 +237,7 @@ class RayExecutor:
         if lost_experts and len(lost_experts) == len(self.experts):  # no survivor: wait for replacements
             for e in lost_experts:
                 self.experts[e] = self._start(A + self.slots[e], self._bundles[A + self.slots[e]], self.placement)
-            ray.get([w.pid.remote() for w in self.experts], timeout=self.timeout)
+            ray.get([w.pid.remote() for w in self.experts], timeout=self.start_timeout)
         elif lost_experts:
             self._run_without(lost_experts)
             recovery.replacing = [f"expert {slot}" for slot in sorted(self.starting)]
@@ -445,7 +452,7 @@ class RayExecutor:
                 started = [self._actor(ExpertWorker, pg, i, c.expert_resources, A + len(kept) + i, A, self.dtype,
                                        c.threads_per_worker, placement=placement) for i in range(added)]
             ray.get([w.prepare_placement.remote(placement) for w in kept] + [w.pid.remote() for w in started],
-                    timeout=self.timeout)
+                    timeout=self.start_timeout)
         except (ray.exceptions.RayError, TimeoutError) as e:
             self._drop_started(started, pg)
             try:

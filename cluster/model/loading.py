@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from attention import PartialRotary
 from experts import ExpertBank, ExpertShard
 
 from .checkpoint import CheckpointReader
@@ -11,8 +12,17 @@ from ..config import ModelConfig
 from .model import Qwen35MoeModel
 
 
-def load_dense_model(cfg: ModelConfig, reader: CheckpointReader, dtype: torch.dtype) -> Qwen35MoeModel:
-    model = Qwen35MoeModel(cfg).to(dtype)
+def load_dense_model(cfg: ModelConfig, reader: CheckpointReader, dtype: torch.dtype,
+                     device: str | torch.device = "cpu") -> Qwen35MoeModel:
+    """Built on the meta device, then allocated once on `device` in `dtype` and filled from the
+    checkpoint tensor by tensor: no initialised fp32 copy of the model on the host."""
+    with torch.device("meta"):
+        model = Qwen35MoeModel(cfg)
+    model = model.to(dtype).to_empty(device=device)
+    model.tie_weights()
+    for module in model.modules():
+        if isinstance(module, PartialRotary):
+            module.reset_buffers()
     model.load_dense(reader)
     return model.eval()
 
@@ -22,12 +32,13 @@ def load_expert_shard(
     reader: CheckpointReader,
     expert_ids: dict[int, list[int]],
     dtype: torch.dtype,
+    device: str | torch.device = "cpu",
 ) -> ExpertShard:
-    """Reads only the listed experts of each layer (layer -> sorted global expert ids)."""
+    """Reads only the listed experts of each layer (layer -> sorted global expert ids) onto `device`."""
     banks = {}
     for layer, ids in expert_ids.items():
         gate_up, down = reader.read_experts(
             layer, ids, cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
         )
-        banks[layer] = ExpertBank(tuple(ids), gate_up.to(dtype), down.to(dtype))
+        banks[layer] = ExpertBank(tuple(ids), gate_up.to(device, dtype), down.to(device, dtype))
     return ExpertShard(cfg.num_experts, banks)

@@ -25,6 +25,7 @@ from router.placement import ExpertPlacement
 
 from ..config import ModelConfig
 from ..engine.cache_plan import CacheLayout
+from ..engine.memory_plan import MemoryPlan, device_capacity
 from ..model.checkpoint import CheckpointReader
 from ..model.loading import load_dense_model, load_expert_shard
 from . import links as links_
@@ -36,8 +37,12 @@ from .timing import PhaseTimer
 log = logging.getLogger(__name__)
 
 
-def worker_device() -> torch.device:
-    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+def worker_device(requested: str) -> torch.device:
+    """The instance's device; a worker asked for cuda that Ray gave no GPU says so."""
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("this worker was asked to run on cuda but sees no GPU (CUDA_VISIBLE_DEVICES="
+                           f"{os.environ.get('CUDA_VISIBLE_DEVICES')!r}): its bundle reserved none")
+    return torch.device(requested)
 
 
 class _Worker:
@@ -46,10 +51,13 @@ class _Worker:
     role = ""
     max_concurrency = 1  # Ray calls at once: the step loop holds the one thread while it runs
 
-    def __init__(self, rank: int, num_attention: int, threads: int, fault_step: int | None = None) -> None:
+    def __init__(self, rank: int, num_attention: int, threads: int, fault_step: int | None = None,
+                 device: str = "cpu", memory_plan: MemoryPlan | None = None) -> None:
         self.rank, self.num_attention = rank, num_attention
         self.fault_step, self.steps_seen = fault_step, 0  # ClusterConfig.fault_injection
-        self.device = worker_device()
+        self.device = worker_device(device)
+        if memory_plan is not None and self.device.type == "cuda":  # refuse before loading a byte
+            memory_plan.check(str(self.device), device_capacity(str(self.device)), role=self.role)
         if self.device.type == "cpu":
             torch.set_num_threads(threads)
         self.timer = PhaseTimer()
@@ -122,10 +130,10 @@ class AttentionWorker(_Worker):
     def __init__(self, model_dir: str, cfg: ModelConfig, placement: ExpertPlacement, rank: int,
                  num_attention: int, dtype: str, threads: int, layout: CacheLayout,
                  load_window_steps: int = 64, overlap: bool = False, transactional: bool = True,
-                 fault_step: int | None = None) -> None:
-        super().__init__(rank, num_attention, threads, fault_step)
+                 fault_step: int | None = None, device: str = "cpu", memory_plan: MemoryPlan | None = None) -> None:
+        super().__init__(rank, num_attention, threads, fault_step, device, memory_plan)
         reader = CheckpointReader(model_dir)
-        self.model = load_dense_model(cfg, reader, getattr(torch, dtype)).to(self.device)
+        self.model = load_dense_model(cfg, reader, getattr(torch, dtype), self.device)
         self.dense_bytes = reader.bytes_read
         self.placement = placement
         self.expert_links: list[links_.Link] = []
@@ -199,8 +207,9 @@ class ExpertWorker(_Worker):
     max_concurrency = 2  # prepare_placement loads new experts on a second thread while the loop serves
 
     def __init__(self, model_dir: str, cfg: ModelConfig, placement: ExpertPlacement, rank: int,
-                 num_attention: int, dtype: str, threads: int, fault_step: int | None = None) -> None:
-        super().__init__(rank, num_attention, threads, fault_step)
+                 num_attention: int, dtype: str, threads: int, fault_step: int | None = None,
+                 device: str = "cpu", memory_plan: MemoryPlan | None = None) -> None:
+        super().__init__(rank, num_attention, threads, fault_step, device, memory_plan)
         if self.device.type == "cpu" and hasattr(os, "SCHED_BATCH"):
             # woken by a dispatch, an expert worker must not take the core of the attention worker
             # that is still sending to the others: it runs on a free core, or when the sender waits

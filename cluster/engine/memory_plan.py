@@ -1,0 +1,128 @@
+"""What each worker of a model instance holds in device memory, planned before anything loads.
+
+Per attention worker: the dense weights (exact: the model built on the meta device, counted), the
+KV blocks and DeltaNet state slots (cache_plan), the per-step undo copy of the states when failed
+steps are replayed, and the exchange buffers of one step. Per expert worker: its share of every
+MoE layer's experts (the busiest worker under the placement) and its exchange buffers. Activations
+of a step are not planned (small next to these at serving batch sizes); `headroom` covers them
+and the allocator. A plan that does not fit the device is refused with the numbers.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ..config import ConfigError, ModelConfig
+from .cache_plan import CacheLayout
+
+GIB = 2**30
+
+
+@dataclass(frozen=True)
+class WorkerMemory:
+    role: str
+    weights: int
+    kv_cache: int = 0
+    state_slots: int = 0
+    undo_copy: int = 0
+    exchange: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.kv_cache + self.state_slots + self.undo_copy + self.exchange
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    attention: WorkerMemory
+    expert: WorkerMemory | None  # None: one process holds everything (attention carries the experts)
+    headroom: float = 0.1  # of the device, for activations and the allocator
+
+    def workers(self) -> list[WorkerMemory]:
+        return [self.attention] + ([self.expert] if self.expert is not None else [])
+
+    def describe(self) -> str:
+        rows = ["worker     weights   KV cache  DeltaNet  undo copy  exchange     total  (GiB)"]
+        for w in self.workers():
+            rows.append(f"{w.role:<9}" + "".join(f"{b / GIB:>10.2f}" for b in (
+                w.weights, w.kv_cache, w.state_slots, w.undo_copy, w.exchange, w.total)))
+        return "\n".join(rows)
+
+    def check(self, device: str, capacity: int, role: str | None = None, count: int = 1) -> None:
+        """Refuses a plan whose worker (of `role`, or any) does not fit `capacity` bytes less the
+        headroom; `count` workers of the role share the device (CPU workers share the RAM)."""
+        usable = capacity * (1 - self.headroom)
+        for w in self.workers():
+            if (role is None or w.role == role) and count * w.total > usable:
+                raise ConfigError(
+                    f"{count} {w.role} worker(s) need {count * w.total / GIB:.2f} GiB on {device} but it has "
+                    f"{capacity / GIB:.2f} GiB ({usable / GIB:.2f} GiB after {self.headroom:.0%} headroom):\n"
+                    f"{self.describe()}\nuse more expert workers, a smaller cache budget, or a "
+                    f"smaller dtype (an FP8 checkpoint is dequantised to the compute dtype)")
+
+
+def dense_parameters(cfg: ModelConfig) -> int:
+    """Parameters of everything but the routed experts, counted on the meta device."""
+    from ..model.model import Qwen35MoeModel
+
+    with torch.device("meta"):
+        model = Qwen35MoeModel(cfg)
+    return sum(p.numel() for p in model.parameters())
+
+
+def expert_parameters(cfg: ModelConfig) -> int:
+    """One routed expert's parameters (gate, up, down)."""
+    return 3 * cfg.hidden_size * cfg.moe_intermediate_size
+
+
+def plan_memory(cfg: ModelConfig, layout: CacheLayout, dtype_bytes: int, *, max_batched_tokens: int,
+                experts_per_worker: int | None = None, attention_workers: int = 1, expert_workers: int = 1,
+                replay_failed_steps: bool = True) -> MemoryPlan:
+    """experts_per_worker: experts the busiest expert worker holds per MoE layer; None: one
+    process holds all of them (no expert workers, no exchange)."""
+    moe_layers = len(cfg.moe_layer_ids)
+    dense = dense_parameters(cfg) * dtype_bytes
+    kv = layout.num_blocks * layout.block_bytes
+    states = layout.num_slots * layout.slot_bytes
+    undo = layout.num_slots * layout.slot_bytes if replay_failed_steps and experts_per_worker is not None else 0
+    if experts_per_worker is None:
+        experts = cfg.num_experts * moe_layers * expert_parameters(cfg) * dtype_bytes
+        return MemoryPlan(WorkerMemory("attention", dense + experts, kv, states), None)
+    # one step's exchange per MoE layer (buffers reused across layers): rows and (bank, weight)
+    # pairs out to every expert worker, fp64 partial sums back
+    T, D, K = max_batched_tokens, cfg.hidden_size, cfg.num_experts_per_tok
+    out_bytes = T * (D * dtype_bytes + K * 8)
+    attention_exchange = expert_workers * (out_bytes + T * D * 8)
+    expert_exchange = attention_workers * (out_bytes + T * D * 8)
+    expert_weights = experts_per_worker * moe_layers * expert_parameters(cfg) * dtype_bytes
+    return MemoryPlan(WorkerMemory("attention", dense, kv, states, undo, attention_exchange),
+                      WorkerMemory("expert", expert_weights, exchange=expert_exchange))
+
+
+def device_capacity(device: str) -> int:
+    """Bytes of memory on `device` (this process's GPU; on CPU the machine's RAM)."""
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_properties(torch.device(device)).total_memory
+    import os
+
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def load_timeout_s(weight_bytes: int, floor_s: float, read_bytes_per_s: float = 200e6) -> float:
+    """A worker's start-up wait: its weights read at a slow disk's pace (200 MB/s), never below
+    the configured control timeout."""
+    return max(floor_s, math.ceil(weight_bytes / read_bytes_per_s))
+
+
+# Qwen3.5-397B-A17B's text config (../shared/QWEN35.md), for planning without its checkpoint
+FLAGSHIP = {
+    "model_type": "qwen3_5_moe_text", "vocab_size": 248320, "hidden_size": 4096, "num_hidden_layers": 60,
+    "num_attention_heads": 32, "num_key_value_heads": 2, "head_dim": 256, "partial_rotary_factor": 0.25,
+    "rope_theta": 1e7, "max_position_embeddings": 262144, "rms_norm_eps": 1e-6,
+    "linear_num_key_heads": 16, "linear_num_value_heads": 64, "linear_key_head_dim": 128,
+    "linear_value_head_dim": 128, "linear_conv_kernel_dim": 4, "num_experts": 512, "num_experts_per_tok": 10,
+    "moe_intermediate_size": 1024, "shared_expert_intermediate_size": 1024,
+}
