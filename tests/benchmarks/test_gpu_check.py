@@ -1,0 +1,22 @@
+"""benchmarks/gpu_check.py is run on a lent GPU in one shot: it must not break on the way there."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_gpu_check_runs_end_to_end_at_smoke_size(tmp_path):
+    out = tmp_path / "figures.json"
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--smoke", "--json", str(out)],
+                            capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    figures = json.loads(out.read_text())
+    assert figures["bf16_within_tolerance"] is True and 0.5 < figures["bf16_top1_agreement"] <= 1
+    for key in ("decode_tok_s_batch1", "decode_tok_s_batch64", "prefill_tok_s", "grouped_gemm_tflops_512",
+                "fraction_of_copy_bandwidth"):
+        assert figures[key] > 0, key
