@@ -66,8 +66,10 @@ def moe_experts_grouped(x_RD, idx_RK, weights_RK, gate_up, down, partial: bool =
 
 
 def _grouped_mm_fits(x_RD, gate_up, down) -> bool:
+    """torch._grouped_mm is there (torch >= 2.8), takes the dtype (CUDA: bf16 only) and the strides."""
     step = 16 // x_RD.element_size()
-    return x_RD.shape[0] > 0 and x_RD.shape[1] % step == 0 and down.shape[-1] % step == 0
+    return (hasattr(torch, "_grouped_mm") and (x_RD.is_cpu or x_RD.dtype == torch.bfloat16)
+            and x_RD.shape[0] > 0 and x_RD.shape[1] % step == 0 and down.shape[-1] % step == 0)
 
 
 def moe_experts(x_RD, idx_RK, weights_RK, gate_up, down, partial: bool = False) -> torch.Tensor:
