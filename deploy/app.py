@@ -55,7 +55,8 @@ def model_deployment_options(cfg: AppConfig) -> dict:
         placement_group_bundles=[{"CPU": cfg.replica_cpus}] + [attention] * cfg.attention_workers
         + [expert] * cfg.expert_workers,
         placement_group_strategy="PACK",
-        max_ongoing_requests=cfg.max_ongoing_requests,
+        max_ongoing_requests=cfg.replica_capacity,  # past it, Serve holds max_queued_requests, then 429
+        max_queued_requests=cfg.max_queued_requests,
         graceful_shutdown_timeout_s=10,
         # a replica that cannot recover from a lost worker fails check_health; Serve replaces it
         # after a few failed checks (seconds, not the default half minute)
@@ -80,8 +81,11 @@ def build_app(args: dict | AppConfig) -> Application:
     cfg = with_device(cfg)
     config = cfg.model_dump()
     model = serve.deployment(ModelServer).options(**model_deployment_options(cfg)).bind(config)
+    # the ingress only forwards: it takes every request the instances could, several times over,
+    # so that refusals come from the instances' limits (429) and not from a queue in front of it
+    admitted = 4 * (cfg.replica_capacity + cfg.max_queued_requests) * max(cfg.max_replicas, 1)
     ingress = serve.deployment(EpserveIngress).options(
         name="Ingress", ray_actor_options={"num_cpus": cfg.ingress_cpus},
-        max_ongoing_requests=cfg.max_ongoing_requests * max(cfg.max_replicas, 1),
+        max_ongoing_requests=max(1024, admitted), max_queued_requests=max(1024, admitted),
     )
     return ingress.bind(model, config)

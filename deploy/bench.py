@@ -51,13 +51,14 @@ def _grpc_one(client, prompt, output_len) -> tuple[float, list[float], int]:
     return start, times, tokens
 
 
-def _http_one(url, model, prompt, output_len) -> tuple[float, list[float], int]:
+def _http_one(url, model, prompt, output_len, api_key=None) -> tuple[float, list[float], int]:
     """(start, arrival time of each event with text, tokens): the usage the server reports at the
     end counts the tokens, since a server may send several in one event."""
     body = json.dumps({"model": model, "prompt": prompt, "max_tokens": output_len, "stream": True,
                        "stream_options": {"include_usage": True}, "ignore_eos": True,
                        "temperature": 0.0}).encode()
-    req = urllib.request.Request(f"{url}/v1/completions", data=body, headers={"Content-Type": "application/json"})
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {api_key}"} if api_key else {})}
+    req = urllib.request.Request(f"{url}/v1/completions", data=body, headers=headers)
     times, tokens = [], 0
     start = time.perf_counter()
     with urllib.request.urlopen(req, timeout=600) as resp:
@@ -74,14 +75,14 @@ def _http_one(url, model, prompt, output_len) -> tuple[float, list[float], int]:
 
 def run_bench(endpoint: str, address: str, http_url: str, concurrency: int, num_prompts: int,
               prompt_len: int, output_len: int, vocab_size: int, model: str = "",
-              progress: bool = True) -> BenchResult:
+              progress: bool = True, api_key: str | None = None) -> BenchResult:
     from .client import Client
 
     rng = random.Random(0)
     prompts = [[rng.randrange(3, vocab_size) for _ in range(prompt_len)] for _ in range(num_prompts)]
     ttfts, tpots, tokens, failed, done = [], [], 0, 0, 0
     lock = threading.Lock()
-    client = Client(address) if endpoint == "grpc" else None
+    client = Client(address, api_key=api_key) if endpoint == "grpc" else None
 
     def one(prompt):
         nonlocal tokens, failed, done
@@ -89,7 +90,7 @@ def run_bench(endpoint: str, address: str, http_url: str, concurrency: int, num_
             if client is not None:
                 start, times, count = _grpc_one(client, prompt, output_len)
             else:
-                start, times, count = _http_one(http_url, model, prompt, output_len)
+                start, times, count = _http_one(http_url, model, prompt, output_len, api_key)
             ok = bool(times)
         except Exception:
             ok, times, start, count = False, [], 0.0, 0

@@ -62,6 +62,7 @@ def _server_config(args):
         attention_workers=args.attention_workers, min_replicas=args.min_replicas,
         max_replicas=max(args.max_replicas, args.min_replicas),
         target_ongoing_requests=args.target_ongoing_requests, device=args.device, dtype=args.dtype,
+        api_keys=_keys(args.api_key, "EPSERVE_API_KEY"), admin_api_keys=_keys(args.admin_api_key, "EPSERVE_ADMIN_API_KEY"),
     )
 
 
@@ -99,7 +100,7 @@ def cmd_serve(args) -> int:
 def cmd_generate(args) -> int:
     from .client import Client
 
-    client = Client(args.address)
+    client = Client(args.address, api_key=args.api_key)
     sampling = dict(max_tokens=args.max_tokens, temperature=args.temperature)
     if args.seed is not None:
         sampling["seed"] = args.seed
@@ -128,23 +129,24 @@ def cmd_bench(args) -> int:
     if args.endpoint == "grpc":
         from .client import Client
 
-        info = Client(args.address).model_info()
+        info = Client(args.address, api_key=args.api_key).model_info()
         model, vocab_size = info.model, args.vocab_size or info.vocab_size
     else:
-        model, vocab_size = _http_json(f"{http_url}/v1/models")["data"][0]["id"], args.vocab_size or 256
+        model = _http_json(f"{http_url}/v1/models", api_key=args.api_key)["data"][0]["id"]
+        vocab_size = args.vocab_size or 256
     result = run_bench(args.endpoint, args.address, http_url, args.concurrency, args.num_prompts, args.prompt_len,
-                       args.output_len, vocab_size, model, progress=not args.json)
+                       args.output_len, vocab_size, model, progress=not args.json, api_key=args.api_key)
     print(format_result(result, args.json))
     return 0
 
 
-def _http_json(url: str, body: dict | None = None) -> dict:
+def _http_json(url: str, body: dict | None = None, api_key: str | None = None) -> dict:
     import json
     import urllib.request
 
     data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"},
-                                 method="GET" if body is None else "POST")
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {api_key}"} if api_key else {})}
+    req = urllib.request.Request(url, data=data, headers=headers, method="GET" if body is None else "POST")
     with urllib.request.urlopen(req, timeout=300) as resp:
         return json.loads(resp.read())
 
@@ -165,14 +167,14 @@ def cmd_experts(args) -> int:
                           f"expert load ({label}): imbalance {status['imbalance']:.2f}")
             print(f"  heatmap: {out}")
 
-    before = _http_json(f"{args.url}/v1/experts")
+    before = _http_json(f"{args.url}/v1/experts", api_key=args.api_key)
     show(before, "before" if (args.rebalance or args.scale) else "now")
     if args.scale:
-        _http_json(f"{args.url}/v1/experts/scale", {"expert_workers": args.scale})
+        _http_json(f"{args.url}/v1/experts/scale", {"expert_workers": args.scale}, api_key=args.admin_api_key)
     if args.rebalance:
-        _http_json(f"{args.url}/v1/experts/rebalance", {})
+        _http_json(f"{args.url}/v1/experts/rebalance", {}, api_key=args.admin_api_key)
     if args.rebalance or args.scale:
-        show(_http_json(f"{args.url}/v1/experts"), "after")
+        show(_http_json(f"{args.url}/v1/experts", api_key=args.api_key), "after")
     return 0
 
 
@@ -190,7 +192,8 @@ def cmd_demo(args) -> int:
     print(f"started an embedded Ray cluster and the epserve app in {time.perf_counter() - start:.0f}s: "
           f"model {cfg.name!r}, {cfg.attention_workers} attention + {cfg.expert_workers} expert workers")
     try:
-        client = Client(f"127.0.0.1:{args.grpc_port}")
+        key = cfg.api_keys[0] if cfg.api_keys else None
+        client = Client(f"127.0.0.1:{args.grpc_port}", api_key=key)
         info = client.model_info()
         print(f"gRPC GetModelInfo: {info.num_experts} experts, top-{info.num_experts_per_tok}, "
               f"{info.num_layers} layers, context {info.max_model_len}")
@@ -198,8 +201,9 @@ def cmd_demo(args) -> int:
         print(f"gRPC Generate: {reply.text!r} ({reply.usage.completion_tokens} tokens)")
         body = json.dumps({"model": cfg.name, "messages": [{"role": "user", "content": "What is MoE?"}],
                            "max_tokens": args.max_tokens, "temperature": 0.0}).encode()
+        headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
         req = urllib.request.Request(f"http://127.0.0.1:{args.http_port}/v1/chat/completions", data=body,
-                                     headers={"Content-Type": "application/json"})
+                                     headers=headers)
         chat = json.loads(urllib.request.urlopen(req, timeout=120).read())
         print(f"HTTP /v1/chat/completions: {chat['choices'][0]['message']['content']!r} "
               f"({chat['usage']['completion_tokens']} tokens)")
@@ -223,6 +227,12 @@ def _add_server_args(p, grpc_port: int, http_port: int) -> None:
                    help="where the workers run (auto: cuda when the Ray cluster has GPUs)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
                    help="weights and activations (bfloat16 on GPUs)")
+    p.add_argument("--api-key", action="append", default=None,
+                   help="require 'Authorization: Bearer KEY' on every request but health (repeatable; "
+                        "default: $EPSERVE_API_KEY)")
+    p.add_argument("--admin-api-key", action="append", default=None,
+                   help="allow rebalance / scale with this key (repeatable; default: $EPSERVE_ADMIN_API_KEY; "
+                        "without one they are refused)")
 
 
 def cmd_plan(args) -> int:
@@ -254,6 +264,19 @@ def cmd_plan(args) -> int:
     return 0
 
 
+def _add_key_args(p, admin: bool = False) -> None:
+    p.add_argument("--api-key", default=os.environ.get("EPSERVE_API_KEY"),
+                   help="sent as 'Authorization: Bearer KEY' (default: $EPSERVE_API_KEY)")
+    if admin:
+        p.add_argument("--admin-api-key", default=os.environ.get("EPSERVE_ADMIN_API_KEY"),
+                       help="for --rebalance / --scale (default: $EPSERVE_ADMIN_API_KEY)")
+
+
+def _keys(given: list[str] | None, variable: str) -> list[str]:
+    """--api-key values, else the environment variable's (one key)."""
+    return list(given) if given else ([os.environ[variable]] if os.environ.get(variable) else [])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="epserve", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -281,6 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--max-tokens", type=int, default=32)
     gen.add_argument("--temperature", type=float, default=0.0)
     gen.add_argument("--seed", type=int, default=None)
+    _add_key_args(gen)
     bench = sub.add_parser("bench", help="load-test a running server")
     bench.add_argument("--endpoint", choices=["grpc", "http"], default="grpc")
     bench.add_argument("--address", default="127.0.0.1:9000", help="gRPC address")
@@ -293,11 +317,13 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--prompt-len", type=int, default=32)
     bench.add_argument("--output-len", type=int, default=32)
     bench.add_argument("--json", action="store_true")
+    _add_key_args(bench)
     experts = sub.add_parser("experts", help="expert placement and load of a running server")
     experts.add_argument("--url", default="http://127.0.0.1:8000")
     experts.add_argument("--heatmap", default=None, help="write a PNG heatmap (before/after with --rebalance)")
     experts.add_argument("--rebalance", action="store_true", help="plan and apply a placement now")
     experts.add_argument("--scale", type=int, default=None, help="change the number of expert workers")
+    _add_key_args(experts, admin=True)
     args = parser.parse_args(argv)
     handlers = {"make-tiny": cmd_make_tiny, "demo": cmd_demo, "serve": cmd_serve, "plan": cmd_plan, "generate": cmd_generate,
                 "bench": cmd_bench, "experts": cmd_experts}

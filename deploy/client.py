@@ -18,11 +18,13 @@ def request(prompt: str | list[int], model: str = "", request_id: str = "", **sa
 
 
 class Client:
-    def __init__(self, address: str = "127.0.0.1:9000", application: str | None = None) -> None:
+    def __init__(self, address: str = "127.0.0.1:9000", application: str | None = None,
+                 api_key: str | None = None) -> None:
         self.channel = grpc.insecure_channel(address)
         self.stub = pb_grpc.GenerationStub(self.channel)
         # Serve routes by application name when several run; with one it is optional
-        self.metadata = (("application", application),) if application else ()
+        self.metadata = ((("application", application),) if application else ()) + (
+            (("authorization", f"Bearer {api_key}"),) if api_key else ())
 
     def generate(self, prompt, timeout: float | None = None, **kwargs) -> pb.GenerateResponse:
         return self.stub.Generate(request(prompt, **kwargs), metadata=self.metadata, timeout=timeout)

@@ -33,6 +33,10 @@ class AppConfig(BaseModel):
     max_model_len: int | None = Field(None, ge=2, description="context length; default the model's")
     kv_cache_memory_mb: float = Field(512, gt=0, description="KV blocks + DeltaNet state per attention worker")
     max_tokens_limit: int = Field(4096, ge=1, description="largest max_tokens a request may ask for")
+    # access
+    api_keys: list[str] = Field(default_factory=list, description="Bearer keys every request but health needs")
+    admin_api_keys: list[str] = Field(default_factory=list,
+                                      description="Bearer keys for rebalance / scale (refused when empty)")
     # expert placement
     rebalance: bool = Field(True, description="move hot experts between expert workers as load changes")
     rebalance_interval_steps: int = Field(200, ge=1, description="engine steps between load checks")
@@ -40,7 +44,11 @@ class AppConfig(BaseModel):
     redundant_expert_slots: int | None = Field(None, ge=0, description="replicas per layer; default E/16")
     metrics_interval_steps: int = Field(50, ge=1, description="engine steps between step-phase / load metrics")
     # Serve
-    max_ongoing_requests: int = Field(64, ge=1, description="requests in flight per model replica")
+    max_ongoing_requests: int | None = Field(
+        None, ge=1, description="requests Serve sends one model replica; default what its engine holds: "
+                                "max_num_seqs x attention_workers running + max_waiting queued")
+    max_queued_requests: int = Field(
+        16, ge=1, description="requests Serve holds while every replica is full; past them: 429 / RESOURCE_EXHAUSTED")
     min_replicas: int = Field(1, ge=0, description="autoscaling: fewest model instances")
     max_replicas: int = Field(1, ge=1, description="autoscaling: most model instances")
     target_ongoing_requests: float = Field(16, gt=0, description="autoscaling: requests per instance to aim at")
@@ -62,6 +70,11 @@ class AppConfig(BaseModel):
         if not (Path(self.model) / "config.json").is_file():
             raise ValueError(f"model: no config.json in {self.model!r}")
         return self
+
+    @property
+    def replica_capacity(self) -> int:
+        """Requests one model replica takes: Serve's limit and the engine's queue agree on it."""
+        return self.max_ongoing_requests or self.max_num_seqs * self.attention_workers + self.max_waiting
 
     @property
     def name(self) -> str:

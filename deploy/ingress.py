@@ -18,6 +18,7 @@ from grpc_health.v1 import health_pb2
 from epserve_proto import convert
 from epserve_proto import generation_pb2 as pb
 
+from .auth import Authenticator
 from .chat import ChatTemplate
 from .config import AppConfig
 from .errors import RequestError, classify
@@ -32,6 +33,7 @@ class Ingress:
         self.chat_template = ChatTemplate(self.config.model)
         self.name = self.config.name
         self.max_model_len = self.config.max_model_len or self.model_config.max_position_embeddings
+        self.auth = Authenticator(self.config.api_keys, self.config.admin_api_keys)
 
     # -- shared by gRPC and HTTP -------------------------------------------------------------------
     def check_model(self, name: str | None) -> None:
@@ -88,6 +90,7 @@ class Ingress:
     async def Generate(self, request: pb.GenerateRequest, grpc_context=None) -> pb.GenerateResponse:
         request_id = request.request_id or uuid.uuid4().hex
         try:
+            self.auth.check_grpc(grpc_context)
             ids, sampling = self.prepare(request.model, convert.prompt_of(request),
                                          convert.sampling_kwargs(request.sampling))
             outs = [out async for out in self.stream(ids, sampling, request_id)]
@@ -102,6 +105,7 @@ class Ingress:
     async def GenerateStream(self, request: pb.GenerateRequest, grpc_context=None):
         request_id = request.request_id or uuid.uuid4().hex
         try:
+            self.auth.check_grpc(grpc_context)
             ids, sampling = self.prepare(request.model, convert.prompt_of(request),
                                          convert.sampling_kwargs(request.sampling))
             async for o in self.stream(ids, sampling, request_id):
@@ -124,6 +128,10 @@ class Ingress:
         return health_pb2.HealthCheckResponse(status=status)
 
     async def GetModelInfo(self, request: pb.GetModelInfoRequest, grpc_context=None) -> pb.ModelInfo:
+        try:
+            self.auth.check_grpc(grpc_context)
+        except Exception as e:
+            self._fail(grpc_context, e)
         c = self.model_config
         return pb.ModelInfo(
             model=self.name, max_model_len=self.max_model_len, vocab_size=c.vocab_size,
@@ -133,6 +141,7 @@ class Ingress:
 
     async def Tokenize(self, request: pb.TokenizeRequest, grpc_context=None) -> pb.TokenizeResponse:
         try:
+            self.auth.check_grpc(grpc_context)
             self.check_model(request.model)
         except Exception as e:
             self._fail(grpc_context, e)
@@ -140,6 +149,7 @@ class Ingress:
 
     async def Detokenize(self, request: pb.DetokenizeRequest, grpc_context=None) -> pb.DetokenizeResponse:
         try:
+            self.auth.check_grpc(grpc_context)
             self.check_model(request.model)
             self.prepare(None, list(request.token_ids) or [0], {"max_tokens": 1})  # range checks
         except Exception as e:

@@ -4,6 +4,7 @@ the ingress deployment; streaming is server-sent events. Errors use OpenAI's bod
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
@@ -21,7 +22,7 @@ app = FastAPI(title="epserve", description="OpenAI-compatible API of an epserve 
 
 @app.exception_handler(RequestError)
 async def _request_error(request: Request, error: RequestError) -> JSONResponse:
-    return JSONResponse(error.openai_body(), status_code=error.http_status)
+    return JSONResponse(error.openai_body(), status_code=error.http_status, headers=error.headers)
 
 
 @app.exception_handler(RequestValidationError)
@@ -32,13 +33,20 @@ async def _validation_error(request: Request, error: RequestValidationError) -> 
     return JSONResponse(RequestError("invalid", message, param).openai_body(), status_code=400)
 
 
+MAX_N = 16  # choices per request
+# fields of OpenAI's API that this server does not implement: refused by name, never ignored
+UNSUPPORTED = ("tools", "tool_choice", "functions", "function_call", "parallel_tool_calls", "response_format",
+               "logit_bias", "suffix", "audio", "modalities", "prediction", "web_search_options")
+
+
 class _Sampling(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="allow")  # unknown fields are checked against UNSUPPORTED
 
     model: str
     temperature: float = 1.0
     top_p: float = 1.0
     n: int = 1
+    best_of: int | None = None
     stream: bool = False
     stream_options: dict | None = None
     stop: str | list[str] | None = None
@@ -53,8 +61,14 @@ class _Sampling(BaseModel):
     stop_token_ids: list[int] = []
 
     def sampling(self, max_tokens: int, logprobs: int | None) -> dict:
-        if self.n != 1:
-            raise RequestError("invalid", f"n must be 1, got {self.n}", "n")
+        for name in UNSUPPORTED:
+            if (self.model_extra or {}).get(name) not in (None, [], {}):
+                raise RequestError("invalid", f"{name} is not supported by this server", name)
+        if not 1 <= self.n <= MAX_N:
+            raise RequestError("invalid", f"n must be in 1..{MAX_N}, got {self.n}", "n")
+        if self.best_of is not None and self.best_of != self.n:
+            raise RequestError("invalid", f"best_of must equal n ({self.n}) here: choices are not ranked, "
+                                          f"got {self.best_of}", "best_of")
         return dict(max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
                     min_p=self.min_p, seed=self.seed, stop=self.stop or (), stop_token_ids=self.stop_token_ids,
                     presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
@@ -72,9 +86,24 @@ class CompletionRequest(_Sampling):
     echo: bool = False
 
 
+class ContentPart(BaseModel):
+    type: str
+    text: str | None = None
+
+
 class ChatMessage(BaseModel):
     role: str
-    content: str
+    content: str | list[ContentPart]
+
+    def text(self) -> dict:
+        """{"role", "content"} with text parts joined; other parts (images, audio) are refused."""
+        if isinstance(self.content, str):
+            return {"role": self.role, "content": self.content}
+        for part in self.content:
+            if part.type != "text" or part.text is None:
+                raise RequestError("invalid", f"message content parts of type {part.type!r} are not supported: "
+                                              f"send text parts", "messages")
+        return {"role": self.role, "content": "".join(part.text for part in self.content)}
 
 
 class ChatCompletionRequest(_Sampling):
@@ -89,49 +118,100 @@ class ScaleRequest(BaseModel):
     expert_workers: int
 
 
-def _usage(out: dict) -> dict:
-    p, c = out["num_prompt_tokens"], out["num_output_tokens"]
+def _usage(lasts: list[dict]) -> dict:
+    """Usage over the choices of one request (the prompt counted once)."""
+    p, c = lasts[0]["num_prompt_tokens"], sum(out["num_output_tokens"] for out in lasts)
     return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
 
+async def _merged(outputs: list[AsyncIterator[dict]]) -> AsyncIterator[tuple[int, dict]]:
+    """(choice index, output) from every choice's stream as they come; ends when all have."""
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i: int, stream: AsyncIterator[dict]) -> None:
+        try:
+            async for out in stream:
+                await queue.put((i, out))
+            await queue.put((i, None))
+        except BaseException as e:  # handed to the consumer, who raises it
+            await queue.put((i, e))
+
+    tasks = [asyncio.create_task(pump(i, stream)) for i, stream in enumerate(outputs)]
+    try:
+        open_streams = len(tasks)
+        while open_streams:
+            i, item = await queue.get()
+            if item is None:
+                open_streams -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield i, item
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
 class OpenAIRoutes:
-    """Mixed into Ingress (needs .name, .prepare, .stream, .tokenizer, .chat_template, .max_model_len)."""
+    """Mixed into Ingress (needs .name, .auth, .prepare, .stream, .tokenizer, .chat_template, .max_model_len)."""
+
+    def _authorize(self, request: Request, admin: bool = False) -> None:
+        self.auth.check(request.headers.get("authorization"), admin)
 
     @app.get("/v1/models")
-    async def list_models(self) -> dict:
+    async def list_models(self, request: Request) -> dict:
+        self._authorize(request)
         return {"object": "list", "data": [{"id": self.name, "object": "model", "created": 0,
                                             "owned_by": "epserve", "max_model_len": self.max_model_len}]}
 
     # -- expert placement (operators; one model instance answers) -------------------------------
     @app.get("/v1/experts")
-    async def expert_status(self) -> dict:
+    async def expert_status(self, request: Request) -> dict:
+        self._authorize(request)
         return await self.model.expert_status.remote()
 
     @app.post("/v1/experts/rebalance")
-    async def rebalance_experts(self) -> dict:
+    async def rebalance_experts(self, request: Request) -> dict:
+        self._authorize(request, admin=True)
         return await self.model.rebalance.remote()
 
     @app.post("/v1/experts/scale")
-    async def scale_experts(self, body: ScaleRequest) -> dict:
+    async def scale_experts(self, body: ScaleRequest, request: Request) -> dict:
+        self._authorize(request, admin=True)
         if not 1 <= body.expert_workers <= self.model_config.num_experts:
             raise RequestError("out_of_range", f"expert_workers must be in 1..{self.model_config.num_experts}, "
                                                f"got {body.expert_workers}", "expert_workers")
         return await self.model.scale_experts.remote(body.expert_workers)
 
-    async def _start(self, model: str, prompt, sampling: dict) -> tuple[list[int], AsyncIterator[dict], dict]:
-        """Validates, starts generation and waits for the first output, so that refusals (bad
-        input, overload) become HTTP errors rather than a broken stream."""
+    async def _start(self, model: str, prompt, sampling: dict, n: int) -> tuple[list[AsyncIterator[dict]], list[dict]]:
+        """Validates, starts n generations (seeds seed, seed+1, ... when seeded) and waits for each
+        one's first output, so that refusals (bad input, overload) become HTTP errors rather than
+        a broken stream. Returns the streams and their first outputs."""
         ids, sampling = self.prepare(model, prompt, sampling)
-        outputs = self.stream(ids, sampling, f"http-{uuid.uuid4().hex}")
-        first = await outputs.__anext__()
-        return ids, outputs, first
+        request_id = f"http-{uuid.uuid4().hex}"
+        outputs = [self.stream(ids, sampling if sampling["seed"] is None else {**sampling, "seed": sampling["seed"] + i},
+                               f"{request_id}-{i}" if n > 1 else request_id) for i in range(n)]
+        try:
+            firsts = await asyncio.gather(*(stream.__anext__() for stream in outputs))
+        except BaseException:
+            for stream in outputs:
+                await stream.aclose()  # cancels the ones that started
+            raise
+        return outputs, list(firsts)
+
+    @staticmethod
+    async def _collect(outputs: list[AsyncIterator[dict]], firsts: list[dict]) -> list[list[dict]]:
+        async def rest(stream) -> list[dict]:
+            return [o async for o in stream]
+        return [[first] + tail for first, tail in zip(firsts, await asyncio.gather(*map(rest, outputs)))]
 
     def _token_text(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id], skip_special_tokens=False)
 
     # -- /v1/completions ---------------------------------------------------------------------------
     @app.post("/v1/completions")
-    async def completions(self, body: CompletionRequest):
+    async def completions(self, body: CompletionRequest, request: Request):
+        self._authorize(request)
         if body.echo:
             raise RequestError("invalid", "echo is not supported", "echo")
         prompt = body.prompt
@@ -140,10 +220,10 @@ class OpenAIRoutes:
                 raise RequestError("invalid", "one prompt per request: send a string", "prompt")
             prompt = prompt[0]
         max_tokens = body.max_tokens if body.max_tokens is not None else 16
-        _, outputs, first = await self._start(body.model, prompt, body.sampling(max_tokens, body.logprobs))
+        outputs, firsts = await self._start(body.model, prompt, body.sampling(max_tokens, body.logprobs), body.n)
         completion_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
 
-        def choice(outs: list[dict]) -> dict:
+        def choice(index: int, outs: list[dict]) -> dict:
             last = outs[-1]
             logprobs = None
             if body.logprobs is not None:
@@ -151,7 +231,7 @@ class OpenAIRoutes:
                 logprobs = {"tokens": [self._token_text(t) for t, _, _ in lps],
                             "token_logprobs": [lp for _, lp, _ in lps],
                             "top_logprobs": [{self._token_text(i): v for i, v in top} for _, _, top in lps]}
-            return {"index": 0, "text": "".join(o["new_text"] for o in outs), "logprobs": logprobs,
+            return {"index": index, "text": "".join(o["new_text"] for o in outs), "logprobs": logprobs,
                     "finish_reason": last["finish_reason"]}
 
         def chunk(choices: list, usage: dict | None = None) -> dict:
@@ -159,32 +239,34 @@ class OpenAIRoutes:
                     "choices": choices, "usage": usage}
 
         if not body.stream:
-            outs = [first] + [o async for o in outputs]
-            return chunk([choice(outs)], _usage(outs[-1]))
+            per_choice = await self._collect(outputs, firsts)
+            return chunk([choice(i, outs) for i, outs in enumerate(per_choice)], _usage([o[-1] for o in per_choice]))
 
         async def events():
-            last = first
-            yield chunk([choice([first])])
-            async for o in outputs:
-                last = o
-                yield chunk([choice([o])])
+            lasts = list(firsts)
+            for i, first in enumerate(firsts):
+                yield chunk([choice(i, [first])])
+            async for i, o in _merged(outputs):
+                lasts[i] = o
+                yield chunk([choice(i, [o])])
             if body.include_usage:
-                yield chunk([], _usage(last))
+                yield chunk([], _usage(lasts))
 
         return _sse(events())
 
     # -- /v1/chat/completions ----------------------------------------------------------------------
     @app.post("/v1/chat/completions")
-    async def chat_completions(self, body: ChatCompletionRequest):
+    async def chat_completions(self, body: ChatCompletionRequest, request: Request):
+        self._authorize(request)
         try:
-            prompt = self.chat_template.render([m.model_dump() for m in body.messages])
+            prompt = self.chat_template.render([m.text() for m in body.messages])
         except ValueError as e:
             raise RequestError("invalid", str(e), "messages") from e
         prompt_len = len(self.tokenizer.encode(prompt))
         max_tokens = body.max_completion_tokens or body.max_tokens or max(
             1, min(self.config.max_tokens_limit, self.max_model_len - prompt_len))
         top = (body.top_logprobs or 0) if body.logprobs else None
-        _, outputs, first = await self._start(body.model, prompt, body.sampling(max_tokens, top))
+        outputs, firsts = await self._start(body.model, prompt, body.sampling(max_tokens, top), body.n)
         chat_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
         def logprobs(outs: list[dict]) -> dict | None:
@@ -200,23 +282,25 @@ class OpenAIRoutes:
                     "choices": choices, "usage": usage}
 
         if not body.stream:
-            outs = [first] + [o async for o in outputs]
-            message = {"role": "assistant", "content": "".join(o["new_text"] for o in outs)}
-            return chunk("chat.completion", [{"index": 0, "message": message, "logprobs": logprobs(outs),
-                                              "finish_reason": outs[-1]["finish_reason"]}], _usage(outs[-1]))
+            per_choice = await self._collect(outputs, firsts)
+            choices = [{"index": i, "message": {"role": "assistant", "content": "".join(o["new_text"] for o in outs)},
+                        "logprobs": logprobs(outs), "finish_reason": outs[-1]["finish_reason"]}
+                       for i, outs in enumerate(per_choice)]
+            return chunk("chat.completion", choices, _usage([o[-1] for o in per_choice]))
+
+        def delta(i: int, o: dict, first: bool) -> dict:
+            content = {"role": "assistant", "content": o["new_text"]} if first else {"content": o["new_text"]}
+            return {"index": i, "delta": content, "logprobs": logprobs([o]), "finish_reason": o["finish_reason"]}
 
         async def events():
-            last = first
-            role = {"role": "assistant"}
-            for o in [first]:
-                yield chunk("chat.completion.chunk", [{"index": 0, "delta": {**role, "content": o["new_text"]},
-                                                       "logprobs": logprobs([o]), "finish_reason": o["finish_reason"]}])
-            async for o in outputs:
-                last = o
-                yield chunk("chat.completion.chunk", [{"index": 0, "delta": {"content": o["new_text"]},
-                                                       "logprobs": logprobs([o]), "finish_reason": o["finish_reason"]}])
+            lasts = list(firsts)
+            for i, first in enumerate(firsts):
+                yield chunk("chat.completion.chunk", [delta(i, first, True)])
+            async for i, o in _merged(outputs):
+                lasts[i] = o
+                yield chunk("chat.completion.chunk", [delta(i, o, False)])
             if body.include_usage:
-                yield chunk("chat.completion.chunk", [], _usage(last))
+                yield chunk("chat.completion.chunk", [], _usage(lasts))
 
         return _sse(events())
 

@@ -9,6 +9,7 @@ from deploy.config import AppConfig
 from tests.conftest import free_port
 
 SERVE_SPEC = TinySpec(seed=11, num_experts=16, top_k=4)
+ADMIN_KEY = "admin-key-for-tests"  # rebalance / scale are refused on a server without one
 
 
 @pytest.fixture(scope="session")
@@ -20,9 +21,10 @@ def server(ray_cluster, make_checkpoint):
     model_dir = make_checkpoint(SERVE_SPEC)
     cfg = AppConfig(model=model_dir, served_model_name="tiny", expert_workers=2, attention_workers=1,
                     max_num_seqs=4, max_waiting=4, max_model_len=256, max_tokens_limit=128,
-                    metrics_interval_steps=5)
+                    max_ongoing_requests=64,  # above what the engine holds: its own refusals are tested
+                    metrics_interval_steps=5, admin_api_keys=[ADMIN_KEY])
     grpc_port, http_port = free_port(), free_port()
     start_server(cfg, grpc_port=grpc_port, http_port=http_port)
     yield {"grpc": f"127.0.0.1:{grpc_port}", "http": f"http://127.0.0.1:{http_port}", "config": cfg,
-           "model_dir": model_dir}
+           "model_dir": model_dir, "admin_key": ADMIN_KEY}
     serve.shutdown()

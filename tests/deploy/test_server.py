@@ -40,9 +40,9 @@ def model_usage() -> dict:
     return serve.get_deployment_handle("Model", app_name="epserve").cache_usage.remote().result(timeout_s=30)
 
 
-def post(server, path: str, body: dict) -> tuple[int, dict]:
-    req = urllib.request.Request(server["http"] + path, data=json.dumps(body).encode(),
-                                 headers={"Content-Type": "application/json"})
+def post(server, path: str, body: dict, key: str | None = None) -> tuple[int, dict]:
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
+    req = urllib.request.Request(server["http"] + path, data=json.dumps(body).encode(), headers=headers)
     try:
         with urllib.request.urlopen(req, timeout=60) as resp:
             return resp.status, json.loads(resp.read())
@@ -134,7 +134,17 @@ BAD_HTTP = [
     ("/v1/completions", {"model": "tiny", "prompt": [3, 10**6]}, 400, "outside the vocabulary"),
     ("/v1/completions", {"model": "tiny", "prompt": "hi", "max_tokens": 1000}, 400, "limit of 128"),
     ("/v1/completions", {"model": "tiny", "prompt": "hi", "temperature": -2}, 400, "temperature"),
-    ("/v1/completions", {"model": "tiny", "prompt": "hi", "n": 3}, 400, "n must be 1"),
+    ("/v1/completions", {"model": "tiny", "prompt": "hi", "n": 17}, 400, "n must be in 1..16"),
+    ("/v1/completions", {"model": "tiny", "prompt": "hi", "best_of": 3}, 400, "best_of must equal n"),
+    ("/v1/completions", {"model": "tiny", "prompt": "hi", "logit_bias": {"5": 10}}, 400,
+     "logit_bias is not supported"),
+    ("/v1/completions", {"model": "tiny", "prompt": "hi", "suffix": "!"}, 400, "suffix is not supported"),
+    ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "x"}],
+                              "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools is not supported"),
+    ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "x"}],
+                              "response_format": {"type": "json_object"}}, 400, "response_format is not supported"),
+    ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}]}, 400, "'image_url' are not"),
     ("/v1/completions", {"model": "nope", "prompt": "hi"}, 404, "'nope' is not served"),
     ("/v1/completions", {"prompt": "hi"}, 400, "model"),
     ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "robot", "content": "x"}]}, 400, "role"),
@@ -149,6 +159,34 @@ def test_http_bad_inputs_get_openai_errors(server, path, body, status, message):
     assert reply["error"]["type"] and reply["error"]["code"] == status
     code, reply = post(server, "/v1/completions", {"model": "tiny", "prompt": "ok", "max_tokens": 2})
     assert code == 200
+
+
+def test_n_choices_content_parts_and_stream_usage(server, offline):
+    seeded = {"model": "tiny", "prompt": [5, 6, 7], "max_tokens": 6, "temperature": 1.0, "seed": 3,
+              "ignore_eos": True}
+    code, reply = post(server, "/v1/completions", {**seeded, "n": 3, "best_of": 3})
+    assert code == 200 and [c["index"] for c in reply["choices"]] == [0, 1, 2]
+    assert reply["usage"] == {"prompt_tokens": 3, "completion_tokens": 18, "total_tokens": 21}
+    for i, choice in enumerate(reply["choices"]):  # choice i is the request seeded seed + i
+        expected = offline.generate([[5, 6, 7]], SamplingParams(max_tokens=6, temperature=1.0, seed=3 + i,
+                                                                ignore_eos=True))[0]
+        assert choice["text"] == expected.text
+    req = urllib.request.Request(server["http"] + "/v1/completions", headers={"Content-Type": "application/json"},
+                                 data=json.dumps({**seeded, "n": 2, "stream": True,
+                                                  "stream_options": {"include_usage": True}}).encode())
+    with urllib.request.urlopen(req, timeout=60) as resp:
+        events = [json.loads(line[6:]) for line in resp if line.startswith(b"data: {")]
+    text = {0: "", 1: ""}
+    for event in events[:-1]:
+        [choice] = event["choices"]
+        text[choice["index"]] += choice["text"]
+    assert text[0] == reply["choices"][0]["text"] and text[1] == reply["choices"][1]["text"]
+    assert events[-1]["choices"] == [] and events[-1]["usage"]["completion_tokens"] == 12
+    parts = [{"type": "text", "text": "hello "}, {"type": "text", "text": "world"}]
+    chat = {"model": "tiny", "max_tokens": 4, "temperature": 0.0}
+    code, joined = post(server, "/v1/chat/completions", {**chat, "messages": [{"role": "user", "content": parts}]})
+    code2, plain = post(server, "/v1/chat/completions", {**chat, "messages": [{"role": "user", "content": "hello world"}]})
+    assert code == code2 == 200 and joined["choices"][0]["message"] == plain["choices"][0]["message"]
 
 
 def test_malformed_http_body(server):
@@ -212,13 +250,46 @@ def test_overload_gives_resource_exhausted_and_429(server, client):
     assert (usage["running"], usage["waiting"]) == (4, 4)
     with pytest.raises(grpc.RpcError) as info:
         client.generate([9], max_tokens=4)
-    status, reply = post(server, "/v1/completions", {"model": "tiny", "prompt": "x", "max_tokens": 5})
+    req = urllib.request.Request(server["http"] + "/v1/completions", headers={"Content-Type": "application/json"},
+                                 data=json.dumps({"model": "tiny", "prompt": "x", "max_tokens": 5}).encode())
+    with pytest.raises(urllib.error.HTTPError) as http_info:
+        urllib.request.urlopen(req, timeout=60)
+    status, reply = http_info.value.code, json.loads(http_info.value.read())
+    retry_after = http_info.value.headers.get("Retry-After")
     for stream in streams:
         stream.cancel()
     for t in threads:
         t.join(timeout=60)
     assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "overloaded" in info.value.details()
-    assert status == 429 and reply["error"]["type"] == "rate_limit_error"
+    assert "retry after 1 s" in info.value.details()
+    assert status == 429 and reply["error"]["type"] == "rate_limit_error" and retry_after == "1"
+    wait_idle()
+    assert client.generate([5], max_tokens=2).usage.completion_tokens >= 1  # serving again
+
+
+def test_a_burst_gets_429s_and_every_accepted_request_completes(server, client):
+    """48 requests at once on an instance that holds 8 (4 running + 4 waiting) and Serve's queue of
+    16: the rest are refused at once with 429 + Retry-After; none waits without bound."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    body = json.dumps({"model": "tiny", "prompt": [5, 6, 7], "max_tokens": 16, "ignore_eos": True}).encode()
+
+    def one(_):
+        req = urllib.request.Request(server["http"] + "/v1/completions", data=body,
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=120) as resp:
+                return resp.status, json.loads(resp.read())["usage"]["completion_tokens"], None
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read())["error"]["type"], e.headers.get("Retry-After")
+
+    with ThreadPoolExecutor(48) as pool:
+        results = list(pool.map(one, range(48)))
+    ok = [r for r in results if r[0] == 200]
+    refused = [r for r in results if r[0] == 429]
+    assert len(ok) + len(refused) == 48 and ok and refused
+    assert all(tokens == 16 for _, tokens, _ in ok)  # every accepted request ran to its end
+    assert all(kind == "rate_limit_error" and retry == "1" for _, kind, retry in refused)
     wait_idle()
     assert client.generate([5], max_tokens=2).usage.completion_tokens >= 1  # serving again
 
@@ -247,16 +318,21 @@ def test_experts_api_cli_heatmap_rebalance_and_scale(server, client, offline, tm
     assert sorted(e for ids in status["placement"][0] for e in ids) == list(range(16))
     result = subprocess.run(
         [sys.executable, "-m", "deploy.cli", "experts", "--url", server["http"], "--heatmap",
-         str(tmp_path / "load.png"), "--rebalance"], capture_output=True, text=True, timeout=120)
+         str(tmp_path / "load.png"), "--rebalance", "--admin-api-key", server["admin_key"]],
+        capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "before: 2 expert workers" in result.stdout and "after: 2 expert workers" in result.stdout
     for name in ("load-before.png", "load-after.png"):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    code, reply = post(server, "/v1/experts/scale", {"expert_workers": 0})
+    code, reply = post(server, "/v1/experts/scale", {"expert_workers": 2})  # no admin key
+    assert code == 403 and "admin API key" in reply["error"]["message"]
+    code, reply = post(server, "/v1/experts/rebalance", {}, key="not-the-admin-key")
+    assert code == 403 and reply["error"]["type"] == "permission_error"
+    code, reply = post(server, "/v1/experts/scale", {"expert_workers": 0}, key=server["admin_key"])
     assert code == 400 and "expert_workers must be in 1..16" in reply["error"]["message"]
     expected = offline.generate([[9, 8, 7]], SamplingParams(**GREEDY))[0].token_ids
     for workers in (3, 2):
-        code, reply = post(server, "/v1/experts/scale", {"expert_workers": workers})
+        code, reply = post(server, "/v1/experts/scale", {"expert_workers": workers}, key=server["admin_key"])
         assert code == 200 and get(server, "/v1/experts")["expert_workers"] == workers
         assert list(client.generate([9, 8, 7], **GREEDY).token_ids) == expected
 

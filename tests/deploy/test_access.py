@@ -1,0 +1,110 @@
+"""API keys through the real proxies: a second application started with keys on the session's Serve."""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+
+import grpc
+import pytest
+
+from deploy.auth import Authenticator, bearer_token
+from deploy.client import Client
+from deploy.errors import RequestError
+
+KEY, OTHER_KEY, ADMIN = "sk-test-1", "sk-test-2", "sk-admin"
+
+
+@pytest.fixture(scope="module")
+def secure(server):
+    from ray import serve
+
+    from deploy.app import build_app
+
+    cfg = server["config"].model_copy(update={"api_keys": [KEY, OTHER_KEY], "admin_api_keys": [ADMIN],
+                                              "expert_workers": 1})
+    serve.run(build_app(cfg), name="secure", route_prefix="/secure")
+    yield {"http": server["http"] + "/secure", "grpc": server["grpc"]}
+    serve.delete("secure")
+
+
+def call(url: str, body: dict | None = None, key: str | None = None) -> tuple[int, dict]:
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
+    data = None if body is None else json.dumps(body).encode()
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, data=data, headers=headers), timeout=60) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+COMPLETION = {"model": "tiny", "prompt": [5, 6, 7], "max_tokens": 2}
+
+
+def test_http_needs_a_key(secure):
+    code, reply = call(secure["http"] + "/v1/completions", COMPLETION)
+    assert code == 401 and "missing API key" in reply["error"]["message"]
+    assert reply["error"]["type"] == "authentication_error"
+    code, reply = call(secure["http"] + "/v1/completions", COMPLETION, key="sk-wrong")
+    assert code == 401 and reply["error"]["message"] == "invalid API key"
+    for key in (KEY, OTHER_KEY, ADMIN):  # every configured key; an admin key is a key too
+        code, reply = call(secure["http"] + "/v1/completions", COMPLETION, key=key)
+        assert code == 200 and reply["usage"]["completion_tokens"] == 2
+    assert call(secure["http"] + "/v1/models")[0] == 401
+    assert call(secure["http"] + "/v1/models", key=KEY)[0] == 200
+    assert call(secure["http"] + "/v1/experts")[0] == 401
+
+
+def test_admin_operations_need_the_admin_key(secure):
+    code, reply = call(secure["http"] + "/v1/experts/scale", {"expert_workers": 1}, key=KEY)
+    assert code == 403 and "admin API key" in reply["error"]["message"]
+    code, reply = call(secure["http"] + "/v1/experts/scale", {"expert_workers": 1}, key=ADMIN)
+    assert code == 200 and reply["expert_workers"] == 1
+
+
+def test_openai_client_sends_its_key(secure):
+    openai = pytest.importorskip("openai")
+    ok = openai.OpenAI(base_url=secure["http"] + "/v1", api_key=KEY)
+    assert ok.completions.create(model="tiny", prompt="hi", max_tokens=2).usage.completion_tokens == 2
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=secure["http"] + "/v1", api_key="sk-wrong").models.list()
+
+
+def test_grpc_needs_a_key_but_health_does_not(secure):
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    without = Client(secure["grpc"], application="secure")
+    with pytest.raises(grpc.RpcError) as info:
+        without.generate([5, 6], max_tokens=2)
+    assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED and "missing API key" in info.value.details()
+    with pytest.raises(grpc.RpcError) as info:
+        list(without.stream([5, 6], max_tokens=2))
+    assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    with pytest.raises(grpc.RpcError) as info:
+        without.model_info()
+    assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    wrong = Client(secure["grpc"], application="secure", api_key="sk-wrong")
+    with pytest.raises(grpc.RpcError) as info:
+        wrong.generate([5, 6], max_tokens=2)
+    assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED and "invalid API key" in info.value.details()
+    assert Client(secure["grpc"], application="secure", api_key=KEY).generate([5, 6], max_tokens=2).usage.completion_tokens == 2
+    health = health_pb2_grpc.HealthStub(grpc.insecure_channel(secure["grpc"]))
+    reply = health.Check(health_pb2.HealthCheckRequest(service=""), metadata=(("application", "secure"),), timeout=30)
+    assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    without.close(), wrong.close()
+
+
+def test_authenticator_rules():
+    assert bearer_token("Bearer abc") == "abc" and bearer_token("bearer  abc ") == "abc"
+    assert bearer_token("Basic abc") is None and bearer_token("Bearer ") is None and bearer_token(None) is None
+    open_server = Authenticator([], [])
+    open_server.check(None)  # no keys configured: open, except admin
+    with pytest.raises(RequestError, match="admin operations are disabled"):
+        open_server.check("Bearer anything", admin=True)
+    keyed = Authenticator(["k1"], ["a1"])
+    keyed.check("Bearer a1")
+    keyed.check("Bearer a1", admin=True)
+    with pytest.raises(RequestError) as info:
+        keyed.check("Bearer k1", admin=True)
+    assert info.value.http_status == 403
