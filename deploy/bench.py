@@ -31,6 +31,7 @@ class BenchResult:
     ttft_p99_ms: float
     tpot_p50_ms: float
     tpot_p99_ms: float
+    statuses: dict[str, int]  # "ok", or the HTTP status / gRPC code of each failed request
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -81,6 +82,7 @@ def run_bench(endpoint: str, address: str, http_url: str, concurrency: int, num_
     rng = random.Random(0)
     prompts = [[rng.randrange(3, vocab_size) for _ in range(prompt_len)] for _ in range(num_prompts)]
     ttfts, tpots, tokens, failed, done = [], [], 0, 0, 0
+    statuses: dict[str, int] = {}
     lock = threading.Lock()
     client = Client(address, api_key=api_key) if endpoint == "grpc" else None
 
@@ -91,11 +93,14 @@ def run_bench(endpoint: str, address: str, http_url: str, concurrency: int, num_
                 start, times, count = _grpc_one(client, prompt, output_len)
             else:
                 start, times, count = _http_one(http_url, model, prompt, output_len, api_key)
-            ok = bool(times)
-        except Exception:
+            ok, status = bool(times), "ok" if times else "no tokens"
+        except Exception as e:
             ok, times, start, count = False, [], 0.0, 0
+            code = getattr(e, "code", None)  # urllib's HTTPError.code; grpc.RpcError.code()
+            status = str(code().name if callable(code) else code) if code is not None else type(e).__name__
         with lock:
             done += 1
+            statuses[status] = statuses.get(status, 0) + 1
             if ok:
                 ttfts.append(times[0] - start)
                 if count > 1:  # the time per output token after the first, however they were grouped
@@ -118,7 +123,7 @@ def run_bench(endpoint: str, address: str, http_url: str, concurrency: int, num_
     return BenchResult(
         endpoint, concurrency, num_prompts, failed, duration, (num_prompts - failed) / duration,
         tokens / duration, percentile(ttfts, 50) * 1e3, percentile(ttfts, 99) * 1e3,
-        percentile(tpots, 50) * 1e3, percentile(tpots, 99) * 1e3)
+        percentile(tpots, 50) * 1e3, percentile(tpots, 99) * 1e3, dict(sorted(statuses.items())))
 
 
 def format_result(r: BenchResult, as_json: bool) -> str:
@@ -128,4 +133,5 @@ def format_result(r: BenchResult, as_json: bool) -> str:
             f"in {r.duration_s:.1f}s\n"
             f"  throughput   {r.requests_per_s:.2f} req/s, {r.output_tokens_per_s:.1f} output tok/s\n"
             f"  TTFT         p50 {r.ttft_p50_ms:.1f} ms, p99 {r.ttft_p99_ms:.1f} ms\n"
-            f"  TPOT         p50 {r.tpot_p50_ms:.1f} ms, p99 {r.tpot_p99_ms:.1f} ms")
+            f"  TPOT         p50 {r.tpot_p50_ms:.1f} ms, p99 {r.tpot_p99_ms:.1f} ms\n"
+            f"  statuses     {', '.join(f'{k} {v}' for k, v in r.statuses.items())}")

@@ -72,13 +72,19 @@ def cmd_serve(args) -> int:
 
     cfg = _server_config(args)
     start = time.perf_counter()
-    start_server(cfg, args.grpc_port, args.http_port, args.host, args.address)
+    if bool(args.ssl_certfile) != bool(args.ssl_keyfile):
+        raise SystemExit("--ssl-certfile and --ssl-keyfile go together")
+    start_server(cfg, args.grpc_port, args.http_port, args.host, args.address, ssl_certfile=args.ssl_certfile,
+                 ssl_keyfile=args.ssl_keyfile)
+    scheme = "https" if args.ssl_certfile else "http"
+    auth = " -H 'Authorization: Bearer $EPSERVE_API_KEY'" if cfg.api_keys else ""
     print(f"serving {cfg.name!r} ({cfg.attention_workers} attention + {cfg.expert_workers} expert workers "
-          f"per instance, {cfg.min_replicas}-{cfg.max_replicas} instances) in {time.perf_counter() - start:.0f}s")
-    print(f"  gRPC  {args.host}:{args.grpc_port}  epserve.v1.Generation    "
+          f"per instance, {cfg.min_replicas}-{cfg.max_replicas} instances) in {time.perf_counter() - start:.0f}s"
+          f"{'; API keys required' if cfg.api_keys else ''}")
+    print(f"  gRPC  0.0.0.0:{args.grpc_port} (every interface, plaintext)  epserve.v1.Generation    "
           f"try: epserve generate \"hello\" --address 127.0.0.1:{args.grpc_port}")
-    print(f"  HTTP  http://{args.host}:{args.http_port}/v1  OpenAI API       "
-          f"try: curl http://127.0.0.1:{args.http_port}/v1/completions -H 'Content-Type: application/json' "
+    print(f"  HTTP  {scheme}://{args.host}:{args.http_port}/v1  OpenAI API       "
+          f"try: curl {scheme}://{args.host}:{args.http_port}/v1/completions -H 'Content-Type: application/json'{auth} "
           f"-d '{{\"model\": \"{cfg.name}\", \"prompt\": \"hello\", \"max_tokens\": 8}}'")
     print("Ctrl-C (or SIGTERM) stops the server.", flush=True)
 
@@ -294,6 +300,8 @@ def main(argv: list[str] | None = None) -> int:
     _add_server_args(serve_p, 9000, 8000)
     serve_p.add_argument("--host", default="127.0.0.1", help="HTTP bind address (gRPC listens on all)")
     serve_p.add_argument("--address", default=None, help="join this Ray cluster ('auto': the running one)")
+    serve_p.add_argument("--ssl-certfile", default=None, help="serve HTTPS with this certificate (PEM)")
+    serve_p.add_argument("--ssl-keyfile", default=None, help="... and this private key (PEM)")
     demo = sub.add_parser("demo", help="start the server, call it over gRPC and HTTP, stop")
     _add_server_args(demo, 9000, 8000)
     demo.add_argument("--max-tokens", type=int, default=12)

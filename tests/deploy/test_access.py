@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 import urllib.error
 import urllib.request
@@ -108,3 +109,73 @@ def test_authenticator_rules():
     with pytest.raises(RequestError) as info:
         keyed.check("Bearer k1", admin=True)
     assert info.value.http_status == 403
+
+
+def _self_signed(directory) -> tuple[str, str]:
+    """A certificate for 127.0.0.1 and its key, made here (PEM files)."""
+    import datetime
+    import ipaddress
+
+    x509 = pytest.importorskip("cryptography.x509")
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+            .sign(key, hashes.SHA256()))
+    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return str(cert_path), str(key_path)
+
+
+def test_epserve_serve_over_https_with_a_key(server, tmp_path):
+    """`epserve serve --ssl-certfile --ssl-keyfile --api-key` in its own process and Ray cluster."""
+    import os
+    import signal
+    import ssl
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import free_port
+
+    cert, key = _self_signed(tmp_path)
+    http_port = free_port()
+    log = open(tmp_path / "serve.log", "w+")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "deploy.cli", "serve", "--model", server["model_dir"], "--name", "tiny", "--expert-workers", "1",
+         "--grpc-port", str(free_port()), "--http-port", str(http_port), "--ssl-certfile", cert,
+         "--ssl-keyfile", key, "--api-key", KEY], stdout=log, stderr=subprocess.STDOUT, text=True,
+        env={**os.environ, "EPSERVE_API_KEY": ""})
+    try:
+        deadline = time.time() + 180
+        while "serving" not in (tmp_path / "serve.log").read_text():
+            assert proc.poll() is None and time.time() < deadline, (tmp_path / "serve.log").read_text()[-3000:]
+            time.sleep(0.5)
+        banner = (tmp_path / "serve.log").read_text()
+        assert f"https://127.0.0.1:{http_port}/v1" in banner and "API keys required" in banner
+        context = ssl.create_default_context(cafile=cert)
+        url = f"https://127.0.0.1:{http_port}/v1/completions"
+        body = json.dumps(COMPLETION).encode()
+        request = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json",
+                                                                  "Authorization": f"Bearer {KEY}"})
+        with urllib.request.urlopen(request, context=context, timeout=60) as resp:
+            assert resp.status == 200 and json.loads(resp.read())["usage"]["completion_tokens"] == 2
+        with pytest.raises(urllib.error.HTTPError) as info:
+            urllib.request.urlopen(urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"}),
+                                   context=context, timeout=60)
+        assert info.value.code == 401
+        with pytest.raises((OSError, http.client.HTTPException)):  # plain HTTP is not served on that port
+            urllib.request.urlopen(f"http://127.0.0.1:{http_port}/v1/models", timeout=10).read()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+        log.close()
