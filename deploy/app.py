@@ -15,6 +15,7 @@ from ray import serve
 from ray.serve import Application
 
 from .config import AppConfig
+from .errors import RETRY_AFTER_S
 from .ingress import Ingress
 from .model_server import ModelServer
 from .openai_api import OpenAIRoutes, app
@@ -57,6 +58,8 @@ def model_deployment_options(cfg: AppConfig) -> dict:
         placement_group_strategy="PACK",
         max_ongoing_requests=cfg.replica_capacity,  # past it, Serve holds max_queued_requests, then 429
         max_queued_requests=cfg.max_queued_requests,
+        # a refusal there reaches HTTP clients as Serve's own response: make it a 429 with Retry-After
+        backpressure_config={"status_code": 429, "retry_after_s": RETRY_AFTER_S},
         graceful_shutdown_timeout_s=10,
         # a replica that cannot recover from a lost worker fails check_health; Serve replaces it
         # after a few failed checks (seconds, not the default half minute)
@@ -87,5 +90,6 @@ def build_app(args: dict | AppConfig) -> Application:
     ingress = serve.deployment(EpserveIngress).options(
         name="Ingress", ray_actor_options={"num_cpus": cfg.ingress_cpus},
         max_ongoing_requests=max(1024, admitted), max_queued_requests=max(1024, admitted),
+        backpressure_config={"status_code": 429, "retry_after_s": RETRY_AFTER_S},
     )
     return ingress.bind(model, config)

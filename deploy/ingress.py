@@ -64,9 +64,9 @@ class Ingress:
     async def stream(self, ids: list[int], sampling: dict, request_id: str) -> AsyncIterator[dict]:
         """Output dicts from a model instance; engine refusals become RequestErrors. Leaving early
         cancels the request in the engine."""
-        response = self.model.options(stream=True).generate.remote(ids, sampling, request_id)
-        finished = False
-        try:
+        response, finished = None, False
+        try:  # .remote() itself may refuse (Serve's queue is full): that is a 429 too
+            response = self.model.options(stream=True).generate.remote(ids, sampling, request_id)
             async for out in response:
                 finished = out["finished"]
                 yield out
@@ -75,7 +75,7 @@ class Ingress:
         except Exception as e:
             raise classify(e) from e
         finally:
-            if not finished:
+            if response is not None and not finished:
                 response.cancel()
 
     # -- gRPC: epserve.v1.Generation ---------------------------------------------------------------

@@ -14,6 +14,7 @@ def test_serve_takes_what_the_engine_holds_and_queues_a_bounded_number(make_chec
     cfg = AppConfig(model=make_checkpoint(SERVE_SPEC), attention_workers=2, max_num_seqs=32, max_waiting=100)
     options = model_deployment_options(cfg)
     assert options["max_ongoing_requests"] == 2 * 32 + 100 and options["max_queued_requests"] == 16
+    assert options["backpressure_config"] == {"status_code": 429, "retry_after_s": 1}  # Serve's own refusal
     explicit = cfg.model_copy(update={"max_ongoing_requests": 7, "max_queued_requests": 3})
     assert (model_deployment_options(explicit)["max_ongoing_requests"],
             model_deployment_options(explicit)["max_queued_requests"]) == (7, 3)
