@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 MAX_LOGPROBS = 20
+MAX_STOP_STRINGS, MAX_STOP_LENGTH, MAX_STOP_TOKEN_IDS = 16, 256, 64  # what one request may ask
 
 
 @dataclass(frozen=True)
@@ -44,8 +45,12 @@ class SamplingParams:
             (self.logprobs is None or 0 <= self.logprobs <= MAX_LOGPROBS, "logprobs", f"in 0..{MAX_LOGPROBS}"),
             (self.seed is None or isinstance(self.seed, int) and self.seed >= 0, "seed", "an integer >= 0"),
             (all(isinstance(s, str) and s for s in self.stop), "stop", "non-empty strings"),
+            # every stop string is searched in the text after every token: bounded per request
+            (len(self.stop) <= MAX_STOP_STRINGS, "stop", f"at most {MAX_STOP_STRINGS} strings"),
+            (all(len(s) <= MAX_STOP_LENGTH for s in self.stop), "stop", f"strings of at most {MAX_STOP_LENGTH} characters"),
             (all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids), "stop_token_ids",
              "integers >= 0"),
+            (len(self.stop_token_ids) <= MAX_STOP_TOKEN_IDS, "stop_token_ids", f"at most {MAX_STOP_TOKEN_IDS} ids"),
         ]
         for ok, name, expected in checks:
             if not ok:
