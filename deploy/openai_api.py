@@ -36,7 +36,7 @@ async def _validation_error(request: Request, error: RequestValidationError) -> 
 MAX_N = 16  # choices per request
 # fields of OpenAI's API that this server does not implement: refused by name, never ignored
 UNSUPPORTED = ("tools", "tool_choice", "functions", "function_call", "parallel_tool_calls", "response_format",
-               "logit_bias", "suffix", "audio", "modalities", "prediction", "web_search_options")
+               "suffix", "audio", "modalities", "prediction", "web_search_options")
 
 
 class _Sampling(BaseModel):
@@ -51,6 +51,7 @@ class _Sampling(BaseModel):
     stream_options: dict | None = None
     stop: str | list[str] | None = None
     seed: int | None = None
+    logit_bias: dict[str, float] | None = None  # token id (as a string, as OpenAI sends it) -> bias
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     # extensions (extra_body in the openai client), as vLLM names them
@@ -69,7 +70,11 @@ class _Sampling(BaseModel):
         if self.best_of is not None and self.best_of != self.n:
             raise RequestError("invalid", f"best_of must equal n ({self.n}) here: choices are not ranked, "
                                           f"got {self.best_of}", "best_of")
-        return dict(max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
+        try:
+            bias = {int(token): value for token, value in (self.logit_bias or {}).items()}
+        except ValueError as e:
+            raise RequestError("invalid", f"logit_bias keys must be token ids: {e}", "logit_bias") from e
+        return dict(logit_bias=bias, max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
                     min_p=self.min_p, seed=self.seed, stop=self.stop or (), stop_token_ids=self.stop_token_ids,
                     presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
                     repetition_penalty=self.repetition_penalty, ignore_eos=self.ignore_eos, logprobs=logprobs)

@@ -55,6 +55,7 @@ class SamplingTensors:
     draws: Draws | None  # None: every row is greedy
     penalties: Penalties | None  # None: no row is penalised
     num_logprobs: int  # largest n asked for; -1: no row wants logprobs
+    bias: torch.Tensor | None = None  # [B, V] added to the logits first (OpenAI logit_bias); None: none
 
 
 @dataclass
@@ -102,7 +103,8 @@ def _draw(filtered_BV: torch.Tensor, uniform_B: torch.Tensor) -> torch.Tensor:
 
 def sample(logits_BV: torch.Tensor, st: SamplingTensors) -> SampleResult:
     logits_BV = logits_BV.float()
-    penalised = logits_BV if st.penalties is None else apply_penalties(logits_BV, st.penalties)
+    biased = logits_BV if st.bias is None else logits_BV + st.bias
+    penalised = biased if st.penalties is None else apply_penalties(biased, st.penalties)
     tokens = penalised.argmax(-1)
     if st.draws is not None:
         drawn = _draw(filter_logits(penalised, st.draws), st.draws.uniform)
@@ -134,6 +136,8 @@ def sample_reference(logits_BV: torch.Tensor, st: SamplingTensors) -> SampleResu
     tokens = []
     for i in range(logits_BV.shape[0]):
         logits, draws, penalties = logits_BV[i : i + 1], _row(st.draws, i), _row(st.penalties, i)
+        if st.bias is not None:
+            logits = logits + st.bias[i : i + 1]
         if penalties is not None:
             logits = apply_penalties(logits, penalties)
         if draws is None or float(draws.temperature) == 0.0:

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 MAX_LOGPROBS = 20
 MAX_STOP_STRINGS, MAX_STOP_LENGTH, MAX_STOP_TOKEN_IDS = 16, 256, 64  # what one request may ask
+MAX_LOGIT_BIAS = 300  # OpenAI's limit
 
 
 @dataclass(frozen=True)
@@ -22,6 +23,9 @@ class SamplingParams:
     presence_penalty: float = 0.0  # OpenAI: subtract once for every token already generated
     frequency_penalty: float = 0.0  # OpenAI: subtract per occurrence in the output
     repetition_penalty: float = 1.0  # HF/CTRL: divide positive, multiply negative logits of seen tokens
+    # OpenAI: added to the logits of these token ids before penalties and selection ((id, bias) pairs
+    # or a dict; bias in [-100, 100]); logprobs stay those of the model
+    logit_bias: tuple[tuple[int, float], ...] = ()
     logprobs: int | None = None  # return the sampled token's logprob and the top n (0..20)
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
@@ -31,6 +35,8 @@ class SamplingParams:
             object.__setattr__(self, "stop", (self.stop,))
         object.__setattr__(self, "stop", tuple(self.stop or ()))
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids or ()))
+        bias = self.logit_bias.items() if isinstance(self.logit_bias, dict) else (self.logit_bias or ())
+        object.__setattr__(self, "logit_bias", tuple((int(t), float(b)) for t, b in bias))
         if self.top_k == -1:
             object.__setattr__(self, "top_k", 0)
         checks = [
@@ -51,6 +57,9 @@ class SamplingParams:
             (all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids), "stop_token_ids",
              "integers >= 0"),
             (len(self.stop_token_ids) <= MAX_STOP_TOKEN_IDS, "stop_token_ids", f"at most {MAX_STOP_TOKEN_IDS} ids"),
+            (len(self.logit_bias) <= MAX_LOGIT_BIAS, "logit_bias", f"at most {MAX_LOGIT_BIAS} entries"),
+            (all(t >= 0 and -100 <= b <= 100 for t, b in self.logit_bias), "logit_bias",
+             "token ids >= 0 with biases in [-100, 100]"),
         ]
         for ok, name, expected in checks:
             if not ok:

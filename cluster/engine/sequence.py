@@ -56,4 +56,5 @@ class Sequence:
             presence_penalty=p.presence_penalty, frequency_penalty=p.frequency_penalty,
             repetition_penalty=p.repetition_penalty,
             logprobs=-1 if p.logprobs is None else p.logprobs, prompt_len=len(self.prompt_ids),
+            logit_bias=p.logit_bias,
         )

@@ -32,9 +32,14 @@ def decode_step(data: bytes) -> StepInput:
     for seq_id, ids, past, blocks, slot, sample, want_logits, sampling in raw["chunks"]:
         chunks.append(ScheduledChunk(
             int(seq_id), tuple(int(t) for t in ids), int(past), tuple(int(b) for b in blocks), int(slot),
-            bool(sample), bool(want_logits), None if sampling is None else SamplingSpec(*sampling),
+            bool(sample), bool(want_logits), None if sampling is None else _spec(sampling),
         ))
     return StepInput(tuple(chunks), tuple(int(s) for s in raw["freed"]))
+
+
+def _spec(fields: list) -> SamplingSpec:
+    *scalars, bias = fields
+    return SamplingSpec(*scalars, tuple((int(t), float(b)) for t, b in bias))
 
 
 def _encode_tensor(t: torch.Tensor | None):

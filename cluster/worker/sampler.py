@@ -54,7 +54,13 @@ def sampling_tensors(specs: list[SamplingSpec], histories: list[list[int]], voca
         seen[everything[:, 0], everything[:, 1]] = True
         penalties = Penalties(column([s.presence_penalty for s in specs]), column([s.frequency_penalty for s in specs]),
                               column([s.repetition_penalty for s in specs]), counts, seen)
-    return SamplingTensors(draws, penalties, max((s.logprobs for s in specs), default=-1))
+    bias = None
+    biased = [(i, t, b) for i, s in enumerate(specs) for t, b in s.logit_bias if t < vocab_size]
+    if biased:
+        bias = torch.zeros(len(specs), vocab_size, device=device)
+        index = column([(i, t) for i, t, _ in biased], torch.long)
+        bias.index_put_((index[:, 0], index[:, 1]), column([b for _, _, b in biased]), accumulate=True)
+    return SamplingTensors(draws, penalties, max((s.logprobs for s in specs), default=-1), bias)
 
 
 def sample_batch(

@@ -27,6 +27,7 @@ class SamplingSpec:
     repetition_penalty: float = 1.0
     logprobs: int = -1  # -1: none; n >= 0: the sampled token's logprob and the top n
     prompt_len: int = 0  # tokens before this index are prompt (penalties treat them apart)
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added logit)
 
 
 @dataclass(frozen=True)

@@ -100,3 +100,28 @@ def test_logprobs_are_raw_model_logprobs():
     raw = torch.log_softmax(logits[0], -1)
     assert token == 1 and logprob == pytest.approx(raw[1].item())
     assert [t for t, _ in top] == [1, 2] and top[1][1] == pytest.approx(raw[2].item())
+
+
+def test_logit_bias_steers_selection_but_not_logprobs(make_checkpoint):
+    """A biased and an unbiased request in one batch: the bias moves only its own row."""
+    from cluster import LLM, SamplingParams
+    from tests.conftest import FLAGSHIP_SHAPE
+
+    llm = LLM(model=make_checkpoint(FLAGSHIP_SHAPE), warm_up=False)
+    greedy = dict(max_tokens=6, temperature=0.0, ignore_eos=True, logprobs=0)
+    [reference] = llm.generate([[5, 6, 7]], SamplingParams(**greedy))
+    requests = {"plain": SamplingParams(**greedy),
+                "forced": SamplingParams(**greedy, logit_bias={42: 100.0}),
+                "banned": SamplingParams(**greedy, logit_bias={reference.token_ids[0]: -100.0})}
+    for request_id, params in requests.items():
+        llm.engine.add_request(request_id, [5, 6, 7], params)
+    tokens = {request_id: [] for request_id in requests}
+    logprobs = {request_id: [] for request_id in requests}
+    while llm.engine.has_unfinished():
+        for out in llm.engine.step():
+            tokens[out.request_id] += out.new_token_ids
+            logprobs[out.request_id] += [lp.logprob for lp in out.logprobs]
+    assert tokens["plain"] == reference.token_ids
+    assert tokens["forced"] == [42] * 6
+    assert tokens["banned"][0] != reference.token_ids[0]
+    assert all(lp < -1e-3 for lp in logprobs["forced"])  # the model's own logprob of token 42, not 0

@@ -136,8 +136,8 @@ BAD_HTTP = [
     ("/v1/completions", {"model": "tiny", "prompt": "hi", "temperature": -2}, 400, "temperature"),
     ("/v1/completions", {"model": "tiny", "prompt": "hi", "n": 17}, 400, "n must be in 1..16"),
     ("/v1/completions", {"model": "tiny", "prompt": "hi", "best_of": 3}, 400, "best_of must equal n"),
-    ("/v1/completions", {"model": "tiny", "prompt": "hi", "logit_bias": {"5": 10}}, 400,
-     "logit_bias is not supported"),
+    ("/v1/completions", {"model": "tiny", "prompt": "hi", "logit_bias": {"5": 500}}, 400, "biases in [-100, 100]"),
+    ("/v1/completions", {"model": "tiny", "prompt": "hi", "logit_bias": {"a": 1}}, 400, "keys must be token ids"),
     ("/v1/completions", {"model": "tiny", "prompt": "hi", "suffix": "!"}, 400, "suffix is not supported"),
     ("/v1/completions", {"model": "tiny", "prompt": "hi", "stop": [str(i) for i in range(17)]}, 400,
      "at most 16 strings"),
@@ -185,6 +185,10 @@ def test_n_choices_content_parts_and_stream_usage(server, offline):
         text[choice["index"]] += choice["text"]
     assert text[0] == reply["choices"][0]["text"] and text[1] == reply["choices"][1]["text"]
     assert events[-1]["choices"] == [] and events[-1]["usage"]["completion_tokens"] == 12
+    code, biased = post(server, "/v1/completions", {"model": "tiny", "prompt": [5, 6, 7], "max_tokens": 5,
+                                                    "temperature": 0.0, "ignore_eos": True, "logit_bias": {"42": 100},
+                                                    "logprobs": 0})
+    assert code == 200 and biased["choices"][0]["logprobs"]["tokens"] == [offline.tokenizer.decode([42])] * 5
     parts = [{"type": "text", "text": "hello "}, {"type": "text", "text": "world"}]
     chat = {"model": "tiny", "max_tokens": 4, "temperature": 0.0}
     code, joined = post(server, "/v1/chat/completions", {**chat, "messages": [{"role": "user", "content": parts}]})
