@@ -288,7 +288,10 @@ def test_a_burst_gets_429s_and_every_accepted_request_completes(server, client):
             with urllib.request.urlopen(req, timeout=120) as resp:
                 return resp.status, json.loads(resp.read())["usage"]["completion_tokens"], None
         except urllib.error.HTTPError as e:
-            return e.code, json.loads(e.read())["error"]["type"], e.headers.get("Retry-After")
+            text = e.read()
+            # the engine's refusal has OpenAI's body; Serve's own (its queue full) is plain text
+            kind = json.loads(text)["error"]["type"] if text.startswith(b"{") else text.decode(errors="replace")
+            return e.code, kind, e.headers.get("Retry-After")
 
     with ThreadPoolExecutor(48) as pool:
         results = list(pool.map(one, range(48)))
@@ -296,7 +299,8 @@ def test_a_burst_gets_429s_and_every_accepted_request_completes(server, client):
     refused = [r for r in results if r[0] == 429]
     assert len(ok) + len(refused) == 48 and ok and refused
     assert all(tokens == 16 for _, tokens, _ in ok)  # every accepted request ran to its end
-    assert all(kind == "rate_limit_error" and retry == "1" for _, kind, retry in refused)
+    assert len(ok) + len(refused) == 48, [r for r in results if r[0] not in (200, 429)]
+    assert all(retry == "1" and (kind == "rate_limit_error" or "backpressure" in kind) for _, kind, retry in refused), refused
     wait_idle()
     assert client.generate([5], max_tokens=2).usage.completion_tokens >= 1  # serving again
 
