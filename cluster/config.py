@@ -186,8 +186,8 @@ class ClusterConfig:
     # deterministic failure for tests: "attention:0:5" makes attention worker 0 exit as it gets its
     # 5th step command (role "attention" or "expert", index within the role); replacements never do
     fault_injection: str | None = None
-    # attention workers keep an undo point per step (a copy of the step's DeltaNet states: ~5% of a
-    # tiny-model decode step here) so that a lost expert worker costs one replayed step; off, such
+    # attention workers keep an undo point per step (a copy of the step's DeltaNet states: 5-15% of
+    # a tiny-model decode step here) so that a lost expert worker costs one replayed step; off, such
     # a loss re-prefills every running sequence, as a lost attention worker does
     replay_failed_steps: bool = True
     threads_per_worker: int = 1  # torch threads inside each CPU worker
