@@ -34,7 +34,6 @@ from pathlib import Path
 import torch
 
 import cluster.engine.engine as engine_module
-from attention import PartialRotary
 from attention.norm import GatedRMSNorm, RMSNorm
 from cluster import LLM, SamplingParams
 from cluster.config import ModelConfig
@@ -42,6 +41,7 @@ from cluster.engine.cache_plan import CacheConfig
 from cluster.engine.executor import LocalExecutor
 from cluster.engine.memory_plan import FLAGSHIP
 from cluster.engine.scheduler import SchedulerConfig
+from cluster.model.loading import empty_model
 from cluster.model.model import Qwen35MoeModel
 from experts import ExpertBank, ExpertShard
 from kernels import reference_kernels
@@ -65,9 +65,7 @@ def random_model(cfg: ModelConfig, dtype: torch.dtype, device: str, seed: int) -
     """The dense model, built on meta and filled on the device: linear weights N(0, 1/in), norms
     as their modules start, DeltaNet decay parameters in a trained model's range."""
     torch.manual_seed(seed)
-    with torch.device("meta"):
-        model = Qwen35MoeModel(cfg)
-    model = model.to(torch.float32).to_empty(device=device)
+    model = empty_model(cfg, torch.float32, device)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("A_log"):
@@ -83,9 +81,6 @@ def random_model(cfg: ModelConfig, dtype: torch.dtype, device: str, seed: int) -
                 m.weight.fill_(1.0)
             elif isinstance(m, RMSNorm):
                 m.weight.zero_()  # (1 + w) scaling
-            elif isinstance(m, PartialRotary):
-                m.reset_buffers()
-    model.tie_weights()
     return model.to(dtype).eval()
 
 

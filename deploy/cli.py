@@ -246,17 +246,14 @@ def cmd_plan(args) -> int:
     from cluster import ConfigError
     from cluster.config import ClusterConfig, ModelConfig
     from cluster.engine.cache_plan import CacheConfig, plan_cache
-    from cluster.engine.memory_plan import FLAGSHIP, GIB, plan_memory
-    from router import ExpertPlacement
+    from cluster.engine.memory_plan import FLAGSHIP, GIB, plan_instance
 
     cfg = ModelConfig.from_dict(FLAGSHIP) if args.model is None else ModelConfig.from_pretrained(args.model)
     dtype_bytes = {"float32": 4, "bfloat16": 2, "float16": 2}[args.dtype]
     layout = plan_cache(cfg, CacheConfig(memory_budget_mb=args.kv_cache_memory_mb), args.max_num_seqs, dtype_bytes)
-    held = ExpertPlacement.contiguous(cfg.num_experts, args.expert_workers, list(cfg.moe_layer_ids)).held
-    plan = plan_memory(cfg, layout, dtype_bytes, max_batched_tokens=args.max_num_batched_tokens,
-                       experts_per_worker=max(len(ids) for per_layer in held.values() for ids in per_layer),
-                       attention_workers=args.attention_workers, expert_workers=args.expert_workers,
-                       replay_failed_steps=ClusterConfig().replay_failed_steps)
+    cluster = ClusterConfig(expert_workers=args.expert_workers, attention_workers=args.attention_workers,
+                            use_ray=True)
+    plan = plan_instance(cfg, layout, dtype_bytes, cluster, args.max_num_batched_tokens)
     print(f"{args.model or 'Qwen3.5-397B-A17B (flagship shape)'}, {args.dtype}: {args.attention_workers} attention + "
           f"{args.expert_workers} expert workers; {args.max_num_seqs} sequences, {layout.num_blocks} KV blocks "
           f"of {layout.block_size} tokens per attention worker")

@@ -65,7 +65,7 @@ def moe_experts_grouped(x_RD, idx_RK, weights_RK, gate_up, down, partial: bool =
     return total if partial else total.float().to(x_RD.dtype)
 
 
-def _grouped_mm_fits(x_RD, gate_up, down) -> bool:
+def _grouped_mm_fits(x_RD, down) -> bool:
     """torch._grouped_mm is there (torch >= 2.8), takes the dtype (CUDA: bf16 only) and the strides."""
     step = 16 // x_RD.element_size()
     return (hasattr(torch, "_grouped_mm") and (x_RD.is_cpu or x_RD.dtype == torch.bfloat16)
@@ -79,7 +79,7 @@ def moe_experts(x_RD, idx_RK, weights_RK, gate_up, down, partial: bool = False) 
     positions in the bank, -1 where the expert is not in this bank (contributes nothing)."""
     if native(x_RD):
         return torch.ops.epserve.moe_experts(x_RD, idx_RK, weights_RK, gate_up, down, partial)
-    if batched(x_RD) and _grouped_mm_fits(x_RD, gate_up, down):  # GPUs: grouped GEMM
+    if batched(x_RD) and _grouped_mm_fits(x_RD, down):  # GPUs: grouped GEMM
         return moe_experts_grouped(x_RD, idx_RK, weights_RK, gate_up, down, partial)
     return moe_experts_reference(x_RD, idx_RK, weights_RK, gate_up, down, partial)
 

@@ -22,7 +22,7 @@ from .cache_plan import CacheConfig, plan_cache
 from ..config import ClusterConfig, ModelConfig, RebalanceConfig
 from .detokenizer import IncrementalDetokenizer
 from .executor import LocalExecutor
-from .memory_plan import MemoryPlan, device_capacity, plan_memory
+from .memory_plan import device_capacity, plan_instance
 from .ray_executor import RayExecutor, WorkerFailure
 from .sampling import SamplingParams
 from .scheduler import OverloadedError, Scheduled, Scheduler, SchedulerConfig
@@ -125,7 +125,8 @@ class EngineCore:
             self.tokenizer: Tokenizer | None = Tokenizer(self.model_dir, self.config.eos_token_ids)
         except FileNotFoundError:
             self.tokenizer = None
-        self.memory_plan = self._plan_memory(dtype_bytes)
+        self.memory_plan = plan_instance(self.config, self.layout, dtype_bytes, self.cluster,
+                                         self.scheduler_config.max_num_batched_tokens)
         log.info("memory plan per worker:\n%s", self.memory_plan.describe())
         if self.cluster.wants_ray:
             self.executor = RayExecutor(self.config, self.model_dir, dtype, self.cluster, self.layout,
@@ -225,19 +226,6 @@ class EngineCore:
         return outputs
 
     # -- failures ----------------------------------------------------------------------------------
-    def _plan_memory(self, dtype_bytes: int) -> MemoryPlan:
-        experts_per_worker = None
-        if self.cluster.wants_ray:
-            placement = self.cluster.placement or ExpertPlacement.contiguous(
-                self.config.num_experts, self.cluster.expert_workers, list(self.config.moe_layer_ids))
-            experts_per_worker = max(len(ids) for held in placement.held.values() for ids in held)
-        return plan_memory(self.config, self.layout, dtype_bytes,
-                           max_batched_tokens=self.scheduler_config.max_num_batched_tokens,
-                           experts_per_worker=experts_per_worker,
-                           attention_workers=self.cluster.attention_workers,
-                           expert_workers=self.cluster.expert_workers,
-                           replay_failed_steps=self.cluster.replay_failed_steps)
-
     def _execute(self, messages) -> list[list[ChunkResult]] | None:
         """Runs a step; after a worker failure, re-forms the instance and replays the step where the
         attention workers kept their caches. None: the step's sequences were sent back to be

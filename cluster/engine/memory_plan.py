@@ -15,7 +15,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ..config import ConfigError, ModelConfig
+from router import ExpertPlacement
+
+from ..config import ClusterConfig, ConfigError, ModelConfig
 from .cache_plan import CacheLayout
 
 GIB = 2**30
@@ -51,14 +53,14 @@ class MemoryPlan:
                 w.weights, w.kv_cache, w.state_slots, w.undo_copy, w.exchange, w.total)))
         return "\n".join(rows)
 
-    def check(self, device: str, capacity: int, role: str | None = None, count: int = 1) -> None:
+    def check(self, device: str, capacity: int, role: str | None = None) -> None:
         """Refuses a plan whose worker (of `role`, or any) does not fit `capacity` bytes less the
-        headroom; `count` workers of the role share the device (CPU workers share the RAM)."""
+        headroom."""
         usable = capacity * (1 - self.headroom)
         for w in self.workers():
-            if (role is None or w.role == role) and count * w.total > usable:
+            if (role is None or w.role == role) and w.total > usable:
                 raise ConfigError(
-                    f"{count} {w.role} worker(s) need {count * w.total / GIB:.2f} GiB on {device} but it has "
+                    f"the {w.role} worker needs {w.total / GIB:.2f} GiB on {device} but it has "
                     f"{capacity / GIB:.2f} GiB ({usable / GIB:.2f} GiB after {self.headroom:.0%} headroom):\n"
                     f"{self.describe()}\nuse more expert workers, a smaller cache budget, or a "
                     f"smaller dtype (an FP8 checkpoint is dequantised to the compute dtype)")
@@ -100,6 +102,19 @@ def plan_memory(cfg: ModelConfig, layout: CacheLayout, dtype_bytes: int, *, max_
     expert_weights = experts_per_worker * moe_layers * expert_parameters(cfg) * dtype_bytes
     return MemoryPlan(WorkerMemory("attention", dense, kv, states, undo, attention_exchange),
                       WorkerMemory("expert", expert_weights, exchange=expert_exchange))
+
+
+def plan_instance(cfg: ModelConfig, layout: CacheLayout, dtype_bytes: int, cluster: ClusterConfig,
+                  max_batched_tokens: int) -> MemoryPlan:
+    """The plan of one model instance laid out as `cluster` says (its placement, or contiguous)."""
+    experts_per_worker = None
+    if cluster.wants_ray:
+        placement = cluster.placement or ExpertPlacement.contiguous(
+            cfg.num_experts, cluster.expert_workers, list(cfg.moe_layer_ids))
+        experts_per_worker = max(len(ids) for held in placement.held.values() for ids in held)
+    return plan_memory(cfg, layout, dtype_bytes, max_batched_tokens=max_batched_tokens,
+                       experts_per_worker=experts_per_worker, attention_workers=cluster.attention_workers,
+                       expert_workers=cluster.expert_workers, replay_failed_steps=cluster.replay_failed_steps)
 
 
 def device_capacity(device: str) -> int:

@@ -12,10 +12,9 @@ from ..config import ModelConfig
 from .model import Qwen35MoeModel
 
 
-def load_dense_model(cfg: ModelConfig, reader: CheckpointReader, dtype: torch.dtype,
-                     device: str | torch.device = "cpu") -> Qwen35MoeModel:
-    """Built on the meta device, then allocated once on `device` in `dtype` and filled from the
-    checkpoint tensor by tensor: no initialised fp32 copy of the model on the host."""
+def empty_model(cfg: ModelConfig, dtype: torch.dtype, device: str | torch.device = "cpu") -> Qwen35MoeModel:
+    """The dense model built on the meta device, then allocated once on `device` in `dtype`,
+    parameters unset (no initialised fp32 copy on the host); buffers and ties are restored."""
     with torch.device("meta"):
         model = Qwen35MoeModel(cfg)
     model = model.to(dtype).to_empty(device=device)
@@ -23,6 +22,13 @@ def load_dense_model(cfg: ModelConfig, reader: CheckpointReader, dtype: torch.dt
     for module in model.modules():
         if isinstance(module, PartialRotary):
             module.reset_buffers()
+    return model
+
+
+def load_dense_model(cfg: ModelConfig, reader: CheckpointReader, dtype: torch.dtype,
+                     device: str | torch.device = "cpu") -> Qwen35MoeModel:
+    """empty_model filled from the checkpoint tensor by tensor."""
+    model = empty_model(cfg, dtype, device)
     model.load_dense(reader)
     return model.eval()
 

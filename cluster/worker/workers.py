@@ -258,9 +258,8 @@ class ExpertWorker(_Worker):
             missing = [e for e in ids if e not in have]
             fresh = {}
             if missing:
-                bank = load_expert_shard(self.cfg, reader, {layer: missing}, self.dtype).banks[layer]
-                fresh = {e: (bank.gate_up[i].to(self.device), bank.down[i].to(self.device))
-                         for i, e in enumerate(missing)}
+                bank = load_expert_shard(self.cfg, reader, {layer: missing}, self.dtype, self.device).banks[layer]
+                fresh = {e: (bank.gate_up[i], bank.down[i]) for i, e in enumerate(missing)}
             gate_up = [old.gate_up[have[e]] if e in have else fresh[e][0] for e in ids]
             down = [old.down[have[e]] if e in have else fresh[e][1] for e in ids]
             banks[layer] = ExpertBank(tuple(ids), torch.stack(gate_up), torch.stack(down))
