@@ -2,7 +2,7 @@
 DeltaNet, paged KV and DeltaNet state caches and the shared expert. Embeddings and the LM head are plain
 `nn.Embedding` / `nn.Linear` in the assembled model (cluster.model.model). Hot ops run through `kernels`."""
 
-from .cache import DeltaNetStateCache, ForwardBatch, PagedKVCache
+from .cache import DeltaNetStateCache, ForwardBatch, PagedKVCache, SpeculativeRollback
 from .deltanet import GatedDeltaNet
 from .gated_attention import GatedAttention
 from .norm import GatedRMSNorm, RMSNorm
@@ -11,5 +11,5 @@ from .shared_expert import SharedExpert
 
 __all__ = [
     "DeltaNetStateCache", "ForwardBatch", "GatedAttention", "GatedDeltaNet", "GatedRMSNorm",
-    "PagedKVCache", "PartialRotary", "RMSNorm", "SharedExpert",
+    "PagedKVCache", "PartialRotary", "RMSNorm", "SharedExpert", "SpeculativeRollback",
 ]

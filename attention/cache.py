@@ -12,7 +12,7 @@ T rows of a step, B sequences of a step.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -86,3 +86,26 @@ class ForwardBatch:
     slot_mapping: torch.Tensor  # [T] flat KV position (block * S + offset) of each row
     kv: PagedKVCache
     states: DeltaNetStateCache
+    rollback: SpeculativeRollback | None = None  # the step verifies drafts: DeltaNet layers keep their inputs
+
+
+@dataclass
+class SpeculativeRollback:
+    """What moves the DeltaNet states of a step's verify chunks (the last token and k drafts, k + 1
+    rows each) back to just after the accepted prefix: each DeltaNet layer keeps the chunks' states
+    from before the step and its conv inputs (qkv, a, b) of their rows; a rejected suffix then costs
+    restoring the states and re-running the conv and the delta rule over the accepted rows, the same
+    arithmetic as the step (K/V need nothing: rows past a sequence's length are never read, and are
+    written again before they are).
+    Shapes: Bv verify chunks, k + 1 rows each."""
+
+    seq_ids: list[int]  # [Bv]
+    rows: torch.Tensor  # [Bv, k + 1] rows of each chunk in the flat batch
+    slots: torch.Tensor  # [Bv]
+    kept: dict = field(default_factory=dict)  # layer -> (conv, recurrent, qkv, a, b) of the chunks
+
+    def keep(self, layer: int, states: DeltaNetStateCache, qkv_TC: torch.Tensor, a_TH: torch.Tensor,
+             b_TH: torch.Tensor) -> None:
+        """Called by a DeltaNet layer before it updates the states."""
+        self.kept[layer] = (states.conv[layer][self.slots], states.recurrent[layer][self.slots],
+                            qkv_TC[self.rows], a_TH[self.rows], b_TH[self.rows])

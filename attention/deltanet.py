@@ -10,12 +10,14 @@ Shapes: T tokens, D hidden, C conv channels (2 * Hk * dk + H * dv), Hk key heads
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 from torch import nn
 
 from kernels import causal_conv1d, delta_rule, fuse_weights, gated_rms_norm, linear
 
-from .cache import ForwardBatch
+from .cache import DeltaNetStateCache, ForwardBatch, SpeculativeRollback
 from .norm import GatedRMSNorm
 
 
@@ -59,13 +61,38 @@ class GatedDeltaNet(nn.Module):
     def forward(self, x_TD: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         T, H, dk, dv = x_TD.shape[0], self.num_value_heads, self.key_head_dim, self.value_head_dim
         qkv, z, b, a = linear(x_TD, self.in_proj).split([self.conv_channels, self.value_dim, H, H], dim=-1)
-        conv_state = batch.states.conv[self.layer_idx]
-        mixed = causal_conv1d(qkv, self.conv1d.weight.view(self.conv_channels, -1), conv_state, batch.slots,
-                              batch.query_start, batch.query_lens)
-        q, k, v = mixed.split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
-        q, k = q.view(T, self.num_key_heads, dk), k.view(T, self.num_key_heads, dk)
-        v = v.view(T, H, dv)
-        out = delta_rule(q, k, v, a, b, self.A_log, self.dt_bias, batch.states.recurrent[self.layer_idx],
-                         batch.slots, batch.query_start, batch.query_lens, batch.num_decodes)
+        if batch.rollback is not None:
+            batch.rollback.keep(self.layer_idx, batch.states, qkv, a, b)
+        out = self._mix(qkv, a, b, batch.states, batch.slots, batch.query_start, batch.query_lens, batch.num_decodes)
         normed = gated_rms_norm(out, z.view(T, H, dv), self.norm.weight, self.norm.eps)
         return linear(normed.view(T, self.value_dim), self.out_proj.weight)
+
+    def _mix(self, qkv, a, b, states, slots, query_start, query_lens: list[int], num_decodes: int) -> torch.Tensor:
+        """conv1d + delta rule over rows of sequences in turn (decodes first), states in place: [T, H, dv]."""
+        T, dk = qkv.shape[0], self.key_head_dim
+        mixed = causal_conv1d(qkv, self.conv1d.weight.view(self.conv_channels, -1), states.conv[self.layer_idx],
+                              slots, query_start, query_lens)
+        q, k, v = mixed.split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
+        q, k = q.view(T, self.num_key_heads, dk), k.view(T, self.num_key_heads, dk)
+        return delta_rule(q, k, v.view(T, self.num_value_heads, self.value_head_dim), a, b, self.A_log,
+                          self.dt_bias, states.recurrent[self.layer_idx], slots, query_start, query_lens,
+                          num_decodes)
+
+    def roll_back(self, record: SpeculativeRollback, keep: list[int], states: DeltaNetStateCache) -> None:
+        """After a verify step: chunk i of the record keeps its first keep[i] rows. Chunks that keep
+        fewer than all get their states from before the step, advanced over the kept rows again."""
+        short = sorted((i for i, n in enumerate(keep) if n < record.rows.shape[1]), key=lambda i: keep[i] > 1)
+        if not short:
+            return
+        conv, recurrent, qkv, a, b = record.kept[self.layer_idx]
+        index = torch.tensor(short, device=qkv.device)
+        slots = record.slots[index]
+        states.conv[self.layer_idx].index_copy_(0, slots, conv[index])
+        states.recurrent[self.layer_idx].index_copy_(0, slots, recurrent[index])
+        lens = [keep[i] for i in short]
+        starts = torch.tensor([0, *itertools.accumulate(lens)], device=qkv.device)
+
+        def rows(x):
+            return torch.cat([x[i, :n] for i, n in zip(short, lens)])
+
+        self._mix(rows(qkv), rows(a), rows(b), states, slots, starts, lens, sum(1 for n in lens if n == 1))

@@ -2,7 +2,7 @@
 the user-facing `LLM` / `AsyncLLM`."""
 
 from .engine.cache_plan import CacheConfig
-from .config import ClusterConfig, ConfigError, ModelConfig, RebalanceConfig
+from .config import ClusterConfig, ConfigError, ModelConfig, RebalanceConfig, SpeculativeConfig
 from .async_llm import AsyncLLM
 from .engine.engine import EngineCore, RequestOutput, UnavailableError
 from .llm import LLM, Completion
@@ -12,5 +12,5 @@ from .engine.scheduler import ContextLengthError, OverloadedError, SchedulerConf
 __all__ = [
     "LLM", "AsyncLLM", "CacheConfig", "ClusterConfig", "Completion", "ConfigError", "ContextLengthError",
     "EngineCore", "ModelConfig", "OverloadedError", "RebalanceConfig", "RequestOutput", "SamplingParams",
-    "SchedulerConfig", "UnavailableError",
+    "SchedulerConfig", "SpeculativeConfig", "UnavailableError",
 ]

@@ -49,6 +49,10 @@ class ModelConfig:
     tie_word_embeddings: bool = False
     eos_token_ids: tuple[int, ...] = ()
     model_type: str = "qwen3_5_moe_text"
+    mtp_layers: int = 0  # `mtp_num_hidden_layers`: multi-token-prediction layers the checkpoint carries
+    # the engine runs the MTP module (speculative decoding): its decoder layer is layer
+    # num_hidden_layers of the KV cache, the expert placement and the load window
+    use_mtp: bool = False
 
     def __post_init__(self) -> None:
         if len(self.layer_types) != self.num_hidden_layers:
@@ -78,6 +82,9 @@ class ModelConfig:
             raise ConfigError("norm_topk_prob = false is not supported: Qwen3.5-MoE renormalises")
         if self.rotary_dim % 2:
             raise ConfigError(f"head_dim * partial_rotary_factor = {self.rotary_dim} must be even")
+        if self.use_mtp and self.mtp_layers != 1:
+            raise ConfigError(f"MTP speculative decoding needs a checkpoint with one MTP layer "
+                              f"(mtp_num_hidden_layers = 1), this one has {self.mtp_layers}")
 
     @property
     def rotary_dim(self) -> int:
@@ -85,8 +92,22 @@ class ModelConfig:
 
     @property
     def moe_layer_ids(self) -> tuple[int, ...]:
-        """Every Qwen3.5-MoE decoder layer has a MoE block."""
-        return tuple(range(self.num_hidden_layers))
+        """Every Qwen3.5-MoE decoder layer has a MoE block, the MTP layer too (id num_hidden_layers)."""
+        return tuple(range(self.num_hidden_layers + self.use_mtp))
+
+    @property
+    def kv_layer_ids(self) -> tuple[int, ...]:
+        """Layers with K/V in the paged cache: full attention, and the MTP layer when it runs."""
+        full = [i for i, kind in enumerate(self.layer_types) if kind == "full_attention"]
+        return tuple(full + ([self.num_hidden_layers] if self.use_mtp else []))
+
+    @property
+    def mtp_layer_id(self) -> int:
+        return self.num_hidden_layers
+
+    def layer_prefix(self, layer: int) -> str:
+        """A decoder layer's checkpoint name prefix; the MTP layer's lives under `mtp.`."""
+        return "mtp.layers.0." if layer == self.mtp_layer_id else f"layers.{layer}."
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> ModelConfig:
@@ -157,6 +178,7 @@ def _text_fields(text: dict[str, Any]) -> dict[str, Any]:
         rope.get("partial_rotary_factor", text.get("partial_rotary_factor", 0.25))
     )
     out["norm_topk_prob"] = bool(text.get("norm_topk_prob", True))
+    out["mtp_layers"] = int(text.get("mtp_num_hidden_layers", 0) or 0)
     out["tie_word_embeddings"] = bool(text.get("tie_word_embeddings", False))
     eos = text.get("eos_token_id")
     out["eos_token_ids"] = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
@@ -246,6 +268,42 @@ class ClusterConfig:
                 raise ConfigError("use_ray=False runs one process: expert_workers and attention_workers must be 1")
             return self.use_ray
         return self.expert_workers > 1 or self.attention_workers > 1
+
+
+SPECULATIVE_METHODS = ("mtp",)
+
+
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    """Speculative decoding with the checkpoint's multi-token-prediction layer: it drafts k tokens
+    after each sampled one, and the next step verifies them in one target forward."""
+
+    method: str = "mtp"
+    num_speculative_tokens: int = 2  # k, 1..3
+    # a step with more decoding sequences than this (per attention worker) drafts nothing, and those
+    # sequences decode plainly from then on: under load a verify step costs more than it saves
+    max_batch: int = 8
+
+    def __post_init__(self) -> None:
+        if self.method not in SPECULATIVE_METHODS:
+            raise ConfigError(f"speculative method must be one of {SPECULATIVE_METHODS}, got {self.method!r}")
+        if not 1 <= self.num_speculative_tokens <= 3:
+            raise ConfigError(f"num_speculative_tokens must be in 1..3, got {self.num_speculative_tokens}")
+        if self.max_batch < 1:
+            raise ConfigError(f"speculative max_batch must be >= 1, got {self.max_batch}")
+
+    @classmethod
+    def parse(cls, value: SpeculativeConfig | dict | None) -> SpeculativeConfig | None:
+        """From a SpeculativeConfig, a dict as vLLM takes it ({"method": "mtp",
+        "num_speculative_tokens": k}) or None (off)."""
+        if value is None or isinstance(value, SpeculativeConfig):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"speculative_config must be a dict, got {type(value).__name__}")
+        unknown = set(value) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ConfigError(f"unknown speculative_config keys {sorted(unknown)}")
+        return cls(**value)
 
 
 @dataclass(frozen=True)

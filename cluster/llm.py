@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from .engine.cache_plan import CacheConfig
-from .config import ClusterConfig, RebalanceConfig
+from .config import ClusterConfig, RebalanceConfig, SpeculativeConfig
 from .engine.engine import EngineCore, TokenLogprob
 from .engine.sampling import SamplingParams
 from .engine.scheduler import SchedulerConfig
@@ -48,12 +48,14 @@ class LLM:
         cache: CacheConfig | None = None,
         rebalance: RebalanceConfig | None = None,
         warm_up: bool = True,
+        speculative_config: SpeculativeConfig | dict | None = None,
     ) -> None:
         cluster = cluster or ClusterConfig(
             expert_workers=expert_workers, attention_workers=attention_workers, use_ray=use_ray, device=device)
         if device != "auto" and cluster.device != device:
             cluster = dataclasses.replace(cluster, device=device)
-        self.engine = EngineCore(model, dtype, cluster, scheduler, cache, rebalance, warm_up=warm_up)
+        self.engine = EngineCore(model, dtype, cluster, scheduler, cache, rebalance, warm_up=warm_up,
+                                 speculative_config=speculative_config)
         self.config, self.tokenizer = self.engine.config, self.engine.tokenizer
         self._ids = itertools.count()
 
@@ -74,6 +76,11 @@ class LLM:
     def worker_info(self) -> list[dict]:
         """Per worker: role, rank, bytes of weights held (experts: about 1/E of them)."""
         return self.engine.executor.worker_info()
+
+    def spec_stats(self) -> dict | None:
+        """MTP speculative decoding so far: verify steps, drafted and accepted tokens, acceptance
+        rate, mean accepted length (tokens per verify step); None when speculation is off."""
+        return self.engine.spec_stats()
 
     def expert_load(self) -> torch.Tensor:
         """[layers, experts] (token, expert) pairs routed over the current load window."""

@@ -10,7 +10,9 @@ import time
 from dataclasses import fields
 from pathlib import Path
 
-DEFAULT_DEMO_DIR = Path(os.environ.get("EPSERVE_CACHE", Path.home() / ".cache" / "epserve")) / "tiny-qwen35"
+CACHE_DIR = Path(os.environ.get("EPSERVE_CACHE", Path.home() / ".cache" / "epserve"))
+DEFAULT_DEMO_DIR = CACHE_DIR / "tiny-qwen35"
+DEFAULT_TRAINED_DIR = CACHE_DIR / "tiny-trained"  # `epserve make-tiny <this> --train`: the demo then uses it
 
 
 def _add_make_tiny(sub) -> None:
@@ -26,6 +28,10 @@ def _add_make_tiny(sub) -> None:
             p.add_argument(flag, action="store_true", default=default)
         else:
             p.add_argument(flag, type=type(default), default=default)
+    p.add_argument("--train", action="store_true",
+                   help=f"train it (and its MTP module) on --corpus; `epserve demo` uses {DEFAULT_TRAINED_DIR} when it exists")
+    p.add_argument("--train-minutes", type=float, default=5.0)
+    p.add_argument("--corpus", default=None, help="text file or directory of *.py (default: the Python standard library)")
 
 
 def _spec_from_args(args):
@@ -38,15 +44,23 @@ def cmd_make_tiny(args) -> int:
     from cluster.model.tiny import make_tiny
 
     start = time.perf_counter()
-    out = make_tiny(args.dir, _spec_from_args(args))
+    if args.train:
+        from cluster.model.train import TrainSpec, make_trained
+
+        out = make_trained(args.dir, _spec_from_args(args), TrainSpec(minutes=args.train_minutes, corpus=args.corpus))
+    else:
+        out = make_tiny(args.dir, _spec_from_args(args))
     print(f"wrote {out} in {time.perf_counter() - start:.1f}s")
     return 0
 
 
 def ensure_demo_model(model_dir: Path = DEFAULT_DEMO_DIR) -> Path:
-    """The demo checkpoint: flagship structure at toy width with the real Qwen3.5 vocabulary."""
+    """The demo checkpoint: a trained one when `epserve make-tiny DEFAULT_TRAINED_DIR --train` made
+    it, else the flagship structure at toy width with the real Qwen3.5 vocabulary and random weights."""
     from cluster.model.tiny import TinySpec, make_tiny
 
+    if model_dir == DEFAULT_DEMO_DIR and (DEFAULT_TRAINED_DIR / "config.json").is_file():
+        return DEFAULT_TRAINED_DIR
     if not (model_dir / "config.json").is_file():
         print(f"creating the demo checkpoint in {model_dir} (once) ...", flush=True)
         make_tiny(model_dir, TinySpec(tokenizer="qwen3.5"))
@@ -63,6 +77,7 @@ def _server_config(args):
         max_replicas=max(args.max_replicas, args.min_replicas),
         target_ongoing_requests=args.target_ongoing_requests, device=args.device, dtype=args.dtype,
         api_keys=_keys(args.api_key, "EPSERVE_API_KEY"), admin_api_keys=_keys(args.admin_api_key, "EPSERVE_ADMIN_API_KEY"),
+        speculative_tokens=args.speculative_tokens,
     )
 
 
@@ -203,7 +218,9 @@ def cmd_demo(args) -> int:
         info = client.model_info()
         print(f"gRPC GetModelInfo: {info.num_experts} experts, top-{info.num_experts_per_tok}, "
               f"{info.num_layers} layers, context {info.max_model_len}")
-        reply = client.generate("Hello, my name is", max_tokens=args.max_tokens, temperature=0.0)
+        trained = (Path(cfg.model) / "epserve_training.json").is_file()  # cluster.model.train.TRAINING_RECORD
+        prompt = "import os\n\n\ndef " if trained else "Hello, my name is"
+        reply = client.generate(prompt, max_tokens=args.max_tokens, temperature=0.0)
         print(f"gRPC Generate: {reply.text!r} ({reply.usage.completion_tokens} tokens)")
         body = json.dumps({"model": cfg.name, "messages": [{"role": "user", "content": "What is MoE?"}],
                            "max_tokens": args.max_tokens, "temperature": 0.0}).encode()
@@ -213,7 +230,9 @@ def cmd_demo(args) -> int:
         chat = json.loads(urllib.request.urlopen(req, timeout=120).read())
         print(f"HTTP /v1/chat/completions: {chat['choices'][0]['message']['content']!r} "
               f"({chat['usage']['completion_tokens']} tokens)")
-        print("the weights are random, so the text is too")
+        print("the weights were trained for minutes on Python source, so the text looks like it" if trained
+              else "the weights are random, so the text is too (`epserve make-tiny "
+                   f"{DEFAULT_TRAINED_DIR} --train` trains one the demo then uses)")
     finally:
         stop_server()
     return 0
@@ -233,6 +252,9 @@ def _add_server_args(p, grpc_port: int, http_port: int) -> None:
                    help="where the workers run (auto: cuda when the Ray cluster has GPUs)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
                    help="weights and activations (bfloat16 on GPUs)")
+    p.add_argument("--speculative-tokens", type=int, default=0, choices=range(0, 4), metavar="K",
+                   help="MTP speculative decoding: draft K (1..3) tokens per step with the checkpoint's MTP "
+                        "module (0: off)")
     p.add_argument("--api-key", action="append", default=None,
                    help="require 'Authorization: Bearer KEY' on every request but health (repeatable; "
                         "default: $EPSERVE_API_KEY)")

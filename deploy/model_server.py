@@ -10,7 +10,8 @@ from __future__ import annotations
 from dataclasses import asdict
 from typing import Any
 
-from cluster import AsyncLLM, CacheConfig, ClusterConfig, RebalanceConfig, SamplingParams, SchedulerConfig
+from cluster import (AsyncLLM, CacheConfig, ClusterConfig, RebalanceConfig, SamplingParams, SchedulerConfig,
+                     SpeculativeConfig)
 
 from .config import AppConfig
 
@@ -42,6 +43,8 @@ class ModelServer:
                                       redundant_slots=cfg.redundant_expert_slots),
             metrics_name=cfg.name,
             metrics_interval_steps=cfg.metrics_interval_steps,
+            speculative_config=SpeculativeConfig(num_speculative_tokens=cfg.speculative_tokens,
+                                          max_batch=cfg.speculative_max_batch) if cfg.speculative_tokens else None,
         )
 
     async def generate(self, prompt: list[int], params: dict, request_id: str):

@@ -45,7 +45,7 @@ class CacheLayout:
 
 
 def plan_cache(cfg: ModelConfig, cache: CacheConfig, max_num_seqs: int, dtype_bytes: int) -> CacheLayout:
-    full = cfg.layer_types.count("full_attention")
+    full = len(cfg.kv_layer_ids)  # the MTP layer's K/V too when it runs
     linear = cfg.layer_types.count("linear_attention")
     block_bytes = PagedKVCache.bytes_per_block(
         full, cache.block_size, cfg.num_key_value_heads, cfg.head_dim, dtype_bytes)

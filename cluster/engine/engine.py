@@ -19,7 +19,8 @@ from router import ExpertPlacement, PlacementPlanner, PlanStats, placement_stats
 from router.planner import worker_loads
 
 from .cache_plan import CacheConfig, plan_cache
-from ..config import ClusterConfig, ModelConfig, RebalanceConfig
+from ..config import ClusterConfig, ModelConfig, RebalanceConfig, SpeculativeConfig
+from ..model.checkpoint import with_mtp
 from .detokenizer import IncrementalDetokenizer
 from .executor import LocalExecutor
 from .memory_plan import device_capacity, plan_instance
@@ -61,6 +62,7 @@ class RequestOutput:
     num_output_tokens: int = 0
     prompt_logits: torch.Tensor | None = None  # scoring requests: [prompt, V] fp32
     time_to_first_token: float | None = None  # seconds, set on the output carrying the first token
+    speculative: dict | None = None  # on the last output: Sequence.spec_stats (MTP acceptance)
 
     def then(self, later: RequestOutput) -> RequestOutput:
         """This delta followed by a later one of the same request, as one delta."""
@@ -68,7 +70,8 @@ class RequestOutput:
             self.request_id, self.new_token_ids + later.new_token_ids, self.new_text + later.new_text,
             later.finished, later.finish_reason, later.stop_reason, self.logprobs + later.logprobs,
             later.num_prompt_tokens, later.num_output_tokens, later.prompt_logits,
-            self.time_to_first_token if self.time_to_first_token is not None else later.time_to_first_token)
+            self.time_to_first_token if self.time_to_first_token is not None else later.time_to_first_token,
+            later.speculative)
 
 
 class PlacementChange:
@@ -110,9 +113,14 @@ class EngineCore:
         metrics_name: str | None = None,
         metrics_interval_steps: int = 50,
         warm_up: bool = True,
+        speculative_config: SpeculativeConfig | dict | None = None,
     ) -> None:
         self.model_dir = Path(model_dir)
         self.config = ModelConfig.from_pretrained(self.model_dir)
+        self.speculative = SpeculativeConfig.parse(speculative_config)
+        if self.speculative is not None:
+            self.config = with_mtp(self.config, self.model_dir)
+        self.spec_totals = {"verify_steps": 0, "drafted": 0, "accepted": 0}
         self.cluster = cluster or ClusterConfig()
         self.scheduler_config = scheduler or SchedulerConfig()
         self.cache_config = cache or CacheConfig()
@@ -137,7 +145,7 @@ class EngineCore:
             self.executor = LocalExecutor(self.config, self.model_dir, getattr(torch, dtype), self.layout,
                                           self.rebalance_config.window_steps, device)
         self.scheduler = Scheduler(self.scheduler_config, self.layout, self.cluster.attention_workers,
-                                   self.max_model_len)
+                                   self.max_model_len, self.speculative)
         self.requests: dict[str, Sequence] = {}
         self._detok: dict[str, IncrementalDetokenizer] = {}
         self._logits: dict[str, list[torch.Tensor]] = {}
@@ -188,6 +196,7 @@ class EngineCore:
             seq_id=next(self._seq_ids), request_id=request_id, prompt_ids=ids, params=params,
             seed=params.seed if params.seed is not None else self._seeds.randrange(2**31),
             max_total_tokens=max_total, score_only=score_only,
+            speculating=self.speculative is not None and not score_only,
         )
         try:
             self.scheduler.add(seq)
@@ -305,6 +314,7 @@ class EngineCore:
             steps += 1
         self.flush()
         self._controlled("resetting the load window", self.executor.reset_load)  # real traffic only
+        self.spec_totals = dict.fromkeys(self.spec_totals, 0)
         seconds = time.perf_counter() - start
         log.info("warm-up: %d steps in %.2fs", steps, seconds)
         return seconds
@@ -352,35 +362,63 @@ class EngineCore:
                     self.scheduler.finish(seq, "length")
                     outputs.append(self._finish_output(seq, [], []))
                 continue
+            if item.verify:  # the accepted drafts are in the worker's caches now
+                seq.num_computed += len(result.accepted)
+                self._count_verify(seq, len(result.accepted))
+            seq.has_drafts = item.spec and item.sample
             if not item.sample:
                 continue  # a prefill chunk in the middle of the prompt
-            outputs.append(self._append_token(seq, result, now))
+            picks = result.accepted + [(result.token_id, result.logprob, result.top_logprobs)]
+            outputs.append(self._append_tokens(seq, picks, now))
         return outputs
 
-    def _append_token(self, seq: Sequence, result: ChunkResult, now: float) -> RequestOutput:
-        token = result.token_id
-        seq.output_ids.append(token)
+    def _count_verify(self, seq: Sequence, accepted: int) -> None:
+        k = self.speculative.num_speculative_tokens
+        seq.spec_verifies, seq.spec_drafted, seq.spec_accepted = (
+            seq.spec_verifies + 1, seq.spec_drafted + k, seq.spec_accepted + accepted)
+        for key, value in (("verify_steps", 1), ("drafted", k), ("accepted", accepted)):
+            self.spec_totals[key] += value
+        if self.metrics is not None:
+            self.metrics.speculated(k, accepted)
+
+    def spec_stats(self) -> dict | None:
+        """Speculative decoding since start (warm-up excluded): verify steps, drafts, accepted,
+        acceptance rate and mean accepted length (tokens per verify step); None when it is off."""
+        if self.speculative is None:
+            return None
+        t = self.spec_totals
+        return {**t, "num_speculative_tokens": self.speculative.num_speculative_tokens,
+                "acceptance_rate": t["accepted"] / t["drafted"] if t["drafted"] else 0.0,
+                "mean_accepted_length": 1 + t["accepted"] / t["verify_steps"] if t["verify_steps"] else 0.0}
+
+    def _append_tokens(self, seq: Sequence, picks: list[tuple[int, float, list]], now: float) -> RequestOutput:
+        """Appends a step's tokens (one, or the accepted drafts and one more) until one ends the sequence."""
         ttft = None
         if seq.first_token_time is None:
             seq.first_token_time = now
             ttft = now - seq.arrival_time
-        logprobs = []
-        if seq.params.logprobs is not None:
-            logprobs = [TokenLogprob(token, result.logprob, result.top_logprobs)]
         params = seq.params
         detok = self._detok.get(seq.request_id)
-        stop_string = detok.add(token) if detok else None
         eos = () if params.ignore_eos or self.tokenizer is None else self.tokenizer.eos_token_ids
-        if stop_string is not None:
-            self.scheduler.finish(seq, "stop", stop_string)
-        elif token in params.stop_token_ids or token in eos:
-            self.scheduler.finish(seq, "stop", token)
-        elif len(seq.output_ids) >= params.max_tokens or seq.num_tokens >= seq.max_total_tokens:
-            self.scheduler.finish(seq, "length")
+        tokens, logprobs = [], []
+        for token, logprob, top in picks:
+            seq.output_ids.append(token)
+            tokens.append(token)
+            if params.logprobs is not None:
+                logprobs.append(TokenLogprob(token, logprob, top))
+            stop_string = detok.add(token) if detok else None
+            if stop_string is not None:
+                self.scheduler.finish(seq, "stop", stop_string)
+            elif token in params.stop_token_ids or token in eos:
+                self.scheduler.finish(seq, "stop", token)
+            elif len(seq.output_ids) >= params.max_tokens or seq.num_tokens >= seq.max_total_tokens:
+                self.scheduler.finish(seq, "length")
+            if seq.status == Status.FINISHED:
+                break
         if seq.status == Status.FINISHED:
-            out = self._finish_output(seq, [token], logprobs)
+            out = self._finish_output(seq, tokens, logprobs)
         else:
-            out = RequestOutput(seq.request_id, [token], detok.delta(False) if detok else "",
+            out = RequestOutput(seq.request_id, tokens, detok.delta(False) if detok else "",
                                 logprobs=logprobs, num_prompt_tokens=len(seq.prompt_ids),
                                 num_output_tokens=len(seq.output_ids))
         out.time_to_first_token = ttft
@@ -397,7 +435,7 @@ class EngineCore:
             seq.request_id, new_tokens, detok.delta(True) if detok else "", finished=True,
             finish_reason=seq.finish_reason, stop_reason=seq.stop_reason, logprobs=logprobs,
             num_prompt_tokens=len(seq.prompt_ids), num_output_tokens=len(seq.output_ids),
-            prompt_logits=torch.cat(logits) if logits else None,
+            prompt_logits=torch.cat(logits) if logits else None, speculative=seq.spec_stats(),
         )
 
     # -- expert placement ------------------------------------------------------------------------

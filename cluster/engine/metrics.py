@@ -50,6 +50,13 @@ class EngineMetrics:
                                 "workers undid the failed one)", tag_keys=keys)
         self.recomputed = Counter("epserve_recomputed_sequences", "Sequences prefilled again after a failure "
                                   "(the failed step's work is redone this way)", tag_keys=keys)
+        self.spec_drafted = Counter("epserve_spec_draft_tokens", "Draft tokens verified (MTP speculative decoding)",
+                                    tag_keys=keys)
+        self.spec_accepted = Counter("epserve_spec_accepted_tokens", "Draft tokens accepted", tag_keys=keys)
+        self.spec_verifies = Counter("epserve_spec_verify_steps", "Sequence steps that verified drafts "
+                                     "(mean accepted length = 1 + accepted / verify steps)", tag_keys=keys)
+        self.spec_accepted_length = Histogram("epserve_spec_accepted_length", "Tokens emitted per verify step",
+                                              boundaries=[1.5, 2.5, 3.5], tag_keys=keys)
         self.recovery_seconds = Histogram("epserve_recovery_seconds", "Seconds from a failure to serving again",
                                           boundaries=RECOVERY_BOUNDARIES, tag_keys=keys)
 
@@ -57,6 +64,13 @@ class EngineMetrics:
         self.requests.inc(1, {**self.tags, "outcome": outcome})
         if first is not None and last is not None and num_output > 1:
             self.tpot.observe((last - first) / (num_output - 1), self.tags)
+
+    def speculated(self, drafted: int, accepted: int) -> None:
+        self.spec_drafted.inc(drafted, self.tags)
+        if accepted:
+            self.spec_accepted.inc(accepted, self.tags)
+        self.spec_verifies.inc(1, self.tags)
+        self.spec_accepted_length.observe(1 + accepted, self.tags)
 
     def recovered(self, lost: list[str], seconds: float, recomputed: int) -> None:
         for worker in lost:  # "expert 1", "attention 0"

@@ -33,7 +33,7 @@ from router.placement import ExpertPlacement
 from ..config import ClusterConfig, ModelConfig
 from ..worker import links
 from ..worker.messages import PAUSE, RELEASE, STEP, decode_results, encode_command, encode_step
-from ..worker.step import ChunkResult, StepInput, micro_batches
+from ..worker.step import ChunkResult, StepInput, micro_batches, mtp_pass_rows
 from .cache_plan import CacheLayout
 from .memory_plan import MemoryPlan, load_timeout_s
 
@@ -196,8 +196,9 @@ class RayExecutor:
     def execute(self, steps: list[StepInput]) -> list[list[ChunkResult]]:
         """One StepInput per attention worker; the expert workers serve the layers of any worker
         that has rows. The attention workers with chunks (or releases) reply."""
-        rows = [[sum(len(c.token_ids) for c in group) for group in micro_batches(step.chunks, self.overlap)]
+        rows = [[sum(c.rows for c in group) for group in micro_batches(step.chunks, self.overlap)]
                 for step in steps]
+        mtp_rows = [mtp_pass_rows(step.chunks) for step in steps]
         A = len(self.attention)
         try:
             if not any(map(any, rows)):  # only releases: no forward anywhere
@@ -210,7 +211,7 @@ class RayExecutor:
             for link, step in zip(self.links[:A], steps):
                 link.send(encode_command(STEP, rows, encode_step(step), number))
             for link in self.links[A:]:
-                link.send(encode_command(STEP, rows, b"", number))
+                link.send(encode_command(STEP, rows, b"", number, mtp_rows))
             results = [decode_results(link.recv_bytes()) for link in self.links[:A]]
         except (links.LinkError, RuntimeError) as e:  # RuntimeError: a worker reported its step failed
             raise WorkerFailure(str(e)) from e

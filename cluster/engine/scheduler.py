@@ -18,7 +18,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from .cache_plan import CacheLayout
-from ..config import ConfigError
+from ..config import ConfigError, SpeculativeConfig
 from .free_list import FreeList
 from .sequence import Sequence, Status
 from ..worker.step import ScheduledChunk, StepInput
@@ -50,14 +50,21 @@ class SchedulerConfig:
 @dataclass
 class Scheduled:
     seq: Sequence
-    num_tokens: int  # tokens computed this step
+    num_tokens: int  # tokens computed this step (of the sequence's own; a verify adds k drafts)
     sample: bool  # the chunk reaches the sequence's last token: a new token comes back
+    spec: bool = False  # the MTP layer runs over the chunk (and drafts, if it samples)
+    verify: bool = False  # the worker's k drafts ride along and are verified
+
+    def rows(self, k: int) -> int:
+        return self.num_tokens + (k if self.verify else 0)
 
 
 class Scheduler:
     def __init__(self, config: SchedulerConfig, layout: CacheLayout, num_workers: int,
-                 max_model_len: int) -> None:
+                 max_model_len: int, speculative: SpeculativeConfig | None = None) -> None:
         self.config, self.layout = config, layout
+        self.speculative = speculative
+        self.spec_tokens = speculative.num_speculative_tokens if speculative else 0
         self.max_model_len = max_model_len
         self.blocks = [FreeList(layout.num_blocks) for _ in range(num_workers)]
         self.slots = [FreeList(min(layout.num_slots, config.max_num_seqs)) for _ in range(num_workers)]
@@ -96,6 +103,7 @@ class Scheduler:
             self.slots[seq.worker].free([seq.slot])
             self._freed[seq.worker].append(seq.seq_id)
         seq.worker, seq.slot, seq.block_table, seq.blocks_sent, seq.num_computed = -1, -1, [], 0, 0
+        seq.has_drafts = False
 
     def finish(self, seq: Sequence, reason: str, stop_reason: str | int | None = None) -> None:
         """Ends a sequence (done, or cancelled): its blocks and slot are free at once."""
@@ -133,8 +141,27 @@ class Scheduler:
         seq.block_table.extend(self.blocks[seq.worker].allocate(need))
         return True
 
+    def _chunk(self, seq: Sequence, budget: int, crowded: bool) -> Scheduled:
+        """The sequence's next chunk under the budget, with its speculation decided: a sequence
+        stops speculating for good when the instance is crowded or its end is within 2k tokens
+        (the positions a verify and its drafts write)."""
+        k = self.spec_tokens
+        if seq.speculating and (crowded or seq.num_tokens + 2 * k > seq.max_total_tokens):
+            seq.speculating = False
+        n = min(seq.num_tokens - seq.num_computed, budget)
+        sample = seq.num_computed + n == seq.num_tokens
+        verify = seq.speculating and seq.has_drafts and n == 1 and budget >= 1 + k
+        return Scheduled(seq, n, sample, spec=seq.speculating, verify=verify)
+
+    def _tokens_needed(self, item: Scheduled) -> int:
+        """Cache positions the chunk writes up to: its rows, and k - 1 more draft rows when it drafts."""
+        k = self.spec_tokens
+        return item.seq.num_computed + item.rows(k) + (k - 1 if item.spec and item.sample else 0)
+
     def schedule(self) -> tuple[list[Scheduled], list[StepInput]]:
         budget = self.config.max_num_batched_tokens
+        spec = self.speculative
+        crowded = spec is not None and len(self.running) > spec.max_batch * len(self.blocks)
         scheduled: list[Scheduled] = []
         preempted = False
         for seq in list(self.running):
@@ -142,35 +169,36 @@ class Scheduler:
                 break
             if seq.status != Status.RUNNING:  # preempted earlier in this loop
                 continue
-            n = min(seq.num_tokens - seq.num_computed, budget)
-            while not self._grow(seq, seq.num_computed + n):
+            item = self._chunk(seq, budget, crowded)
+            while not self._grow(seq, self._tokens_needed(item)):
                 victim = self.running[-1]
-                for item in [s for s in scheduled if s.seq is victim]:
-                    scheduled.remove(item)
-                    budget += item.num_tokens
+                for old in [s for s in scheduled if s.seq is victim]:
+                    scheduled.remove(old)
+                    budget += old.rows(self.spec_tokens)
                 self._preempt(victim)
                 preempted = True
                 if victim is seq:
                     break
             if seq.status == Status.RUNNING:
-                scheduled.append(Scheduled(seq, n, seq.num_computed + n == seq.num_tokens))
-                budget -= n
+                scheduled.append(item)
+                budget -= item.rows(self.spec_tokens)
 
         while self.waiting and budget > 0 and not preempted:
             seq = self.waiting[0]
-            n = min(seq.num_tokens, budget)
+            item = self._chunk(seq, budget, crowded)
+            need = math.ceil(self._tokens_needed(item) / self.layout.block_size)
             candidates = [w for w in range(len(self.blocks)) if self.slots[w].num_free
-                          and self.blocks[w].num_free >= math.ceil(n / self.layout.block_size)]
+                          and self.blocks[w].num_free >= need]
             if not candidates:
                 break
             worker = max(candidates, key=lambda w: (self.blocks[w].num_free, -w))
             self.waiting.popleft()
             seq.worker, seq.slot = worker, self.slots[worker].allocate(1)[0]
-            self._grow(seq, n)
+            self._grow(seq, self._tokens_needed(item))
             seq.status = Status.RUNNING
             self.running.append(seq)
-            scheduled.append(Scheduled(seq, n, n == seq.num_tokens))
-            budget -= n
+            scheduled.append(item)
+            budget -= item.num_tokens
         return scheduled, self._messages(scheduled)
 
     def _messages(self, scheduled: list[Scheduled]) -> list[StepInput]:
@@ -187,6 +215,9 @@ class Scheduler:
                 sample=item.sample and not seq.score_only,
                 want_logits=seq.score_only,
                 sampling=seq.sampling_spec() if fresh else None,
+                spec_tokens=self.spec_tokens if item.spec else 0,
+                verify=item.verify,
+                next_token=seq.token(seq.num_computed + item.num_tokens) if item.spec and not item.sample else -1,
             ))
             seq.blocks_sent = len(seq.block_table)
         messages = [StepInput(tuple(c), tuple(f)) for c, f in zip(chunks, self._freed)]

@@ -37,6 +37,22 @@ class Sequence:
     arrival_time: float = field(default_factory=time.monotonic)
     first_token_time: float | None = None
     num_preemptions: int = 0
+    # speculative decoding: the MTP layer runs over this sequence's chunks while this holds (it
+    # stops for good when the instance is crowded or the sequence nears its end)
+    speculating: bool = False
+    has_drafts: bool = False  # its worker holds k drafts to verify
+    spec_verifies: int = 0  # verify steps
+    spec_drafted: int = 0  # drafts verified
+    spec_accepted: int = 0  # drafts accepted
+
+    def spec_stats(self) -> dict | None:
+        """Acceptance rate (accepted / drafted) and mean accepted length (tokens per verify step,
+        the bonus token included); None if it never verified."""
+        if not self.spec_verifies:
+            return None
+        return {"verify_steps": self.spec_verifies, "drafted": self.spec_drafted, "accepted": self.spec_accepted,
+                "acceptance_rate": self.spec_accepted / self.spec_drafted,
+                "mean_accepted_length": 1 + self.spec_accepted / self.spec_verifies}
 
     @property
     def num_tokens(self) -> int:

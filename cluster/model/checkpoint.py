@@ -9,6 +9,7 @@ FP8 weights (cluster/model/quantization.py) are dequantised as they are read: ca
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -16,6 +17,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from ..config import ConfigError, ModelConfig
 from .quantization import FP8, SCALE_SUFFIX, dequantize, read_quantization
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -140,10 +142,11 @@ class CheckpointReader:
         return [n for n in self.names() if not n.startswith("mtp.") and not self.is_expert_tensor(n)]
 
     def read_experts(
-        self, layer: int, expert_ids: list[int], num_experts: int, hidden: int, intermediate: int
+        self, layer: int | str, expert_ids: list[int], num_experts: int, hidden: int, intermediate: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """gate_up [N, 2I, D] and down [N, D, I] of the given experts, whichever layout is stored."""
-        prefix = f"layers.{layer}.mlp.experts."
+        """gate_up [N, 2I, D] and down [N, D, I] of the given experts, whichever layout is stored.
+        layer: a decoder layer's index, or its name prefix (ModelConfig.layer_prefix: the MTP layer)."""
+        prefix = (layer if isinstance(layer, str) else f"layers.{layer}.") + "mlp.experts."
         if self.has(prefix + "gate_up_proj"):
             self._check_shape(prefix + "gate_up_proj", (num_experts, 2 * intermediate, hidden))
             self._check_shape(prefix + "down_proj", (num_experts, hidden, intermediate))
@@ -158,3 +161,13 @@ class CheckpointReader:
             gate_up.append(torch.cat([gate, up], dim=0))
             down.append(self.read(f"{prefix}{e}.down_proj.weight", (hidden, intermediate)))
         return torch.stack(gate_up), torch.stack(down)
+
+
+def with_mtp(cfg: ModelConfig, model_dir: str | Path) -> ModelConfig:
+    """cfg with its multi-token-prediction layer switched on (speculative decoding); refuses a
+    checkpoint that does not carry one."""
+    if cfg.mtp_layers < 1 or not CheckpointReader(model_dir).has("mtp.fc.weight"):
+        raise ConfigError(f"speculative method 'mtp' needs the checkpoint's MTP module, and {model_dir} has none "
+                          f"(config.json mtp_num_hidden_layers = {cfg.mtp_layers}, mtp.* tensors missing or not); "
+                          f"`epserve make-tiny DIR --train` writes a model with one")
+    return dataclasses.replace(cfg, use_mtp=True)

@@ -44,7 +44,7 @@ def load_expert_shard(
     banks = {}
     for layer, ids in expert_ids.items():
         gate_up, down = reader.read_experts(
-            layer, ids, cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
+            cfg.layer_prefix(layer), ids, cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
         )
         banks[layer] = ExpertBank(tuple(ids), gate_up.to(device, dtype), down.to(device, dtype))
     return ExpertShard(cfg.num_experts, banks)

@@ -27,10 +27,10 @@ from ..config import ModelConfig
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_idx: int, rotary: PartialRotary) -> None:
+    def __init__(self, cfg: ModelConfig, layer_idx: int, rotary: PartialRotary, kind: str | None = None) -> None:
         super().__init__()
         D = cfg.hidden_size
-        self.is_linear = cfg.layer_types[layer_idx] == "linear_attention"
+        self.is_linear = (kind or cfg.layer_types[layer_idx]) == "linear_attention"
         self.input_layernorm = RMSNorm(D, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(D, cfg.rms_norm_eps)
         if self.is_linear:
@@ -71,6 +71,29 @@ class DecoderLayer(nn.Module):
         return self.mlp.forward(h), residual_TD
 
 
+class MultiTokenPredictor(nn.Module):
+    """Qwen3.5's MTP module (checkpoint names `mtp.*`): from the main model's final normed hidden
+    h_i and the embedding of token i+1, one full-attention decoder layer with its MoE (layer id
+    num_hidden_layers: its own K/V cache layer, expert placement and load counters) predicts token
+    i+2 through the shared LM head. A row at position i writes the layer's K/V at i (as vLLM).
+    For a further draft, the module's own output stands in for the main model's hidden."""
+
+    def __init__(self, cfg: ModelConfig, rotary: PartialRotary) -> None:
+        super().__init__()
+        D = cfg.hidden_size
+        self.pre_fc_norm_embedding = RMSNorm(D, cfg.rms_norm_eps)
+        self.pre_fc_norm_hidden = RMSNorm(D, cfg.rms_norm_eps)
+        self.fc = nn.Linear(2 * D, D, bias=False)
+        self.layers = nn.ModuleList([DecoderLayer(cfg, cfg.mtp_layer_id, rotary, kind="full_attention")])
+        self.norm = RMSNorm(D, cfg.rms_norm_eps)
+
+    def forward(self, embeds_TD: torch.Tensor, hidden_TD: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        """embeds of tokens i+1 and hidden at i, [T, D] each -> the normed hidden predicting i+2."""
+        joined = torch.cat([self.pre_fc_norm_embedding(embeds_TD), self.pre_fc_norm_hidden(hidden_TD)], dim=-1)
+        out, residual = self.layers[0].forward(linear(joined, self.fc.weight), None, batch)
+        return self.norm.add_forward(residual, out)[1]
+
+
 class Qwen35MoeModel(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -80,6 +103,7 @@ class Qwen35MoeModel(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(cfg, i, rotary) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.mtp = MultiTokenPredictor(cfg, rotary) if cfg.use_mtp else None
         self.tie_weights()
 
     def tie_weights(self) -> None:
@@ -87,12 +111,16 @@ class Qwen35MoeModel(nn.Module):
         if self.cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
 
+    def decoder_layers(self) -> list[DecoderLayer]:
+        """The main layers, then the MTP layer when it runs."""
+        return list(self.layers) + (list(self.mtp.layers) if self.mtp is not None else [])
+
     def moe_layers(self) -> list[MoELayer]:
-        return [layer.mlp for layer in self.layers]
+        return [layer.mlp for layer in self.decoder_layers()]
 
     def fuse(self) -> None:
         """After loading and placing the weights: sibling projections become one matmul each."""
-        for layer in self.layers:
+        for layer in self.decoder_layers():
             layer.mixer().fuse()
             layer.mlp.fuse()
 
@@ -121,6 +149,12 @@ class Qwen35MoeModel(nn.Module):
                 started[m] = layer.mlp.start(h)
             previous = layer
         return [self.norm.add_forward(residual, previous.mlp.finish(s))[1] for residual, s in zip(residuals, started)]
+
+    @torch.inference_mode()
+    def draft(self, next_ids_T: torch.Tensor, hidden_TD: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        """The MTP module on rows (hidden at i, token i+1), writing its K/V at the rows' positions
+        (batch); returns its normed hidden [T, D], whose logits predict token i+2."""
+        return self.mtp(self.embed_tokens(next_ids_T), hidden_TD, batch)
 
     @torch.inference_mode()
     def logits(self, hidden_TD: torch.Tensor) -> torch.Tensor:

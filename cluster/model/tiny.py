@@ -51,6 +51,7 @@ class TinySpec:
     max_shard_mb: float = 0  # > 0 splits the weights into shards with an index file
     max_position_embeddings: int = 4096
     router_skew: float = 0.0  # > 0: a few experts of each layer take much of the traffic
+    mtp: bool = False  # an MTP module (`mtp.*`, mtp_num_hidden_layers = 1) for speculative decoding
 
     def __post_init__(self) -> None:
         if self.tokenizer not in ("byte", "qwen3.5"):
@@ -91,6 +92,7 @@ def _text_config(spec: TinySpec, vocab_size: int, eos_id: int) -> dict:
         "attention_bias": False,
         "eos_token_id": eos_id,
         "dtype": "float32",
+        **({"mtp_num_hidden_layers": 1} if spec.mtp else {}),
     }
 
 
@@ -104,52 +106,68 @@ def _random_weights(spec: TinySpec, vocab_size: int) -> dict[str, torch.Tensor]:
     def linear(out_dim: int, in_dim: int) -> torch.Tensor:
         return normal(out_dim, in_dim, std=1 / math.sqrt(in_dim))
 
-    D, E, I = spec.hidden, spec.num_experts, spec.moe_intermediate
-    key_dim = spec.linear_key_heads * spec.linear_head_dim
-    value_dim = spec.linear_value_heads * spec.linear_head_dim
+    D = spec.hidden
     # std 1/sqrt(D) keeps tied logits (h @ embed^T) at the scale of untied ones
     w: dict[str, torch.Tensor] = {"embed_tokens.weight": normal(vocab_size, D, std=D**-0.5)}
     for i in range(spec.layers):
-        p = f"layers.{i}."
-        w[p + "input_layernorm.weight"] = normal(D, std=0.1)
-        w[p + "post_attention_layernorm.weight"] = normal(D, std=0.1)
-        if (i + 1) % spec.full_attention_interval:
-            a = p + "linear_attn."
-            # Keys correlated with queries (as in trained models): DeltaNet's output S^T q is then
-            # not a sum of cancelling terms, and fp32 implementations agree to ~1e-5.
-            q_rows, v_rows = linear(key_dim, D), linear(value_dim, D)
-            k_rows = 0.8 * q_rows + 0.6 * linear(key_dim, D)
-            w[a + "in_proj_qkv.weight"] = torch.cat([q_rows, k_rows, v_rows])
-            w[a + "in_proj_z.weight"] = linear(value_dim, D)
-            w[a + "in_proj_b.weight"] = linear(spec.linear_value_heads, D)
-            w[a + "in_proj_a.weight"] = linear(spec.linear_value_heads, D)
-            q_conv = normal(key_dim, 1, 4, std=0.5)
-            w[a + "conv1d.weight"] = torch.cat([q_conv, q_conv, normal(value_dim, 1, 4, std=0.5)])
-            w[a + "A_log"] = torch.empty(spec.linear_value_heads).uniform_(1, 16, generator=g).log()
-            w[a + "dt_bias"] = normal(spec.linear_value_heads, std=0.5)
-            w[a + "norm.weight"] = 1 + normal(spec.linear_head_dim, std=0.1)
-            w[a + "out_proj.weight"] = linear(D, value_dim)
-        else:
-            a = p + "self_attn."
-            w[a + "q_proj.weight"] = linear(spec.heads * spec.head_dim * 2, D)
-            w[a + "k_proj.weight"] = linear(spec.kv_heads * spec.head_dim, D)
-            w[a + "v_proj.weight"] = linear(spec.kv_heads * spec.head_dim, D)
-            w[a + "o_proj.weight"] = linear(D, spec.heads * spec.head_dim)
-            w[a + "q_norm.weight"] = normal(spec.head_dim, std=0.1)
-            w[a + "k_norm.weight"] = normal(spec.head_dim, std=0.1)
-        m = p + "mlp."
-        w[m + "gate.weight"] = linear(E, D) * _router_scale(E, spec.router_skew, g)[:, None]
-        for e in range(E):
-            w[f"{m}experts.{e}.gate_proj.weight"] = linear(I, D)
-            w[f"{m}experts.{e}.up_proj.weight"] = linear(I, D)
-            w[f"{m}experts.{e}.down_proj.weight"] = linear(D, I)
-        w[m + "shared_expert.gate_proj.weight"] = linear(spec.shared_intermediate, D)
-        w[m + "shared_expert.up_proj.weight"] = linear(spec.shared_intermediate, D)
-        w[m + "shared_expert.down_proj.weight"] = linear(D, spec.shared_intermediate)
-        w[m + "shared_expert_gate.weight"] = linear(1, D)
+        w.update(_layer_weights(spec, f"layers.{i}.", bool((i + 1) % spec.full_attention_interval), normal, g))
     w["norm.weight"] = normal(D, std=0.1)
     if not spec.tie_word_embeddings:
         w["lm_head.weight"] = linear(vocab_size, D)
+    if spec.mtp:  # generated last: the main model's weights do not depend on it
+        w.update({f"mtp.{k}": v for k, v in _layer_weights(spec, "layers.0.", False, normal, g).items()})
+        w["mtp.fc.weight"] = linear(D, 2 * D)
+        for name in ("pre_fc_norm_embedding", "pre_fc_norm_hidden", "norm"):
+            w[f"mtp.{name}.weight"] = normal(D, std=0.1)
+    return w
+
+
+def _layer_weights(spec: TinySpec, p: str, is_linear: bool, normal, g: torch.Generator) -> dict[str, torch.Tensor]:
+    """One decoder layer's tensors under prefix p: Gated DeltaNet or gated attention, then the MoE."""
+
+    def linear(out_dim: int, in_dim: int) -> torch.Tensor:
+        return normal(out_dim, in_dim, std=1 / math.sqrt(in_dim))
+
+    D, E, I = spec.hidden, spec.num_experts, spec.moe_intermediate
+    key_dim = spec.linear_key_heads * spec.linear_head_dim
+    value_dim = spec.linear_value_heads * spec.linear_head_dim
+    w: dict[str, torch.Tensor] = {}
+    w[p + "input_layernorm.weight"] = normal(D, std=0.1)
+    w[p + "post_attention_layernorm.weight"] = normal(D, std=0.1)
+    if is_linear:
+        a = p + "linear_attn."
+        # Keys correlated with queries (as in trained models): DeltaNet's output S^T q is then
+        # not a sum of cancelling terms, and fp32 implementations agree to ~1e-5.
+        q_rows, v_rows = linear(key_dim, D), linear(value_dim, D)
+        k_rows = 0.8 * q_rows + 0.6 * linear(key_dim, D)
+        w[a + "in_proj_qkv.weight"] = torch.cat([q_rows, k_rows, v_rows])
+        w[a + "in_proj_z.weight"] = linear(value_dim, D)
+        w[a + "in_proj_b.weight"] = linear(spec.linear_value_heads, D)
+        w[a + "in_proj_a.weight"] = linear(spec.linear_value_heads, D)
+        q_conv = normal(key_dim, 1, 4, std=0.5)
+        w[a + "conv1d.weight"] = torch.cat([q_conv, q_conv, normal(value_dim, 1, 4, std=0.5)])
+        w[a + "A_log"] = torch.empty(spec.linear_value_heads).uniform_(1, 16, generator=g).log()
+        w[a + "dt_bias"] = normal(spec.linear_value_heads, std=0.5)
+        w[a + "norm.weight"] = 1 + normal(spec.linear_head_dim, std=0.1)
+        w[a + "out_proj.weight"] = linear(D, value_dim)
+    else:
+        a = p + "self_attn."
+        w[a + "q_proj.weight"] = linear(spec.heads * spec.head_dim * 2, D)
+        w[a + "k_proj.weight"] = linear(spec.kv_heads * spec.head_dim, D)
+        w[a + "v_proj.weight"] = linear(spec.kv_heads * spec.head_dim, D)
+        w[a + "o_proj.weight"] = linear(D, spec.heads * spec.head_dim)
+        w[a + "q_norm.weight"] = normal(spec.head_dim, std=0.1)
+        w[a + "k_norm.weight"] = normal(spec.head_dim, std=0.1)
+    m = p + "mlp."
+    w[m + "gate.weight"] = linear(E, D) * _router_scale(E, spec.router_skew, g)[:, None]
+    for e in range(E):
+        w[f"{m}experts.{e}.gate_proj.weight"] = linear(I, D)
+        w[f"{m}experts.{e}.up_proj.weight"] = linear(I, D)
+        w[f"{m}experts.{e}.down_proj.weight"] = linear(D, I)
+    w[m + "shared_expert.gate_proj.weight"] = linear(spec.shared_intermediate, D)
+    w[m + "shared_expert.up_proj.weight"] = linear(spec.shared_intermediate, D)
+    w[m + "shared_expert.down_proj.weight"] = linear(D, spec.shared_intermediate)
+    w[m + "shared_expert_gate.weight"] = linear(1, D)
     return w
 
 
@@ -164,8 +182,7 @@ def _router_scale(num_experts: int, skew: float, g: torch.Generator) -> torch.Te
 
 def _fuse_experts(w: dict[str, torch.Tensor], spec: TinySpec) -> dict[str, torch.Tensor]:
     out = {k: v for k, v in w.items() if ".mlp.experts." not in k}
-    for i in range(spec.layers):
-        m = f"layers.{i}.mlp.experts."
+    for m in [f"layers.{i}.mlp.experts." for i in range(spec.layers)] + (["mtp.layers.0.mlp.experts."] if spec.mtp else []):
         out[m + "gate_up_proj"] = torch.stack(
             [torch.cat([w[f"{m}{e}.gate_proj.weight"], w[f"{m}{e}.up_proj.weight"]]) for e in range(spec.num_experts)]
         )
@@ -175,10 +192,10 @@ def _fuse_experts(w: dict[str, torch.Tensor], spec: TinySpec) -> dict[str, torch
 
 def _file_names(w: dict[str, torch.Tensor], spec: TinySpec) -> dict[str, torch.Tensor]:
     prefix = "model.language_model." if spec.multimodal else "model."
-    out = {(k if k == "lm_head.weight" else prefix + k): v.contiguous() for k, v in w.items()}
+    out = {(k if k == "lm_head.weight" or k.startswith("mtp.") else prefix + k): v.contiguous() for k, v in w.items()}
     if spec.multimodal:  # tensors a text server must skip (vision) or keep aside (MTP)
         out["model.visual.patch_embed.proj.weight"] = torch.zeros(8, 3, 2, 2)
-        out["mtp.fc.weight"] = torch.zeros(spec.hidden, 2 * spec.hidden)
+        out.setdefault("mtp.fc.weight", torch.zeros(spec.hidden, 2 * spec.hidden))
     return out
 
 
@@ -204,6 +221,15 @@ def _save_shards(tensors: dict[str, torch.Tensor], out: Path, max_shard_mb: floa
     (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
 
+def save_weights(out: Path, spec: TinySpec, weights: dict[str, torch.Tensor]) -> None:
+    """Writes canonical-name tensors (experts one by one) in the layout the spec asks for."""
+    for old in list(out.glob("*.safetensors")) + list(out.glob("*.safetensors.index.json")):
+        old.unlink()
+    if spec.fused_experts:
+        weights = _fuse_experts(weights, spec)
+    _save_shards(_file_names(weights, spec), out, spec.max_shard_mb)
+
+
 def make_tiny(out_dir: str | Path, spec: TinySpec = TinySpec()) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -226,10 +252,7 @@ def make_tiny(out_dir: str | Path, spec: TinySpec = TinySpec()) -> Path:
         }
     config["epserve_tiny_spec"] = asdict(spec)  # how it was made, for humans
     (out / "config.json").write_text(json.dumps(config, indent=2))
-    weights = _random_weights(spec, vocab_size)
-    if spec.fused_experts:
-        weights = _fuse_experts(weights, spec)
-    _save_shards(_file_names(weights, spec), out, spec.max_shard_mb)
+    save_weights(out, spec, _random_weights(spec, vocab_size))
     tok.save(str(out / "tokenizer.json"))
     (out / "tokenizer_config.json").write_text(
         json.dumps(

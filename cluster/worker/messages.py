@@ -20,7 +20,7 @@ from .step import ChunkResult, SamplingSpec, ScheduledChunk, StepInput
 def encode_step(step: StepInput) -> bytes:
     chunks = [
         [c.seq_id, list(c.token_ids), c.past, list(c.new_blocks), c.slot, c.sample, c.want_logits,
-         None if c.sampling is None else list(astuple(c.sampling))]
+         None if c.sampling is None else list(astuple(c.sampling)), c.spec_tokens, c.verify, c.next_token]
         for c in step.chunks
     ]
     return msgpack.packb({"chunks": chunks, "freed": list(step.freed)})
@@ -29,10 +29,11 @@ def encode_step(step: StepInput) -> bytes:
 def decode_step(data: bytes) -> StepInput:
     raw = msgpack.unpackb(data)
     chunks = []
-    for seq_id, ids, past, blocks, slot, sample, want_logits, sampling in raw["chunks"]:
+    for seq_id, ids, past, blocks, slot, sample, want_logits, sampling, spec_tokens, verify, next_token in raw["chunks"]:
         chunks.append(ScheduledChunk(
             int(seq_id), tuple(int(t) for t in ids), int(past), tuple(int(b) for b in blocks), int(slot),
             bool(sample), bool(want_logits), None if sampling is None else _spec(sampling),
+            int(spec_tokens), bool(verify), int(next_token),
         ))
     return StepInput(tuple(chunks), tuple(int(s) for s in raw["freed"]))
 
@@ -57,7 +58,8 @@ def _decode_tensor(raw) -> torch.Tensor | None:
 
 def encode_results(results: list[ChunkResult]) -> bytes:
     return msgpack.packb([
-        [r.seq_id, r.token_id, r.logprob, [list(p) for p in r.top_logprobs], _encode_tensor(r.logits)]
+        [r.seq_id, r.token_id, r.logprob, [list(p) for p in r.top_logprobs], _encode_tensor(r.logits),
+         [[t, lp, [list(p) for p in top]] for t, lp, top in r.accepted]]
         for r in results
     ])
 
@@ -68,26 +70,33 @@ def decode_results(data: bytes) -> list[ChunkResult]:
     if isinstance(raw, dict):
         raise RuntimeError(f"worker failed: {raw.get('error')}")
     return [
-        ChunkResult(int(seq_id), int(token), float(logprob), [(int(i), float(lp)) for i, lp in top],
-                    _decode_tensor(logits))
-        for seq_id, token, logprob, top, logits in raw
+        ChunkResult(int(seq_id), int(token), float(logprob), _top(top), _decode_tensor(logits),
+                    [(int(t), float(lp), _top(t_top)) for t, lp, t_top in accepted])
+        for seq_id, token, logprob, top, logits, accepted in raw
     ]
+
+
+def _top(pairs) -> list[tuple[int, float]]:
+    return [(int(i), float(lp)) for i, lp in pairs]
 
 
 # -- engine -> worker commands over the control link (cluster.worker.links) ---------------------
 STEP, RELEASE, PAUSE = 0, 1, 2  # run a step; only forget finished sequences; leave the step loop
 
 
-def encode_command(kind: int, rows: list[list[int]], step: bytes = b"", number: int = 0) -> bytes:
+def encode_command(kind: int, rows: list[list[int]], step: bytes = b"", number: int = 0,
+                   mtp_rows: list[list[int]] | None = None) -> bytes:
     """rows[a][m]: rows attention worker a computes in micro-batch m of this step (the expert
-    exchange's message sizes); step: that attention worker's encoded StepInput (empty for experts);
-    number: the engine's count of steps, by which recovery tells a finished step from a failed one."""
-    return msgpack.packb([kind, [list(r) for r in rows], step, number])
+    exchange's message sizes); mtp_rows[a][p]: its rows in MTP pass p (step.mtp_pass_rows); step:
+    that attention worker's encoded StepInput (empty for experts); number: the engine's count of
+    steps, by which recovery tells a finished step from a failed one."""
+    return msgpack.packb([kind, [list(r) for r in rows], step, number, [list(r) for r in mtp_rows or []]])
 
 
-def decode_command(data: bytes) -> tuple[int, list[list[int]], bytes, int]:
-    kind, rows, step, number = msgpack.unpackb(data)
-    return int(kind), [[int(n) for n in r] for r in rows], bytes(step), int(number)
+def decode_command(data: bytes) -> tuple[int, list[list[int]], bytes, int, list[list[int]]]:
+    kind, rows, step, number, mtp_rows = msgpack.unpackb(data)
+    return (int(kind), [[int(n) for n in r] for r in rows], bytes(step), int(number),
+            [[int(n) for n in r] for r in mtp_rows])
 
 
 def encode_error(message: str) -> bytes:

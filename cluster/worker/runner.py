@@ -19,12 +19,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from attention import DeltaNetStateCache, ForwardBatch, PagedKVCache
+from attention import DeltaNetStateCache, ForwardBatch, PagedKVCache, SpeculativeRollback
 from router import ExpertLoadWindow
 
 from ..engine.cache_plan import CacheLayout
 from ..model.model import Qwen35MoeModel
 from .sampler import sample_batch
+from .speculative import draw_drafts, verify
 from .step import ChunkResult, SamplingSpec, ScheduledChunk, StepInput, micro_batches
 
 
@@ -34,6 +35,8 @@ class _SequenceState:
     sampling: SamplingSpec
     block_table: list[int] = field(default_factory=list)
     tokens: list[int] = field(default_factory=list)  # every token fed so far (prompt, then outputs)
+    drafts: list[int] = field(default_factory=list)  # MTP drafts for the next step to verify
+    draft_probs: torch.Tensor | None = None  # [k, V] the distributions they were drawn from
 
 
 class ModelRunner:
@@ -44,7 +47,7 @@ class ModelRunner:
         cfg = model.cfg
         self.device = model.embed_tokens.weight.device
         dtype = model.embed_tokens.weight.dtype
-        full = [i for i, t in enumerate(cfg.layer_types) if t == "full_attention"]
+        full = list(cfg.kv_layer_ids)
         linear = [i for i, t in enumerate(cfg.layer_types) if t == "linear_attention"]
         self.block_size = layout.block_size
         self.kv = PagedKVCache(full, layout.num_blocks, layout.block_size, cfg.num_key_value_heads,
@@ -57,7 +60,7 @@ class ModelRunner:
         self.overlap = overlap  # two micro-batches per step (expert workers elsewhere: cluster.worker.step)
         self.transactional = transactional
         self.sequences: dict[int, _SequenceState] = {}
-        self.load = ExpertLoadWindow(cfg.num_hidden_layers, cfg.num_experts, load_window_steps, self.device)
+        self.load = ExpertLoadWindow(len(cfg.moe_layer_ids), cfg.num_experts, load_window_steps, self.device)
         for moe in model.moe_layers():
             moe.load = self.load
 
@@ -67,7 +70,7 @@ class ModelRunner:
         if not step.chunks:
             return []
         # per micro-batch, decodes first (stable)
-        groups = [sorted(g, key=lambda c: len(c.token_ids) > 1) for g in micro_batches(step.chunks, self.overlap)]
+        groups = [sorted(g, key=lambda c: c.rows > 1) for g in micro_batches(step.chunks, self.overlap)]
         undo = self._undo_point(step) if self.transactional else None
         try:
             laid = [self._layout(group) for group in groups]
@@ -75,36 +78,40 @@ class ModelRunner:
                 hidden = self.model(*laid[0])
             else:
                 hidden = torch.cat(self.model.forward_overlapped([ids for ids, _ in laid], [b for _, b in laid]))
+            chunks = [chunk for group in groups for chunk in group]
+            results = self._results(chunks, [n for _, batch in laid for n in batch.query_lens], hidden)
+            self._roll_back_rejected(chunks, results, [batch for _, batch in laid])
+            self._draft(chunks, results, hidden)
         except Exception:
             if undo is not None:
                 self._roll_back(*undo)
             raise
         self.load.advance()
-        chunks = [chunk for group in groups for chunk in group]
-        return self._results(chunks, [n for _, batch in laid for n in batch.query_lens], hidden)
+        return results
 
     def _undo_point(self, step: StepInput):
         """What a failed step would change: the continuing sequences' states, token and block
-        counts, and this step's expert-load counts."""
-        lengths = {c.seq_id: (len(self.sequences[c.seq_id].tokens), len(self.sequences[c.seq_id].block_table))
-                   for c in step.chunks if c.past > 0 and c.seq_id in self.sequences}
-        slots = torch.tensor([self.sequences[i].slot for i in lengths], dtype=torch.long, device=self.device)
+        counts and drafts, and this step's expert-load counts."""
+        kept = {c.seq_id: self.sequences[c.seq_id] for c in step.chunks if c.past > 0 and c.seq_id in self.sequences}
+        lengths = {i: (len(s.tokens), len(s.block_table), s.drafts, s.draft_probs) for i, s in kept.items()}
+        slots = torch.tensor([s.slot for s in kept.values()], dtype=torch.long, device=self.device)
         load = self.load.counts[self.load.slot].clone()
         return lengths, slots, self.states.save(slots), load, [c.seq_id for c in step.chunks if c.past == 0]
 
     def _roll_back(self, lengths, slots, states, load, started) -> None:
-        for seq_id, (num_tokens, num_blocks) in lengths.items():
+        for seq_id, (num_tokens, num_blocks, drafts, draft_probs) in lengths.items():
             seq = self.sequences[seq_id]
             del seq.tokens[num_tokens:], seq.block_table[num_blocks:]
+            seq.drafts, seq.draft_probs = drafts, draft_probs
         for seq_id in started:  # a replay starts them afresh
             self.sequences.pop(seq_id, None)
         self.states.restore(slots, states)
         self.load.counts[self.load.slot] = load
 
     def _layout(self, chunks: list[ScheduledChunk]) -> tuple[torch.Tensor, ForwardBatch]:
-        """The step's flat batch: token ids [T] and the ForwardBatch (host lists -> one tensor each)."""
-        ids, positions, slot_mapping, query_lens, context_lens, slots, tables, fresh = [], [], [], [], [], [], [], []
-        bs = self.block_size
+        """The step's flat batch: token ids [T] and the ForwardBatch (host lists -> one tensor each).
+        A verify chunk's rows are its token and the sequence's drafts."""
+        ids, rows, fresh, verify = [], [], [], []
         for chunk in chunks:
             if chunk.past == 0:
                 self.sequences[chunk.seq_id] = _SequenceState(chunk.slot, chunk.sampling or SamplingSpec())
@@ -113,15 +120,39 @@ class ModelRunner:
             if len(seq.tokens) != chunk.past:
                 raise RuntimeError(f"sequence {chunk.seq_id}: worker has {len(seq.tokens)} tokens, "
                                    f"step says {chunk.past}")
+            tokens = chunk.token_ids
+            if chunk.verify:
+                if len(seq.drafts) != chunk.spec_tokens:
+                    raise RuntimeError(f"sequence {chunk.seq_id}: asked to verify {chunk.spec_tokens} drafts, "
+                                       f"worker has {len(seq.drafts)}")
+                tokens += tuple(seq.drafts)
+                verify.append((chunk.seq_id, len(ids), seq.slot))
             seq.block_table.extend(chunk.new_blocks)
-            seq.tokens.extend(chunk.token_ids)
-            n, past, table = len(chunk.token_ids), chunk.past, seq.block_table
-            ids.extend(chunk.token_ids)
+            seq.tokens.extend(tokens)
+            ids.extend(tokens)
+            rows.append((chunk.past, len(tokens), seq.block_table, seq.slot))
+        batch = self._batch(rows)
+        as_long = dict(dtype=torch.long, device=self.device)
+        if verify:
+            width = max(c.rows for c in chunks if c.verify)
+            batch.rollback = SpeculativeRollback(
+                [seq_id for seq_id, _, _ in verify],
+                torch.tensor([list(range(start, start + width)) for _, start, _ in verify], **as_long),
+                torch.tensor([slot for _, _, slot in verify], **as_long))
+        if fresh:  # new or recomputed sequences start from zero states
+            self.states.reset(torch.tensor(fresh, **as_long))
+        return torch.tensor(ids, **as_long), batch
+
+    def _batch(self, rows: list[tuple[int, int, list[int], int]]) -> ForwardBatch:
+        """A ForwardBatch over sequences given as (past, rows, block table, slot) each."""
+        positions, slot_mapping, query_lens, context_lens, slots, tables = [], [], [], [], [], []
+        bs = self.block_size
+        for past, n, table, slot in rows:
             positions.extend(range(past, past + n))
             slot_mapping.extend(table[p // bs] * bs + p % bs for p in range(past, past + n))
             query_lens.append(n)
             context_lens.append(past + n)
-            slots.append(seq.slot)
+            slots.append(slot)
             tables.append(table)
         width = max((len(t) for t in tables), default=1)
         padded = [t + [0] * (width - len(t)) for t in tables]
@@ -129,10 +160,10 @@ class ModelRunner:
         starts = [0]
         for n in query_lens:
             starts.append(starts[-1] + n)
-        batch = ForwardBatch(
+        return ForwardBatch(
             positions=torch.tensor(positions, **as_long),
             query_lens=query_lens,
-            num_decodes=sum(1 for n in query_lens if n == 1),
+            num_decodes=next((i for i, n in enumerate(query_lens) if n > 1), len(query_lens)),
             query_start=torch.tensor(starts, **as_long),
             context_lens=torch.tensor(context_lens, **as_long),
             slots=torch.tensor(slots, **as_long),
@@ -140,9 +171,6 @@ class ModelRunner:
             slot_mapping=torch.tensor(slot_mapping, **as_long),
             kv=self.kv, states=self.states,
         )
-        if fresh:  # new or recomputed sequences start from zero states
-            self.states.reset(torch.tensor(fresh, **as_long))
-        return torch.tensor(ids, **as_long), batch
 
     def _results(self, chunks: list[ScheduledChunk], query_lens: list[int], hidden: torch.Tensor) -> list[ChunkResult]:
         """hidden [T, D]: the chunks' rows in order, query_lens[i] of them for chunk i."""
@@ -151,7 +179,7 @@ class ModelRunner:
         for i, chunk in enumerate(chunks):
             if chunk.want_logits:
                 results[i].logits = self.model.logits(hidden[ends[i] - query_lens[i] : ends[i]]).cpu()
-        sampling = [i for i, chunk in enumerate(chunks) if chunk.sample]
+        sampling = [i for i, chunk in enumerate(chunks) if chunk.sample and not chunk.verify]
         if sampling:
             last_rows = torch.tensor([ends[i] - 1 for i in sampling], device=self.device)
             logits = self.model.logits(hidden[last_rows])
@@ -159,4 +187,78 @@ class ModelRunner:
             picks = sample_batch(logits, [s.sampling for s in seqs], [s.tokens for s in seqs])
             for i, (token, logprob, top) in zip(sampling, picks):
                 results[i].token_id, results[i].logprob, results[i].top_logprobs = token, logprob, top
+        verifying = [i for i, chunk in enumerate(chunks) if chunk.verify]
+        if verifying:
+            rows = torch.cat([torch.arange(ends[i] - query_lens[i], ends[i]) for i in verifying]).to(self.device)
+            logits = self.model.logits(hidden[rows]).split([query_lens[i] for i in verifying])
+            for i, chunk_logits in zip(verifying, logits):
+                seq = self.sequences[chunks[i].seq_id]
+                *accepted, last = verify(chunk_logits, seq.sampling, seq.tokens, seq.drafts, seq.draft_probs)
+                results[i].accepted = accepted
+                results[i].token_id, results[i].logprob, results[i].top_logprobs = last
         return results
+
+    def _roll_back_rejected(self, chunks: list[ScheduledChunk], results: list[ChunkResult],
+                            batches: list[ForwardBatch]) -> None:
+        """Verify chunks keep their last token and accepted drafts: the rest of their tokens is
+        dropped and their DeltaNet states go back to after the accepted ones."""
+        kept = {}
+        for chunk, result in zip(chunks, results):
+            if chunk.verify:
+                seq = self.sequences[chunk.seq_id]
+                kept[chunk.seq_id] = 1 + len(result.accepted)
+                del seq.tokens[chunk.past + kept[chunk.seq_id]:]
+                seq.drafts, seq.draft_probs = [], None
+        for batch in batches:
+            if batch.rollback is not None:
+                keep = [kept[seq_id] for seq_id in batch.rollback.seq_ids]
+                for layer in self.model.layers:
+                    if layer.is_linear:
+                        layer.linear_attn.roll_back(batch.rollback, keep, self.states)
+
+    def _draft(self, chunks: list[ScheduledChunk], results: list[ChunkResult], hidden: torch.Tensor) -> None:
+        """The MTP layer over every speculating chunk's rows (hidden at i, token i + 1), then k - 1
+        more one-row passes for the chunks that sampled; each sampling chunk's sequence keeps k
+        drafts for the next step to verify. Rows past a verify chunk's accepted tokens compute
+        throw-away values (their K/V are written again before they are read)."""
+        offsets = [0, *itertools.accumulate(c.rows for c in chunks)]
+        spec = [i for i, c in enumerate(chunks) if c.spec_tokens]
+        if not spec:
+            return
+        rows, next_ids, layout, last = [], [], [], []  # last: per drafting chunk, its row in the pass
+        for i in spec:
+            chunk, result, seq = chunks[i], results[i], self.sequences[chunks[i].seq_id]
+            if chunk.verify:  # row j's next token: the accepted draft j + 1, or the token sampled after
+                emitted = [t for t, _, _ in result.accepted] + [result.token_id]
+                following = emitted + [result.token_id] * (chunk.rows - len(emitted))
+            else:
+                following = list(chunk.token_ids[1:]) + [result.token_id if chunk.sample else chunk.next_token]
+            if chunk.sample:
+                valid = len(result.accepted) + 1 if chunk.verify else chunk.rows
+                last.append((i, len(rows) + valid - 1, chunk.past + valid - 1))
+            rows.extend(range(offsets[i], offsets[i + 1]))
+            next_ids.extend(following)
+            layout.append((chunk.past, chunk.rows, seq.block_table, seq.slot))
+        as_long = dict(dtype=torch.long, device=self.device)
+        out = self.model.draft(torch.tensor(next_ids, **as_long), hidden[torch.tensor(rows, **as_long)],
+                               self._batch(layout))
+        if not last:
+            return
+        hidden_BD = out[torch.tensor([row for _, row, _ in last], **as_long)]
+        seqs = [self.sequences[chunks[i].seq_id] for i, _, _ in last]
+        positions = [position for _, _, position in last]  # of each row's hidden
+        drafts: list[list[int]] = [[] for _ in seqs]
+        probs: list[list[torch.Tensor]] = [[] for _ in seqs]
+        for j in range(chunks[spec[0]].spec_tokens):
+            if j:  # the next row: the last draft after the MTP's own hidden, one position on
+                positions = [p + 1 for p in positions]
+                batch = self._batch([(p, 1, s.block_table, s.slot) for p, s in zip(positions, seqs)])
+                hidden_BD = self.model.draft(torch.tensor([d[-1] for d in drafts], **as_long), hidden_BD, batch)
+            # the draft stands for output index (position of its token) - prompt
+            tokens, q = draw_drafts(self.model.logits(hidden_BD), [s.sampling for s in seqs],
+                                    [p + 2 - s.sampling.prompt_len for p, s in zip(positions, seqs)])
+            for b, token in enumerate(tokens):
+                drafts[b].append(token)
+                probs[b].append(q[b])
+        for seq, d, q in zip(seqs, drafts, probs):
+            seq.drafts, seq.draft_probs = d, torch.stack(q)

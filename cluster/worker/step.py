@@ -40,6 +40,16 @@ class ScheduledChunk:
     sample: bool = True  # the chunk reaches the last known token: sample the next one
     want_logits: bool = False  # return fp32 logits of every position of the chunk (scoring)
     sampling: SamplingSpec | None = None  # sent when past == 0
+    # speculative decoding (MTP) with k = spec_tokens > 0: the MTP layer also runs over the chunk's
+    # rows (its K/V stay complete) and, when the chunk samples, drafts k tokens the worker keeps
+    spec_tokens: int = 0
+    verify: bool = False  # the chunk's rows are token_ids + the worker's k drafts, verified this step
+    next_token: int = -1  # the token after a chunk that does not sample (its last MTP row's input)
+
+    @property
+    def rows(self) -> int:
+        """Rows this chunk adds to the step's flat batch."""
+        return len(self.token_ids) + (self.spec_tokens if self.verify else 0)
 
 
 @dataclass(frozen=True)
@@ -55,6 +65,8 @@ class ChunkResult:
     logprob: float = 0.0  # its log-probability under the model (raw logits)
     top_logprobs: list[tuple[int, float]] = field(default_factory=list)
     logits: torch.Tensor | None = None  # [n, V] fp32, only for want_logits chunks
+    # a verify chunk: the drafts accepted, as (token, logprob, top logprobs), emitted before token_id
+    accepted: list[tuple[int, float, list[tuple[int, float]]]] = field(default_factory=list)
 
 
 def micro_batches(chunks: tuple[ScheduledChunk, ...], overlap: bool) -> list[tuple[ScheduledChunk, ...]]:
@@ -63,9 +75,20 @@ def micro_batches(chunks: tuple[ScheduledChunk, ...], overlap: bool) -> list[tup
     expert workers' message sizes) and the attention worker (for its forward) both call this."""
     if not overlap or len(chunks) < 2:
         return [chunks]
-    total, running = sum(len(c.token_ids) for c in chunks), 0
+    total, running = sum(c.rows for c in chunks), 0
     for i, chunk in enumerate(chunks[:-1]):
-        running += len(chunk.token_ids)
+        running += chunk.rows
         if 2 * running >= total:
             return [chunks[: i + 1], chunks[i + 1 :]]
     return [chunks[:-1], chunks[-1:]]
+
+
+def mtp_pass_rows(chunks: tuple[ScheduledChunk, ...]) -> list[int]:
+    """Rows of each MTP pass of a step (the expert workers' message sizes for the MTP layer): the
+    rows of every speculating chunk, then k - 1 draft passes of one row per speculating chunk that
+    samples. [] when nothing speculates."""
+    spec = [c for c in chunks if c.spec_tokens]
+    if not spec:
+        return []
+    drafting = sum(1 for c in spec if c.sample)
+    return [sum(c.rows for c in spec)] + [drafting] * (spec[0].spec_tokens - 1)

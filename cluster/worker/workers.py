@@ -91,7 +91,7 @@ class _Worker:
         """The step loop: runs commands from the engine until PAUSE; returns the steps served."""
         served = 0
         while True:
-            kind, rows, body, number = decode_command(self.engine_link.recv_bytes())
+            kind, rows, body, number, mtp_rows = decode_command(self.engine_link.recv_bytes())
             if kind == PAUSE:
                 return served
             if kind == STEP:
@@ -100,7 +100,7 @@ class _Worker:
                     log.warning("fault injection: %s %d exits at step %d", self.role, self.rank, self.steps_seen)
                     os._exit(1)  # as a crash: no cleanup, the OS closes the sockets
             try:
-                self._command(kind, rows, body, number)
+                self._command(kind, rows, body, number, mtp_rows)
             except Exception as e:  # noqa: BLE001 - reported to the engine, then the loop ends
                 if isinstance(e, links_.LinkError):  # a peer is gone: the engine recovers
                     log.warning("step ended on %s %d: %s", self.role, self.rank, e)
@@ -110,7 +110,8 @@ class _Worker:
                 raise
             served += 1
 
-    def _command(self, kind: int, rows: list[list[int]], body: bytes, number: int) -> None:
+    def _command(self, kind: int, rows: list[list[int]], body: bytes, number: int,
+                 mtp_rows: list[list[int]]) -> None:
         raise NotImplementedError
 
     def _fail(self, error: Exception) -> None:
@@ -175,7 +176,8 @@ class AttentionWorker(_Worker):
     def reset_load(self) -> None:
         self.runner.load.reset()
 
-    def _command(self, kind: int, rows: list[list[int]], body: bytes, number: int) -> None:
+    def _command(self, kind: int, rows: list[list[int]], body: bytes, number: int,
+                 mtp_rows: list[list[int]]) -> None:
         step = decode_step(body)
         if kind == RELEASE:
             for seq_id in step.freed:
@@ -282,15 +284,20 @@ class ExpertWorker(_Worker):
         self.commit_placement()
         return loaded
 
-    def _command(self, kind: int, rows: list[list[int]], body: bytes, number: int) -> None:
+    def _command(self, kind: int, rows: list[list[int]], body: bytes, number: int,
+                 mtp_rows: list[list[int]]) -> None:
         """Serves every MoE layer of the step, micro-batch by micro-batch as the attention workers
-        send them; rows[a][m]: rows of attention worker a in micro-batch m."""
+        send them (rows[a][m]: rows of attention worker a in micro-batch m), then the MTP layer's
+        passes (mtp_rows[a][p]: its rows in pass p)."""
         if kind == RELEASE or not any(map(any, rows)):
             return
         with self.timer.phase("step"):
-            for layer in self.cfg.moe_layer_ids:
+            for layer in range(self.cfg.num_hidden_layers):
                 for m in range(max(len(r) for r in rows)):
                     self.server.serve(layer, [r[m] if m < len(r) else 0 for r in rows], self.shard)
+            for p in range(max(map(len, mtp_rows), default=0)):
+                self.server.serve(self.cfg.mtp_layer_id, [r[p] if p < len(r) else 0 for r in mtp_rows],
+                                  self.shard)
         self.timer.steps += 1
 
     def info(self) -> dict:
