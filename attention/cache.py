@@ -46,6 +46,7 @@ class DeltaNetStateCache:
         self._recurrent = torch.zeros(L, num_slots, num_heads, key_dim, value_dim, device=device)
         self.conv = {layer: self._conv[i] for i, layer in enumerate(layers)}
         self.recurrent = {layer: self._recurrent[i] for i, layer in enumerate(layers)}
+        self.index = {layer: i for i, layer in enumerate(layers)}  # position in save()'s first dim
 
     def reset(self, slots: torch.Tensor) -> None:
         """Zeroes the slots of sequences starting afresh (new, or recomputed after preemption)."""
@@ -102,10 +103,9 @@ class SpeculativeRollback:
     seq_ids: list[int]  # [Bv]
     rows: torch.Tensor  # [Bv, k + 1] rows of each chunk in the flat batch
     slots: torch.Tensor  # [Bv]
-    kept: dict = field(default_factory=dict)  # layer -> (conv, recurrent, qkv, a, b) of the chunks
+    saved: tuple[torch.Tensor, torch.Tensor]  # DeltaNetStateCache.save(slots), before the step
+    projected: dict = field(default_factory=dict)  # layer -> the layer's input projection [Bv, k + 1, P]
 
-    def keep(self, layer: int, states: DeltaNetStateCache, qkv_TC: torch.Tensor, a_TH: torch.Tensor,
-             b_TH: torch.Tensor) -> None:
-        """Called by a DeltaNet layer before it updates the states."""
-        self.kept[layer] = (states.conv[layer][self.slots], states.recurrent[layer][self.slots],
-                            qkv_TC[self.rows], a_TH[self.rows], b_TH[self.rows])
+    def keep(self, layer: int, projected_TP: torch.Tensor) -> None:
+        """Called by a DeltaNet layer with its fused input projection (qkv | z | b | a) of every row."""
+        self.projected[layer] = projected_TP[self.rows]

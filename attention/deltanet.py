@@ -59,10 +59,11 @@ class GatedDeltaNet(nn.Module):
         self.in_proj = fuse_weights(self.in_proj_qkv, self.in_proj_z, self.in_proj_b, self.in_proj_a)
 
     def forward(self, x_TD: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
-        T, H, dk, dv = x_TD.shape[0], self.num_value_heads, self.key_head_dim, self.value_head_dim
-        qkv, z, b, a = linear(x_TD, self.in_proj).split([self.conv_channels, self.value_dim, H, H], dim=-1)
+        T, H, dv = x_TD.shape[0], self.num_value_heads, self.value_head_dim
+        projected = linear(x_TD, self.in_proj)
         if batch.rollback is not None:
-            batch.rollback.keep(self.layer_idx, batch.states, qkv, a, b)
+            batch.rollback.keep(self.layer_idx, projected)
+        qkv, z, b, a = projected.split([self.conv_channels, self.value_dim, H, H], dim=-1)
         out = self._mix(qkv, a, b, batch.states, batch.slots, batch.query_start, batch.query_lens, batch.num_decodes)
         normed = gated_rms_norm(out, z.view(T, H, dv), self.norm.weight, self.norm.eps)
         return linear(normed.view(T, self.value_dim), self.out_proj.weight)
@@ -84,15 +85,14 @@ class GatedDeltaNet(nn.Module):
         short = sorted((i for i, n in enumerate(keep) if n < record.rows.shape[1]), key=lambda i: keep[i] > 1)
         if not short:
             return
-        conv, recurrent, qkv, a, b = record.kept[self.layer_idx]
-        index = torch.tensor(short, device=qkv.device)
-        slots = record.slots[index]
-        states.conv[self.layer_idx].index_copy_(0, slots, conv[index])
-        states.recurrent[self.layer_idx].index_copy_(0, slots, recurrent[index])
+        projected = record.projected[self.layer_idx]
+        index = torch.tensor(short, device=projected.device)
+        slots, at = record.slots[index], states.index[self.layer_idx]
+        states.conv[self.layer_idx].index_copy_(0, slots, record.saved[0][at][index])
+        states.recurrent[self.layer_idx].index_copy_(0, slots, record.saved[1][at][index])
         lens = [keep[i] for i in short]
-        starts = torch.tensor([0, *itertools.accumulate(lens)], device=qkv.device)
-
-        def rows(x):
-            return torch.cat([x[i, :n] for i, n in zip(short, lens)])
-
-        self._mix(rows(qkv), rows(a), rows(b), states, slots, starts, lens, sum(1 for n in lens if n == 1))
+        starts = torch.tensor([0, *itertools.accumulate(lens)], device=projected.device)
+        rows = torch.cat([projected[i, :n] for i, n in zip(short, lens)])
+        H = self.num_value_heads
+        qkv, _, b, a = rows.split([self.conv_channels, self.value_dim, H, H], dim=-1)
+        self._mix(qkv, a, b, states, slots, starts, lens, sum(1 for n in lens if n == 1))

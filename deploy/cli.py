@@ -252,7 +252,7 @@ def _add_server_args(p, grpc_port: int, http_port: int) -> None:
                    help="where the workers run (auto: cuda when the Ray cluster has GPUs)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
                    help="weights and activations (bfloat16 on GPUs)")
-    p.add_argument("--speculative-tokens", type=int, default=0, choices=range(0, 4), metavar="K",
+    p.add_argument("--speculative-tokens", type=int, default=0, choices=range(4), metavar="K",
                    help="MTP speculative decoding: draft K (1..3) tokens per step with the checkpoint's MTP "
                         "module (0: off)")
     p.add_argument("--api-key", action="append", default=None,

@@ -135,10 +135,11 @@ class ModelRunner:
         as_long = dict(dtype=torch.long, device=self.device)
         if verify:
             width = max(c.rows for c in chunks if c.verify)
+            slots = torch.tensor([slot for _, _, slot in verify], **as_long)
             batch.rollback = SpeculativeRollback(
                 [seq_id for seq_id, _, _ in verify],
                 torch.tensor([list(range(start, start + width)) for _, start, _ in verify], **as_long),
-                torch.tensor([slot for _, _, slot in verify], **as_long))
+                slots, self.states.save(slots))
         if fresh:  # new or recomputed sequences start from zero states
             self.states.reset(torch.tensor(fresh, **as_long))
         return torch.tensor(ids, **as_long), batch
@@ -259,6 +260,6 @@ class ModelRunner:
                                     [p + 2 - s.sampling.prompt_len for p, s in zip(positions, seqs)])
             for b, token in enumerate(tokens):
                 drafts[b].append(token)
-                probs[b].append(q[b])
+                probs[b].append(q[b] if q is not None and seqs[b].sampling.temperature > 0 else None)
         for seq, d, q in zip(seqs, drafts, probs):
-            seq.drafts, seq.draft_probs = d, torch.stack(q)
+            seq.drafts, seq.draft_probs = d, None if q[0] is None else torch.stack(q)

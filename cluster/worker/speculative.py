@@ -52,10 +52,12 @@ def _draw(probs_V: torch.Tensor, u: float) -> int:
 
 
 def draw_drafts(logits_BV: torch.Tensor, specs: list[SamplingSpec], output_index: list[int]
-                ) -> tuple[list[int], torch.Tensor]:
+                ) -> tuple[list[int], torch.Tensor | None]:
     """One draft per row from the MTP logits (no penalties: any q is valid, it only sets the
     acceptance rate); output_index[i]: the output position the draft stands for. Returns the
-    tokens and their distributions q [B, V]."""
+    tokens and their distributions q [B, V] (None when every row is greedy: q is the argmax)."""
+    if all(s.temperature == 0 for s in specs):
+        return logits_BV.argmax(-1).tolist(), None
     q = distributions(logits_BV, specs, [[]] * len(specs), penalised=False)
     tokens = q.argmax(-1).tolist()
     for i, s in enumerate(specs):
@@ -73,18 +75,32 @@ def _pick(raw_logprobs_V: torch.Tensor, token: int, n: int) -> Pick:
 
 
 def verify(logits_RV: torch.Tensor, spec: SamplingSpec, history: list[int], drafts: list[int],
-           draft_probs: torch.Tensor) -> list[Pick]:
+           draft_probs: torch.Tensor | None) -> list[Pick]:
     """One sequence's verify chunk: logits [k + 1, V] at its last token and its k drafts; history
-    ends with the drafts (the chunk's tokens); draft_probs [k, V] the q they came from. Returns the
-    tokens emitted: the accepted drafts, then the replacement or bonus token (1 .. k + 1)."""
+    ends with the drafts (the chunk's tokens); draft_probs [k, V] the q they came from (None for
+    greedy drafts). Returns the tokens emitted: the accepted drafts, then the replacement or bonus
+    token (1 .. k + 1)."""
     k = len(drafts)
     base = len(history) - k  # tokens fed up to and including row 0
-    p = distributions(logits_RV, [spec] * (k + 1), [history[: base + j] for j in range(k + 1)])
     raw = torch.log_softmax(logits_RV.float(), dim=-1) if spec.logprobs >= 0 else None
 
     def emit(j: int, token: int) -> Pick:
         return _pick(raw[j], token, spec.logprobs) if raw is not None else (token, 0.0, [])
 
+    histories = [history[: base + j] for j in range(k + 1)]
+    if spec.temperature == 0:  # the same as the general rule with one-hot p and q, without building them
+        plain = not (spec.logit_bias or spec.presence_penalty or spec.frequency_penalty
+                     or spec.repetition_penalty != 1.0)
+        best = (logits_RV if plain else distributions(logits_RV, [spec] * (k + 1), histories)).argmax(-1).tolist()
+        out = []
+        for j, d in enumerate(drafts):
+            if best[j] != d:
+                return [*out, emit(j, best[j])]
+            out.append(emit(j, d))
+        return [*out, emit(k, best[k])]
+    p = distributions(logits_RV, [spec] * (k + 1), histories)
+    if draft_probs is None:  # greedy drafts for a sampled request (not made by the runner): q one-hot
+        draft_probs = torch.zeros_like(p[:k]).scatter_(1, torch.tensor(drafts, device=p.device)[:, None], 1.0)
     out: list[Pick] = []
     for j, d in enumerate(drafts):
         index = base + j - spec.prompt_len  # output index of the token row j predicts

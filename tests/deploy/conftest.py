@@ -8,7 +8,8 @@ from cluster.model.tiny import TinySpec
 from deploy.config import AppConfig
 from tests.conftest import free_port
 
-SERVE_SPEC = TinySpec(seed=11, num_experts=16, top_k=4)
+SERVE_SPEC = TinySpec(seed=11, num_experts=16, top_k=4, mtp=True)
+SPECULATIVE = {"method": "mtp", "num_speculative_tokens": 2}  # the server speculates: every test goes through it
 ADMIN_KEY = "admin-key-for-tests"  # rebalance / scale are refused on a server without one
 
 
@@ -22,7 +23,8 @@ def server(ray_cluster, make_checkpoint):
     cfg = AppConfig(model=model_dir, served_model_name="tiny", expert_workers=2, attention_workers=1,
                     max_num_seqs=4, max_waiting=4, max_model_len=256, max_tokens_limit=128,
                     max_ongoing_requests=64,  # above what the engine holds: its own refusals are tested
-                    metrics_interval_steps=5, admin_api_keys=[ADMIN_KEY])
+                    metrics_interval_steps=5, admin_api_keys=[ADMIN_KEY],
+                    speculative_tokens=SPECULATIVE["num_speculative_tokens"])
     grpc_port, http_port = free_port(), free_port()
     start_server(cfg, grpc_port=grpc_port, http_port=http_port)
     yield {"grpc": f"127.0.0.1:{grpc_port}", "http": f"http://127.0.0.1:{http_port}", "config": cfg,

@@ -18,6 +18,7 @@ from cluster import LLM, SamplingParams
 from deploy.client import Client
 from epserve_proto import generation_pb2 as pb
 from tests.conftest import free_port
+from tests.deploy.conftest import SPECULATIVE
 
 GREEDY = dict(max_tokens=8, temperature=0.0, ignore_eos=True)
 
@@ -31,7 +32,7 @@ def client(server):
 
 @pytest.fixture(scope="module")
 def offline(server):
-    return LLM(model=server["model_dir"])
+    return LLM(model=server["model_dir"], speculative_config=SPECULATIVE)  # seeded draws as the server's
 
 
 def model_usage() -> dict:
@@ -324,8 +325,9 @@ def get(server, path: str) -> dict:
 def test_experts_api_cli_heatmap_rebalance_and_scale(server, client, offline, tmp_path):
     client.generate(list(range(5, 60)), max_tokens=16, ignore_eos=True)  # some load in the window
     status = get(server, "/v1/experts")
-    assert status["expert_workers"] == 2 and len(status["load"]) == 4 and len(status["load"][0]) == 16
-    assert sum(map(sum, status["load"])) > 0
+    # 4 decoder layers and the MTP layer (the server speculates): each MoE layer placed and counted
+    assert status["expert_workers"] == 2 and len(status["load"]) == 5 and len(status["load"][0]) == 16
+    assert sum(map(sum, status["load"])) > 0 and sum(status["load"][4]) > 0
     assert sorted(e for ids in status["placement"][0] for e in ids) == list(range(16))
     result = subprocess.run(
         [sys.executable, "-m", "deploy.cli", "experts", "--url", server["http"], "--heatmap",
@@ -405,6 +407,9 @@ METRICS = [
     # from the worker killed above
     "ray_epserve_worker_failures_total", "ray_epserve_recoveries_total", "ray_epserve_replayed_steps_total",
     "ray_epserve_recovery_seconds_bucket",
+    # the server speculates (tests/deploy/conftest.py); accepted tokens count only once one is accepted
+    "ray_epserve_spec_draft_tokens_total", "ray_epserve_spec_verify_steps_total",
+    "ray_epserve_spec_accepted_length_bucket",
 ]
 
 
