@@ -280,8 +280,8 @@ class SpeculativeConfig:
 
     method: str = "mtp"
     num_speculative_tokens: int = 2  # k, 1..3
-    # a step with more decoding sequences than this (per attention worker) drafts nothing, and those
-    # sequences decode plainly from then on: under load a verify step costs more than it saves
+    # a step with more sequences running or waiting than this (per attention worker) drafts nothing,
+    # and its sequences decode plainly from then on: under load a verify step costs more than it saves
     max_batch: int = 8
 
     def __post_init__(self) -> None:

@@ -220,16 +220,20 @@ def cmd_demo(args) -> int:
               f"{info.num_layers} layers, context {info.max_model_len}")
         trained = (Path(cfg.model) / "epserve_training.json").is_file()  # cluster.model.train.TRAINING_RECORD
         prompt = "import os\n\n\ndef " if trained else "Hello, my name is"
-        reply = client.generate(prompt, max_tokens=args.max_tokens, temperature=0.0)
+        # a model trained for minutes loops under greedy decoding (runs of spaces): sample it
+        sampling = {"temperature": 0.7, "seed": 0} if trained else {"temperature": 0.0}
+        reply = client.generate(prompt, max_tokens=args.max_tokens, **sampling)
         print(f"gRPC Generate: {reply.text!r} ({reply.usage.completion_tokens} tokens)")
-        body = json.dumps({"model": cfg.name, "messages": [{"role": "user", "content": "What is MoE?"}],
-                           "max_tokens": args.max_tokens, "temperature": 0.0}).encode()
+        # a chat for the random model; the trained one never saw a chat template: a completion
+        route, request = (("completions", {"prompt": "class Parser:\n    def "}) if trained
+                          else ("chat/completions", {"messages": [{"role": "user", "content": "What is MoE?"}]}))
+        body = json.dumps({"model": cfg.name, **request, "max_tokens": args.max_tokens, **sampling}).encode()
         headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
-        req = urllib.request.Request(f"http://127.0.0.1:{args.http_port}/v1/chat/completions", data=body,
-                                     headers=headers)
-        chat = json.loads(urllib.request.urlopen(req, timeout=120).read())
-        print(f"HTTP /v1/chat/completions: {chat['choices'][0]['message']['content']!r} "
-              f"({chat['usage']['completion_tokens']} tokens)")
+        req = urllib.request.Request(f"http://127.0.0.1:{args.http_port}/v1/{route}", data=body, headers=headers)
+        reply = json.loads(urllib.request.urlopen(req, timeout=120).read())
+        choice = reply["choices"][0]
+        text = choice["text"] if trained else choice["message"]["content"]
+        print(f"HTTP /v1/{route}: {text!r} ({reply['usage']['completion_tokens']} tokens)")
         print("the weights were trained for minutes on Python source, so the text looks like it" if trained
               else "the weights are random, so the text is too (`epserve make-tiny "
                    f"{DEFAULT_TRAINED_DIR} --train` trains one the demo then uses)")

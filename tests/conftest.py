@@ -5,10 +5,13 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
+import cluster
 from cluster.model.tiny import TinySpec, make_tiny
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
@@ -30,6 +33,18 @@ def make_checkpoint(tmp_path_factory):
         return made[spec]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def trained_checkpoint(tmp_path_factory) -> Path:
+    """`epserve make-tiny --train` for 6 seconds on epserve's own source (16 experts, hidden 64)."""
+    out = tmp_path_factory.mktemp("trained") / "m"
+    run = subprocess.run(
+        [sys.executable, "-m", "deploy.cli", "make-tiny", str(out), "--train", "--train-minutes", "0.1",
+         "--corpus", str(Path(cluster.__file__).parent), "--num-experts", "16", "--top-k", "4", "--hidden", "64"],
+        capture_output=True, text=True, check=True)
+    assert "training [" in run.stderr and "loss" in run.stdout, (run.stdout, run.stderr)
+    return out
 
 
 def free_port() -> int:

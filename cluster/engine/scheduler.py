@@ -161,7 +161,8 @@ class Scheduler:
     def schedule(self) -> tuple[list[Scheduled], list[StepInput]]:
         budget = self.config.max_num_batched_tokens
         spec = self.speculative
-        crowded = spec is not None and len(self.running) > spec.max_batch * len(self.blocks)
+        # the load speculation looks at: sequences running and waiting to (those admitted this step)
+        crowded = spec is not None and len(self.running) + len(self.waiting) > spec.max_batch * len(self.blocks)
         scheduled: list[Scheduled] = []
         preempted = False
         for seq in list(self.running):

@@ -210,9 +210,9 @@ def train(model_dir: str | Path, spec: TrainSpec = TrainSpec(), log=print) -> tu
         torch.nn.utils.clip_grad_norm_(trainable.parameters(), 1.0)
         optimizer.step()
         step, tokens = step + 1, tokens + batch.numel()
-        smoothed = float(loss) if smoothed is None else 0.9 * smoothed + 0.1 * float(loss)
-        smoothed_mtp = float(mtp_loss) if smoothed_mtp is None else 0.9 * smoothed_mtp + 0.1 * float(mtp_loss)
-        first = first or (float(loss), float(mtp_loss))
+        smoothed = loss.item() if smoothed is None else 0.9 * smoothed + 0.1 * loss.item()
+        smoothed_mtp = mtp_loss.item() if smoothed_mtp is None else 0.9 * smoothed_mtp + 0.1 * mtp_loss.item()
+        first = first or (loss.item(), mtp_loss.item())
         _progress(step, time.monotonic() - start, budget, smoothed, smoothed_mtp, tokens)
     sys.stderr.write("\n")
     log(f"trained {step} steps ({tokens:,} tokens) in {time.monotonic() - start:.0f}s: loss {first[0]:.2f} -> "

@@ -4,14 +4,11 @@ engine and transformers), the MTP module drafts what it was trained to, and the 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-import cluster
 from cluster import LLM, SamplingParams
 from cluster.engine.engine import EngineCore
 from cluster.model.train import TRAINING_RECORD, corpus_text, load_trainable
@@ -22,15 +19,8 @@ PROMPT = "def main(argv):\n    return "
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> Path:
-    """Trained for 6 seconds through the command line, on epserve's own source."""
-    out = tmp_path_factory.mktemp("trained") / "m"
-    run = subprocess.run(
-        [sys.executable, "-m", "deploy.cli", "make-tiny", str(out), "--train", "--train-minutes", "0.1",
-         "--corpus", str(Path(cluster.__file__).parent), "--num-experts", "16", "--top-k", "4", "--hidden", "64"],
-        capture_output=True, text=True, check=True)
-    assert "training [" in run.stderr and "loss" in run.stdout, (run.stdout, run.stderr)
-    return out
+def trained(trained_checkpoint) -> Path:
+    return trained_checkpoint
 
 
 def test_loss_goes_down_and_the_record_says_how(trained):

@@ -20,3 +20,21 @@ def test_make_tiny_then_generate(tmp_path):
     out = llm.generate(["hello"], SamplingParams(max_tokens=4))
     assert len(out[0].token_ids) >= 1
 
+
+
+def test_demo_prefers_a_trained_model(tmp_path, monkeypatch):
+    from deploy import cli
+
+    random_dir, trained_dir = tmp_path / "tiny-qwen35", tmp_path / "tiny-trained"
+    monkeypatch.setattr(cli, "DEFAULT_DEMO_DIR", random_dir)
+    monkeypatch.setattr(cli, "DEFAULT_TRAINED_DIR", trained_dir)
+    random_dir.mkdir()
+    (random_dir / "config.json").write_text("{}")
+    assert cli.ensure_demo_model(random_dir) == random_dir
+    trained_dir.mkdir()
+    (trained_dir / "config.json").write_text("{}")
+    assert cli.ensure_demo_model(random_dir) == trained_dir
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "config.json").write_text("{}")
+    assert cli.ensure_demo_model(other) == other  # --model wins

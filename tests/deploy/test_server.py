@@ -306,15 +306,23 @@ def test_a_burst_gets_429s_and_every_accepted_request_completes(server, client):
     assert client.generate([5], max_tokens=2).usage.completion_tokens >= 1  # serving again
 
 
-def test_readme_demo_command(server, tmp_path):
-    """`epserve demo` end to end in its own process and embedded Ray cluster."""
+@pytest.mark.parametrize("model", ["random", "trained"])
+def test_readme_demo_command(server, trained_checkpoint, model):
+    """`epserve demo` end to end in its own process and embedded Ray cluster: a random model gets
+    a chat; a trained one a completion, sampled, with MTP speculative decoding."""
+    extra = ["--model", server["model_dir"]] if model == "random" else [
+        "--model", str(trained_checkpoint), "--speculative-tokens", "2"]
     result = subprocess.run(
-        [sys.executable, "-m", "deploy.cli", "demo", "--model", server["model_dir"], "--grpc-port",
-         str(free_port()), "--http-port", str(free_port()), "--max-tokens", "4"],
+        [sys.executable, "-m", "deploy.cli", "demo", *extra, "--grpc-port", str(free_port()),
+         "--http-port", str(free_port()), "--max-tokens", "4"],
         capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "gRPC Generate:" in result.stdout and "HTTP /v1/chat/completions:" in result.stdout
+    assert "gRPC Generate:" in result.stdout
+    if model == "random":
+        assert "HTTP /v1/chat/completions:" in result.stdout and "weights are random" in result.stdout
+    else:
+        assert "HTTP /v1/completions:" in result.stdout and "trained for minutes" in result.stdout
 
 
 def get(server, path: str) -> dict:
