@@ -33,6 +33,7 @@ class AsyncLLM:
         self._wake = threading.Event()
         self._stopped = False
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._held: dict[str, RequestOutput | None] = {}  # complete() requests: their deltas so far
         self.last_error: BaseException | None = None
         self.engine: EngineCore | None = None
         started = threading.Event()
@@ -87,6 +88,14 @@ class AsyncLLM:
         if stream is None:
             return
         loop, queue = stream
+        if request_id in self._held:  # complete(): one hand-over with everything, at the end
+            held = self._held[request_id]
+            if isinstance(item, RequestOutput):
+                item = item if held is None else held.then(item)
+            if isinstance(item, RequestOutput) and not item.finished:
+                self._held[request_id] = item
+                return
+            self._held.pop(request_id)
         if isinstance(item, Exception) or item.finished:
             self._streams.pop(request_id, None)
         try:
@@ -95,11 +104,30 @@ class AsyncLLM:
             pass
 
     # -- the API -----------------------------------------------------------------------------------
-    def _add(self, request_id, prompt, params, loop, queue) -> None:
+    def _add(self, request_id, prompt, params, loop, queue, whole: bool = False) -> None:
         with self._lock:
             self.engine.add_request(request_id, prompt, params)
             self._streams[request_id] = (loop, queue)
+            if whole:
+                self._held[request_id] = None
         self._wake.set()
+
+    async def complete(self, prompt: str | list[int], params: SamplingParams | None = None,
+                       request_id: str | None = None) -> RequestOutput:
+        """The whole result of a request as one RequestOutput (its deltas merged on the engine
+        thread: it crosses threads once, not once per token; for batch work). Raises as generate."""
+        request_id = request_id or uuid.uuid4().hex
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        await loop.run_in_executor(None, self._add, request_id, prompt, params or SamplingParams(), loop, queue, True)
+        try:
+            item = await queue.get()
+        except BaseException:
+            await self.abort(request_id)
+            raise
+        if isinstance(item, Exception):
+            raise item
+        return item
 
     async def generate(self, prompt: str | list[int], params: SamplingParams | None = None,
                        request_id: str | None = None) -> AsyncIterator[RequestOutput]:

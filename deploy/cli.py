@@ -1,4 +1,4 @@
-"""The `epserve` command line: make-tiny, demo, serve, generate, bench, experts, plan."""
+"""The `epserve` command line: make-tiny, demo, serve, generate, bench, experts, plan, batch."""
 
 from __future__ import annotations
 
@@ -242,6 +242,48 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_batch(args) -> int:
+    """Offline batch inference on Ray Data (cluster.batch): INPUT rows in, OUTPUT Parquet out."""
+    from cluster.batch import BatchConfig, run_batch
+
+    config = BatchConfig(
+        model=str(args.model), prompt_column=args.prompt_column, max_tokens=args.max_tokens,
+        temperature=args.temperature, seed=args.seed, instances=args.instances, expert_workers=args.expert_workers,
+        attention_workers=args.attention_workers, batch_size=args.batch_size, cpus_per_instance=args.cpus_per_instance,
+        dtype=args.dtype, address=args.address)
+    try:
+        summary = run_batch(args.input, args.output, config)
+    except (FileNotFoundError, ValueError) as e:  # ConfigError is a ValueError
+        print(f"epserve batch: error: {e}", file=sys.stderr)
+        return 2
+    if not summary["processed"]:
+        print(f"{args.output}: all {summary['rows']} rows were done already")
+        return 0
+    print(f"wrote {args.output}: {summary['rows']} rows ({summary['already_done']} done before, "
+          f"{summary['processed']} now, {summary['errors']} with an error) in {summary['seconds']:.1f}s, "
+          f"{summary['processed'] / summary['seconds']:.1f} rows/s, "
+          f"{summary['output_tokens'] / summary['seconds']:.0f} output tok/s")
+    return 0
+
+
+def _add_batch(sub) -> None:
+    p = sub.add_parser("batch", help="offline batch inference on Ray Data: Parquet/JSONL in, Parquet out (resumable)")
+    p.add_argument("input", help="Parquet, or JSON lines (.jsonl)")
+    p.add_argument("output", help="Parquet; an existing one is resumed (its rows are kept)")
+    p.add_argument("--model", type=Path, required=True)
+    p.add_argument("--prompt-column", default="prompt")
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=0, help="row i samples with seed + i")
+    p.add_argument("--instances", type=int, default=1, help="model instances in the actor pool")
+    p.add_argument("--expert-workers", type=int, default=1, help="per instance (> 1: Ray actors of its own)")
+    p.add_argument("--attention-workers", type=int, default=1)
+    p.add_argument("--batch-size", type=int, default=128, help="rows per call and per part file")
+    p.add_argument("--cpus-per-instance", type=float, default=1.0)
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    p.add_argument("--address", default=None, help="join this Ray cluster ('auto': the running one)")
+
+
 def _add_server_args(p, grpc_port: int, http_port: int) -> None:
     p.add_argument("--model", type=Path, default=None, help=f"checkpoint dir (default: {DEFAULT_DEMO_DIR})")
     p.add_argument("--name", default=None, help="served model name (default: the directory name)")
@@ -355,9 +397,10 @@ def main(argv: list[str] | None = None) -> int:
     experts.add_argument("--rebalance", action="store_true", help="plan and apply a placement now")
     experts.add_argument("--scale", type=int, default=None, help="change the number of expert workers")
     _add_key_args(experts, admin=True)
+    _add_batch(sub)
     args = parser.parse_args(argv)
     handlers = {"make-tiny": cmd_make_tiny, "demo": cmd_demo, "serve": cmd_serve, "plan": cmd_plan, "generate": cmd_generate,
-                "bench": cmd_bench, "experts": cmd_experts}
+                "bench": cmd_bench, "experts": cmd_experts, "batch": cmd_batch}
     return handlers[args.command](args)
 
 

@@ -102,3 +102,20 @@ def test_a_slow_consumer_gets_merged_deltas(engine):
     assert "".join(o.new_text for o in outs) == "".join(o.new_text for o in fast)
     assert [lp.token_id for o in outs for lp in o.logprobs] == [t for o in fast for t in o.new_token_ids]
     assert outs[-1].finished and outs[-1].num_output_tokens == 24 and outs[0].time_to_first_token is not None
+
+
+def test_complete_returns_the_whole_request_at_once(engine):
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+
+    async def main():
+        wholes = await asyncio.gather(*(engine.complete(f"hello {i}", params) for i in range(4)))
+        streamed = await collect(engine, "hello 2", params)
+        with pytest.raises(ValueError, match="empty"):
+            await engine.complete("", params)
+        return wholes, streamed
+
+    wholes, streamed = asyncio.run(main())
+    assert all(w.finished and len(w.new_token_ids) == 8 == w.num_output_tokens for w in wholes)
+    assert wholes[2].new_token_ids == [t for o in streamed for t in o.new_token_ids]
+    assert wholes[2].new_text == "".join(o.new_text for o in streamed)
+    assert not engine._held  # nothing left behind

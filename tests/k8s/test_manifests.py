@@ -17,7 +17,8 @@ from deploy.config import AppConfig
 from tests.k8s.crd import validate
 
 ROOT = Path(__file__).resolve().parents[2]
-MANIFESTS = sorted((ROOT / "k8s").glob("*.yaml"))
+MANIFESTS = sorted((ROOT / "k8s").glob("rayservice-*.yaml"))
+JOBS = sorted((ROOT / "k8s").glob("rayjob-*.yaml"))
 VERSION = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
 
 
@@ -39,6 +40,40 @@ def service(request) -> dict:
 
 def test_manifests_exist():
     assert {p.name for p in MANIFESTS} >= {"rayservice-gpu.yaml", "rayservice-cpu.yaml"}
+    assert {p.name for p in JOBS} >= {"rayjob-batch.yaml"}
+    assert {p.name for p in (ROOT / "k8s").glob("*.yaml")} == {p.name for p in MANIFESTS + JOBS}
+
+
+@pytest.fixture(params=JOBS, ids=[p.name for p in JOBS])
+def job(request) -> dict:
+    [resource] = resources(request.param)
+    assert resource["kind"] == "RayJob"
+    return resource
+
+
+def test_batch_job_is_valid_and_runs_epserve_batch(job, monkeypatch):
+    assert validate(job) == []
+    typo = copy.deepcopy(job)
+    typo["spec"]["shutdownAfterJobFinish"] = True
+    assert any("shutdownAfterJobFinish" in e for e in validate(typo))
+    spec, cluster = job["spec"], job["spec"]["rayClusterSpec"]
+    assert cluster["rayVersion"] == ray.__version__
+    assert {c["image"] for c in containers(cluster)} == {f"epserve/epserve:{VERSION}-cpu"}
+    # the entrypoint is an `epserve batch` command line this version of the CLI accepts
+    words = spec["entrypoint"].split()
+    assert words[:2] == ["epserve", "batch"]
+    from deploy import cli
+
+    parsed = {}
+    monkeypatch.setattr(cli, "cmd_batch", lambda args: parsed.update(vars(args)) or 0)
+    assert cli.main(words[1:]) == 0
+    assert parsed["address"] == "auto" and parsed["output"].startswith("/data/")
+    head = cluster["headGroupSpec"]["template"]["spec"]
+    mounts = {m["mountPath"] for c in head["containers"] for m in c.get("volumeMounts", [])}
+    assert any(parsed["input"].startswith(m) and parsed["output"].startswith(m) for m in mounts)
+    workers = sum(g["replicas"] * float(g["template"]["spec"]["containers"][0]["resources"]["limits"]["cpu"])
+                  for g in cluster["workerGroupSpecs"])
+    assert parsed["instances"] * parsed["cpus_per_instance"] <= workers  # the pool fits the worker pods
 
 
 def test_valid_against_the_crd_in_strict_mode(service):
