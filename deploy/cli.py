@@ -83,14 +83,16 @@ def _server_config(args):
 
 def cmd_serve(args) -> int:
     """Serves gRPC and HTTP until interrupted."""
-    from .launch import start_server, stop_server
+    from .launch import ClusterViews, start_server, stop_server
 
     cfg = _server_config(args)
     start = time.perf_counter()
     if bool(args.ssl_certfile) != bool(args.ssl_keyfile):
         raise SystemExit("--ssl-certfile and --ssl-keyfile go together")
-    start_server(cfg, args.grpc_port, args.http_port, args.host, args.address, ssl_certfile=args.ssl_certfile,
-                 ssl_keyfile=args.ssl_keyfile)
+    views = ClusterViews(dashboard=not args.no_dashboard, dashboard_host=args.dashboard_host,
+                         dashboard_port=args.dashboard_port, metrics_port=args.metrics_port)
+    shown = start_server(cfg, args.grpc_port, args.http_port, args.host, args.address, ssl_certfile=args.ssl_certfile,
+                         ssl_keyfile=args.ssl_keyfile, views=views)
     scheme = "https" if args.ssl_certfile else "http"
     auth = " -H 'Authorization: Bearer $EPSERVE_API_KEY'" if cfg.api_keys else ""
     print(f"serving {cfg.name!r} ({cfg.attention_workers} attention + {cfg.expert_workers} expert workers "
@@ -101,6 +103,9 @@ def cmd_serve(args) -> int:
     print(f"  HTTP  {scheme}://{args.host}:{args.http_port}/v1  OpenAI API       "
           f"try: curl {scheme}://{args.host}:{args.http_port}/v1/completions -H 'Content-Type: application/json'{auth} "
           f"-d '{{\"model\": \"{cfg.name}\", \"prompt\": \"hello\", \"max_tokens\": 8}}'")
+    print(f"  Ray dashboard  {shown['dashboard'] or 'off (--no-dashboard)'}"
+          + ("  (Serve: /#/serve; the cluster's own when joining one)" if shown["dashboard"] else ""))
+    print(f"  Prometheus     {shown['metrics'] or 'none'}  (ray_epserve_* metrics; Grafana: deploy/grafana/)")
     print("Ctrl-C (or SIGTERM) stops the server.", flush=True)
 
     def _stop(*_):
@@ -367,6 +372,12 @@ def main(argv: list[str] | None = None) -> int:
     serve_p.add_argument("--address", default=None, help="join this Ray cluster ('auto': the running one)")
     serve_p.add_argument("--ssl-certfile", default=None, help="serve HTTPS with this certificate (PEM)")
     serve_p.add_argument("--ssl-keyfile", default=None, help="... and this private key (PEM)")
+    serve_p.add_argument("--dashboard-host", default="127.0.0.1",
+                         help="the Ray dashboard's bind address (0.0.0.0 shows it, and its job and actor "
+                              "controls, to the network)")
+    serve_p.add_argument("--dashboard-port", type=int, default=8265)
+    serve_p.add_argument("--no-dashboard", action="store_true", help="start the embedded cluster without it")
+    serve_p.add_argument("--metrics-port", type=int, default=8080, help="Prometheus metrics of the embedded cluster")
     demo = sub.add_parser("demo", help="start the server, call it over gRPC and HTTP, stop")
     _add_server_args(demo, 9000, 8000)
     demo.add_argument("--max-tokens", type=int, default=12)

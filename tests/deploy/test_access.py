@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import http.client
 import json
+import re
 import urllib.error
 import urllib.request
 
 import grpc
 import pytest
+import ray
 
 from deploy.auth import Authenticator, bearer_token
 from deploy.client import Client
@@ -148,20 +150,30 @@ def test_epserve_serve_over_https_with_a_key(server, tmp_path):
     from tests.conftest import free_port
 
     cert, key = _self_signed(tmp_path)
-    http_port = free_port()
+    http_port, dashboard_port, metrics_port = free_port(), free_port(), free_port()
     log = open(tmp_path / "serve.log", "w+")
     proc = subprocess.Popen(
         [sys.executable, "-m", "deploy.cli", "serve", "--model", server["model_dir"], "--name", "tiny", "--expert-workers", "1",
          "--grpc-port", str(free_port()), "--http-port", str(http_port), "--ssl-certfile", cert,
-         "--ssl-keyfile", key, "--api-key", KEY], stdout=log, stderr=subprocess.STDOUT, text=True,
-        env={**os.environ, "EPSERVE_API_KEY": ""})
+         "--ssl-keyfile", key, "--api-key", KEY, "--dashboard-port", str(dashboard_port),
+         "--metrics-port", str(metrics_port)], stdout=log, stderr=subprocess.STDOUT, text=True,
+        # as a user's shell: no Ray token settings inherited from this test session's own cluster
+        env={**{k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}, "EPSERVE_API_KEY": ""})
     try:
         deadline = time.time() + 180
         while "serving" not in (tmp_path / "serve.log").read_text():
             assert proc.poll() is None and time.time() < deadline, (tmp_path / "serve.log").read_text()[-3000:]
             time.sleep(0.5)
+        while "Ctrl-C" not in (tmp_path / "serve.log").read_text():
+            time.sleep(0.2)
         banner = (tmp_path / "serve.log").read_text()
         assert f"https://127.0.0.1:{http_port}/v1" in banner and "API keys required" in banner
+        # the Ray dashboard and the Prometheus endpoint of the embedded cluster, as the banner says
+        assert f"Ray dashboard  http://127.0.0.1:{dashboard_port}" in banner
+        metrics_url = re.search(r"Prometheus +(http://\S+/metrics)", banner).group(1)
+        assert f":{metrics_port}/metrics" in metrics_url
+        version = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{dashboard_port}/api/version", timeout=30).read())
+        assert version["ray_version"] == ray.__version__
         context = ssl.create_default_context(cafile=cert)
         url = f"https://127.0.0.1:{http_port}/v1/completions"
         body = json.dumps(COMPLETION).encode()
@@ -169,6 +181,10 @@ def test_epserve_serve_over_https_with_a_key(server, tmp_path):
                                                                   "Authorization": f"Bearer {KEY}"})
         with urllib.request.urlopen(request, context=context, timeout=60) as resp:
             assert resp.status == 200 and json.loads(resp.read())["usage"]["completion_tokens"] == 2
+        deadline = time.time() + 60
+        while "ray_epserve_generated_tokens_total" not in urllib.request.urlopen(metrics_url, timeout=30).read().decode():
+            assert time.time() < deadline, "no epserve metrics on the banner's Prometheus endpoint"
+            time.sleep(1)
         with pytest.raises(urllib.error.HTTPError) as info:
             urllib.request.urlopen(urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"}),
                                    context=context, timeout=60)

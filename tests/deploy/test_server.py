@@ -10,6 +10,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import grpc
 import pytest
@@ -436,6 +437,10 @@ def test_prometheus_endpoint_has_the_engine_metrics(server, client):
         time.sleep(1)
     missing = [name for name in METRICS if name not in text]
     assert not missing
+    # every series the Grafana dashboard queries is one this server exports
+    dashboard = json.loads((Path(__file__).parents[2] / "deploy" / "grafana" / "epserve.json").read_text())
+    queried = {name for p in dashboard["panels"] for t in p["targets"] for name in re.findall(r"ray_epserve_\w+", t["expr"])}
+    assert len(queried) >= 15 and not sorted(name for name in queried if name not in text)
     assert re.search(r'ray_epserve_requests_total\{[^}]*outcome="length"', text)
     assert re.search(r'ray_epserve_step_phase_seconds\{[^}]*phase="dispatch"', text)
 
