@@ -40,7 +40,7 @@ def main() -> None:
     parser.add_argument("--slots", type=int, default=32)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--steps", type=int, default=32)
-    parser.add_argument("--heatmap", default=None, help="write PATH-before.png and PATH-after.png")
+    parser.add_argument("--heatmap", default=None, help="write a PNG of the load before and after (deploy.heatmap)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     model_dir = make_tiny(tempfile.mkdtemp(), TinySpec(router_skew=args.skew))
@@ -68,12 +68,9 @@ def main() -> None:
     if args.heatmap:
         from deploy.heatmap import write_heatmap
 
-        stem = args.heatmap.removesuffix(".png")
-        for tag, placement, stats in (("before", before_placement, before), ("after", after_placement, after)):
-            held = [[list(ids) for ids in placement.held[layer]] for layer in sorted(placement.held)]
-            path = write_heatmap(f"{stem}-{tag}.png", load.tolist(), held,
-                                 f"expert load {tag} rebalancing: max/mean {stats.imbalance:.2f}")
-            print(f"heatmap: {path}")
+        snapshots = [(tag, load.tolist(), [[list(ids) for ids in placement.held[layer]] for layer in sorted(placement.held)])
+                     for tag, placement in (("before", before_placement), ("after", after_placement))]
+        print(f"picture: {write_heatmap(args.heatmap, snapshots)}")
 
 
 if __name__ == "__main__":

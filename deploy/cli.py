@@ -178,7 +178,8 @@ def _http_json(url: str, body: dict | None = None, api_key: str | None = None) -
 
 
 def cmd_experts(args) -> int:
-    """Expert placement and load of a running server; optionally rebalance / scale and draw heatmaps."""
+    """Expert placement and load of a running server; optionally rebalance / scale, and draw the
+    load (one PNG: before and after side by side on shared colour scales)."""
     from .heatmap import write_heatmap
 
     def show(status: dict, label: str) -> None:
@@ -186,21 +187,22 @@ def cmd_experts(args) -> int:
         print(f"{label}: {status['expert_workers']} expert workers, {per_layer[0]} expert slots in layer 0 "
               f"({per_layer[0] - len(status['load'][0])} replicas), worker load max {status['max_load']:.0f} / "
               f"mean {status['mean_load']:.0f} = imbalance {status['imbalance']:.2f}")
-        if args.heatmap:
-            path = Path(args.heatmap)
-            out = path.with_name(f"{path.stem}-{label}{path.suffix}") if (args.rebalance or args.scale) else path
-            write_heatmap(out, status["load"], status["placement"],
-                          f"expert load ({label}): imbalance {status['imbalance']:.2f}")
-            print(f"  heatmap: {out}")
+        busiest = [max(row) for row in status["worker_load_vs_mean"]]
+        print(f"  busiest worker / mean, per layer: {' '.join(f'{b:.2f}' for b in busiest)}")
 
-    before = _http_json(f"{args.url}/v1/experts", api_key=args.api_key)
-    show(before, "before" if (args.rebalance or args.scale) else "now")
+    changing = args.rebalance or args.scale
+    snapshots = [("before" if changing else "now", _http_json(f"{args.url}/v1/experts", api_key=args.api_key))]
+    show(snapshots[0][1], snapshots[0][0])
     if args.scale:
         _http_json(f"{args.url}/v1/experts/scale", {"expert_workers": args.scale}, api_key=args.admin_api_key)
     if args.rebalance:
         _http_json(f"{args.url}/v1/experts/rebalance", {}, api_key=args.admin_api_key)
-    if args.rebalance or args.scale:
-        show(_http_json(f"{args.url}/v1/experts", api_key=args.api_key), "after")
+    if changing:
+        snapshots.append(("after", _http_json(f"{args.url}/v1/experts", api_key=args.api_key)))
+        show(snapshots[1][1], "after")
+    if args.heatmap:
+        path = write_heatmap(args.heatmap, [(label, s["load"], s["placement"]) for label, s in snapshots])
+        print(f"  picture: {path}")
     return 0
 
 
@@ -404,7 +406,8 @@ def main(argv: list[str] | None = None) -> int:
     _add_key_args(bench)
     experts = sub.add_parser("experts", help="expert placement and load of a running server")
     experts.add_argument("--url", default="http://127.0.0.1:8000")
-    experts.add_argument("--heatmap", default=None, help="write a PNG heatmap (before/after with --rebalance)")
+    experts.add_argument("--heatmap", default=None, help="write a PNG of the load per worker and layer "
+                         "(before and after, side by side, with --rebalance / --scale)")
     experts.add_argument("--rebalance", action="store_true", help="plan and apply a placement now")
     experts.add_argument("--scale", type=int, default=None, help="change the number of expert workers")
     _add_key_args(experts, admin=True)

@@ -14,6 +14,7 @@ from cluster import (AsyncLLM, CacheConfig, ClusterConfig, RebalanceConfig, Samp
                      SpeculativeConfig)
 
 from .config import AppConfig
+from .heatmap import worker_vs_mean
 
 
 def output_dict(out) -> dict[str, Any]:
@@ -59,6 +60,8 @@ class ModelServer:
         held = [[list(ids) for ids in placement.held[layer]] for layer in layers]
         load = [status["load"][layer] for layer in layers]
         return {"expert_workers": placement.num_workers, "load": load, "placement": held,
+                "worker_load": [status["worker_loads"][layer] for layer in layers],
+                "worker_load_vs_mean": worker_vs_mean(load, held),
                 "max_load": stats.max_load, "mean_load": stats.mean_load, "imbalance": stats.imbalance}
 
     async def rebalance(self) -> dict:

@@ -191,7 +191,29 @@ def test_epserve_serve_over_https_with_a_key(server, tmp_path):
         assert info.value.code == 401
         with pytest.raises((OSError, http.client.HTTPException)):  # plain HTTP is not served on that port
             urllib.request.urlopen(f"http://127.0.0.1:{http_port}/v1/models", timeout=10).read()
+        _dashboard_shows_the_app(dashboard_port)  # last: it skips where there is no browser
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=60)
         log.close()
+
+
+def _dashboard_shows_the_app(port: int) -> None:
+    """Headless Chromium (Debian's package, which .ci/run installs) renders the Ray dashboard's Serve
+    page, and it lists the epserve application with its two deployments, healthy."""
+    import shutil
+    import subprocess
+    import time
+
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        pytest.skip("no chromium here (apt-get install chromium): the dashboard page check needs it")
+    deadline, dom = time.time() + 60, ""
+    while time.time() < deadline:
+        dom = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=15000",
+                              "--dump-dom", f"http://127.0.0.1:{port}/#/serve"],
+                             capture_output=True, text=True, timeout=120).stdout
+        if all(word in dom for word in ("epserve", "Ingress", "Model", "HEALTHY", "RUNNING")):
+            return
+        time.sleep(2)
+    raise AssertionError(f"the dashboard's Serve page does not show the app: {dom[-2000:]}")

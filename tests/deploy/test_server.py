@@ -344,8 +344,11 @@ def test_experts_api_cli_heatmap_rebalance_and_scale(server, client, offline, tm
         capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "before: 2 expert workers" in result.stdout and "after: 2 expert workers" in result.stdout
-    for name in ("load-before.png", "load-after.png"):
-        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (tmp_path / "load.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # before and after in one
+    ratios = status["worker_load_vs_mean"]  # the picture's numbers, in the API
+    assert len(ratios) == 5 and all(len(r) == 2 and abs(sum(r) - 2) < 1e-9 for r in ratios)
+    assert max(max(r) for r in ratios) == pytest.approx(max(
+        max(w) / (sum(w) / 2) for w in status["worker_load"]))
     code, reply = post(server, "/v1/experts/scale", {"expert_workers": 2})  # no admin key
     assert code == 403 and "admin API key" in reply["error"]["message"]
     code, reply = post(server, "/v1/experts/rebalance", {}, key="not-the-admin-key")

@@ -41,7 +41,19 @@ def service(request) -> dict:
 def test_manifests_exist():
     assert {p.name for p in MANIFESTS} >= {"rayservice-gpu.yaml", "rayservice-cpu.yaml"}
     assert {p.name for p in JOBS} >= {"rayjob-batch.yaml"}
-    assert {p.name for p in (ROOT / "k8s").glob("*.yaml")} == {p.name for p in MANIFESTS + JOBS}
+    assert {p.name for p in (ROOT / "k8s").glob("*.yaml")} == {p.name for p in MANIFESTS + JOBS} | {"grafana-dashboard.yaml"}
+
+
+def test_grafana_dashboard_configmap_is_the_dashboard():
+    [configmap] = list(yaml.safe_load_all((ROOT / "k8s" / "grafana-dashboard.yaml").read_text()))
+    assert configmap["kind"] == "ConfigMap" and configmap["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert configmap["data"]["epserve.json"] == (ROOT / "deploy" / "grafana" / "epserve.json").read_text()
+
+
+def test_head_pods_point_ray_at_grafana_and_prometheus(service):
+    [head] = service["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e["value"] for e in head.get("env", [])}
+    assert env["RAY_GRAFANA_HOST"].startswith("http://") and env["RAY_PROMETHEUS_HOST"].startswith("http://")
 
 
 @pytest.fixture(params=JOBS, ids=[p.name for p in JOBS])
