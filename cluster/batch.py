@@ -5,8 +5,9 @@ their completions out, across a pool of model instances.
     epserve batch prompts.parquet out.parquet --model DIR --instances 2
 
 The driver reads the input (pyarrow) and numbers its rows; Ray Data streams the rows not done yet
-through `map_batches` to an actor pool of `instances` model instances (`EngineActor`: one `LLM`
-each, in process or with its own attention and expert workers on Ray), `batch_size` rows per call.
+through `map_batches` to an actor pool of `instances` model instances (`EngineActor`: one `AsyncLLM`
+each, in process or with its own attention and expert workers on Ray), `batch_size` rows per call,
+two calls in flight per actor so its engine never drains between batches.
 Each finished batch is written at once as a part file beside the output (`OUTPUT.parts/`), so a job
 that stops part-way loses at most the batches in flight: run again, it reads the output and the
 parts, does only the missing rows, then writes OUTPUT (every input column plus completion,
@@ -33,8 +34,6 @@ import pyarrow.json as pa_json
 import pyarrow.parquet as pq
 
 from .config import ConfigError
-
-log = logging.getLogger(__name__)
 
 ROW = "__epserve_row"  # the input row number, carried through the pipeline and the part files
 OUTPUT_SCHEMA = pa.schema([

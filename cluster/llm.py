@@ -113,37 +113,22 @@ class LLM:
         return [outputs[r][-1].prompt_logits for r in ids]
 
     def generate(
-        self, prompts: list[str | list[int]] | str, sampling_params: SamplingParams | list[SamplingParams] | None = None,
-        return_errors: bool = False,
-    ) -> list[Completion | Exception]:
-        """Completions in the order of the prompts; sampling_params: one for all, or one per prompt.
-        A refused prompt (empty, too long, bad ids) refuses the whole call, or with return_errors
-        takes the exception's place in the list while the others run."""
+        self, prompts: list[str | list[int]] | str, sampling_params: SamplingParams | None = None
+    ) -> list[Completion]:
+        params = sampling_params or SamplingParams()
         prompts = [prompts] if isinstance(prompts, str) else prompts
-        if isinstance(sampling_params, list):
-            if len(sampling_params) != len(prompts):
-                raise ValueError(f"{len(sampling_params)} sampling params for {len(prompts)} prompts")
-            params_list = sampling_params
-        else:
-            params_list = [sampling_params or SamplingParams()] * len(prompts)
         ids = [f"gen-{next(self._ids)}" for _ in prompts]
-        seqs: list = []
-        for request_id, prompt, params in zip(ids, prompts, params_list):
-            try:
+        seqs = []
+        try:
+            for request_id, prompt in zip(ids, prompts):
                 seqs.append(self.engine.add_request(request_id, prompt, params))
-            except Exception as e:
-                if not return_errors:  # one bad prompt refuses the call: take back those already queued
-                    for seq in seqs:
-                        if not isinstance(seq, Exception):
-                            self.engine.abort_request(seq.request_id)
-                    raise
-                seqs.append(e)
-        outputs = self._run([r for r, seq in zip(ids, seqs) if not isinstance(seq, Exception)])
-        completions: list[Completion | Exception] = []
+        except Exception:  # one bad prompt refuses the call: take back those already queued
+            for seq in seqs:
+                self.engine.abort_request(seq.request_id)
+            raise
+        outputs = self._run(ids)
+        completions = []
         for prompt, seq, request_id in zip(prompts, seqs, ids):
-            if isinstance(seq, Exception):
-                completions.append(seq)
-                continue
             outs = outputs[request_id]
             completions.append(Completion(
                 prompt=prompt if isinstance(prompt, str) else None,
