@@ -77,7 +77,7 @@ class ForwardBatch:
     Sequences appear in turn, the `num_decodes` single-row ones first (decode steps), then the
     prefill chunks. Built once per step by the runner; the tensors live on the model's device."""
 
-    positions: torch.Tensor  # [T] position of each row in its sequence
+    positions: torch.Tensor  # [T] rotary position of each row; [T, R / 2] one per frequency (images: M-RoPE)
     query_lens: list[int]  # [B] rows of each sequence (host)
     num_decodes: int  # sequences 0 .. num_decodes - 1 have one row each
     query_start: torch.Tensor  # [B + 1] row offsets
@@ -88,6 +88,8 @@ class ForwardBatch:
     kv: PagedKVCache
     states: DeltaNetStateCache
     rollback: SpeculativeRollback | None = None  # the step verifies drafts: DeltaNet layers keep their inputs
+    image_rows: torch.Tensor | None = None  # [R] rows that are image tokens: their embeddings are
+    image_embeds: torch.Tensor | None = None  # [R, D] the vision tower's, not the token table's
 
 
 @dataclass

@@ -11,6 +11,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from vision import VisionConfig
+
 SUPPORTED_MODEL_TYPES = ("qwen3_5_moe_text", "qwen3_5_moe")
 DEVICES = ("auto", "cuda", "cpu")
 LAYER_TYPES = ("linear_attention", "full_attention")
@@ -53,6 +55,13 @@ class ModelConfig:
     # the engine runs the MTP module (speculative decoding): its decoder layer is layer
     # num_hidden_layers of the KV cache, the expert placement and the load window
     use_mtp: bool = False
+    # multimodal checkpoints (`qwen3_5_moe` with a `vision_config`): the vision tower, the special
+    # tokens of an image span, and the rotary frequencies turned by the row / column positions
+    vision: VisionConfig | None = None
+    image_token_id: int = -1
+    vision_start_token_id: int = -1
+    vision_end_token_id: int = -1
+    mrope_section: tuple[int, int, int] = (11, 11, 10)
 
     def __post_init__(self) -> None:
         if len(self.layer_types) != self.num_hidden_layers:
@@ -82,6 +91,9 @@ class ModelConfig:
             raise ConfigError("norm_topk_prob = false is not supported: Qwen3.5-MoE renormalises")
         if self.rotary_dim % 2:
             raise ConfigError(f"head_dim * partial_rotary_factor = {self.rotary_dim} must be even")
+        if self.vision is not None and self.vision.out_hidden_size != self.hidden_size:
+            raise ConfigError(f"vision_config.out_hidden_size ({self.vision.out_hidden_size}) must equal the "
+                              f"text hidden_size ({self.hidden_size})")
         if self.use_mtp and self.mtp_layers != 1:
             raise ConfigError(f"MTP speculative decoding needs a checkpoint with one MTP layer "
                               f"(mtp_num_hidden_layers = 1), this one has {self.mtp_layers}")
@@ -110,7 +122,8 @@ class ModelConfig:
         return "mtp.layers.0." if layer == self.mtp_layer_id else f"layers.{layer}."
 
     @classmethod
-    def from_dict(cls, raw: dict[str, Any]) -> ModelConfig:
+    def from_dict(cls, raw: dict[str, Any], processor: dict[str, Any] | None = None) -> ModelConfig:
+        """raw: config.json; processor: preprocessor_config.json (image sizes, normalisation), if any."""
         model_type = raw.get("model_type")
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise ConfigError(
@@ -128,14 +141,24 @@ class ModelConfig:
         from .model.quantization import quantization_from
 
         quantization_from(raw)  # refuses a method epserve cannot load, before anything is read
-        return cls(model_type=model_type, **_text_fields(text))
+        vision = {}
+        if model_type == "qwen3_5_moe" and isinstance(raw.get("vision_config"), dict):
+            try:
+                vision["vision"] = VisionConfig.from_dict(raw["vision_config"], processor)
+            except (TypeError, ValueError) as e:
+                raise ConfigError(f"vision_config: {e}") from e
+            for key in ("image_token_id", "vision_start_token_id", "vision_end_token_id"):
+                vision[key] = int(_require(raw, key))
+        return cls(model_type=model_type, **_text_fields(text), **vision)
 
     @classmethod
     def from_pretrained(cls, model_dir: str | Path) -> ModelConfig:
         path = Path(model_dir) / "config.json"
         if not path.is_file():
             raise ConfigError(f"no config.json in {model_dir}")
-        return cls.from_dict(json.loads(path.read_text()))
+        processor = Path(model_dir) / "preprocessor_config.json"
+        return cls.from_dict(json.loads(path.read_text()),
+                             json.loads(processor.read_text()) if processor.is_file() else None)
 
 
 def _require(text: dict[str, Any], key: str) -> Any:
@@ -174,6 +197,10 @@ def _text_fields(text: dict[str, Any]) -> dict[str, Any]:
     if theta is None:
         raise ConfigError("config.json is missing required field 'rope_theta'")
     out["rope_theta"] = float(theta)
+    if "mrope_section" in rope:
+        out["mrope_section"] = tuple(int(n) for n in rope["mrope_section"])
+        if len(out["mrope_section"]) != 3:
+            raise ConfigError(f"mrope_section must have 3 entries, got {rope['mrope_section']}")
     out["partial_rotary_factor"] = float(
         rope.get("partial_rotary_factor", text.get("partial_rotary_factor", 0.25))
     )

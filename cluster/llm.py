@@ -104,19 +104,23 @@ class LLM:
         self.engine.flush()
         return outputs
 
-    def score(self, token_id_lists: list[list[int]]) -> list[torch.Tensor]:
-        """fp32 logits [len, V] for every position of every list, batched by the scheduler."""
+    def score(self, token_id_lists: list[list[int] | dict]) -> list[torch.Tensor]:
+        """fp32 logits [len, V] for every position of every list (or dict prompt with images, as
+        generate takes), batched by the scheduler."""
         ids = [f"score-{next(self._ids)}" for _ in token_id_lists]
         for request_id, tokens in zip(ids, token_id_lists):
-            self.engine.add_request(request_id, list(tokens), SamplingParams(max_tokens=1), score_only=True)
+            prompt = tokens if isinstance(tokens, dict) else list(tokens)
+            self.engine.add_request(request_id, prompt, SamplingParams(max_tokens=1), score_only=True)
         outputs = self._run(ids)
         return [outputs[r][-1].prompt_logits for r in ids]
 
     def generate(
-        self, prompts: list[str | list[int]] | str, sampling_params: SamplingParams | None = None
+        self, prompts: list[str | list[int] | dict] | str | dict, sampling_params: SamplingParams | None = None
     ) -> list[Completion]:
+        """Prompts: text, token ids, or {"prompt" | "prompt_token_ids": ..., "images": [...]} (PIL
+        images, encoded bytes or file paths; cluster.engine.multimodal says where they go)."""
         params = sampling_params or SamplingParams()
-        prompts = [prompts] if isinstance(prompts, str) else prompts
+        prompts = [prompts] if isinstance(prompts, (str, dict)) else prompts
         ids = [f"gen-{next(self._ids)}" for _ in prompts]
         seqs = []
         try:
@@ -131,7 +135,7 @@ class LLM:
         for prompt, seq, request_id in zip(prompts, seqs, ids):
             outs = outputs[request_id]
             completions.append(Completion(
-                prompt=prompt if isinstance(prompt, str) else None,
+                prompt=prompt if isinstance(prompt, str) else (prompt.get("prompt") if isinstance(prompt, dict) else None),
                 prompt_token_ids=seq.prompt_ids,
                 token_ids=[t for o in outs for t in o.new_token_ids],
                 text="".join(o.new_text for o in outs),

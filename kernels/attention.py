@@ -25,7 +25,8 @@ def rope_reference(x_THd: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) ->
 
 
 def qk_norm_rope_reference(query, key, q_weight, k_weight, eps: float, positions, inv_freq):
-    freqs = positions[:, None].float() * inv_freq  # [T, R / 2]
+    per_freq = positions if positions.dim() == 2 else positions[:, None]  # [T, R / 2] or [T, 1]
+    freqs = per_freq.float() * inv_freq  # [T, R / 2]
     angles = torch.cat([freqs, freqs], dim=-1)
     cos, sin = angles.cos().to(query.dtype), angles.sin().to(query.dtype)
     return (rope_reference(rms_norm_reference(query, q_weight, eps), cos, sin),
@@ -34,7 +35,8 @@ def qk_norm_rope_reference(query, key, q_weight, k_weight, eps: float, positions
 
 def qk_norm_rope(query, key, q_weight, k_weight, eps: float, positions, inv_freq):
     """Per head: zero-centred RMSNorm, then rotary embedding (NeoX, first 2 * len(inv_freq) dims) at
-    the rows' positions. query [T, H, hd], key [T, KV, hd] (heads may be strided) -> new tensors."""
+    the rows' positions: [T], or [T, R / 2] a position per frequency (multimodal rotary, vision.positions).
+    query [T, H, hd], key [T, KV, hd] (heads may be strided) -> new tensors."""
     if native(query):
         return torch.ops.epserve.qk_norm_rope(query, key, q_weight, k_weight, eps, positions, inv_freq)
     return qk_norm_rope_reference(query, key, q_weight, k_weight, eps, positions, inv_freq)

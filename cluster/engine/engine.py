@@ -20,6 +20,7 @@ from ..model.checkpoint import with_mtp
 from .detokenizer import IncrementalDetokenizer
 from .executor import LocalExecutor
 from .memory_plan import device_capacity, plan_instance
+from .multimodal import multimodal_prompt, vision_cost_tokens
 from .placement_control import PlacementChange, PlacementControl
 from .ray_executor import RayExecutor, WorkerFailure
 from .sampling import SamplingParams
@@ -148,16 +149,19 @@ class EngineCore(PlacementControl):
             ids = list(prompt)
         return check_token_ids(ids, self.config.vocab_size)
 
-    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
+    def add_request(self, request_id: str, prompt: str | list[int] | dict, params: SamplingParams,
                     score_only: bool = False) -> Sequence:
-        """Queues a request; raises ValueError / ContextLengthError / OverloadedError /
+        """Queues a request (a dict prompt carries images: cluster.engine.multimodal); raises ValueError / ContextLengthError / OverloadedError /
         UnavailableError at once."""
         if self.broken:
             raise UnavailableError("this model instance lost workers and could not recover; it is being replaced")
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         try:
-            ids = self.tokenize(prompt)
+            if isinstance(prompt, dict):
+                ids, images = multimodal_prompt(prompt, self.tokenize, self.config)
+            else:
+                ids, images = self.tokenize(prompt), ()
         except ValueError:
             self._count_rejection("rejected_invalid")
             raise
@@ -167,6 +171,7 @@ class EngineCore(PlacementControl):
             seed=params.seed if params.seed is not None else self._seeds.randrange(2**31),
             max_total_tokens=max_total, score_only=score_only,
             speculating=self.speculative is not None and not score_only,
+            images=images, vision_cost=vision_cost_tokens(self.config, images),
         )
         try:
             self.scheduler.add(seq)

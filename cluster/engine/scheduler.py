@@ -186,7 +186,10 @@ class Scheduler:
 
         while self.waiting and budget > 0 and not preempted:
             seq = self.waiting[0]
-            item = self._chunk(seq, budget, crowded)
+            vision = seq.vision_cost  # its images are encoded with its first chunk
+            if vision >= budget and scheduled:
+                break  # a step of its own (at least its first token) rather than a crowded one
+            item = self._chunk(seq, max(1, budget - vision), crowded)
             need = math.ceil(self._tokens_needed(item) / self.layout.block_size)
             candidates = [w for w in range(len(self.blocks)) if self.slots[w].num_free
                           and self.blocks[w].num_free >= need]
@@ -199,7 +202,7 @@ class Scheduler:
             seq.status = Status.RUNNING
             self.running.append(seq)
             scheduled.append(item)
-            budget -= item.num_tokens
+            budget -= item.num_tokens + vision
         return scheduled, self._messages(scheduled)
 
     def _messages(self, scheduled: list[Scheduled]) -> list[StepInput]:
@@ -219,6 +222,7 @@ class Scheduler:
                 spec_tokens=self.spec_tokens if item.spec else 0,
                 verify=item.verify,
                 next_token=seq.token(seq.num_computed + item.num_tokens) if item.spec and not item.sample else -1,
+                images=seq.images if fresh else (),
             ))
             seq.blocks_sent = len(seq.block_table)
         messages = [StepInput(tuple(c), tuple(f)) for c, f in zip(chunks, self._freed)]

@@ -44,6 +44,10 @@ class Sequence:
     spec_verifies: int = 0  # verify steps
     spec_drafted: int = 0  # drafts verified
     spec_accepted: int = 0  # drafts accepted
+    # a prompt with images: (index of each image's first token, the image), sent with the first
+    # chunk; the vision tower's work in tokens, counted in the budget of the step that encodes them
+    images: tuple = ()
+    vision_cost: int = 0
 
     def spec_stats(self) -> dict | None:
         """Acceptance rate (accepted / drafted) and mean accepted length (tokens per verify step,

@@ -3,7 +3,8 @@ names, per-expert or fused expert tensors; a worker reads only the experts it ho
 
 Names are canonicalised to the text model's own: `model.` / `model.language_model.` prefixes are
 dropped (`model.layers.3.mlp.gate.weight` -> `layers.3.mlp.gate.weight`); `lm_head.weight` stays;
-vision tensors are skipped; `mtp.*` tensors are kept aside for speculative decoding. Block-wise
+the vision tower's are `visual.*` (read when the config has a vision_config); `mtp.*` tensors are
+kept aside for speculative decoding. Block-wise
 FP8 weights (cluster/model/quantization.py) are dequantised as they are read: callers see fp32.
 """
 
@@ -31,9 +32,9 @@ class CheckpointError(ValueError):
 
 def canonical_name(name: str) -> str | None:
     """The text model's name for a checkpoint tensor, or None for tensors epserve does not use."""
-    if name.startswith("model.visual.") or name.startswith("visual."):
-        return None
-    if name.startswith("mtp.") or name == "lm_head.weight":
+    if name.startswith("model.visual."):
+        return name[len("model."):]
+    if name.startswith("mtp.") or name.startswith("visual.") or name == "lm_head.weight":
         return name
     for prefix in _PREFIXES:
         if name.startswith(prefix):

@@ -7,6 +7,8 @@ import torch
 from attention import PartialRotary
 from experts import ExpertBank, ExpertShard
 
+from vision import VisionTower
+
 from .checkpoint import CheckpointReader
 from ..config import ModelConfig
 from .model import Qwen35MoeModel
@@ -20,7 +22,7 @@ def empty_model(cfg: ModelConfig, dtype: torch.dtype, device: str | torch.device
     model = model.to(dtype).to_empty(device=device)
     model.tie_weights()
     for module in model.modules():
-        if isinstance(module, PartialRotary):
+        if isinstance(module, (PartialRotary, VisionTower)):
             module.reset_buffers()
     return model
 

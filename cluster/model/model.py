@@ -21,6 +21,7 @@ from attention import (
 )
 from kernels import linear
 from router import MoELayer, TopKGate
+from vision import VisionTower
 
 from .checkpoint import CheckpointReader
 from ..config import ModelConfig
@@ -104,6 +105,7 @@ class Qwen35MoeModel(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.mtp = MultiTokenPredictor(cfg, rotary) if cfg.use_mtp else None
+        self.visual = VisionTower(cfg.vision) if cfg.vision is not None else None
         self.tie_weights()
 
     def tie_weights(self) -> None:
@@ -124,10 +126,17 @@ class Qwen35MoeModel(nn.Module):
             layer.mixer().fuse()
             layer.mlp.fuse()
 
+    def embed(self, input_ids_T: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        """Token embeddings [T, D], with the image tokens' rows taken from the vision tower's output."""
+        out = self.embed_tokens(input_ids_T)
+        if batch.image_rows is not None:
+            out = out.index_copy(0, batch.image_rows, batch.image_embeds.to(out.dtype))
+        return out
+
     @torch.inference_mode()
     def forward(self, input_ids_T: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         """Runs the flat batch through every layer, writing the caches; returns normed hidden [T, D]."""
-        out, residual = self.embed_tokens(input_ids_T), None
+        out, residual = self.embed(input_ids_T, batch), None
         for layer in self.layers:
             out, residual = layer.forward(out, residual, batch)
         return self.norm.add_forward(residual, out)[1]
@@ -137,7 +146,7 @@ class Qwen35MoeModel(nn.Module):
         """Two micro-batches of different sequences, layer by layer, so that one's routed experts
         compute (on the expert workers) while the other's dense half runs here. Same function as
         forward() on each; returns each micro-batch's normed hidden."""
-        outs = [self.embed_tokens(i) for i in ids]
+        outs = [self.embed(i, batch) for i, batch in zip(ids, batches)]
         residuals: list = [None] * len(ids)
         started: list = [None] * len(ids)
         previous = None

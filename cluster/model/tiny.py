@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from .tiny_tokenizer import SPECIAL_TOKENS, byte_level_tokenizer, qwen35_tokenizer
+from .tiny_tokenizer import SPECIAL_TOKENS, VISION_TOKENS, byte_level_tokenizer, qwen35_tokenizer
 
 # Qwen's ChatML (no tools, no thinking); deploy.chat uses the same default for checkpoints without one
 CHATML_TEMPLATE = (
@@ -46,7 +46,12 @@ class TinySpec:
     full_attention_interval: int = 4
     tie_word_embeddings: bool = False
     fused_experts: bool = False
-    multimodal: bool = False  # `model.language_model.` names, a text_config wrapper, vision/MTP extras
+    multimodal: bool = False  # `model.language_model.` names, a text_config wrapper and a vision tower
+    vision_depth: int = 2  # the tiny vision tower (multimodal): blocks, width, heads
+    vision_hidden: int = 32
+    vision_heads: int = 2
+    vision_min_pixels: int = 32 * 32  # the image processor's resizing bounds (Qwen's: 256^2 .. 4096^2)
+    vision_max_pixels: int = 1024 * 1024
     tokenizer: str = "byte"  # "byte" (small byte-level BPE) or "qwen3.5" (the real vocabulary)
     max_shard_mb: float = 0  # > 0 splits the weights into shards with an index file
     max_position_embeddings: int = 4096
@@ -87,7 +92,8 @@ def _text_config(spec: TinySpec, vocab_size: int, eos_id: int) -> dict:
         "hidden_act": "silu",
         "rms_norm_eps": 1e-6,
         "max_position_embeddings": spec.max_position_embeddings,
-        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25},
+        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25,
+                            **({"mrope_section": [2, 1, 1], "mrope_interleaved": True} if spec.multimodal else {})},
         "tie_word_embeddings": spec.tie_word_embeddings,
         "attention_bias": False,
         "eos_token_id": eos_id,
@@ -171,6 +177,39 @@ def _layer_weights(spec: TinySpec, p: str, is_linear: bool, normal, g: torch.Gen
     return w
 
 
+def _vision_config(spec: TinySpec) -> dict:
+    return {"model_type": "qwen3_5_moe_vision", "depth": spec.vision_depth, "hidden_size": spec.vision_hidden,
+            "intermediate_size": 2 * spec.vision_hidden, "num_heads": spec.vision_heads, "in_channels": 3,
+            "patch_size": 16, "spatial_merge_size": 2, "temporal_patch_size": 2, "out_hidden_size": spec.hidden,
+            "num_position_embeddings": 256, "hidden_act": "gelu_pytorch_tanh",
+            "rope_parameters": {"rope_type": "axial", "rope_theta": 10000.0}}
+
+
+def _vision_weights(spec: TinySpec) -> dict[str, torch.Tensor]:
+    """The tower's tensors under `model.visual.` (their own generator: text weights do not change)."""
+    g = torch.Generator().manual_seed(spec.seed + 1000)
+    cfg = _vision_config(spec)
+    D, I, M = cfg["hidden_size"], cfg["intermediate_size"], cfg["spatial_merge_size"] ** 2
+
+    def normal(*shape, std: float) -> torch.Tensor:
+        return torch.randn(*shape, generator=g) * std
+
+    def linear(name: str, out_dim: int, in_dim: int) -> dict[str, torch.Tensor]:
+        return {f"{name}.weight": normal(out_dim, in_dim, std=in_dim**-0.5), f"{name}.bias": normal(out_dim, std=0.02)}
+
+    def norm(name: str, dim: int) -> dict[str, torch.Tensor]:
+        return {f"{name}.weight": 1 + normal(dim, std=0.1), f"{name}.bias": normal(dim, std=0.02)}
+
+    w = {"patch_embed.proj.weight": normal(D, 3, 2, 16, 16, std=1536**-0.5), "patch_embed.proj.bias": normal(D, std=0.02),
+         "pos_embed.weight": normal(cfg["num_position_embeddings"], D, std=0.5)}
+    for i in range(spec.vision_depth):
+        b = f"blocks.{i}."
+        w |= norm(b + "norm1", D) | norm(b + "norm2", D) | linear(b + "attn.qkv", 3 * D, D)
+        w |= linear(b + "attn.proj", D, D) | linear(b + "mlp.linear_fc1", I, D) | linear(b + "mlp.linear_fc2", D, I)
+    w |= norm("merger.norm", D) | linear("merger.linear_fc1", M * D, M * D) | linear("merger.linear_fc2", spec.hidden, M * D)
+    return {f"model.visual.{k}": v for k, v in w.items()}
+
+
 def _router_scale(num_experts: int, skew: float, g: torch.Generator) -> torch.Tensor:
     """Row scales of the router: the k-th hottest expert (a random one) gets 1 + skew * 0.8^k.
     A larger scale widens that expert's logits, so it lands in the top-k far more often."""
@@ -193,8 +232,8 @@ def _fuse_experts(w: dict[str, torch.Tensor], spec: TinySpec) -> dict[str, torch
 def _file_names(w: dict[str, torch.Tensor], spec: TinySpec) -> dict[str, torch.Tensor]:
     prefix = "model.language_model." if spec.multimodal else "model."
     out = {(k if k == "lm_head.weight" or k.startswith("mtp.") else prefix + k): v.contiguous() for k, v in w.items()}
-    if spec.multimodal:  # tensors a text server must skip (vision) or keep aside (MTP)
-        out["model.visual.patch_embed.proj.weight"] = torch.zeros(8, 3, 2, 2)
+    if spec.multimodal:  # the vision tower; an MTP tensor a server without speculation keeps aside
+        out |= {k: v.contiguous() for k, v in _vision_weights(spec).items()}
         out.setdefault("mtp.fc.weight", torch.zeros(spec.hidden, 2 * spec.hidden))
     return out
 
@@ -234,6 +273,8 @@ def make_tiny(out_dir: str | Path, spec: TinySpec = TinySpec()) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tok = qwen35_tokenizer() if spec.tokenizer == "qwen3.5" else byte_level_tokenizer()
+    if spec.multimodal and spec.tokenizer == "byte":  # after the trained vocabulary: its ids do not move
+        tok.add_special_tokens(VISION_TOKENS)
     if spec.tokenizer == "qwen3.5":
         vocab_size = 248320  # the flagship's padded vocabulary
     else:
@@ -248,8 +289,17 @@ def make_tiny(out_dir: str | Path, spec: TinySpec = TinySpec()) -> Path:
             "model_type": "qwen3_5_moe",
             "architectures": ["Qwen3_5MoeForConditionalGeneration"],
             "text_config": text_cfg,
+            "vision_config": _vision_config(spec),
             "tie_word_embeddings": spec.tie_word_embeddings,
+            **{f"{name}_token_id": tok.token_to_id(f"<|{name}|>")
+               for name in ("vision_start", "vision_end")},
+            "image_token_id": tok.token_to_id("<|image_pad|>"),
+            "video_token_id": tok.token_to_id("<|video_pad|>"),
         }
+        (out / "preprocessor_config.json").write_text(json.dumps({
+            "image_processor_type": "Qwen2VLImageProcessor", "patch_size": 16, "temporal_patch_size": 2,
+            "merge_size": 2, "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5],
+            "size": {"shortest_edge": spec.vision_min_pixels, "longest_edge": spec.vision_max_pixels}}, indent=2))
     config["epserve_tiny_spec"] = asdict(spec)  # how it was made, for humans
     (out / "config.json").write_text(json.dumps(config, indent=2))
     save_weights(out, spec, _random_weights(spec, vocab_size))
@@ -260,7 +310,7 @@ def make_tiny(out_dir: str | Path, spec: TinySpec = TinySpec()) -> Path:
                 "tokenizer_class": "PreTrainedTokenizerFast",
                 "eos_token": "<|im_end|>",
                 "pad_token": "<|endoftext|>",
-                "additional_special_tokens": SPECIAL_TOKENS,
+                "additional_special_tokens": SPECIAL_TOKENS + (VISION_TOKENS if spec.multimodal else []),
                 "chat_template": CHATML_TEMPLATE,
             },
             indent=2,

@@ -2,7 +2,8 @@
 and the commands of the step loop.
 
 Tensors of the MoE layers never appear here (they cross the worker links raw); the only tensors
-encoded are scoring logits, as raw little-endian fp32 bytes with their shape. Nothing is unpickled:
+encoded are scoring logits, as raw little-endian fp32 bytes with their shape, and a fresh
+sequence's images, as raw uint8 pixels with their size. Nothing is unpickled:
 msgpack decodes to plain lists, numbers and bytes, rebuilt into the typed dataclasses.
 """
 
@@ -14,13 +15,16 @@ import msgpack
 import numpy as np
 import torch
 
+from vision import PreparedImage
+
 from .step import ChunkResult, SamplingSpec, ScheduledChunk, StepInput
 
 
 def encode_step(step: StepInput) -> bytes:
     chunks = [
         [c.seq_id, list(c.token_ids), c.past, list(c.new_blocks), c.slot, c.sample, c.want_logits,
-         None if c.sampling is None else list(astuple(c.sampling)), c.spec_tokens, c.verify, c.next_token]
+         None if c.sampling is None else list(astuple(c.sampling)), c.spec_tokens, c.verify, c.next_token,
+         [[start, list(image.grid), *image.pixels.shape[:2], image.pixels.tobytes()] for start, image in c.images]]
         for c in step.chunks
     ]
     return msgpack.packb({"chunks": chunks, "freed": list(step.freed)})
@@ -29,13 +33,19 @@ def encode_step(step: StepInput) -> bytes:
 def decode_step(data: bytes) -> StepInput:
     raw = msgpack.unpackb(data)
     chunks = []
-    for seq_id, ids, past, blocks, slot, sample, want_logits, sampling, spec_tokens, verify, next_token in raw["chunks"]:
+    for (seq_id, ids, past, blocks, slot, sample, want_logits, sampling, spec_tokens, verify, next_token,
+         images) in raw["chunks"]:
         chunks.append(ScheduledChunk(
             int(seq_id), tuple(int(t) for t in ids), int(past), tuple(int(b) for b in blocks), int(slot),
             bool(sample), bool(want_logits), None if sampling is None else _spec(sampling),
-            int(spec_tokens), bool(verify), int(next_token),
+            int(spec_tokens), bool(verify), int(next_token), tuple(_image(*image) for image in images),
         ))
     return StepInput(tuple(chunks), tuple(int(s) for s in raw["freed"]))
+
+
+def _image(start: int, grid: list[int], height: int, width: int, pixels: bytes) -> tuple[int, PreparedImage]:
+    array = np.frombuffer(pixels, dtype=np.uint8).reshape(int(height), int(width), 3)
+    return int(start), PreparedImage(array, tuple(int(n) for n in grid))
 
 
 def _spec(fields: list) -> SamplingSpec:

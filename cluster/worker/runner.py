@@ -22,6 +22,8 @@ import torch
 from attention import DeltaNetStateCache, ForwardBatch, PagedKVCache, SpeculativeRollback
 from router import ExpertLoadWindow
 
+from vision import mrope_axes, mrope_positions, patchify, rotary_positions
+
 from ..engine.cache_plan import CacheLayout
 from ..model.model import Qwen35MoeModel
 from .sampler import sample_batch
@@ -37,6 +39,21 @@ class _SequenceState:
     tokens: list[int] = field(default_factory=list)  # every token fed so far (prompt, then outputs)
     drafts: list[int] = field(default_factory=list)  # MTP drafts for the next step to verify
     draft_probs: torch.Tensor | None = None  # [k, V] the distributions they were drawn from
+    # a prompt with images: M-RoPE positions of the prompt ([prompt, R / 2], one per rotary
+    # frequency), the offset of later positions, and until its prefill ends the vision tower's
+    # embeddings [N, D] with, per prompt token, its row in them (-1: a text token)
+    mrope: torch.Tensor | None = None
+    rope_delta: int = 0
+    image_embeds: torch.Tensor | None = None
+    image_index: torch.Tensor | None = None
+
+    def rope_positions(self, past: int, n: int, num_freqs: int) -> torch.Tensor:
+        """[n, num_freqs] rotary positions of rows past .. past + n."""
+        out = (torch.arange(past, past + n) + self.rope_delta)[:, None].repeat(1, num_freqs)
+        if self.mrope is not None and past < len(self.mrope):
+            k = min(n, len(self.mrope) - past)
+            out[:k] = self.mrope[past : past + k]
+        return out
 
 
 class ModelRunner:
@@ -111,12 +128,22 @@ class ModelRunner:
     def _layout(self, chunks: list[ScheduledChunk]) -> tuple[torch.Tensor, ForwardBatch]:
         """The step's flat batch: token ids [T] and the ForwardBatch (host lists -> one tensor each).
         A verify chunk's rows are its token and the sequence's drafts."""
-        ids, rows, fresh, verify = [], [], [], []
+        ids, rows, fresh, verify, image_rows, image_embeds = [], [], [], [], [], []
         for chunk in chunks:
             if chunk.past == 0:
                 self.sequences[chunk.seq_id] = _SequenceState(chunk.slot, chunk.sampling or SamplingSpec())
                 fresh.append(chunk.slot)
+                if chunk.images:
+                    self._encode_images(self.sequences[chunk.seq_id], chunk.images)
             seq = self.sequences[chunk.seq_id]
+            if seq.image_embeds is not None:
+                if chunk.past >= seq.sampling.prompt_len:  # the prefill is over
+                    seq.image_embeds = seq.image_index = None
+                else:
+                    index = seq.image_index[chunk.past : chunk.past + len(chunk.token_ids)]
+                    where = (index >= 0).nonzero().flatten()
+                    image_rows.append(where + len(ids))
+                    image_embeds.append(seq.image_embeds[index[where]])
             if len(seq.tokens) != chunk.past:
                 raise RuntimeError(f"sequence {chunk.seq_id}: worker has {len(seq.tokens)} tokens, "
                                    f"step says {chunk.past}")
@@ -130,9 +157,11 @@ class ModelRunner:
             seq.block_table.extend(chunk.new_blocks)
             seq.tokens.extend(tokens)
             ids.extend(tokens)
-            rows.append((chunk.past, len(tokens), seq.block_table, seq.slot))
+            rows.append((chunk.past, len(tokens), seq))
         batch = self._batch(rows)
         as_long = dict(dtype=torch.long, device=self.device)
+        if image_rows:
+            batch.image_rows, batch.image_embeds = torch.cat(image_rows).to(self.device), torch.cat(image_embeds)
         if verify:
             width = max(c.rows for c in chunks if c.verify)
             slots = torch.tensor([slot for _, _, slot in verify], **as_long)
@@ -144,12 +173,34 @@ class ModelRunner:
             self.states.reset(torch.tensor(fresh, **as_long))
         return torch.tensor(ids, **as_long), batch
 
-    def _batch(self, rows: list[tuple[int, int, list[int], int]]) -> ForwardBatch:
-        """A ForwardBatch over sequences given as (past, rows, block table, slot) each."""
+    def _encode_images(self, seq: _SequenceState, images) -> None:
+        """A fresh sequence's images through the vision tower; its M-RoPE positions and delta."""
+        cfg = self.model.cfg
+        merge = cfg.vision.spatial_merge_size
+        patches = torch.cat([patchify(torch.from_numpy(image.pixels.copy()), cfg.vision) for _, image in images])
+        seq.image_embeds = self.model.visual(patches.to(self.device), [image.grid for _, image in images])
+        positions, seq.rope_delta = mrope_positions(seq.sampling.prompt_len, [(start, image.grid) for start, image in images],
+                                                    merge)
+        seq.mrope = rotary_positions(positions, mrope_axes(cfg.mrope_section, cfg.rotary_dim // 2))
+        seq.image_index = torch.full((seq.sampling.prompt_len,), -1, dtype=torch.long)
+        offset = 0
+        for start, image in images:
+            n = image.num_tokens(merge)
+            seq.image_index[start : start + n] = torch.arange(offset, offset + n)
+            offset += n
+
+    def _batch(self, rows: list[tuple[int, int, _SequenceState]]) -> ForwardBatch:
+        """A ForwardBatch over sequences given as (past, rows, state) each."""
         positions, slot_mapping, query_lens, context_lens, slots, tables = [], [], [], [], [], []
         bs = self.block_size
-        for past, n, table, slot in rows:
-            positions.extend(range(past, past + n))
+        num_freqs = self.model.cfg.rotary_dim // 2
+        per_freq = any(seq.mrope is not None and past < len(seq.mrope) for past, _, seq in rows)
+        for past, n, seq in rows:
+            table, slot = seq.block_table, seq.slot
+            if per_freq:  # some rows are images: a position per rotary frequency, for every row
+                positions.append(seq.rope_positions(past, n, num_freqs))
+            else:
+                positions.extend(range(past + seq.rope_delta, past + n + seq.rope_delta))
             slot_mapping.extend(table[p // bs] * bs + p % bs for p in range(past, past + n))
             query_lens.append(n)
             context_lens.append(past + n)
@@ -162,7 +213,7 @@ class ModelRunner:
         for n in query_lens:
             starts.append(starts[-1] + n)
         return ForwardBatch(
-            positions=torch.tensor(positions, **as_long),
+            positions=(torch.cat(positions) if per_freq else torch.tensor(positions)).to(**as_long),
             query_lens=query_lens,
             num_decodes=next((i for i, n in enumerate(query_lens) if n > 1), len(query_lens)),
             query_start=torch.tensor(starts, **as_long),
@@ -239,7 +290,7 @@ class ModelRunner:
                 last.append((i, len(rows) + valid - 1, chunk.past + valid - 1))
             rows.extend(range(offsets[i], offsets[i + 1]))
             next_ids.extend(following)
-            layout.append((chunk.past, chunk.rows, seq.block_table, seq.slot))
+            layout.append((chunk.past, chunk.rows, seq))
         as_long = dict(dtype=torch.long, device=self.device)
         out = self.model.draft(torch.tensor(next_ids, **as_long), hidden[torch.tensor(rows, **as_long)],
                                self._batch(layout))
@@ -253,7 +304,7 @@ class ModelRunner:
         for j in range(chunks[spec[0]].spec_tokens):
             if j:  # the next row: the last draft after the MTP's own hidden, one position on
                 positions = [p + 1 for p in positions]
-                batch = self._batch([(p, 1, s.block_table, s.slot) for p, s in zip(positions, seqs)])
+                batch = self._batch([(p, 1, s) for p, s in zip(positions, seqs)])
                 hidden_BD = self.model.draft(torch.tensor([d[-1] for d in drafts], **as_long), hidden_BD, batch)
             # the draft stands for output index (position of its token) - prompt
             tokens, q = draw_drafts(self.model.logits(hidden_BD), [s.sampling for s in seqs],

@@ -2,7 +2,7 @@
 
 A step message carries only what changed since the last one: new tokens of each scheduled
 sequence, the KV blocks appended to its block table, and — with a sequence's first chunk (past == 0,
-a new or recomputed sequence) — its state slot and sampling spec. Sequences that finished, were
+a new or recomputed sequence) — its state slot, sampling spec and images. Sequences that finished, were
 cancelled or preempted are listed in `freed`; the worker forgets them.
 """
 
@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+
+from vision import PreparedImage
 
 
 @dataclass(frozen=True)
@@ -45,6 +47,8 @@ class ScheduledChunk:
     spec_tokens: int = 0
     verify: bool = False  # the chunk's rows are token_ids + the worker's k drafts, verified this step
     next_token: int = -1  # the token after a chunk that does not sample (its last MTP row's input)
+    # the prompt's images, sent when past == 0: (index of its first image token, the image)
+    images: tuple[tuple[int, PreparedImage], ...] = ()
 
     @property
     def rows(self) -> int:

@@ -1,7 +1,8 @@
 // Query/key preparation of gated attention in one pass: per head, zero-centred RMSNorm then NeoX
 // rotary embedding on the first R dims (rotate-half), angles computed from positions on the fly.
 //   query [T, H, hd], key [T, KV, hd] (heads may be strided), q_weight / k_weight [hd],
-//   positions [T], inv_freq [R / 2] fp32  ->  (query', key') contiguous.
+//   positions [T] or [T, R / 2] (multimodal rows: a position per frequency), inv_freq [R / 2] fp32
+//   ->  (query', key') contiguous.
 // Roundings follow the reference (separate norm, cos/sin in the storage dtype, rotation in it).
 #include "common.h"
 
@@ -47,7 +48,9 @@ std::tuple<at::Tensor, at::Tensor> qk_norm_rope(const at::Tensor& query, const a
   check_rows(query, 3, "query");
   check_rows(key, 3, "key");
   const int64_t T = query.size(0), hd = query.size(2), half = inv_freq.numel(), R = 2 * half;
-  TORCH_CHECK(key.size(0) == T && key.size(2) == hd && positions.numel() == T, "query, key, positions disagree");
+  const bool per_freq = positions.dim() == 2;
+  TORCH_CHECK(key.size(0) == T && key.size(2) == hd && positions.numel() == (per_freq ? T * half : T),
+              "query, key, positions disagree");
   TORCH_CHECK(R <= hd && q_weight.numel() == hd && k_weight.numel() == hd && q_weight.is_contiguous() &&
                   k_weight.is_contiguous(),
               "rotary dims or norm weights do not fit the head dim");
@@ -64,7 +67,7 @@ std::tuple<at::Tensor, at::Tensor> qk_norm_rope(const at::Tensor& query, const a
     const float* fp = freq.data_ptr<float>();
     for (int64_t t = 0; t < T; ++t)
       for (int64_t d = 0; d < half; ++d) {
-        const float angle = static_cast<float>(pp[t]) * fp[d];
+        const float angle = static_cast<float>(per_freq ? pp[t * half + d] : pp[t]) * fp[d];
         cos_sin[t * R + d] = round_to<scalar_t>(std::cos(angle));
         cos_sin[t * R + half + d] = round_to<scalar_t>(std::sin(angle));
       }

@@ -22,7 +22,8 @@ SHARDED_FUSED = TinySpec(seed=6, num_experts=16, top_k=4, fused_experts=True, ma
 def test_canonical_names():
     assert canonical_name("model.layers.0.mlp.gate.weight") == "layers.0.mlp.gate.weight"
     assert canonical_name("model.language_model.norm.weight") == "norm.weight"
-    assert canonical_name("model.visual.blocks.0.attn.qkv.weight") is None
+    assert canonical_name("model.visual.blocks.0.attn.qkv.weight") == "visual.blocks.0.attn.qkv.weight"
+    assert canonical_name("vision_tower.x") is None
     assert canonical_name("mtp.fc.weight") == "mtp.fc.weight"
     assert canonical_name("lm_head.weight") == "lm_head.weight"
 
@@ -47,10 +48,10 @@ def test_subset_reads_only_its_share_of_bytes(make_checkpoint):
     assert reader.bytes_read == 4 * per_expert  # a quarter of the layer, nothing more
 
 
-def test_multimodal_extras_are_skipped_or_kept_aside(make_checkpoint):
+def test_multimodal_names_vision_tower_and_mtp_kept_aside(make_checkpoint):
     reader = CheckpointReader(make_checkpoint(TinySpec(seed=6, num_experts=16, top_k=4, multimodal=True)))
     assert reader.mtp_names == ["mtp.fc.weight"]
-    assert not any("visual" in n for n in reader.names())
+    assert "visual.merger.linear_fc2.weight" in reader.names()
     assert "layers.0.mlp.gate.weight" in reader.dense_names()
 
 

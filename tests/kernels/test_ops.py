@@ -278,3 +278,9 @@ def test_qk_norm_rope(dtype):
     inv_freq = 1.0 / (10000.0 ** (torch.arange(0, 8, 2).float() / 8))  # rotary on 8 of 32 dims
     fast, ref, *_ = both(kernels.qk_norm_rope, q_and_gate[..., :hd], key, *weights, 1e-6, positions, inv_freq)
     assert close(fast, ref, DTYPES[dtype])
+    # multimodal rows: a position per rotary frequency (time / row / column interleaved)
+    per_freq = torch.stack([positions, positions + 3, positions - 1, positions], dim=1).clamp(min=0)
+    fast, ref, *_ = both(kernels.qk_norm_rope, q_and_gate[..., :hd], key, *weights, 1e-6, per_freq, inv_freq)
+    assert close(fast, ref, DTYPES[dtype])
+    plain, *_ = both(kernels.qk_norm_rope, q_and_gate[..., :hd], key, *weights, 1e-6, positions, inv_freq)
+    assert not close(fast, plain, DTYPES[dtype])
