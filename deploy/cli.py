@@ -77,7 +77,8 @@ def _server_config(args):
         max_replicas=max(args.max_replicas, args.min_replicas),
         target_ongoing_requests=args.target_ongoing_requests, device=args.device, dtype=args.dtype,
         api_keys=_keys(args.api_key, "EPSERVE_API_KEY"), admin_api_keys=_keys(args.admin_api_key, "EPSERVE_ADMIN_API_KEY"),
-        speculative_tokens=args.speculative_tokens,
+        speculative_tokens=args.speculative_tokens, allow_image_urls=args.allow_image_urls,
+        max_images_per_request=args.max_images_per_request,
     )
 
 
@@ -127,7 +128,8 @@ def cmd_generate(args) -> int:
     from .client import Client
 
     client = Client(args.address, api_key=args.api_key)
-    sampling = dict(max_tokens=args.max_tokens, temperature=args.temperature)
+    sampling = dict(max_tokens=args.max_tokens, temperature=args.temperature,
+                    images=[Path(path).read_bytes() for path in args.image])
     if args.seed is not None:
         sampling["seed"] = args.seed
     if args.stream:
@@ -308,6 +310,9 @@ def _add_server_args(p, grpc_port: int, http_port: int) -> None:
     p.add_argument("--speculative-tokens", type=int, default=0, choices=range(4), metavar="K",
                    help="MTP speculative decoding: draft K (1..3) tokens per step with the checkpoint's MTP "
                         "module (0: off)")
+    p.add_argument("--max-images-per-request", type=int, default=4, help="images one request may carry")
+    p.add_argument("--allow-image-urls", action="store_true",
+                   help="fetch http(s) image_url parts of chat requests (default: data URLs only)")
     p.add_argument("--api-key", action="append", default=None,
                    help="require 'Authorization: Bearer KEY' on every request but health (repeatable; "
                         "default: $EPSERVE_API_KEY)")
@@ -390,6 +395,8 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--max-tokens", type=int, default=32)
     gen.add_argument("--temperature", type=float, default=0.0)
     gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--image", action="append", default=[], metavar="PATH",
+                     help="an image file to send with the prompt (repeatable; models with a vision tower)")
     _add_key_args(gen)
     bench = sub.add_parser("bench", help="load-test a running server")
     bench.add_argument("--endpoint", choices=["grpc", "http"], default="grpc")

@@ -8,8 +8,11 @@ from epserve_proto import generation_pb2 as pb
 from epserve_proto import generation_pb2_grpc as pb_grpc
 
 
-def request(prompt: str | list[int], model: str = "", request_id: str = "", **sampling) -> pb.GenerateRequest:
-    msg = pb.GenerateRequest(model=model, request_id=request_id, sampling=pb.SamplingParameters(**sampling))
+def request(prompt: str | list[int], model: str = "", request_id: str = "", images: list[bytes] = (),
+            **sampling) -> pb.GenerateRequest:
+    """images: encoded images (PNG, JPEG, ...) for a model with a vision tower."""
+    msg = pb.GenerateRequest(model=model, request_id=request_id, sampling=pb.SamplingParameters(**sampling),
+                             images=list(images))
     if isinstance(prompt, str):
         msg.text = prompt
     else:

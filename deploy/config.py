@@ -37,6 +37,12 @@ class AppConfig(BaseModel):
                                     "step by the checkpoint's MTP module (0: off)")
     speculative_max_batch: int = Field(8, ge=1, description="decoding sequences per attention worker above "
                                        "which speculation switches itself off")
+    # images (checkpoints with a vision tower)
+    max_images_per_request: int = Field(4, ge=0, description="images one request may carry")
+    max_image_bytes: int = Field(20 * 2**20, ge=1, description="encoded size of one image")
+    max_image_pixels: int = Field(40_000_000, ge=1, description="decoded width x height of one image (before "
+                                  "resizing); larger ones are refused unread")
+    allow_image_urls: bool = Field(False, description="fetch http(s) image_url parts (off: data URLs only)")
     # access
     api_keys: list[str] = Field(default_factory=list, description="Bearer keys every request but health needs")
     admin_api_keys: list[str] = Field(default_factory=list,

@@ -22,6 +22,7 @@ from .auth import Authenticator
 from .chat import ChatTemplate
 from .config import AppConfig
 from .errors import RequestError, classify
+from .images import ImageInputs
 
 
 class Ingress:
@@ -34,6 +35,12 @@ class Ingress:
         self.name = self.config.name
         self.max_model_len = self.config.max_model_len or self.model_config.max_position_embeddings
         self.auth = Authenticator(self.config.api_keys, self.config.admin_api_keys)
+        c = self.model_config  # an image in a chat message: start, one pad (expanded later), end
+        self.image_placeholder = self.tokenizer.decode(
+            [c.vision_start_token_id, c.image_token_id, c.vision_end_token_id], skip_special_tokens=False
+        ) if c.vision is not None else ""
+        self.images = ImageInputs(self.model_config, self.config.max_images_per_request, self.config.max_image_bytes,
+                                  self.config.max_image_pixels, self.config.allow_image_urls)
 
     # -- shared by gRPC and HTTP -------------------------------------------------------------------
     def check_model(self, name: str | None) -> None:
@@ -41,10 +48,15 @@ class Ingress:
             raise RequestError("not_found", f"model {name!r} is not served here; this server serves "
                                             f"{self.name!r}", "model")
 
-    def prepare(self, model: str | None, prompt: str | list[int], sampling: dict) -> tuple[list[int], dict]:
-        """Validates a request; returns the prompt's token ids and checked sampling kwargs."""
+    def prepare(self, model: str | None, prompt: str | list[int], sampling: dict,
+                images: list[bytes] = ()) -> tuple[list[int] | dict, dict]:
+        """Validates a request; returns the prompt (token ids, or with images a dict of the ids with
+        the image tokens in place and the decoded images) and checked sampling kwargs."""
         self.check_model(model)
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        prepared = self.images.prepare(list(images))
+        if prepared:
+            ids = self.images.place(ids, prepared)
         try:
             check_token_ids(ids, self.model_config.vocab_size)
         except ValueError as e:
@@ -59,14 +71,14 @@ class Ingress:
         if len(ids) + params.max_tokens > self.max_model_len:
             raise RequestError("out_of_range", f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) "
                                                f"exceeds the context length of {self.max_model_len}", "max_tokens")
-        return ids, sampling
+        return ({"prompt_token_ids": ids, "images": prepared} if prepared else ids), sampling
 
-    async def stream(self, ids: list[int], sampling: dict, request_id: str) -> AsyncIterator[dict]:
+    async def stream(self, prompt: list[int] | dict, sampling: dict, request_id: str) -> AsyncIterator[dict]:
         """Output dicts from a model instance; engine refusals become RequestErrors. Leaving early
         cancels the request in the engine."""
         response, finished = None, False
         try:  # .remote() itself may refuse (Serve's queue is full): that is a 429 too
-            response = self.model.options(stream=True).generate.remote(ids, sampling, request_id)
+            response = self.model.options(stream=True).generate.remote(prompt, sampling, request_id)
             async for out in response:
                 finished = out["finished"]
                 yield out
@@ -91,9 +103,9 @@ class Ingress:
         request_id = request.request_id or uuid.uuid4().hex
         try:
             self.auth.check_grpc(grpc_context)
-            ids, sampling = self.prepare(request.model, convert.prompt_of(request),
-                                         convert.sampling_kwargs(request.sampling))
-            outs = [out async for out in self.stream(ids, sampling, request_id)]
+            prompt, sampling = self.prepare(request.model, convert.prompt_of(request),
+                                            convert.sampling_kwargs(request.sampling), request.images)
+            outs = [out async for out in self.stream(prompt, sampling, request_id)]
         except Exception as e:
             self._fail(grpc_context, e)
         last = outs[-1]
@@ -106,9 +118,9 @@ class Ingress:
         request_id = request.request_id or uuid.uuid4().hex
         try:
             self.auth.check_grpc(grpc_context)
-            ids, sampling = self.prepare(request.model, convert.prompt_of(request),
-                                         convert.sampling_kwargs(request.sampling))
-            async for o in self.stream(ids, sampling, request_id):
+            prompt, sampling = self.prepare(request.model, convert.prompt_of(request),
+                                            convert.sampling_kwargs(request.sampling), request.images)
+            async for o in self.stream(prompt, sampling, request_id):
                 yield convert.generate_response(
                     request_id, o["new_token_ids"], o["new_text"], o["logprobs"], o["finish_reason"],
                     o["stop_reason"], (o["num_prompt_tokens"], o["num_output_tokens"]) if o["finished"] else None)

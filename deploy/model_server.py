@@ -48,8 +48,8 @@ class ModelServer:
                                           max_batch=cfg.speculative_max_batch) if cfg.speculative_tokens else None,
         )
 
-    async def generate(self, prompt: list[int], params: dict, request_id: str):
-        """Streams output dicts; raises OverloadedError / ContextLengthError / ValueError first."""
+    async def generate(self, prompt: list[int] | dict, params: dict, request_id: str):
+        """Streams output dicts (prompt: token ids, or a dict with images from deploy.images); raises OverloadedError / ContextLengthError / ValueError first."""
         async for out in self.engine.generate(prompt, SamplingParams(**params), request_id):
             yield output_dict(out)
 

@@ -94,21 +94,32 @@ class CompletionRequest(_Sampling):
 class ContentPart(BaseModel):
     type: str
     text: str | None = None
+    image_url: dict | str | None = None  # {"url": "data:image/png;base64,..."} (or the bare URL)
 
 
 class ChatMessage(BaseModel):
     role: str
     content: str | list[ContentPart]
 
-    def text(self) -> dict:
-        """{"role", "content"} with text parts joined; other parts (images, audio) are refused."""
+    def rendered(self, image_placeholder: str) -> tuple[dict, list[str]]:
+        """{"role", "content"} for the chat template, text parts joined and each image part replaced
+        by the image placeholder; and the image parts' URLs in order. Other parts are refused."""
         if isinstance(self.content, str):
-            return {"role": self.role, "content": self.content}
+            return {"role": self.role, "content": self.content}, []
+        text, urls = [], []
         for part in self.content:
-            if part.type != "text" or part.text is None:
+            if part.type == "text" and part.text is not None:
+                text.append(part.text)
+            elif part.type == "image_url" and part.image_url:
+                url = part.image_url if isinstance(part.image_url, str) else part.image_url.get("url")
+                if not isinstance(url, str):
+                    raise RequestError("invalid", "image_url parts need image_url.url", "messages")
+                text.append(image_placeholder)
+                urls.append(url)
+            else:
                 raise RequestError("invalid", f"message content parts of type {part.type!r} are not supported: "
-                                              f"send text parts", "messages")
-        return {"role": self.role, "content": "".join(part.text for part in self.content)}
+                                              f"send text and image_url parts", "messages")
+        return {"role": self.role, "content": "".join(text)}, urls
 
 
 class ChatCompletionRequest(_Sampling):
@@ -158,7 +169,8 @@ async def _merged(outputs: list[AsyncIterator[dict]]) -> AsyncIterator[tuple[int
 
 
 class OpenAIRoutes:
-    """Mixed into Ingress (needs .name, .auth, .prepare, .stream, .tokenizer, .chat_template, .max_model_len)."""
+    """Mixed into Ingress (needs .name, .auth, .prepare, .stream, .tokenizer, .chat_template, .max_model_len,
+    .images, .image_placeholder)."""
 
     def _authorize(self, request: Request, admin: bool = False) -> None:
         self.auth.check(request.headers.get("authorization"), admin)
@@ -188,11 +200,12 @@ class OpenAIRoutes:
                                                f"got {body.expert_workers}", "expert_workers")
         return await self.model.scale_experts.remote(body.expert_workers)
 
-    async def _start(self, model: str, prompt, sampling: dict, n: int) -> tuple[list[AsyncIterator[dict]], list[dict]]:
+    async def _start(self, model: str, prompt, sampling: dict, n: int,
+                     images: list[bytes] = ()) -> tuple[list[AsyncIterator[dict]], list[dict]]:
         """Validates, starts n generations (seeds seed, seed+1, ... when seeded) and waits for each
         one's first output, so that refusals (bad input, overload) become HTTP errors rather than
         a broken stream. Returns the streams and their first outputs."""
-        ids, sampling = self.prepare(model, prompt, sampling)
+        ids, sampling = self.prepare(model, prompt, sampling, images)
         request_id = f"http-{uuid.uuid4().hex}"
         outputs = [self.stream(ids, sampling if sampling["seed"] is None else {**sampling, "seed": sampling["seed"] + i},
                                f"{request_id}-{i}" if n > 1 else request_id) for i in range(n)]
@@ -263,15 +276,25 @@ class OpenAIRoutes:
     @app.post("/v1/chat/completions")
     async def chat_completions(self, body: ChatCompletionRequest, request: Request):
         self._authorize(request)
+        rendered = [m.rendered(self.image_placeholder) for m in body.messages]
+        urls = [url for _, message_urls in rendered for url in message_urls]
+        if urls and self.model_config.vision is None:
+            raise RequestError("invalid", "this model takes no images (its checkpoint has no vision tower)", "messages")
+        if len(urls) > self.config.max_images_per_request:  # before anything is fetched or decoded
+            raise RequestError("invalid", f"{len(urls)} images; this server takes at most "
+                                          f"{self.config.max_images_per_request} per request (max_images_per_request)",
+                               "messages")
         try:
-            prompt = self.chat_template.render([m.text() for m in body.messages])
+            prompt = self.chat_template.render([message for message, _ in rendered])
         except ValueError as e:
             raise RequestError("invalid", str(e), "messages") from e
-        prompt_len = len(self.tokenizer.encode(prompt))
+        images = self.images.prepare([self.images.url_bytes(url) for url in urls])
+        prompt_len = len(self.tokenizer.encode(prompt)) + sum(
+            image.num_tokens(self.model_config.vision.spatial_merge_size) for image in images)
         max_tokens = body.max_completion_tokens or body.max_tokens or max(
             1, min(self.config.max_tokens_limit, self.max_model_len - prompt_len))
         top = (body.top_logprobs or 0) if body.logprobs else None
-        outputs, firsts = await self._start(body.model, prompt, body.sampling(max_tokens, top), body.n)
+        outputs, firsts = await self._start(body.model, prompt, body.sampling(max_tokens, top), body.n, images)
         chat_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
         def logprobs(outs: list[dict]) -> dict | None:

@@ -24,41 +24,41 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1e\x65pserve_proto/generation.proto\x12\nepserve.v1\"\xf2\x04\n\x12SamplingParameters\x12\x17\n\nmax_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x12\n\x05min_p\x18\x05 \x01(\x02H\x04\x88\x01\x01\x12\x11\n\x04seed\x18\x06 \x01(\x04H\x05\x88\x01\x01\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x08 \x03(\r\x12\x17\n\nignore_eos\x18\t \x01(\x08H\x06\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\n \x01(\x02H\x07\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x0b \x01(\x02H\x08\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x0c \x01(\x02H\t\x88\x01\x01\x12\x15\n\x08logprobs\x18\r \x01(\rH\n\x88\x01\x01\x12\'\n\x1ainclude_stop_str_in_output\x18\x0e \x01(\x08H\x0b\x88\x01\x01\x12 \n\x13skip_special_tokens\x18\x0f \x01(\x08H\x0c\x88\x01\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x07\n\x05_seedB\r\n\x0b_ignore_eosB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x15\n\x13_repetition_penaltyB\x0b\n\t_logprobsB\x1d\n\x1b_include_stop_str_in_outputB\x16\n\x14_skip_special_tokens\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\xab\x01\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12)\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x14.epserve.v1.TokenIdsH\x00\x12\x30\n\x08sampling\x18\x04 \x01(\x0b\x32\x1e.epserve.v1.SamplingParameters\x12\x12\n\nrequest_id\x18\x05 \x01(\tB\x08\n\x06prompt\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"V\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12#\n\x03top\x18\x03 \x03(\x0b\x32\x16.epserve.v1.TopLogprob\"O\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\r\"\xdb\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12*\n\x08logprobs\x18\x04 \x03(\x0b\x32\x18.epserve.v1.TokenLogprob\x12/\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x18.epserve.v1.FinishReason\x12\x13\n\x0bstop_reason\x18\x06 \x01(\t\x12 \n\x05usage\x18\x07 \x01(\x0b\x32\x11.epserve.v1.Usage\"\x15\n\x13GetModelInfoRequest\"\xef\x01\n\tModelInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rmax_model_len\x18\x02 \x01(\r\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12\x12\n\nnum_layers\x18\x04 \x01(\r\x12\x13\n\x0bnum_experts\x18\x05 \x01(\r\x12\x1b\n\x13num_experts_per_tok\x18\x06 \x01(\r\x12\x16\n\x0e\x65xpert_workers\x18\x07 \x01(\r\x12\x19\n\x11\x61ttention_workers\x18\x08 \x01(\r\x12\x15\n\reos_token_ids\x18\t \x03(\r\x12\x18\n\x10max_tokens_limit\x18\n \x01(\r\".\n\x0fTokenizeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\"%\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\"5\n\x11\x44\x65tokenizeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\"\"\n\x12\x44\x65tokenizeResponse\x12\x0c\n\x04text\x18\x01 \x01(\t*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x32\xfe\x02\n\nGeneration\x12\x45\n\x08Generate\x12\x1b.epserve.v1.GenerateRequest\x1a\x1c.epserve.v1.GenerateResponse\x12M\n\x0eGenerateStream\x12\x1b.epserve.v1.GenerateRequest\x1a\x1c.epserve.v1.GenerateResponse0\x01\x12\x46\n\x0cGetModelInfo\x12\x1f.epserve.v1.GetModelInfoRequest\x1a\x15.epserve.v1.ModelInfo\x12\x45\n\x08Tokenize\x12\x1b.epserve.v1.TokenizeRequest\x1a\x1c.epserve.v1.TokenizeResponse\x12K\n\nDetokenize\x12\x1d.epserve.v1.DetokenizeRequest\x1a\x1e.epserve.v1.DetokenizeResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1e\x65pserve_proto/generation.proto\x12\nepserve.v1\"\xf2\x04\n\x12SamplingParameters\x12\x17\n\nmax_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x12\n\x05min_p\x18\x05 \x01(\x02H\x04\x88\x01\x01\x12\x11\n\x04seed\x18\x06 \x01(\x04H\x05\x88\x01\x01\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x08 \x03(\r\x12\x17\n\nignore_eos\x18\t \x01(\x08H\x06\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\n \x01(\x02H\x07\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x0b \x01(\x02H\x08\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x0c \x01(\x02H\t\x88\x01\x01\x12\x15\n\x08logprobs\x18\r \x01(\rH\n\x88\x01\x01\x12\'\n\x1ainclude_stop_str_in_output\x18\x0e \x01(\x08H\x0b\x88\x01\x01\x12 \n\x13skip_special_tokens\x18\x0f \x01(\x08H\x0c\x88\x01\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x07\n\x05_seedB\r\n\x0b_ignore_eosB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x15\n\x13_repetition_penaltyB\x0b\n\t_logprobsB\x1d\n\x1b_include_stop_str_in_outputB\x16\n\x14_skip_special_tokens\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\xbb\x01\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12)\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x14.epserve.v1.TokenIdsH\x00\x12\x30\n\x08sampling\x18\x04 \x01(\x0b\x32\x1e.epserve.v1.SamplingParameters\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\x0e\n\x06images\x18\x06 \x03(\x0c\x42\x08\n\x06prompt\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"V\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12#\n\x03top\x18\x03 \x03(\x0b\x32\x16.epserve.v1.TopLogprob\"O\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\r\"\xdb\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12*\n\x08logprobs\x18\x04 \x03(\x0b\x32\x18.epserve.v1.TokenLogprob\x12/\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x18.epserve.v1.FinishReason\x12\x13\n\x0bstop_reason\x18\x06 \x01(\t\x12 \n\x05usage\x18\x07 \x01(\x0b\x32\x11.epserve.v1.Usage\"\x15\n\x13GetModelInfoRequest\"\xef\x01\n\tModelInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rmax_model_len\x18\x02 \x01(\r\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12\x12\n\nnum_layers\x18\x04 \x01(\r\x12\x13\n\x0bnum_experts\x18\x05 \x01(\r\x12\x1b\n\x13num_experts_per_tok\x18\x06 \x01(\r\x12\x16\n\x0e\x65xpert_workers\x18\x07 \x01(\r\x12\x19\n\x11\x61ttention_workers\x18\x08 \x01(\r\x12\x15\n\reos_token_ids\x18\t \x03(\r\x12\x18\n\x10max_tokens_limit\x18\n \x01(\r\".\n\x0fTokenizeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\"%\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\"5\n\x11\x44\x65tokenizeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\"\"\n\x12\x44\x65tokenizeResponse\x12\x0c\n\x04text\x18\x01 \x01(\t*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x32\xfe\x02\n\nGeneration\x12\x45\n\x08Generate\x12\x1b.epserve.v1.GenerateRequest\x1a\x1c.epserve.v1.GenerateResponse\x12M\n\x0eGenerateStream\x12\x1b.epserve.v1.GenerateRequest\x1a\x1c.epserve.v1.GenerateResponse0\x01\x12\x46\n\x0cGetModelInfo\x12\x1f.epserve.v1.GetModelInfoRequest\x1a\x15.epserve.v1.ModelInfo\x12\x45\n\x08Tokenize\x12\x1b.epserve.v1.TokenizeRequest\x1a\x1c.epserve.v1.TokenizeResponse\x12K\n\nDetokenize\x12\x1d.epserve.v1.DetokenizeRequest\x1a\x1e.epserve.v1.DetokenizeResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'epserve_proto.generation_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=1757
-  _globals['_FINISHREASON']._serialized_end=1877
+  _globals['_FINISHREASON']._serialized_start=1773
+  _globals['_FINISHREASON']._serialized_end=1893
   _globals['_SAMPLINGPARAMETERS']._serialized_start=47
   _globals['_SAMPLINGPARAMETERS']._serialized_end=673
   _globals['_TOKENIDS']._serialized_start=675
   _globals['_TOKENIDS']._serialized_end=698
   _globals['_GENERATEREQUEST']._serialized_start=701
-  _globals['_GENERATEREQUEST']._serialized_end=872
-  _globals['_TOPLOGPROB']._serialized_start=874
-  _globals['_TOPLOGPROB']._serialized_end=921
-  _globals['_TOKENLOGPROB']._serialized_start=923
-  _globals['_TOKENLOGPROB']._serialized_end=1009
-  _globals['_USAGE']._serialized_start=1011
-  _globals['_USAGE']._serialized_end=1090
-  _globals['_GENERATERESPONSE']._serialized_start=1093
-  _globals['_GENERATERESPONSE']._serialized_end=1312
-  _globals['_GETMODELINFOREQUEST']._serialized_start=1314
-  _globals['_GETMODELINFOREQUEST']._serialized_end=1335
-  _globals['_MODELINFO']._serialized_start=1338
-  _globals['_MODELINFO']._serialized_end=1577
-  _globals['_TOKENIZEREQUEST']._serialized_start=1579
-  _globals['_TOKENIZEREQUEST']._serialized_end=1625
-  _globals['_TOKENIZERESPONSE']._serialized_start=1627
-  _globals['_TOKENIZERESPONSE']._serialized_end=1664
-  _globals['_DETOKENIZEREQUEST']._serialized_start=1666
-  _globals['_DETOKENIZEREQUEST']._serialized_end=1719
-  _globals['_DETOKENIZERESPONSE']._serialized_start=1721
-  _globals['_DETOKENIZERESPONSE']._serialized_end=1755
-  _globals['_GENERATION']._serialized_start=1880
-  _globals['_GENERATION']._serialized_end=2262
+  _globals['_GENERATEREQUEST']._serialized_end=888
+  _globals['_TOPLOGPROB']._serialized_start=890
+  _globals['_TOPLOGPROB']._serialized_end=937
+  _globals['_TOKENLOGPROB']._serialized_start=939
+  _globals['_TOKENLOGPROB']._serialized_end=1025
+  _globals['_USAGE']._serialized_start=1027
+  _globals['_USAGE']._serialized_end=1106
+  _globals['_GENERATERESPONSE']._serialized_start=1109
+  _globals['_GENERATERESPONSE']._serialized_end=1328
+  _globals['_GETMODELINFOREQUEST']._serialized_start=1330
+  _globals['_GETMODELINFOREQUEST']._serialized_end=1351
+  _globals['_MODELINFO']._serialized_start=1354
+  _globals['_MODELINFO']._serialized_end=1593
+  _globals['_TOKENIZEREQUEST']._serialized_start=1595
+  _globals['_TOKENIZEREQUEST']._serialized_end=1641
+  _globals['_TOKENIZERESPONSE']._serialized_start=1643
+  _globals['_TOKENIZERESPONSE']._serialized_end=1680
+  _globals['_DETOKENIZEREQUEST']._serialized_start=1682
+  _globals['_DETOKENIZEREQUEST']._serialized_end=1735
+  _globals['_DETOKENIZERESPONSE']._serialized_start=1737
+  _globals['_DETOKENIZERESPONSE']._serialized_end=1771
+  _globals['_GENERATION']._serialized_start=1896
+  _globals['_GENERATION']._serialized_end=2278
 # @@protoc_insertion_point(module_scope)

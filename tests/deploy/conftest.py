@@ -8,7 +8,7 @@ from cluster.model.tiny import TinySpec
 from deploy.config import AppConfig
 from tests.conftest import free_port
 
-SERVE_SPEC = TinySpec(seed=11, num_experts=16, top_k=4, mtp=True)
+SERVE_SPEC = TinySpec(seed=11, num_experts=16, top_k=4, mtp=True, multimodal=True)  # images too
 SPECULATIVE = {"method": "mtp", "num_speculative_tokens": 2}  # the server speculates: every test goes through it
 ADMIN_KEY = "admin-key-for-tests"  # rebalance / scale are refused on a server without one
 
@@ -24,7 +24,8 @@ def server(ray_cluster, make_checkpoint):
                     max_num_seqs=4, max_waiting=4, max_model_len=256, max_tokens_limit=128,
                     max_ongoing_requests=64,  # above what the engine holds: its own refusals are tested
                     metrics_interval_steps=5, admin_api_keys=[ADMIN_KEY],
-                    speculative_tokens=SPECULATIVE["num_speculative_tokens"])
+                    speculative_tokens=SPECULATIVE["num_speculative_tokens"],
+                    max_images_per_request=2, max_image_pixels=500_000)
     grpc_port, http_port = free_port(), free_port()
     start_server(cfg, grpc_port=grpc_port, http_port=http_port)
     yield {"grpc": f"127.0.0.1:{grpc_port}", "http": f"http://127.0.0.1:{http_port}", "config": cfg,

@@ -149,7 +149,7 @@ BAD_HTTP = [
     ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "x"}],
                               "response_format": {"type": "json_object"}}, 400, "response_format is not supported"),
     ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": [
-        {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}]}, 400, "'image_url' are not"),
+        {"type": "input_audio", "input_audio": {"data": "AAAA"}}]}]}, 400, "'input_audio' are not"),
     ("/v1/completions", {"model": "nope", "prompt": "hi"}, 404, "'nope' is not served"),
     ("/v1/completions", {"prompt": "hi"}, 400, "model"),
     ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "robot", "content": "x"}]}, 400, "role"),
