@@ -179,8 +179,8 @@ class ModelRunner:
         merge = cfg.vision.spatial_merge_size
         patches = torch.cat([patchify(torch.from_numpy(image.pixels.copy()), cfg.vision) for _, image in images])
         seq.image_embeds = self.model.visual(patches.to(self.device), [image.grid for _, image in images])
-        positions, seq.rope_delta = mrope_positions(seq.sampling.prompt_len, [(start, image.grid) for start, image in images],
-                                                    merge)
+        spans = [(start, image.grid) for start, image in images]
+        positions, seq.rope_delta = mrope_positions(seq.sampling.prompt_len, spans, merge)
         seq.mrope = rotary_positions(positions, mrope_axes(cfg.mrope_section, cfg.rotary_dim // 2))
         seq.image_index = torch.full((seq.sampling.prompt_len,), -1, dtype=torch.long)
         offset = 0

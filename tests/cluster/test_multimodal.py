@@ -5,7 +5,6 @@ the image tokens, and on Ray with two expert workers), greedy generation, and re
 from __future__ import annotations
 
 import pytest
-import torch
 
 from cluster import LLM, SamplingParams
 from cluster.config import ModelConfig

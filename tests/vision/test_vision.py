@@ -56,7 +56,8 @@ def test_vision_tower_matches_transformers(model_dir):
     images = [random_image(70, 100, 5), random_image(130, 64, 6), random_image(48, 48, 7)]
     ref = hf_image_processor(cfg.vision)(images, return_tensors="pt")
     with torch.no_grad():
-        expected = hf_vl_model(model_dir).model.visual(ref["pixel_values"], grid_thw=ref["image_grid_thw"]).pooler_output
+        visual = hf_vl_model(model_dir).model.visual
+        expected = visual(ref["pixel_values"], grid_thw=ref["image_grid_thw"]).pooler_output
     ours = model.visual(ref["pixel_values"], [tuple(g) for g in ref["image_grid_thw"].tolist()])
     assert ours.shape == expected.shape
     torch.testing.assert_close(ours, expected, atol=1e-5, rtol=0)
