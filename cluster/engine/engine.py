@@ -12,7 +12,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
+
+from vision import PreparedImage
 
 from .cache_plan import CacheConfig, plan_cache
 from ..config import ClusterConfig, ModelConfig, RebalanceConfig, SpeculativeConfig
@@ -276,6 +279,11 @@ class EngineCore(PlacementControl):
         start = time.perf_counter()
         room = min(self.max_model_len, self.layout.num_blocks * self.layout.block_size) - 4
         prompts = {"warm-up-prefill": [0] * max(1, min(2 * 64 + 5, room)), "warm-up-decode": [0]}
+        if self.config.vision is not None:  # the vision tower's first shapes too (a one-token image)
+            side = self.config.vision.factor
+            merge = self.config.vision.spatial_merge_size
+            image = PreparedImage(np.zeros((side, side, 3), dtype=np.uint8), (1, merge, merge))
+            prompts["warm-up-image"] = {"prompt_token_ids": [0], "images": [image]}
         for request_id, prompt in prompts.items():
             self.add_request(request_id, prompt, SamplingParams(
                 max_tokens=3, temperature=0.0 if request_id.endswith("prefill") else 1.0, top_p=0.9, seed=0,

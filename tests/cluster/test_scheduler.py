@@ -133,3 +133,22 @@ def test_overload_and_context_errors():
         s.check(64, 65)
     with pytest.raises(ContextLengthError, match="need 26 KV blocks"):
         s.check(50, 101)
+
+
+def test_vision_cost_counts_in_the_budget_of_the_admitting_step():
+    s = Scheduler(SchedulerConfig(max_num_batched_tokens=10), layout(100), 1, 1000)
+    a, b, c = seq(0, 3), seq(1, 12), seq(2, 12)
+    b.vision_cost, b.images = 6, ("an image",)
+    c.vision_cost = 20  # above the whole budget: admitted alone, with one prompt token
+    for x in (a, b, c):
+        s.add(x)
+    scheduled, messages = run(s)
+    assert [(x.seq.seq_id, x.num_tokens) for x in scheduled] == [(0, 3), (1, 1)]  # 10 - 3 - 6 left 1
+    assert [ch.images for ch in messages[0].chunks] == [(), ("an image",)]
+    scheduled, messages = run(s)  # b's images were sent once; c waits for a step of its own
+    assert [(x.seq.seq_id, x.num_tokens) for x in scheduled] == [(0, 1), (1, 9)]
+    assert [ch.images for ch in messages[0].chunks] == [(), ()]
+    s.finish(a, "stop")
+    s.finish(b, "stop")
+    scheduled, _ = run(s)
+    assert [(x.seq.seq_id, x.num_tokens) for x in scheduled] == [(2, 1)]
