@@ -68,7 +68,7 @@ def main() -> None:
     image_tokens = llm.generate(with_image, one_token)[0].prompt_token_ids.count(llm.engine.config.image_token_id)
     plain, mixed = [], []
     for _ in range(args.runs + 1):  # interleaved; the first of each is a warm-up
-        plain.append(ttft(text))
+        plain.append(ttft([text]))
         mixed.append(ttft(with_image))
     plain, mixed, tower = plain[1:], mixed[1:], tower_s[-args.runs:]
     t_plain, t_mixed, t_tower = statistics.median(plain), statistics.median(mixed), statistics.median(tower)
@@ -79,12 +79,19 @@ def main() -> None:
     print(f"epserve TTFT, image + 32 text tokens: {1e3 * t_mixed:8.1f} ms  ({t_mixed / t_plain:.2f}x)")
     print(f"  vision tower                      : {1e3 * t_tower:8.1f} ms  ({100 * t_tower / t_mixed:.0f}% of TTFT)")
     if not args.no_transformers:
-        from tests.reference import hf_vl_inputs, hf_vl_model
+        from transformers import Qwen2VLImageProcessorPil, Qwen3_5MoeForConditionalGeneration
 
         cfg = llm.engine.config
-        ids = [cfg.vision_start_token_id, cfg.image_token_id, cfg.vision_end_token_id] + text
-        inputs = hf_vl_inputs(model_dir, ids, [image])
-        hf = hf_vl_model(model_dir)
+        v = cfg.vision
+        processed = Qwen2VLImageProcessorPil(
+            patch_size=v.patch_size, merge_size=v.spatial_merge_size, temporal_patch_size=v.temporal_patch_size,
+            image_mean=list(v.image_mean), image_std=list(v.image_std),
+            size={"shortest_edge": v.min_pixels, "longest_edge": v.max_pixels})([image], return_tensors="pt")
+        ids = torch.tensor([[cfg.vision_start_token_id] + [cfg.image_token_id] * image_tokens
+                            + [cfg.vision_end_token_id] + text])
+        inputs = dict(input_ids=ids, pixel_values=processed["pixel_values"], image_grid_thw=processed["image_grid_thw"],
+                      mm_token_type_ids=(ids == cfg.image_token_id).int())
+        hf = Qwen3_5MoeForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval()
         times = []
         with torch.no_grad():
             for _ in range(max(3, args.runs // 2) + 1):

@@ -5,6 +5,8 @@ refused with 400 / INVALID_ARGUMENT naming the problem, and the server keeps ser
 from __future__ import annotations
 
 import base64
+import subprocess
+import sys
 
 import grpc
 import pytest
@@ -44,13 +46,19 @@ def test_openai_chat_with_images_equals_the_engine(server, offline):  # noqa: F8
     assert len(expected.prompt_token_ids) > len(offline.tokenizer.encode(prompt)) + 4
 
 
-def test_grpc_image_bytes_equal_the_engine(client, offline):  # noqa: F811
+def test_grpc_image_bytes_and_cli_equal_the_engine(server, client, offline, tmp_path):  # noqa: F811
     image = png(random_image(96, 96, 33))
     reply = client.generate("Describe:", images=[image], **GREEDY)
     [expected] = offline.generate({"prompt": "Describe:", "images": [image]}, SamplingParams(**GREEDY))
     assert reply.text == expected.text and reply.usage.prompt_tokens == len(expected.prompt_token_ids)
     streamed = "".join(m.text for m in client.stream("Describe:", images=[image], **GREEDY))
     assert streamed == expected.text
+    (tmp_path / "image.png").write_bytes(image)
+    run = subprocess.run([sys.executable, "-m", "deploy.cli", "generate", "Describe:", "--image",
+                          str(tmp_path / "image.png"), "--address", server["grpc"], "--max-tokens", "6"],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and run.stdout == expected.text + "\n", run.stderr
+    assert f"[{len(expected.prompt_token_ids)} prompt + 6 completion tokens]" in run.stderr
 
 
 BAD = [
