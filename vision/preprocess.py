@@ -76,7 +76,10 @@ def decode_image(data: bytes, limits: ImageLimits = ImageLimits()) -> Image.Imag
         image.load()
     except ImageError:
         raise
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
+    except UnidentifiedImageError as e:  # its message names a Python object, not the problem
+        raise ImageError("image cannot be decoded: not an image format Pillow reads, or a corrupt "
+                         "header (zero width or height, for one)") from e
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
         raise ImageError(f"image cannot be decoded: {e}") from e
     return image
 

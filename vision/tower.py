@@ -109,9 +109,10 @@ class VisionTower(nn.Module):
         cfg = self.cfg
         weight = self.patch_embed.proj.weight
         x = F.linear(patches.to(weight.dtype), weight.view(weight.shape[0], -1), self.patch_embed.proj.bias)
-        rows, cols = patch_rows_cols(grids, cfg.spatial_merge_size)
+        rows, cols = patch_rows_cols(grids, cfg.spatial_merge_size)  # host: the layout of the images
         x = x + self._positions(rows, cols, grids).to(x.dtype)
-        freqs = torch.stack([rows, cols], dim=-1)[..., None].float() * self.inv_freq  # [P, 2, hd / 4]
+        rows_cols = torch.stack([rows, cols], dim=-1).to(x.device)
+        freqs = rows_cols[..., None].float() * self.inv_freq  # [P, 2, hd / 4]
         angles = freqs.flatten(1).repeat(1, 2)  # [P, hd]: (rows, cols) frequencies, twice
         cos, sin = angles.cos(), angles.sin()
         lengths = [h * w for t, h, w in grids for _ in range(t)]
@@ -130,4 +131,6 @@ class VisionTower(nn.Module):
         w_taps, w_weights = _bilinear_taps(cols, widths, side)
         index = (h_taps[:, :, None] * side + w_taps[:, None, :]).reshape(-1, 4)
         weights = (h_weights[:, :, None] * w_weights[:, None, :]).reshape(-1, 4)
-        return (self.pos_embed(index) * weights[:, :, None].to(self.pos_embed.weight.dtype)).sum(1)
+        table = self.pos_embed.weight
+        weights = weights[:, :, None].to(table.device, table.dtype)
+        return (self.pos_embed(index.to(table.device)) * weights).sum(1)

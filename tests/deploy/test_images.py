@@ -14,7 +14,7 @@ import pytest
 from cluster import SamplingParams
 from deploy.client import Client
 from tests.deploy.test_server import offline, post  # noqa: F401 (fixture)
-from tests.vision.test_vision import png, random_image
+from tests.vision.test_vision import png, random_image, zero_width_png
 
 GREEDY = dict(max_tokens=6, temperature=0.0)
 
@@ -64,6 +64,7 @@ def test_grpc_image_bytes_and_cli_equal_the_engine(server, client, offline, tmp_
 BAD = [
     ([png(random_image(40, 40))[:60]], "cannot be decoded"),  # truncated PNG
     ([b""], "empty"),
+    ([zero_width_png()], "zero width or height"),
     ([png(random_image(800, 700))], "max_image_pixels"),  # 560,000 pixels; the server takes 500,000
     ([png(random_image(32, 32))] * 3, "max_images_per_request"),
 ]

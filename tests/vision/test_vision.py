@@ -4,6 +4,8 @@ and bad images refused with the problem named."""
 from __future__ import annotations
 
 import io
+import struct
+import zlib
 
 import numpy as np
 import pytest
@@ -31,6 +33,15 @@ def png(image: Image.Image) -> bytes:
     buf = io.BytesIO()
     image.save(buf, format="PNG")
     return buf.getvalue()
+
+
+def zero_width_png() -> bytes:
+    """A PNG whose header says 0 x 4 pixels (with a valid checksum)."""
+    data = bytearray(png(Image.new("RGB", (4, 4))))
+    header = bytearray(data[16:29])  # the IHDR chunk's data: width, height, ...
+    header[0:4] = struct.pack(">I", 0)
+    data[16:29], data[29:33] = header, struct.pack(">I", zlib.crc32(b"IHDR" + bytes(header)))
+    return bytes(data)
 
 
 @pytest.fixture(scope="module")
@@ -84,6 +95,8 @@ def test_bad_images_are_refused_with_the_problem_named():
         decode_image(good[: len(good) // 2])  # truncated PNG
     with pytest.raises(ImageError, match="empty"):
         decode_image(b"")
+    with pytest.raises(ImageError, match="zero width or height"):
+        decode_image(zero_width_png())
     with pytest.raises(ImageError, match="cannot be decoded"):
         decode_image(b"not an image at all")
     with pytest.raises(ImageError, match="max_image_pixels"):
