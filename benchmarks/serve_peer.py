@@ -78,6 +78,7 @@ def main() -> None:
     parser.add_argument("--output-len", type=int, default=32)
     parser.add_argument("--expert-workers", type=int, default=2)
     parser.add_argument("--attention-workers", type=int, default=1)
+    parser.add_argument("--stream-interval", type=int, default=1, help="epserve serve --stream-interval")
     args = parser.parse_args()
     if args.model is None:
         from cluster.model.tiny import TinySpec, make_tiny
@@ -95,10 +96,11 @@ def main() -> None:
                                               "--model", args.model, "--dtype", "bfloat16", "--port", "8100",
                                               "--max-model-len", "512", "--max-num-seqs", "32"],
                         "http://127.0.0.1:8100", args, env)
-    rows += measure(f"epserve serve (fp32, {args.attention_workers}+{args.expert_workers} workers)",
+    interval = f", stream interval {args.stream_interval}" if args.stream_interval > 1 else ""
+    rows += measure(f"epserve serve (fp32, {args.attention_workers}+{args.expert_workers} workers{interval})",
                     [sys.executable, "-m", "deploy.cli", "serve", "--model", args.model, "--http-port", "8200",
                      "--grpc-port", "9200", "--expert-workers", str(args.expert_workers),
-                     "--attention-workers", str(args.attention_workers)],
+                     "--attention-workers", str(args.attention_workers), "--stream-interval", str(args.stream_interval)],
                     "http://127.0.0.1:8200", args)
     print(f"checkpoint {args.model}; {args.num_prompts} streamed completions of {args.output_len} tokens, "
           f"{args.prompt_len}-token prompts")

@@ -129,26 +129,30 @@ class AsyncLLM:
             raise item
         return item
 
-    async def generate(self, prompt: str | list[int], params: SamplingParams | None = None,
-                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+    async def generate(self, prompt: str | list[int] | dict, params: SamplingParams | None = None,
+                       request_id: str | None = None, stream_interval: int = 1) -> AsyncIterator[RequestOutput]:
         """Streams a request's outputs; raises ValueError / ContextLengthError / OverloadedError
-        before the first one if the request is refused."""
+        before the first one if the request is refused. stream_interval: after the first token,
+        hold deltas until they carry this many tokens (or the request ends), as vLLM's
+        --stream-interval: fewer, larger messages through the serving stack."""
         request_id = request_id or uuid.uuid4().hex
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         await loop.run_in_executor(None, self._add, request_id, prompt, params or SamplingParams(), loop, queue)
-        finished = False
+        finished, sent_first = False, False
         try:
             while not finished:
                 item = await queue.get()
                 # deltas that queued up while the consumer was busy leave as one: under load a
                 # stream crosses the serving stack once per turn, not once per token
-                while not isinstance(item, Exception) and not item.finished and not queue.empty():
-                    following = queue.get_nowait()
+                while not isinstance(item, Exception) and not item.finished and (
+                        not queue.empty() or (sent_first and len(item.new_token_ids) < stream_interval)):
+                    following = queue.get_nowait() if not queue.empty() else await queue.get()
                     item = item.then(following) if not isinstance(following, Exception) else following
                 if isinstance(item, Exception):
                     raise item
                 finished = item.finished
+                sent_first = sent_first or bool(item.new_token_ids)
                 yield item
         finally:
             if not finished:

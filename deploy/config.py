@@ -33,6 +33,8 @@ class AppConfig(BaseModel):
     max_model_len: int | None = Field(None, ge=2, description="context length; default the model's")
     kv_cache_memory_mb: float = Field(512, gt=0, description="KV blocks + DeltaNet state per attention worker")
     max_tokens_limit: int = Field(4096, ge=1, description="largest max_tokens a request may ask for")
+    stream_interval: int = Field(1, ge=1, description="tokens per streamed message after the first (vLLM's "
+                                 "--stream-interval): fewer, larger messages through Serve under load")
     speculative_tokens: int = Field(0, ge=0, le=3, description="MTP speculative decoding: tokens drafted per "
                                     "step by the checkpoint's MTP module (0: off)")
     speculative_max_batch: int = Field(8, ge=1, description="decoding sequences per attention worker above "

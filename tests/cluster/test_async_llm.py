@@ -119,3 +119,17 @@ def test_complete_returns_the_whole_request_at_once(engine):
     assert wholes[2].new_token_ids == [t for o in streamed for t in o.new_token_ids]
     assert wholes[2].new_text == "".join(o.new_text for o in streamed)
     assert not engine._held  # nothing left behind
+
+
+def test_stream_interval_sends_the_first_token_alone_then_groups(engine):
+    params = SamplingParams(max_tokens=11, temperature=0.0, ignore_eos=True)
+
+    async def main():
+        return [o async for o in engine.generate("hello", params, stream_interval=4)]
+
+    grouped = asyncio.run(main())
+    sizes = [len(o.new_token_ids) for o in grouped]
+    assert sizes[0] == 1 and all(n >= 4 for n in sizes[1:-1]) and sum(sizes) == 11 and grouped[-1].finished
+    plain = asyncio.run(collect(engine, "hello", params))
+    assert [t for o in grouped for t in o.new_token_ids] == [t for o in plain for t in o.new_token_ids]
+    assert "".join(o.new_text for o in grouped) == "".join(o.new_text for o in plain)
