@@ -107,6 +107,9 @@ class SpeculativeRollback:
     slots: torch.Tensor  # [Bv]
     saved: tuple[torch.Tensor, torch.Tensor]  # DeltaNetStateCache.save(slots), before the step
     projected: dict = field(default_factory=dict)  # layer -> the layer's input projection [Bv, k + 1, P]
+    # column of each verify chunk in `saved` (None: saved holds exactly the chunks, in order) — a
+    # transactional runner's undo point already copied these states, so the record points into it
+    saved_columns: torch.Tensor | None = None
 
     def keep(self, layer: int, projected_TP: torch.Tensor) -> None:
         """Called by a DeltaNet layer with its fused input projection (qkv | z | b | a) of every row."""

@@ -88,8 +88,9 @@ class GatedDeltaNet(nn.Module):
         projected = record.projected[self.layer_idx]
         index = torch.tensor(short, device=projected.device)
         slots, at = record.slots[index], states.index[self.layer_idx]
-        states.conv[self.layer_idx].index_copy_(0, slots, record.saved[0][at][index])
-        states.recurrent[self.layer_idx].index_copy_(0, slots, record.saved[1][at][index])
+        columns = index if record.saved_columns is None else record.saved_columns[index]
+        states.conv[self.layer_idx].index_copy_(0, slots, record.saved[0][at][columns])
+        states.recurrent[self.layer_idx].index_copy_(0, slots, record.saved[1][at][columns])
         lens = [keep[i] for i in short]
         starts = torch.tensor([0, *itertools.accumulate(lens)], device=projected.device)
         rows = torch.cat([projected[i, :n] for i, n in zip(short, lens)])

@@ -90,7 +90,7 @@ class ModelRunner:
         groups = [sorted(g, key=lambda c: c.rows > 1) for g in micro_batches(step.chunks, self.overlap)]
         undo = self._undo_point(step) if self.transactional else None
         try:
-            laid = [self._layout(group) for group in groups]
+            laid = [self._layout(group, undo) for group in groups]
             if len(laid) == 1:
                 hidden = self.model(*laid[0])
             else:
@@ -125,9 +125,10 @@ class ModelRunner:
         self.states.restore(slots, states)
         self.load.counts[self.load.slot] = load
 
-    def _layout(self, chunks: list[ScheduledChunk]) -> tuple[torch.Tensor, ForwardBatch]:
+    def _layout(self, chunks: list[ScheduledChunk], undo=None) -> tuple[torch.Tensor, ForwardBatch]:
         """The step's flat batch: token ids [T] and the ForwardBatch (host lists -> one tensor each).
-        A verify chunk's rows are its token and the sequence's drafts."""
+        A verify chunk's rows are its token and the sequence's drafts (their states before the
+        step: the undo point's copy when there is one, else a copy made here)."""
         ids, rows, fresh, verify, image_rows, image_embeds = [], [], [], [], [], []
         for chunk in chunks:
             if chunk.past == 0:
@@ -165,10 +166,14 @@ class ModelRunner:
         if verify:
             width = max(c.rows for c in chunks if c.verify)
             slots = torch.tensor([slot for _, _, slot in verify], **as_long)
-            batch.rollback = SpeculativeRollback(
-                [seq_id for seq_id, _, _ in verify],
-                torch.tensor([list(range(start, start + width)) for _, start, _ in verify], **as_long),
-                slots, self.states.save(slots))
+            rows = torch.tensor([list(range(start, start + width)) for _, start, _ in verify], **as_long)
+            seq_ids = [seq_id for seq_id, _, _ in verify]
+            if undo is None:
+                batch.rollback = SpeculativeRollback(seq_ids, rows, slots, self.states.save(slots))
+            else:  # the undo point holds every continuing sequence's states from before the step
+                column = {slot: i for i, slot in enumerate(undo[1].tolist())}
+                columns = torch.tensor([column[slot] for _, _, slot in verify], **as_long)
+                batch.rollback = SpeculativeRollback(seq_ids, rows, slots, undo[2], saved_columns=columns)
         if fresh:  # new or recomputed sequences start from zero states
             self.states.reset(torch.tensor(fresh, **as_long))
         return torch.tensor(ids, **as_long), batch
