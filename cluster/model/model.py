@@ -161,9 +161,10 @@ class Qwen35MoeModel(nn.Module):
 
     @torch.inference_mode()
     def draft(self, next_ids_T: torch.Tensor, hidden_TD: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
-        """The MTP module on rows (hidden at i, token i+1), writing its K/V at the rows' positions
-        (batch); returns its normed hidden [T, D], whose logits predict token i+2."""
-        return self.mtp(self.embed_tokens(next_ids_T), hidden_TD, batch)
+        """The MTP module on rows (hidden at i, token i+1: an image token's embedding is the
+        vision tower's, batch.image_rows), writing its K/V at the rows' positions (batch);
+        returns its normed hidden [T, D], whose logits predict token i+2."""
+        return self.mtp(self.embed(next_ids_T, batch), hidden_TD, batch)
 
     @torch.inference_mode()
     def logits(self, hidden_TD: torch.Tensor) -> torch.Tensor:

@@ -283,6 +283,7 @@ class ModelRunner:
         if not spec:
             return
         rows, next_ids, layout, last = [], [], [], []  # last: per drafting chunk, its row in the pass
+        image_rows, image_embeds = [], []
         for i in spec:
             chunk, result, seq = chunks[i], results[i], self.sequences[chunks[i].seq_id]
             if chunk.verify:  # row j's next token: the accepted draft j + 1, or the token sampled after
@@ -293,12 +294,19 @@ class ModelRunner:
             if chunk.sample:
                 valid = len(result.accepted) + 1 if chunk.verify else chunk.rows
                 last.append((i, len(rows) + valid - 1, chunk.past + valid - 1))
+            if seq.image_embeds is not None:  # a prompt chunk whose next tokens include image tokens
+                index = seq.image_index[chunk.past + 1 : chunk.past + 1 + chunk.rows]
+                where = (index >= 0).nonzero().flatten()
+                image_rows.append(where + len(rows))
+                image_embeds.append(seq.image_embeds[index[where]])
             rows.extend(range(offsets[i], offsets[i + 1]))
             next_ids.extend(following)
             layout.append((chunk.past, chunk.rows, seq))
         as_long = dict(dtype=torch.long, device=self.device)
-        out = self.model.draft(torch.tensor(next_ids, **as_long), hidden[torch.tensor(rows, **as_long)],
-                               self._batch(layout))
+        batch = self._batch(layout)
+        if image_rows:  # the MTP layer sees an image token's embedding as the main model did
+            batch.image_rows, batch.image_embeds = torch.cat(image_rows).to(self.device), torch.cat(image_embeds)
+        out = self.model.draft(torch.tensor(next_ids, **as_long), hidden[torch.tensor(rows, **as_long)], batch)
         if not last:
             return
         hidden_BD = out[torch.tensor([row for _, row, _ in last], **as_long)]

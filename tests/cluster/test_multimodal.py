@@ -86,3 +86,19 @@ def test_expert_parallel_matches_reference_and_single_process(ray_cluster, model
     for ours, (ids, images) in zip(got, cases):
         assert (ours - hf_vl_logits(model_dir, ids, images)).abs().max() <= ATOL
     assert remote == local
+
+
+def test_speculative_decoding_after_images_is_lossless(make_checkpoint):
+    """MTP drafts over an image prompt (the MTP layer gets the image embeddings too): greedy
+    tokens equal plain decoding, with a budget that splits the image tokens over chunks."""
+    model_dir = make_checkpoint(TinySpec(seed=24, num_experts=16, top_k=4, multimodal=True, mtp=True))
+    requests = [{"prompt_token_ids": ids, "images": images} for ids, images in prompts(model_dir)]
+    greedy = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
+    budget = SchedulerConfig(max_num_batched_tokens=8)
+    with LLM(model=model_dir, scheduler=budget) as llm:
+        plain = [o.token_ids for o in llm.generate(requests, greedy)]
+    with LLM(model=model_dir, scheduler=budget,
+             speculative_config={"method": "mtp", "num_speculative_tokens": 2}) as llm:
+        drafted = [o.token_ids for o in llm.generate(requests, greedy)]
+        assert llm.spec_stats()["verify_steps"] > 0
+    assert drafted == plain
