@@ -125,6 +125,8 @@ def _random_weights(spec: TinySpec, vocab_size: int) -> dict[str, torch.Tensor]:
         w["mtp.fc.weight"] = linear(D, 2 * D)
         for name in ("pre_fc_norm_embedding", "pre_fc_norm_hidden", "norm"):
             w[f"mtp.{name}.weight"] = normal(D, std=0.1)
+    if spec.multimodal:  # its own generator: the text weights do not change
+        w.update(_vision_weights(spec))
     return w
 
 
@@ -186,7 +188,7 @@ def _vision_config(spec: TinySpec) -> dict:
 
 
 def _vision_weights(spec: TinySpec) -> dict[str, torch.Tensor]:
-    """The tower's tensors under `model.visual.` (their own generator: text weights do not change)."""
+    """The tower's tensors under their canonical names (`visual.*`), from a generator of their own."""
     g = torch.Generator().manual_seed(spec.seed + 1000)
     cfg = _vision_config(spec)
     D, I, M = cfg["hidden_size"], cfg["intermediate_size"], cfg["spatial_merge_size"] ** 2
@@ -207,7 +209,7 @@ def _vision_weights(spec: TinySpec) -> dict[str, torch.Tensor]:
         w |= norm(b + "norm1", D) | norm(b + "norm2", D) | linear(b + "attn.qkv", 3 * D, D)
         w |= linear(b + "attn.proj", D, D) | linear(b + "mlp.linear_fc1", I, D) | linear(b + "mlp.linear_fc2", D, I)
     w |= norm("merger.norm", D) | linear("merger.linear_fc1", M * D, M * D) | linear("merger.linear_fc2", spec.hidden, M * D)
-    return {f"model.visual.{k}": v for k, v in w.items()}
+    return {f"visual.{k}": v for k, v in w.items()}
 
 
 def _router_scale(num_experts: int, skew: float, g: torch.Generator) -> torch.Tensor:
@@ -230,10 +232,16 @@ def _fuse_experts(w: dict[str, torch.Tensor], spec: TinySpec) -> dict[str, torch
 
 
 def _file_names(w: dict[str, torch.Tensor], spec: TinySpec) -> dict[str, torch.Tensor]:
+    """Canonical names -> the file's (the inverse of cluster.model.checkpoint.canonical_name)."""
     prefix = "model.language_model." if spec.multimodal else "model."
-    out = {(k if k == "lm_head.weight" or k.startswith("mtp.") else prefix + k): v.contiguous() for k, v in w.items()}
-    if spec.multimodal:  # the vision tower; an MTP tensor a server without speculation keeps aside
-        out |= {k: v.contiguous() for k, v in _vision_weights(spec).items()}
+
+    def file_name(name: str) -> str:
+        if name == "lm_head.weight" or name.startswith("mtp."):
+            return name
+        return "model." + name if name.startswith("visual.") else prefix + name
+
+    out = {file_name(k): v.contiguous() for k, v in w.items()}
+    if spec.multimodal:  # an MTP tensor a server without speculation keeps aside
         out.setdefault("mtp.fc.weight", torch.zeros(spec.hidden, 2 * spec.hidden))
     return out
 

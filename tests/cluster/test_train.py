@@ -58,3 +58,19 @@ def test_corpus_defaults_to_the_standard_library():
     assert len(text) > 50_000 and "def " in text
     with pytest.raises(FileNotFoundError):
         corpus_text("/no/such/corpus", 1)
+
+
+def test_a_trained_multimodal_checkpoint_keeps_its_vision_tower(tmp_path):
+    """Training leaves the tower as it was and writes it under `model.visual.*`, as make-tiny does."""
+    from safetensors.torch import load_file
+
+    from cluster.model.tiny import TinySpec, make_tiny
+    from cluster.model.train import TrainSpec, make_trained
+
+    spec = TinySpec(seed=7, num_experts=8, top_k=2, hidden=64, multimodal=True)
+    untrained = load_file(str(make_tiny(tmp_path / "untrained", spec) / "model.safetensors"))
+    trained = make_trained(tmp_path / "trained", spec, TrainSpec(minutes=0.02), log=lambda *_: None)
+    tensors = load_file(str(trained / "model.safetensors"))
+    vision = sorted(k for k in untrained if k.startswith("model.visual."))
+    assert vision and sorted(k for k in tensors if "visual." in k) == vision
+    assert all(torch.equal(tensors[k], untrained[k]) for k in vision)
