@@ -59,7 +59,7 @@ def mrope_positions(length: int, spans: list[tuple[int, Grid]], merge: int) -> t
         positions[:, start : start + t * h * w] = torch.stack([tt, hh, ww]).reshape(3, -1) + counter
         counter, i = counter + max(h, w), start + t * h * w
     positions[:, i:] = torch.arange(counter, counter + length - i)
-    return positions, counter + length - i - length
+    return positions, counter - i  # the last position is counter + (length - i) - 1
 
 
 def rotary_positions(positions_3L: torch.Tensor, axes: torch.Tensor) -> torch.Tensor:

@@ -47,6 +47,13 @@ class _SequenceState:
     image_embeds: torch.Tensor | None = None
     image_index: torch.Tensor | None = None
 
+    def image_rows(self, begin: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Of prompt positions begin .. begin + n: which are image tokens (offsets from begin) and
+        their embeddings."""
+        index = self.image_index[begin : begin + n]
+        where = (index >= 0).nonzero().flatten()
+        return where, self.image_embeds[index[where]]
+
     def rope_positions(self, past: int, n: int, num_freqs: int) -> torch.Tensor:
         """[n, num_freqs] rotary positions of rows past .. past + n."""
         out = (torch.arange(past, past + n) + self.rope_delta)[:, None].repeat(1, num_freqs)
@@ -141,10 +148,9 @@ class ModelRunner:
                 if chunk.past >= seq.sampling.prompt_len:  # the prefill is over
                     seq.image_embeds = seq.image_index = None
                 else:
-                    index = seq.image_index[chunk.past : chunk.past + len(chunk.token_ids)]
-                    where = (index >= 0).nonzero().flatten()
+                    where, embeds = seq.image_rows(chunk.past, len(chunk.token_ids))
                     image_rows.append(where + len(ids))
-                    image_embeds.append(seq.image_embeds[index[where]])
+                    image_embeds.append(embeds)
             if len(seq.tokens) != chunk.past:
                 raise RuntimeError(f"sequence {chunk.seq_id}: worker has {len(seq.tokens)} tokens, "
                                    f"step says {chunk.past}")
@@ -166,14 +172,14 @@ class ModelRunner:
         if verify:
             width = max(c.rows for c in chunks if c.verify)
             slots = torch.tensor([slot for _, _, slot in verify], **as_long)
-            rows = torch.tensor([list(range(start, start + width)) for _, start, _ in verify], **as_long)
+            verify_rows = torch.tensor([list(range(start, start + width)) for _, start, _ in verify], **as_long)
             seq_ids = [seq_id for seq_id, _, _ in verify]
             if undo is None:
-                batch.rollback = SpeculativeRollback(seq_ids, rows, slots, self.states.save(slots))
+                batch.rollback = SpeculativeRollback(seq_ids, verify_rows, slots, self.states.save(slots))
             else:  # the undo point holds every continuing sequence's states from before the step
                 column = {slot: i for i, slot in enumerate(undo[1].tolist())}
                 columns = torch.tensor([column[slot] for _, _, slot in verify], **as_long)
-                batch.rollback = SpeculativeRollback(seq_ids, rows, slots, undo[2], saved_columns=columns)
+                batch.rollback = SpeculativeRollback(seq_ids, verify_rows, slots, undo[2], saved_columns=columns)
         if fresh:  # new or recomputed sequences start from zero states
             self.states.reset(torch.tensor(fresh, **as_long))
         return torch.tensor(ids, **as_long), batch
@@ -295,10 +301,9 @@ class ModelRunner:
                 valid = len(result.accepted) + 1 if chunk.verify else chunk.rows
                 last.append((i, len(rows) + valid - 1, chunk.past + valid - 1))
             if seq.image_embeds is not None:  # a prompt chunk whose next tokens include image tokens
-                index = seq.image_index[chunk.past + 1 : chunk.past + 1 + chunk.rows]
-                where = (index >= 0).nonzero().flatten()
+                where, embeds = seq.image_rows(chunk.past + 1, chunk.rows)
                 image_rows.append(where + len(rows))
-                image_embeds.append(seq.image_embeds[index[where]])
+                image_embeds.append(embeds)
             rows.extend(range(offsets[i], offsets[i + 1]))
             next_ids.extend(following)
             layout.append((chunk.past, chunk.rows, seq))
