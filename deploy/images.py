@@ -48,15 +48,17 @@ class ImageInputs:
                 raise RequestError("invalid", f"image URL could not be fetched: {e}", "image_url") from e
         raise RequestError("invalid", "image_url must be a data URL (or http(s) where allowed)", "image_url")
 
+    def check_count(self, count: int, param: str = "images") -> None:
+        """A request may carry images only to a model with a vision tower, at most max_images."""
+        if count and self.model_config.vision is None:
+            raise RequestError("invalid", "this model takes no images (its checkpoint has no vision tower)", param)
+        if count > self.max_images:
+            raise RequestError("invalid", f"{count} images; this server takes at most {self.max_images} "
+                                          f"per request (max_images_per_request)", param)
+
     def prepare(self, encoded: list[bytes | PreparedImage]) -> list[PreparedImage]:
         """Encoded images decoded and resized (ones already prepared pass through)."""
-        if not encoded:
-            return []
-        if self.model_config.vision is None:
-            raise RequestError("invalid", "this model takes no images (its checkpoint has no vision tower)", "images")
-        if len(encoded) > self.max_images:
-            raise RequestError("invalid", f"{len(encoded)} images; this server takes at most {self.max_images} "
-                                          f"per request (max_images_per_request)", "images")
+        self.check_count(len(encoded))
         try:
             return [data if isinstance(data, PreparedImage) else
                     prepare_image(decode_image(data, self.limits), self.model_config.vision) for data in encoded]

@@ -49,7 +49,8 @@ class ModelServer:
         )
 
     async def generate(self, prompt: list[int] | dict, params: dict, request_id: str):
-        """Streams output dicts (prompt: token ids, or a dict with images from deploy.images); raises OverloadedError / ContextLengthError / ValueError first."""
+        """Streams output dicts (prompt: token ids, or a dict with images from deploy.images);
+        raises OverloadedError / ContextLengthError / ValueError first."""
         async for out in self.engine.generate(prompt, SamplingParams(**params), request_id,
                                               stream_interval=self.config.stream_interval):
             yield output_dict(out)

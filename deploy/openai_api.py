@@ -278,12 +278,7 @@ class OpenAIRoutes:
         self._authorize(request)
         rendered = [m.rendered(self.image_placeholder) for m in body.messages]
         urls = [url for _, message_urls in rendered for url in message_urls]
-        if urls and self.model_config.vision is None:
-            raise RequestError("invalid", "this model takes no images (its checkpoint has no vision tower)", "messages")
-        if len(urls) > self.config.max_images_per_request:  # before anything is fetched or decoded
-            raise RequestError("invalid", f"{len(urls)} images; this server takes at most "
-                                          f"{self.config.max_images_per_request} per request (max_images_per_request)",
-                               "messages")
+        self.images.check_count(len(urls), "messages")  # before anything is fetched or decoded
         try:
             prompt = self.chat_template.render([message for message, _ in rendered])
         except ValueError as e:

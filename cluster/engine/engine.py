@@ -28,7 +28,7 @@ from .placement_control import PlacementChange, PlacementControl
 from .ray_executor import RayExecutor, WorkerFailure
 from .sampling import SamplingParams
 from .scheduler import OverloadedError, Scheduled, Scheduler, SchedulerConfig
-from .sequence import Sequence, Status
+from .sequence import Sequence, Status, speculation_rates
 from ..worker.step import ChunkResult
 from .tokenizer import Tokenizer, check_token_ids
 
@@ -154,8 +154,8 @@ class EngineCore(PlacementControl):
 
     def add_request(self, request_id: str, prompt: str | list[int] | dict, params: SamplingParams,
                     score_only: bool = False) -> Sequence:
-        """Queues a request (a dict prompt carries images: cluster.engine.multimodal); raises ValueError / ContextLengthError / OverloadedError /
-        UnavailableError at once."""
+        """Queues a request (a dict prompt carries images: cluster.engine.multimodal); raises
+        ValueError / ContextLengthError / OverloadedError / UnavailableError at once."""
         if self.broken:
             raise UnavailableError("this model instance lost workers and could not recover; it is being replaced")
         if request_id in self.requests:
@@ -370,9 +370,7 @@ class EngineCore(PlacementControl):
         if self.speculative is None:
             return None
         t = self.spec_totals
-        return {**t, "num_speculative_tokens": self.speculative.num_speculative_tokens,
-                "acceptance_rate": t["accepted"] / t["drafted"] if t["drafted"] else 0.0,
-                "mean_accepted_length": 1 + t["accepted"] / t["verify_steps"] if t["verify_steps"] else 0.0}
+        return {**t, "num_speculative_tokens": self.speculative.num_speculative_tokens} | speculation_rates(**t)
 
     def _append_tokens(self, seq: Sequence, picks: list[tuple[int, float, list]], now: float) -> RequestOutput:
         """Appends a step's tokens (one, or the accepted drafts and one more) until one ends the sequence."""

@@ -50,13 +50,10 @@ class Sequence:
     vision_cost: int = 0
 
     def spec_stats(self) -> dict | None:
-        """Acceptance rate (accepted / drafted) and mean accepted length (tokens per verify step,
-        the bonus token included); None if it never verified."""
+        """speculation_rates of this sequence; None if it never verified."""
         if not self.spec_verifies:
             return None
-        return {"verify_steps": self.spec_verifies, "drafted": self.spec_drafted, "accepted": self.spec_accepted,
-                "acceptance_rate": self.spec_accepted / self.spec_drafted,
-                "mean_accepted_length": 1 + self.spec_accepted / self.spec_verifies}
+        return speculation_rates(self.spec_verifies, self.spec_drafted, self.spec_accepted)
 
     @property
     def num_tokens(self) -> int:
@@ -78,3 +75,11 @@ class Sequence:
             logprobs=-1 if p.logprobs is None else p.logprobs, prompt_len=len(self.prompt_ids),
             logit_bias=p.logit_bias,
         )
+
+
+def speculation_rates(verify_steps: int, drafted: int, accepted: int) -> dict:
+    """The counts with the acceptance rate (accepted / drafted) and the mean accepted length
+    (tokens per verify step, the bonus token included); 0.0 where there is nothing to divide by."""
+    return {"verify_steps": verify_steps, "drafted": drafted, "accepted": accepted,
+            "acceptance_rate": accepted / drafted if drafted else 0.0,
+            "mean_accepted_length": 1 + accepted / verify_steps if verify_steps else 0.0}

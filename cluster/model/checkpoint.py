@@ -4,8 +4,8 @@ names, per-expert or fused expert tensors; a worker reads only the experts it ho
 Names are canonicalised to the text model's own: `model.` / `model.language_model.` prefixes are
 dropped (`model.layers.3.mlp.gate.weight` -> `layers.3.mlp.gate.weight`); `lm_head.weight` stays;
 the vision tower's are `visual.*` (read when the config has a vision_config); `mtp.*` tensors are
-kept aside for speculative decoding. Block-wise
-FP8 weights (cluster/model/quantization.py) are dequantised as they are read: callers see fp32.
+kept aside for speculative decoding. Block-wise FP8 weights (cluster/model/quantization.py) are
+dequantised as they are read: callers see fp32.
 """
 
 from __future__ import annotations
