@@ -2,9 +2,10 @@
 
     python benchmarks/serve_peer.py [--vllm-venv /tmp/vllm-venv] [--model DIR]
                                     [--concurrency 16 1] [--num-prompts 64] [--output-len 32]
+                                    [--ingress colocated separate] [--stream-interval N]
 
 Starts each server in turn as its own process (epserve: the default layout, 1 attention + 2 expert
-workers, `--expert-workers`/`--attention-workers` to change it; vLLM's CPU engine from its own
+workers, `--expert-workers`/`--attention-workers` to change it, once per `--ingress` layout; vLLM's CPU engine from its own
 venv, bf16, as ../shared/peer-vllm/README.md installs it), waits until /v1/models answers, runs
 `epserve bench --endpoint http` against it (streamed completions of token-id prompts, end of
 sequence ignored) at each concurrency, and stops it. Default checkpoint: `make-tiny
@@ -78,6 +79,8 @@ def main() -> None:
     parser.add_argument("--output-len", type=int, default=32)
     parser.add_argument("--expert-workers", type=int, default=2)
     parser.add_argument("--attention-workers", type=int, default=1)
+    parser.add_argument("--ingress", nargs="+", default=["colocated", "separate"], choices=["colocated", "separate"],
+                        help="epserve serve --ingress layouts to measure, in turn")
     parser.add_argument("--stream-interval", type=int, default=1, help="epserve serve --stream-interval")
     args = parser.parse_args()
     if args.model is None:
@@ -97,19 +100,22 @@ def main() -> None:
                                               "--max-model-len", "512", "--max-num-seqs", "32"],
                         "http://127.0.0.1:8100", args, env)
     interval = f", stream interval {args.stream_interval}" if args.stream_interval > 1 else ""
-    rows += measure(f"epserve serve (fp32, {args.attention_workers}+{args.expert_workers} workers{interval})",
-                    [sys.executable, "-m", "deploy.cli", "serve", "--model", args.model, "--http-port", "8200",
-                     "--grpc-port", "9200", "--expert-workers", str(args.expert_workers),
-                     "--attention-workers", str(args.attention_workers), "--stream-interval", str(args.stream_interval)],
-                    "http://127.0.0.1:8200", args)
+    for ingress in args.ingress:
+        rows += measure(f"epserve serve (fp32, {args.attention_workers}+{args.expert_workers} workers, {ingress}"
+                        f"{interval})",
+                        [sys.executable, "-m", "deploy.cli", "serve", "--model", args.model, "--http-port", "8200",
+                         "--grpc-port", "9200", "--expert-workers", str(args.expert_workers),
+                         "--attention-workers", str(args.attention_workers), "--ingress", ingress,
+                         "--stream-interval", str(args.stream_interval)],
+                        "http://127.0.0.1:8200", args)
     print(f"checkpoint {args.model}; {args.num_prompts} streamed completions of {args.output_len} tokens, "
           f"{args.prompt_len}-token prompts")
-    print(f"{'server':<44} {'clients':>7} {'tok/s':>8} {'TTFT p50 ms':>12} {'TPOT p50 ms':>12} {'failed':>7}")
+    print(f"{'server':<60} {'clients':>7} {'tok/s':>8} {'TTFT p50 ms':>12} {'TPOT p50 ms':>12} {'failed':>7}")
     peer = {r["concurrency"]: r for r in rows if r["server"].startswith("vllm")}
     for r in rows:
         vs = peer.get(r["concurrency"])
         ratio = f"  {r['tok_s'] / vs['tok_s']:.2f}x tok/s, {r['tpot_p50'] / vs['tpot_p50']:.2f}x TPOT" if vs else ""
-        print(f"{r['server']:<44} {r['concurrency']:7d} {r['tok_s']:8.1f} {r['ttft_p50']:12.1f} {r['tpot_p50']:12.1f} "
+        print(f"{r['server']:<60} {r['concurrency']:7d} {r['tok_s']:8.1f} {r['ttft_p50']:12.1f} {r['tpot_p50']:12.1f} "
               f"{r['failed']:7d}{ratio}")
 
 

@@ -1,9 +1,14 @@
-"""The Ray Serve application: `build_app(config) -> Application`.
+"""The Ray Serve application: `build_app(config) -> Application`, in one of two layouts.
 
-    Ingress  (stateless; gRPC epserve.v1.Generation + OpenAI HTTP)  --handle-->  Model x N
-    Model    one whole model instance per replica: placement group bundles reserve the replica
-             (bundle 0) and each of its A + E worker actors (bundles 1..), so an instance starts
-             whole or not at all; Serve's autoscaling adds and removes whole instances.
+    colocated (default)  Model x N   each replica serves gRPC epserve.v1.Generation + OpenAI HTTP
+                                     and runs one model instance: Serve's proxy -> replica
+    separate             Ingress (stateless; gRPC + HTTP)  --handle-->  Model x N
+
+A model replica holds one whole model instance: placement group bundles reserve the replica
+(bundle 0) and each of its A + E worker actors (bundles 1..), so an instance starts whole or not at
+all; Serve's autoscaling adds and removes whole instances. Under streaming load every message is
+relayed by each process between the engine and the client, and on a small machine those relays
+compete with the engine for the cores: the colocated layout has one fewer (measured in the README).
 
 `serve run deploy/serve_config.yaml` or `epserve serve` start it; KubeRay's serveConfigV2 uses the
 same import path (`deploy.app:build_app`) and args.
@@ -16,7 +21,7 @@ from ray.serve import Application
 
 from .config import AppConfig
 from .errors import RETRY_AFTER_S
-from .ingress import Ingress
+from .ingress import HandleModel, Ingress, LocalModel
 from .model_server import ModelServer
 from .openai_api import OpenAIRoutes, app
 
@@ -27,7 +32,29 @@ GRPC_SERVICERS = [GRPC_SERVICER, HEALTH_SERVICER]
 
 @serve.ingress(app)
 class EpserveIngress(OpenAIRoutes, Ingress):
-    """gRPC methods from Ingress, HTTP routes from OpenAIRoutes, one replica class."""
+    """gRPC methods from Ingress, HTTP routes from OpenAIRoutes, one replica class (separate layout)."""
+
+    def __init__(self, model_handle, config: dict) -> None:
+        super().__init__(HandleModel(model_handle), config)
+
+
+@serve.ingress(app)
+class EpserveModel(OpenAIRoutes, Ingress):
+    """The colocated layout's replica: the ingress's routes in front of a ModelServer in-process."""
+
+    def __init__(self, config: dict) -> None:
+        self.server = ModelServer(config)
+        super().__init__(LocalModel(self.server), config)
+
+    def check_health(self) -> None:
+        self.server.check_health()
+
+    # what a deployment handle to the separate layout's model replica also answers (operators, tests)
+    def cache_usage(self) -> dict:
+        return self.server.cache_usage()
+
+    async def worker_info(self) -> list[dict]:
+        return await self.server.worker_info()
 
 
 def with_device(cfg: AppConfig) -> AppConfig:
@@ -83,6 +110,8 @@ def build_app(args: dict | AppConfig) -> Application:
     cfg = args if isinstance(args, AppConfig) else AppConfig(**args)
     cfg = with_device(cfg)
     config = cfg.model_dump()
+    if cfg.ingress == "colocated":
+        return serve.deployment(EpserveModel).options(**model_deployment_options(cfg)).bind(config)
     model = serve.deployment(ModelServer).options(**model_deployment_options(cfg)).bind(config)
     # the ingress only forwards: it takes every request the instances could, several times over,
     # so that refusals come from the instances' limits (429) and not from a queue in front of it

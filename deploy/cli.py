@@ -79,6 +79,7 @@ def _server_config(args):
         api_keys=_keys(args.api_key, "EPSERVE_API_KEY"), admin_api_keys=_keys(args.admin_api_key, "EPSERVE_ADMIN_API_KEY"),
         speculative_tokens=args.speculative_tokens, allow_image_urls=args.allow_image_urls,
         max_images_per_request=args.max_images_per_request, stream_interval=args.stream_interval,
+        ingress=args.ingress,
     )
 
 
@@ -312,6 +313,9 @@ def _add_server_args(p, grpc_port: int, http_port: int) -> None:
                         "module (0: off)")
     p.add_argument("--stream-interval", type=int, default=1,
                    help="tokens per streamed message after the first (fewer messages through Serve under load)")
+    p.add_argument("--ingress", choices=["colocated", "separate"], default="colocated",
+                   help="colocated: each model replica serves HTTP and gRPC itself; separate: a stateless "
+                        "ingress deployment in front of the model replicas (one more relay per message)")
     p.add_argument("--max-images-per-request", type=int, default=4, help="images one request may carry")
     p.add_argument("--allow-image-urls", action="store_true",
                    help="fetch http(s) image_url parts of chat requests (default: data URLs only)")

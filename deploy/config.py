@@ -68,7 +68,11 @@ class AppConfig(BaseModel):
     downscale_delay_s: float = Field(600, ge=0)
     metrics_interval_s: float = Field(10, gt=0)
     look_back_period_s: float = Field(30, gt=0)
-    ingress_cpus: float = Field(0.1, gt=0, description="CPUs of each ingress replica")
+    ingress: Literal["colocated", "separate"] = Field(
+        "colocated", description="colocated: each model replica serves HTTP and gRPC itself (Serve's proxy "
+        "-> replica); separate: a stateless ingress deployment in front of the model replicas (proxy -> "
+        "ingress -> replica: one more relay of every streamed message, preprocessing off the engine's process)")
+    ingress_cpus: float = Field(0.1, gt=0, description="CPUs of each ingress replica (separate ingress)")
 
     @field_validator("model")
     @classmethod

@@ -2,14 +2,17 @@
 
 Serves Serve's gRPC proxy (methods named after the RPCs of epserve.v1.Generation; streaming RPCs are
 async generators) and, through deploy.openai_api, the OpenAI-compatible HTTP routes. Requests are
-checked here and refused with a named problem before they reach a model instance; model instances
-are reached through a deployment handle.
+checked here and refused with a named problem before they reach a model instance. A model instance
+is reached through a deployment handle (`HandleModel`: the ingress is its own deployment) or is the
+same replica (`LocalModel`: the colocated layout, one relay of every streamed message fewer).
 """
 
 from __future__ import annotations
 
+import inspect
 import uuid
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 
 from cluster import ModelConfig, SamplingParams
 from cluster.engine.tokenizer import Tokenizer, check_token_ids
@@ -25,10 +28,47 @@ from .errors import RequestError, classify
 from .images import ImageInputs
 
 
+class HandleModel:
+    """Model instances behind a Serve deployment handle (any replica answers)."""
+
+    def __init__(self, handle) -> None:
+        self.handle = handle
+
+    async def call(self, method: str, *args):
+        return await getattr(self.handle, method).remote(*args)
+
+    async def generate(self, prompt: list[int] | dict, sampling: dict, request_id: str) -> AsyncIterator[dict]:
+        response, finished = None, False
+        try:  # .remote() itself may refuse (Serve's queue is full): that is a 429 too
+            response = self.handle.options(stream=True).generate.remote(prompt, sampling, request_id)
+            async for out in response:
+                finished = out["finished"]
+                yield out
+        finally:
+            if response is not None and not finished:
+                response.cancel()
+
+
+class LocalModel:
+    """The model instance of this very replica (a deploy.model_server.ModelServer)."""
+
+    def __init__(self, server) -> None:
+        self.server = server
+
+    async def call(self, method: str, *args):
+        result = getattr(self.server, method)(*args)
+        return await result if inspect.isawaitable(result) else result
+
+    async def generate(self, prompt: list[int] | dict, sampling: dict, request_id: str) -> AsyncIterator[dict]:
+        async with aclosing(self.server.generate(prompt, sampling, request_id)) as outs:  # closing aborts
+            async for out in outs:
+                yield out
+
+
 class Ingress:
-    def __init__(self, model_handle, config: dict) -> None:
+    def __init__(self, model: HandleModel | LocalModel, config: dict) -> None:
         self.config = AppConfig(**config)
-        self.model = model_handle
+        self.model = model
         self.model_config = ModelConfig.from_pretrained(self.config.model)
         self.tokenizer = Tokenizer(self.config.model, self.model_config.eos_token_ids)
         self.chat_template = ChatTemplate(self.config.model)
@@ -76,19 +116,14 @@ class Ingress:
     async def stream(self, prompt: list[int] | dict, sampling: dict, request_id: str) -> AsyncIterator[dict]:
         """Output dicts from a model instance; engine refusals become RequestErrors. Leaving early
         cancels the request in the engine."""
-        response, finished = None, False
-        try:  # .remote() itself may refuse (Serve's queue is full): that is a 429 too
-            response = self.model.options(stream=True).generate.remote(prompt, sampling, request_id)
-            async for out in response:
-                finished = out["finished"]
-                yield out
+        try:
+            async with aclosing(self.model.generate(prompt, sampling, request_id)) as outs:
+                async for out in outs:
+                    yield out
         except RequestError:
             raise
         except Exception as e:
             raise classify(e) from e
-        finally:
-            if response is not None and not finished:
-                response.cancel()
 
     # -- gRPC: epserve.v1.Generation ---------------------------------------------------------------
     @staticmethod
@@ -133,7 +168,7 @@ class Ingress:
         if request.service not in ("", "epserve.v1.Generation"):
             self._fail(grpc_context, RequestError("not_found", f"unknown service {request.service!r}"))
         try:
-            ready = await self.model.ready.remote()
+            ready = await self.model.call("ready")
         except Exception:
             ready = False
         status = health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING

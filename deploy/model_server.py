@@ -7,6 +7,7 @@ all. Outputs cross the deployment handle as plain dicts.
 
 from __future__ import annotations
 
+from contextlib import aclosing
 from dataclasses import asdict
 from typing import Any
 
@@ -51,9 +52,10 @@ class ModelServer:
     async def generate(self, prompt: list[int] | dict, params: dict, request_id: str):
         """Streams output dicts (prompt: token ids, or a dict with images from deploy.images);
         raises OverloadedError / ContextLengthError / ValueError first."""
-        async for out in self.engine.generate(prompt, SamplingParams(**params), request_id,
-                                              stream_interval=self.config.stream_interval):
-            yield output_dict(out)
+        async with aclosing(self.engine.generate(prompt, SamplingParams(**params), request_id,
+                                                 stream_interval=self.config.stream_interval)) as outs:
+            async for out in outs:  # closing this generator closes the engine's: the request is aborted
+                yield output_dict(out)
 
     async def expert_status(self) -> dict:
         """Per-layer, per-expert load of the window, the placement and its worker-load stats."""

@@ -185,12 +185,12 @@ class OpenAIRoutes:
     @app.get("/v1/experts")
     async def expert_status(self, request: Request) -> dict:
         self._authorize(request)
-        return await self.model.expert_status.remote()
+        return await self.model.call("expert_status")
 
     @app.post("/v1/experts/rebalance")
     async def rebalance_experts(self, request: Request) -> dict:
         self._authorize(request, admin=True)
-        return await self.model.rebalance.remote()
+        return await self.model.call("rebalance")
 
     @app.post("/v1/experts/scale")
     async def scale_experts(self, body: ScaleRequest, request: Request) -> dict:
@@ -198,7 +198,7 @@ class OpenAIRoutes:
         if not 1 <= body.expert_workers <= self.model_config.num_experts:
             raise RequestError("out_of_range", f"expert_workers must be in 1..{self.model_config.num_experts}, "
                                                f"got {body.expert_workers}", "expert_workers")
-        return await self.model.scale_experts.remote(body.expert_workers)
+        return await self.model.call("scale_experts", body.expert_workers)
 
     async def _start(self, model: str, prompt, sampling: dict, n: int,
                      images: list[bytes] = ()) -> tuple[list[AsyncIterator[dict]], list[dict]]:
