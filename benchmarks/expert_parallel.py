@@ -3,7 +3,7 @@ layer moves, and the throughput of concurrent generations, for E expert workers 
 worker on this machine's cores.
 
     python benchmarks/expert_parallel.py [--model DIR] [--experts 1 2 4] [--batch 32] [--steps 32]
-                                         [--generations 32] [--overlap auto|on|off]
+                                         [--generations 32] [--overlap on|off]
 
 Runs in one process and one Ray cluster, on one checkpoint (default: the tiny flagship-shaped one).
 Step split, per decode step of --batch sequences (ms):
@@ -92,8 +92,7 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=16)
     parser.add_argument("--steps", type=int, default=32)
     parser.add_argument("--generations", type=int, default=32)
-    parser.add_argument("--overlap", choices=["auto", "on", "off"], default="auto",
-                        help="two-batch overlap (auto: on when the workers fit the cores)")
+    parser.add_argument("--overlap", choices=["on", "off"], default="on", help="two-batch overlap")
     args = parser.parse_args()
     import ray
 
@@ -102,7 +101,7 @@ def main() -> None:
     ray.init(include_dashboard=False, logging_level="ERROR")
     prompts = [list(range(3 + i, 3 + i + args.prompt_len)) for i in range(args.batch)]
     generations = [[(7 * i + 13 * j) % 400 + 3 for j in range(16)] for i in range(args.generations)]
-    overlap = {"auto": None, "on": True, "off": False}[args.overlap]
+    overlap = args.overlap == "on"
     steps, rates, moved = [], {}, {}
 
     baseline = LLM(model=model_dir)

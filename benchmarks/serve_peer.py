@@ -2,7 +2,7 @@
 
     python benchmarks/serve_peer.py [--vllm-venv /tmp/vllm-venv] [--model DIR]
                                     [--concurrency 16 1] [--num-prompts 64] [--output-len 32]
-                                    [--ingress colocated separate] [--stream-interval N]
+                                    [--ingress direct colocated separate] [--stream-interval N]
 
 Starts each server in turn as its own process (epserve: the default layout, 1 attention + 2 expert
 workers, `--expert-workers`/`--attention-workers` to change it, once per `--ingress` layout; vLLM's CPU engine from its own
@@ -79,8 +79,10 @@ def main() -> None:
     parser.add_argument("--output-len", type=int, default=32)
     parser.add_argument("--expert-workers", type=int, default=2)
     parser.add_argument("--attention-workers", type=int, default=1)
-    parser.add_argument("--ingress", nargs="+", default=["colocated", "separate"], choices=["colocated", "separate"],
-                        help="epserve serve --ingress layouts to measure, in turn")
+    parser.add_argument("--ingress", nargs="+", default=["direct", "colocated", "separate"],
+                        choices=["direct", "colocated", "separate"],
+                        help="layouts to measure, in turn: epserve serve --ingress colocated / separate, and "
+                             "direct (colocated with --direct-ingress, requests sent to the replica's own port)")
     parser.add_argument("--stream-interval", type=int, default=1, help="epserve serve --stream-interval")
     args = parser.parse_args()
     if args.model is None:
@@ -100,14 +102,15 @@ def main() -> None:
                                               "--max-model-len", "512", "--max-num-seqs", "32"],
                         "http://127.0.0.1:8100", args, env)
     interval = f", stream interval {args.stream_interval}" if args.stream_interval > 1 else ""
-    for ingress in args.ingress:
-        rows += measure(f"epserve serve (fp32, {args.attention_workers}+{args.expert_workers} workers, {ingress}"
+    for layout in args.ingress:  # direct: colocated, the client at the replica's own port (no proxy)
+        ingress, extra = ("colocated", ["--direct-ingress"]) if layout == "direct" else (layout, [])
+        rows += measure(f"epserve serve (fp32, {args.attention_workers}+{args.expert_workers} workers, {layout}"
                         f"{interval})",
                         [sys.executable, "-m", "deploy.cli", "serve", "--model", args.model, "--http-port", "8200",
                          "--grpc-port", "9200", "--expert-workers", str(args.expert_workers),
                          "--attention-workers", str(args.attention_workers), "--ingress", ingress,
-                         "--stream-interval", str(args.stream_interval)],
-                        "http://127.0.0.1:8200", args)
+                         "--stream-interval", str(args.stream_interval), *extra],
+                        f"http://127.0.0.1:{8201 if extra else 8200}", args)
     print(f"checkpoint {args.model}; {args.num_prompts} streamed completions of {args.output_len} tokens, "
           f"{args.prompt_len}-token prompts")
     print(f"{'server':<60} {'clients':>7} {'tok/s':>8} {'TTFT p50 ms':>12} {'TPOT p50 ms':>12} {'failed':>7}")

@@ -242,9 +242,9 @@ class ClusterConfig:
     threads_per_worker: int = 1  # torch threads inside each CPU worker
     # Ray layouts: split each step into two micro-batches (whole sequences) so that one's dense
     # layers run on the attention workers while the other's experts run on the expert workers.
-    # None: on when each worker can compute at the same time as the others (a GPU each, or no more
-    # workers than the node's cores): with more processes than cores it costs more than it hides.
-    two_batch_overlap: bool | None = None
+    # On even with more worker processes than cores: 1 + 2 workers on 2 cores served 16 streaming
+    # clients ~14% faster with it (README, expert parallelism); batch-1 steps are not split.
+    two_batch_overlap: bool = True
     # custom Ray resources each worker also reserves: steer the roles onto node groups (KubeRay worker
     # groups advertise them with rayStartParams.resources), e.g. {"epserve_expert": 1}
     attention_resources: tuple[tuple[str, float], ...] = ()

@@ -94,7 +94,7 @@ def cmd_serve(args) -> int:
     views = ClusterViews(dashboard=not args.no_dashboard, dashboard_host=args.dashboard_host,
                          dashboard_port=args.dashboard_port, metrics_port=args.metrics_port)
     shown = start_server(cfg, args.grpc_port, args.http_port, args.host, args.address, ssl_certfile=args.ssl_certfile,
-                         ssl_keyfile=args.ssl_keyfile, views=views)
+                         ssl_keyfile=args.ssl_keyfile, views=views, direct_ingress=args.direct_ingress)
     scheme = "https" if args.ssl_certfile else "http"
     auth = " -H 'Authorization: Bearer $EPSERVE_API_KEY'" if cfg.api_keys else ""
     print(f"serving {cfg.name!r} ({cfg.attention_workers} attention + {cfg.expert_workers} expert workers "
@@ -105,6 +105,11 @@ def cmd_serve(args) -> int:
     print(f"  HTTP  {scheme}://{args.host}:{args.http_port}/v1  OpenAI API       "
           f"try: curl {scheme}://{args.host}:{args.http_port}/v1/completions -H 'Content-Type: application/json'{auth} "
           f"-d '{{\"model\": \"{cfg.name}\", \"prompt\": \"hello\", \"max_tokens\": 8}}'")
+    if args.direct_ingress:
+        http_ports = ", ".join(str(p) for p in shown["direct_http"]) or "none found"
+        grpc_ports = ", ".join(str(p) for p in shown["direct_grpc"]) or "none found"
+        print(f"  direct to a model replica, no proxy relay: HTTP {scheme}://{args.host}:PORT/v1, PORT {http_ports}; "
+              f"gRPC port {grpc_ports}")
     print(f"  Ray dashboard  {shown['dashboard'] or 'off (--no-dashboard)'}"
           + ("  (Serve: /#/serve; the cluster's own when joining one)" if shown["dashboard"] else ""))
     print(f"  Prometheus     {shown['metrics'] or 'none'}  (ray_epserve_* metrics; Grafana: deploy/grafana/)")
@@ -383,6 +388,10 @@ def main(argv: list[str] | None = None) -> int:
     _add_server_args(serve_p, 9000, 8000)
     serve_p.add_argument("--host", default="127.0.0.1", help="HTTP bind address (gRPC listens on all)")
     serve_p.add_argument("--address", default=None, help="join this Ray cluster ('auto': the running one)")
+    serve_p.add_argument("--direct-ingress", action="store_true",
+                         help="each model replica also serves HTTP/gRPC on its own port (from --http-port + 1 / "
+                              "--grpc-port + 1 up; Ray Serve's direct ingress, embedded cluster only): clients "
+                              "there skip the proxy's relay, the fastest path for one instance")
     serve_p.add_argument("--ssl-certfile", default=None, help="serve HTTPS with this certificate (PEM)")
     serve_p.add_argument("--ssl-keyfile", default=None, help="... and this private key (PEM)")
     serve_p.add_argument("--dashboard-host", default="127.0.0.1",

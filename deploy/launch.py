@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 from dataclasses import dataclass
 
 import ray
@@ -27,14 +28,38 @@ class ClusterViews:
     metrics_port: int | None = 8080  # KubeRay's metrics-export-port
 
 
+DIRECT_PORTS = 16  # ports per protocol direct ingress may hand out (a replaced replica takes a fresh one)
+
+
+def direct_ingress_env(http_port: int, grpc_port: int) -> dict[str, str]:
+    """Ray Serve's direct ingress (an experimental Serve setting, read where its controller starts):
+    every ingress replica also serves HTTP and gRPC itself, on ports from http_port + 1 and
+    grpc_port + 1 up, next to the head node's proxy on the main ports. A client there skips the
+    proxy's relay of every streamed message; nothing balances load between replicas' ports."""
+    return {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
+            "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(http_port + 1),
+            "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(http_port + 1 + DIRECT_PORTS),
+            "RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT": str(grpc_port + 1),
+            "RAY_SERVE_DIRECT_INGRESS_MAX_GRPC_PORT": str(grpc_port + 1 + DIRECT_PORTS),
+            # the 30 s default lets a load balancer deregister a stopping replica; none is in front here
+            "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2"}
+
+
 def start_server(cfg: AppConfig, grpc_port: int = 9000, http_port: int = 8000, host: str = "127.0.0.1",
                  address: str | None = None, num_cpus: float | None = None, ssl_certfile: str | None = None,
-                 ssl_keyfile: str | None = None, views: ClusterViews = ClusterViews(dashboard=False, metrics_port=None)
-                 ) -> dict[str, str | None]:
+                 ssl_keyfile: str | None = None, views: ClusterViews = ClusterViews(dashboard=False, metrics_port=None),
+                 direct_ingress: bool = False) -> dict:
     """address None starts a fresh embedded local Ray cluster; "auto" or an address joins one.
     ssl_certfile / ssl_keyfile: HTTPS on the HTTP proxy (Serve's gRPC proxy has no TLS option:
     terminate TLS for gRPC in front of it, e.g. at a Kubernetes Ingress or Service mesh).
-    Returns the cluster's dashboard URL and metrics endpoint (None where there is none)."""
+    direct_ingress: see direct_ingress_env (embedded clusters only).
+    Returns the cluster's dashboard URL and metrics endpoint (None where there is none) and, with
+    direct ingress, the replicas' own ports ("direct_http", "direct_grpc")."""
+    if direct_ingress:
+        if address is not None or ray.is_initialized():
+            raise ValueError("direct ingress is a setting of the Ray cluster's Serve controller: start an "
+                             "embedded cluster, or set RAY_SERVE_ENABLE_DIRECT_INGRESS=1 where the cluster starts")
+        os.environ.update(direct_ingress_env(http_port, grpc_port))
     if not ray.is_initialized():
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a local demo cluster needs no token
         embedded = address is None
@@ -47,7 +72,17 @@ def start_server(cfg: AppConfig, grpc_port: int = 9000, http_port: int = 8000, h
         grpc_options=gRPCOptions(port=grpc_port, grpc_servicer_functions=GRPC_SERVICERS),
     )
     serve.run(build_app(cfg), name=APP_NAME, route_prefix="/")
-    return cluster_views()
+    direct = {name: [port for port in range(first + 1, first + 1 + DIRECT_PORTS) if listening(host, port)]
+              for name, first in (("direct_http", http_port), ("direct_grpc", grpc_port)) if direct_ingress}
+    return {**cluster_views(), **direct}
+
+
+def listening(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1" if host == "0.0.0.0" else host, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
 
 
 def cluster_views() -> dict[str, str | None]:

@@ -20,7 +20,6 @@ attention worker was lost, its sequences are prefilled again (Recovery says whic
 from __future__ import annotations
 
 import logging
-import os
 import secrets
 from contextlib import contextmanager
 from pathlib import Path
@@ -69,8 +68,6 @@ class RayExecutor(WorkerRecovery):
         if gpus is None:
             gpus = 1 if self.device == "cuda" else 0
         self.overlap = cluster.two_batch_overlap
-        if self.overlap is None:
-            self.overlap = gpus >= 1 or A + E <= (os.cpu_count() or 1)
         base = {"CPU": cluster.cpus_per_worker, **({"GPU": gpus} if gpus else {})}
         self.bundle = {**base, **dict(cluster.expert_resources)}  # an expert worker's
         attention_bundle = {**base, **dict(cluster.attention_resources)}

@@ -11,7 +11,8 @@ from router.placement import ExpertPlacement
 from tests.conftest import FLAGSHIP_SHAPE, worker_processes
 from tests.reference import hf_logits
 
-LAYOUTS = [(1, 1), (2, 1), (4, 1), (2, 2)]  # (expert workers, attention workers)
+# (expert workers, attention workers, two-batch overlap)
+LAYOUTS = [(1, 1, True), (2, 1, True), (2, 1, False), (4, 1, True), (2, 2, True)]
 PROMPTS = [[3], list(range(10, 17)), [(i * 37) % 400 + 3 for i in range(70)]]
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
 
@@ -22,13 +23,17 @@ def single_process(make_checkpoint):
     return llm.score(PROMPTS), [c.token_ids for c in llm.generate(PROMPTS, GREEDY)]
 
 
-@pytest.mark.parametrize("experts, attention", LAYOUTS, ids=[f"E{e}A{a}" for e, a in LAYOUTS])
+@pytest.mark.parametrize("experts, attention, overlap", LAYOUTS,
+                         ids=[f"E{e}A{a}" + ("" if o else "-no-overlap") for e, a, o in LAYOUTS])
 def test_layout_matches_single_process_and_reference(
-    ray_cluster, make_checkpoint, single_process, experts, attention
+    ray_cluster, make_checkpoint, single_process, experts, attention, overlap
 ):
     model_dir = make_checkpoint(FLAGSHIP_SHAPE)
     ref_logits, ref_tokens = single_process
-    with LLM(model=model_dir, expert_workers=experts, attention_workers=attention, use_ray=True) as llm:
+    cluster = ClusterConfig(expert_workers=experts, attention_workers=attention, use_ray=True,
+                            two_batch_overlap=overlap)
+    with LLM(model=model_dir, cluster=cluster) as llm:
+        assert llm.executor.overlap == overlap
         logits = llm.score(PROMPTS)
         tokens = [c.token_ids for c in llm.generate(PROMPTS, GREEDY)]
         info = llm.worker_info()
