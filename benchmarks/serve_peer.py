@@ -2,7 +2,7 @@
 
     python benchmarks/serve_peer.py [--vllm-venv /tmp/vllm-venv] [--model DIR]
                                     [--concurrency 16 1] [--num-prompts 64] [--output-len 32]
-                                    [--ingress direct colocated separate] [--stream-interval N]
+                                    [--ingress direct colocated separate] [--dtype D] [--stream-interval N]
 
 Starts each server in turn as its own process (epserve: the default layout, 1 attention + 2 expert
 workers, `--expert-workers`/`--attention-workers` to change it, once per `--ingress` layout; vLLM's CPU engine from its own
@@ -83,6 +83,7 @@ def main() -> None:
                         choices=["direct", "colocated", "separate"],
                         help="layouts to measure, in turn: epserve serve --ingress colocated / separate, and "
                              "direct (colocated with --direct-ingress, requests sent to the replica's own port)")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="epserve serve --dtype")
     parser.add_argument("--stream-interval", type=int, default=1, help="epserve serve --stream-interval")
     args = parser.parse_args()
     if args.model is None:
@@ -104,12 +105,13 @@ def main() -> None:
     interval = f", stream interval {args.stream_interval}" if args.stream_interval > 1 else ""
     for layout in args.ingress:  # direct: colocated, the client at the replica's own port (no proxy)
         ingress, extra = ("colocated", ["--direct-ingress"]) if layout == "direct" else (layout, [])
-        rows += measure(f"epserve serve (fp32, {args.attention_workers}+{args.expert_workers} workers, {layout}"
+        dtype = {"float32": "fp32", "bfloat16": "bf16"}[args.dtype]
+        rows += measure(f"epserve serve ({dtype}, {args.attention_workers}+{args.expert_workers} workers, {layout}"
                         f"{interval})",
                         [sys.executable, "-m", "deploy.cli", "serve", "--model", args.model, "--http-port", "8200",
                          "--grpc-port", "9200", "--expert-workers", str(args.expert_workers),
                          "--attention-workers", str(args.attention_workers), "--ingress", ingress,
-                         "--stream-interval", str(args.stream_interval), *extra],
+                         "--stream-interval", str(args.stream_interval), "--dtype", args.dtype, *extra],
                         f"http://127.0.0.1:{8201 if extra else 8200}", args)
     print(f"checkpoint {args.model}; {args.num_prompts} streamed completions of {args.output_len} tokens, "
           f"{args.prompt_len}-token prompts")

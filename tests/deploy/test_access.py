@@ -140,7 +140,8 @@ def _self_signed(directory) -> tuple[str, str]:
 
 
 def test_epserve_serve_over_https_with_a_key(server, tmp_path):
-    """`epserve serve --ssl-certfile --ssl-keyfile --api-key` in its own process and Ray cluster."""
+    """`epserve serve --ssl-certfile --ssl-keyfile --api-key --direct-ingress` in its own process and
+    Ray cluster: the proxy's port and the model replica's own port both serve HTTPS behind the key."""
     import os
     import signal
     import ssl
@@ -157,7 +158,7 @@ def test_epserve_serve_over_https_with_a_key(server, tmp_path):
         [sys.executable, "-m", "deploy.cli", "serve", "--model", server["model_dir"], "--name", "tiny", "--expert-workers", "1",
          "--grpc-port", str(free_port()), "--http-port", str(http_port), "--ssl-certfile", cert,
          "--ssl-keyfile", key, "--api-key", KEY, "--dashboard-port", str(dashboard_port),
-         "--metrics-port", str(metrics_port)], stdout=log, stderr=subprocess.STDOUT, text=True,
+         "--metrics-port", str(metrics_port), "--direct-ingress"], stdout=log, stderr=subprocess.STDOUT, text=True,
         # as a user's shell: no Ray token settings inherited from this test session's own cluster
         env={**{k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}, "EPSERVE_API_KEY": ""})
     try:
@@ -182,6 +183,16 @@ def test_epserve_serve_over_https_with_a_key(server, tmp_path):
                                                                   "Authorization": f"Bearer {KEY}"})
         with urllib.request.urlopen(request, context=context, timeout=60) as resp:
             assert resp.status == 200 and json.loads(resp.read())["usage"]["completion_tokens"] == 2
+        direct_port = int(re.search(r"HTTP https://127.0.0.1:PORT/v1, PORT (\d+)", banner).group(1))
+        assert direct_port > http_port  # from --http-port + 1 up
+        direct = urllib.request.Request(f"https://127.0.0.1:{direct_port}/v1/completions", data=body,
+                                        headers={"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"})
+        with urllib.request.urlopen(direct, context=context, timeout=60) as resp:
+            assert resp.status == 200 and json.loads(resp.read())["usage"]["completion_tokens"] == 2
+        with pytest.raises(urllib.error.HTTPError) as info:
+            urllib.request.urlopen(urllib.request.Request(direct.full_url, data=body, headers={
+                "Content-Type": "application/json"}), context=context, timeout=60)
+        assert info.value.code == 401
         deadline = time.time() + 60
         while "ray_epserve_generated_tokens_total" not in urllib.request.urlopen(metrics_url, timeout=30).read().decode():
             assert time.time() < deadline, "no epserve metrics on the banner's Prometheus endpoint"
@@ -197,6 +208,14 @@ def test_epserve_serve_over_https_with_a_key(server, tmp_path):
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=60)
         log.close()
+
+
+def test_direct_ingress_needs_an_embedded_cluster(server):
+    """Direct ingress is read where Serve's controller starts: joining a running cluster is refused."""
+    from deploy.launch import start_server
+
+    with pytest.raises(ValueError, match="embedded cluster"):
+        start_server(server["config"], address="auto", direct_ingress=True)
 
 
 def _dashboard_shows_the_app(port: int) -> None:
