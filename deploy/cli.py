@@ -91,6 +91,9 @@ def cmd_serve(args) -> int:
     start = time.perf_counter()
     if bool(args.ssl_certfile) != bool(args.ssl_keyfile):
         raise SystemExit("--ssl-certfile and --ssl-keyfile go together")
+    if args.direct_ingress and args.address:
+        raise SystemExit("--direct-ingress needs the embedded cluster (no --address): on a running cluster, set "
+                         "RAY_SERVE_ENABLE_DIRECT_INGRESS=1 where it starts")
     views = ClusterViews(dashboard=not args.no_dashboard, dashboard_host=args.dashboard_host,
                          dashboard_port=args.dashboard_port, metrics_port=args.metrics_port)
     shown = start_server(cfg, args.grpc_port, args.http_port, args.host, args.address, ssl_certfile=args.ssl_certfile,
