@@ -1,6 +1,7 @@
 """OpenAI-compatible HTTP routes (/v1/models, /v1/completions, /v1/chat/completions), mixed into
-the ingress deployment; streaming is server-sent events. Errors use OpenAI's body:
-{"error": {"message", "type", "param", "code"}} with HTTP 400 / 404 / 429."""
+the class that serves requests (deploy.app: the model replica, or a separate ingress); streaming
+is server-sent events. Errors use OpenAI's body: {"error": {"message", "type", "param", "code"}}
+with HTTP 400 / 404 / 429."""
 
 from __future__ import annotations
 
