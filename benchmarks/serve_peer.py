@@ -4,9 +4,9 @@
                                     [--concurrency 16 1] [--num-prompts 64] [--output-len 32]
                                     [--ingress direct colocated separate] [--dtype D] [--stream-interval N]
 
-Starts each server in turn as its own process (epserve: the default layout, 1 attention + 2 expert
-workers, `--expert-workers`/`--attention-workers` to change it, once per `--ingress` layout; vLLM's CPU engine from its own
-venv, bf16, as ../shared/peer-vllm/README.md installs it), waits until /v1/models answers, runs
+Starts each server in turn as its own process (epserve: 1 attention + 2 expert workers,
+`--expert-workers`/`--attention-workers` to change it, once per `--ingress` layout; vLLM's CPU
+engine from its own venv, bf16, as ../shared/peer-vllm/README.md installs it), waits until /v1/models answers, runs
 `epserve bench --endpoint http` against it (streamed completions of token-id prompts, end of
 sequence ignored) at each concurrency, and stops it. Default checkpoint: `make-tiny
 --linear-head-dim 128 --fused-experts` (the shape vLLM's CPU build accepts).
@@ -103,9 +103,9 @@ def main() -> None:
                                               "--max-model-len", "512", "--max-num-seqs", "32"],
                         "http://127.0.0.1:8100", args, env)
     interval = f", stream interval {args.stream_interval}" if args.stream_interval > 1 else ""
+    dtype = {"float32": "fp32", "bfloat16": "bf16"}[args.dtype]
     for layout in args.ingress:  # direct: colocated, the client at the replica's own port (no proxy)
         ingress, extra = ("colocated", ["--direct-ingress"]) if layout == "direct" else (layout, [])
-        dtype = {"float32": "fp32", "bfloat16": "bf16"}[args.dtype]
         rows += measure(f"epserve serve ({dtype}, {args.attention_workers}+{args.expert_workers} workers, {layout}"
                         f"{interval})",
                         [sys.executable, "-m", "deploy.cli", "serve", "--model", args.model, "--http-port", "8200",

@@ -85,15 +85,15 @@ def _server_config(args):
 
 def cmd_serve(args) -> int:
     """Serves gRPC and HTTP until interrupted."""
-    from .launch import ClusterViews, start_server, stop_server
+    from .launch import ClusterViews, direct_ingress_refusal, start_server, stop_server
 
     cfg = _server_config(args)
     start = time.perf_counter()
     if bool(args.ssl_certfile) != bool(args.ssl_keyfile):
         raise SystemExit("--ssl-certfile and --ssl-keyfile go together")
-    if args.direct_ingress and args.address:
-        raise SystemExit("--direct-ingress needs the embedded cluster (no --address): on a running cluster, set "
-                         "RAY_SERVE_ENABLE_DIRECT_INGRESS=1 where it starts")
+    refusal = direct_ingress_refusal(args.address) if args.direct_ingress else None
+    if refusal:
+        raise SystemExit(f"--direct-ingress: {refusal}")
     views = ClusterViews(dashboard=not args.no_dashboard, dashboard_host=args.dashboard_host,
                          dashboard_port=args.dashboard_port, metrics_port=args.metrics_port)
     shown = start_server(cfg, args.grpc_port, args.http_port, args.host, args.address, ssl_certfile=args.ssl_certfile,

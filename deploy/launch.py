@@ -45,6 +45,14 @@ def direct_ingress_env(http_port: int, grpc_port: int) -> dict[str, str]:
             "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2"}
 
 
+def direct_ingress_refusal(address: str | None) -> str | None:
+    """Why direct ingress cannot be had here (None: it can): it needs the cluster this process starts."""
+    if address is not None or ray.is_initialized():
+        return ("direct ingress is a setting of the Ray cluster's Serve controller: start an embedded cluster "
+                "(no address), or set RAY_SERVE_ENABLE_DIRECT_INGRESS=1 where the cluster starts")
+    return None
+
+
 def start_server(cfg: AppConfig, grpc_port: int = 9000, http_port: int = 8000, host: str = "127.0.0.1",
                  address: str | None = None, num_cpus: float | None = None, ssl_certfile: str | None = None,
                  ssl_keyfile: str | None = None, views: ClusterViews = ClusterViews(dashboard=False, metrics_port=None),
@@ -56,9 +64,9 @@ def start_server(cfg: AppConfig, grpc_port: int = 9000, http_port: int = 8000, h
     Returns the cluster's dashboard URL and metrics endpoint (None where there is none) and, with
     direct ingress, the replicas' own ports ("direct_http", "direct_grpc")."""
     if direct_ingress:
-        if address is not None or ray.is_initialized():
-            raise ValueError("direct ingress is a setting of the Ray cluster's Serve controller: start an "
-                             "embedded cluster, or set RAY_SERVE_ENABLE_DIRECT_INGRESS=1 where the cluster starts")
+        refusal = direct_ingress_refusal(address)
+        if refusal:
+            raise ValueError(refusal)
         os.environ.update(direct_ingress_env(http_port, grpc_port))
     if not ray.is_initialized():
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a local demo cluster needs no token
