@@ -3,7 +3,7 @@
 Full-attention layers keep K/V for every past token in a *paged* pool: fixed-size blocks, each
 sequence owning a block table (which blocks hold its tokens, in order). Gated DeltaNet layers keep a
 fixed-size state per sequence whatever its length, in a *slot*: the last `kernel - 1` conv inputs
-and the recurrent matrix (fp32). The pools are allocated once, from a memory budget; which
+and the recurrent matrix (fp32), in one row of the pool (two, double-buffered). The pools are allocated once, from a memory budget; which
 sequence owns which blocks and slot is decided by the scheduler (cluster.engine.scheduler).
 
 Shapes: N blocks, S block size, KV kv heads, hd head dim, M slots, C conv channels, H value heads,
@@ -35,33 +35,51 @@ class PagedKVCache:
 
 
 class DeltaNetStateCache:
-    """Per DeltaNet layer: conv [M, kernel - 1, C] and recurrent [M, H, dk, dv] (fp32) slots, held as
-    one tensor of each kind over all layers so that a fresh slot is zeroed in one op per kind."""
+    """Per DeltaNet layer: conv [R, kernel - 1, C] and recurrent [R, H, dk, dv] (fp32) rows, held as
+    one tensor of each kind over all layers so that a fresh slot is zeroed in one op per kind.
+
+    Single-buffered (R = M) a step updates slot s's row in place. Double-buffered (R = 2M, for a
+    runner that must be able to undo a step) slot s owns rows 2s and 2s + 1: a step reads the
+    current one and writes the other, and `commit` makes the written row current once the step has
+    succeeded. A step that fails half-way leaves every slot's current row as it was, with no copy
+    made per step (the price: twice the state memory)."""
 
     def __init__(self, layers: list[int], num_slots: int, conv_channels: int, conv_kernel: int,
                  num_heads: int, key_dim: int, value_dim: int, dtype: torch.dtype,
-                 device: torch.device | str = "cpu") -> None:
-        L = len(layers)
-        self._conv = torch.zeros(L, num_slots, conv_kernel - 1, conv_channels, dtype=dtype, device=device)
-        self._recurrent = torch.zeros(L, num_slots, num_heads, key_dim, value_dim, device=device)
+                 device: torch.device | str = "cpu", double_buffered: bool = False) -> None:
+        L, rows = len(layers), num_slots * (2 if double_buffered else 1)
+        self._conv = torch.zeros(L, rows, conv_kernel - 1, conv_channels, dtype=dtype, device=device)
+        self._recurrent = torch.zeros(L, rows, num_heads, key_dim, value_dim, device=device)
         self.conv = {layer: self._conv[i] for i, layer in enumerate(layers)}
         self.recurrent = {layer: self._recurrent[i] for i, layer in enumerate(layers)}
         self.index = {layer: i for i, layer in enumerate(layers)}  # position in save()'s first dim
+        self.double_buffered = double_buffered
+        # double-buffered: which of its two rows holds each slot's current state (0 or 1)
+        self._current = torch.zeros(num_slots, dtype=torch.long, device=device) if double_buffered else None
+
+    def rows(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(read, write) rows of the slots [B] for a step: the current state's row and the row the
+        step writes (the same row when single-buffered)."""
+        if self._current is None:
+            return slots, slots
+        current = self._current[slots]
+        return 2 * slots + current, 2 * slots + 1 - current
+
+    def commit(self, slots: torch.Tensor) -> None:
+        """After a successful step over these slots: what it wrote becomes their current state."""
+        if self._current is not None:
+            self._current[slots] ^= 1
 
     def reset(self, slots: torch.Tensor) -> None:
-        """Zeroes the slots of sequences starting afresh (new, or recomputed after preemption)."""
-        self._conv.index_fill_(1, slots, 0)
-        self._recurrent.index_fill_(1, slots, 0)
+        """Zeroes the current state of sequences starting afresh (new, or recomputed after preemption)."""
+        read, _ = self.rows(slots)
+        self._conv.index_fill_(1, read, 0)
+        self._recurrent.index_fill_(1, read, 0)
 
     def save(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """A copy of the slots' states (conv [L, B, K-1, C], recurrent [L, B, H, dk, dv]), taken before a
-        step that may fail half-way: the kernels update the states in place, layer by layer."""
-        return self._conv.index_select(1, slots), self._recurrent.index_select(1, slots)
-
-    def restore(self, slots: torch.Tensor, saved: tuple[torch.Tensor, torch.Tensor]) -> None:
-        """Puts back what save() copied: the slots are as before the failed step."""
-        self._conv.index_copy_(1, slots, saved[0])
-        self._recurrent.index_copy_(1, slots, saved[1])
+        """A copy of the slots' current states (conv [L, B, K-1, C], recurrent [L, B, H, dk, dv])."""
+        read, _ = self.rows(slots)
+        return self._conv.index_select(1, read), self._recurrent.index_select(1, read)
 
     @staticmethod
     def bytes_per_slot(num_layers: int, conv_channels: int, conv_kernel: int, num_heads: int,
@@ -82,7 +100,8 @@ class ForwardBatch:
     num_decodes: int  # sequences 0 .. num_decodes - 1 have one row each
     query_start: torch.Tensor  # [B + 1] row offsets
     context_lens: torch.Tensor  # [B] tokens of each sequence in the caches once this step is written
-    slots: torch.Tensor  # [B] DeltaNet state slot
+    slots: torch.Tensor  # [B] DeltaNet state rows the step reads (DeltaNetStateCache.rows)
+    out_slots: torch.Tensor  # [B] and writes (the same rows unless the cache is double-buffered)
     block_tables: torch.Tensor  # [B, max_blocks] KV blocks of each sequence (padded with 0)
     slot_mapping: torch.Tensor  # [T] flat KV position (block * S + offset) of each row
     kv: PagedKVCache
@@ -95,21 +114,20 @@ class ForwardBatch:
 @dataclass
 class SpeculativeRollback:
     """What moves the DeltaNet states of a step's verify chunks (the last token and k drafts, k + 1
-    rows each) back to just after the accepted prefix: each DeltaNet layer keeps the chunks' states
-    from before the step and its conv inputs (qkv, a, b) of their rows; a rejected suffix then costs
-    restoring the states and re-running the conv and the delta rule over the accepted rows, the same
+    rows each) back to just after the accepted prefix: the chunks' states from before the step and
+    each DeltaNet layer's conv inputs (qkv, a, b) of their rows; a rejected suffix then costs
+    re-running the conv and the delta rule from the earlier states over the accepted rows, the same
     arithmetic as the step (K/V need nothing: rows past a sequence's length are never read, and are
-    written again before they are).
+    written again before they are). A double-buffered cache still holds the earlier states in the
+    rows the step read; a single-buffered one needs the copy `saved`, which is put back first.
     Shapes: Bv verify chunks, k + 1 rows each."""
 
     seq_ids: list[int]  # [Bv]
     rows: torch.Tensor  # [Bv, k + 1] rows of each chunk in the flat batch
-    slots: torch.Tensor  # [Bv]
-    saved: tuple[torch.Tensor, torch.Tensor]  # DeltaNetStateCache.save(slots), before the step
+    slots: torch.Tensor  # [Bv] state rows the step read
+    out_slots: torch.Tensor  # [Bv] and wrote
+    saved: tuple[torch.Tensor, torch.Tensor] | None  # single-buffered: DeltaNetStateCache.save(slots)
     projected: dict = field(default_factory=dict)  # layer -> the layer's input projection [Bv, k + 1, P]
-    # column of each verify chunk in `saved` (None: saved holds exactly the chunks, in order) — a
-    # transactional runner's undo point already copied these states, so the record points into it
-    saved_columns: torch.Tensor | None = None
 
     def keep(self, layer: int, projected_TP: torch.Tensor) -> None:
         """Called by a DeltaNet layer with its fused input projection (qkv | z | b | a) of every row."""

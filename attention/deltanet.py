@@ -3,8 +3,8 @@
 in_proj_qkv -> depthwise causal conv1d + SiLU -> q | k | v; beta = sigmoid(b);
 g = -exp(A_log) * softplus(a + dt_bias); gated delta rule; gated RMSNorm with z; out_proj.
 One pass over the step's flat batch: one projection matmul (qkv, z, b, a fused), one conv over every
-row and one delta-rule call for every decode row and prefill chunk, each updating the sequences'
-state slots in place (kernels).
+row and one delta-rule call for every decode row and prefill chunk, each reading the sequences'
+state rows and writing their new states (in place, or to the other row of a double-buffered cache).
 Shapes: T tokens, D hidden, C conv channels (2 * Hk * dk + H * dv), Hk key heads, H value heads.
 """
 
@@ -64,36 +64,40 @@ class GatedDeltaNet(nn.Module):
         if batch.rollback is not None:
             batch.rollback.keep(self.layer_idx, projected)
         qkv, z, b, a = projected.split([self.conv_channels, self.value_dim, H, H], dim=-1)
-        out = self._mix(qkv, a, b, batch.states, batch.slots, batch.query_start, batch.query_lens, batch.num_decodes)
+        out = self._mix(qkv, a, b, batch.states, batch.slots, batch.out_slots, batch.query_start, batch.query_lens,
+                        batch.num_decodes)
         normed = gated_rms_norm(out, z.view(T, H, dv), self.norm.weight, self.norm.eps)
         return linear(normed.view(T, self.value_dim), self.out_proj.weight)
 
-    def _mix(self, qkv, a, b, states, slots, query_start, query_lens: list[int], num_decodes: int) -> torch.Tensor:
-        """conv1d + delta rule over rows of sequences in turn (decodes first), states in place: [T, H, dv]."""
+    def _mix(self, qkv, a, b, states, slots, out_slots, query_start, query_lens: list[int],
+             num_decodes: int) -> torch.Tensor:
+        """conv1d + delta rule over rows of sequences in turn (decodes first), states read at slots
+        and written at out_slots: [T, H, dv]."""
         T, dk = qkv.shape[0], self.key_head_dim
         mixed = causal_conv1d(qkv, self.conv1d.weight.view(self.conv_channels, -1), states.conv[self.layer_idx],
-                              slots, query_start, query_lens)
+                              slots, query_start, query_lens, out_slots)
         q, k, v = mixed.split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
         q, k = q.view(T, self.num_key_heads, dk), k.view(T, self.num_key_heads, dk)
         return delta_rule(q, k, v.view(T, self.num_value_heads, self.value_head_dim), a, b, self.A_log,
                           self.dt_bias, states.recurrent[self.layer_idx], slots, query_start, query_lens,
-                          num_decodes)
+                          num_decodes, out_slots)
 
     def roll_back(self, record: SpeculativeRollback, keep: list[int], states: DeltaNetStateCache) -> None:
         """After a verify step: chunk i of the record keeps its first keep[i] rows. Chunks that keep
-        fewer than all get their states from before the step, advanced over the kept rows again."""
+        fewer than all get their states from before the step advanced over the kept rows again."""
         short = sorted((i for i, n in enumerate(keep) if n < record.rows.shape[1]), key=lambda i: keep[i] > 1)
         if not short:
             return
         projected = record.projected[self.layer_idx]
         index = torch.tensor(short, device=projected.device)
-        slots, at = record.slots[index], states.index[self.layer_idx]
-        columns = index if record.saved_columns is None else record.saved_columns[index]
-        states.conv[self.layer_idx].index_copy_(0, slots, record.saved[0][at][columns])
-        states.recurrent[self.layer_idx].index_copy_(0, slots, record.saved[1][at][columns])
+        slots, out_slots = record.slots[index], record.out_slots[index]
+        if record.saved is not None:  # single-buffered: the step overwrote them, put them back
+            at = states.index[self.layer_idx]
+            states.conv[self.layer_idx].index_copy_(0, slots, record.saved[0][at][index])
+            states.recurrent[self.layer_idx].index_copy_(0, slots, record.saved[1][at][index])
         lens = [keep[i] for i in short]
         starts = torch.tensor([0, *itertools.accumulate(lens)], device=projected.device)
         rows = torch.cat([projected[i, :n] for i, n in zip(short, lens)])
         H = self.num_value_heads
         qkv, _, b, a = rows.split([self.conv_channels, self.value_dim, H, H], dim=-1)
-        self._mix(qkv, a, b, states, slots, starts, lens, sum(1 for n in lens if n == 1))
+        self._mix(qkv, a, b, states, slots, out_slots, starts, lens, sum(1 for n in lens if n == 1))

@@ -8,7 +8,8 @@ g = -exp(A_log) * softplus(a + dt_bias) and beta = sigmoid(b) come from the raw 
 
 Shapes: T rows (B sequences, one after another), Hk key heads, H value heads, dk / dv head dims,
 M state slots. Inputs q, k [T, Hk, dk], v [T, H, dv], a and b [T, H]; the pool state [M, H, dk, dv]
-(fp32) is read at `slots` [B] and updated in place; outputs o [T, H, dv] in v's dtype.
+(fp32) is read at `slots` [B] and written at `out_slots` [B] (None: in place; other rows keep the
+state from before the step, which a failed step then still has); outputs o [T, H, dv] in v's dtype.
 On CPU one C++ kernel walks every sequence's rows with its state in cache (decode and prefill
 alike); elsewhere decodes take one batched recurrent step and prefills the chunked form, batched
 over every chunk of the step.
@@ -117,28 +118,30 @@ def chunked_gated_delta_rule(q, k, v, g, beta, state=None, chunk_size: int = CHU
 
 
 # -- flat batches on the slot pool ----------------------------------------------------------------
-def delta_rule_decode_reference(q, k, v, a, b, A_log, dt_bias, state, slots) -> torch.Tensor:
+def delta_rule_decode_reference(q, k, v, a, b, A_log, dt_bias, state, slots, out_slots=None) -> torch.Tensor:
     """One token per sequence (T = B): gathers the slots' states, steps, writes them back."""
     g, beta = gating(a, b, A_log, dt_bias)
     out, final = recurrent_gated_delta_rule(q[:, None], k[:, None], v[:, None], g[:, None], beta[:, None],
                                             state[slots])
-    state[slots] = final
+    state[slots if out_slots is None else out_slots] = final
     return out[:, 0]
 
 
 def delta_rule(q, k, v, a, b, A_log, dt_bias, state, slots, query_start, query_lens: list[int],
-               num_decodes: int) -> torch.Tensor:
+               num_decodes: int, out_slots=None) -> torch.Tensor:
     """A step's rows: sequences 0 .. num_decodes - 1 have one row each, the rest are prefill chunks;
     query_start [B + 1] row offsets (query_lens the same on the host)."""
     if native(q):
-        return torch.ops.epserve.delta_rule(q, k, v, a, b, A_log, dt_bias, state, slots, query_start)
-    d, args = num_decodes, (A_log, dt_bias, state)
+        return torch.ops.epserve.delta_rule(q, k, v, a, b, A_log, dt_bias, state, slots, query_start,
+                                            slots if out_slots is None else out_slots)
+    d, args, out = num_decodes, (A_log, dt_bias, state), slots if out_slots is None else out_slots
     if d == len(query_lens):
-        return delta_rule_decode(q, k, v, a, b, *args, slots)
+        return delta_rule_decode(q, k, v, a, b, *args, slots, out)
     if d == 0:
-        return delta_rule_prefill(q, k, v, a, b, *args, slots, query_lens)
-    return torch.cat([delta_rule_decode(q[:d], k[:d], v[:d], a[:d], b[:d], *args, slots[:d]),
-                      delta_rule_prefill(q[d:], k[d:], v[d:], a[d:], b[d:], *args, slots[d:], query_lens[d:])])
+        return delta_rule_prefill(q, k, v, a, b, *args, slots, query_lens, out_slots=out)
+    return torch.cat([delta_rule_decode(q[:d], k[:d], v[:d], a[:d], b[:d], *args, slots[:d], out[:d]),
+                      delta_rule_prefill(q[d:], k[d:], v[d:], a[d:], b[d:], *args, slots[d:], query_lens[d:],
+                                         out_slots=out[d:])])
 
 
 def _offsets(query_lens: list[int], device) -> torch.Tensor:
@@ -148,16 +151,19 @@ def _offsets(query_lens: list[int], device) -> torch.Tensor:
     return torch.tensor(starts, device=device)
 
 
-def delta_rule_decode(q, k, v, a, b, A_log, dt_bias, state, slots) -> torch.Tensor:
-    """One token per sequence (T = B), in place on the pool: the state is read and written once."""
+def delta_rule_decode(q, k, v, a, b, A_log, dt_bias, state, slots, out_slots=None) -> torch.Tensor:
+    """One token per sequence (T = B) on the pool: the state is read and written once."""
     if native(q):
         query_start = torch.arange(q.shape[0] + 1, device=q.device)
-        return torch.ops.epserve.delta_rule(q, k, v, a, b, A_log, dt_bias, state, slots, query_start)
-    return delta_rule_decode_reference(q, k, v, a, b, A_log, dt_bias, state, slots)
+        return torch.ops.epserve.delta_rule(q, k, v, a, b, A_log, dt_bias, state, slots, query_start,
+                                            slots if out_slots is None else out_slots)
+    return delta_rule_decode_reference(q, k, v, a, b, A_log, dt_bias, state, slots, out_slots)
 
 
-def delta_rule_prefill_reference(q, k, v, a, b, A_log, dt_bias, state, slots, query_lens: list[int]):
+def delta_rule_prefill_reference(q, k, v, a, b, A_log, dt_bias, state, slots, query_lens: list[int],
+                                 out_slots=None):
     """Sequence by sequence through `chunked_gated_delta_rule`."""
+    out_slots = slots if out_slots is None else out_slots
     g, beta = gating(a, b, A_log, dt_bias)
     out = v.new_empty(v.shape)
     start = 0
@@ -165,21 +171,22 @@ def delta_rule_prefill_reference(q, k, v, a, b, A_log, dt_bias, state, slots, qu
         rows = slice(start, start + n)
         o, final = chunked_gated_delta_rule(q[None, rows], k[None, rows], v[None, rows], g[None, rows],
                                             beta[None, rows], state[slots[i : i + 1]])
-        out[rows], state[slots[i : i + 1]] = o[0], final
+        out[rows], state[out_slots[i : i + 1]] = o[0], final
         start += n
     return out
 
 
 def delta_rule_prefill(q, k, v, a, b, A_log, dt_bias, state, slots, query_lens: list[int],
-                       chunk_size: int = CHUNK) -> torch.Tensor:
+                       chunk_size: int = CHUNK, out_slots=None) -> torch.Tensor:
     """Every sequence's chunks at once: each sequence is cut into chunks (the last one padded), the
     within-chunk solves run batched over all chunks of all sequences, and the state hand-off runs
     once per chunk index, batched over the sequences that have that chunk. query_lens [B] (host)."""
     if native(q):
         query_start = _offsets(query_lens, q.device)
-        return torch.ops.epserve.delta_rule(q, k, v, a, b, A_log, dt_bias, state, slots, query_start)
+        return torch.ops.epserve.delta_rule(q, k, v, a, b, A_log, dt_bias, state, slots, query_start,
+                                            slots if out_slots is None else out_slots)
     if not batched(q):
-        return delta_rule_prefill_reference(q, k, v, a, b, A_log, dt_bias, state, slots, query_lens)
+        return delta_rule_prefill_reference(q, k, v, a, b, A_log, dt_bias, state, slots, query_lens, out_slots)
     T, H = v.shape[0], v.shape[1]
     g, beta = gating(a, b, A_log, dt_bias)
     repeat = H // k.shape[1]
@@ -217,6 +224,6 @@ def delta_rule_prefill(q, k, v, a, b, A_log, dt_bias, state, slots, query_lens: 
             S = S_new
         else:
             S[sel] = S_new
-    state[slots] = S
+    state[slots if out_slots is None else out_slots] = S
     flat = out.transpose(1, 2).reshape(-1, H, v.shape[2])  # [N * C, H, dv]
     return flat[valid].to(v.dtype)

@@ -1,9 +1,10 @@
 """What each worker of a model instance holds in device memory, planned before anything loads.
 
 Per attention worker: the dense weights (exact: the model built on the meta device, counted), the
-KV blocks and DeltaNet state slots (cache_plan), the per-step undo copy of the states when failed
-steps are replayed, and the exchange buffers of one step. Per expert worker: its share of every
-MoE layer's experts (the busiest worker under the placement) and its exchange buffers. Activations
+KV blocks and DeltaNet state slots (cache_plan), their second rows when failed steps are replayed
+(the states are double-buffered: a failed step leaves the current rows as they were), and the
+exchange buffers of one step. Per expert worker: its share of every MoE layer's experts (the
+busiest worker under the placement) and its exchange buffers. Activations
 of a step are not planned (small next to these at serving batch sizes); `headroom` covers them
 and the allocator. A plan that does not fit the device is refused with the numbers.
 """
@@ -29,12 +30,12 @@ class WorkerMemory:
     weights: int
     kv_cache: int = 0
     state_slots: int = 0
-    undo_copy: int = 0
+    undo_rows: int = 0
     exchange: int = 0
 
     @property
     def total(self) -> int:
-        return self.weights + self.kv_cache + self.state_slots + self.undo_copy + self.exchange
+        return self.weights + self.kv_cache + self.state_slots + self.undo_rows + self.exchange
 
 
 @dataclass(frozen=True)
@@ -47,10 +48,10 @@ class MemoryPlan:
         return [self.attention] + ([self.expert] if self.expert is not None else [])
 
     def describe(self) -> str:
-        rows = ["worker     weights   KV cache  DeltaNet  undo copy  exchange     total  (GiB)"]
+        rows = ["worker     weights   KV cache  DeltaNet  undo rows  exchange     total  (GiB)"]
         for w in self.workers():
             rows.append(f"{w.role:<9}" + "".join(f"{b / GIB:>10.2f}" for b in (
-                w.weights, w.kv_cache, w.state_slots, w.undo_copy, w.exchange, w.total)))
+                w.weights, w.kv_cache, w.state_slots, w.undo_rows, w.exchange, w.total)))
         return "\n".join(rows)
 
     def check(self, device: str, capacity: int, role: str | None = None) -> None:

@@ -7,9 +7,10 @@ model once, samples where asked. Plain Python around torch: the engine calls it 
 process; an AttentionWorker wraps it on Ray.
 
 A transactional runner (an AttentionWorker's, whose experts live in other processes that may die)
-can undo a step that fails half-way: it copies the step's DeltaNet states before the forward and
-puts them back, with its token and block bookkeeping, when the forward raises. K/V writes need no
-undo: a replay writes the same bits to the same places before any row reads them.
+can undo a step that fails half-way: its DeltaNet states are double-buffered (a step writes the
+rows it does not read, and commits them only when it succeeds), and it puts back its token and
+block bookkeeping when the forward raises. K/V writes need no undo: a replay writes the same bits
+to the same places before any row reads them.
 """
 
 from __future__ import annotations
@@ -80,7 +81,8 @@ class ModelRunner:
             cfg.linear_num_value_heads * cfg.linear_value_head_dim)
         self.states = DeltaNetStateCache(linear, layout.num_slots, conv_channels, cfg.linear_conv_kernel_dim,
                                          cfg.linear_num_value_heads, cfg.linear_key_head_dim,
-                                         cfg.linear_value_head_dim, dtype, self.device)
+                                         cfg.linear_value_head_dim, dtype, self.device,
+                                         double_buffered=transactional)
         self.overlap = overlap  # two micro-batches per step (expert workers elsewhere: cluster.worker.step)
         self.transactional = transactional
         self.sequences: dict[int, _SequenceState] = {}
@@ -97,7 +99,7 @@ class ModelRunner:
         groups = [sorted(g, key=lambda c: c.rows > 1) for g in micro_batches(step.chunks, self.overlap)]
         undo = self._undo_point(step) if self.transactional else None
         try:
-            laid = [self._layout(group, undo) for group in groups]
+            laid = [self._layout(group) for group in groups]
             if len(laid) == 1:
                 hidden = self.model(*laid[0])
             else:
@@ -106,6 +108,8 @@ class ModelRunner:
             results = self._results(chunks, [n for _, batch in laid for n in batch.query_lens], hidden)
             self._roll_back_rejected(chunks, results, [batch for _, batch in laid])
             self._draft(chunks, results, hidden)
+            self.states.commit(torch.tensor([self.sequences[c.seq_id].slot for c in chunks],
+                                            dtype=torch.long, device=self.device))
         except Exception:
             if undo is not None:
                 self._roll_back(*undo)
@@ -114,28 +118,26 @@ class ModelRunner:
         return results
 
     def _undo_point(self, step: StepInput):
-        """What a failed step would change: the continuing sequences' states, token and block
-        counts and drafts, and this step's expert-load counts."""
+        """What a failed step would change besides the DeltaNet states (double-buffered, not
+        committed): the continuing sequences' token and block counts and drafts, and this step's
+        expert-load counts."""
         kept = {c.seq_id: self.sequences[c.seq_id] for c in step.chunks if c.past > 0 and c.seq_id in self.sequences}
         lengths = {i: (len(s.tokens), len(s.block_table), s.drafts, s.draft_probs) for i, s in kept.items()}
-        slots = torch.tensor([s.slot for s in kept.values()], dtype=torch.long, device=self.device)
         load = self.load.counts[self.load.slot].clone()
-        return lengths, slots, self.states.save(slots), load, [c.seq_id for c in step.chunks if c.past == 0]
+        return lengths, load, [c.seq_id for c in step.chunks if c.past == 0]
 
-    def _roll_back(self, lengths, slots, states, load, started) -> None:
+    def _roll_back(self, lengths, load, started) -> None:
         for seq_id, (num_tokens, num_blocks, drafts, draft_probs) in lengths.items():
             seq = self.sequences[seq_id]
             del seq.tokens[num_tokens:], seq.block_table[num_blocks:]
             seq.drafts, seq.draft_probs = drafts, draft_probs
         for seq_id in started:  # a replay starts them afresh
             self.sequences.pop(seq_id, None)
-        self.states.restore(slots, states)
         self.load.counts[self.load.slot] = load
 
-    def _layout(self, chunks: list[ScheduledChunk], undo=None) -> tuple[torch.Tensor, ForwardBatch]:
+    def _layout(self, chunks: list[ScheduledChunk]) -> tuple[torch.Tensor, ForwardBatch]:
         """The step's flat batch: token ids [T] and the ForwardBatch (host lists -> one tensor each).
-        A verify chunk's rows are its token and the sequence's drafts (their states before the
-        step: the undo point's copy when there is one, else a copy made here)."""
+        A verify chunk's rows are its token and the sequence's drafts."""
         ids, rows, fresh, verify, image_rows, image_embeds = [], [], [], [], [], []
         for chunk in chunks:
             if chunk.past == 0:
@@ -173,13 +175,9 @@ class ModelRunner:
             width = max(c.rows for c in chunks if c.verify)
             slots = torch.tensor([slot for _, _, slot in verify], **as_long)
             verify_rows = torch.tensor([list(range(start, start + width)) for _, start, _ in verify], **as_long)
-            seq_ids = [seq_id for seq_id, _, _ in verify]
-            if undo is None:
-                batch.rollback = SpeculativeRollback(seq_ids, verify_rows, slots, self.states.save(slots))
-            else:  # the undo point holds every continuing sequence's states from before the step
-                column = {slot: i for i, slot in enumerate(undo[1].tolist())}
-                columns = torch.tensor([column[slot] for _, _, slot in verify], **as_long)
-                batch.rollback = SpeculativeRollback(seq_ids, verify_rows, slots, undo[2], saved_columns=columns)
+            read, write = self.states.rows(slots)
+            saved = None if self.states.double_buffered else self.states.save(slots)  # else kept in `read`
+            batch.rollback = SpeculativeRollback([seq_id for seq_id, _, _ in verify], verify_rows, read, write, saved)
         if fresh:  # new or recomputed sequences start from zero states
             self.states.reset(torch.tensor(fresh, **as_long))
         return torch.tensor(ids, **as_long), batch
@@ -223,13 +221,14 @@ class ModelRunner:
         starts = [0]
         for n in query_lens:
             starts.append(starts[-1] + n)
+        read, write = self.states.rows(torch.tensor(slots, **as_long))
         return ForwardBatch(
             positions=(torch.cat(positions) if per_freq else torch.tensor(positions)).to(**as_long),
             query_lens=query_lens,
             num_decodes=next((i for i, n in enumerate(query_lens) if n > 1), len(query_lens)),
             query_start=torch.tensor(starts, **as_long),
             context_lens=torch.tensor(context_lens, **as_long),
-            slots=torch.tensor(slots, **as_long),
+            slots=read, out_slots=write,
             block_tables=torch.tensor(padded, **as_long).view(len(tables), width),
             slot_mapping=torch.tensor(slot_mapping, **as_long),
             kv=self.kv, states=self.states,

@@ -1,7 +1,9 @@
 // Depthwise causal conv1d + SiLU over Gated DeltaNet's qkv channels, for a flat batch of sequences
-// (decode tokens and prefill chunks alike), continuing and updating each sequence's conv state slot
-// in place: state[slot] holds the sequence's last K - 1 inputs, oldest first.
-//   x [T, C] (rows may be strided), weight [C, K], state [M, K - 1, C], slots [B], query_start [B + 1]
+// (decode tokens and prefill chunks alike), continuing each sequence's conv state: state[slots[b]]
+// holds its last K - 1 inputs, oldest first, and the new last K - 1 go to state[out_slots[b]] (the
+// same row: in place).
+//   x [T, C] (rows may be strided), weight [C, K], state [M, K - 1, C], slots, out_slots [B],
+//   query_start [B + 1]
 //   -> y [T, C] = silu(conv(state ++ x)) per sequence (the conv output rounded to x's dtype first,
 //   as the reference's conv1d then silu). Vectorised across channels.
 #include "common.h"
@@ -15,7 +17,7 @@ constexpr int64_t kBlock = 256;  // channels per task
 
 template <typename T>
 void conv_impl(const at::Tensor& x, const at::Tensor& weight, at::Tensor& state, const int64_t* slots,
-               const int64_t* qs, int64_t B, at::Tensor& y) {
+               const int64_t* out_slots, const int64_t* qs, int64_t B, at::Tensor& y) {
   const int64_t C = x.size(1), K = weight.size(1), H = K - 1, xs = x.stride(0);
   const int64_t blocks = (C + kBlock - 1) / kBlock;
   const T* xp = x.data_ptr<T>();
@@ -28,7 +30,8 @@ void conv_impl(const at::Tensor& x, const at::Tensor& weight, at::Tensor& state,
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item / blocks, c0 = (item % blocks) * kBlock, n = std::min(C, c0 + kBlock) - c0;
       const int64_t t0 = qs[b], L = qs[b + 1] - t0;
-      T* hist = st + slots[b] * H * C + c0;  // row j: input j - H relative to the chunk's first
+      const T* hist = st + slots[b] * H * C + c0;  // row j: input j - H relative to the chunk's first
+      T* hist_out = st + out_slots[b] * H * C + c0;
       auto input = [&](int64_t p) { return p < 0 ? hist + (H + p) * C : xp + (t0 + p) * xs + c0; };
       for (int64_t c = 0; c < n; ++c)
         for (int64_t j = 0; j < K; ++j) w[j][c] = to_float(wp[(c0 + c) * K + j]);
@@ -44,9 +47,9 @@ void conv_impl(const at::Tensor& x, const at::Tensor& weight, at::Tensor& state,
 #pragma omp simd
         for (int64_t c = 0; c < n; ++c) out[c] = from_float<T>(silu(round_to<T>(acc[c])));
       }
-      for (int64_t j = 0; j < H; ++j) {  // the last K - 1 inputs; reads run ahead of writes
+      for (int64_t j = 0; j < H; ++j) {  // the last K - 1 inputs; in place, reads run ahead of writes
         const T* src = input(L - H + j);
-        if (src != hist + j * C) std::copy(src, src + n, hist + j * C);
+        if (src != hist_out + j * C) std::copy(src, src + n, hist_out + j * C);
       }
     }
   });
@@ -55,7 +58,7 @@ void conv_impl(const at::Tensor& x, const at::Tensor& weight, at::Tensor& state,
 }  // namespace
 
 at::Tensor causal_conv1d(const at::Tensor& x, const at::Tensor& weight, at::Tensor& state,
-                         const at::Tensor& slots, const at::Tensor& query_start) {
+                         const at::Tensor& slots, const at::Tensor& query_start, const at::Tensor& out_slots) {
   check_rows(x, 2, "x");
   check_cpu(state, "state");
   TORCH_CHECK(state.is_contiguous() && state.dim() == 3, "state must be a contiguous [M, K - 1, C] pool");
@@ -64,13 +67,16 @@ at::Tensor causal_conv1d(const at::Tensor& x, const at::Tensor& weight, at::Tens
   TORCH_CHECK(weight.size(0) == C && state.size(1) == K - 1 && state.size(2) == C, "conv shapes disagree");
   TORCH_CHECK(K >= 2 && K <= kMaxKernel, "conv kernel must be in 2..", kMaxKernel);
   TORCH_CHECK(query_start.numel() == B + 1, "query_start must have B + 1 entries");
+  TORCH_CHECK(out_slots.numel() == B, "out_slots must have one entry per sequence, as slots");
   TORCH_CHECK(x.scalar_type() == state.scalar_type() && x.scalar_type() == weight.scalar_type(),
               "x, weight and state dtypes differ");
   auto slots_c = slots.to(at::kLong).contiguous();
+  auto out_slots_c = out_slots.to(at::kLong).contiguous();
   auto qs_c = query_start.to(at::kLong).contiguous();
   auto y = at::empty({x.size(0), C}, x.options());
   EPSERVE_DISPATCH(x.scalar_type(), "causal_conv1d", [&] {
-    conv_impl<scalar_t>(x, weight, state, slots_c.data_ptr<int64_t>(), qs_c.data_ptr<int64_t>(), B, y);
+    conv_impl<scalar_t>(x, weight, state, slots_c.data_ptr<int64_t>(), out_slots_c.data_ptr<int64_t>(),
+                        qs_c.data_ptr<int64_t>(), B, y);
   });
   return y;
 }

@@ -1,8 +1,9 @@
-// The gated delta rule over a flat batch of sequences (decode steps and prefill chunks alike), in
-// place on the state pool: one task per (sequence, value head) walks the sequence's rows in order
-// with its state S [dk, dv] (fp32) in cache, read once from the pool and written back once.
+// The gated delta rule over a flat batch of sequences (decode steps and prefill chunks alike) on
+// the state pool: one task per (sequence, value head) walks the sequence's rows in order with its
+// state S [dk, dv] (fp32) in cache, read once from the pool (row slots[s]) and written once (row
+// out_slots[s]: the same row for an update in place, another to keep the state before the step).
 //   q, k [T, Hk, dk], v [T, H, dv] (rows may be strided); a, b [T, H] (the raw in_proj_a /
-//   in_proj_b outputs); A_log, dt_bias [H]; state [M, H, dk, dv] fp32; slots [B];
+//   in_proj_b outputs); A_log, dt_bias [H]; state [M, H, dk, dv] fp32; slots, out_slots [B];
 //   query_start [B + 1]  ->  o [T, H, dv] in v's dtype.
 // Per row and value head h (key head h / (H / Hk)), as the reference (kernels.delta_rule) computes:
 //   g = -exp(A_log) * softplus(a + dt_bias); beta = sigmoid(b) (rounded to the input dtype);
@@ -107,7 +108,8 @@ inline void sweep(float* S, int64_t dk, int64_t dv, float decay, const float* k,
 template <typename T>
 void recurrent_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& a,
                     const at::Tensor& b, const float* A_log, const float* dt_bias, float* S_pool,
-                    const int64_t* slots, const int64_t* qs, int64_t B, at::Tensor& out) {
+                    const int64_t* slots, const int64_t* out_slots, const int64_t* qs, int64_t B,
+                    at::Tensor& out) {
   const int64_t H = v.size(1), dk = q.size(2), dv = v.size(2);
   const RowReader<T> reader(q, k, v, a, b, A_log, dt_bias);
   T* op = out.data_ptr<T>();
@@ -118,7 +120,9 @@ void recurrent_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
     for (int64_t item = begin; item < end; ++item) {
       const int64_t s = item / H, h = item % H, t0 = qs[s], t1 = qs[s + 1];
       if (t0 == t1) continue;
-      float* S = S_pool + (slots[s] * H + h) * dk * dv;
+      float* S = S_pool + (out_slots[s] * H + h) * dk * dv;
+      const float* S_in = S_pool + (slots[s] * H + h) * dk * dv;
+      if (S_in != S) std::copy(S_in, S_in + dk * dv, S);  // then in place, in cache
       reader.read(t0, h, row);
       transpose_times(S, row.k.data(), dk, dv, kv.data());
       for (int64_t t = t0; t < t1; ++t) {
@@ -139,7 +143,8 @@ void recurrent_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
 
 at::Tensor delta_rule(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& a,
                       const at::Tensor& b, const at::Tensor& A_log, const at::Tensor& dt_bias,
-                      at::Tensor& state, const at::Tensor& slots, const at::Tensor& query_start) {
+                      at::Tensor& state, const at::Tensor& slots, const at::Tensor& query_start,
+                      const at::Tensor& out_slots) {
   check_rows(q, 3, "q");
   check_rows(k, 3, "k");
   check_rows(v, 3, "v");
@@ -158,10 +163,12 @@ at::Tensor delta_rule(const at::Tensor& q, const at::Tensor& k, const at::Tensor
                   state.size(1) == H && state.size(2) == dk && state.size(3) == dv,
               "state must be a contiguous fp32 [M, H, dk, dv] pool");
   TORCH_CHECK(query_start.numel() == B + 1, "query_start must have one entry more than slots");
+  TORCH_CHECK(out_slots.numel() == B, "out_slots must have one entry per sequence, as slots");
   TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type() &&
                   q.scalar_type() == a.scalar_type() && q.scalar_type() == b.scalar_type(),
               "q, k, v, a and b dtypes differ");
   auto slots_c = slots.to(at::kLong).contiguous();
+  auto out_slots_c = out_slots.to(at::kLong).contiguous();
   auto qs_c = query_start.to(at::kLong).contiguous();
   TORCH_CHECK(qs_c.data_ptr<int64_t>()[B] == T, "query_start must end at the number of rows");
   auto A_f = A_log.to(at::kFloat).contiguous();
@@ -169,7 +176,8 @@ at::Tensor delta_rule(const at::Tensor& q, const at::Tensor& k, const at::Tensor
   auto out = at::empty({T, H, dv}, v.options());
   EPSERVE_DISPATCH(q.scalar_type(), "delta_rule", [&] {
     recurrent_impl<scalar_t>(q, k, v, a, b, A_f.data_ptr<float>(), dt_f.data_ptr<float>(), state.data_ptr<float>(),
-                             slots_c.data_ptr<int64_t>(), qs_c.data_ptr<int64_t>(), B, out);
+                             slots_c.data_ptr<int64_t>(), out_slots_c.data_ptr<int64_t>(), qs_c.data_ptr<int64_t>(), B,
+                             out);
   });
   return out;
 }

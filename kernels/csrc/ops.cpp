@@ -10,10 +10,11 @@ std::tuple<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& x, const at::T
                                                 const at::Tensor& weight, double eps);
 at::Tensor gated_rms_norm(const at::Tensor& x, const at::Tensor& z, const at::Tensor& weight, double eps);
 at::Tensor causal_conv1d(const at::Tensor& x, const at::Tensor& weight, at::Tensor& state,
-                         const at::Tensor& slots, const at::Tensor& query_start);
+                         const at::Tensor& slots, const at::Tensor& query_start, const at::Tensor& out_slots);
 at::Tensor delta_rule(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& a,
                       const at::Tensor& b, const at::Tensor& A_log, const at::Tensor& dt_bias,
-                      at::Tensor& state, const at::Tensor& slots, const at::Tensor& query_start);
+                      at::Tensor& state, const at::Tensor& slots, const at::Tensor& query_start,
+                      const at::Tensor& out_slots);
 at::Tensor paged_attention(const at::Tensor& query, const at::Tensor& key_cache,
                            const at::Tensor& value_cache, const at::Tensor& block_tables,
                            const at::Tensor& query_start, const at::Tensor& context_lens, double scale);
@@ -33,9 +34,10 @@ TORCH_LIBRARY(epserve, m) {
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
   m.def("add_rms_norm(Tensor x, Tensor delta, Tensor weight, float eps) -> (Tensor, Tensor)");
   m.def("gated_rms_norm(Tensor x, Tensor z, Tensor weight, float eps) -> Tensor");
-  m.def("causal_conv1d(Tensor x, Tensor weight, Tensor(a!) state, Tensor slots, Tensor query_start) -> Tensor");
+  m.def("causal_conv1d(Tensor x, Tensor weight, Tensor(a!) state, Tensor slots, Tensor query_start, "
+        "Tensor out_slots) -> Tensor");
   m.def("delta_rule(Tensor q, Tensor k, Tensor v, Tensor a, Tensor b, Tensor A_log, "
-        "Tensor dt_bias, Tensor(a!) state, Tensor slots, Tensor query_start) -> Tensor");
+        "Tensor dt_bias, Tensor(a!) state, Tensor slots, Tensor query_start, Tensor out_slots) -> Tensor");
   m.def("paged_attention(Tensor query, Tensor key_cache, Tensor value_cache, Tensor block_tables, "
         "Tensor query_start, Tensor context_lens, float scale) -> Tensor");
   m.def("topk_softmax(Tensor logits, int k) -> (Tensor, Tensor)");

@@ -20,6 +20,7 @@ import torch
 from cluster import LLM, AsyncLLM, ClusterConfig, ConfigError, SamplingParams, UnavailableError
 from cluster.engine.engine import EngineCore
 from cluster.engine.ray_executor import WorkerFailure
+from cluster.worker.runner import ModelRunner
 from router.placement import ExpertPlacement
 from tests.conftest import FLAGSHIP_SHAPE
 
@@ -54,8 +55,9 @@ class _FailOnce:
 
 def test_a_step_failing_half_way_is_undone_and_replays_to_the_same_tokens(make_checkpoint, undisturbed):
     engine = EngineCore(make_checkpoint(FLAGSHIP_SHAPE), warm_up=False)
-    runner = engine.executor.runner
-    runner.transactional = True
+    # an attention worker's runner: double-buffered states, undo points
+    runner = engine.executor.runner = ModelRunner(engine.executor.runner.model, engine.scheduler.layout,
+                                                  transactional=True)
     for i, prompt in enumerate(PROMPTS):
         engine.add_request(str(i), prompt, GREEDY)
     tokens = {str(i): [] for i in range(len(PROMPTS))}
@@ -68,13 +70,14 @@ def test_a_step_failing_half_way_is_undone_and_replays_to_the_same_tokens(make_c
         scheduled, messages = engine.scheduler.schedule()
         advance(scheduled, engine.executor.execute(messages))
     scheduled, messages = engine.scheduler.schedule()
-    before = (runner.states._conv.clone(), runner.states._recurrent.clone(),
-              {i: (list(s.tokens), list(s.block_table)) for i, s in runner.sequences.items()})
+    slots = torch.tensor([s.slot for s in runner.sequences.values()])
+    before = (*runner.states.save(slots), {i: (list(s.tokens), list(s.block_table)) for i, s in runner.sequences.items()})
     third_moe = list(runner.model.moe_layers())[2]  # layers 0-1 update their DeltaNet states first
     third_moe.dispatcher = _FailOnce(third_moe.dispatcher)
     with pytest.raises(ConnectionError):
         engine.executor.execute(messages)
-    assert torch.equal(runner.states._conv, before[0]) and torch.equal(runner.states._recurrent, before[1])
+    conv, recurrent = runner.states.save(slots)  # the current states: as before the failed step
+    assert torch.equal(conv, before[0]) and torch.equal(recurrent, before[1])
     assert {i: (s.tokens, s.block_table) for i, s in runner.sequences.items()} == before[2]
 
     advance(scheduled, engine.executor.execute(messages))  # the replay

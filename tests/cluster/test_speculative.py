@@ -42,11 +42,17 @@ def test_greedy_is_lossless_single_process(make_checkpoint, plain_tokens, k):
     assert stats["mean_accepted_length"] == 1 + stats["accepted"] / stats["verify_steps"]
 
 
-def test_rollback_after_partial_acceptance(make_checkpoint, plain_tokens, monkeypatch):
+@pytest.mark.parametrize("transactional", [False, True], ids=["in-place", "double-buffered"])
+def test_rollback_after_partial_acceptance(make_checkpoint, plain_tokens, monkeypatch, transactional):
     """Drafts replaced by the right continuation with one wrong token at a varying place: every
     verify keeps 0..k drafts, the DeltaNet states and caches go back to just after them, and the
-    tokens are those of plain decoding."""
+    tokens are those of plain decoding. Transactional (an attention worker's runner): the states
+    from before the step are the rows it read, not a copy."""
     k = 3
+    if transactional:
+        real_init = ModelRunner.__init__
+        monkeypatch.setattr(ModelRunner, "__init__",
+                            lambda self, *args, **kw: real_init(self, *args, **{**kw, "transactional": True}))
     references = [list(p) + t for p, t in zip(PROMPTS, plain_tokens)]
     calls = []
     real_draft = ModelRunner._draft

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -284,3 +286,46 @@ def test_qk_norm_rope(dtype):
     assert close(fast, ref, DTYPES[dtype])
     plain, *_ = both(kernels.qk_norm_rope, q_and_gate[..., :hd], key, *weights, 1e-6, positions, inv_freq)
     assert not close(fast, plain, DTYPES[dtype])
+
+
+@contextlib.contextmanager
+def backend_named(name):
+    """'native': the C++ kernels; 'batched': the batched torch versions (a device without its own
+    kernels); 'reference': the plain-torch references."""
+    from kernels import backend
+    if name == "reference":
+        with reference_kernels():
+            yield
+        return
+    loaded = backend._cpu_kernels
+    backend._cpu_kernels = name == "native"
+    try:
+        yield
+    finally:
+        backend._cpu_kernels = loaded
+
+
+@pytest.mark.parametrize("name", ["native", "batched", "reference"])
+def test_state_written_to_other_rows_equals_in_place(name):
+    """A double-buffered state cache reads a slot's row and writes the other one: the same outputs
+    and new states as in place, and the rows read (the state before the step) left as they were."""
+    lens = [1, 1, 1, 70, 5]
+    q, k, v, a, b, A_log, dt_bias, state = delta_inputs(sum(lens), 2, 4, 32, 16, 16, torch.float32, seed=10)
+    C, K = 96, 4
+    g = torch.Generator().manual_seed(11)
+    x, weight = torch.randn(sum(lens), C, generator=g), torch.randn(C, K, generator=g)
+    conv_state = torch.randn(16, K - 1, C, generator=g)
+    read, write = torch.tensor([6, 2, 4, 0, 7]), torch.tensor([9, 14, 8, 3, 12])
+    with backend_named(name):
+        in_place, elsewhere = state.clone(), state.clone()
+        o1 = kernels.delta_rule(q, k, v, a, b, A_log, dt_bias, in_place, read, ragged(lens), lens, 3)
+        o2 = kernels.delta_rule(q, k, v, a, b, A_log, dt_bias, elsewhere, read, ragged(lens), lens, 3, write)
+        conv_in_place, conv_elsewhere = conv_state.clone(), conv_state.clone()
+        y1 = kernels.causal_conv1d(x, weight, conv_in_place, read, ragged(lens), lens)
+        y2 = kernels.causal_conv1d(x, weight, conv_elsewhere, read, ragged(lens), lens, write)
+    untouched = [i for i in range(16) if i not in write.tolist()]
+    for out1, out2, new1, new2, before in ((o1, o2, in_place, elsewhere, state),
+                                          (y1, y2, conv_in_place, conv_elsewhere, conv_state)):
+        assert torch.equal(out1, out2)
+        assert torch.equal(new2[write], new1[read])
+        assert torch.equal(new2[untouched], before[untouched])
