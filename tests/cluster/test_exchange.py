@@ -3,6 +3,10 @@ pure-torch reference of dispatch + experts + combine."""
 
 from __future__ import annotations
 
+import socket
+import sys
+
+import pytest
 import torch
 import torch.multiprocessing as mp
 
@@ -103,3 +107,25 @@ def test_exchange_matches_reference():
             rows = sum(x.shape[0] for x, _, _ in per_worker)
             for e in range(2):
                 assert outputs[f"expert{e}"][(name, scenario)] == rows * (D * 4 + K * 8)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="abstract Unix sockets are Linux's")
+def test_links_on_one_node_use_a_unix_socket_and_fall_back_to_tcp():
+    """A listener answers on its Unix socket (same node) and on TCP; a peer whose Unix socket name
+    does not answer here (another node) is reached over TCP; a hello with another token is refused."""
+    listener = links.Listener("127.0.0.1")
+    host, port, local_name = listener.address
+    assert local_name
+    reached = []
+    for address in (listener.address, (host, port, "epserve-link-on-another-node"), (host, port, "")):
+        out = links.connect(address, TOKEN, "engine", 0, 10)
+        back = listener.accept(TOKEN, {("engine", 0)}, 10)[("engine", 0)]
+        out.send(torch.arange(6, dtype=torch.float32), b"!")
+        assert torch.equal(back.recv()[:24].view(torch.float32), torch.arange(6, dtype=torch.float32))
+        reached.append(out.sock.family)
+        out.close(), back.close()
+    assert reached == [socket.AF_UNIX, socket.AF_INET, socket.AF_INET]
+    stray = links.connect(listener.address, "another-token", "engine", 0, 10)
+    with pytest.raises(links.LinkError, match="timed out"):
+        listener.accept(TOKEN, {("engine", 0)}, 0.5)
+    stray.close(), listener.close()
