@@ -29,6 +29,8 @@ class ExpertBatch:
 
 
 class Dispatcher(Protocol):
+    remote: bool  # the routed experts compute in other processes between dispatch and combine
+
     def dispatch(
         self,
         layer: int,
@@ -52,6 +54,8 @@ def weighted_sum(pair_out_PD: torch.Tensor, weights_TK: torch.Tensor) -> torch.T
 
 class LocalDispatcher:
     """One process holds every routed expert: the tokens go to the bank as they are."""
+
+    remote = False
 
     def __init__(self, local_index: dict[int, torch.Tensor]) -> None:
         # layer -> [E] global expert -> bank index; None where the bank is every expert in order

@@ -49,7 +49,7 @@ class MoELayer(nn.Module):
 
     def start(self, x_TD: torch.Tensor) -> tuple:
         """Routes and dispatches: the experts start on x (on other workers, they now compute while
-        this one does something else). Returns what `finish` needs."""
+        this one runs the shared expert, then something else). Returns what `finish` needs."""
         logits = linear(x_TD, self.router)
         num_experts = logits.shape[1] - 1
         topk_idx, topk_weights = self.gate.select(logits[:, :num_experts])
@@ -59,13 +59,18 @@ class MoELayer(nn.Module):
             batch, handle = self.dispatcher.dispatch(self.layer_idx, x_TD, topk_idx, topk_weights)
         with self._phase("experts"):
             expert_out = self.experts.forward(self.layer_idx, batch)
-        return x_TD, logits[:, num_experts:], expert_out, handle
+        shared = None
+        if self.dispatcher.remote:  # off the critical path: before waiting for the routed sums
+            shared = self.shared_expert.forward(x_TD, logits[:, num_experts:], torch.zeros_like(x_TD))
+        return x_TD, logits[:, num_experts:], expert_out, handle, shared
 
     def finish(self, started: tuple) -> torch.Tensor:
         """Collects the routed experts' sum and adds the shared expert."""
-        x_TD, shared_logit, expert_out, handle = started
+        x_TD, shared_logit, expert_out, handle, shared = started
         with self._phase("combine"):
             routed = self.dispatcher.combine(expert_out, handle)
+        if shared is not None:  # the same bits as one call: it rounds the gated shared term, then adds
+            return routed + shared
         return self.shared_expert.forward(x_TD, shared_logit, routed)
 
     def forward(self, x_TD: torch.Tensor) -> torch.Tensor:

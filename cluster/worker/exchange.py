@@ -34,6 +34,8 @@ class LinkDispatcher:
     """The attention worker's side: sends each layer's rows to every expert worker, then adds the
     partial sums that come back (router.Dispatcher)."""
 
+    remote = True
+
     def __init__(self, placement: ExpertPlacement, expert_links: list[Link], device="cpu") -> None:
         self.tables = {layer: placement.tables(layer).to(device) for layer in placement.held}
         self.links = expert_links

@@ -41,7 +41,7 @@ class _FailOnce:
     """Wraps a dispatcher: the first dispatch raises, as a lost expert worker's link does."""
 
     def __init__(self, inner) -> None:
-        self.inner, self.failed = inner, False
+        self.inner, self.failed, self.remote = inner, False, inner.remote
 
     def dispatch(self, *args):
         if not self.failed:
