@@ -4,7 +4,8 @@
 
 The layer is handed its dispatcher and the local expert shard (which may hold no experts, when the
 experts live on other workers), so the same code runs in one process and across Ray actors. The
-router and the shared expert's gate run as one matmul once fused.
+router and the shared expert's gate run as one matmul once fused. With remote experts the shared
+expert runs between dispatch and combine, while they compute.
 """
 
 from __future__ import annotations
