@@ -31,16 +31,16 @@ def encode_step(step: StepInput) -> bytes:
 
 
 def decode_step(data: bytes) -> StepInput:
-    raw = msgpack.unpackb(data)
+    raw = msgpack.unpackb(data)  # msgpack's ints, bools and arrays decode as int, bool and list
     chunks = []
     for (seq_id, ids, past, blocks, slot, sample, want_logits, sampling, spec_tokens, verify, next_token,
          images) in raw["chunks"]:
         chunks.append(ScheduledChunk(
-            int(seq_id), tuple(int(t) for t in ids), int(past), tuple(int(b) for b in blocks), int(slot),
-            bool(sample), bool(want_logits), None if sampling is None else _spec(sampling),
-            int(spec_tokens), bool(verify), int(next_token), tuple(_image(*image) for image in images),
+            seq_id, tuple(ids), past, tuple(blocks), slot, sample, want_logits,
+            None if sampling is None else _spec(sampling), spec_tokens, verify, next_token,
+            tuple(_image(*image) for image in images) if images else (),
         ))
-    return StepInput(tuple(chunks), tuple(int(s) for s in raw["freed"]))
+    return StepInput(tuple(chunks), tuple(raw["freed"]))
 
 
 def _image(start: int, grid: list[int], height: int, width: int, pixels: bytes) -> tuple[int, PreparedImage]:
