@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -51,10 +52,26 @@ def stop(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
-def measure(name: str, command: list[str], url: str, args, env=None) -> list[dict]:
-    log = open(Path(tempfile.gettempdir()) / f"serve-peer-{name.split()[0]}.log", "w")
+def direct_url(log_path: Path, proc: subprocess.Popen, timeout_s: float = 600) -> str:
+    """The HTTP address of the model replica's own port, as `epserve serve --direct-ingress` prints it."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        found = re.search(r"HTTP \S+, PORT (\d+)", log_path.read_text(errors="replace"))
+        if found:
+            return f"http://127.0.0.1:{found.group(1)}"
+        if proc.poll() is not None or "PORT none found" in log_path.read_text(errors="replace"):
+            raise RuntimeError(f"the server printed no direct port (see {log_path})")
+        time.sleep(1)
+    raise TimeoutError(f"no direct port printed in {timeout_s:.0f}s (see {log_path})")
+
+
+def measure(name: str, command: list[str], url: str | None, args, env=None) -> list[dict]:
+    """url None: the direct port the server prints."""
+    log_path = Path(tempfile.gettempdir()) / f"serve-peer-{name.split()[0]}.log"
+    log = open(log_path, "w")
     proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
     try:
+        url = url or direct_url(log_path, proc)
         model = wait_ready(url, proc)
         run_bench("http", "", url, 2, 4, args.prompt_len, 4, 300, model, progress=False)  # warm-up
         rows = []
@@ -112,7 +129,7 @@ def main() -> None:
                          "--grpc-port", "9200", "--expert-workers", str(args.expert_workers),
                          "--attention-workers", str(args.attention_workers), "--ingress", ingress,
                          "--stream-interval", str(args.stream_interval), "--dtype", args.dtype, *extra],
-                        f"http://127.0.0.1:{8201 if extra else 8200}", args)
+                        None if extra else "http://127.0.0.1:8200", args)
     print(f"checkpoint {args.model}; {args.num_prompts} streamed completions of {args.output_len} tokens, "
           f"{args.prompt_len}-token prompts")
     print(f"{'server':<60} {'clients':>7} {'tok/s':>8} {'TTFT p50 ms':>12} {'TPOT p50 ms':>12} {'failed':>7}")
