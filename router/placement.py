@@ -67,27 +67,30 @@ class ExpertPlacement:
             for local, e in enumerate(ids):
                 replicas[e].append((w, local))
         width = max(len(r) for r in replicas)
-        worker = torch.zeros(self.num_experts, width, dtype=torch.long)
-        local = torch.zeros(self.num_experts, width, dtype=torch.long)
+        bank = torch.full((len(self.held[layer]), self.num_experts, width), -1, dtype=torch.int32)
         for e, r in enumerate(replicas):
-            for i in range(width):  # pad by repeating: index i % len(r) is what dispatch reads
-                worker[e, i], local[e, i] = r[i % len(r)]
+            for i, (w, local) in enumerate(r):
+                bank[w, e, i] = local
         count = torch.tensor([len(r) for r in replicas])
-        return RoutingTables(worker, local, count)
+        return RoutingTables(bank, count)
 
 
 @dataclass(frozen=True)
 class RoutingTables:
-    """worker[e, i], local[e, i]: replica i of expert e; count[e] replicas (width >= count)."""
+    """bank[w, e, i]: replica i of expert e, as its index in worker w's bank where w holds that
+    replica, else -1; count[e] replicas (i < count[e])."""
 
-    worker: torch.Tensor
-    local: torch.Tensor
-    count: torch.Tensor
+    bank: torch.Tensor  # [workers, experts, width] int32
+    count: torch.Tensor  # [experts]
 
     def to(self, device) -> RoutingTables:
-        return RoutingTables(self.worker.to(device), self.local.to(device), self.count.to(device))
+        return RoutingTables(self.bank.to(device), self.count.to(device))
 
-    def route(self, expert_P: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(worker, local index) for each pair; pair p of expert e goes to replica p mod count[e]."""
-        replica = torch.arange(expert_P.numel(), device=expert_P.device) % self.count[expert_P]
-        return self.worker[expert_P, replica], self.local[expert_P, replica]
+    def route(self, expert_TK: torch.Tensor) -> torch.Tensor:
+        """[workers, T, K] bank index of each (token, k) pair on each worker, -1 on the workers that
+        do not serve it: pair p of expert e goes to replica p mod count[e] (one gather when every
+        expert has one copy)."""
+        if self.bank.shape[2] == 1:
+            return self.bank[:, expert_TK, 0]
+        pair = torch.arange(expert_TK.numel(), device=expert_TK.device).view_as(expert_TK)
+        return self.bank[:, expert_TK, pair % self.count[expert_TK]]

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from router import ExpertBatch
-from router.placement import ExpertPlacement, RoutingTables
+from router.placement import ExpertPlacement
 
 from .links import Link, LinkError
 
@@ -38,25 +38,12 @@ class LinkDispatcher:
 
     def __init__(self, placement: ExpertPlacement, expert_links: list[Link], device="cpu") -> None:
         self.tables = {layer: placement.tables(layer).to(device) for layer in placement.held}
-        # layers whose experts have one copy each: [E, experts] bank index on each worker, -1 where
-        # another worker holds it, so a dispatch's pairs route in one gather
-        self.banks = {layer: _bank_table(t, len(expert_links)).to(device)
-                      for layer, t in self.tables.items() if bool((t.count == 1).all())}
         self.links = expert_links
-        self.workers = torch.arange(len(expert_links), device=device)[:, None, None]  # [E, 1, 1]
         self.device = device
 
     def dispatch(self, layer, hidden_TD, topk_idx_TK, topk_weights_TK):
-        T, K = topk_idx_TK.shape
-        bank = self.banks.get(layer)
-        if bank is not None:
-            idx = bank[:, topk_idx_TK]  # [E, T, K]
-            mine = idx >= 0
-        else:  # replicas: pair p of expert e goes to replica p mod count[e]
-            worker, local = (t.view(T, K) for t in self.tables[layer].route(topk_idx_TK.reshape(-1)))
-            mine = worker[None] == self.workers  # [E, T, K]: pair (t, k) is served by worker e
-            idx = torch.where(mine, local[None], -1).to(torch.int32)
-        weights = torch.where(mine, topk_weights_TK.float()[None], 0.0)
+        idx = self.tables[layer].route(topk_idx_TK)  # [E, T, K]
+        weights = torch.where(idx >= 0, topk_weights_TK.float()[None], 0.0)
         for e, link in enumerate(self.links):
             link.send(hidden_TD, idx[e], weights[e])
         empty = hidden_TD[:0]
@@ -70,14 +57,6 @@ class LinkDispatcher:
         for part in parts:
             total += part.to(self.device)
         return total.float().to(expert_out_RD.dtype)
-
-
-def _bank_table(tables: RoutingTables, num_workers: int) -> torch.Tensor:
-    """[E, experts] int32: expert x's bank index on worker e, -1 on the others (one copy each)."""
-    bank = torch.full((num_workers, tables.worker.shape[0]), -1, dtype=torch.int32)
-    experts = torch.arange(tables.worker.shape[0])
-    bank[tables.worker[:, 0].cpu(), experts] = tables.local[:, 0].cpu().to(torch.int32)
-    return bank
 
 
 class ExpertServer:
