@@ -3,8 +3,9 @@
 Full-attention layers keep K/V for every past token in a *paged* pool: fixed-size blocks, each
 sequence owning a block table (which blocks hold its tokens, in order). Gated DeltaNet layers keep a
 fixed-size state per sequence whatever its length, in a *slot*: the last `kernel - 1` conv inputs
-and the recurrent matrix (fp32), in one row of the pool (two, double-buffered). The pools are allocated once, from a memory budget; which
-sequence owns which blocks and slot is decided by the scheduler (cluster.engine.scheduler).
+and the recurrent matrix (fp32), in one row of the pool (two, double-buffered). The pools are
+allocated once, from a memory budget; which sequence owns which blocks and slot is decided by the
+scheduler (cluster.engine.scheduler).
 
 Shapes: N blocks, S block size, KV kv heads, hd head dim, M slots, C conv channels, H value heads,
 T rows of a step, B sequences of a step.
@@ -65,10 +66,10 @@ class DeltaNetStateCache:
         current = self._current[slots]
         return 2 * slots + current, 2 * slots + 1 - current
 
-    def commit(self, slots: torch.Tensor) -> None:
+    def commit(self, slots: list[int]) -> None:
         """After a successful step over these slots: what it wrote becomes their current state."""
         if self._current is not None:
-            self._current[slots] ^= 1
+            self._current[torch.tensor(slots, dtype=torch.long, device=self._current.device)] ^= 1
 
     def reset(self, slots: torch.Tensor) -> None:
         """Zeroes the current state of sequences starting afresh (new, or recomputed after preemption)."""

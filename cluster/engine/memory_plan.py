@@ -4,9 +4,9 @@ Per attention worker: the dense weights (exact: the model built on the meta devi
 KV blocks and DeltaNet state slots (cache_plan), their second rows when failed steps are replayed
 (the states are double-buffered: a failed step leaves the current rows as they were), and the
 exchange buffers of one step. Per expert worker: its share of every MoE layer's experts (the
-busiest worker under the placement) and its exchange buffers. Activations
-of a step are not planned (small next to these at serving batch sizes); `headroom` covers them
-and the allocator. A plan that does not fit the device is refused with the numbers.
+busiest worker under the placement) and its exchange buffers. Activations of a step are not
+planned (small next to these at serving batch sizes); `headroom` covers them and the allocator.
+A plan that does not fit the device is refused with the numbers.
 """
 
 from __future__ import annotations

@@ -171,8 +171,8 @@ def connect(address: Address, token: str, role: str, rank: int, timeout_s: float
     host, port, *rest = address
     sock = None
     if rest and rest[0]:
+        sock = socket.socket(socket.AF_UNIX)
         try:
-            sock = socket.socket(socket.AF_UNIX)
             sock.settimeout(timeout_s)
             sock.connect("\0" + rest[0])
         except OSError:  # another node (or network namespace): TCP

@@ -108,8 +108,7 @@ class ModelRunner:
             results = self._results(chunks, [n for _, batch in laid for n in batch.query_lens], hidden)
             self._roll_back_rejected(chunks, results, [batch for _, batch in laid])
             self._draft(chunks, results, hidden)
-            self.states.commit(torch.tensor([self.sequences[c.seq_id].slot for c in chunks],
-                                            dtype=torch.long, device=self.device))
+            self.states.commit([self.sequences[c.seq_id].slot for c in chunks])
         except Exception:
             if undo is not None:
                 self._roll_back(*undo)
