@@ -56,42 +56,46 @@ struct Simd<c10::BFloat16> {
 #endif
 
 // The weight is read strictly in memory order, one row after another (interleaving several rows
-// halves what this machine's prefetchers deliver); each weight chunk serves four input rows.
-// Every output is summed in one fixed order — register-wide chunks in turn, then reduce_add4's
-// tree — whatever n is and wherever the row falls in its group of four (a short group repeats its
-// last row), so a row's result does not depend on the batch around it.
+// halves what this machine's prefetchers deliver); each weight chunk serves a group of up to four
+// input rows (G, a compile-time count, so a short last group does no extra work). Every output is
+// summed in one fixed order — register-wide chunks in turn, then reduce_add4's tree — whatever n
+// is and wherever the row falls in its group, so a row's result does not depend on the batch
+// around it.
+template <typename T, int G>
+inline void group_times_weight_row(const T* const* x, const T* w, int64_t full, typename Simd<T>::Mask tail,
+                                   float* sums) {
+  using S = Simd<T>;
+  constexpr int64_t L = S::kLanes;
+  __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+  for (int64_t d = 0; d < full; d += L) {
+    const auto wv = S::load(w + d);
+    for (int g = 0; g < G; ++g) acc[g] = S::fma(acc[g], wv, S::load(x[g] + d));
+  }
+  if (tail) {
+    const auto wv = S::load(w + full, tail);
+    for (int g = 0; g < G; ++g) acc[g] = S::fma(acc[g], wv, S::load(x[g] + full, tail));
+  }
+  _mm_storeu_ps(sums, reduce_add4(acc[0], acc[1], acc[2], acc[3]));
+}
+
 template <typename T>
 inline void rows_times_weights_simd(const T* const* rows, int64_t n, const T* W, int64_t out_dim, int64_t D,
                                     float* out) {
-  using S = Simd<T>;
-  constexpr int64_t L = S::kLanes;
+  constexpr int64_t L = Simd<T>::kLanes;
   const int64_t full = D / L * L;
-  const auto tail = static_cast<typename S::Mask>((D - full) ? (1ull << (D - full)) - 1ull : 0ull);
+  const auto tail = static_cast<typename Simd<T>::Mask>((D - full) ? (1ull << (D - full)) - 1ull : 0ull);
+  alignas(16) float sums[4];
   for (int64_t i = 0; i < out_dim; ++i) {
     const T* w = W + i * D;
     for (int64_t r = 0; r < n; r += 4) {
-      const T* x0 = rows[r];
-      const T* x1 = rows[std::min(r + 1, n - 1)];
-      const T* x2 = rows[std::min(r + 2, n - 1)];
-      const T* x3 = rows[std::min(r + 3, n - 1)];
-      __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-      for (int64_t d = 0; d < full; d += L) {
-        const auto wv = S::load(w + d);
-        a0 = S::fma(a0, wv, S::load(x0 + d));
-        a1 = S::fma(a1, wv, S::load(x1 + d));
-        a2 = S::fma(a2, wv, S::load(x2 + d));
-        a3 = S::fma(a3, wv, S::load(x3 + d));
+      const int64_t g = std::min<int64_t>(4, n - r);
+      switch (g) {
+        case 1: group_times_weight_row<T, 1>(rows + r, w, full, tail, sums); break;
+        case 2: group_times_weight_row<T, 2>(rows + r, w, full, tail, sums); break;
+        case 3: group_times_weight_row<T, 3>(rows + r, w, full, tail, sums); break;
+        default: group_times_weight_row<T, 4>(rows + r, w, full, tail, sums); break;
       }
-      if (tail) {
-        const auto wv = S::load(w + full, tail);
-        a0 = S::fma(a0, wv, S::load(x0 + full, tail));
-        a1 = S::fma(a1, wv, S::load(x1 + full, tail));
-        a2 = S::fma(a2, wv, S::load(x2 + full, tail));
-        a3 = S::fma(a3, wv, S::load(x3 + full, tail));
-      }
-      alignas(16) float sums[4];
-      _mm_store_ps(sums, reduce_add4(a0, a1, a2, a3));
-      for (int64_t j = 0; j < 4 && r + j < n; ++j) out[(r + j) * out_dim + i] = sums[j];
+      for (int64_t j = 0; j < g; ++j) out[(r + j) * out_dim + i] = sums[j];
     }
   }
 }

@@ -256,6 +256,20 @@ def test_linear_few_rows(dtype, rows):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("K", [100, 300])
+def test_linear_row_is_the_same_bits_in_any_batch(dtype, K):
+    """Batch invariance at its root: a row's output does not depend on how many rows share the call
+    or where it sits among them (groups of four, a short last group, the accumulator phases)."""
+    g = torch.Generator().manual_seed(12)
+    x = torch.randn(9, K, generator=g).to(dtype)
+    weight = torch.randn(37, K, generator=g).to(dtype)
+    alone = torch.cat([kernels.linear(x[r:r + 1], weight) for r in range(9)])
+    for rows in range(2, 10):
+        assert torch.equal(kernels.linear(x[:rows], weight), alone[:rows])
+    assert torch.equal(kernels.linear(x[3:8], weight), alone[3:8])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rows", [1, 5, 12])
 def test_add_shared_expert(dtype, rows):
     g = torch.Generator().manual_seed(11)
