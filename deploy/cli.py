@@ -77,7 +77,8 @@ def _server_config(args):
         max_replicas=max(args.max_replicas, args.min_replicas),
         target_ongoing_requests=args.target_ongoing_requests, device=args.device, dtype=args.dtype,
         api_keys=_keys(args.api_key, "EPSERVE_API_KEY"), admin_api_keys=_keys(args.admin_api_key, "EPSERVE_ADMIN_API_KEY"),
-        speculative_tokens=args.speculative_tokens, allow_image_urls=args.allow_image_urls,
+        speculative_tokens=args.speculative_tokens,
+        allow_image_urls=args.allow_image_urls or bool(args.image_url_host), image_url_hosts=args.image_url_host or [],
         max_images_per_request=args.max_images_per_request, stream_interval=args.stream_interval,
         ingress=args.ingress,
     )
@@ -327,6 +328,9 @@ def _add_server_args(p, grpc_port: int, http_port: int) -> None:
     p.add_argument("--max-images-per-request", type=int, default=4, help="images one request may carry")
     p.add_argument("--allow-image-urls", action="store_true",
                    help="fetch http(s) image_url parts of chat requests (default: data URLs only)")
+    p.add_argument("--image-url-host", action="append", default=None, metavar="HOST",
+                   help="fetch image URLs from this host only (repeatable; implies --allow-image-urls; "
+                        "redirects elsewhere are refused)")
     p.add_argument("--api-key", action="append", default=None,
                    help="require 'Authorization: Bearer KEY' on every request but health (repeatable; "
                         "default: $EPSERVE_API_KEY)")

@@ -1,12 +1,16 @@
 """Images at the front door: OpenAI `image_url` parts (data URLs; http(s) only when the server allows
-fetching) and gRPC image bytes, decoded and resized here under the server's limits, so that a bad
-or oversized image is refused with 400 / INVALID_ARGUMENT naming the problem before it reaches a
-model instance. What travels on is the resized uint8 image (vision.PreparedImage)."""
+fetching, from the hosts it names) and gRPC image bytes, decoded and resized here under the server's
+limits, so that a bad or oversized image is refused with 400 / INVALID_ARGUMENT naming the problem
+before it reaches a model instance. What travels on is the resized uint8 image
+(vision.PreparedImage). Fetching and decoding block: callers on an event loop run them in a thread
+(`prepare_urls`), so a slow image server stalls only its own request."""
 
 from __future__ import annotations
 
 import base64
 import binascii
+import urllib.error
+import urllib.parse
 import urllib.request
 
 from cluster.engine.multimodal import place_images
@@ -17,11 +21,37 @@ from .errors import RequestError
 FETCH_TIMEOUT_S = 10
 
 
+class _CheckedRedirects(urllib.request.HTTPRedirectHandler):
+    """Follows a redirect only to an http(s) URL the server would fetch itself."""
+
+    def __init__(self, check) -> None:
+        self.check = check
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        self.check(newurl)
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
 class ImageInputs:
-    def __init__(self, model_config, max_images: int, max_bytes: int, max_pixels: int, allow_urls: bool) -> None:
+    def __init__(self, model_config, max_images: int, max_bytes: int, max_pixels: int, allow_urls: bool,
+                 url_hosts: list[str] = ()) -> None:
         self.model_config = model_config
         self.max_images, self.allow_urls = max_images, allow_urls
+        self.url_hosts = {h.lower() for h in url_hosts}  # empty: any host
         self.limits = ImageLimits(max_bytes=max_bytes, max_pixels=max_pixels)
+        self._opener = urllib.request.build_opener(_CheckedRedirects(self._check_fetchable))
+
+    def _check_fetchable(self, url: str) -> None:
+        """Refuses an http(s) URL this server may not fetch (fetching off, or a host not named)."""
+        if not self.allow_urls:
+            raise RequestError("invalid", "image URLs are not fetched by this server (start it with "
+                                          "--allow-image-urls); send a data URL", "image_url")
+        parsed = urllib.parse.urlsplit(url)
+        if parsed.scheme not in ("http", "https") or not parsed.hostname:
+            raise RequestError("invalid", f"image URL {url!r} is not an http(s) URL", "image_url")
+        if self.url_hosts and parsed.hostname.lower() not in self.url_hosts:
+            raise RequestError("invalid", f"image URL host {parsed.hostname!r} is not one this server fetches "
+                                          f"from (image_url_hosts)", "image_url")
 
     def url_bytes(self, url: str) -> bytes:
         """An image_url's bytes: a base64 data URL, or (if allowed) an http(s) URL fetched with a
@@ -38,15 +68,21 @@ class ImageInputs:
             except (binascii.Error, ValueError) as e:
                 raise RequestError("invalid", f"image data URL is not valid base64: {e}", "image_url") from e
         if url.startswith(("http://", "https://")):
-            if not self.allow_urls:
-                raise RequestError("invalid", "image URLs are not fetched by this server (start it with "
-                                              "--allow-image-urls); send a data URL", "image_url")
+            self._check_fetchable(url)
             try:
-                with urllib.request.urlopen(url, timeout=FETCH_TIMEOUT_S) as response:
-                    return response.read(self.limits.max_bytes + 1)
-            except OSError as e:
+                with self._opener.open(url, timeout=FETCH_TIMEOUT_S) as response:
+                    data = response.read(self.limits.max_bytes + 1)
+            except (OSError, urllib.error.URLError) as e:
                 raise RequestError("invalid", f"image URL could not be fetched: {e}", "image_url") from e
+            if len(data) > self.limits.max_bytes:
+                raise RequestError("invalid", f"image at the URL is above {self.limits.max_bytes} bytes "
+                                              f"(max_image_bytes)", "image_url")
+            return data
         raise RequestError("invalid", "image_url must be a data URL (or http(s) where allowed)", "image_url")
+
+    def prepare_urls(self, urls: list[str]) -> list[PreparedImage]:
+        """image_url parts fetched or decoded, then prepared (blocking: run it off the event loop)."""
+        return self.prepare([self.url_bytes(url) for url in urls])
 
     def check_count(self, count: int, param: str = "images") -> None:
         """A request may carry images only to a model with a vision tower, at most max_images."""

@@ -9,6 +9,7 @@ same replica (`LocalModel`: the colocated layout, one relay of every streamed me
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import uuid
 from collections.abc import AsyncIterator
@@ -80,7 +81,8 @@ class Ingress:
             [c.vision_start_token_id, c.image_token_id, c.vision_end_token_id], skip_special_tokens=False
         ) if c.vision is not None else ""
         self.images = ImageInputs(self.model_config, self.config.max_images_per_request, self.config.max_image_bytes,
-                                  self.config.max_image_pixels, self.config.allow_image_urls)
+                                  self.config.max_image_pixels, self.config.allow_image_urls,
+                                  self.config.image_url_hosts)
 
     # -- shared by gRPC and HTTP -------------------------------------------------------------------
     def check_model(self, name: str | None) -> None:
@@ -113,6 +115,14 @@ class Ingress:
                                                f"exceeds the context length of {self.max_model_len}", "max_tokens")
         return ({"prompt_token_ids": ids, "images": prepared} if prepared else ids), sampling
 
+    async def prepare_off_loop(self, model: str | None, prompt: str | list[int], sampling: dict,
+                               images: list[bytes]) -> tuple[list[int] | dict, dict]:
+        """`prepare`, in a thread when there are images to decode (blocking work off the event loop
+        that streams every other request)."""
+        if images:
+            return await asyncio.to_thread(self.prepare, model, prompt, sampling, list(images))
+        return self.prepare(model, prompt, sampling)
+
     async def stream(self, prompt: list[int] | dict, sampling: dict, request_id: str) -> AsyncIterator[dict]:
         """Output dicts from a model instance; engine refusals become RequestErrors. Leaving early
         cancels the request in the engine."""
@@ -138,8 +148,8 @@ class Ingress:
         request_id = request.request_id or uuid.uuid4().hex
         try:
             self.auth.check_grpc(grpc_context)
-            prompt, sampling = self.prepare(request.model, convert.prompt_of(request),
-                                            convert.sampling_kwargs(request.sampling), request.images)
+            prompt, sampling = await self.prepare_off_loop(request.model, convert.prompt_of(request),
+                                                           convert.sampling_kwargs(request.sampling), request.images)
             outs = [out async for out in self.stream(prompt, sampling, request_id)]
         except Exception as e:
             self._fail(grpc_context, e)
@@ -153,8 +163,8 @@ class Ingress:
         request_id = request.request_id or uuid.uuid4().hex
         try:
             self.auth.check_grpc(grpc_context)
-            prompt, sampling = self.prepare(request.model, convert.prompt_of(request),
-                                            convert.sampling_kwargs(request.sampling), request.images)
+            prompt, sampling = await self.prepare_off_loop(request.model, convert.prompt_of(request),
+                                                           convert.sampling_kwargs(request.sampling), request.images)
             async for o in self.stream(prompt, sampling, request_id):
                 yield convert.generate_response(
                     request_id, o["new_token_ids"], o["new_text"], o["logprobs"], o["finish_reason"],

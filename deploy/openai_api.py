@@ -284,13 +284,14 @@ class OpenAIRoutes:
             prompt = self.chat_template.render([message for message, _ in rendered])
         except ValueError as e:
             raise RequestError("invalid", str(e), "messages") from e
-        images = self.images.prepare([self.images.url_bytes(url) for url in urls])
-        prompt_len = len(self.tokenizer.encode(prompt)) + sum(
+        images = await asyncio.to_thread(self.images.prepare_urls, urls) if urls else []  # fetching blocks
+        prompt_ids = self.tokenizer.encode(prompt)
+        prompt_len = len(prompt_ids) + sum(
             image.num_tokens(self.model_config.vision.spatial_merge_size) for image in images)
         max_tokens = body.max_completion_tokens or body.max_tokens or max(
             1, min(self.config.max_tokens_limit, self.max_model_len - prompt_len))
         top = (body.top_logprobs or 0) if body.logprobs else None
-        outputs, firsts = await self._start(body.model, prompt, body.sampling(max_tokens, top), body.n, images)
+        outputs, firsts = await self._start(body.model, prompt_ids, body.sampling(max_tokens, top), body.n, images)
         chat_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
         def logprobs(outs: list[dict]) -> dict | None:

@@ -1,18 +1,24 @@
-"""Images through the front door: OpenAI chat `image_url` parts (data URLs) and gRPC image bytes,
-down to the expert workers and back, equal to the engine in process; bad or oversized images
-refused with 400 / INVALID_ARGUMENT naming the problem, and the server keeps serving."""
+"""Images through the front door: OpenAI chat `image_url` parts (data URLs, and http URLs from the
+hosts the server names) and gRPC image bytes, down to the expert workers and back, equal to the
+engine in process; bad or oversized images refused with 400 / INVALID_ARGUMENT naming the problem,
+and the server keeps serving, also while an image URL is slow to answer."""
 
 from __future__ import annotations
 
 import base64
 import subprocess
 import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import grpc
 import pytest
 
 from cluster import SamplingParams
 from deploy.client import Client
+from deploy.errors import RequestError
+from deploy.images import ImageInputs
 from tests.deploy.test_server import offline, post  # noqa: F401 (fixture)
 from tests.vision.test_vision import png, random_image, zero_width_png
 
@@ -21,6 +27,99 @@ GREEDY = dict(max_tokens=6, temperature=0.0)
 
 def data_url(data: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(data).decode()
+
+
+class ImageHost:
+    """A local HTTP server for image URLs: `files` by path, /to/<path> redirects to http://<host>:port/<path>
+    given by ?host=, and /gate.png answers only once `gate` is set (or after 30 s, noted in `answered`)."""
+
+    def __init__(self) -> None:
+        self.files: dict[str, bytes] = {}
+        self.fetching, self.gate, self.answered = threading.Event(), threading.Event(), threading.Event()
+        host = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):
+                path, _, query = self.path.partition("?")
+                if path.startswith("/to/"):
+                    self.send_response(302)
+                    self.send_header("Location", f"http://{query.split('=')[1]}:{host.port}/{path[4:]}")
+                    self.end_headers()
+                    return
+                if path == "/gate.png":
+                    host.fetching.set()
+                    host.gate.wait(30)
+                    host.answered.set()
+                data = host.files.get(path)
+                self.send_response(200 if data is not None else 404)
+                self.end_headers()
+                self.wfile.write(data or b"")
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.httpd.server_address[1]
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def url(self, path: str, host: str = "127.0.0.1") -> str:
+        return f"http://{host}:{self.port}{path}"
+
+
+@pytest.fixture(scope="module")
+def image_host():
+    host = ImageHost()
+    yield host
+    host.gate.set()
+    host.httpd.shutdown()
+
+
+def test_image_urls_are_fetched_only_from_the_named_hosts(image_host):
+    cat = png(random_image(20, 20, 35))
+    image_host.files.update({"/cat.png": cat, "/big.png": b"x" * 1001})
+    named = ImageInputs(None, 4, max_bytes=1000 + len(cat), max_pixels=10**6, allow_urls=True,
+                        url_hosts=["127.0.0.1"])
+    assert named.url_bytes(image_host.url("/cat.png")) == cat
+    assert named.url_bytes(image_host.url("/to/cat.png?host=127.0.0.1")) == cat
+    refused = [(image_host.url("/cat.png", "localhost"), "'localhost' is not one this server fetches from"),
+               (image_host.url("/to/cat.png?host=localhost"), "'localhost' is not one"),  # a redirect elsewhere
+               (image_host.url("/missing.png"), "404"),
+               ("http:///cat.png", "is not an http")]
+    for url, message in refused:
+        with pytest.raises(RequestError, match=message):
+            named.url_bytes(url)
+    small = ImageInputs(None, 4, max_bytes=1000, max_pixels=10**6, allow_urls=True)
+    with pytest.raises(RequestError, match="above 1000 bytes"):
+        small.url_bytes(image_host.url("/big.png"))
+    any_host = ImageInputs(None, 4, max_bytes=10**6, max_pixels=10**6, allow_urls=True)
+    assert any_host.url_bytes(image_host.url("/cat.png", "localhost")) == cat
+    off = ImageInputs(None, 4, max_bytes=10**6, max_pixels=10**6, allow_urls=False)
+    with pytest.raises(RequestError, match="--allow-image-urls"):
+        off.url_bytes(image_host.url("/cat.png"))
+
+
+def test_a_slow_image_url_holds_up_only_its_own_request(server, image_host):
+    """The replica fetches in a thread: while an image server keeps it waiting, other requests are
+    served; the fetched image then gives the same answer as the same image in a data URL."""
+    image = png(random_image(64, 64, 36))
+    image_host.files["/gate.png"] = image
+
+    def chat(url: str) -> tuple[int, dict]:
+        return post(server, "/v1/chat/completions", {
+            "model": "tiny", "max_tokens": 6, "temperature": 0.0,
+            "messages": [{"role": "user", "content": [{"type": "text", "text": "Describe "},
+                                                      {"type": "image_url", "image_url": {"url": url}}]}]})
+
+    with ThreadPoolExecutor(1) as pool:
+        slow = pool.submit(chat, image_host.url("/gate.png"))
+        assert image_host.fetching.wait(60)
+        code, _ = post(server, "/v1/completions", {"model": "tiny", "prompt": "hi", "max_tokens": 2})
+        assert code == 200 and not image_host.answered.is_set()  # served while the fetch still waited
+        image_host.gate.set()
+        code, fetched = slow.result(timeout=120)
+    assert code == 200
+    code, inline = chat(data_url(image))
+    assert code == 200 and fetched["choices"][0]["message"]["content"] == inline["choices"][0]["message"]["content"]
 
 
 @pytest.fixture(scope="module")
@@ -83,12 +182,12 @@ def test_bad_images_are_refused_and_the_server_keeps_serving(server, client, ima
 
 
 @pytest.mark.parametrize("url, message", [
-    ("https://example.com/cat.png", "--allow-image-urls"),
+    ("https://example.com/cat.png", "'example.com' is not one this server fetches from"),
     ("data:image/png,rawbytes", "must be base64"),
     ("data:image/png;base64,%%%", "not valid base64"),
     ("ftp://example.com/cat.png", "must be a data URL"),
 ])
-def test_image_urls_are_refused_unless_allowed(server, url, message):
+def test_image_urls_are_refused_outside_the_named_hosts(server, url, message):
     body = {"model": "tiny", "max_tokens": 2,
             "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}]}]}
     code, reply = post(server, "/v1/chat/completions", body)
