@@ -21,12 +21,6 @@ struct Task {
 };
 
 template <typename T>
-inline void prefetch(const T* p, int64_t n) {
-  const char* bytes = reinterpret_cast<const char*>(p);
-  for (int64_t i = 0; i < n * static_cast<int64_t>(sizeof(T)); i += 64) __builtin_prefetch(bytes + i, 0, 2);
-}
-
-template <typename T>
 void attention_impl(const at::Tensor& query, const at::Tensor& key_cache, const at::Tensor& value_cache,
                     const int64_t* tables, int64_t max_blocks, const int64_t* qs, const int64_t* cl,
                     const std::vector<Task>& tasks, int64_t work, float scale, at::Tensor& out) {

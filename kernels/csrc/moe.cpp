@@ -18,6 +18,7 @@ namespace epserve {
 namespace {
 
 constexpr int64_t kRows = 16;  // pairs of one expert per task
+constexpr int64_t kPrefetchBytes = 2048;  // of each matrix of the next task's expert
 
 template <typename T>
 void topk_impl(const at::Tensor& logits, int64_t K, at::Tensor& idx, at::Tensor& weights) {
@@ -78,6 +79,13 @@ void experts_impl(const at::Tensor& x, const int64_t* ip, const T* wp, const at:
     for (int64_t t = 0; t < num_tasks; ++t) {
       const Task task = tasks[t];
       const int64_t n = task.count;
+      if (t + 1 < num_tasks && tasks[t + 1].expert != task.expert) {
+        // the start of the next expert's two weight streams: the hardware prefetchers, which ramp
+        // up on each new stream, then find it under way (small experts are mostly stream starts)
+        const int64_t next = tasks[t + 1].expert, elements = kPrefetchBytes / static_cast<int64_t>(sizeof(T));
+        prefetch(gp + next * I2 * D, std::min<int64_t>(I2 * D, elements));
+        prefetch(dp + next * D * I, std::min<int64_t>(D * I, elements));
+      }
       for (int64_t r = 0; r < n; ++r) rows[r] = xp + (order[task.first + r] / K) * xs;
       rows_times_weights(rows, n, gp + task.expert * I2 * D, I2, D, h.data());  // gate | up
       for (int64_t r = 0; r < n; ++r) {
