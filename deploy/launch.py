@@ -30,6 +30,12 @@ class ClusterViews:
 
 DIRECT_PORTS = 16  # ports per protocol direct ingress may hand out (a replaced replica takes a fresh one)
 
+# Serve settings read where a cluster's processes start (set here for an embedded cluster, in the
+# pods' env on KubeRay): Serve's proxies hand requests to the replicas over gRPC instead of as Ray
+# actor calls, which makes relaying every streamed message cheaper (16 streaming clients through
+# the default layout: +18% output tok/s here, README).
+SERVE_ENV = {"RAY_SERVE_PROXY_USE_GRPC": "1"}
+
 
 def direct_ingress_env(http_port: int, grpc_port: int) -> dict[str, str]:
     """Ray Serve's direct ingress (an experimental Serve setting, read where its controller starts):
@@ -71,6 +77,9 @@ def start_server(cfg: AppConfig, grpc_port: int = 9000, http_port: int = 8000, h
     if not ray.is_initialized():
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a local demo cluster needs no token
         embedded = address is None
+        if embedded:
+            for name, value in SERVE_ENV.items():
+                os.environ.setdefault(name, value)  # the caller's own setting wins
         ray.init(address=address or "local", num_cpus=num_cpus, logging_level=logging.WARNING, log_to_driver=False,
                  **(dict(include_dashboard=views.dashboard, dashboard_host=views.dashboard_host,
                          dashboard_port=views.dashboard_port, _metrics_export_port=views.metrics_port)

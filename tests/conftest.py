@@ -68,6 +68,10 @@ def ray_cluster(tmp_path_factory):
     """One local Ray cluster for the whole test session (start-up costs seconds)."""
     ray = pytest.importorskip("ray")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    from deploy.launch import SERVE_ENV
+
+    for name, value in SERVE_ENV.items():  # as `epserve serve` starts its cluster
+        os.environ.setdefault(name, value)
     ray.init(
         num_cpus=4,  # logical: fractional actors of several model instances on 2 cores
         include_dashboard=False,

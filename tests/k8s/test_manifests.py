@@ -56,6 +56,14 @@ def test_head_pods_point_ray_at_grafana_and_prometheus(service):
     assert env["RAY_GRAFANA_HOST"].startswith("http://") and env["RAY_PROMETHEUS_HOST"].startswith("http://")
 
 
+def test_every_pod_starts_ray_with_the_serve_settings_of_the_embedded_cluster(service):
+    from deploy.launch import SERVE_ENV
+
+    for container in containers(service["spec"]["rayClusterConfig"]):
+        env = {e["name"]: e["value"] for e in container.get("env", [])}
+        assert {name: env.get(name) for name in SERVE_ENV} == SERVE_ENV, container["name"]
+
+
 @pytest.fixture(params=JOBS, ids=[p.name for p in JOBS])
 def job(request) -> dict:
     [resource] = resources(request.param)
