@@ -46,6 +46,28 @@ def call(url: str, body: dict | None = None, key: str | None = None) -> tuple[in
 COMPLETION = {"model": "tiny", "prompt": [5, 6, 7], "max_tokens": 2}
 
 
+def test_the_separate_layout_carries_images_and_streams_like_the_colocated(server, secure):
+    """The ingress deployment hands prepared images and streams to the model's over gRPC."""
+    from tests.deploy.test_images import data_url
+    from tests.vision.test_vision import png, random_image
+
+    image = data_url(png(random_image(48, 80, 37)))
+    body = {"model": "tiny", "max_tokens": 5, "temperature": 0.0,
+            "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": image}}]}]}
+    code, colocated = call(server["http"] + "/v1/chat/completions", body)
+    assert code == 200
+    code, separate = call(secure["http"] + "/v1/chat/completions", body, key=KEY)
+    assert code == 200 and separate["choices"] == colocated["choices"]
+    greedy = {**COMPLETION, "max_tokens": 4, "temperature": 0.0}
+    code, whole = call(secure["http"] + "/v1/completions", greedy, key=KEY)
+    req = urllib.request.Request(secure["http"] + "/v1/completions", data=json.dumps({**greedy, "stream": True}).encode(),
+                                 headers={"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"})
+    with urllib.request.urlopen(req, timeout=60) as resp:
+        events = [line[6:] for line in resp.read().decode().splitlines() if line.startswith("data: ")]
+    assert code == 200 and events[-1] == "[DONE]"
+    assert "".join(c["text"] for e in events[:-1] for c in json.loads(e)["choices"]) == whole["choices"][0]["text"]
+
+
 def test_http_needs_a_key(secure):
     code, reply = call(secure["http"] + "/v1/completions", COMPLETION)
     assert code == 401 and "missing API key" in reply["error"]["message"]
