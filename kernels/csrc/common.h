@@ -158,8 +158,6 @@ inline void check_rows(const at::Tensor& t, int64_t dims, const char* name) {
   TORCH_CHECK(t.stride(-1) == 1, name, " must be contiguous in its last dim");
 }
 
-// Waking a second thread costs several microseconds: a parallel loop hands each thread at least
-// this much work (in elements touched), so decode-sized calls stay on one thread.
 // Asks for n elements from p into L2 ahead of their use (one hint per cache line).
 template <typename T>
 inline void prefetch(const T* p, int64_t n) {
@@ -167,6 +165,8 @@ inline void prefetch(const T* p, int64_t n) {
   for (int64_t i = 0; i < n * static_cast<int64_t>(sizeof(T)); i += 64) __builtin_prefetch(bytes + i, 0, 2);
 }
 
+// Waking a second thread costs several microseconds: a parallel loop hands each thread at least
+// this much work (in elements touched), so decode-sized calls stay on one thread.
 constexpr int64_t kParallelWork = 1 << 16;
 
 inline int64_t grain_for(int64_t work_per_item) {

@@ -259,7 +259,7 @@ def test_linear_few_rows(dtype, rows):
 @pytest.mark.parametrize("K", [100, 300])
 def test_linear_row_is_the_same_bits_in_any_batch(dtype, K):
     """Batch invariance at its root: a row's output does not depend on how many rows share the call
-    or where it sits among them (groups of four, a short last group, the accumulator phases)."""
+    or where it sits among them (groups of up to four, a short last group)."""
     g = torch.Generator().manual_seed(12)
     x = torch.randn(9, K, generator=g).to(dtype)
     weight = torch.randn(37, K, generator=g).to(dtype)
