@@ -78,7 +78,7 @@ def _server_config(args):
         target_ongoing_requests=args.target_ongoing_requests, device=args.device, dtype=args.dtype,
         api_keys=_keys(args.api_key, "EPSERVE_API_KEY"), admin_api_keys=_keys(args.admin_api_key, "EPSERVE_ADMIN_API_KEY"),
         speculative_tokens=args.speculative_tokens,
-        allow_image_urls=args.allow_image_urls or bool(args.image_url_host), image_url_hosts=args.image_url_host or [],
+        allow_image_urls=args.allow_image_urls, image_url_hosts=args.image_url_host or [],
         max_images_per_request=args.max_images_per_request, stream_interval=args.stream_interval,
         ingress=args.ingress,
     )

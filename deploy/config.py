@@ -45,8 +45,9 @@ class AppConfig(BaseModel):
     max_image_pixels: int = Field(40_000_000, ge=1, description="decoded width x height of one image (before "
                                   "resizing); larger ones are refused unread")
     allow_image_urls: bool = Field(False, description="fetch http(s) image_url parts (off: data URLs only)")
-    image_url_hosts: list[str] = Field(default_factory=list, description="with allow_image_urls: the only hosts "
-                                       "image URLs (and their redirects) may name; empty: any host")
+    image_url_hosts: list[str] = Field(default_factory=list, description="the only hosts image URLs (and their "
+                                       "redirects) may name, fetching on for them; empty: any host where "
+                                       "allow_image_urls")
     # access
     api_keys: list[str] = Field(default_factory=list, description="Bearer keys every request but health needs")
     admin_api_keys: list[str] = Field(default_factory=list,

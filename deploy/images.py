@@ -36,8 +36,8 @@ class ImageInputs:
     def __init__(self, model_config, max_images: int, max_bytes: int, max_pixels: int, allow_urls: bool,
                  url_hosts: list[str] = ()) -> None:
         self.model_config = model_config
-        self.max_images, self.allow_urls = max_images, allow_urls
-        self.url_hosts = {h.lower() for h in url_hosts}  # empty: any host
+        self.url_hosts = {h.lower() for h in url_hosts}  # empty: any host (where URLs are allowed)
+        self.max_images, self.allow_urls = max_images, allow_urls or bool(self.url_hosts)
         self.limits = ImageLimits(max_bytes=max_bytes, max_pixels=max_pixels)
         self._opener = urllib.request.build_opener(_CheckedRedirects(self._check_fetchable))
 

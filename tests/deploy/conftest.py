@@ -26,7 +26,7 @@ def server(ray_cluster, make_checkpoint):
                     metrics_interval_steps=5, admin_api_keys=[ADMIN_KEY],
                     speculative_tokens=SPECULATIVE["num_speculative_tokens"],
                     max_images_per_request=2, max_image_pixels=500_000,
-                    allow_image_urls=True, image_url_hosts=["127.0.0.1"])  # tests/deploy/test_images.py's host
+                    image_url_hosts=["127.0.0.1"])  # tests/deploy/test_images.py's image host
     grpc_port, http_port = free_port(), free_port()
     start_server(cfg, grpc_port=grpc_port, http_port=http_port)
     yield {"grpc": f"127.0.0.1:{grpc_port}", "http": f"http://127.0.0.1:{http_port}", "config": cfg,
