@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import urllib.error
 import urllib.parse
 import urllib.request
 
@@ -72,7 +71,7 @@ class ImageInputs:
             try:
                 with self._opener.open(url, timeout=FETCH_TIMEOUT_S) as response:
                     data = response.read(self.limits.max_bytes + 1)
-            except (OSError, urllib.error.URLError) as e:
+            except OSError as e:  # URLError and HTTPError included
                 raise RequestError("invalid", f"image URL could not be fetched: {e}", "image_url") from e
             if len(data) > self.limits.max_bytes:
                 raise RequestError("invalid", f"image at the URL is above {self.limits.max_bytes} bytes "
