@@ -25,10 +25,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import json
 import math
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -195,6 +197,103 @@ def grouped_gemm(cfg: ModelConfig, tokens: int, dtype: torch.dtype, device: str)
     return tokens * K * 6 * D * I * runs / (time.perf_counter() - start) / 1e12
 
 
+def environment(device: str) -> dict:
+    """Versions and which implementation each op takes on this device."""
+    import importlib.metadata as md
+
+    from kernels import fla
+
+    found = {}
+    for package in ("torch", "triton", "flash-linear-attention"):
+        try:
+            found[package] = md.version(package)
+        except md.PackageNotFoundError:
+            found[package] = None
+    probe = torch.empty(1, device=device)
+    found["delta_rule"] = "C++" if device == "cpu" else "flash-linear-attention" if fla.usable(probe) else "batched torch"
+    found["paged_attention"] = "C++" if device == "cpu" else "batched torch (SDPA)"
+    found["grouped_experts"] = "torch._grouped_mm" if hasattr(torch, "_grouped_mm") else "reference"
+    return found
+
+
+def profile_decode(llm: LLM, batch: int, device: str, vocab: int, out: Path | None) -> dict:
+    """Kernel launches and the heaviest device ops of decode steps at `batch` (torch.profiler)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    engine = llm.engine
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    for i in range(batch):
+        engine.add_request(f"p{batch}-{i}", [(i * 17 + j * 3) % vocab for j in range(16)], params)
+    engine.step()
+    engine.step()
+    steps = 4
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            engine.step()
+        sync(device)
+    while engine.has_unfinished():
+        engine.step()
+    engine.flush()
+    events = prof.key_averages()
+    sort = "self_cuda_time_total" if device.startswith("cuda") else "self_cpu_time_total"
+    table = events.table(sort_by=sort, row_limit=25)
+    if out is not None:
+        out.write_text(table)
+    print(table)
+    kernels_run = sum(e.count for e in events if e.device_type == DeviceType.CUDA)
+    return {f"profile_batch{batch}_kernels_per_step": kernels_run / steps}
+
+
+def graph_probe(llm: LLM, batch: int, vocab: int) -> dict:
+    """One decode forward (the model over a step's ForwardBatch, sampling not included) eager and
+    replayed from a CUDA graph captured over the same tensors: does the forward capture (no host
+    sync inside), and what do the launches cost. The engine does not use graphs yet."""
+    engine, model = llm.engine, llm.engine.executor.runner.model
+    seen, forward = {}, model.forward
+
+    def recording(ids, fb):
+        seen["args"] = (ids, fb)
+        return forward(ids, fb)
+
+    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    for i in range(batch):
+        engine.add_request(f"g{batch}-{i}", [(i * 11 + j * 5) % vocab for j in range(16)], params)
+    engine.step()
+    engine.step()
+    model.forward = recording
+    try:
+        engine.step()
+    finally:
+        del model.forward  # the class's forward again
+    ids, fb = seen["args"]
+
+    def timed(fn, runs: int = 20) -> float:
+        fn()
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(runs):
+            fn()
+        torch.cuda.synchronize()
+        return (time.perf_counter() - start) / runs * 1e3
+
+    found = {f"eager_forward_ms_batch{batch}": timed(lambda: model(ids, fb))}
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        model(ids, fb)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        model(ids, fb)
+    found[f"graph_forward_ms_batch{batch}"] = timed(graph.replay)
+    while engine.has_unfinished():
+        engine.step()
+    engine.flush()
+    return found
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda")
@@ -202,7 +301,8 @@ def main() -> None:
     parser.add_argument("--experts", type=int, default=512)
     parser.add_argument("--steps", type=int, default=32, help="decode steps timed per batch size")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes on CPU: checks the script runs")
-    parser.add_argument("--json", type=Path, help="write the figures here")
+    parser.add_argument("--json", type=Path, help="write the figures here (after every section)")
+    parser.add_argument("--profile", type=Path, help="also profile decode steps; tables written beside this stem")
     args = parser.parse_args()
     device = "cpu" if args.smoke else args.device
     engine_module.LocalExecutor = RandomWeightsExecutor  # random weights made on the device
@@ -212,7 +312,7 @@ def main() -> None:
                       linear_num_value_heads=4, linear_key_head_dim=32, linear_value_head_dim=32,
                       moe_intermediate_size=32, shared_expert_intermediate_size=32, num_experts=16)
     name, peak_tflops, spec_tbps = card_spec(device)
-    figures: dict = {"device": name, "layers": args.layers}
+    figures: dict = {"device": name, "layers": args.layers, **environment(device)}
     started = time.perf_counter()
 
     def engine(overrides: dict, dtype: str, max_tokens: int = 512, seqs: int = 64) -> LLM:
@@ -220,56 +320,97 @@ def main() -> None:
                    scheduler=SchedulerConfig(max_num_seqs=seqs, max_num_batched_tokens=max_tokens),
                    cache=CacheConfig(memory_budget_mb=4096 if not args.smoke else 64), warm_up=False)
 
-    # 1. bf16 against fp32, same weights
-    narrow = width | {"num_experts": min(64, width["num_experts"])}
-    vocab = narrow.get("vocab_size", FLAGSHIP["vocab_size"])
-    prompts = [[(i * 13 + j * 5) % vocab for j in range(n)] for i, n in enumerate((17, 120, 300))]
-    logits = {}
-    for run, dtype in (("fp32", "float32"), ("bf16", "bfloat16"), ("bf16 reference", "bfloat16")):
-        llm = engine(narrow, dtype, seqs=4)
-        with reference_kernels() if run == "bf16 reference" else contextlib.nullcontext():
-            logits[run] = [t.float() for t in llm.score(prompts)]
-        llm.shutdown()
-        del llm
+    def section(title: str, run) -> None:
+        """One part of the check: a failure is printed and recorded, and the next part still runs."""
+        print(f"== {title} ({time.perf_counter() - started:.0f}s)", flush=True)
+        try:
+            figures.update(run())
+        except Exception as e:  # noqa: BLE001 - report it and go on: one run must bring back all it can
+            traceback.print_exc()
+            figures[f"{title}_error"] = f"{type(e).__name__}: {e}"
+        if device.startswith("cuda"):
+            figures[f"{title}_peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
+            torch.cuda.reset_peak_memory_stats()
+        gc.collect()
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
+        if args.json:
+            args.json.write_text(json.dumps(figures, indent=2))
 
-    def max_diff(run: str) -> float:
-        return max((a - b).abs().max().item() for a, b in zip(logits["fp32"], logits[run]))
+    def bf16_against_fp32() -> dict:
+        narrow = width | {"num_experts": min(64, width["num_experts"])}
+        vocab = narrow.get("vocab_size", FLAGSHIP["vocab_size"])
+        prompts = [[(i * 13 + j * 5) % vocab for j in range(n)] for i, n in enumerate((17, 120, 300))]
+        logits = {}
+        for run, dtype in (("fp32", "float32"), ("bf16", "bfloat16"), ("bf16 reference", "bfloat16")):
+            llm = engine(narrow, dtype, seqs=4)
+            with reference_kernels() if run == "bf16 reference" else contextlib.nullcontext():
+                logits[run] = [t.float() for t in llm.score(prompts)]
+            llm.shutdown()
+            del llm
 
-    diff, reference_diff = max_diff("bf16"), max_diff("bf16 reference")
-    spread = torch.cat(logits["fp32"]).std().item()
-    top1 = torch.cat([(a.argmax(-1) == b.argmax(-1)).float() for a, b in zip(logits["fp32"], logits["bf16"])])
-    figures |= {"bf16_max_abs_diff": diff, "bf16_reference_kernels_max_abs_diff": reference_diff,
+        def max_diff(run: str) -> float:
+            return max((a - b).abs().max().item() for a, b in zip(logits["fp32"], logits[run]))
+
+        diff, reference_diff = max_diff("bf16"), max_diff("bf16 reference")
+        spread = torch.cat(logits["fp32"]).std().item()
+        top1 = torch.cat([(a.argmax(-1) == b.argmax(-1)).float() for a, b in zip(logits["fp32"], logits["bf16"])])
+        return {"bf16_max_abs_diff": diff, "bf16_reference_kernels_max_abs_diff": reference_diff,
                 "bf16_diff_over_std": diff / spread, "bf16_top1_agreement": top1.mean().item(),
                 "bf16_within_tolerance": diff <= 1.5 * reference_diff + 1e-3}
 
-    # 2. decode, 3. prefill: the wide slice in bf16
     cfg = ModelConfig.from_dict({**FLAGSHIP, **width})
-    llm = engine(width, "bfloat16", max_tokens=8192)
-    steps = 4 if args.smoke else args.steps
-    figures["decode_tok_s_batch1"] = decode_rate(llm, 1, steps, device, cfg.vocab_size)
-    figures["decode_tok_s_batch64"] = decode_rate(llm, 64, steps, device, cfg.vocab_size)
-    step_bytes = decode_bytes(cfg, 2, context=18)
-    achieved = step_bytes * figures["decode_tok_s_batch1"]
-    measured = copy_bandwidth(device, 64 if args.smoke else 2048)
-    figures |= {"decode_bytes_per_token": step_bytes, "decode_bandwidth_tb_s": achieved / 1e12,
-                "copy_bandwidth_tb_s": measured / 1e12, "fraction_of_copy_bandwidth": achieved / measured,
-                "fraction_of_spec_bandwidth": achieved / (spec_tbps * 1e12) if spec_tbps else None}
-    prompt_len = 64 if args.smoke else 2048
-    params = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
-    sync(device)
-    start = time.perf_counter()
-    llm.generate([[(i + j) % cfg.vocab_size for j in range(prompt_len)] for i in range(4)], params)
-    sync(device)
-    figures["prefill_tok_s"] = 4 * prompt_len / (time.perf_counter() - start)
-    llm.shutdown()
-    del llm
 
-    # 4. grouped expert GEMM
-    for tokens in ((256, 512) if args.smoke else (4096, 16384)) if hasattr(torch, "_grouped_mm") else ():
-        tflops = grouped_gemm(cfg, tokens, torch.bfloat16, device)
-        figures[f"grouped_gemm_tflops_{tokens}"] = tflops
-        figures[f"grouped_gemm_fraction_of_peak_{tokens}"] = tflops / peak_tflops if peak_tflops else None
-    figures["cuda_graphs"] = "not implemented: decode steps run eagerly"
+    def decode_and_prefill() -> dict:
+        found = {}
+        llm = engine(width, "bfloat16", max_tokens=8192)
+        try:
+            steps = 4 if args.smoke else args.steps
+            found["decode_tok_s_batch1"] = decode_rate(llm, 1, steps, device, cfg.vocab_size)
+            found["decode_tok_s_batch64"] = decode_rate(llm, 64, steps, device, cfg.vocab_size)
+            step_bytes = decode_bytes(cfg, 2, context=18)
+            achieved = step_bytes * found["decode_tok_s_batch1"]
+            measured = copy_bandwidth(device, 64 if args.smoke else 2048)
+            found |= {"decode_bytes_per_token": step_bytes, "decode_bandwidth_tb_s": achieved / 1e12,
+                      "copy_bandwidth_tb_s": measured / 1e12, "fraction_of_copy_bandwidth": achieved / measured,
+                      "fraction_of_spec_bandwidth": achieved / (spec_tbps * 1e12) if spec_tbps else None}
+            prompt_len = 64 if args.smoke else 2048
+            params = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
+            llm.generate([[(i + j) % cfg.vocab_size for j in range(prompt_len)] for i in range(4)], params)  # warm
+            sync(device)
+            start = time.perf_counter()
+            llm.generate([[(i * 3 + j) % cfg.vocab_size for j in range(prompt_len)] for i in range(4)], params)
+            sync(device)
+            found["prefill_tok_s"] = 4 * prompt_len / (time.perf_counter() - start)
+            if device.startswith("cuda"):
+                for batch in (1, 64):
+                    try:
+                        found |= graph_probe(llm, batch, cfg.vocab_size)
+                    except Exception as e:  # noqa: BLE001 - a forward that does not capture says why
+                        traceback.print_exc()
+                        found[f"graph_probe_batch{batch}_error"] = f"{type(e).__name__}: {e}"
+                        break
+            if args.profile:
+                for batch in (1, 64):
+                    found |= profile_decode(llm, batch, device, cfg.vocab_size,
+                                            args.profile.with_name(f"{args.profile.stem}_batch{batch}.txt"))
+        finally:
+            llm.shutdown()
+            del llm
+        return found
+
+    def grouped() -> dict:
+        found = {}
+        for tokens in ((256, 512) if args.smoke else (4096, 16384)) if hasattr(torch, "_grouped_mm") else ():
+            tflops = grouped_gemm(cfg, tokens, torch.bfloat16, device)
+            found[f"grouped_gemm_tflops_{tokens}"] = tflops
+            found[f"grouped_gemm_fraction_of_peak_{tokens}"] = tflops / peak_tflops if peak_tflops else None
+        return found
+
+    section("grouped_gemm", grouped)
+    section("decode_prefill", decode_and_prefill)
+    section("bf16_vs_fp32", bf16_against_fp32)
+    figures["cuda_graphs"] = "the engine's steps run eagerly; graph_forward_ms: the forward alone, captured"
     figures["seconds"] = time.perf_counter() - started
 
     for key, value in figures.items():

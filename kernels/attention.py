@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .backend import native
+from .backend import batched, native
 from .norms import rms_norm_reference
 
 
@@ -70,11 +70,44 @@ def paged_attention_reference(query, key_cache, value_cache, block_tables, query
     return out
 
 
+def paged_attention_batched(query, key_cache, value_cache, block_tables, query_start, context_lens,
+                            scale: float, query_lens: list[int]) -> torch.Tensor:
+    """Every sequence in one SDPA (any device; a device's own paged kernel is faster): the blocks of
+    each table gathered to [B, Hkv, W * S, hd] (W the table's width), queries padded to the longest
+    chunk N, a query head group folded into the row axis ([B, Hkv, G * N, hd]: no GQA repeat of K/V),
+    and a causal mask from the context lengths. No host sync: N comes from the host lengths."""
+    T, Hq, hd = query.shape
+    B, W = block_tables.shape
+    Hkv, S = key_cache.shape[1], key_cache.shape[2]
+    G, N = Hq // Hkv, max(query_lens, default=0)
+    if T == 0:
+        return torch.empty_like(query)
+    k = key_cache[block_tables].transpose(1, 2).reshape(B, Hkv, W * S, hd)
+    v = value_cache[block_tables].transpose(1, 2).reshape(B, Hkv, W * S, hd)
+    lens = torch.diff(query_start)
+    steps = torch.arange(N, device=query.device)
+    rows = (query_start[:-1, None] + steps).clamp(max=T - 1)  # [B, N]
+    q = query[rows].view(B, N, Hkv, G, hd).permute(0, 2, 3, 1, 4).reshape(B, Hkv, G * N, hd)
+    # row i of sequence b is position context - len + i: it sees keys up to there
+    last = (context_lens - lens)[:, None] + steps  # [B, N]
+    mask = torch.arange(W * S, device=query.device) <= last[..., None]  # [B, N, W * S]
+    mask = mask[:, None, None].expand(B, 1, G, N, W * S).reshape(B, 1, G * N, W * S)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)  # [B, Hkv, G * N, hd]
+    out = out.view(B, Hkv, G, N, hd).permute(0, 3, 1, 2, 4).reshape(B * N, Hq, hd)
+    if N == 1:
+        return out
+    flat = torch.tensor([b * N + i for b, n in enumerate(query_lens) for i in range(n)], device=query.device)
+    return out[flat]
+
+
 def paged_attention(query, key_cache, value_cache, block_tables, query_start, context_lens,
                     scale: float, query_lens: list[int]) -> torch.Tensor:
     """One call for every sequence of the step; K/V read in place (no gathered copy, no GQA repeat)."""
     if native(query):
         return torch.ops.epserve.paged_attention(query, key_cache, value_cache, block_tables, query_start,
                                                  context_lens, scale)
+    if batched(query):
+        return paged_attention_batched(query, key_cache, value_cache, block_tables, query_start, context_lens,
+                                       scale, query_lens)
     return paged_attention_reference(query, key_cache, value_cache, block_tables, query_start, context_lens,
                                      scale, query_lens)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from . import fla
 from .backend import batched, native
 
 Tensors = tuple[torch.Tensor, ...]
@@ -157,6 +158,9 @@ def delta_rule_decode(q, k, v, a, b, A_log, dt_bias, state, slots, out_slots=Non
         query_start = torch.arange(q.shape[0] + 1, device=q.device)
         return torch.ops.epserve.delta_rule(q, k, v, a, b, A_log, dt_bias, state, slots, query_start,
                                             slots if out_slots is None else out_slots)
+    if fla.usable(q):
+        return fla.decode(q, k, v, *gating(a, b, A_log, dt_bias), state, slots,
+                          slots if out_slots is None else out_slots)
     return delta_rule_decode_reference(q, k, v, a, b, A_log, dt_bias, state, slots, out_slots)
 
 
@@ -185,6 +189,9 @@ def delta_rule_prefill(q, k, v, a, b, A_log, dt_bias, state, slots, query_lens: 
         query_start = _offsets(query_lens, q.device)
         return torch.ops.epserve.delta_rule(q, k, v, a, b, A_log, dt_bias, state, slots, query_start,
                                             slots if out_slots is None else out_slots)
+    if fla.usable(q):
+        return fla.prefill(q, k, v, *gating(a, b, A_log, dt_bias), state, slots,
+                           slots if out_slots is None else out_slots, query_lens)
     if not batched(q):
         return delta_rule_prefill_reference(q, k, v, a, b, A_log, dt_bias, state, slots, query_lens, out_slots)
     T, H = v.shape[0], v.shape[1]

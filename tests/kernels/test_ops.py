@@ -69,9 +69,11 @@ def test_causal_conv1d(dtype):
     weight = torch.randn(C, K, generator=g).to(dtype)
     state = torch.randn(M, K - 1, C, generator=g).to(dtype)
     slots = torch.tensor([7, 2, 0, 9, 4, 1, 5])
-    fast, ref, fast_args, ref_args = both(kernels.causal_conv1d, x, weight, state, slots, ragged(LENS), LENS)
-    assert close(fast, ref, DTYPES[dtype])
-    assert torch.equal(fast_args[2], ref_args[2])  # the slots' last inputs, untouched elsewhere
+    for backend in ("native", "batched"):
+        with backend_named(backend):
+            fast, ref, fast_args, ref_args = both(kernels.causal_conv1d, x, weight, state, slots, ragged(LENS), LENS)
+        assert close(fast, ref, DTYPES[dtype]), backend
+        assert torch.equal(fast_args[2], ref_args[2]), backend  # the slots' last inputs, untouched elsewhere
 
 
 def delta_inputs(T, Hk, H, dk, dv, M, dtype, seed):
@@ -139,8 +141,10 @@ def test_paged_attention(dtype, heads):
         used += n
     query = torch.randn(sum(lens), H, 2 * hd, generator=g).to(dtype)[..., :hd]  # strided heads
     args = (query, key_cache, value_cache, torch.tensor(tables), ragged(lens), torch.tensor(context), hd**-0.5, lens)
-    fast, ref, *_ = both(kernels.paged_attention, *args)
-    assert close(fast, ref, DTYPES[dtype])
+    for backend in ("native", "batched"):
+        with backend_named(backend):
+            fast, ref, *_ = both(kernels.paged_attention, *args)
+        assert close(fast, ref, DTYPES[dtype]), backend
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

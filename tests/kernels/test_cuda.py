@@ -1,0 +1,109 @@
+"""The CUDA paths (flash-linear-attention's kernels when installed, the batched torch versions,
+torch._grouped_mm) against the plain-torch references on the GPU, and the engine on CUDA against
+the engine on CPU. Skipped without a GPU; `benchmarks/gpu_check.py` runs this file on one."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import kernels
+from kernels import fla, reference_kernels
+from tests.kernels.test_ops import LENS, close, delta_inputs, ragged
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+
+# fp32: FLA's Triton dots and cuBLAS may run in tf32 (~3e-4 relative per product)
+TOLERANCE = {torch.float32: 2e-3, torch.bfloat16: 3e-2}
+
+
+def on_cuda(*tensors):
+    return [t.cuda() if isinstance(t, torch.Tensor) else t for t in tensors]
+
+
+def cuda_and_reference(fn, *args):
+    """fn on CUDA tensors (the fast path) and the reference on copies; states cloned."""
+    fast_args = on_cuda(*(a.clone() if isinstance(a, torch.Tensor) else a for a in args))
+    ref_args = on_cuda(*(a.clone() if isinstance(a, torch.Tensor) else a for a in args))
+    fast = fn(*fast_args)
+    with reference_kernels():
+        ref = fn(*ref_args)
+    torch.cuda.synchronize()
+    return fast, ref, fast_args, ref_args
+
+
+def test_flash_linear_attention_is_what_runs_when_installed():
+    installed = True
+    try:
+        import fla as _  # noqa: F401
+    except ImportError:
+        installed = False
+    assert fla.usable(torch.empty(1, device="cuda")) == installed
+
+
+@pytest.mark.parametrize("dtype", TOLERANCE)
+def test_delta_rule_on_a_mixed_step(dtype):
+    lens = [1, 1, 1, 5, 64, 65, 130, 17]
+    q, k, v, a, b, A_log, dt_bias, state = delta_inputs(sum(lens), 2, 4, 32, 16, 12, dtype, seed=21)
+    slots, out_slots = torch.tensor([3, 0, 7, 5, 1, 6, 9, 2]), torch.tensor([4, 8, 10, 11, 2, 1, 3, 0])
+    for write in (slots, out_slots):
+        fast, ref, fast_args, ref_args = cuda_and_reference(
+            kernels.delta_rule, q, k, v, a, b, A_log, dt_bias, state, slots, ragged(lens), lens, 3, write)
+        assert not fast.isnan().any()
+        assert close(fast, ref, TOLERANCE[dtype])
+        assert close(fast_args[7], ref_args[7], TOLERANCE[torch.float32])  # states stay fp32
+
+
+@pytest.mark.parametrize("dtype", TOLERANCE)
+def test_attention_and_conv(dtype):
+    g = torch.Generator().manual_seed(22)
+    H, KV, S, hd, N = 8, 2, 16, 64, 64
+    past = [0, 40, 3, 0, 14, 200, 0]
+    context = [n + p for n, p in zip(LENS, past)]
+    key_cache, value_cache = (torch.randn(N, KV, S, hd, generator=g).to(dtype) for _ in range(2))
+    blocks, tables, used = torch.randperm(N, generator=g).tolist(), [], 0
+    for L in context:
+        n = -(-L // S)
+        tables.append(blocks[used : used + n] + [0] * (16 - n))
+        used += n
+    query = torch.randn(sum(LENS), H, hd, generator=g).to(dtype)
+    fast, ref, *_ = cuda_and_reference(kernels.paged_attention, query, key_cache, value_cache, torch.tensor(tables),
+                                       ragged(LENS), torch.tensor(context), hd**-0.5, LENS)
+    assert close(fast, ref, TOLERANCE[dtype])
+    C, K, M = 96, 4, 10
+    x, weight = torch.randn(sum(LENS), C, generator=g).to(dtype), torch.randn(C, K, generator=g).to(dtype)
+    conv_state = torch.randn(M, K - 1, C, generator=g).to(dtype)
+    slots = torch.tensor([7, 2, 0, 9, 4, 1, 5])
+    fast, ref, fast_args, ref_args = cuda_and_reference(kernels.causal_conv1d, x, weight, conv_state, slots,
+                                                        ragged(LENS), LENS)
+    assert close(fast, ref, TOLERANCE[dtype]) and torch.equal(fast_args[2], ref_args[2])
+
+
+def test_grouped_expert_gemm():
+    g = torch.Generator().manual_seed(23)
+    R, K, N, D, I = 300, 8, 64, 256, 128
+    x = torch.randn(R, D, generator=g).bfloat16()
+    idx = torch.stack([torch.randperm(N, generator=g)[:K] for _ in range(R)])
+    weights = torch.rand(R, K, generator=g).bfloat16()
+    gate_up = (torch.randn(N, 2 * I, D, generator=g) / D**0.5).bfloat16()
+    down = (torch.randn(N, D, I, generator=g) / I**0.5).bfloat16()
+    fast, ref, *_ = cuda_and_reference(kernels.moe_experts, x, idx, weights, gate_up, down)
+    assert close(fast, ref, TOLERANCE[torch.bfloat16])
+
+
+def test_engine_on_cuda_gives_the_cpu_engines_logits_and_tokens(make_checkpoint):
+    from cluster import LLM, SamplingParams
+    from tests.conftest import FEW_EXPERTS
+
+    model = make_checkpoint(FEW_EXPERTS)
+    prompts = [[5, 9, 13, 2, 7] * n for n in (1, 3, 30)]
+    results = {}
+    for device in ("cpu", "cuda"):
+        llm = LLM(model=model, dtype="float32", device=device, warm_up=False)
+        greedy = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+        results[device] = ([t.float().cpu() for t in llm.score(prompts)],
+                           [c.token_ids for c in llm.generate(prompts, greedy)])
+        llm.shutdown()
+    for cpu, cuda in zip(results["cpu"][0], results["cuda"][0]):
+        assert (cpu - cuda).abs().max().item() <= 2e-3 * max(1.0, cpu.abs().max().item())
+    assert results["cpu"][1] == results["cuda"][1]
