@@ -178,8 +178,12 @@ def copy_bandwidth(device: str, megabytes: int) -> float:
     return 2 * x.numel() * 5 / (time.perf_counter() - start)
 
 
-def grouped_gemm(cfg: ModelConfig, tokens: int, dtype: torch.dtype, device: str) -> float:
-    """TFLOP/s of the routed experts of one layer over `tokens` tokens, random top-k routing."""
+def grouped_gemm(cfg: ModelConfig, tokens: int, dtype: torch.dtype, device: str) -> tuple[float, float]:
+    """TFLOP/s of the routed experts of one layer over `tokens` tokens, random top-k routing: the
+    whole op (sort by expert, gather, two grouped GEMMs, SwiGLU, fp64 weighted sum) and its two
+    grouped GEMMs alone."""
+    import torch.nn.functional as F
+
     from kernels.moe import moe_experts_grouped
 
     N, D, I, K = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts_per_tok
@@ -188,13 +192,25 @@ def grouped_gemm(cfg: ModelConfig, tokens: int, dtype: torch.dtype, device: str)
     x = torch.randn(tokens, D, dtype=dtype, device=device)
     idx = torch.rand(tokens, N, device=device).topk(K, dim=-1).indices
     weights = torch.full((tokens, K), 1.0 / K, dtype=dtype, device=device)
-    moe_experts_grouped(x, idx, weights, gate_up, down)
-    sync(device)
-    start, runs = time.perf_counter(), 3
-    for _ in range(runs):
-        moe_experts_grouped(x, idx, weights, gate_up, down)
-    sync(device)
-    return tokens * K * 6 * D * I * runs / (time.perf_counter() - start) / 1e12
+    key = idx.reshape(-1)
+    order = torch.argsort(key, stable=True)
+    offsets = torch.searchsorted(key[order], torch.arange(1, N + 1, device=device)).to(torch.int32)
+    x_pairs = x[order // K]
+
+    def gemms():
+        gate, up = torch._grouped_mm(x_pairs, gate_up.transpose(-2, -1), offs=offsets).chunk(2, dim=-1)
+        return torch._grouped_mm((F.silu(gate) * up).contiguous(), down.transpose(-2, -1), offs=offsets)
+
+    flops, rates = tokens * K * 6 * D * I, []
+    for fn in (lambda: moe_experts_grouped(x, idx, weights, gate_up, down), gemms):
+        fn()
+        sync(device)
+        start, runs = time.perf_counter(), 5
+        for _ in range(runs):
+            fn()
+        sync(device)
+        rates.append(flops * runs / (time.perf_counter() - start) / 1e12)
+    return rates[0], rates[1]
 
 
 def environment(device: str) -> dict:
@@ -321,10 +337,11 @@ def main() -> None:
                    cache=CacheConfig(memory_budget_mb=4096 if not args.smoke else 64), warm_up=False)
 
     def section(title: str, run) -> None:
-        """One part of the check: a failure is printed and recorded, and the next part still runs."""
+        """One part of the check, writing its figures into `figures` as it goes: a failure is printed
+        and recorded, and the next part still runs."""
         print(f"== {title} ({time.perf_counter() - started:.0f}s)", flush=True)
         try:
-            figures.update(run())
+            run(figures)
         except Exception as e:  # noqa: BLE001 - report it and go on: one run must bring back all it can
             traceback.print_exc()
             figures[f"{title}_error"] = f"{type(e).__name__}: {e}"
@@ -337,7 +354,7 @@ def main() -> None:
         if args.json:
             args.json.write_text(json.dumps(figures, indent=2))
 
-    def bf16_against_fp32() -> dict:
+    def bf16_against_fp32(found: dict) -> None:
         narrow = width | {"num_experts": min(64, width["num_experts"])}
         vocab = narrow.get("vocab_size", FLAGSHIP["vocab_size"])
         prompts = [[(i * 13 + j * 5) % vocab for j in range(n)] for i, n in enumerate((17, 120, 300))]
@@ -355,14 +372,13 @@ def main() -> None:
         diff, reference_diff = max_diff("bf16"), max_diff("bf16 reference")
         spread = torch.cat(logits["fp32"]).std().item()
         top1 = torch.cat([(a.argmax(-1) == b.argmax(-1)).float() for a, b in zip(logits["fp32"], logits["bf16"])])
-        return {"bf16_max_abs_diff": diff, "bf16_reference_kernels_max_abs_diff": reference_diff,
-                "bf16_diff_over_std": diff / spread, "bf16_top1_agreement": top1.mean().item(),
-                "bf16_within_tolerance": diff <= 1.5 * reference_diff + 1e-3}
+        found |= {"bf16_max_abs_diff": diff, "bf16_reference_kernels_max_abs_diff": reference_diff,
+                  "bf16_diff_over_std": diff / spread, "bf16_top1_agreement": top1.mean().item(),
+                  "bf16_within_tolerance": diff <= 1.5 * reference_diff + 1e-3}
 
     cfg = ModelConfig.from_dict({**FLAGSHIP, **width})
 
-    def decode_and_prefill() -> dict:
-        found = {}
+    def decode_and_prefill(found: dict) -> None:
         llm = engine(width, "bfloat16", max_tokens=8192)
         try:
             steps = 4 if args.smoke else args.steps
@@ -382,34 +398,28 @@ def main() -> None:
             llm.generate([[(i * 3 + j) % cfg.vocab_size for j in range(prompt_len)] for i in range(4)], params)
             sync(device)
             found["prefill_tok_s"] = 4 * prompt_len / (time.perf_counter() - start)
-            if device.startswith("cuda"):
-                for batch in (1, 64):
-                    try:
-                        found |= graph_probe(llm, batch, cfg.vocab_size)
-                    except Exception as e:  # noqa: BLE001 - a forward that does not capture says why
-                        traceback.print_exc()
-                        found[f"graph_probe_batch{batch}_error"] = f"{type(e).__name__}: {e}"
-                        break
             if args.profile:
                 for batch in (1, 64):
                     found |= profile_decode(llm, batch, device, cfg.vocab_size,
                                             args.profile.with_name(f"{args.profile.stem}_batch{batch}.txt"))
+            if device.startswith("cuda"):  # last: a capture that fails can leave the device unusable
+                for batch in (1, 64):
+                    found |= graph_probe(llm, batch, cfg.vocab_size)
         finally:
             llm.shutdown()
             del llm
-        return found
 
-    def grouped() -> dict:
-        found = {}
+    def grouped(found: dict) -> None:
         for tokens in ((256, 512) if args.smoke else (4096, 16384)) if hasattr(torch, "_grouped_mm") else ():
-            tflops = grouped_gemm(cfg, tokens, torch.bfloat16, device)
-            found[f"grouped_gemm_tflops_{tokens}"] = tflops
-            found[f"grouped_gemm_fraction_of_peak_{tokens}"] = tflops / peak_tflops if peak_tflops else None
-        return found
+            whole, gemms = grouped_gemm(cfg, tokens, torch.bfloat16, device)
+            found |= {f"routed_experts_tflops_{tokens}": whole, f"grouped_gemm_tflops_{tokens}": gemms}
+            if peak_tflops:
+                found |= {f"routed_experts_fraction_of_peak_{tokens}": whole / peak_tflops,
+                          f"grouped_gemm_fraction_of_peak_{tokens}": gemms / peak_tflops}
 
     section("grouped_gemm", grouped)
-    section("decode_prefill", decode_and_prefill)
     section("bf16_vs_fp32", bf16_against_fp32)
+    section("decode_prefill", decode_and_prefill)
     figures["cuda_graphs"] = "the engine's steps run eagerly; graph_forward_ms: the forward alone, captured"
     figures["seconds"] = time.perf_counter() - started
 

@@ -53,7 +53,9 @@ def moe_experts_grouped(x_RD, idx_RK, weights_RK, gate_up, down, partial: bool =
     flat = idx_RK.reshape(-1).long()
     key = torch.where(flat >= 0, flat, N)  # pairs outside the bank sort last, past every group
     order = torch.argsort(key, stable=True)
-    offsets = torch.bincount(key, minlength=N + 1)[:N].cumsum(0).to(torch.int32)
+    # group ends: pairs with expert <= e (searchsorted, not bincount, which syncs to size its output)
+    ends = torch.arange(1, N + 1, device=key.device)
+    offsets = torch.searchsorted(key[order], ends).to(torch.int32)
     rows = order // K
     hidden = torch._grouped_mm(x_RD[rows], gate_up.transpose(-2, -1), offs=offsets)  # [R*K, 2I]
     gate, up = hidden.chunk(2, dim=-1)

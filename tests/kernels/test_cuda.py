@@ -13,8 +13,12 @@ from tests.kernels.test_ops import LENS, close, delta_inputs, ragged
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 
-# fp32: FLA's Triton dots and cuBLAS may run in tf32 (~3e-4 relative per product)
-TOLERANCE = {torch.float32: 2e-3, torch.bfloat16: 3e-2}
+TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 3e-2}  # fp32 takes the batched torch versions
+
+
+def error(a, b) -> float:
+    """max |a - b| over max(1, max |b|): what `close` compares with its tolerance."""
+    return (a.float() - b.float()).abs().max().item() / max(1.0, b.float().abs().max().item())
 
 
 def on_cuda(*tensors):
@@ -38,20 +42,22 @@ def test_flash_linear_attention_is_what_runs_when_installed():
         import fla as _  # noqa: F401
     except ImportError:
         installed = False
-    assert fla.usable(torch.empty(1, device="cuda")) == installed
+    assert fla.usable(torch.empty(1, device="cuda", dtype=torch.bfloat16)) == installed
+    assert not fla.usable(torch.empty(1, device="cuda"))  # fp32: the batched torch versions
 
 
 @pytest.mark.parametrize("dtype", TOLERANCE)
 def test_delta_rule_on_a_mixed_step(dtype):
     lens = [1, 1, 1, 5, 64, 65, 130, 17]
-    q, k, v, a, b, A_log, dt_bias, state = delta_inputs(sum(lens), 2, 4, 32, 16, 12, dtype, seed=21)
-    slots, out_slots = torch.tensor([3, 0, 7, 5, 1, 6, 9, 2]), torch.tensor([4, 8, 10, 11, 2, 1, 3, 0])
+    q, k, v, a, b, A_log, dt_bias, state = delta_inputs(sum(lens), 2, 4, 128, 128, 20, dtype, seed=21)
+    # written in place, and elsewhere (rows no sequence reads, as a double-buffered cache does)
+    slots, out_slots = torch.tensor([3, 0, 7, 5, 1, 6, 9, 2]), torch.tensor([14, 8, 10, 11, 12, 19, 13, 16])
     for write in (slots, out_slots):
         fast, ref, fast_args, ref_args = cuda_and_reference(
             kernels.delta_rule, q, k, v, a, b, A_log, dt_bias, state, slots, ragged(lens), lens, 3, write)
         assert not fast.isnan().any()
-        assert close(fast, ref, TOLERANCE[dtype])
-        assert close(fast_args[7], ref_args[7], TOLERANCE[torch.float32])  # states stay fp32
+        assert close(fast, ref, TOLERANCE[dtype]), error(fast, ref)
+        assert close(fast_args[7], ref_args[7], TOLERANCE[dtype]), error(fast_args[7], ref_args[7])
 
 
 @pytest.mark.parametrize("dtype", TOLERANCE)
@@ -64,19 +70,19 @@ def test_attention_and_conv(dtype):
     blocks, tables, used = torch.randperm(N, generator=g).tolist(), [], 0
     for L in context:
         n = -(-L // S)
-        tables.append(blocks[used : used + n] + [0] * (16 - n))
+        tables.append(blocks[used : used + n] + [0] * (24 - n))
         used += n
     query = torch.randn(sum(LENS), H, hd, generator=g).to(dtype)
     fast, ref, *_ = cuda_and_reference(kernels.paged_attention, query, key_cache, value_cache, torch.tensor(tables),
                                        ragged(LENS), torch.tensor(context), hd**-0.5, LENS)
-    assert close(fast, ref, TOLERANCE[dtype])
+    assert close(fast, ref, TOLERANCE[dtype]), error(fast, ref)
     C, K, M = 96, 4, 10
     x, weight = torch.randn(sum(LENS), C, generator=g).to(dtype), torch.randn(C, K, generator=g).to(dtype)
     conv_state = torch.randn(M, K - 1, C, generator=g).to(dtype)
     slots = torch.tensor([7, 2, 0, 9, 4, 1, 5])
     fast, ref, fast_args, ref_args = cuda_and_reference(kernels.causal_conv1d, x, weight, conv_state, slots,
                                                         ragged(LENS), LENS)
-    assert close(fast, ref, TOLERANCE[dtype]) and torch.equal(fast_args[2], ref_args[2])
+    assert close(fast, ref, TOLERANCE[dtype]) and torch.equal(fast_args[2], ref_args[2]), error(fast, ref)
 
 
 def test_grouped_expert_gemm():
@@ -88,7 +94,7 @@ def test_grouped_expert_gemm():
     gate_up = (torch.randn(N, 2 * I, D, generator=g) / D**0.5).bfloat16()
     down = (torch.randn(N, D, I, generator=g) / I**0.5).bfloat16()
     fast, ref, *_ = cuda_and_reference(kernels.moe_experts, x, idx, weights, gate_up, down)
-    assert close(fast, ref, TOLERANCE[torch.bfloat16])
+    assert close(fast, ref, TOLERANCE[torch.bfloat16]), error(fast, ref)
 
 
 def test_engine_on_cuda_gives_the_cpu_engines_logits_and_tokens(make_checkpoint):
@@ -105,5 +111,5 @@ def test_engine_on_cuda_gives_the_cpu_engines_logits_and_tokens(make_checkpoint)
                            [c.token_ids for c in llm.generate(prompts, greedy)])
         llm.shutdown()
     for cpu, cuda in zip(results["cpu"][0], results["cuda"][0]):
-        assert (cpu - cuda).abs().max().item() <= 2e-3 * max(1.0, cpu.abs().max().item())
+        assert error(cuda, cpu) <= 1e-4, error(cuda, cpu)
     assert results["cpu"][1] == results["cuda"][1]
