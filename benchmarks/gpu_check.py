@@ -1,6 +1,6 @@
 """One GPU, one run (well under 6 minutes on an H100/H200): is the CUDA path right, and how fast?
 
-    python benchmarks/gpu_check.py [--device cuda] [--layers 4] [--experts 512] [--json OUT]
+    python benchmarks/gpu_check.py [--device cuda] [--layers 4] [--experts 512] [--json OUT] [--profile OUT]
     python benchmarks/gpu_check.py --smoke        # tiny sizes on CPU: checks the script itself
 
 On a flagship-width slice (hidden 4096, the flagship's attention / DeltaNet / expert widths and
@@ -11,13 +11,18 @@ builds them), through the real engine (scheduler, runner, kernels, sampler):
      agreement, over prompts of 17-300 tokens; the tolerance is what bf16 costs anyway: the same
      model in bf16 through the plain-torch reference kernels (random models amplify rounding:
      on make-tiny's checkpoint transformers' own bf16 is 0.97 from its fp32, top-1 87%, as ours);
-  2. decode tok/s at batch 1 and 64 (bf16), and at batch 1 the fraction of HBM bandwidth: the bytes
-     a decode step must read (dense weights, LM head, the top-10 experts of every layer, DeltaNet
-     states, KV) / step time, against a measured device-to-device copy and the card's spec;
+  2. decode tok/s at batch 1 and 64 (bf16), with the engine's CUDA graphs and eagerly, and at batch
+     1 the fraction of HBM bandwidth: the bytes a decode step must read (dense weights, LM head,
+     the top-10 experts of every layer, DeltaNet states, KV) / step time, against a measured
+     device-to-device copy and the card's spec; the step is the whole engine step (scheduling,
+     forward, LM head, sampling, the host copy of the tokens);
   3. prefill tok/s (4 prompts of 2048 tokens, 8192-token steps);
-  4. the grouped expert GEMM (kernels.moe_experts: torch._grouped_mm on GPUs) at 4k and 16k tokens
-     with random top-10 routing, TFLOP/s against the bf16 dense peak of the card;
-  5. CUDA graphs: not implemented yet; the script says so rather than print a number.
+  4. the routed experts (kernels.moe_experts: sort by expert, two torch._grouped_mm, SwiGLU, fp64
+     weighted sum) at 4k and 16k tokens with random top-10 routing, and their two grouped GEMMs
+     alone, TFLOP/s against the bf16 dense peak of the card;
+  5. with --profile, the heaviest ops of eager decode steps (torch.profiler) and kernels per step.
+Each part records its figures as it goes; a part that fails is reported and the next one runs.
+The CUDA kernel tests: `python -m pytest tests/kernels/test_cuda.py` (skipped without a GPU).
 Prints a table and, with --json, writes the figures.
 """
 
@@ -105,7 +110,7 @@ class RandomWeightsExecutor(LocalExecutor):
 
     seed = 0
 
-    def __init__(self, cfg, model_dir, dtype, layout, load_window_steps=64, device="cpu") -> None:
+    def __init__(self, cfg, model_dir, dtype, layout, load_window_steps=64, device="cpu", decode_graphs=False) -> None:
         from router import LocalDispatcher
 
         from cluster.worker.runner import ModelRunner
@@ -116,7 +121,7 @@ class RandomWeightsExecutor(LocalExecutor):
         dispatcher, self.timer = LocalDispatcher(shard.local_index), PhaseTimer()
         for moe in model.moe_layers():
             moe.dispatcher, moe.experts, moe.timer = dispatcher, shard, self.timer
-        self.runner = ModelRunner(model, layout, load_window_steps=load_window_steps)
+        self.runner = ModelRunner(model, layout, load_window_steps=load_window_steps, decode_graphs=decode_graphs)
         self.expert_bytes = shard.nbytes
 
 
@@ -225,7 +230,7 @@ def environment(device: str) -> dict:
             found[package] = md.version(package)
         except md.PackageNotFoundError:
             found[package] = None
-    probe = torch.empty(1, device=device)
+    probe = torch.empty(1, device=device, dtype=torch.bfloat16)
     found["delta_rule"] = "C++" if device == "cpu" else "flash-linear-attention" if fla.usable(probe) else "batched torch"
     found["paged_attention"] = "C++" if device == "cpu" else "batched torch (SDPA)"
     found["grouped_experts"] = "torch._grouped_mm" if hasattr(torch, "_grouped_mm") else "reference"
@@ -260,54 +265,6 @@ def profile_decode(llm: LLM, batch: int, device: str, vocab: int, out: Path | No
     print(table)
     kernels_run = sum(e.count for e in events if e.device_type == DeviceType.CUDA)
     return {f"profile_batch{batch}_kernels_per_step": kernels_run / steps}
-
-
-def graph_probe(llm: LLM, batch: int, vocab: int) -> dict:
-    """One decode forward (the model over a step's ForwardBatch, sampling not included) eager and
-    replayed from a CUDA graph captured over the same tensors: does the forward capture (no host
-    sync inside), and what do the launches cost. The engine does not use graphs yet."""
-    engine, model = llm.engine, llm.engine.executor.runner.model
-    seen, forward = {}, model.forward
-
-    def recording(ids, fb):
-        seen["args"] = (ids, fb)
-        return forward(ids, fb)
-
-    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
-    for i in range(batch):
-        engine.add_request(f"g{batch}-{i}", [(i * 11 + j * 5) % vocab for j in range(16)], params)
-    engine.step()
-    engine.step()
-    model.forward = recording
-    try:
-        engine.step()
-    finally:
-        del model.forward  # the class's forward again
-    ids, fb = seen["args"]
-
-    def timed(fn, runs: int = 20) -> float:
-        fn()
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        for _ in range(runs):
-            fn()
-        torch.cuda.synchronize()
-        return (time.perf_counter() - start) / runs * 1e3
-
-    found = {f"eager_forward_ms_batch{batch}": timed(lambda: model(ids, fb))}
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        model(ids, fb)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        model(ids, fb)
-    found[f"graph_forward_ms_batch{batch}"] = timed(graph.replay)
-    while engine.has_unfinished():
-        engine.step()
-    engine.flush()
-    return found
 
 
 def main() -> None:
@@ -382,8 +339,14 @@ def main() -> None:
         llm = engine(width, "bfloat16", max_tokens=8192)
         try:
             steps = 4 if args.smoke else args.steps
-            found["decode_tok_s_batch1"] = decode_rate(llm, 1, steps, device, cfg.vocab_size)
-            found["decode_tok_s_batch64"] = decode_rate(llm, 64, steps, device, cfg.vocab_size)
+            runner = llm.engine.executor.runner
+            graphs = runner.graphs  # None on a CPU
+            for batch in (1, 64):
+                found[f"decode_tok_s_batch{batch}"] = decode_rate(llm, batch, steps, device, cfg.vocab_size)
+                if graphs is not None:
+                    runner.graphs = None
+                    found[f"decode_tok_s_batch{batch}_eager"] = decode_rate(llm, batch, steps, device, cfg.vocab_size)
+                    runner.graphs = graphs
             step_bytes = decode_bytes(cfg, 2, context=18)
             achieved = step_bytes * found["decode_tok_s_batch1"]
             measured = copy_bandwidth(device, 64 if args.smoke else 2048)
@@ -398,13 +361,11 @@ def main() -> None:
             llm.generate([[(i * 3 + j) % cfg.vocab_size for j in range(prompt_len)] for i in range(4)], params)
             sync(device)
             found["prefill_tok_s"] = 4 * prompt_len / (time.perf_counter() - start)
-            if args.profile:
+            if args.profile:  # eagerly: each kernel launch shows
+                runner.graphs = None
                 for batch in (1, 64):
                     found |= profile_decode(llm, batch, device, cfg.vocab_size,
                                             args.profile.with_name(f"{args.profile.stem}_batch{batch}.txt"))
-            if device.startswith("cuda"):  # last: a capture that fails can leave the device unusable
-                for batch in (1, 64):
-                    found |= graph_probe(llm, batch, cfg.vocab_size)
         finally:
             llm.shutdown()
             del llm
@@ -420,7 +381,6 @@ def main() -> None:
     section("grouped_gemm", grouped)
     section("bf16_vs_fp32", bf16_against_fp32)
     section("decode_prefill", decode_and_prefill)
-    figures["cuda_graphs"] = "the engine's steps run eagerly; graph_forward_ms: the forward alone, captured"
     figures["seconds"] = time.perf_counter() - started
 
     for key, value in figures.items():

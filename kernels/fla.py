@@ -33,7 +33,8 @@ def decode(q, k, v, g, beta, state, slots, out_slots) -> torch.Tensor:
     """One row per sequence (T = B); g, beta from kernels.delta_rule.gating."""
     _, recurrent = _ops()
     q, k, v = (x.contiguous() for x in (q, k, v))  # views of the conv output; the kernels want dense rows
-    out, final = recurrent(q[:, None], k[:, None], v[:, None], g[:, None], beta[:, None],
+    # by keyword: the positional order of FLA's signature is q, k, v, g, gk, gv, beta
+    out, final = recurrent(q[:, None], k[:, None], v[:, None], g=g[:, None], beta=beta[:, None],
                            initial_state=state[slots], output_final_state=True, use_qk_l2norm_in_kernel=True)
     state[out_slots] = final.to(state.dtype)
     return out[:, 0]
@@ -47,7 +48,7 @@ def prefill(q, k, v, g, beta, state, slots, out_slots, query_lens: list[int]) ->
     for n in query_lens:
         starts.append(starts[-1] + n)
     cu_seqlens_cpu = torch.tensor(starts)
-    out, final = chunked(q[None], k[None], v[None], g[None], beta[None], initial_state=state[slots],
+    out, final = chunked(q[None], k[None], v[None], g=g[None], beta=beta[None], initial_state=state[slots],
                          output_final_state=True, use_qk_l2norm_in_kernel=True,
                          cu_seqlens=cu_seqlens_cpu.to(q.device), cu_seqlens_cpu=cu_seqlens_cpu)
     state[out_slots] = final.to(state.dtype)

@@ -117,7 +117,8 @@ class EngineCore(PlacementControl):
             device = self.cluster.resolve_device(torch.cuda.is_available())
             self.memory_plan.check(device, device_capacity(device))  # before a byte is read
             self.executor = LocalExecutor(self.config, self.model_dir, getattr(torch, dtype), self.layout,
-                                          self.rebalance_config.window_steps, device)
+                                          self.rebalance_config.window_steps, device,
+                                          decode_graphs=self.cluster.cuda_graphs and device == "cuda")
         self.scheduler = Scheduler(self.scheduler_config, self.layout, self.cluster.attention_workers,
                                    self.max_model_len, self.speculative)
         self.requests: dict[str, Sequence] = {}

@@ -27,6 +27,7 @@ from vision import mrope_axes, mrope_positions, patchify, rotary_positions
 
 from ..engine.cache_plan import CacheLayout
 from ..model.model import Qwen35MoeModel
+from .decode_graphs import DecodeGraphs
 from .sampler import sample_batch
 from .speculative import draw_drafts, verify
 from .step import ChunkResult, SamplingSpec, ScheduledChunk, StepInput, micro_batches
@@ -66,7 +67,9 @@ class _SequenceState:
 
 class ModelRunner:
     def __init__(self, model: Qwen35MoeModel, layout: CacheLayout, load_window_steps: int = 64,
-                 overlap: bool = False, transactional: bool = False) -> None:
+                 overlap: bool = False, transactional: bool = False, decode_graphs: bool = False) -> None:
+        """decode_graphs: decode steps run through cluster.worker.decode_graphs (captured CUDA graphs
+        on a GPU; on a CPU the same padded static rows, eagerly: for tests)."""
         self.model = model
         model.fuse()
         cfg = model.cfg
@@ -75,14 +78,17 @@ class ModelRunner:
         full = list(cfg.kv_layer_ids)
         linear = [i for i, t in enumerate(cfg.layer_types) if t == "linear_attention"]
         self.block_size = layout.block_size
-        self.kv = PagedKVCache(full, layout.num_blocks, layout.block_size, cfg.num_key_value_heads,
+        scratch = 1 if decode_graphs else 0  # a block and a slot past the scheduler's: graph padding rows
+        self.kv = PagedKVCache(full, layout.num_blocks + scratch, layout.block_size, cfg.num_key_value_heads,
                                cfg.head_dim, dtype, self.device)
         conv_channels = 2 * cfg.linear_num_key_heads * cfg.linear_key_head_dim + (
             cfg.linear_num_value_heads * cfg.linear_value_head_dim)
-        self.states = DeltaNetStateCache(linear, layout.num_slots, conv_channels, cfg.linear_conv_kernel_dim,
-                                         cfg.linear_num_value_heads, cfg.linear_key_head_dim,
-                                         cfg.linear_value_head_dim, dtype, self.device,
+        self.states = DeltaNetStateCache(linear, layout.num_slots + scratch, conv_channels,
+                                         cfg.linear_conv_kernel_dim, cfg.linear_num_value_heads,
+                                         cfg.linear_key_head_dim, cfg.linear_value_head_dim, dtype, self.device,
                                          double_buffered=transactional)
+        self.graphs = DecodeGraphs(model, self.kv, self.states, layout.num_slots, layout.num_blocks,
+                                   self.device) if decode_graphs else None
         self.overlap = overlap  # two micro-batches per step (expert workers elsewhere: cluster.worker.step)
         self.transactional = transactional
         self.sequences: dict[int, _SequenceState] = {}
@@ -100,7 +106,9 @@ class ModelRunner:
         undo = self._undo_point(step) if self.transactional else None
         try:
             laid = [self._layout(group) for group in groups]
-            if len(laid) == 1:
+            if len(laid) == 1 and self.graphs is not None and self.graphs.takes(laid[0][1]):
+                hidden = self.graphs.run(*laid[0], self.load)
+            elif len(laid) == 1:
                 hidden = self.model(*laid[0])
             else:
                 hidden = torch.cat(self.model.forward_overlapped([ids for ids, _ in laid], [b for _, b in laid]))
