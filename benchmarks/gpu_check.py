@@ -20,7 +20,9 @@ builds them), through the real engine (scheduler, runner, kernels, sampler):
   4. the routed experts (kernels.moe_experts: sort by expert, two torch._grouped_mm, SwiGLU, fp64
      weighted sum) at 4k and 16k tokens with random top-10 routing, and their two grouped GEMMs
      alone, TFLOP/s against the bf16 dense peak of the card;
-  5. with --profile, the heaviest ops of eager decode steps (torch.profiler) and kernels per step.
+  5. a probe of Qwen's block-scaled FP8 GEMM on the card's FP8 units (torch._scaled_mm): error and
+     TFLOP/s beside bf16 (the engine itself dequantises FP8 checkpoints as it loads them);
+  6. with --profile, the heaviest ops of eager decode steps (torch.profiler) and kernels per step.
 Each part records its figures as it goes; a part that fails is reported and the next one runs.
 The CUDA kernel tests: `python -m pytest tests/kernels/test_cuda.py` (skipped without a GPU).
 Prints a table and, with --json, writes the figures.
@@ -218,6 +220,41 @@ def grouped_gemm(cfg: ModelConfig, tokens: int, dtype: torch.dtype, device: str)
     return rates[0], rates[1]
 
 
+def fp8_block_gemm(device: str, tokens: int = 4096, out: int = 4096, inp: int = 4096) -> dict:
+    """Qwen's FP8 format on the GPU's FP8 units, a probe (the engine dequantises FP8 checkpoints to
+    the compute dtype as it loads them): weights in 128 x 128 blocks (cluster.model.quantization),
+    activations quantised per token in groups of 128, one torch._scaled_mm with block-wise scales
+    (cuBLAS, sm90, CUDA >= 12.9). Error against the dequantised weights in fp32, and TFLOP/s beside
+    a bf16 matmul of the same shape."""
+    from cluster.model.quantization import FP8, FP8_MAX, dequantize, quantize
+
+    w = torch.randn(out, inp) / math.sqrt(inp)
+    w_fp8, w_scale_inv = (t.to(device) for t in quantize(w, (128, 128)))
+    x = torch.randn(tokens, inp, device=device, dtype=torch.bfloat16)
+    groups = x.float().view(tokens, inp // 128, 128)
+    x_scale_inv = groups.abs().amax(-1).clamp(min=1e-12) / FP8_MAX  # [tokens, inp / 128]
+    x_fp8 = (groups / x_scale_inv[..., None]).to(FP8).view(tokens, inp)
+
+    def fp8():  # scales outer-dim major, as cuBLAS's block-wise modes want them
+        return torch._scaled_mm(x_fp8, w_fp8.t(), scale_a=x_scale_inv.t().contiguous().t(),
+                                scale_b=w_scale_inv.t(), out_dtype=torch.bfloat16)
+
+    w_bf16 = dequantize(w_fp8, w_scale_inv, (128, 128)).to(torch.bfloat16)
+    reference = x.float() @ dequantize(w_fp8, w_scale_inv, (128, 128)).t()
+    error = ((fp8().float() - reference).norm() / reference.norm()).item()
+    rates = {}
+    for name, fn in (("fp8", fp8), ("bf16", lambda: x @ w_bf16.t())):
+        fn()
+        sync(device)
+        start, runs = time.perf_counter(), 20
+        for _ in range(runs):
+            fn()
+        sync(device)
+        rates[name] = 2 * tokens * out * inp * runs / (time.perf_counter() - start) / 1e12
+    return {"fp8_block_gemm_relative_error": error, "fp8_block_gemm_tflops": rates["fp8"],
+            "bf16_same_gemm_tflops": rates["bf16"]}
+
+
 def environment(device: str) -> dict:
     """Versions and which implementation each op takes on this device."""
     import importlib.metadata as md
@@ -381,6 +418,8 @@ def main() -> None:
     section("grouped_gemm", grouped)
     section("bf16_vs_fp32", bf16_against_fp32)
     section("decode_prefill", decode_and_prefill)
+    if device.startswith("cuda"):
+        section("fp8_block_gemm", lambda found: found.update(fp8_block_gemm(device)))
     figures["seconds"] = time.perf_counter() - started
 
     for key, value in figures.items():
