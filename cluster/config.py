@@ -245,8 +245,8 @@ class ClusterConfig:
     # On even with more worker processes than cores: 1 + 2 workers on 2 cores served 16 streaming
     # clients ~14% faster with it (README, expert parallelism); batch-1 steps are not split.
     two_batch_overlap: bool = True
-    # in one process on a GPU: decode steps replay CUDA graphs captured per batch and block-table
-    # width bucket (cluster.worker.decode_graphs); off: every step launches its kernels eagerly
+    # in one process on a GPU, in bf16/fp16: decode steps replay CUDA graphs captured per batch and
+    # block-table width bucket (cluster.worker.decode_graphs); off: every step launches its kernels
     cuda_graphs: bool = True
     # custom Ray resources each worker also reserves: steer the roles onto node groups (KubeRay worker
     # groups advertise them with rayStartParams.resources), e.g. {"epserve_expert": 1}

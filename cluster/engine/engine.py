@@ -21,6 +21,7 @@ from .cache_plan import CacheConfig, plan_cache
 from ..config import ClusterConfig, ModelConfig, RebalanceConfig, SpeculativeConfig
 from ..model.checkpoint import with_mtp
 from .detokenizer import IncrementalDetokenizer
+from ..worker import decode_graphs
 from .executor import LocalExecutor
 from .memory_plan import device_capacity, plan_instance
 from .multimodal import multimodal_prompt, vision_cost_tokens
@@ -118,7 +119,8 @@ class EngineCore(PlacementControl):
             self.memory_plan.check(device, device_capacity(device))  # before a byte is read
             self.executor = LocalExecutor(self.config, self.model_dir, getattr(torch, dtype), self.layout,
                                           self.rebalance_config.window_steps, device,
-                                          decode_graphs=self.cluster.cuda_graphs and device == "cuda")
+                                          decode_graphs=self.cluster.cuda_graphs
+                                          and decode_graphs.supported(device, getattr(torch, dtype)))
         self.scheduler = Scheduler(self.scheduler_config, self.layout, self.cluster.attention_workers,
                                    self.max_model_len, self.speculative)
         self.requests: dict[str, Sequence] = {}

@@ -29,6 +29,13 @@ from attention import ForwardBatch
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 
 
+def supported(device: str, dtype: torch.dtype) -> bool:
+    """Whether a decode forward captures: on CUDA in 16-bit. In fp32 the routed experts take the
+    reference loop (torch._grouped_mm is bf16-only on CUDA), which asks the host which experts
+    are hit: fp32 (the parity runs) steps eagerly."""
+    return device == "cuda" and dtype in (torch.bfloat16, torch.float16)
+
+
 def batch_bucket(n: int) -> int | None:
     return next((b for b in BATCH_BUCKETS if b >= n), None)
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from cluster import EngineCore, SamplingParams
-from cluster.worker.decode_graphs import batch_bucket, width_bucket
+from cluster.worker.decode_graphs import batch_bucket, supported, width_bucket
 from cluster.worker.runner import ModelRunner
 from tests.conftest import FLAGSHIP_SHAPE
 
@@ -52,3 +52,8 @@ def test_buckets():
     assert [batch_bucket(n) for n in (1, 3, 8, 9, 64, 65, 256)] == [1, 4, 8, 16, 64, 96, 256]
     assert batch_bucket(257) is None
     assert [width_bucket(n) for n in (1, 4, 5, 16, 17)] == [4, 4, 8, 16, 32]
+
+
+def test_graphs_are_captured_on_cuda_in_16_bit_only():
+    assert supported("cuda", torch.bfloat16) and supported("cuda", torch.float16)
+    assert not supported("cuda", torch.float32) and not supported("cpu", torch.bfloat16)

@@ -106,6 +106,7 @@ def test_engine_on_cuda_gives_the_cpu_engines_logits_and_tokens(make_checkpoint)
     results = {}
     for device in ("cpu", "cuda"):
         llm = LLM(model=model, dtype="float32", device=device, warm_up=False)
+        assert llm.engine.executor.runner.graphs is None  # fp32 steps eagerly (decode_graphs.supported)
         greedy = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
         results[device] = ([t.float().cpu() for t in llm.score(prompts)],
                            [c.token_ids for c in llm.generate(prompts, greedy)])
