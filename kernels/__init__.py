@@ -1,9 +1,11 @@
 """The hot ops of a step, behind one small interface the model code calls (it never names a backend).
 
 Each op has a plain-torch reference (any device; slow, obviously right) and a fast version; tests
-compare the two on random inputs with ragged batches (tests/kernels). On CPU the fast versions are
-C++ (kernels/csrc, built once per machine: kernels.build); the chunked DeltaNet prefill and the
-sampler are batched torch. A CUDA backend registers the same torch.ops.epserve schemas.
+compare the two on random inputs with ragged batches (tests/kernels; on a GPU tests/kernels/test_cuda.py).
+On CPU the fast versions are C++ (kernels/csrc, built once per machine: kernels.build); the chunked
+DeltaNet prefill and the sampler are batched torch. On other devices: batched torch versions of
+every op, torch._grouped_mm for the routed experts, and flash-linear-attention's Triton kernels for
+the delta rule on CUDA in 16-bit when installed (kernels.fla).
 
 | op | module | fast CPU |
 |---|---|---|

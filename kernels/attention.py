@@ -102,7 +102,8 @@ def paged_attention_batched(query, key_cache, value_cache, block_tables, query_s
 
 def paged_attention(query, key_cache, value_cache, block_tables, query_start, context_lens,
                     scale: float, query_lens: list[int]) -> torch.Tensor:
-    """One call for every sequence of the step; K/V read in place (no gathered copy, no GQA repeat)."""
+    """One call for every sequence of the step (the C++ kernel reads K/V in place: no gathered copy,
+    no GQA repeat)."""
     if native(query):
         return torch.ops.epserve.paged_attention(query, key_cache, value_cache, block_tables, query_start,
                                                  context_lens, scale)

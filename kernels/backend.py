@@ -1,6 +1,7 @@
-"""Which implementation of each op runs: the C++ CPU kernels for CPU tensors when they load, the
-plain-torch references otherwise (other devices until their kernels plug in, no compiler,
-EPSERVE_KERNELS=reference, or inside `reference_kernels()` in tests)."""
+"""Which implementation of each op runs: the C++ CPU kernels for CPU tensors when they load; the
+batched torch versions (and kernels.fla on CUDA) on other devices or without a compiler
+(EPSERVE_KERNELS=reference turns the C++ kernels off); the plain-torch references inside
+`reference_kernels()` (tests)."""
 
 from __future__ import annotations
 

@@ -3,7 +3,7 @@
 The first use on a machine compiles them with the system's C++ compiler for this CPU (-march=native;
 about 30 s on 2 cores) into ~/.cache/epserve/kernels/<hash of sources, flags, torch and CPU>; every
 later process loads the cached library in milliseconds. Without a compiler, or with
-EPSERVE_KERNELS=reference, the plain-torch references run instead (kernels.backend).
+EPSERVE_KERNELS=reference, plain torch runs instead (kernels.backend).
 """
 
 from __future__ import annotations
