@@ -14,6 +14,10 @@ lengths are all 1). The expert-load counters (router.ExpertLoadWindow) write int
 current step, a host value: while capturing, each MoE layer's routing tensor is kept instead, and
 after every replay its first B rows are counted.
 
+A forward that fails to capture (an op that syncs on some device or dtype) raises
+GraphCaptureError; the runner then steps eagerly from there on. Capturing runs the forward only over
+the scratch rows (the static inputs hold them until the first replay), so no sequence is touched.
+
 On a CPU the same static-buffer path runs eagerly (capture=False): tests check there that padding
 and scratch rows change nothing.
 """
@@ -27,6 +31,10 @@ import torch
 from attention import ForwardBatch
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
+
+
+class GraphCaptureError(RuntimeError):
+    """A decode forward could not be captured; what the capture raised is its __cause__."""
 
 
 def supported(device: str, dtype: torch.dtype) -> bool:
@@ -140,13 +148,16 @@ class DecodeGraphs:
     def _capture(self, B: int, W: int) -> _Captured:
         c = self._static(B, W)
         if self.capture:
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):  # compiles and autotunes (Triton) outside the capture
-                self._forward(c)
-            torch.cuda.current_stream().wait_stream(side)
-            c.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(c.graph, pool=self.pool):
-                c.hidden, c.routed = self._forward(c)
+            try:
+                side = torch.cuda.Stream()
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):  # compiles and autotunes (Triton) outside the capture
+                    self._forward(c)
+                torch.cuda.current_stream().wait_stream(side)
+                c.graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(c.graph, pool=self.pool):
+                    c.hidden, c.routed = self._forward(c)
+            except Exception as e:
+                raise GraphCaptureError(f"decode forward for batch {B}, table width {W}: {e}") from e
         self.graphs[(B, W)] = c
         return c

@@ -16,6 +16,7 @@ to the same places before any row reads them.
 from __future__ import annotations
 
 import itertools
+import logging
 from dataclasses import dataclass, field
 
 import torch
@@ -27,10 +28,12 @@ from vision import mrope_axes, mrope_positions, patchify, rotary_positions
 
 from ..engine.cache_plan import CacheLayout
 from ..model.model import Qwen35MoeModel
-from .decode_graphs import DecodeGraphs
+from .decode_graphs import DecodeGraphs, GraphCaptureError
 from .sampler import sample_batch
 from .speculative import draw_drafts, verify
 from .step import ChunkResult, SamplingSpec, ScheduledChunk, StepInput, micro_batches
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -106,10 +109,8 @@ class ModelRunner:
         undo = self._undo_point(step) if self.transactional else None
         try:
             laid = [self._layout(group) for group in groups]
-            if len(laid) == 1 and self.graphs is not None and self.graphs.takes(laid[0][1]):
-                hidden = self.graphs.run(*laid[0], self.load)
-            elif len(laid) == 1:
-                hidden = self.model(*laid[0])
+            if len(laid) == 1:
+                hidden = self._forward(*laid[0])
             else:
                 hidden = torch.cat(self.model.forward_overlapped([ids for ids, _ in laid], [b for _, b in laid]))
             chunks = [chunk for group in groups for chunk in group]
@@ -123,6 +124,16 @@ class ModelRunner:
             raise
         self.load.advance()
         return results
+
+    def _forward(self, ids_T: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        """One micro-batch: through a decode graph where one takes it, else eagerly."""
+        if self.graphs is not None and self.graphs.takes(batch):
+            try:
+                return self.graphs.run(ids_T, batch, self.load)
+            except GraphCaptureError as e:  # nothing but the scratch rows ran: step eagerly from now on
+                log.warning("CUDA graphs off, decode steps run eagerly: %s", e.__cause__ or e)
+                self.graphs = None
+        return self.model(ids_T, batch)
 
     def _undo_point(self, step: StepInput):
         """What a failed step would change besides the DeltaNet states (double-buffered, not

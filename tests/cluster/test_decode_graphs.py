@@ -57,3 +57,19 @@ def test_buckets():
 def test_graphs_are_captured_on_cuda_in_16_bit_only():
     assert supported("cuda", torch.bfloat16) and supported("cuda", torch.float16)
     assert not supported("cuda", torch.float32) and not supported("cpu", torch.bfloat16)
+
+
+def test_a_forward_that_does_not_capture_leaves_the_engine_stepping_eagerly(make_checkpoint, monkeypatch):
+    from cluster.worker import decode_graphs
+
+    def fails(self, B, W):
+        raise decode_graphs.GraphCaptureError(f"batch {B}") from RuntimeError("operation not permitted")
+
+    model = make_checkpoint(FLAGSHIP_SHAPE)
+    expected, _ = generate(EngineCore(model, warm_up=False))
+    engine = EngineCore(model, warm_up=False)
+    runner = engine.executor.runner = ModelRunner(engine.executor.runner.model, engine.scheduler.layout,
+                                                  decode_graphs=True)
+    monkeypatch.setattr(decode_graphs.DecodeGraphs, "_capture", fails)
+    got, _ = generate(engine)
+    assert runner.graphs is None and got == expected
