@@ -172,17 +172,22 @@ def decode_bytes(cfg: ModelConfig, dtype_bytes: int, context: int) -> int:
     return dense + experts * dtype_bytes + states + kv
 
 
+def seconds_per_call(fn, device: str, runs: int) -> float:
+    """Mean seconds of fn() over `runs` calls after one warm-up call, the device synchronised."""
+    fn()
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(runs):
+        fn()
+    sync(device)
+    return (time.perf_counter() - start) / runs
+
+
 def copy_bandwidth(device: str, megabytes: int) -> float:
     """Bytes per second of a device-to-device copy (read + write)."""
     x = torch.empty(megabytes * 2**20, dtype=torch.uint8, device=device)
     y = torch.empty_like(x)
-    y.copy_(x)
-    sync(device)
-    start = time.perf_counter()
-    for _ in range(5):
-        y.copy_(x)
-    sync(device)
-    return 2 * x.numel() * 5 / (time.perf_counter() - start)
+    return 2 * x.numel() / seconds_per_call(lambda: y.copy_(x), device, runs=5)
 
 
 def grouped_gemm(cfg: ModelConfig, tokens: int, dtype: torch.dtype, device: str) -> tuple[float, float]:
@@ -208,16 +213,9 @@ def grouped_gemm(cfg: ModelConfig, tokens: int, dtype: torch.dtype, device: str)
         gate, up = torch._grouped_mm(x_pairs, gate_up.transpose(-2, -1), offs=offsets).chunk(2, dim=-1)
         return torch._grouped_mm((F.silu(gate) * up).contiguous(), down.transpose(-2, -1), offs=offsets)
 
-    flops, rates = tokens * K * 6 * D * I, []
-    for fn in (lambda: moe_experts_grouped(x, idx, weights, gate_up, down), gemms):
-        fn()
-        sync(device)
-        start, runs = time.perf_counter(), 5
-        for _ in range(runs):
-            fn()
-        sync(device)
-        rates.append(flops * runs / (time.perf_counter() - start) / 1e12)
-    return rates[0], rates[1]
+    flops = tokens * K * 6 * D * I
+    whole = flops / seconds_per_call(lambda: moe_experts_grouped(x, idx, weights, gate_up, down), device, 5)
+    return whole / 1e12, flops / seconds_per_call(gemms, device, 5) / 1e12
 
 
 def fp8_block_gemm(device: str, tokens: int = 4096, out: int = 4096, inp: int = 4096) -> dict:
@@ -239,20 +237,13 @@ def fp8_block_gemm(device: str, tokens: int = 4096, out: int = 4096, inp: int = 
         return torch._scaled_mm(x_fp8, w_fp8.t(), scale_a=x_scale_inv.t().contiguous().t(),
                                 scale_b=w_scale_inv.t(), out_dtype=torch.bfloat16)
 
-    w_bf16 = dequantize(w_fp8, w_scale_inv, (128, 128)).to(torch.bfloat16)
-    reference = x.float() @ dequantize(w_fp8, w_scale_inv, (128, 128)).t()
+    w_dequantised = dequantize(w_fp8, w_scale_inv, (128, 128))
+    reference = x.float() @ w_dequantised.t()
     error = ((fp8().float() - reference).norm() / reference.norm()).item()
-    rates = {}
-    for name, fn in (("fp8", fp8), ("bf16", lambda: x @ w_bf16.t())):
-        fn()
-        sync(device)
-        start, runs = time.perf_counter(), 20
-        for _ in range(runs):
-            fn()
-        sync(device)
-        rates[name] = 2 * tokens * out * inp * runs / (time.perf_counter() - start) / 1e12
-    return {"fp8_block_gemm_relative_error": error, "fp8_block_gemm_tflops": rates["fp8"],
-            "bf16_same_gemm_tflops": rates["bf16"]}
+    w_bf16, flops = w_dequantised.to(torch.bfloat16), 2 * tokens * out * inp
+    return {"fp8_block_gemm_relative_error": error,
+            "fp8_block_gemm_tflops": flops / seconds_per_call(fp8, device, 20) / 1e12,
+            "bf16_same_gemm_tflops": flops / seconds_per_call(lambda: x @ w_bf16.t(), device, 20) / 1e12}
 
 
 def environment(device: str) -> dict:
