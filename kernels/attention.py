@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from .backend import batched, native
 from .norms import rms_norm_reference
+from .varlen import padded_rows, unpad
 
 
 def rope_reference(x_THd: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -84,20 +85,14 @@ def paged_attention_batched(query, key_cache, value_cache, block_tables, query_s
         return torch.empty_like(query)
     k = key_cache[block_tables].transpose(1, 2).reshape(B, Hkv, W * S, hd)
     v = value_cache[block_tables].transpose(1, 2).reshape(B, Hkv, W * S, hd)
-    lens = torch.diff(query_start)
-    steps = torch.arange(N, device=query.device)
-    rows = (query_start[:-1, None] + steps).clamp(max=T - 1)  # [B, N]
+    rows, lens = padded_rows(query_start, N, T)  # [B, N], [B]
     q = query[rows].view(B, N, Hkv, G, hd).permute(0, 2, 3, 1, 4).reshape(B, Hkv, G * N, hd)
     # row i of sequence b is position context - len + i: it sees keys up to there
-    last = (context_lens - lens)[:, None] + steps  # [B, N]
+    last = (context_lens - lens)[:, None] + torch.arange(N, device=query.device)  # [B, N]
     mask = torch.arange(W * S, device=query.device) <= last[..., None]  # [B, N, W * S]
     mask = mask[:, None, None].expand(B, 1, G, N, W * S).reshape(B, 1, G * N, W * S)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)  # [B, Hkv, G * N, hd]
-    out = out.view(B, Hkv, G, N, hd).permute(0, 3, 1, 2, 4).reshape(B * N, Hq, hd)
-    if N == 1:
-        return out
-    flat = torch.tensor([b * N + i for b, n in enumerate(query_lens) for i in range(n)], device=query.device)
-    return out[flat]
+    return unpad(out.view(B, Hkv, G, N, hd).permute(0, 3, 1, 2, 4).reshape(B, N, Hq, hd), query_lens)
 
 
 def paged_attention(query, key_cache, value_cache, block_tables, query_start, context_lens,

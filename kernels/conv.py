@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from .backend import batched, native
+from .varlen import padded_rows, unpad
 
 
 def causal_conv1d_reference(x, weight, state, slots, query_start, query_lens: list[int],
@@ -36,18 +37,14 @@ def causal_conv1d_batched(x, weight, state, slots, query_start, query_lens: list
     B, N = len(query_lens), max(query_lens, default=0)
     if T == 0:
         return x.new_empty(0, C)
-    lens = torch.diff(query_start)  # [B]
+    rows, lens = padded_rows(query_start, N, T)  # [B, N], [B]
     steps = torch.arange(N, device=x.device)
-    rows = (query_start[:-1, None] + steps).clamp(max=T - 1)  # [B, N] (past a sequence's end: masked)
-    xs = x[rows] * (steps < lens[:, None])[..., None].to(x.dtype)
+    xs = x[rows] * (steps < lens[:, None])[..., None].to(x.dtype)  # cells past a sequence's end: zeros
     padded = torch.cat([state[slots].to(x.dtype), xs], dim=1)  # [B, K - 1 + N, C]
     mixed = (padded.unfold(1, K, 1) * weight).sum(-1)  # [B, N, C]
     keep = (lens[:, None] + torch.arange(K - 1, device=x.device))[..., None].expand(B, K - 1, C)
     state[slots if out_slots is None else out_slots] = padded.gather(1, keep).to(state.dtype)
-    if N == 1:  # decodes: one row each, already in order
-        return F.silu(mixed[:, 0])
-    flat = torch.tensor([b * N + i for b, n in enumerate(query_lens) for i in range(n)], device=x.device)
-    return F.silu(mixed.reshape(B * N, C)[flat])
+    return F.silu(unpad(mixed, query_lens))
 
 
 def causal_conv1d(x, weight, state, slots, query_start, query_lens: list[int], out_slots=None) -> torch.Tensor:

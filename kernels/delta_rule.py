@@ -191,7 +191,7 @@ def delta_rule_prefill(q, k, v, a, b, A_log, dt_bias, state, slots, query_lens: 
                                             slots if out_slots is None else out_slots)
     if fla.usable(q):
         return fla.prefill(q, k, v, *gating(a, b, A_log, dt_bias), state, slots,
-                           slots if out_slots is None else out_slots, query_lens)
+                           slots if out_slots is None else out_slots, _offsets(query_lens, "cpu"))
     if not batched(q):
         return delta_rule_prefill_reference(q, k, v, a, b, A_log, dt_bias, state, slots, query_lens, out_slots)
     T, H = v.shape[0], v.shape[1]

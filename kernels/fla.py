@@ -40,14 +40,11 @@ def decode(q, k, v, g, beta, state, slots, out_slots) -> torch.Tensor:
     return out[:, 0]
 
 
-def prefill(q, k, v, g, beta, state, slots, out_slots, query_lens: list[int]) -> torch.Tensor:
-    """Prefill chunks of len(query_lens) sequences in turn, in one varlen call."""
+def prefill(q, k, v, g, beta, state, slots, out_slots, cu_seqlens_cpu: torch.Tensor) -> torch.Tensor:
+    """Prefill chunks of B sequences in turn, in one varlen call; cu_seqlens_cpu [B + 1] row
+    offsets on the host (FLA plans its chunks from them without a sync)."""
     chunked, _ = _ops()
     q, k, v = (x.contiguous() for x in (q, k, v))
-    starts = [0]
-    for n in query_lens:
-        starts.append(starts[-1] + n)
-    cu_seqlens_cpu = torch.tensor(starts)
     out, final = chunked(q[None], k[None], v[None], g=g[None], beta=beta[None], initial_state=state[slots],
                          output_final_state=True, use_qk_l2norm_in_kernel=True,
                          cu_seqlens=cu_seqlens_cpu.to(q.device), cu_seqlens_cpu=cu_seqlens_cpu)
