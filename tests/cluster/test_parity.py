@@ -59,3 +59,18 @@ def test_multimodal_layout_equals_text_layout(make_checkpoint):
     b = LLM(model=make_checkpoint(multimodal)).score(ids)[0]
     assert (a - b).abs().max().item() == 0.0
     assert (a - hf_logits(make_checkpoint(text), ids[0])).abs().max().item() <= TOL
+
+
+def test_the_batched_torch_kernels_match_transformers(make_checkpoint, monkeypatch):
+    """The path of a device without its own kernels (a GPU's, in fp32): every op's batched torch
+    version instead of the C++ kernels, the same 1e-4."""
+    from kernels import backend
+
+    model_dir = make_checkpoint(FLAGSHIP_SHAPE)
+    monkeypatch.setattr(backend, "_cpu_kernels", False)
+    llm = LLM(model=model_dir, warm_up=False)
+    prompts = [_prompt(n, llm.config.vocab_size, n) for n in PROMPT_LENGTHS]
+    worst = max((logits - hf_logits(model_dir, ids)).abs().max().item()
+                for ids, logits in zip(prompts, llm.score(prompts)))
+    print(f"batched torch kernels: max |dlogit| = {worst:.2e}")
+    assert worst <= TOL
