@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from cluster import LLM, SamplingParams
 from cluster.model.tiny import TinySpec
@@ -68,6 +69,7 @@ def test_the_batched_torch_kernels_match_transformers(make_checkpoint, monkeypat
 
     model_dir = make_checkpoint(FLAGSHIP_SHAPE)
     monkeypatch.setattr(backend, "_cpu_kernels", False)
+    assert not backend.native(torch.zeros(1)) and backend.batched(torch.zeros(1))
     llm = LLM(model=model_dir, warm_up=False)
     prompts = [_prompt(n, llm.config.vocab_size, n) for n in PROMPT_LENGTHS]
     worst = max((logits - hf_logits(model_dir, ids)).abs().max().item()
