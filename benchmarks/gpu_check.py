@@ -22,7 +22,8 @@ builds them), through the real engine (scheduler, runner, kernels, sampler):
      alone, TFLOP/s against the bf16 dense peak of the card;
   5. a probe of Qwen's block-scaled FP8 GEMM on the card's FP8 units (torch._scaled_mm): error and
      TFLOP/s beside bf16 (the engine itself dequantises FP8 checkpoints as it loads them);
-  6. with --profile, the heaviest ops of eager decode steps (torch.profiler) and kernels per step.
+  6. the split of a batch-1 decode step's wall time: layout, forward, LM head and sampling, the rest;
+  7. with --profile, the heaviest ops of eager decode steps (torch.profiler) and kernels per step.
 Each part records its figures as it goes; a part that fails is reported and the next one runs.
 The CUDA kernel tests: `python -m pytest tests/kernels/test_cuda.py` (skipped without a GPU).
 Prints a table and, with --json, writes the figures.
@@ -156,6 +157,50 @@ def decode_rate(llm: LLM, batch: int, steps: int, device: str, vocab: int) -> fl
         engine.step()
     engine.flush()
     return batch / seconds
+
+
+def step_split(llm: LLM, batch: int, steps: int, device: str, vocab: int) -> dict:
+    """Where a decode step's wall time goes at `batch`: the runner's layout of the step (host lists
+    to device tensors), the forward (graph replay or eager), the LM head and sampling, and the rest
+    (scheduling, detokenising, bookkeeping): medians in ms, the device synchronised at each edge
+    (which adds a little to each part)."""
+    import statistics
+
+    engine, runner = llm.engine, llm.engine.executor.runner
+    parts: dict[str, list[float]] = {"layout": [], "forward": [], "logits_sampling": [], "step": []}
+
+    def timed(name, fn):
+        def wrapper(*args, **kwargs):
+            sync(device)
+            start = time.perf_counter()
+            out = fn(*args, **kwargs)
+            sync(device)
+            parts[name].append(time.perf_counter() - start)
+            return out
+        return wrapper
+
+    originals = {"_layout": runner._layout, "_forward": runner._forward, "_results": runner._results}
+    runner._layout, runner._forward = timed("layout", runner._layout), timed("forward", runner._forward)
+    runner._results = timed("logits_sampling", runner._results)
+    try:
+        params = SamplingParams(max_tokens=steps + 3, temperature=0.0, ignore_eos=True)
+        for i in range(batch):
+            engine.add_request(f"s{batch}-{i}", [(i * 13 + j * 3) % vocab for j in range(16)], params)
+        engine.step()
+        engine.step()
+        for values in parts.values():
+            values.clear()
+        for _ in range(steps):
+            timed("step", engine.step)()
+        while engine.has_unfinished():
+            engine.step()
+        engine.flush()
+    finally:
+        for name in originals:
+            delattr(runner, name)  # the class's methods again
+    split = {name: statistics.median(values) * 1e3 for name, values in parts.items()}
+    split["other"] = split["step"] - split["layout"] - split["forward"] - split["logits_sampling"]
+    return {f"step_split_batch{batch}_{name}_ms": ms for name, ms in split.items()}
 
 
 def decode_bytes(cfg: ModelConfig, dtype_bytes: int, context: int) -> int:
@@ -375,6 +420,7 @@ def main() -> None:
                     runner.graphs = None
                     found[f"decode_tok_s_batch{batch}_eager"] = decode_rate(llm, batch, steps, device, cfg.vocab_size)
                     runner.graphs = graphs
+            found |= step_split(llm, 1, steps, device, cfg.vocab_size)
             step_bytes = decode_bytes(cfg, 2, context=18)
             achieved = step_bytes * found["decode_tok_s_batch1"]
             measured = copy_bandwidth(device, 64 if args.smoke else 2048)
