@@ -139,23 +139,32 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def decode_rate(llm: LLM, batch: int, steps: int, device: str, vocab: int) -> float:
-    """Decode steps per second at `batch` sequences (after their prefill), as tokens per second."""
+@contextlib.contextmanager
+def decoding(llm: LLM, tag: str, batch: int, max_tokens: int, mix: tuple[int, int], vocab: int):
+    """`batch` greedy requests of 16 prompt tokens (token j of request i: (i * mix[0] + j * mix[1])
+    mod vocab) past their prefill and first decode step: the block's engine steps are decodes.
+    Afterwards they run to the end and the engine's finished state is dropped."""
     engine = llm.engine
-    params = SamplingParams(max_tokens=steps + 3, temperature=0.0, ignore_eos=True)
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
     for i in range(batch):
-        engine.add_request(f"d{batch}-{i}", [(i * 31 + j * 7) % vocab for j in range(16)], params)
+        engine.add_request(f"{tag}{batch}-{i}", [(i * mix[0] + j * mix[1]) % vocab for j in range(16)], params)
     engine.step()
     engine.step()  # prefill, first decode
-    sync(device)
-    start = time.perf_counter()
-    for _ in range(steps):
-        engine.step()
-    sync(device)
-    seconds = (time.perf_counter() - start) / steps
+    yield engine
     while engine.has_unfinished():
         engine.step()
     engine.flush()
+
+
+def decode_rate(llm: LLM, batch: int, steps: int, device: str, vocab: int) -> float:
+    """Decode steps per second at `batch` sequences (after their prefill), as tokens per second."""
+    with decoding(llm, "d", batch, steps + 3, (31, 7), vocab) as engine:
+        sync(device)
+        start = time.perf_counter()
+        for _ in range(steps):
+            engine.step()
+        sync(device)
+        seconds = (time.perf_counter() - start) / steps
     return batch / seconds
 
 
@@ -166,7 +175,7 @@ def step_split(llm: LLM, batch: int, steps: int, device: str, vocab: int) -> dic
     (which adds a little to each part)."""
     import statistics
 
-    engine, runner = llm.engine, llm.engine.executor.runner
+    runner = llm.engine.executor.runner
     parts: dict[str, list[float]] = {"layout": [], "forward": [], "logits_sampling": [], "step": []}
 
     def timed(name, fn):
@@ -183,18 +192,11 @@ def step_split(llm: LLM, batch: int, steps: int, device: str, vocab: int) -> dic
     runner._layout, runner._forward = timed("layout", runner._layout), timed("forward", runner._forward)
     runner._results = timed("logits_sampling", runner._results)
     try:
-        params = SamplingParams(max_tokens=steps + 3, temperature=0.0, ignore_eos=True)
-        for i in range(batch):
-            engine.add_request(f"s{batch}-{i}", [(i * 13 + j * 3) % vocab for j in range(16)], params)
-        engine.step()
-        engine.step()
-        for values in parts.values():
-            values.clear()
-        for _ in range(steps):
-            timed("step", engine.step)()
-        while engine.has_unfinished():
-            engine.step()
-        engine.flush()
+        with decoding(llm, "s", batch, steps + 3, (13, 3), vocab) as engine:
+            for values in parts.values():
+                values.clear()
+            for _ in range(steps):
+                timed("step", engine.step)()
     finally:
         for name in originals:
             delattr(runner, name)  # the class's methods again
@@ -315,21 +317,12 @@ def profile_decode(llm: LLM, batch: int, device: str, vocab: int, out: Path | No
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
-    engine = llm.engine
-    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
-    for i in range(batch):
-        engine.add_request(f"p{batch}-{i}", [(i * 17 + j * 3) % vocab for j in range(16)], params)
-    engine.step()
-    engine.step()
     steps = 4
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
-    with profile(activities=activities) as prof:
+    with decoding(llm, "p", batch, 12, (17, 3), vocab) as engine, profile(activities=activities) as prof:
         for _ in range(steps):
             engine.step()
         sync(device)
-    while engine.has_unfinished():
-        engine.step()
-    engine.flush()
     events = prof.key_averages()
     sort = "self_cuda_time_total" if device.startswith("cuda") else "self_cpu_time_total"
     table = events.table(sort_by=sort, row_limit=25)

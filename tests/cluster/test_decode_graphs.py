@@ -16,16 +16,16 @@ LATER = [(12, 6), (2, 8), (33, 5)]  # added once the first wave's short ones are
 
 
 def generate(engine: EngineCore) -> tuple[dict, torch.Tensor]:
-    def params(n: int, i: int) -> SamplingParams:
+    def params(n: int) -> SamplingParams:
         return SamplingParams(max_tokens=n, temperature=0.0, logprobs=2, ignore_eos=True)
 
     for i, (length, n) in enumerate(FIRST):
-        engine.add_request(f"a{i}", [(7 * i + j) % 50 + 3 for j in range(length)], params(n, i))
+        engine.add_request(f"a{i}", [(7 * i + j) % 50 + 3 for j in range(length)], params(n))
     out: dict[str, list] = {}
     for step in range(40):
         if step == 4:
             for i, (length, n) in enumerate(LATER):
-                engine.add_request(f"b{i}", [(5 * i + j) % 40 + 3 for j in range(length)], params(n, i))
+                engine.add_request(f"b{i}", [(5 * i + j) % 40 + 3 for j in range(length)], params(n))
         for o in engine.step():
             out.setdefault(o.request_id, []).extend(
                 (t, lp.logprob, tuple(lp.top)) for t, lp in zip(o.new_token_ids, o.logprobs))
