@@ -35,6 +35,30 @@ class PagedKVCache:
         return 2 * num_layers * block_size * kv_heads * head_dim * dtype_bytes
 
 
+class BlockTables:
+    """Every running sequence's block table, one host row per sequence slot [M, W] (W grows as
+    sequences do). A step's tables are one gather of its slots' rows, not lists rebuilt and copied
+    per step (a 60K-token sequence has ~4K entries). Entries past a sequence's length are stale and
+    never read: the kernels stop at its context length."""
+
+    def __init__(self, num_slots: int, width: int = 64) -> None:
+        self._rows = torch.zeros(num_slots, width, dtype=torch.long)
+
+    def write(self, slot: int, first: int, blocks: tuple[int, ...] | list[int]) -> None:
+        """Entries first .. first + len(blocks) of the slot's table."""
+        end = first + len(blocks)
+        if end > self._rows.shape[1]:
+            grown = torch.zeros(self._rows.shape[0], max(end, 2 * self._rows.shape[1]), dtype=torch.long)
+            grown[:, : self._rows.shape[1]] = self._rows
+            self._rows = grown
+        if blocks:
+            self._rows[slot, first:end] = torch.tensor(blocks, dtype=torch.long)
+
+    def gather(self, slots: torch.Tensor, width: int) -> torch.Tensor:
+        """[B, width] the tables of slots [B] (host tensor), cut to width entries."""
+        return self._rows[:, :width].index_select(0, slots)
+
+
 class DeltaNetStateCache:
     """Per DeltaNet layer: conv [R, kernel - 1, C] and recurrent [R, H, dk, dv] (fp32) rows, held as
     one tensor of each kind over all layers so that a fresh slot is zeroed in one op per kind.

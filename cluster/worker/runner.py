@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from attention import DeltaNetStateCache, ForwardBatch, PagedKVCache, SpeculativeRollback
+from attention import BlockTables, DeltaNetStateCache, ForwardBatch, PagedKVCache, SpeculativeRollback
 from router import ExpertLoadWindow
 
 from vision import mrope_axes, mrope_positions, patchify, rotary_positions
@@ -90,6 +90,7 @@ class ModelRunner:
                                          cfg.linear_conv_kernel_dim, cfg.linear_num_value_heads,
                                          cfg.linear_key_head_dim, cfg.linear_value_head_dim, dtype, self.device,
                                          double_buffered=transactional)
+        self.block_tables = BlockTables(layout.num_slots)
         self.graphs = DecodeGraphs(model, self.kv, self.states, layout.num_slots, layout.num_blocks,
                                    self.device) if decode_graphs else None
         self.overlap = overlap  # two micro-batches per step (expert workers elsewhere: cluster.worker.step)
@@ -181,6 +182,7 @@ class ModelRunner:
                                        f"worker has {len(seq.drafts)}")
                 tokens += tuple(seq.drafts)
                 verify.append((chunk.seq_id, len(ids), seq.slot))
+            self.block_tables.write(seq.slot, len(seq.block_table), chunk.new_blocks)
             seq.block_table.extend(chunk.new_blocks)
             seq.tokens.extend(tokens)
             ids.extend(tokens)
@@ -218,7 +220,7 @@ class ModelRunner:
 
     def _batch(self, rows: list[tuple[int, int, _SequenceState]]) -> ForwardBatch:
         """A ForwardBatch over sequences given as (past, rows, state) each."""
-        positions, slot_mapping, query_lens, context_lens, slots, tables = [], [], [], [], [], []
+        positions, slot_mapping, query_lens, context_lens, slots = [], [], [], [], []
         bs = self.block_size
         num_freqs = self.model.cfg.rotary_dim // 2
         per_freq = any(seq.mrope is not None and past < len(seq.mrope) for past, _, seq in rows)
@@ -232,14 +234,13 @@ class ModelRunner:
             query_lens.append(n)
             context_lens.append(past + n)
             slots.append(slot)
-            tables.append(table)
-        width = max((len(t) for t in tables), default=1)
-        padded = [t + [0] * (width - len(t)) for t in tables]
+        width = max(max((len(seq.block_table) for _, _, seq in rows), default=1), 1)
+        host_slots = torch.tensor(slots, dtype=torch.long)
         as_long = dict(dtype=torch.long, device=self.device)
         starts = [0]
         for n in query_lens:
             starts.append(starts[-1] + n)
-        read, write = self.states.rows(torch.tensor(slots, **as_long))
+        read, write = self.states.rows(host_slots.to(self.device))
         return ForwardBatch(
             positions=(torch.cat(positions) if per_freq else torch.tensor(positions)).to(**as_long),
             query_lens=query_lens,
@@ -247,7 +248,7 @@ class ModelRunner:
             query_start=torch.tensor(starts, **as_long),
             context_lens=torch.tensor(context_lens, **as_long),
             slots=read, out_slots=write,
-            block_tables=torch.tensor(padded, **as_long).view(len(tables), width),
+            block_tables=self.block_tables.gather(host_slots, width).to(self.device),
             slot_mapping=torch.tensor(slot_mapping, **as_long),
             kv=self.kv, states=self.states,
         )

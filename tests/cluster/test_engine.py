@@ -146,3 +146,27 @@ def test_logits_do_not_depend_on_the_batch(llm):
         assert torch.equal(llm.score(prompts)[3], alone)
     finally:
         runner.overlap = False
+
+
+def test_block_tables_grow_and_reused_slots_keep_outputs(make_checkpoint, llm):
+    """Blocks of 2 tokens: a 300-token prompt's table outgrows the runner's tables (64 entries, 128
+    after the warm-up's sequences) while its prefill chunks come in, and the short prompts after it
+    reuse its slot over stale entries; greedy outputs equal 16-token blocks'."""
+    prompts = [mixed_prompts(16)[i] for i in (2, 1, 5)]
+    prompts[0] = prompts[0] * 4
+    assert len(prompts[0]) > 2 * 128
+    expected = [c.token_ids for c in llm.generate(prompts, GREEDY)]
+    small = LLM(model=make_checkpoint(SPEC), cache=CacheConfig(block_size=2, num_blocks=400),
+                scheduler=SchedulerConfig(max_num_batched_tokens=32))  # the table grows over chunks
+    assert [small.generate([p], GREEDY)[0].token_ids for p in prompts] == expected
+
+
+def test_block_tables_gather_rows_of_slots():
+    from attention import BlockTables
+
+    tables = BlockTables(num_slots=3, width=2)
+    tables.write(2, 0, (7, 8))
+    tables.write(0, 0, (1, 2))
+    tables.write(0, 2, (3, 4, 5))  # grows to width 5, keeping what was written
+    assert tables.gather(torch.tensor([0, 2]), 5).tolist() == [[1, 2, 3, 4, 5], [7, 8, 0, 0, 0]]
+    assert tables.gather(torch.tensor([2]), 2).tolist() == [[7, 8]]
