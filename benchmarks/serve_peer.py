@@ -2,10 +2,12 @@
 
     python benchmarks/serve_peer.py [--vllm-venv /tmp/vllm-venv] [--model DIR]
                                     [--concurrency 16 1] [--num-prompts 64] [--output-len 32]
-                                    [--ingress direct colocated separate] [--dtype D] [--stream-interval N]
+                                    [--ingress direct colocated separate in-process] [--dtype D]
+                                    [--stream-interval N]
 
 Starts each server in turn as its own process (epserve: 1 attention + 2 expert workers,
-`--expert-workers`/`--attention-workers` to change it, once per `--ingress` layout; vLLM's CPU
+`--expert-workers`/`--attention-workers` to change it, once per `--ingress` layout; `in-process`:
+the colocated replica running the model itself, no worker actors; vLLM's CPU
 engine from its own venv, bf16, as ../shared/peer-vllm/README.md installs it), waits until /v1/models answers, runs
 `epserve bench --endpoint http` against it (streamed completions of token-id prompts, end of
 sequence ignored) at each concurrency, and stops it. Default checkpoint: `make-tiny
@@ -97,9 +99,10 @@ def main() -> None:
     parser.add_argument("--expert-workers", type=int, default=2)
     parser.add_argument("--attention-workers", type=int, default=1)
     parser.add_argument("--ingress", nargs="+", default=["direct", "colocated", "separate"],
-                        choices=["direct", "colocated", "separate"],
-                        help="layouts to measure, in turn: epserve serve --ingress colocated / separate, and "
-                             "direct (colocated with --direct-ingress, requests sent to the replica's own port)")
+                        choices=["direct", "colocated", "separate", "in-process"],
+                        help="layouts to measure, in turn: epserve serve --ingress colocated / separate, "
+                             "direct (colocated with --direct-ingress, requests sent to the replica's own port) "
+                             "and in-process (colocated with --in-process: the replica runs the model itself)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="epserve serve --dtype")
     parser.add_argument("--stream-interval", type=int, default=1, help="epserve serve --stream-interval")
     args = parser.parse_args()
@@ -122,14 +125,20 @@ def main() -> None:
     interval = f", stream interval {args.stream_interval}" if args.stream_interval > 1 else ""
     dtype = {"float32": "fp32", "bfloat16": "bf16"}[args.dtype]
     for layout in args.ingress:  # direct: colocated, the client at the replica's own port (no proxy)
-        ingress, extra = ("colocated", ["--direct-ingress"]) if layout == "direct" else (layout, [])
-        rows += measure(f"epserve serve ({dtype}, {args.attention_workers}+{args.expert_workers} workers, {layout}"
-                        f"{interval})",
+        workers = ["--expert-workers", str(args.expert_workers), "--attention-workers", str(args.attention_workers)]
+        shape = f"{args.attention_workers}+{args.expert_workers} workers"
+        ingress, extra, direct = "colocated", [], False
+        if layout == "direct":
+            extra, direct = ["--direct-ingress"], True
+        elif layout == "in-process":
+            extra, workers, shape = ["--in-process"], [], "in process"
+        else:
+            ingress = layout
+        rows += measure(f"epserve serve ({dtype}, {shape}, {layout}{interval})",
                         [sys.executable, "-m", "deploy.cli", "serve", "--model", args.model, "--http-port", "8200",
-                         "--grpc-port", "9200", "--expert-workers", str(args.expert_workers),
-                         "--attention-workers", str(args.attention_workers), "--ingress", ingress,
+                         "--grpc-port", "9200", *workers, "--ingress", ingress,
                          "--stream-interval", str(args.stream_interval), "--dtype", args.dtype, *extra],
-                        None if extra else "http://127.0.0.1:8200", args)
+                        None if direct else "http://127.0.0.1:8200", args)
     print(f"checkpoint {args.model}; {args.num_prompts} streamed completions of {args.output_len} tokens, "
           f"{args.prompt_len}-token prompts")
     print(f"{'server':<60} {'clients':>7} {'tok/s':>8} {'TTFT p50 ms':>12} {'TPOT p50 ms':>12} {'failed':>7}")

@@ -6,7 +6,8 @@
 
 A model replica holds one whole model instance: placement group bundles reserve the replica
 (bundle 0) and each of its A + E worker actors (bundles 1..), so an instance starts whole or not at
-all; Serve's autoscaling adds and removes whole instances. Under streaming load every message is
+all (`in_process`: the replica runs the model itself, one bundle with the worker's CPUs and GPU);
+Serve's autoscaling adds and removes whole instances. Under streaming load every message is
 relayed by each process between the engine and the client, and on a small machine those relays
 compete with the engine for the cores: the colocated layout has one fewer (measured in the README).
 
@@ -77,11 +78,20 @@ def model_deployment_options(cfg: AppConfig) -> dict:
         worker["GPU"] = cfg.gpus_per_worker
     attention = {**worker, **cfg.attention_worker_resources}
     expert = {**worker, **cfg.expert_worker_resources}
+    if cfg.in_process:  # the replica is the one worker: its bundle reserves the worker's CPUs, GPU, resources
+        replica = {**attention, **cfg.expert_worker_resources, "CPU": cfg.replica_cpus + cfg.cpus_per_worker}
+        custom = {k: v for k, v in replica.items() if k not in ("CPU", "GPU")}
+        actor = {"num_cpus": replica["CPU"], "num_gpus": replica.get("GPU", 0)}
+        if custom:
+            actor["resources"] = custom
+        bundles = [replica]
+    else:
+        actor = {"num_cpus": cfg.replica_cpus}
+        bundles = [{"CPU": cfg.replica_cpus}] + [attention] * cfg.attention_workers + [expert] * cfg.expert_workers
     options = dict(
         name="Model",
-        ray_actor_options={"num_cpus": cfg.replica_cpus},
-        placement_group_bundles=[{"CPU": cfg.replica_cpus}] + [attention] * cfg.attention_workers
-        + [expert] * cfg.expert_workers,
+        ray_actor_options=actor,
+        placement_group_bundles=bundles,
         placement_group_strategy="PACK",
         max_ongoing_requests=cfg.replica_capacity,  # past it, Serve holds max_queued_requests, then 429
         max_queued_requests=cfg.max_queued_requests,

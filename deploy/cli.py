@@ -72,7 +72,8 @@ def _server_config(args):
 
     model = args.model or ensure_demo_model()
     return AppConfig(
-        model=str(model), served_model_name=args.name, expert_workers=args.expert_workers,
+        model=str(model), served_model_name=args.name, in_process=args.in_process,
+        expert_workers=args.expert_workers or (1 if args.in_process else 2),
         attention_workers=args.attention_workers, min_replicas=args.min_replicas,
         max_replicas=max(args.max_replicas, args.min_replicas),
         target_ongoing_requests=args.target_ongoing_requests, device=args.device, dtype=args.dtype,
@@ -101,8 +102,10 @@ def cmd_serve(args) -> int:
                          ssl_keyfile=args.ssl_keyfile, views=views, direct_ingress=args.direct_ingress)
     scheme = "https" if args.ssl_certfile else "http"
     auth = " -H 'Authorization: Bearer $EPSERVE_API_KEY'" if cfg.api_keys else ""
-    print(f"serving {cfg.name!r} ({cfg.attention_workers} attention + {cfg.expert_workers} expert workers "
-          f"per instance, {cfg.min_replicas}-{cfg.max_replicas} instances) in {time.perf_counter() - start:.0f}s"
+    layout = ("the model in each replica's process" if cfg.in_process else
+              f"{cfg.attention_workers} attention + {cfg.expert_workers} expert workers per instance")
+    print(f"serving {cfg.name!r} ({layout}, {cfg.min_replicas}-{cfg.max_replicas} instances) "
+          f"in {time.perf_counter() - start:.0f}s"
           f"{'; API keys required' if cfg.api_keys else ''}")
     print(f"  gRPC  0.0.0.0:{args.grpc_port} (every interface, plaintext)  epserve.v1.Generation    "
           f"try: epserve generate \"hello\" --address 127.0.0.1:{args.grpc_port}")
@@ -195,6 +198,9 @@ def cmd_experts(args) -> int:
     from .heatmap import write_heatmap
 
     def show(status: dict, label: str) -> None:
+        if status["placement"] is None:
+            print(f"{label}: the model runs in process (every expert local), load of {len(status['load'])} layers")
+            return
         per_layer = [sum(len(ids) for ids in layer) for layer in status["placement"]]
         print(f"{label}: {status['expert_workers']} expert workers, {per_layer[0]} expert slots in layer 0 "
               f"({per_layer[0] - len(status['load'][0])} replicas), worker load max {status['max_load']:.0f} / "
@@ -212,7 +218,9 @@ def cmd_experts(args) -> int:
     if changing:
         snapshots.append(("after", _http_json(f"{args.url}/v1/experts", api_key=args.api_key)))
         show(snapshots[1][1], "after")
-    if args.heatmap:
+    if args.heatmap and snapshots[0][1]["placement"] is None:
+        print("  no picture: the load per worker needs expert workers")
+    elif args.heatmap:
         path = write_heatmap(args.heatmap, [(label, s["load"], s["placement"]) for label, s in snapshots])
         print(f"  picture: {path}")
     return 0
@@ -306,8 +314,11 @@ def _add_batch(sub) -> None:
 def _add_server_args(p, grpc_port: int, http_port: int) -> None:
     p.add_argument("--model", type=Path, default=None, help=f"checkpoint dir (default: {DEFAULT_DEMO_DIR})")
     p.add_argument("--name", default=None, help="served model name (default: the directory name)")
-    p.add_argument("--expert-workers", type=int, default=2)
+    p.add_argument("--expert-workers", type=int, default=None, help="per instance (default 2; 1 with --in-process)")
     p.add_argument("--attention-workers", type=int, default=1)
+    p.add_argument("--in-process", action="store_true",
+                   help="each model replica runs the model itself (dense layers and every expert in its own "
+                        "process; CUDA graphs on a GPU) instead of in worker actors: for models one device holds")
     p.add_argument("--grpc-port", type=int, default=grpc_port)
     p.add_argument("--http-port", type=int, default=http_port)
     p.add_argument("--min-replicas", type=int, default=1, help="autoscaling: fewest model instances")

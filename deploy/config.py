@@ -17,6 +17,9 @@ class AppConfig(BaseModel):
     device: Literal["auto", "cuda", "cpu"] = Field(
         "auto", description="where the workers run; auto: cuda when the Ray cluster has GPUs")
     # one model instance = one Serve replica of the model deployment
+    in_process: bool = Field(
+        False, description="the model replica runs the model itself (one process: the dense layers and every "
+        "expert; CUDA graphs on a GPU) instead of in worker actors; needs expert_workers = attention_workers = 1")
     expert_workers: int = Field(1, ge=1, description="expert-worker actors per model instance")
     attention_workers: int = Field(1, ge=1, description="attention-worker actors per model instance")
     cpus_per_worker: float = Field(0.25, gt=0, description="CPUs reserved per worker actor")
@@ -86,6 +89,9 @@ class AppConfig(BaseModel):
     def _check(self) -> AppConfig:
         if self.min_replicas > self.max_replicas:
             raise ValueError(f"min_replicas ({self.min_replicas}) > max_replicas ({self.max_replicas})")
+        if self.in_process and (self.expert_workers > 1 or self.attention_workers > 1):
+            raise ValueError(f"in_process runs the model in the replica's own process: expert_workers and "
+                             f"attention_workers must be 1, got {self.expert_workers} and {self.attention_workers}")
         if not (Path(self.model) / "config.json").is_file():
             raise ValueError(f"model: no config.json in {self.model!r}")
         return self

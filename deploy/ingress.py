@@ -195,7 +195,9 @@ class Ingress:
         return pb.ModelInfo(
             model=self.name, max_model_len=self.max_model_len, vocab_size=c.vocab_size,
             num_layers=c.num_hidden_layers, num_experts=c.num_experts, num_experts_per_tok=c.num_experts_per_tok,
-            expert_workers=self.config.expert_workers, attention_workers=self.config.attention_workers,
+            # worker actors per instance: none when the replica runs the model itself
+            expert_workers=0 if self.config.in_process else self.config.expert_workers,
+            attention_workers=0 if self.config.in_process else self.config.attention_workers,
             eos_token_ids=list(self.tokenizer.eos_token_ids), max_tokens_limit=self.config.max_tokens_limit)
 
     async def Tokenize(self, request: pb.TokenizeRequest, grpc_context=None) -> pb.TokenizeResponse:

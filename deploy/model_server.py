@@ -15,6 +15,7 @@ from cluster import (AsyncLLM, CacheConfig, ClusterConfig, RebalanceConfig, Samp
                      SpeculativeConfig)
 
 from .config import AppConfig
+from .errors import RequestError
 from .heatmap import worker_vs_mean
 
 
@@ -33,7 +34,7 @@ class ModelServer:
             cfg.model,
             dtype=cfg.dtype,
             cluster=ClusterConfig(expert_workers=cfg.expert_workers, attention_workers=cfg.attention_workers,
-                                  use_ray=True, device=cfg.device, cpus_per_worker=cfg.cpus_per_worker,
+                                  use_ray=not cfg.in_process, device=cfg.device, cpus_per_worker=cfg.cpus_per_worker,
                                   gpus_per_worker=cfg.gpus_per_worker,
                                   attention_resources=tuple(cfg.attention_worker_resources.items()),
                                   expert_resources=tuple(cfg.expert_worker_resources.items())),
@@ -61,8 +62,10 @@ class ModelServer:
         """Per-layer, per-expert load of the window, the placement and its worker-load stats."""
         status = await self.engine.expert_status()
         placement, stats, layers = status["placement"], status["stats"], sorted(status["load"])
-        held = [[list(ids) for ids in placement.held[layer]] for layer in layers]
         load = [status["load"][layer] for layer in layers]
+        if placement is None:  # in process: every expert is here, nothing to balance
+            return {"expert_workers": 0, "load": load, "placement": None}
+        held = [[list(ids) for ids in placement.held[layer]] for layer in layers]
         return {"expert_workers": placement.num_workers, "load": load, "placement": held,
                 "worker_load": [status["worker_loads"][layer] for layer in layers],
                 "worker_load_vs_mean": worker_vs_mean(load, held),
@@ -74,6 +77,9 @@ class ModelServer:
                 "bytes_loaded": result["bytes_loaded"]}
 
     async def scale_experts(self, num_workers: int) -> dict:
+        if self.config.in_process:
+            raise RequestError("invalid", "this instance runs its model in process (in_process): it has no "
+                                          "expert workers to scale")
         await self.engine.scale_experts(num_workers)
         return {"expert_workers": num_workers}
 
