@@ -98,6 +98,7 @@ def main() -> None:
     parser.add_argument("--output-len", type=int, default=32)
     parser.add_argument("--expert-workers", type=int, default=2)
     parser.add_argument("--attention-workers", type=int, default=1)
+    parser.add_argument("--cpus-per-worker", type=float, default=0.25, help="epserve serve --cpus-per-worker")
     parser.add_argument("--ingress", nargs="+", default=["direct", "colocated", "separate"],
                         choices=["direct", "colocated", "separate", "in-process"],
                         help="layouts to measure, in turn: epserve serve --ingress colocated / separate, "
@@ -137,6 +138,7 @@ def main() -> None:
         rows += measure(f"epserve serve ({dtype}, {shape}, {layout}{interval})",
                         [sys.executable, "-m", "deploy.cli", "serve", "--model", args.model, "--http-port", "8200",
                          "--grpc-port", "9200", *workers, "--ingress", ingress,
+                         "--cpus-per-worker", str(args.cpus_per_worker),
                          "--stream-interval", str(args.stream_interval), "--dtype", args.dtype, *extra],
                         None if direct else "http://127.0.0.1:8200", args)
     print(f"checkpoint {args.model}; {args.num_prompts} streamed completions of {args.output_len} tokens, "

@@ -47,9 +47,12 @@ class AsyncLLM:
 
     # -- the engine thread -------------------------------------------------------------------------
     def _loop(self, model, engine_kwargs: dict, started: threading.Event) -> None:
-        # One intra-op thread (process-wide, as in Ray actors): with more, CPU torch on this thread
-        # slows down several-fold once another thread has used torch too (libgomp, 2 cores).
-        torch.set_num_threads(1)
+        # One intra-op thread by default (process-wide, as in Ray actors): with more, CPU torch on this
+        # thread slows down several-fold once another thread has used torch too (libgomp, 2 cores).
+        # In process, ClusterConfig.threads_per_worker asks for more (a replica given several CPUs).
+        cluster = engine_kwargs.get("cluster")
+        in_process = cluster is None or not cluster.wants_ray
+        torch.set_num_threads(cluster.threads_per_worker if cluster is not None and in_process else 1)
         try:
             self.engine = EngineCore(model, **engine_kwargs)
         except BaseException as e:  # reported to the constructor's caller

@@ -74,7 +74,8 @@ def _server_config(args):
     return AppConfig(
         model=str(model), served_model_name=args.name, in_process=args.in_process,
         expert_workers=args.expert_workers or (1 if args.in_process else 2),
-        attention_workers=args.attention_workers, min_replicas=args.min_replicas,
+        attention_workers=args.attention_workers, cpus_per_worker=args.cpus_per_worker,
+        min_replicas=args.min_replicas,
         max_replicas=max(args.max_replicas, args.min_replicas),
         target_ongoing_requests=args.target_ongoing_requests, device=args.device, dtype=args.dtype,
         api_keys=_keys(args.api_key, "EPSERVE_API_KEY"), admin_api_keys=_keys(args.admin_api_key, "EPSERVE_ADMIN_API_KEY"),
@@ -316,6 +317,9 @@ def _add_server_args(p, grpc_port: int, http_port: int) -> None:
     p.add_argument("--name", default=None, help="served model name (default: the directory name)")
     p.add_argument("--expert-workers", type=int, default=None, help="per instance (default 2; 1 with --in-process)")
     p.add_argument("--attention-workers", type=int, default=1)
+    p.add_argument("--cpus-per-worker", type=float, default=0.25,
+                   help="CPUs each worker reserves (with --in-process: the replica's model); rounded (at least 1), "
+                        "its torch threads")
     p.add_argument("--in-process", action="store_true",
                    help="each model replica runs the model itself (dense layers and every expert in its own "
                         "process; CUDA graphs on a GPU) instead of in worker actors: for models one device holds")

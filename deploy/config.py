@@ -22,7 +22,8 @@ class AppConfig(BaseModel):
         "expert; CUDA graphs on a GPU) instead of in worker actors; needs expert_workers = attention_workers = 1")
     expert_workers: int = Field(1, ge=1, description="expert-worker actors per model instance")
     attention_workers: int = Field(1, ge=1, description="attention-worker actors per model instance")
-    cpus_per_worker: float = Field(0.25, gt=0, description="CPUs reserved per worker actor")
+    cpus_per_worker: float = Field(0.25, gt=0, description="CPUs reserved per worker actor (or for the model "
+                                   "with in_process), rounded (at least 1): the worker's torch threads")
     gpus_per_worker: int | None = Field(None, ge=0, description="GPUs per worker (whole); default 1 on cuda, else 0")
     replica_cpus: float = Field(0.1, gt=0, description="CPUs of the model replica itself (engine, scheduler)")
     attention_worker_resources: dict[str, float] = Field(

@@ -36,6 +36,7 @@ class ModelServer:
             cluster=ClusterConfig(expert_workers=cfg.expert_workers, attention_workers=cfg.attention_workers,
                                   use_ray=not cfg.in_process, device=cfg.device, cpus_per_worker=cfg.cpus_per_worker,
                                   gpus_per_worker=cfg.gpus_per_worker,
+                                  threads_per_worker=max(1, round(cfg.cpus_per_worker)),  # the CPUs reserved
                                   attention_resources=tuple(cfg.attention_worker_resources.items()),
                                   expert_resources=tuple(cfg.expert_worker_resources.items())),
             scheduler=SchedulerConfig(max_num_seqs=cfg.max_num_seqs, max_num_batched_tokens=cfg.max_num_batched_tokens,

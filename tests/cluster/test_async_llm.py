@@ -133,3 +133,18 @@ def test_stream_interval_sends_the_first_token_alone_then_groups(engine):
     plain = asyncio.run(collect(engine, "hello", params))
     assert [t for o in grouped for t in o.new_token_ids] == [t for o in plain for t in o.new_token_ids]
     assert "".join(o.new_text for o in grouped) == "".join(o.new_text for o in plain)
+
+
+def test_the_engine_thread_takes_the_threads_asked_for_in_process(make_checkpoint, monkeypatch):
+    """In process, ClusterConfig.threads_per_worker sets the engine thread's torch threads (a Serve
+    replica running the model itself passes the CPUs it reserved); 1 otherwise."""
+    import torch
+
+    from cluster import ClusterConfig
+
+    asked = []
+    monkeypatch.setattr(torch, "set_num_threads", asked.append)
+    for cluster in (ClusterConfig(threads_per_worker=2), None):
+        llm = AsyncLLM(make_checkpoint(SPEC), cluster=cluster) if cluster else AsyncLLM(make_checkpoint(SPEC))
+        llm.shutdown()
+    assert asked[:1] == [2] and asked[-1:] == [1]
