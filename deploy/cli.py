@@ -82,7 +82,7 @@ def _server_config(args):
         speculative_tokens=args.speculative_tokens,
         allow_image_urls=args.allow_image_urls, image_url_hosts=args.image_url_host or [],
         max_images_per_request=args.max_images_per_request, stream_interval=args.stream_interval,
-        ingress=args.ingress,
+        ingress=args.ingress, kv_cache_dtype=args.kv_cache_dtype,
     )
 
 
@@ -332,6 +332,8 @@ def _add_server_args(p, grpc_port: int, http_port: int) -> None:
                    help="where the workers run (auto: cuda when the Ray cluster has GPUs)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
                    help="weights and activations (bfloat16 on GPUs)")
+    p.add_argument("--kv-cache-dtype", choices=["auto", "bfloat16", "fp8_e5m2"], default="auto",
+                   help="how K/V are stored (auto: --dtype); narrower holds more tokens, rounded")
     p.add_argument("--speculative-tokens", type=int, default=0, choices=range(4), metavar="K",
                    help="MTP speculative decoding: draft K (1..3) tokens per step with the checkpoint's MTP "
                         "module (0: off)")
@@ -363,7 +365,8 @@ def cmd_plan(args) -> int:
 
     cfg = ModelConfig.from_dict(FLAGSHIP) if args.model is None else ModelConfig.from_pretrained(args.model)
     dtype_bytes = {"float32": 4, "bfloat16": 2, "float16": 2}[args.dtype]
-    layout = plan_cache(cfg, CacheConfig(memory_budget_mb=args.kv_cache_memory_mb), args.max_num_seqs, dtype_bytes)
+    cache = CacheConfig(memory_budget_mb=args.kv_cache_memory_mb, kv_cache_dtype=args.kv_cache_dtype)
+    layout = plan_cache(cfg, cache, args.max_num_seqs, dtype_bytes)
     cluster = ClusterConfig(expert_workers=args.expert_workers, attention_workers=args.attention_workers,
                             use_ray=True)
     plan = plan_instance(cfg, layout, dtype_bytes, cluster, args.max_num_batched_tokens)
@@ -405,6 +408,8 @@ def main(argv: list[str] | None = None) -> int:
     plan_p.add_argument("--max-num-seqs", type=int, default=32)
     plan_p.add_argument("--max-num-batched-tokens", type=int, default=2048)
     plan_p.add_argument("--kv-cache-memory-mb", type=float, default=16384)
+    plan_p.add_argument("--kv-cache-dtype", choices=["auto", "bfloat16", "fp8_e5m2"], default="auto",
+                        help="how K/V are stored (auto: --dtype)")
     plan_p.add_argument("--device-gib", type=float, default=80, help="memory of each worker's device")
     serve_p = sub.add_parser("serve", help="serve gRPC and OpenAI HTTP on an embedded (or existing) Ray cluster")
     _add_server_args(serve_p, 9000, 8000)

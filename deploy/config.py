@@ -36,6 +36,8 @@ class AppConfig(BaseModel):
     max_waiting: int = Field(256, ge=1, description="queued requests per instance before RESOURCE_EXHAUSTED / 429")
     max_model_len: int | None = Field(None, ge=2, description="context length; default the model's")
     kv_cache_memory_mb: float = Field(512, gt=0, description="KV blocks + DeltaNet state per attention worker")
+    kv_cache_dtype: Literal["auto", "bfloat16", "fp8_e5m2"] = Field(
+        "auto", description="how K/V are stored: auto = the model's dtype; narrower holds more tokens, rounded")
     max_tokens_limit: int = Field(4096, ge=1, description="largest max_tokens a request may ask for")
     stream_interval: int = Field(1, ge=1, description="tokens per streamed message after the first (vLLM's "
                                  "--stream-interval): fewer, larger messages through Serve under load")

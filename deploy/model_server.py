@@ -41,7 +41,7 @@ class ModelServer:
                                   expert_resources=tuple(cfg.expert_worker_resources.items())),
             scheduler=SchedulerConfig(max_num_seqs=cfg.max_num_seqs, max_num_batched_tokens=cfg.max_num_batched_tokens,
                                       max_waiting=cfg.max_waiting, max_model_len=cfg.max_model_len),
-            cache=CacheConfig(memory_budget_mb=cfg.kv_cache_memory_mb),
+            cache=CacheConfig(memory_budget_mb=cfg.kv_cache_memory_mb, kv_cache_dtype=cfg.kv_cache_dtype),
             rebalance=RebalanceConfig(enabled=cfg.rebalance, interval_steps=cfg.rebalance_interval_steps,
                                       imbalance_threshold=cfg.rebalance_threshold,
                                       redundant_slots=cfg.redundant_expert_slots),

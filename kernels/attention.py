@@ -2,7 +2,7 @@
 
 Shapes: T query rows (B sequences in turn), Hq query heads, Hkv kv heads, hd head dim, N blocks of
 S tokens. query [T, Hq, hd]; key_cache / value_cache [N, Hkv, S, hd] (a kv head's keys of a block
-together, read as one stream); block_tables [B, max_blocks];
+together, read as one stream; the query's dtype, or a narrower one: bf16, fp8 e5m2); block_tables [B, max_blocks];
 query_start [B + 1] row offsets; context_lens [B] keys cached per sequence (this step's included);
 slot_mapping [T] flat cache position (block * S + offset) of each new row.
 """
@@ -44,11 +44,12 @@ def qk_norm_rope(query, key, q_weight, k_weight, eps: float, positions, inv_freq
 
 
 def write_kv(key_cache, value_cache, key, value, slot_mapping) -> None:
-    """Stores the new rows' K and V [T, Hkv, hd] at their cache positions."""
+    """Stores the new rows' K and V [T, Hkv, hd] at their cache positions, rounded to the cache's
+    dtype (CacheConfig.kv_cache_dtype; the model's by default)."""
     S = key_cache.shape[2]
     blocks, offsets = slot_mapping // S, slot_mapping % S
-    key_cache[blocks, :, offsets] = key
-    value_cache[blocks, :, offsets] = value
+    key_cache[blocks, :, offsets] = key.to(key_cache.dtype)
+    value_cache[blocks, :, offsets] = value.to(value_cache.dtype)
 
 
 def paged_attention_reference(query, key_cache, value_cache, block_tables, query_start, context_lens,
@@ -61,8 +62,8 @@ def paged_attention_reference(query, key_cache, value_cache, block_tables, query
         L = int(context_lens[i])
         positions = torch.arange(L, device=query.device)
         blocks, offsets = block_tables[i][positions // S], positions % S
-        k = key_cache[blocks, :, offsets].transpose(0, 1).repeat_interleave(groups, 0)  # [Hq, L, hd]
-        v = value_cache[blocks, :, offsets].transpose(0, 1).repeat_interleave(groups, 0)
+        k = key_cache[blocks, :, offsets].to(query.dtype).transpose(0, 1).repeat_interleave(groups, 0)  # [Hq, L, hd]
+        v = value_cache[blocks, :, offsets].to(query.dtype).transpose(0, 1).repeat_interleave(groups, 0)
         mask = positions[None, :] <= torch.arange(L - n, L, device=query.device)[:, None]
         o = F.scaled_dot_product_attention(query[start : start + n].transpose(0, 1), k, v,
                                            attn_mask=mask, scale=scale)
@@ -83,8 +84,8 @@ def paged_attention_batched(query, key_cache, value_cache, block_tables, query_s
     G, N = Hq // Hkv, max(query_lens, default=0)
     if T == 0:
         return torch.empty_like(query)
-    k = key_cache[block_tables].transpose(1, 2).reshape(B, Hkv, W * S, hd)
-    v = value_cache[block_tables].transpose(1, 2).reshape(B, Hkv, W * S, hd)
+    k = key_cache[block_tables].to(query.dtype).transpose(1, 2).reshape(B, Hkv, W * S, hd)
+    v = value_cache[block_tables].to(query.dtype).transpose(1, 2).reshape(B, Hkv, W * S, hd)
     rows, lens = padded_rows(query_start, N, T)  # [B, N], [B]
     q = query[rows].view(B, N, Hkv, G, hd).permute(0, 2, 3, 1, 4).reshape(B, Hkv, G * N, hd)
     # row i of sequence b is position context - len + i: it sees keys up to there

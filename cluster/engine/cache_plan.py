@@ -9,9 +9,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from attention import DeltaNetStateCache, PagedKVCache
 
 from ..config import ConfigError, ModelConfig
+
+
+KV_CACHE_DTYPES = {"auto": None, "bfloat16": torch.bfloat16, "fp8_e5m2": torch.float8_e5m2}
 
 
 @dataclass(frozen=True)
@@ -19,8 +24,14 @@ class CacheConfig:
     block_size: int = 16  # tokens per KV block
     memory_budget_mb: float = 512.0  # per attention worker: KV blocks + DeltaNet state slots
     num_blocks: int | None = None  # overrides the budget-derived count (tests, tight setups)
+    # how K/V are stored: auto = the model's dtype; bfloat16 (an fp32 model's half); fp8_e5m2 (float8
+    # e5m2 without scales, the top byte of a float16: a quarter of fp32). Rounded K/V cost accuracy;
+    # they buy blocks (longer contexts, more sequences) and long-context decode speed (fewer bytes read).
+    kv_cache_dtype: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ConfigError(f"kv_cache_dtype must be one of {sorted(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}")
         if self.block_size < 1:
             raise ConfigError(f"block_size must be >= 1, got {self.block_size}")
         if self.memory_budget_mb <= 0:
@@ -38,6 +49,7 @@ class CacheLayout:
     num_slots: int
     block_bytes: int
     slot_bytes: int
+    kv_dtype: torch.dtype | None = None  # None: the model's
 
     @property
     def total_bytes(self) -> int:
@@ -47,8 +59,9 @@ class CacheLayout:
 def plan_cache(cfg: ModelConfig, cache: CacheConfig, max_num_seqs: int, dtype_bytes: int) -> CacheLayout:
     full = len(cfg.kv_layer_ids)  # the MTP layer's K/V too when it runs
     linear = cfg.layer_types.count("linear_attention")
+    kv_dtype = KV_CACHE_DTYPES[cache.kv_cache_dtype]
     block_bytes = PagedKVCache.bytes_per_block(
-        full, cache.block_size, cfg.num_key_value_heads, cfg.head_dim, dtype_bytes)
+        full, cache.block_size, cfg.num_key_value_heads, cfg.head_dim, kv_dtype.itemsize if kv_dtype else dtype_bytes)
     conv_channels = 2 * cfg.linear_num_key_heads * cfg.linear_key_head_dim + (
         cfg.linear_num_value_heads * cfg.linear_value_head_dim)
     slot_bytes = DeltaNetStateCache.bytes_per_slot(
@@ -64,4 +77,4 @@ def plan_cache(cfg: ModelConfig, cache: CacheConfig, max_num_seqs: int, dtype_by
                 f"memory_budget_mb = {cache.memory_budget_mb} cannot hold {max_num_seqs} DeltaNet state "
                 f"slots ({slot_bytes / 2**20:.2f} MiB each) plus one KV block: raise the budget or "
                 f"lower max_num_seqs")
-    return CacheLayout(num_blocks, cache.block_size, max_num_seqs, block_bytes, slot_bytes)
+    return CacheLayout(num_blocks, cache.block_size, max_num_seqs, block_bytes, slot_bytes, kv_dtype)

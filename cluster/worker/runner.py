@@ -83,7 +83,7 @@ class ModelRunner:
         self.block_size = layout.block_size
         scratch = 1 if decode_graphs else 0  # a block and a slot past the scheduler's: graph padding rows
         self.kv = PagedKVCache(full, layout.num_blocks + scratch, layout.block_size, cfg.num_key_value_heads,
-                               cfg.head_dim, dtype, self.device)
+                               cfg.head_dim, layout.kv_dtype or dtype, self.device)
         conv_channels = 2 * cfg.linear_num_key_heads * cfg.linear_key_head_dim + (
             cfg.linear_num_value_heads * cfg.linear_value_head_dim)
         self.states = DeltaNetStateCache(linear, layout.num_slots + scratch, conv_channels,

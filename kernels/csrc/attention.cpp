@@ -1,6 +1,7 @@
 // Causal attention of a flat batch of sequences against the paged KV cache, in one call per layer.
 //   query [T, Hq, hd] (rows of all sequences; heads may be strided), key_cache / value_cache
-//   [N, Hkv, S, hd] (a kv head's keys of a block contiguous: one stream per task), block_tables [B, max_blocks], query_start [B + 1], context_lens [B] (keys in
+//   [N, Hkv, S, hd] (a kv head's keys of a block contiguous: one stream per task; stored in the
+//   query's dtype, bf16 under an fp32 query, or float8 e5m2), block_tables [B, max_blocks], query_start [B + 1], context_lens [B] (keys in
 //   the cache for each sequence, this step's included)  ->  out [T, Hq, hd].
 // Query i of a sequence with n new tokens and L = context_len sits at position L - n + i and sees
 // keys 0 .. L - n + i. K/V are read in place, block by block (no gathered copy, no GQA repeat):
@@ -20,7 +21,7 @@ struct Task {
   int64_t seq, first, count, kv_head;
 };
 
-template <typename T>
+template <typename T, typename C>  // query and output type, cache type
 void attention_impl(const at::Tensor& query, const at::Tensor& key_cache, const at::Tensor& value_cache,
                     const int64_t* tables, int64_t max_blocks, const int64_t* qs, const int64_t* cl,
                     const std::vector<Task>& tasks, int64_t work, float scale, at::Tensor& out) {
@@ -28,8 +29,8 @@ void attention_impl(const at::Tensor& query, const at::Tensor& key_cache, const 
   const int64_t Hkv = key_cache.size(1), S = key_cache.size(2), G = Hq / Hkv;
   const int64_t qs0 = query.stride(0), qs1 = query.stride(1);
   const T* qp = query.data_ptr<T>();
-  const T* kc = key_cache.data_ptr<T>();
-  const T* vc = value_cache.data_ptr<T>();
+  const C* kc = static_cast<const C*>(key_cache.data_ptr());
+  const C* vc = static_cast<const C*>(value_cache.data_ptr());
   T* op = out.data_ptr<T>();
   const int64_t num_tasks = static_cast<int64_t>(tasks.size());
 #pragma omp parallel if (num_tasks > 1 && work > kParallelWork)
@@ -61,8 +62,8 @@ void attention_impl(const at::Tensor& query, const at::Tensor& key_cache, const 
       for (int64_t kb = 0; kb * S <= last_pos; ++kb) {
         const int64_t base = kb * S, nk = std::min(S, last_pos + 1 - base), block = table[kb];
         const int64_t key_stride = hd;
-        const T* keys = kc + (block * Hkv + task.kv_head) * S * hd;  // key j at keys + j * hd
-        const T* values = vc + (block * Hkv + task.kv_head) * S * hd;
+        const C* keys = kc + (block * Hkv + task.kv_head) * S * hd;  // key j at keys + j * hd
+        const C* values = vc + (block * Hkv + task.kv_head) * S * hd;
         if ((kb + kAhead) * S <= last_pos) {  // blocks lie anywhere: fetch ahead while this one runs
           const int64_t next = (table[kb + kAhead] * Hkv + task.kv_head) * S * hd;
           prefetch(kc + next, S * hd);
@@ -76,7 +77,7 @@ void attention_impl(const at::Tensor& query, const at::Tensor& key_cache, const 
           int64_t j = 0;
 #if defined(__AVX512F__)
           for (; j + 4 <= visible; j += 4) {
-            const T* k = keys + j * key_stride;
+            const C* k = keys + j * key_stride;
             dot4(qv, k, k + key_stride, k + 2 * key_stride, k + 3 * key_stride, hd, sv + j);
           }
 #endif
@@ -111,7 +112,7 @@ void attention_impl(const at::Tensor& query, const at::Tensor& key_cache, const 
           }
 #else
           for (int64_t j = 0; j < nk; ++j) {
-            const T* val = values + j * key_stride;
+            const C* val = values + j * key_stride;
             for (int64_t d = 0; d < hd; ++d) a[d] += p[j] * to_float(val[d]);
           }
 #endif
@@ -143,9 +144,11 @@ at::Tensor paged_attention(const at::Tensor& query, const at::Tensor& key_cache,
   const int64_t Hkv = key_cache.size(1), S = key_cache.size(2);
   TORCH_CHECK(key_cache.size(3) == hd, "head dims of query and cache differ");
   TORCH_CHECK(Hq % Hkv == 0, "query heads must be a multiple of kv heads");
-  TORCH_CHECK(query.scalar_type() == key_cache.scalar_type() &&
-                  query.scalar_type() == value_cache.scalar_type(),
-              "query and cache dtypes differ");
+  const auto q_type = query.scalar_type(), c_type = key_cache.scalar_type();
+  TORCH_CHECK(value_cache.scalar_type() == c_type, "key and value caches' dtypes differ");
+  TORCH_CHECK(c_type == q_type || c_type == at::kFloat8_e5m2 || (q_type == at::kFloat && c_type == at::kBFloat16),
+              "a cache of ", c_type, " under a ", q_type, " query: the cache holds the query's dtype, bf16 under "
+              "fp32, or float8 e5m2");
   const int64_t B = context_lens.numel();
   TORCH_CHECK(query_start.numel() == B + 1 && block_tables.dim() == 2 && block_tables.size(0) == B,
               "query_start, context_lens and block_tables disagree on the batch");
@@ -166,9 +169,18 @@ at::Tensor paged_attention(const at::Tensor& query, const at::Tensor& key_cache,
     work += n * cl[b] * Hq * hd;
   }
   auto out = at::empty({T, Hq, hd}, query.options());
-  EPSERVE_DISPATCH(query.scalar_type(), "paged_attention", [&] {
-    attention_impl<scalar_t>(query, key_cache, value_cache, bt.data_ptr<int64_t>(), max_blocks, qs, cl,
-                             tasks, work, static_cast<float>(scale), out);
+  EPSERVE_DISPATCH(q_type, "paged_attention", [&] {
+    const auto run = [&](auto cache_element) {
+      attention_impl<scalar_t, decltype(cache_element)>(query, key_cache, value_cache, bt.data_ptr<int64_t>(),
+                                                        max_blocks, qs, cl, tasks, work, static_cast<float>(scale), out);
+    };
+    if (c_type == at::kFloat8_e5m2) {
+      run(c10::Float8_e5m2());
+    } else if (c_type == at::kBFloat16) {
+      run(c10::BFloat16());
+    } else {
+      run(float());
+    }
   });
   return out;
 }

@@ -5,6 +5,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
+#include <c10/util/Float8_e5m2.h>
 #include <c10/util/Half.h>
 
 #include <algorithm>
@@ -23,6 +24,7 @@ namespace epserve {
 
 inline float to_float(float x) { return x; }
 inline float to_float(c10::BFloat16 x) { return static_cast<float>(x); }
+inline float to_float(c10::Float8_e5m2 x) { return static_cast<float>(x); }
 
 template <typename T>
 inline T from_float(float x) { return static_cast<T>(x); }
@@ -68,6 +70,11 @@ inline __m512 load_as_floats(const float* p, __mmask16 m) { return _mm512_maskz_
 inline __m512 load_as_floats(const c10::BFloat16* p, __mmask16 m) {
   const __m256i bits = _mm256_maskz_loadu_epi16(m, p);
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
+}
+// float8 e5m2 is the top byte of a float16: widen each byte to 16 bits, then float16 -> float
+inline __m512 load_as_floats(const c10::Float8_e5m2* p, __mmask16 m) {
+  const __m128i bytes = _mm_maskz_loadu_epi8(m, p);
+  return _mm512_cvtph_ps(_mm256_slli_epi16(_mm256_cvtepu8_epi16(bytes), 8));
 }
 
 // The four horizontal sums of a, b, c, d in one tree: [sum a, sum b, sum c, sum d].

@@ -1,0 +1,55 @@
+"""K/V stored narrower than the model (CacheConfig.kv_cache_dtype): every kernel path agrees, the
+cache holds more blocks in the same budget, and a sequence's logits stay batch-invariant."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cluster import LLM, CacheConfig, ConfigError, SamplingParams, SchedulerConfig
+from cluster.model.tiny import TinySpec
+from kernels import reference_kernels
+
+SPEC = TinySpec(seed=21, num_experts=16, top_k=4)
+PROMPTS = [[(5 * i + 11 * j) % 400 + 3 for j in range(10 + 23 * i)] for i in range(5)]  # 10 .. 102 tokens
+
+
+@pytest.fixture(scope="module")
+def engines(make_checkpoint):
+    model = make_checkpoint(SPEC)
+    small_chunks = SchedulerConfig(max_num_batched_tokens=32)  # prefill chunks read earlier chunks' K/V
+    engines = {kv: LLM(model=model, scheduler=small_chunks, cache=CacheConfig(kv_cache_dtype=kv, memory_budget_mb=64))
+               for kv in ("auto", "bfloat16", "fp8_e5m2")}
+    return {**engines, "bf16 model": LLM(model=model, dtype="bfloat16", scheduler=small_chunks)}
+
+
+@pytest.mark.parametrize("kv", ["bfloat16", "fp8_e5m2"])
+def test_narrow_kv_logits_agree_across_kernels_and_batches(engines, kv):
+    llm = engines[kv]
+    assert llm.executor.runner.kv.key[3].dtype == {"bfloat16": torch.bfloat16, "fp8_e5m2": torch.float8_e5m2}[kv]
+    fast = llm.score(PROMPTS)
+    with reference_kernels():  # per-sequence gathers, the cache cast up, one SDPA each
+        ref = llm.score(PROMPTS)
+    # the two paths' fp32 K/V differ in last bits, which now and then round to neighbouring values of
+    # the narrow type: looser than fp32 parity (1e-4), far tighter than a wrong conversion
+    assert max((a - b).abs().max().item() for a, b in zip(fast, ref)) <= 1e-2
+    assert torch.equal(llm.score([PROMPTS[2]])[0], fast[2])  # alone: the same bits
+    # rounding K/V moves the logits (the setting is not ignored), less than running the whole model
+    # in bf16 does (a routing choice near a tie can flip either way: the max is the outlier's)
+    full = engines["auto"].score(PROMPTS)
+    moved = max((a - b).abs().max().item() for a, b in zip(fast, full))
+    bf16_model = max((a - b).abs().max().item() for a, b in zip(engines["bf16 model"].score(PROMPTS), full))
+    assert 0 < moved < bf16_model
+
+
+def test_narrow_kv_buys_blocks(engines):
+    blocks = {kv: engines[kv].engine.layout.num_blocks for kv in ("auto", "bfloat16", "fp8_e5m2")}
+    # fp32 model: bf16 K/V take half the bytes, fp8 a quarter (the DeltaNet slots take the same)
+    assert blocks["bfloat16"] > 1.9 * blocks["auto"] and blocks["fp8_e5m2"] > 1.9 * blocks["bfloat16"]
+    greedy = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    assert all(len(c.token_ids) == 6 for c in engines["fp8_e5m2"].generate(PROMPTS, greedy))
+
+
+def test_unknown_kv_cache_dtype_is_refused():
+    with pytest.raises(ConfigError, match="kv_cache_dtype must be one of"):
+        CacheConfig(kv_cache_dtype="fp8_e4m3")
