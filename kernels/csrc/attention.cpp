@@ -21,6 +21,47 @@ struct Task {
   int64_t seq, first, count, kv_head;
 };
 
+#if defined(__AVX512F__)
+constexpr int64_t kQueries = 4;  // queries whose value sums run side by side
+
+// For U queries (U <= kQueries) and W register-wide slices of the head (W <= 2):
+// acc_u[slice] += sum_j p_u[j] values[j][slice], keys j in order. Each value slice is loaded once
+// for all U, and the U * W multiply-add chains interleave (one chain alone waits on its previous
+// multiply-add at every key).
+template <typename C, int U, int W>
+inline void weighted_values(const float* p, int64_t p_stride, int64_t nk, const C* values, int64_t value_stride,
+                            const __mmask16* masks, float* acc, int64_t acc_stride) {
+  __m512 sums[U][W];
+  for (int u = 0; u < U; ++u)
+    for (int w = 0; w < W; ++w) sums[u][w] = _mm512_maskz_loadu_ps(masks[w], acc + u * acc_stride + 16 * w);
+  for (int64_t j = 0; j < nk; ++j) {
+    __m512 value[W];
+    for (int w = 0; w < W; ++w) value[w] = load_as_floats(values + j * value_stride + 16 * w, masks[w]);
+    for (int u = 0; u < U; ++u) {
+      const __m512 weight = _mm512_set1_ps(p[u * p_stride + j]);
+      for (int w = 0; w < W; ++w) sums[u][w] = _mm512_fmadd_ps(weight, value[w], sums[u][w]);
+    }
+  }
+  for (int u = 0; u < U; ++u)
+    for (int w = 0; w < W; ++w) _mm512_mask_storeu_ps(acc + u * acc_stride + 16 * w, masks[w], sums[u][w]);
+}
+
+template <typename C, int W>
+inline void weighted_values_of(int64_t queries, const float* p, int64_t p_stride, int64_t nk, const C* values,
+                               int64_t value_stride, const __mmask16* masks, float* acc, int64_t acc_stride) {
+  for (int64_t v = 0; v < queries; v += kQueries) {
+    const float* pv = p + v * p_stride;
+    float* av = acc + v * acc_stride;
+    switch (std::min<int64_t>(kQueries, queries - v)) {
+      case 1: weighted_values<C, 1, W>(pv, p_stride, nk, values, value_stride, masks, av, acc_stride); break;
+      case 2: weighted_values<C, 2, W>(pv, p_stride, nk, values, value_stride, masks, av, acc_stride); break;
+      case 3: weighted_values<C, 3, W>(pv, p_stride, nk, values, value_stride, masks, av, acc_stride); break;
+      default: weighted_values<C, 4, W>(pv, p_stride, nk, values, value_stride, masks, av, acc_stride); break;
+    }
+  }
+}
+#endif
+
 template <typename T, typename C>  // query and output type, cache type
 void attention_impl(const at::Tensor& query, const at::Tensor& key_cache, const at::Tensor& value_cache,
                     const int64_t* tables, int64_t max_blocks, const int64_t* qs, const int64_t* cl,
@@ -83,6 +124,7 @@ void attention_impl(const at::Tensor& query, const at::Tensor& key_cache, const 
 #endif
           for (; j < visible; ++j) sv[j] = dot(qv, keys + j * key_stride, hd);
           float block_max = kNegInf;
+#pragma omp simd reduction(max : block_max)
           for (j = 0; j < visible; ++j) block_max = std::max(block_max, sv[j]);
           const float new_m = std::max(m[v], block_max);
           correction[v] = visible ? fast_exp(m[v] - new_m) : 1.f;  // ~0 on the first block (m = -inf)
@@ -98,25 +140,30 @@ void attention_impl(const at::Tensor& query, const at::Tensor& key_cache, const 
 #pragma omp simd
           for (int64_t d = 0; d < hd; ++d) a[d] *= correction[v];
         }
-        // acc[v] += sum_j p[v, j] V[j]: a register-wide slice of acc stays in a register over the keys
+        // acc[v] += sum_j p[v, j] V[j], over the keys in order for each element
+#if defined(__AVX512F__)
+        for (int64_t d = 0; d < hd; d += 32) {  // two register-wide slices of the head at a time
+          const auto lanes = [&](int64_t first) {
+            const int64_t n = std::clamp<int64_t>(hd - first, 0, 16);
+            return static_cast<__mmask16>(n == 16 ? 0xFFFF : (1u << n) - 1u);
+          };
+          const __mmask16 masks[2] = {lanes(d), lanes(d + 16)};
+          if (hd - d > 16) {
+            weighted_values_of<C, 2>(nq, s.data(), S, nk, values + d, key_stride, masks, acc.data() + d, hd);
+          } else {
+            weighted_values_of<C, 1>(nq, s.data(), S, nk, values + d, key_stride, masks, acc.data() + d, hd);
+          }
+        }
+#else
         for (int64_t v = 0; v < nq; ++v) {
           const float* p = &s[v * S];
           float* a = &acc[v * hd];
-#if defined(__AVX512F__)
-          for (int64_t d = 0; d < hd; d += 16) {
-            const __mmask16 mask = hd - d >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (hd - d)) - 1u);
-            __m512 slice = _mm512_maskz_loadu_ps(mask, a + d);
-            for (int64_t j = 0; j < nk; ++j)
-              slice = _mm512_fmadd_ps(_mm512_set1_ps(p[j]), load_as_floats(values + j * key_stride + d, mask), slice);
-            _mm512_mask_storeu_ps(a + d, mask, slice);
-          }
-#else
           for (int64_t j = 0; j < nk; ++j) {
             const C* val = values + j * key_stride;
             for (int64_t d = 0; d < hd; ++d) a[d] += p[j] * to_float(val[d]);
           }
-#endif
         }
+#endif
       }
       for (int64_t r = 0; r < task.count; ++r)
         for (int64_t g = 0; g < G; ++g) {
