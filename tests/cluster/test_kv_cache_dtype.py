@@ -53,3 +53,13 @@ def test_narrow_kv_buys_blocks(engines):
 def test_unknown_kv_cache_dtype_is_refused():
     with pytest.raises(ConfigError, match="kv_cache_dtype must be one of"):
         CacheConfig(kv_cache_dtype="fp8_e4m3")
+
+
+def test_fp8_kv_on_expert_workers_gives_the_in_process_bits(ray_cluster, make_checkpoint, engines):
+    from cluster import ClusterConfig
+
+    cluster = ClusterConfig(expert_workers=2, use_ray=True)
+    with LLM(model=make_checkpoint(SPEC), cluster=cluster, scheduler=SchedulerConfig(max_num_batched_tokens=32),
+             cache=CacheConfig(kv_cache_dtype="fp8_e5m2", memory_budget_mb=64)) as llm:
+        logits = llm.score(PROMPTS[:3])
+    assert all(torch.equal(a, b) for a, b in zip(logits, engines["fp8_e5m2"].score(PROMPTS[:3])))
