@@ -38,3 +38,20 @@ def test_demo_prefers_a_trained_model(tmp_path, monkeypatch):
     other.mkdir()
     (other / "config.json").write_text("{}")
     assert cli.ensure_demo_model(other) == other  # --model wins
+
+
+def test_epserve_plan_of_the_flagship_fits_refuses_and_counts_narrow_kv(capsys):
+    """The README's memory plan: 2 attention + 8 expert workers on 141 GiB devices; fp8 K/V doubles
+    the blocks of the same budget; 80 GiB devices cannot hold 8 expert workers' bf16 experts."""
+    from deploy.cli import main
+
+    flagship = ["plan", "--expert-workers", "8", "--attention-workers", "2", "--kv-cache-memory-mb", "40000",
+                "--max-num-seqs", "64", "--max-num-batched-tokens", "8192"]
+    assert main([*flagship, "--device-gib", "141"]) == 0
+    out = capsys.readouterr().out
+    assert "60325 KV blocks" in out and "expert        90.00" in out and "fits a 141 GiB device" in out
+    assert main([*flagship, "--device-gib", "141", "--kv-cache-dtype", "fp8_e5m2"]) == 0
+    assert "120650 KV blocks" in capsys.readouterr().out
+    assert main([*flagship, "--device-gib", "80"]) == 1
+    out = capsys.readouterr().out
+    assert "does not fit: the expert worker needs 90.63 GiB on a 80 GiB device" in out
