@@ -73,7 +73,7 @@ def _server_config(args):
     model = args.model or ensure_demo_model()
     return AppConfig(
         model=str(model), served_model_name=args.name, in_process=args.in_process,
-        expert_workers=args.expert_workers or (1 if args.in_process else 2),
+        expert_workers=(1 if args.in_process else 2) if args.expert_workers is None else args.expert_workers,
         attention_workers=args.attention_workers, cpus_per_worker=args.cpus_per_worker,
         min_replicas=args.min_replicas,
         max_replicas=max(args.max_replicas, args.min_replicas),

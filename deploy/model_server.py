@@ -1,4 +1,5 @@
-"""ModelServer: one model instance (attention group + expert group) behind one Serve replica.
+"""ModelServer: one model instance (attention group + expert group, or with in_process the model in
+this process) behind one Serve replica.
 
 A plain class (tests build it without Serve); `deploy.app` wraps it in a deployment whose placement
 group bundles reserve the replica and every worker at once, so an instance starts whole or not at
