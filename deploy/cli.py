@@ -86,6 +86,13 @@ def _server_config(args):
     )
 
 
+def _instance(cfg) -> str:
+    """What one model instance is, in words."""
+    if cfg.in_process:
+        return "the model in each replica's process"
+    return f"{cfg.attention_workers} attention + {cfg.expert_workers} expert workers per instance"
+
+
 def cmd_serve(args) -> int:
     """Serves gRPC and HTTP until interrupted."""
     from .launch import ClusterViews, direct_ingress_refusal, start_server, stop_server
@@ -103,9 +110,7 @@ def cmd_serve(args) -> int:
                          ssl_keyfile=args.ssl_keyfile, views=views, direct_ingress=args.direct_ingress)
     scheme = "https" if args.ssl_certfile else "http"
     auth = " -H 'Authorization: Bearer $EPSERVE_API_KEY'" if cfg.api_keys else ""
-    layout = ("the model in each replica's process" if cfg.in_process else
-              f"{cfg.attention_workers} attention + {cfg.expert_workers} expert workers per instance")
-    print(f"serving {cfg.name!r} ({layout}, {cfg.min_replicas}-{cfg.max_replicas} instances) "
+    print(f"serving {cfg.name!r} ({_instance(cfg)}, {cfg.min_replicas}-{cfg.max_replicas} instances) "
           f"in {time.perf_counter() - start:.0f}s"
           f"{'; API keys required' if cfg.api_keys else ''}")
     print(f"  gRPC  0.0.0.0:{args.grpc_port} (every interface, plaintext)  epserve.v1.Generation    "
@@ -239,7 +244,7 @@ def cmd_demo(args) -> int:
     start = time.perf_counter()
     start_server(cfg, args.grpc_port, args.http_port)
     print(f"started an embedded Ray cluster and the epserve app in {time.perf_counter() - start:.0f}s: "
-          f"model {cfg.name!r}, {cfg.attention_workers} attention + {cfg.expert_workers} expert workers")
+          f"model {cfg.name!r}, {_instance(cfg)}")
     try:
         key = cfg.api_keys[0] if cfg.api_keys else None
         client = Client(f"127.0.0.1:{args.grpc_port}", api_key=key)
