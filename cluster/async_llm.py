@@ -51,8 +51,7 @@ class AsyncLLM:
         # thread slows down several-fold once another thread has used torch too (libgomp, 2 cores).
         # In process, ClusterConfig.threads_per_worker asks for more (a replica given several CPUs).
         cluster = engine_kwargs.get("cluster")
-        in_process = cluster is None or not cluster.wants_ray
-        torch.set_num_threads(cluster.threads_per_worker if cluster is not None and in_process else 1)
+        torch.set_num_threads(cluster.threads_per_worker if cluster is not None and not cluster.wants_ray else 1)
         try:
             self.engine = EngineCore(model, **engine_kwargs)
         except BaseException as e:  # reported to the constructor's caller
