@@ -252,8 +252,29 @@ def long_context(args) -> None:
             print(f"  epserve {dtype:<9} prompt {length:>6}: first token after {times[0] - start:6.2f}s, "
                   f"then {rates[length]:6.1f} tok/s")
         print(f"  epserve {dtype:<9} decode after {args.long_prompt} / after 256 tokens: "
-              f"{rates[args.long_prompt] / rates[256]:.2f}x")
+              f"{rates[args.long_prompt] / rates[256]:.2f}x; the attention kernel alone over "
+              f"{args.long_prompt} keys: {attention_kernel_ms(llm, args.long_prompt):.2f} ms")
         llm.shutdown()
+
+
+def attention_kernel_ms(llm, keys: int) -> float:
+    """One decode row's paged attention over `keys` cached tokens in the engine's own cache (its
+    layout and dtypes, blocks in shuffled order), median of 20 calls: the long context's own cost."""
+    import torch
+
+    from kernels import paged_attention
+
+    runner = llm.engine.executor.runner
+    kv = runner.kv
+    layer = next(iter(kv.key))
+    key_cache, value_cache = kv.key[layer], kv.value[layer]
+    S, cfg = kv.block_size, llm.engine.config
+    blocks = torch.randperm(key_cache.shape[0])[: -(-keys // S)][None]
+    query = torch.randn(1, cfg.num_attention_heads, cfg.head_dim, dtype=runner.model.embed_tokens.weight.dtype)
+    lens = (torch.tensor([0, 1]), torch.tensor([keys]))
+    times = [timed(lambda: paged_attention(query, key_cache, value_cache, blocks, *lens, cfg.head_dim**-0.5, [1]))
+             for _ in range(21)]
+    return statistics.median(times[1:]) * 1e3
 
 
 def main() -> None:
