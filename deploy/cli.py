@@ -10,6 +10,8 @@ import time
 from dataclasses import fields
 from pathlib import Path
 
+from .config import KV_CACHE_DTYPES
+
 CACHE_DIR = Path(os.environ.get("EPSERVE_CACHE", Path.home() / ".cache" / "epserve"))
 DEFAULT_DEMO_DIR = CACHE_DIR / "tiny-qwen35"
 DEFAULT_TRAINED_DIR = CACHE_DIR / "tiny-trained"  # `epserve make-tiny <this> --train`: the demo then uses it
@@ -337,7 +339,7 @@ def _add_server_args(p, grpc_port: int, http_port: int) -> None:
                    help="where the workers run (auto: cuda when the Ray cluster has GPUs)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
                    help="weights and activations (bfloat16 on GPUs)")
-    p.add_argument("--kv-cache-dtype", choices=["auto", "bfloat16", "fp8_e5m2"], default="auto",
+    p.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default="auto",
                    help="how K/V are stored (auto: --dtype); narrower holds more tokens, rounded")
     p.add_argument("--speculative-tokens", type=int, default=0, choices=range(4), metavar="K",
                    help="MTP speculative decoding: draft K (1..3) tokens per step with the checkpoint's MTP "
@@ -413,7 +415,7 @@ def main(argv: list[str] | None = None) -> int:
     plan_p.add_argument("--max-num-seqs", type=int, default=32)
     plan_p.add_argument("--max-num-batched-tokens", type=int, default=2048)
     plan_p.add_argument("--kv-cache-memory-mb", type=float, default=16384)
-    plan_p.add_argument("--kv-cache-dtype", choices=["auto", "bfloat16", "fp8_e5m2"], default="auto",
+    plan_p.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default="auto",
                         help="how K/V are stored (auto: --dtype)")
     plan_p.add_argument("--device-gib", type=float, default=80, help="memory of each worker's device")
     serve_p = sub.add_parser("serve", help="serve gRPC and OpenAI HTTP on an embedded (or existing) Ray cluster")

@@ -8,6 +8,9 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
+KV_CACHE_DTYPES = ("auto", "bfloat16", "fp8_e5m2")  # CacheConfig.kv_cache_dtype's choices (the Literal below)
+
+
 class AppConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 

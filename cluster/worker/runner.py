@@ -234,7 +234,7 @@ class ModelRunner:
             query_lens.append(n)
             context_lens.append(past + n)
             slots.append(slot)
-        width = max(max((len(seq.block_table) for _, _, seq in rows), default=1), 1)
+        width = max((len(seq.block_table) for _, _, seq in rows), default=1)
         host_slots = torch.tensor(slots, dtype=torch.long)
         as_long = dict(dtype=torch.long, device=self.device)
         starts = [0]

@@ -143,11 +143,7 @@ void attention_impl(const at::Tensor& query, const at::Tensor& key_cache, const 
         // acc[v] += sum_j p[v, j] V[j], over the keys in order for each element
 #if defined(__AVX512F__)
         for (int64_t d = 0; d < hd; d += 32) {  // two register-wide slices of the head at a time
-          const auto lanes = [&](int64_t first) {
-            const int64_t n = std::clamp<int64_t>(hd - first, 0, 16);
-            return static_cast<__mmask16>(n == 16 ? 0xFFFF : (1u << n) - 1u);
-          };
-          const __mmask16 masks[2] = {lanes(d), lanes(d + 16)};
+          const __mmask16 masks[2] = {first_lanes(hd - d), first_lanes(hd - d - 16)};
           if (hd - d > 16) {
             weighted_values_of<C, 2>(nq, s.data(), S, nk, values + d, key_stride, masks, acc.data() + d, hd);
           } else {

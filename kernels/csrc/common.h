@@ -64,6 +64,11 @@ inline float dot(const float* a, const T* b, int64_t n) {
 }
 
 #if defined(__AVX512F__)
+// The first min(n, 16) lanes of a register (n >= 0): the mask of a loop's last, partial chunk.
+inline __mmask16 first_lanes(int64_t n) {
+  return n >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << std::max<int64_t>(n, 0)) - 1u);
+}
+
 // Short dot products (a head: 32..256 values) are dominated by the final horizontal sum: one
 // register-wide accumulation, then one reduction.
 inline __m512 load_as_floats(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
@@ -92,7 +97,7 @@ template <typename T>
 inline void dot4(const float* q, const T* k0, const T* k1, const T* k2, const T* k3, int64_t n, float* out) {
   __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
   for (int64_t i = 0; i < n; i += 16) {
-    const __mmask16 m = n - i >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (n - i)) - 1u);
+    const __mmask16 m = first_lanes(n - i);
     const __m512 qv = _mm512_maskz_loadu_ps(m, q + i);
     a0 = _mm512_fmadd_ps(qv, load_as_floats(k0 + i, m), a0);
     a1 = _mm512_fmadd_ps(qv, load_as_floats(k1 + i, m), a1);
@@ -106,7 +111,7 @@ template <>
 inline float dot<float>(const float* a, const float* b, int64_t n) {
   __m512 acc = _mm512_setzero_ps();
   for (int64_t i = 0; i < n; i += 16) {
-    const __mmask16 m = n - i >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (n - i)) - 1u);
+    const __mmask16 m = first_lanes(n - i);
     acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a + i), load_as_floats(b + i, m), acc);
   }
   return _mm512_reduce_add_ps(acc);
@@ -116,7 +121,7 @@ template <>
 inline float dot<c10::BFloat16>(const float* a, const c10::BFloat16* b, int64_t n) {
   __m512 acc = _mm512_setzero_ps();
   for (int64_t i = 0; i < n; i += 16) {
-    const __mmask16 m = n - i >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (n - i)) - 1u);
+    const __mmask16 m = first_lanes(n - i);
     acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a + i), load_as_floats(b + i, m), acc);
   }
   return _mm512_reduce_add_ps(acc);

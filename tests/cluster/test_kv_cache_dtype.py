@@ -51,8 +51,15 @@ def test_narrow_kv_buys_blocks(engines):
 
 
 def test_unknown_kv_cache_dtype_is_refused():
+    from typing import get_args
+
+    from cluster.engine.cache_plan import KV_CACHE_DTYPES
+    from deploy.config import KV_CACHE_DTYPES as SERVED, AppConfig
+
     with pytest.raises(ConfigError, match="kv_cache_dtype must be one of"):
         CacheConfig(kv_cache_dtype="fp8_e4m3")
+    # the serve config and the CLI offer what the engine takes
+    assert get_args(AppConfig.model_fields["kv_cache_dtype"].annotation) == SERVED == tuple(KV_CACHE_DTYPES)
 
 
 def test_fp8_kv_on_expert_workers_gives_the_in_process_bits(ray_cluster, make_checkpoint, engines):
