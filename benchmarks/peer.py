@@ -13,7 +13,9 @@ throughput: 32 prompts of 8-63 random token ids (numpy default_rng(1234), ids < 
   --fused-experts` (vLLM's CPU build accepts only 64- or 128-wide DeltaNet heads).
 bandwidth: the bandwidth-bound shape (hidden 512, 8 layers, 512 experts of width 128): bytes of
   weights one decode token reads / measured read bandwidth gives the bound; batch-1 decode tok/s
-  against it, epserve fp32 and bf16 and transformers fp32.
+  against it, epserve fp32 and bf16 and transformers fp32. The read bandwidth: a sum over a fresh
+  1 GiB (which reads at 26-58 GB/s here from one allocation to the next), and for epserve also a
+  sum over its own expert weights.
 long-context: the default toy with a 64K context: batch-1 decode rate (1 / the median gap between
   384 tokens) after a 60,000-token prompt against the rate after a 256-token prompt (K/V stored as
   --kv-cache-dtype).
@@ -77,6 +79,7 @@ def epserve_generate(model_dir: str, dtype: str):
         params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
         return sum(len(c.token_ids) for c in llm.generate(prompts, params))
 
+    generate.llm = llm
     return generate
 
 
@@ -166,6 +169,20 @@ def read_bandwidth(threads: int) -> float:
     return x.nbytes / min(timed(x.sum) for _ in range(5))
 
 
+def weights_read_bandwidth(llm, threads: int) -> float:
+    """Bytes per second of a sum over the engine's own expert weights, the pages a decode token
+    streams (best of 3): a fresh 1 GiB allocation here reads at 26-58 GB/s from one to the next."""
+    import torch
+
+    torch.set_num_threads(threads)
+    shard = next(m.experts for m in llm.engine.executor.runner.model.modules() if hasattr(m, "experts")
+                 and hasattr(m.experts, "banks"))
+    # bf16 pairs read as fp32: the bytes are what count, and a float sum runs at memory speed
+    tensors = [t.view(torch.float32) for bank in shard.banks.values() for t in (bank.gate_up, bank.down)]
+    nbytes = sum(t.nbytes for t in tensors)
+    return nbytes / min(timed(lambda: [t.sum() for t in tensors]) for _ in range(3))
+
+
 
 def decode_bytes(model_dir: str, dtype_bytes: int) -> int:
     """Weight bytes one decode token reads: every dense weight except the embedding table (one row),
@@ -198,7 +215,9 @@ def bandwidth(args) -> None:
     threads = torch.get_num_threads()
     print(f"checkpoint {model_dir} (hidden 512, 8 layers, 512 experts of width 128); read bandwidth "
           f"measured on {threads} threads next to each engine (the better of before and after)")
-    print(f"{'engine':<22} {'bytes/token':>12} {'GB/s':>6} {'bound tok/s':>12} {'tok/s':>8} {'of bound':>9}")
+    print("own: the read bandwidth of the engine's own expert weights (a sum over them), the bound again")
+    print(f"{'engine':<22} {'bytes/token':>12} {'GB/s':>6} {'bound tok/s':>12} {'tok/s':>8} {'of bound':>9} "
+          f"{'own GB/s':>9} {'of own':>7}")
     engines = [("epserve float32", lambda: epserve_generate(model_dir, "float32"), 4),
                ("epserve bfloat16", lambda: epserve_generate(model_dir, "bfloat16"), 2)]
     if not args.skip_transformers:
@@ -213,8 +232,9 @@ def bandwidth(args) -> None:
         bw = max(before, read_bandwidth(threads))
         rate = (SINGLE_LEN - 1) / (whole - first)
         nbytes = decode_bytes(model_dir, dtype_bytes)
+        own = weights_read_bandwidth(generate.llm, threads) if hasattr(generate, "llm") else None
         print(f"{name:<22} {nbytes / 1e6:10.1f}MB {bw / 1e9:6.1f} {bw / nbytes:12.1f} {rate:8.1f} "
-              f"{rate * nbytes / bw:8.0%}")
+              f"{rate * nbytes / bw:8.0%} " + (f"{own / 1e9:9.1f} {rate * nbytes / own:7.0%}" if own else ""))
 
 
 def stream_times(llm, prompt: list[int], max_tokens: int) -> list[float]:
@@ -251,10 +271,26 @@ def long_context(args) -> None:
             rates[length] = 1 / statistics.median(np.diff(times[1:]))
             print(f"  epserve {dtype:<9} prompt {length:>6}: first token after {times[0] - start:6.2f}s, "
                   f"then {rates[length]:6.1f} tok/s")
+        kv_mb, kv_ms = kv_read(llm, args.long_prompt)
         print(f"  epserve {dtype:<9} decode after {args.long_prompt} / after 256 tokens: "
               f"{rates[args.long_prompt] / rates[256]:.2f}x; the attention kernel alone over "
-              f"{args.long_prompt} keys: {attention_kernel_ms(llm, args.long_prompt):.2f} ms")
+              f"{args.long_prompt} keys: {attention_kernel_ms(llm, args.long_prompt):.2f} ms; reading the "
+              f"{kv_mb:.1f} MB of K/V alone takes {kv_ms:.2f} ms at the cache's read bandwidth, so the ratio "
+              f"cannot pass {1 / (1 + kv_ms * 1e-3 * rates[256]):.2f}x")
         llm.shutdown()
+
+
+def kv_read(llm, keys: int) -> tuple[float, float]:
+    """MB of K/V one decode token reads after `keys` tokens (every attention layer), and the ms
+    they take at the read bandwidth of the engine's own cache pools (a sum over them, best of 3)."""
+    import torch
+
+    kv, cfg = llm.engine.executor.runner.kv, llm.engine.config
+    pools = [t.view(torch.float32) for layer in kv.key for t in (kv.key[layer], kv.value[layer])]
+    bandwidth = sum(t.nbytes for t in pools) / min(timed(lambda: [t.sum() for t in pools]) for _ in range(3))
+    itemsize = next(iter(kv.key.values())).element_size()
+    nbytes = 2 * len(kv.key) * keys * cfg.num_key_value_heads * cfg.head_dim * itemsize
+    return nbytes / 1e6, nbytes / bandwidth * 1e3
 
 
 def attention_kernel_ms(llm, keys: int) -> float:

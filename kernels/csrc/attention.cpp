@@ -6,7 +6,9 @@
 // Query i of a sequence with n new tokens and L = context_len sits at position L - n + i and sees
 // keys 0 .. L - n + i. K/V are read in place, block by block (no gathered copy, no GQA repeat):
 // a task is (sequence, kv head, tile of up to kTile query positions) with all the query heads of
-// that kv head; online softmax over key blocks (flash-attention style), fp32 throughout.
+// that kv head; online softmax over key blocks (flash-attention style), fp32 throughout. With
+// AVX-512, 16 keys at a time, transposed first: a query's 16 scores are one register of
+// multiply-adds over the head dim (no horizontal sums), its softmax step a few register ops.
 #include "common.h"
 
 namespace epserve {
@@ -46,6 +48,56 @@ inline void weighted_values(const float* p, int64_t p_stride, int64_t nk, const 
     for (int w = 0; w < W; ++w) _mm512_mask_storeu_ps(acc + u * acc_stride + 16 * w, masks[w], sums[u][w]);
 }
 
+// keys_t [round_up(hd, 16)][16] = the chunk's keys (`count` <= 16 rows of hd, row stride hd) as
+// floats, transposed: element d of every key side by side (0 past count and past hd).
+template <typename C>
+inline void transpose_keys(const C* keys, int64_t hd, int64_t count, float* keys_t) {
+  for (int64_t d0 = 0; d0 < hd; d0 += 16) {
+    const __mmask16 cols = first_lanes(hd - d0);
+    __m512 r[16], t[16], u[16];
+    for (int j = 0; j < 16; ++j) r[j] = j < count ? load_as_floats(keys + j * hd + d0, cols) : _mm512_setzero_ps();
+    for (int j = 0; j < 16; j += 2) {  // per 128-bit quarter: rows j, j + 1 interleaved
+      t[j] = _mm512_unpacklo_ps(r[j], r[j + 1]);
+      t[j + 1] = _mm512_unpackhi_ps(r[j], r[j + 1]);
+    }
+    for (int g = 0; g < 16; g += 4) {  // u[g + c], quarter k: rows g..g+3 of column 4k + c
+      const auto lo = [&](int a, int b) { return _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t[a]), _mm512_castps_pd(t[b]))); };
+      const auto hi = [&](int a, int b) { return _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t[a]), _mm512_castps_pd(t[b]))); };
+      u[g] = lo(g, g + 2), u[g + 1] = hi(g, g + 2), u[g + 2] = lo(g + 1, g + 3), u[g + 3] = hi(g + 1, g + 3);
+    }
+    float* out = keys_t + d0 * 16;
+    for (int c = 0; c < 4; ++c) {  // quarters gathered: column c + 4k from rows 0-3, 4-7, 8-11, 12-15
+      const __m512 a = _mm512_shuffle_f32x4(u[c], u[4 + c], 0x88), b = _mm512_shuffle_f32x4(u[c], u[4 + c], 0xDD);
+      const __m512 a2 = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0x88), b2 = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0xDD);
+      _mm512_storeu_ps(out + c * 16, _mm512_shuffle_f32x4(a, a2, 0x88));
+      _mm512_storeu_ps(out + (8 + c) * 16, _mm512_shuffle_f32x4(a, a2, 0xDD));
+      _mm512_storeu_ps(out + (4 + c) * 16, _mm512_shuffle_f32x4(b, b2, 0x88));
+      _mm512_storeu_ps(out + (12 + c) * 16, _mm512_shuffle_f32x4(b, b2, 0xDD));
+    }
+  }
+}
+
+// scores[u][j] = sum_d q_u[d] keys_t[d][j] for U queries, 16 keys in one register each: even and
+// odd d in two chains, added at the end (one fixed order for every query, whatever U).
+template <int U>
+inline void scores_of(const float* q, int64_t hd, const float* keys_t, float* scores) {
+  __m512 even[U], odd[U];
+  for (int u = 0; u < U; ++u) even[u] = odd[u] = _mm512_setzero_ps();
+  int64_t d = 0;
+  for (; d + 1 < hd; d += 2) {
+    const __m512 k0 = _mm512_loadu_ps(keys_t + d * 16), k1 = _mm512_loadu_ps(keys_t + (d + 1) * 16);
+    for (int u = 0; u < U; ++u) {
+      even[u] = _mm512_fmadd_ps(_mm512_set1_ps(q[u * hd + d]), k0, even[u]);
+      odd[u] = _mm512_fmadd_ps(_mm512_set1_ps(q[u * hd + d + 1]), k1, odd[u]);
+    }
+  }
+  if (d < hd) {
+    const __m512 k0 = _mm512_loadu_ps(keys_t + d * 16);
+    for (int u = 0; u < U; ++u) even[u] = _mm512_fmadd_ps(_mm512_set1_ps(q[u * hd + d]), k0, even[u]);
+  }
+  for (int u = 0; u < U; ++u) _mm512_storeu_ps(scores + u * 16, _mm512_add_ps(even[u], odd[u]));
+}
+
 template <typename C, int W>
 inline void weighted_values_of(int64_t queries, const float* p, int64_t p_stride, int64_t nk, const C* values,
                                int64_t value_stride, const __mmask16* masks, float* acc, int64_t acc_stride) {
@@ -77,9 +129,9 @@ void attention_impl(const at::Tensor& query, const at::Tensor& key_cache, const 
 #pragma omp parallel if (num_tasks > 1 && work > kParallelWork)
   {
     const int64_t nq_max = kTile * G;
-    std::vector<float> q(nq_max * hd), acc(nq_max * hd), m(nq_max), l(nq_max), s(nq_max * S);
-    std::vector<float> correction(nq_max);
+    std::vector<float> q(nq_max * hd), acc(nq_max * hd), m(nq_max), l(nq_max), s(nq_max * std::max<int64_t>(S, 16));
     std::vector<int64_t> qpos(nq_max);
+    std::vector<float> keys_t((hd + 15) / 16 * 16 * 16);  // a chunk of 16 keys, transposed
 #pragma omp for schedule(dynamic, 1)
     for (int64_t t = 0; t < num_tasks; ++t) {
       const Task task = tasks[t];
@@ -110,47 +162,73 @@ void attention_impl(const at::Tensor& query, const at::Tensor& key_cache, const 
           prefetch(kc + next, S * hd);
           prefetch(vc + next, S * hd);
         }
+#if defined(__AVX512F__)
+        // 16 keys at a time: a query's scores in one register, their exponentials against the
+        // running max (rescaling what came before), then the value sums of all the queries
+        for (int64_t c = 0; c < nk; c += 16) {
+          const int64_t chunk = std::min<int64_t>(16, nk - c);
+          transpose_keys(keys + c * key_stride, hd, chunk, keys_t.data());
+          for (int64_t v = 0; v < nq; v += kQueries) {
+            const float* qv = &q[v * hd];
+            switch (std::min<int64_t>(kQueries, nq - v)) {
+              case 1: scores_of<1>(qv, hd, keys_t.data(), &s[v * 16]); break;
+              case 2: scores_of<2>(qv, hd, keys_t.data(), &s[v * 16]); break;
+              case 3: scores_of<3>(qv, hd, keys_t.data(), &s[v * 16]); break;
+              default: scores_of<4>(qv, hd, keys_t.data(), &s[v * 16]); break;
+            }
+          }
+          for (int64_t v = 0; v < nq; ++v) {
+            const int64_t visible = std::clamp<int64_t>(qpos[v] - base - c + 1, 0, chunk);  // causal mask
+            const __mmask16 seen = first_lanes(visible);
+            const __m512 scores = _mm512_loadu_ps(&s[v * 16]);
+            const float new_m = std::max(m[v], _mm512_mask_reduce_max_ps(seen, scores));
+            const __m512 p = _mm512_maskz_mov_ps(seen, fast_exp(_mm512_sub_ps(scores, _mm512_set1_ps(new_m))));
+            _mm512_storeu_ps(&s[v * 16], p);
+            const float correction = visible ? fast_exp(m[v] - new_m) : 1.f;  // ~0 on the first keys (m = -inf)
+            l[v] = l[v] * correction + _mm512_reduce_add_ps(p);
+            m[v] = new_m;
+            if (correction != 1.f) {  // the max moved: most chunks leave it
+              float* a = &acc[v * hd];
+#pragma omp simd
+              for (int64_t d = 0; d < hd; ++d) a[d] *= correction;
+            }
+          }
+          // acc[v] += sum_j p[v, j] V[j], over the keys in order for each element
+          for (int64_t d = 0; d < hd; d += 32) {  // two register-wide slices of the head at a time
+            const __mmask16 masks[2] = {first_lanes(hd - d), first_lanes(hd - d - 16)};
+            const C* chunk_values = values + c * key_stride + d;
+            if (hd - d > 16) {
+              weighted_values_of<C, 2>(nq, s.data(), 16, chunk, chunk_values, key_stride, masks, acc.data() + d, hd);
+            } else {
+              weighted_values_of<C, 1>(nq, s.data(), 16, chunk, chunk_values, key_stride, masks, acc.data() + d, hd);
+            }
+          }
+        }
+#else
         // scores, then their exponentials against the running max (rescaling what came before)
         for (int64_t v = 0; v < nq; ++v) {
           const int64_t visible = std::clamp<int64_t>(qpos[v] - base + 1, 0, nk);  // causal mask
           float* sv = &s[v * S];
           const float* qv = &q[v * hd];
-          int64_t j = 0;
-#if defined(__AVX512F__)
-          for (; j + 4 <= visible; j += 4) {
-            const C* k = keys + j * key_stride;
-            dot4(qv, k, k + key_stride, k + 2 * key_stride, k + 3 * key_stride, hd, sv + j);
-          }
-#endif
-          for (; j < visible; ++j) sv[j] = dot(qv, keys + j * key_stride, hd);
+          for (int64_t j = 0; j < visible; ++j) sv[j] = dot(qv, keys + j * key_stride, hd);
           float block_max = kNegInf;
 #pragma omp simd reduction(max : block_max)
-          for (j = 0; j < visible; ++j) block_max = std::max(block_max, sv[j]);
+          for (int64_t j = 0; j < visible; ++j) block_max = std::max(block_max, sv[j]);
           const float new_m = std::max(m[v], block_max);
-          correction[v] = visible ? fast_exp(m[v] - new_m) : 1.f;  // ~0 on the first block (m = -inf)
+          const float correction = visible ? fast_exp(m[v] - new_m) : 1.f;  // ~0 on the first block (m = -inf)
           float sum = 0.f;
 #pragma omp simd reduction(+ : sum)
-          for (j = 0; j < nk; ++j) {
+          for (int64_t j = 0; j < nk; ++j) {
             sv[j] = j < visible ? fast_exp(sv[j] - new_m) : 0.f;
             sum += sv[j];
           }
-          l[v] = l[v] * correction[v] + sum;
+          l[v] = l[v] * correction + sum;
           m[v] = visible ? new_m : m[v];
           float* a = &acc[v * hd];
 #pragma omp simd
-          for (int64_t d = 0; d < hd; ++d) a[d] *= correction[v];
+          for (int64_t d = 0; d < hd; ++d) a[d] *= correction;
         }
         // acc[v] += sum_j p[v, j] V[j], over the keys in order for each element
-#if defined(__AVX512F__)
-        for (int64_t d = 0; d < hd; d += 32) {  // two register-wide slices of the head at a time
-          const __mmask16 masks[2] = {first_lanes(hd - d), first_lanes(hd - d - 16)};
-          if (hd - d > 16) {
-            weighted_values_of<C, 2>(nq, s.data(), S, nk, values + d, key_stride, masks, acc.data() + d, hd);
-          } else {
-            weighted_values_of<C, 1>(nq, s.data(), S, nk, values + d, key_stride, masks, acc.data() + d, hd);
-          }
-        }
-#else
         for (int64_t v = 0; v < nq; ++v) {
           const float* p = &s[v * S];
           float* a = &acc[v * hd];

@@ -69,8 +69,7 @@ inline __mmask16 first_lanes(int64_t n) {
   return n >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << std::max<int64_t>(n, 0)) - 1u);
 }
 
-// Short dot products (a head: 32..256 values) are dominated by the final horizontal sum: one
-// register-wide accumulation, then one reduction.
+// Up to 16 stored values as floats (lanes outside m are 0).
 inline __m512 load_as_floats(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
 inline __m512 load_as_floats(const c10::BFloat16* p, __mmask16 m) {
   const __m256i bits = _mm256_maskz_loadu_epi16(m, p);
@@ -92,40 +91,6 @@ inline __m128 reduce_add4(__m512 a, __m512 b, __m512 c, __m512 d) {
   return _mm_add_ps(_mm256_castps256_ps128(halves), _mm256_extractf128_ps(halves, 1));
 }
 
-// Dot products of q with four rows k0..k3 (n values each): out[0..3].
-template <typename T>
-inline void dot4(const float* q, const T* k0, const T* k1, const T* k2, const T* k3, int64_t n, float* out) {
-  __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-  for (int64_t i = 0; i < n; i += 16) {
-    const __mmask16 m = first_lanes(n - i);
-    const __m512 qv = _mm512_maskz_loadu_ps(m, q + i);
-    a0 = _mm512_fmadd_ps(qv, load_as_floats(k0 + i, m), a0);
-    a1 = _mm512_fmadd_ps(qv, load_as_floats(k1 + i, m), a1);
-    a2 = _mm512_fmadd_ps(qv, load_as_floats(k2 + i, m), a2);
-    a3 = _mm512_fmadd_ps(qv, load_as_floats(k3 + i, m), a3);
-  }
-  _mm_storeu_ps(out, reduce_add4(a0, a1, a2, a3));
-}
-
-template <>
-inline float dot<float>(const float* a, const float* b, int64_t n) {
-  __m512 acc = _mm512_setzero_ps();
-  for (int64_t i = 0; i < n; i += 16) {
-    const __mmask16 m = first_lanes(n - i);
-    acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a + i), load_as_floats(b + i, m), acc);
-  }
-  return _mm512_reduce_add_ps(acc);
-}
-
-template <>
-inline float dot<c10::BFloat16>(const float* a, const c10::BFloat16* b, int64_t n) {
-  __m512 acc = _mm512_setzero_ps();
-  for (int64_t i = 0; i < n; i += 16) {
-    const __mmask16 m = first_lanes(n - i);
-    acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a + i), load_as_floats(b + i, m), acc);
-  }
-  return _mm512_reduce_add_ps(acc);
-}
 #endif
 
 // exp(x) for x in float range, to about 1 ulp, in plain arithmetic so that loops over it vectorise
@@ -147,6 +112,23 @@ inline float fast_exp(float x) {
   std::memcpy(&scale, &bits, sizeof(scale));
   return p * scale;
 }
+
+#if defined(__AVX512F__)
+// fast_exp on 16 lanes: the same steps.
+inline __m512 fast_exp(__m512 x) {
+  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.33654f)), _mm512_set1_ps(88.72283f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), _mm512_set1_ps(0.5f)),
+                                        _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+  const __m512 r = _mm512_fmadd_ps(n, _mm512_set1_ps(2.12194440e-4f),
+                                   _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x));
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  for (const float c : {1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f})
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+  p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.f)));
+  const __m512i bits = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+  return _mm512_mul_ps(p, _mm512_castsi512_ps(bits));
+}
+#endif
 
 template <typename T>
 inline float dot_both(const T* a, const T* b, int64_t n) {

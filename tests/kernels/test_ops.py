@@ -126,12 +126,13 @@ def test_prefill_then_decode_equals_recurrence():
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("heads", [(4, 2), (8, 1), (2, 2)])
 @pytest.mark.parametrize("cache_dtype", [None, torch.bfloat16, torch.float8_e5m2])  # None: the query's
-def test_paged_attention(dtype, heads, cache_dtype):
+@pytest.mark.parametrize("block_and_head", [(4, 16), (32, 41)])  # blocks of more than 16 keys; a ragged head
+def test_paged_attention(dtype, heads, cache_dtype, block_and_head):
     if cache_dtype == dtype:
         pytest.skip("the same as the query's")
     H, KV = heads
     g = torch.Generator().manual_seed(5)
-    S, hd, N = 4, 16, 64
+    (S, hd), N = block_and_head, 64
     lens, past = [1, 1, 9, 3, 17], [0, 20, 3, 0, 14]  # new rows and cached tokens per sequence
     context = [n + p for n, p in zip(lens, past)]
     key_cache = torch.randn(N, KV, S, hd, generator=g).to(cache_dtype or dtype)
