@@ -5,7 +5,7 @@
 //   the cache for each sequence, this step's included)  ->  out [T, Hq, hd].
 // Query i of a sequence with n new tokens and L = context_len sits at position L - n + i and sees
 // keys 0 .. L - n + i. K/V are read in place, block by block (no gathered copy, no GQA repeat):
-// a task is (sequence, kv head, tile of up to kTile query positions) with all the query heads of
+// a task is (sequence, kv head, tile of query positions) with all the query heads of
 // that kv head; online softmax over key blocks (flash-attention style), fp32 throughout. With
 // AVX-512, 16 keys at a time, transposed first: a query's 16 scores are one register of
 // multiply-adds over the head dim (no horizontal sums), its softmax step a few register ops.
@@ -15,7 +15,10 @@ namespace epserve {
 
 namespace {
 
-constexpr int64_t kTile = 8;  // query positions per task
+// Query rows (positions x query heads of a kv head) per task: a task streams its sequence's K/V
+// once and transposes each chunk of keys once, for all of its rows. 64 rows of 256-wide heads keep
+// q and the sums in L2.
+constexpr int64_t kTileRows = 64;
 constexpr int64_t kAhead = 4;  // KV blocks prefetched ahead (into L2)
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
@@ -117,7 +120,7 @@ inline void weighted_values_of(int64_t queries, const float* p, int64_t p_stride
 template <typename T, typename C>  // query and output type, cache type
 void attention_impl(const at::Tensor& query, const at::Tensor& key_cache, const at::Tensor& value_cache,
                     const int64_t* tables, int64_t max_blocks, const int64_t* qs, const int64_t* cl,
-                    const std::vector<Task>& tasks, int64_t work, float scale, at::Tensor& out) {
+                    const std::vector<Task>& tasks, int64_t tile, int64_t work, float scale, at::Tensor& out) {
   const int64_t Hq = query.size(1), hd = query.size(2);
   const int64_t Hkv = key_cache.size(1), S = key_cache.size(2), G = Hq / Hkv;
   const int64_t qs0 = query.stride(0), qs1 = query.stride(1);
@@ -128,7 +131,7 @@ void attention_impl(const at::Tensor& query, const at::Tensor& key_cache, const 
   const int64_t num_tasks = static_cast<int64_t>(tasks.size());
 #pragma omp parallel if (num_tasks > 1 && work > kParallelWork)
   {
-    const int64_t nq_max = kTile * G;
+    const int64_t nq_max = tile * G;
     std::vector<float> q(nq_max * hd), acc(nq_max * hd), m(nq_max), l(nq_max), s(nq_max * std::max<int64_t>(S, 16));
     std::vector<int64_t> qpos(nq_max);
     std::vector<float> keys_t((hd + 15) / 16 * 16 * 16);  // a chunk of 16 keys, transposed
@@ -280,20 +283,21 @@ at::Tensor paged_attention(const at::Tensor& query, const at::Tensor& key_cache,
   const int64_t max_blocks = bt.size(1);
   TORCH_CHECK(qs[B] == T, "query_start must end at the number of query rows");
   std::vector<Task> tasks;
+  const int64_t tile = std::max<int64_t>(1, kTileRows / (Hq / Hkv));  // query positions per task
   int64_t work = 0;  // (query head, key) pairs times head dim
   for (int64_t b = 0; b < B; ++b) {
     const int64_t n = qs[b + 1] - qs[b];
     TORCH_CHECK(n <= cl[b] && (cl[b] + S - 1) / S <= max_blocks, "sequence ", b,
                 ": context shorter than its queries, or more blocks than its block table holds");
-    for (int64_t i = 0; i < n; i += kTile)
-      for (int64_t h = 0; h < Hkv; ++h) tasks.push_back({b, i, std::min(kTile, n - i), h});
+    for (int64_t i = 0; i < n; i += tile)
+      for (int64_t h = 0; h < Hkv; ++h) tasks.push_back({b, i, std::min(tile, n - i), h});
     work += n * cl[b] * Hq * hd;
   }
   auto out = at::empty({T, Hq, hd}, query.options());
   EPSERVE_DISPATCH(q_type, "paged_attention", [&] {
     const auto run = [&](auto cache_element) {
       attention_impl<scalar_t, decltype(cache_element)>(query, key_cache, value_cache, bt.data_ptr<int64_t>(),
-                                                        max_blocks, qs, cl, tasks, work, static_cast<float>(scale), out);
+                                                        max_blocks, qs, cl, tasks, tile, work, static_cast<float>(scale), out);
     };
     if (c_type == at::kFloat8_e5m2) {
       run(c10::Float8_e5m2());
