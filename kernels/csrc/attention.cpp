@@ -51,32 +51,37 @@ inline void weighted_values(const float* p, int64_t p_stride, int64_t nk, const 
     for (int w = 0; w < W; ++w) _mm512_mask_storeu_ps(acc + u * acc_stride + 16 * w, masks[w], sums[u][w]);
 }
 
+// out[16 x 16] = the 16 registers r (rows) transposed: out + 16 c holds lane c of every row.
+inline void transpose16(const __m512 (&r)[16], float* out) {
+  __m512 t[16], u[16];
+  for (int j = 0; j < 16; j += 2) {  // per 128-bit quarter: rows j, j + 1 interleaved
+    t[j] = _mm512_unpacklo_ps(r[j], r[j + 1]);
+    t[j + 1] = _mm512_unpackhi_ps(r[j], r[j + 1]);
+  }
+  const auto lo = [&](int a, int b) { return _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t[a]), _mm512_castps_pd(t[b]))); };
+  const auto hi = [&](int a, int b) { return _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t[a]), _mm512_castps_pd(t[b]))); };
+  for (int g = 0; g < 16; g += 4) {  // u[g + c], quarter k: rows g..g+3 of column 4k + c
+    u[g] = lo(g, g + 2), u[g + 1] = hi(g, g + 2), u[g + 2] = lo(g + 1, g + 3), u[g + 3] = hi(g + 1, g + 3);
+  }
+  for (int c = 0; c < 4; ++c) {  // quarters gathered: column c + 4k from rows 0-3, 4-7, 8-11, 12-15
+    const __m512 a = _mm512_shuffle_f32x4(u[c], u[4 + c], 0x88), b = _mm512_shuffle_f32x4(u[c], u[4 + c], 0xDD);
+    const __m512 a2 = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0x88), b2 = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0xDD);
+    _mm512_storeu_ps(out + c * 16, _mm512_shuffle_f32x4(a, a2, 0x88));
+    _mm512_storeu_ps(out + (8 + c) * 16, _mm512_shuffle_f32x4(a, a2, 0xDD));
+    _mm512_storeu_ps(out + (4 + c) * 16, _mm512_shuffle_f32x4(b, b2, 0x88));
+    _mm512_storeu_ps(out + (12 + c) * 16, _mm512_shuffle_f32x4(b, b2, 0xDD));
+  }
+}
+
 // keys_t [round_up(hd, 16)][16] = the chunk's keys (`count` <= 16 rows of hd, row stride hd) as
 // floats, transposed: element d of every key side by side (0 past count and past hd).
 template <typename C>
 inline void transpose_keys(const C* keys, int64_t hd, int64_t count, float* keys_t) {
   for (int64_t d0 = 0; d0 < hd; d0 += 16) {
     const __mmask16 cols = first_lanes(hd - d0);
-    __m512 r[16], t[16], u[16];
+    __m512 r[16];
     for (int j = 0; j < 16; ++j) r[j] = j < count ? load_as_floats(keys + j * hd + d0, cols) : _mm512_setzero_ps();
-    for (int j = 0; j < 16; j += 2) {  // per 128-bit quarter: rows j, j + 1 interleaved
-      t[j] = _mm512_unpacklo_ps(r[j], r[j + 1]);
-      t[j + 1] = _mm512_unpackhi_ps(r[j], r[j + 1]);
-    }
-    for (int g = 0; g < 16; g += 4) {  // u[g + c], quarter k: rows g..g+3 of column 4k + c
-      const auto lo = [&](int a, int b) { return _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t[a]), _mm512_castps_pd(t[b]))); };
-      const auto hi = [&](int a, int b) { return _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t[a]), _mm512_castps_pd(t[b]))); };
-      u[g] = lo(g, g + 2), u[g + 1] = hi(g, g + 2), u[g + 2] = lo(g + 1, g + 3), u[g + 3] = hi(g + 1, g + 3);
-    }
-    float* out = keys_t + d0 * 16;
-    for (int c = 0; c < 4; ++c) {  // quarters gathered: column c + 4k from rows 0-3, 4-7, 8-11, 12-15
-      const __m512 a = _mm512_shuffle_f32x4(u[c], u[4 + c], 0x88), b = _mm512_shuffle_f32x4(u[c], u[4 + c], 0xDD);
-      const __m512 a2 = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0x88), b2 = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0xDD);
-      _mm512_storeu_ps(out + c * 16, _mm512_shuffle_f32x4(a, a2, 0x88));
-      _mm512_storeu_ps(out + (8 + c) * 16, _mm512_shuffle_f32x4(a, a2, 0xDD));
-      _mm512_storeu_ps(out + (4 + c) * 16, _mm512_shuffle_f32x4(b, b2, 0x88));
-      _mm512_storeu_ps(out + (12 + c) * 16, _mm512_shuffle_f32x4(b, b2, 0xDD));
-    }
+    transpose16(r, keys_t + d0 * 16);
   }
 }
 
@@ -101,18 +106,63 @@ inline void scores_of(const float* q, int64_t hd, const float* keys_t, float* sc
   for (int u = 0; u < U; ++u) _mm512_storeu_ps(scores + u * 16, _mm512_add_ps(even[u], odd[u]));
 }
 
+#if defined(__AVX512BF16__)
+// bf16 keys under a bf16 query (hd even) stay bf16: keys_t [round_up(hd / 2, 16)][16] holds them
+// transposed in pairs, row r elements 2r and 2r + 1 of every key, as 32-bit lanes.
+inline void transpose_key_pairs(const c10::BFloat16* keys, int64_t hd, int64_t count, float* keys_t) {
+  for (int64_t p0 = 0; p0 < hd / 2; p0 += 16) {
+    const __mmask16 cols = first_lanes(hd / 2 - p0);
+    __m512 r[16];
+    for (int j = 0; j < 16; ++j)
+      r[j] = j < count ? _mm512_maskz_loadu_ps(cols, reinterpret_cast<const float*>(keys + j * hd) + p0)
+                       : _mm512_setzero_ps();
+    transpose16(r, keys_t + p0 * 16);
+  }
+}
+
+// scores[u][j] = scale * sum_d q_u[d] k_j[d] from pairs (dpbf16: two products per lane and
+// instruction, no conversion of the keys): four chains (pair index mod 4), (0 + 1) + (2 + 3).
+template <int U>
+inline void scores_of_pairs(const c10::BFloat16* q, int64_t hd, const float* keys_t, float scale, float* scores) {
+  __m512 sums[U][4];
+  for (int u = 0; u < U; ++u)
+    for (int r = 0; r < 4; ++r) sums[u][r] = _mm512_setzero_ps();
+  for (int64_t p0 = 0; p0 < hd / 2; p0 += 4)
+    for (int r = 0; r < 4 && p0 + r < hd / 2; ++r) {
+      const __m512bh k = (__m512bh)_mm512_castps_si512(_mm512_loadu_ps(keys_t + (p0 + r) * 16));
+      for (int u = 0; u < U; ++u) {
+        int32_t pair;
+        std::memcpy(&pair, q + u * hd + 2 * (p0 + r), sizeof(pair));
+        sums[u][r] = _mm512_dpbf16_ps(sums[u][r], (__m512bh)_mm512_set1_epi32(pair), k);
+      }
+    }
+  for (int u = 0; u < U; ++u) {
+    const __m512 total = _mm512_add_ps(_mm512_add_ps(sums[u][0], sums[u][1]), _mm512_add_ps(sums[u][2], sums[u][3]));
+    _mm512_storeu_ps(scores + u * 16, _mm512_mul_ps(total, _mm512_set1_ps(scale)));
+  }
+}
+#endif
+
+// f(std::integral_constant<int, U>) for U = min(kQueries, n): the register-count templates' switch.
+template <typename F>
+inline void with_queries(int64_t n, F&& f) {
+  switch (std::min<int64_t>(kQueries, n)) {
+    case 1: f(std::integral_constant<int, 1>()); break;
+    case 2: f(std::integral_constant<int, 2>()); break;
+    case 3: f(std::integral_constant<int, 3>()); break;
+    default: f(std::integral_constant<int, 4>()); break;
+  }
+}
+
 template <typename C, int W>
 inline void weighted_values_of(int64_t queries, const float* p, int64_t p_stride, int64_t nk, const C* values,
                                int64_t value_stride, const __mmask16* masks, float* acc, int64_t acc_stride) {
   for (int64_t v = 0; v < queries; v += kQueries) {
     const float* pv = p + v * p_stride;
     float* av = acc + v * acc_stride;
-    switch (std::min<int64_t>(kQueries, queries - v)) {
-      case 1: weighted_values<C, 1, W>(pv, p_stride, nk, values, value_stride, masks, av, acc_stride); break;
-      case 2: weighted_values<C, 2, W>(pv, p_stride, nk, values, value_stride, masks, av, acc_stride); break;
-      case 3: weighted_values<C, 3, W>(pv, p_stride, nk, values, value_stride, masks, av, acc_stride); break;
-      default: weighted_values<C, 4, W>(pv, p_stride, nk, values, value_stride, masks, av, acc_stride); break;
-    }
+    with_queries(queries - v, [&](auto u) {
+      weighted_values<C, decltype(u)::value, W>(pv, p_stride, nk, values, value_stride, masks, av, acc_stride);
+    });
   }
 }
 #endif
@@ -129,12 +179,19 @@ void attention_impl(const at::Tensor& query, const at::Tensor& key_cache, const 
   const C* vc = static_cast<const C*>(value_cache.data_ptr());
   T* op = out.data_ptr<T>();
   const int64_t num_tasks = static_cast<int64_t>(tasks.size());
+#if defined(__AVX512BF16__)
+  // bf16 query and keys: scores from bf16 pairs (AVX512-BF16), the keys never widened
+  const bool pairs = std::is_same_v<T, c10::BFloat16> && std::is_same_v<C, c10::BFloat16> && hd % 2 == 0;
+#else
+  const bool pairs = false;
+#endif
 #pragma omp parallel if (num_tasks > 1 && work > kParallelWork)
   {
     const int64_t nq_max = tile * G;
     std::vector<float> q(nq_max * hd), acc(nq_max * hd), m(nq_max), l(nq_max), s(nq_max * std::max<int64_t>(S, 16));
     std::vector<int64_t> qpos(nq_max);
     std::vector<float> keys_t((hd + 15) / 16 * 16 * 16);  // a chunk of 16 keys, transposed
+    std::vector<T> q_raw(pairs ? nq_max * hd : 0);  // the pairs path's query rows, as stored
 #pragma omp for schedule(dynamic, 1)
     for (int64_t t = 0; t < num_tasks; ++t) {
       const Task task = tasks[t];
@@ -148,6 +205,7 @@ void attention_impl(const at::Tensor& query, const at::Tensor& key_cache, const 
           float* dst = &q[v * hd];
 #pragma omp simd
           for (int64_t d = 0; d < hd; ++d) dst[d] = to_float(src[d]) * scale;
+          if (pairs) std::copy(src, src + hd, &q_raw[v * hd]);
           qpos[v] = first_pos + r;
         }
       std::fill(m.begin(), m.begin() + nq, kNegInf);
@@ -170,15 +228,21 @@ void attention_impl(const at::Tensor& query, const at::Tensor& key_cache, const 
         // running max (rescaling what came before), then the value sums of all the queries
         for (int64_t c = 0; c < nk; c += 16) {
           const int64_t chunk = std::min<int64_t>(16, nk - c);
-          transpose_keys(keys + c * key_stride, hd, chunk, keys_t.data());
-          for (int64_t v = 0; v < nq; v += kQueries) {
-            const float* qv = &q[v * hd];
-            switch (std::min<int64_t>(kQueries, nq - v)) {
-              case 1: scores_of<1>(qv, hd, keys_t.data(), &s[v * 16]); break;
-              case 2: scores_of<2>(qv, hd, keys_t.data(), &s[v * 16]); break;
-              case 3: scores_of<3>(qv, hd, keys_t.data(), &s[v * 16]); break;
-              default: scores_of<4>(qv, hd, keys_t.data(), &s[v * 16]); break;
+#if defined(__AVX512BF16__)
+          if constexpr (std::is_same_v<T, c10::BFloat16> && std::is_same_v<C, c10::BFloat16>) {
+            if (pairs) {
+              transpose_key_pairs(keys + c * key_stride, hd, chunk, keys_t.data());
+              for (int64_t v = 0; v < nq; v += kQueries)
+                with_queries(nq - v, [&](auto u) {
+                  scores_of_pairs<decltype(u)::value>(&q_raw[v * hd], hd, keys_t.data(), scale, &s[v * 16]);
+                });
             }
+          }
+#endif
+          if (!pairs) {
+            transpose_keys(keys + c * key_stride, hd, chunk, keys_t.data());
+            for (int64_t v = 0; v < nq; v += kQueries)
+              with_queries(nq - v, [&](auto u) { scores_of<decltype(u)::value>(&q[v * hd], hd, keys_t.data(), &s[v * 16]); });
           }
           for (int64_t v = 0; v < nq; ++v) {
             const int64_t visible = std::clamp<int64_t>(qpos[v] - base - c + 1, 0, chunk);  // causal mask
