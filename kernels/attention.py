@@ -2,7 +2,8 @@
 
 Shapes: T query rows (B sequences in turn), Hq query heads, Hkv kv heads, hd head dim, N blocks of
 S tokens. query [T, Hq, hd]; key_cache / value_cache [N, Hkv, S, hd] (a kv head's keys of a block
-together, read as one stream; the query's dtype, or a narrower one: bf16, fp8 e5m2); block_tables [B, max_blocks];
+together, read as one stream; the query's dtype, or a narrower one: bf16, fp8 e5m2 or e4m3fn);
+block_tables [B, max_blocks];
 query_start [B + 1] row offsets; context_lens [B] keys cached per sequence (this step's included);
 slot_mapping [T] flat cache position (block * S + offset) of each new row.
 """
@@ -15,6 +16,8 @@ import torch.nn.functional as F
 from .backend import batched, native
 from .norms import rms_norm_reference
 from .varlen import padded_rows, unpad
+
+E4M3_MAX = torch.finfo(torch.float8_e4m3fn).max  # 448
 
 
 def rope_reference(x_THd: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -48,8 +51,14 @@ def write_kv(key_cache, value_cache, key, value, slot_mapping) -> None:
     dtype (CacheConfig.kv_cache_dtype; the model's by default)."""
     S = key_cache.shape[2]
     blocks, offsets = slot_mapping // S, slot_mapping % S
-    key_cache[blocks, :, offsets] = key.to(key_cache.dtype)
-    value_cache[blocks, :, offsets] = value.to(value_cache.dtype)
+    key_cache[blocks, :, offsets] = _stored(key, key_cache.dtype)
+    value_cache[blocks, :, offsets] = _stored(value, value_cache.dtype)
+
+
+def _stored(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    if dtype == torch.float8_e4m3fn:  # saturate (e4m3fn has no inf) whatever a device's cast does
+        x = x.clamp(-E4M3_MAX, E4M3_MAX)
+    return x.to(dtype)
 
 
 def paged_attention_reference(query, key_cache, value_cache, block_tables, query_start, context_lens,

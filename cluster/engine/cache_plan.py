@@ -16,7 +16,8 @@ from attention import DeltaNetStateCache, PagedKVCache
 from ..config import ConfigError, ModelConfig
 
 
-KV_CACHE_DTYPES = {"auto": None, "bfloat16": torch.bfloat16, "fp8_e5m2": torch.float8_e5m2}
+KV_CACHE_DTYPES = {"auto": None, "bfloat16": torch.bfloat16, "fp8_e5m2": torch.float8_e5m2,
+                   "fp8_e4m3": torch.float8_e4m3fn}
 
 
 @dataclass(frozen=True)
@@ -24,9 +25,11 @@ class CacheConfig:
     block_size: int = 16  # tokens per KV block
     memory_budget_mb: float = 512.0  # per attention worker: KV blocks + DeltaNet state slots
     num_blocks: int | None = None  # overrides the budget-derived count (tests, tight setups)
-    # how K/V are stored: auto = the model's dtype; bfloat16 (an fp32 model's half); fp8_e5m2 (float8
-    # e5m2 without scales, the top byte of a float16: a quarter of fp32). Rounded K/V cost accuracy;
-    # they buy blocks (longer contexts, more sequences) and long-context decode speed (fewer bytes read).
+    # how K/V are stored: auto = the model's dtype; bfloat16 (an fp32 model's half); fp8_e5m2 or
+    # fp8_e4m3 (float8 without scales, a quarter of fp32: e5m2 the top byte of a float16, range to
+    # 57344 with 2 mantissa bits; e4m3fn 3 mantissa bits, saturating at +-448, subnormal below 2^-6).
+    # Rounded K/V cost accuracy; they buy blocks (longer contexts, more sequences) and long-context
+    # decode speed (fewer bytes read).
     kv_cache_dtype: str = "auto"
 
     def __post_init__(self) -> None:

@@ -1,8 +1,9 @@
 // Causal attention of a flat batch of sequences against the paged KV cache, in one call per layer.
 //   query [T, Hq, hd] (rows of all sequences; heads may be strided), key_cache / value_cache
 //   [N, Hkv, S, hd] (a kv head's keys of a block contiguous: one stream per task; stored in the
-//   query's dtype, bf16 under an fp32 query, or float8 e5m2), block_tables [B, max_blocks], query_start [B + 1], context_lens [B] (keys in
-//   the cache for each sequence, this step's included)  ->  out [T, Hq, hd].
+//   query's dtype, bf16 under an fp32 query, or float8 e5m2 / e4m3fn), block_tables [B, max_blocks],
+//   query_start [B + 1], context_lens [B] (keys in the cache for each sequence, this step's
+//   included)  ->  out [T, Hq, hd].
 // Query i of a sequence with n new tokens and L = context_len sits at position L - n + i and sees
 // keys 0 .. L - n + i. K/V are read in place, block by block (no gathered copy, no GQA repeat):
 // a task is (sequence, kv head, tile of query positions) with all the query heads of
@@ -334,9 +335,10 @@ at::Tensor paged_attention(const at::Tensor& query, const at::Tensor& key_cache,
   TORCH_CHECK(Hq % Hkv == 0, "query heads must be a multiple of kv heads");
   const auto q_type = query.scalar_type(), c_type = key_cache.scalar_type();
   TORCH_CHECK(value_cache.scalar_type() == c_type, "key and value caches' dtypes differ");
-  TORCH_CHECK(c_type == q_type || c_type == at::kFloat8_e5m2 || (q_type == at::kFloat && c_type == at::kBFloat16),
+  const bool fp8 = c_type == at::kFloat8_e5m2 || c_type == at::kFloat8_e4m3fn;
+  TORCH_CHECK(c_type == q_type || fp8 || (q_type == at::kFloat && c_type == at::kBFloat16),
               "a cache of ", c_type, " under a ", q_type, " query: the cache holds the query's dtype, bf16 under "
-              "fp32, or float8 e5m2");
+              "fp32, or float8 (e5m2 or e4m3fn)");
   const int64_t B = context_lens.numel();
   TORCH_CHECK(query_start.numel() == B + 1 && block_tables.dim() == 2 && block_tables.size(0) == B,
               "query_start, context_lens and block_tables disagree on the batch");
@@ -365,6 +367,8 @@ at::Tensor paged_attention(const at::Tensor& query, const at::Tensor& key_cache,
     };
     if (c_type == at::kFloat8_e5m2) {
       run(c10::Float8_e5m2());
+    } else if (c_type == at::kFloat8_e4m3fn) {
+      run(c10::Float8_e4m3fn());
     } else if (c_type == at::kBFloat16) {
       run(c10::BFloat16());
     } else {

@@ -5,6 +5,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
+#include <c10/util/Float8_e4m3fn.h>
 #include <c10/util/Float8_e5m2.h>
 #include <c10/util/Half.h>
 
@@ -25,6 +26,7 @@ namespace epserve {
 inline float to_float(float x) { return x; }
 inline float to_float(c10::BFloat16 x) { return static_cast<float>(x); }
 inline float to_float(c10::Float8_e5m2 x) { return static_cast<float>(x); }
+inline float to_float(c10::Float8_e4m3fn x) { return static_cast<float>(x); }
 
 template <typename T>
 inline T from_float(float x) { return static_cast<T>(x); }
@@ -79,6 +81,15 @@ inline __m512 load_as_floats(const c10::BFloat16* p, __mmask16 m) {
 inline __m512 load_as_floats(const c10::Float8_e5m2* p, __mmask16 m) {
   const __m128i bytes = _mm_maskz_loadu_epi8(m, p);
   return _mm512_cvtph_ps(_mm256_slli_epi16(_mm256_cvtepu8_epi16(bytes), 8));
+}
+// float8 e4m3fn (exponent bias 7) as a float16 (bias 15): the sign to bit 15, exponent and mantissa
+// up 7 bits (subnormals included), then times 2^8 for the biases' difference. (0x7F, the NaN, reads
+// as 480: the cache holds saturated casts, never NaN.)
+inline __m512 load_as_floats(const c10::Float8_e4m3fn* p, __mmask16 m) {
+  const __m256i bytes = _mm256_cvtepu8_epi16(_mm_maskz_loadu_epi8(m, p));
+  const __m256i sign = _mm256_slli_epi16(_mm256_and_si256(bytes, _mm256_set1_epi16(0x80)), 8);
+  const __m256i rest = _mm256_slli_epi16(_mm256_and_si256(bytes, _mm256_set1_epi16(0x7F)), 7);
+  return _mm512_mul_ps(_mm512_cvtph_ps(_mm256_or_si256(sign, rest)), _mm512_set1_ps(256.f));
 }
 
 // The four horizontal sums of a, b, c, d in one tree: [sum a, sum b, sum c, sum d].

@@ -125,7 +125,7 @@ def test_prefill_then_decode_equals_recurrence():
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("heads", [(4, 2), (8, 1), (2, 2)])
-@pytest.mark.parametrize("cache_dtype", [None, torch.bfloat16, torch.float8_e5m2])  # None: the query's
+@pytest.mark.parametrize("cache_dtype", [None, torch.bfloat16, torch.float8_e5m2, torch.float8_e4m3fn])  # None: the query's
 @pytest.mark.parametrize("block_and_head", [(4, 16), (32, 41)])  # blocks of more than 16 keys; a ragged head
 def test_paged_attention(dtype, heads, cache_dtype, block_and_head):
     if cache_dtype == dtype:
