@@ -21,7 +21,7 @@ import torch
 from ..config import ConfigError
 
 FP8 = torch.float8_e4m3fn
-FP8_MAX = 448.0  # largest finite e4m3fn value
+FP8_MAX = torch.finfo(FP8).max  # 448, the largest finite e4m3fn value
 SCALE_SUFFIX = "_scale_inv"
 
 

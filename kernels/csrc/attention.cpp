@@ -180,9 +180,10 @@ void attention_impl(const at::Tensor& query, const at::Tensor& key_cache, const 
   const C* vc = static_cast<const C*>(value_cache.data_ptr());
   T* op = out.data_ptr<T>();
   const int64_t num_tasks = static_cast<int64_t>(tasks.size());
-#if defined(__AVX512BF16__)
   // bf16 query and keys: scores from bf16 pairs (AVX512-BF16), the keys never widened
-  const bool pairs = std::is_same_v<T, c10::BFloat16> && std::is_same_v<C, c10::BFloat16> && hd % 2 == 0;
+  constexpr bool kBothBf16 = std::is_same_v<T, c10::BFloat16> && std::is_same_v<C, c10::BFloat16>;
+#if defined(__AVX512BF16__)
+  const bool pairs = kBothBf16 && hd % 2 == 0;
 #else
   const bool pairs = false;
 #endif
@@ -229,18 +230,17 @@ void attention_impl(const at::Tensor& query, const at::Tensor& key_cache, const 
         // running max (rescaling what came before), then the value sums of all the queries
         for (int64_t c = 0; c < nk; c += 16) {
           const int64_t chunk = std::min<int64_t>(16, nk - c);
+          if (pairs) {
 #if defined(__AVX512BF16__)
-          if constexpr (std::is_same_v<T, c10::BFloat16> && std::is_same_v<C, c10::BFloat16>) {
-            if (pairs) {
+            if constexpr (kBothBf16) {
               transpose_key_pairs(keys + c * key_stride, hd, chunk, keys_t.data());
               for (int64_t v = 0; v < nq; v += kQueries)
                 with_queries(nq - v, [&](auto u) {
                   scores_of_pairs<decltype(u)::value>(&q_raw[v * hd], hd, keys_t.data(), scale, &s[v * 16]);
                 });
             }
-          }
 #endif
-          if (!pairs) {
+          } else {
             transpose_keys(keys + c * key_stride, hd, chunk, keys_t.data());
             for (int64_t v = 0; v < nq; v += kQueries)
               with_queries(nq - v, [&](auto u) { scores_of<decltype(u)::value>(&q[v * hd], hd, keys_t.data(), &s[v * 16]); });
