@@ -145,10 +145,11 @@ class AsyncLLM:
         try:
             while not finished:
                 item = await queue.get()
-                # deltas that queued up while the consumer was busy leave as one: under load a
-                # stream crosses the serving stack once per turn, not once per token
-                while not isinstance(item, Exception) and not item.finished and (
-                        not queue.empty() or (sent_first and len(item.new_token_ids) < stream_interval)):
+                # the first delta leaves alone, at once; after it, deltas that queued up while the
+                # consumer was busy leave as one (under load a stream crosses the serving stack once
+                # per turn, not once per token), held until they carry stream_interval tokens
+                while not isinstance(item, Exception) and not item.finished and sent_first and (
+                        not queue.empty() or len(item.new_token_ids) < stream_interval):
                     following = queue.get_nowait() if not queue.empty() else await queue.get()
                     item = item.then(following) if not isinstance(following, Exception) else following
                 if isinstance(item, Exception):
