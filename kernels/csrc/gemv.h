@@ -58,9 +58,9 @@ struct Simd<c10::BFloat16> {
 // The weight is read strictly in memory order, one row after another (interleaving several rows
 // halves what this machine's prefetchers deliver); each weight chunk serves a group of up to four
 // input rows (G, a compile-time count, so a short last group does no extra work). Every output is
-// summed in one fixed order — register-wide chunks in turn, then reduce_add4's tree — whatever n
-// is and wherever the row falls in its group, so a row's result does not depend on the batch
-// around it.
+// summed in one fixed order — register-wide chunks in turn, then reduce_add4's tree, the same for
+// each of its four slots — whatever n is and wherever the row falls in its group, so a row's result
+// does not depend on the batch around it.
 template <typename T, int G>
 inline void group_times_weight_row(const T* const* x, const T* w, int64_t full, typename Simd<T>::Mask tail,
                                    float* sums) {
@@ -78,12 +78,42 @@ inline void group_times_weight_row(const T* const* x, const T* w, int64_t full, 
   _mm_storeu_ps(sums, reduce_add4(acc[0], acc[1], acc[2], acc[3]));
 }
 
+// One input row (batch-1 decode): four weight rows at a time, each read whole in turn (memory
+// order), into four accumulators that one reduce_add4 finishes — a quarter of the reductions of
+// one row at a time, the same arithmetic per output. J < 4 for the last rows.
+template <typename T, int J>
+inline void row_times_weight_rows(const T* x, const T* w, int64_t D, int64_t full, typename Simd<T>::Mask tail,
+                                  float* out) {
+  using S = Simd<T>;
+  constexpr int64_t L = S::kLanes;
+  __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+  for (int j = 0; j < J; ++j) {
+    const T* wj = w + j * D;
+    for (int64_t d = 0; d < full; d += L) acc[j] = S::fma(acc[j], S::load(wj + d), S::load(x + d));
+    if (tail) acc[j] = S::fma(acc[j], S::load(wj + full, tail), S::load(x + full, tail));
+  }
+  alignas(16) float sums[4];
+  _mm_store_ps(sums, reduce_add4(acc[0], acc[1], acc[2], acc[3]));
+  for (int j = 0; j < J; ++j) out[j] = sums[j];
+}
+
 template <typename T>
 inline void rows_times_weights_simd(const T* const* rows, int64_t n, const T* W, int64_t out_dim, int64_t D,
                                     float* out) {
   constexpr int64_t L = Simd<T>::kLanes;
   const int64_t full = D / L * L;
   const auto tail = static_cast<typename Simd<T>::Mask>((D - full) ? (1ull << (D - full)) - 1ull : 0ull);
+  if (n == 1) {
+    int64_t i = 0;
+    for (; i + 4 <= out_dim; i += 4) row_times_weight_rows<T, 4>(rows[0], W + i * D, D, full, tail, out + i);
+    switch (out_dim - i) {
+      case 1: row_times_weight_rows<T, 1>(rows[0], W + i * D, D, full, tail, out + i); break;
+      case 2: row_times_weight_rows<T, 2>(rows[0], W + i * D, D, full, tail, out + i); break;
+      case 3: row_times_weight_rows<T, 3>(rows[0], W + i * D, D, full, tail, out + i); break;
+      default: break;
+    }
+    return;
+  }
   alignas(16) float sums[4];
   for (int64_t i = 0; i < out_dim; ++i) {
     const T* w = W + i * D;
