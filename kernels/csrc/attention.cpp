@@ -190,7 +190,7 @@ void attention_impl(const at::Tensor& query, const at::Tensor& key_cache, const 
 #pragma omp parallel if (num_tasks > 1 && work > kParallelWork)
   {
     const int64_t nq_max = tile * G;
-    std::vector<float> q(nq_max * hd), acc(nq_max * hd), m(nq_max), l(nq_max), s(nq_max * std::max<int64_t>(S, 16));
+    std::vector<float> q(pairs ? 0 : nq_max * hd), acc(nq_max * hd), m(nq_max), l(nq_max), s(nq_max * std::max<int64_t>(S, 16));
     std::vector<int64_t> qpos(nq_max);
     std::vector<float> keys_t((hd + 15) / 16 * 16 * 16);  // a chunk of 16 keys, transposed
     std::vector<T> q_raw(pairs ? nq_max * hd : 0);  // the pairs path's query rows, as stored
@@ -204,10 +204,13 @@ void attention_impl(const at::Tensor& query, const at::Tensor& key_cache, const 
         for (int64_t g = 0; g < G; ++g) {
           const int64_t v = r * G + g;
           const T* src = qp + (row0 + r) * qs0 + (task.kv_head * G + g) * qs1;
-          float* dst = &q[v * hd];
+          if (pairs) {  // scored as stored, the scale applied after
+            std::copy(src, src + hd, &q_raw[v * hd]);
+          } else {
+            float* dst = &q[v * hd];
 #pragma omp simd
-          for (int64_t d = 0; d < hd; ++d) dst[d] = to_float(src[d]) * scale;
-          if (pairs) std::copy(src, src + hd, &q_raw[v * hd]);
+            for (int64_t d = 0; d < hd; ++d) dst[d] = to_float(src[d]) * scale;
+          }
           qpos[v] = first_pos + r;
         }
       std::fill(m.begin(), m.begin() + nq, kNegInf);
