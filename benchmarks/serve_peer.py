@@ -2,12 +2,14 @@
 
     python benchmarks/serve_peer.py [--vllm-venv /tmp/vllm-venv] [--model DIR]
                                     [--concurrency 16 1] [--num-prompts 64] [--output-len 32]
-                                    [--ingress direct colocated separate in-process] [--dtype D]
+                                    [--ingress direct colocated separate in-process in-process-direct]
+                                    [--dtype D]
                                     [--stream-interval N]
 
 Starts each server in turn as its own process (epserve: 1 attention + 2 expert workers,
 `--expert-workers`/`--attention-workers` to change it, once per `--ingress` layout; `in-process`:
-the colocated replica running the model itself, no worker actors; vLLM's CPU
+the colocated replica running the model itself, no worker actors; `in-process-direct`: that, with
+`--direct-ingress`; vLLM's CPU
 engine from its own venv, bf16, as ../shared/peer-vllm/README.md installs it), waits until /v1/models answers, runs
 `epserve bench --endpoint http` against it (streamed completions of token-id prompts, end of
 sequence ignored) at each concurrency, and stops it. Default checkpoint: `make-tiny
@@ -100,10 +102,11 @@ def main() -> None:
     parser.add_argument("--attention-workers", type=int, default=1)
     parser.add_argument("--cpus-per-worker", type=float, default=0.25, help="epserve serve --cpus-per-worker")
     parser.add_argument("--ingress", nargs="+", default=["direct", "colocated", "separate"],
-                        choices=["direct", "colocated", "separate", "in-process"],
+                        choices=["direct", "colocated", "separate", "in-process", "in-process-direct"],
                         help="layouts to measure, in turn: epserve serve --ingress colocated / separate, "
                              "direct (colocated with --direct-ingress, requests sent to the replica's own port) "
-                             "and in-process (colocated with --in-process: the replica runs the model itself)")
+                             "in-process (colocated with --in-process: the replica runs the model itself) and "
+                             "in-process-direct (both: no worker actors, no proxy)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="epserve serve --dtype")
     parser.add_argument("--stream-interval", type=int, default=1, help="epserve serve --stream-interval")
     args = parser.parse_args()
@@ -131,8 +134,10 @@ def main() -> None:
         ingress, extra, direct = "colocated", [], False
         if layout == "direct":
             extra, direct = ["--direct-ingress"], True
-        elif layout == "in-process":
+        elif layout in ("in-process", "in-process-direct"):
             extra, workers, shape = ["--in-process"], [], "in process"
+            if layout == "in-process-direct":
+                extra, direct = ["--in-process", "--direct-ingress"], True
         else:
             ingress = layout
         rows += measure(f"epserve serve ({dtype}, {shape}, {layout}{interval})",
