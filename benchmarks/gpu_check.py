@@ -23,7 +23,9 @@ builds them), through the real engine (scheduler, runner, kernels, sampler):
   5. a probe of Qwen's block-scaled FP8 GEMM on the card's FP8 units (torch._scaled_mm): error and
      TFLOP/s beside bf16 (the engine itself dequantises FP8 checkpoints as it loads them);
   6. the split of a batch-1 decode step's wall time: layout, forward, LM head and sampling, the rest;
-  7. with --profile, the heaviest ops of eager decode steps (torch.profiler) and kernels per step.
+  7. with --profile, the heaviest ops of eager decode steps (torch.profiler) and kernels per step;
+  8. K/V stored as fp8 (e4m3, e5m2) under the bf16 model: the logits against bf16 K/V on the
+     narrower slice (max and mean |diff|, top-1 agreement), and batch-64 decode with fp8 e4m3 K/V.
 Each part records its figures as it goes; a part that fails is reported and the next one runs.
 The CUDA kernel tests: `python -m pytest tests/kernels/test_cuda.py` (skipped without a GPU).
 Prints a table and, with --json, writes the figures.
@@ -354,10 +356,11 @@ def main() -> None:
     figures: dict = {"device": name, "layers": args.layers, **environment(device)}
     started = time.perf_counter()
 
-    def engine(overrides: dict, dtype: str, max_tokens: int = 512, seqs: int = 64) -> LLM:
+    def engine(overrides: dict, dtype: str, max_tokens: int = 512, seqs: int = 64, kv: str = "auto") -> LLM:
         return LLM(model=slice_dir(overrides), dtype=dtype, device="cuda" if device.startswith("cuda") else "cpu",
                    scheduler=SchedulerConfig(max_num_seqs=seqs, max_num_batched_tokens=max_tokens),
-                   cache=CacheConfig(memory_budget_mb=4096 if not args.smoke else 64), warm_up=False)
+                   cache=CacheConfig(memory_budget_mb=4096 if not args.smoke else 64, kv_cache_dtype=kv),
+                   warm_up=False)
 
     def section(title: str, run) -> None:
         """One part of the check, writing its figures into `figures` as it goes: a failure is printed
@@ -398,6 +401,31 @@ def main() -> None:
         found |= {"bf16_max_abs_diff": diff, "bf16_reference_kernels_max_abs_diff": reference_diff,
                   "bf16_diff_over_std": diff / spread, "bf16_top1_agreement": top1.mean().item(),
                   "bf16_within_tolerance": diff <= 1.5 * reference_diff + 1e-3}
+
+    def fp8_kv(found: dict) -> None:
+        """bf16 model, K/V stored as fp8 (e4m3, e5m2) against bf16 K/V: logits, then batch-64 decode."""
+        narrow = width | {"num_experts": min(64, width["num_experts"])}
+        vocab = narrow.get("vocab_size", FLAGSHIP["vocab_size"])
+        prompts = [[(i * 7 + j * 3) % vocab for j in range(n)] for i, n in enumerate((33, 200, 300))]
+        logits = {}
+        for kv in ("auto", "fp8_e4m3", "fp8_e5m2"):
+            llm = engine(narrow, "bfloat16", seqs=4, kv=kv)
+            logits[kv] = [t.float() for t in llm.score(prompts)]
+            llm.shutdown()
+            del llm
+        for kv in ("fp8_e4m3", "fp8_e5m2"):
+            pairs = list(zip(logits["auto"], logits[kv]))
+            found |= {f"{kv}_kv_max_abs_diff": max((a - b).abs().max().item() for a, b in pairs),
+                      f"{kv}_kv_mean_abs_diff": torch.cat([(a - b).abs().flatten() for a, b in pairs]).mean().item(),
+                      f"{kv}_kv_top1_agreement": torch.cat([(a.argmax(-1) == b.argmax(-1)).float()
+                                                            for a, b in pairs]).mean().item()}
+        llm = engine(width, "bfloat16", kv="fp8_e4m3")
+        try:
+            found["fp8_e4m3_kv_decode_tok_s_batch64"] = decode_rate(llm, 64, 4 if args.smoke else args.steps, device,
+                                                                    cfg.vocab_size)
+        finally:
+            llm.shutdown()
+            del llm
 
     cfg = ModelConfig.from_dict({**FLAGSHIP, **width})
 
@@ -448,6 +476,7 @@ def main() -> None:
     section("grouped_gemm", grouped)
     section("bf16_vs_fp32", bf16_against_fp32)
     section("decode_prefill", decode_and_prefill)
+    section("fp8_kv", fp8_kv)
     if device.startswith("cuda"):
         section("fp8_block_gemm", lambda found: found.update(fp8_block_gemm(device)))
     figures["seconds"] = time.perf_counter() - started
