@@ -55,7 +55,7 @@ class BatchConfig:
     batch_size: int = 128  # rows per map_batches call and per part file
     max_num_seqs: int = 32  # sequences each instance runs at once
     cpus_per_instance: float = 1.0  # Ray CPUs each pool actor reserves (its workers reserve their own)
-    dtype: str = "float32"
+    dtype: str = "auto"  # the checkpoint's own (cluster.config.resolve_dtype)
     address: str | None = None  # join this Ray cluster ("auto": the running one); None: embedded
 
     def __post_init__(self) -> None:

@@ -15,6 +15,7 @@ from vision import VisionConfig
 
 SUPPORTED_MODEL_TYPES = ("qwen3_5_moe_text", "qwen3_5_moe")
 DEVICES = ("auto", "cuda", "cpu")
+DTYPES = ("auto", "float32", "bfloat16", "float16")  # compute dtypes; auto: the checkpoint's own
 LAYER_TYPES = ("linear_attention", "full_attention")
 
 
@@ -159,6 +160,23 @@ class ModelConfig:
         processor = Path(model_dir) / "preprocessor_config.json"
         return cls.from_dict(json.loads(path.read_text()),
                              json.loads(processor.read_text()) if processor.is_file() else None)
+
+
+def resolve_dtype(dtype: str, model_dir: str | Path | None) -> str:
+    """The compute dtype's name: `dtype` itself, or for "auto" the one the checkpoint was saved in
+    (config.json's `dtype` or `torch_dtype`, or its text model's: bfloat16 for Qwen's releases, their
+    FP8 ones included), float32 when it names none. Anything else is refused, naming it."""
+    if dtype not in DTYPES:
+        raise ConfigError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    if dtype != "auto":
+        return dtype
+    raw = json.loads((Path(model_dir) / "config.json").read_text()) if model_dir is not None else {}
+    text = raw.get("text_config") if isinstance(raw.get("text_config"), dict) else {}
+    saved = next((c.get(k) for c in (raw, text) for k in ("dtype", "torch_dtype") if c.get(k)), "float32")
+    if saved not in DTYPES[1:]:
+        raise ConfigError(f"the checkpoint's dtype {saved!r} is not one of {', '.join(DTYPES[1:])}: "
+                          "pass a dtype explicitly")
+    return saved
 
 
 def _require(text: dict[str, Any], key: str) -> Any:

@@ -38,7 +38,7 @@ class LLM:
     def __init__(
         self,
         model: str | Path,
-        dtype: str = "float32",
+        dtype: str = "auto",
         device: str = "auto",
         expert_workers: int = 1,
         attention_workers: int = 1,

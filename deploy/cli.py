@@ -10,7 +10,7 @@ import time
 from dataclasses import fields
 from pathlib import Path
 
-from .config import KV_CACHE_DTYPES
+from .config import DTYPES, KV_CACHE_DTYPES
 
 CACHE_DIR = Path(os.environ.get("EPSERVE_CACHE", Path.home() / ".cache" / "epserve"))
 DEFAULT_DEMO_DIR = CACHE_DIR / "tiny-qwen35"
@@ -315,7 +315,7 @@ def _add_batch(sub) -> None:
     p.add_argument("--attention-workers", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=128, help="rows per call and per part file")
     p.add_argument("--cpus-per-instance", type=float, default=1.0)
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    p.add_argument("--dtype", choices=DTYPES, default="auto", help="auto: the dtype the checkpoint was saved in")
     p.add_argument("--address", default=None, help="join this Ray cluster ('auto': the running one)")
 
 
@@ -337,8 +337,8 @@ def _add_server_args(p, grpc_port: int, http_port: int) -> None:
     p.add_argument("--target-ongoing-requests", type=float, default=16)
     p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto",
                    help="where the workers run (auto: cuda when the Ray cluster has GPUs)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
-                   help="weights and activations (bfloat16 on GPUs)")
+    p.add_argument("--dtype", choices=DTYPES, default="auto",
+                   help="weights and activations; auto: the dtype the checkpoint was saved in")
     p.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default="auto",
                    help="how K/V are stored (auto: --dtype); narrower holds more tokens, rounded")
     p.add_argument("--speculative-tokens", type=int, default=0, choices=range(4), metavar="K",
@@ -366,11 +366,13 @@ def _add_server_args(p, grpc_port: int, http_port: int) -> None:
 def cmd_plan(args) -> int:
     """The memory plan of one model instance, and whether it fits a device of --device-gib."""
     from cluster import ConfigError
-    from cluster.config import ClusterConfig, ModelConfig
+    from cluster.config import ClusterConfig, ModelConfig, resolve_dtype
     from cluster.engine.cache_plan import CacheConfig, plan_cache
     from cluster.engine.memory_plan import FLAGSHIP, GIB, plan_instance
 
     cfg = ModelConfig.from_dict(FLAGSHIP) if args.model is None else ModelConfig.from_pretrained(args.model)
+    if args.dtype == "auto":  # the flagship is released in bfloat16 (and FP8 of it)
+        args.dtype = "bfloat16" if args.model is None else resolve_dtype("auto", args.model)
     dtype_bytes = {"float32": 4, "bfloat16": 2, "float16": 2}[args.dtype]
     cache = CacheConfig(memory_budget_mb=args.kv_cache_memory_mb, kv_cache_dtype=args.kv_cache_dtype)
     layout = plan_cache(cfg, cache, args.max_num_seqs, dtype_bytes)
@@ -409,7 +411,8 @@ def main(argv: list[str] | None = None) -> int:
     _add_make_tiny(sub)
     plan_p = sub.add_parser("plan", help="memory per worker of one model instance (default: the flagship)")
     plan_p.add_argument("--model", type=Path, default=None, help="checkpoint dir (default: the 397B flagship shape)")
-    plan_p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="bfloat16")
+    plan_p.add_argument("--dtype", choices=DTYPES, default="auto",
+                        help="auto: the checkpoint's own; bfloat16 for the flagship shape")
     plan_p.add_argument("--expert-workers", type=int, default=8)
     plan_p.add_argument("--attention-workers", type=int, default=2)
     plan_p.add_argument("--max-num-seqs", type=int, default=32)

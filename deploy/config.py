@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 
 KV_CACHE_DTYPES = ("auto", "bfloat16", "fp8_e5m2", "fp8_e4m3")  # CacheConfig.kv_cache_dtype's choices (the Literal below)
+DTYPES = ("auto", "float32", "bfloat16", "float16")  # cluster.config.DTYPES (the Literal below)
 
 
 class AppConfig(BaseModel):
@@ -16,7 +17,8 @@ class AppConfig(BaseModel):
 
     model: str = Field(description="checkpoint directory in Hugging Face format (config.json, safetensors)")
     served_model_name: str | None = Field(None, description="name clients send; default: the directory name")
-    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="weights and activations")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="weights and activations; auto: the dtype the checkpoint was saved in")
     device: Literal["auto", "cuda", "cpu"] = Field(
         "auto", description="where the workers run; auto: cuda when the Ray cluster has GPUs")
     # one model instance = one Serve replica of the model deployment

@@ -18,7 +18,7 @@ import torch
 from vision import PreparedImage
 
 from .cache_plan import CacheConfig, plan_cache
-from ..config import ClusterConfig, ModelConfig, RebalanceConfig, SpeculativeConfig
+from ..config import ClusterConfig, ModelConfig, RebalanceConfig, SpeculativeConfig, resolve_dtype
 from ..model.checkpoint import with_mtp
 from .detokenizer import IncrementalDetokenizer
 from ..worker import decode_graphs
@@ -80,7 +80,7 @@ class EngineCore(PlacementControl):
     def __init__(
         self,
         model_dir: str | Path,
-        dtype: str = "float32",
+        dtype: str = "auto",
         cluster: ClusterConfig | None = None,
         scheduler: SchedulerConfig | None = None,
         cache: CacheConfig | None = None,
@@ -101,6 +101,7 @@ class EngineCore(PlacementControl):
         self.cache_config = cache or CacheConfig()
         self.rebalance_config = rebalance or RebalanceConfig()
         self._steps = 0
+        dtype = self.dtype = resolve_dtype(dtype, self.model_dir)
         dtype_bytes = torch.empty(0, dtype=getattr(torch, dtype)).element_size()
         self.layout = plan_cache(self.config, self.cache_config, self.scheduler_config.max_num_seqs, dtype_bytes)
         self.max_model_len = self.scheduler_config.max_model_len or self.config.max_position_embeddings

@@ -62,3 +62,66 @@ def test_bad_configs_name_the_field(make_checkpoint, edit, message):
 def test_multimodal_without_text_config():
     with pytest.raises(ConfigError, match="text_config"):
         ModelConfig.from_dict({"model_type": "qwen3_5_moe"})
+
+
+def _saved_as(tmp_path, make_checkpoint, **fields) -> str:
+    """A copy of a tiny checkpoint's directory whose config.json says it was saved as `fields`."""
+    import shutil
+
+    source = make_checkpoint(TinySpec(seed=2, num_experts=8, top_k=2))
+    target = tmp_path / "ckpt"
+    shutil.copytree(source, target)
+    raw = json.loads((target / "config.json").read_text())
+    raw.pop("dtype", None)
+    raw.pop("torch_dtype", None)
+    (target / "config.json").write_text(json.dumps(raw | fields))
+    return str(target)
+
+
+@pytest.mark.parametrize("fields, expected", [({"dtype": "bfloat16"}, "bfloat16"),
+                                              ({"torch_dtype": "float16"}, "float16"),
+                                              ({}, "float32")])
+def test_auto_dtype_is_the_one_the_checkpoint_was_saved_in(tmp_path, make_checkpoint, fields, expected):
+    from cluster.config import resolve_dtype
+
+    model_dir = _saved_as(tmp_path, make_checkpoint, **fields)
+    assert resolve_dtype("auto", model_dir) == expected
+    assert resolve_dtype("float32", model_dir) == "float32"  # an explicit dtype wins
+
+
+def test_auto_dtype_reads_a_multimodal_checkpoints_text_model(tmp_path):
+    from cluster.config import resolve_dtype
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen3_5_moe",
+                                                      "text_config": {"dtype": "bfloat16"}}))
+    assert resolve_dtype("auto", tmp_path) == "bfloat16"
+
+
+def test_unknown_dtypes_are_refused_by_name(tmp_path, make_checkpoint):
+    from cluster.config import resolve_dtype
+
+    with pytest.raises(ConfigError, match="'int8'"):
+        resolve_dtype("int8", None)
+    with pytest.raises(ConfigError, match="'float64'.*pass a dtype"):
+        resolve_dtype("auto", _saved_as(tmp_path, make_checkpoint, dtype="float64"))
+
+
+def test_the_engine_runs_a_bf16_checkpoint_in_bf16_by_default(tmp_path, make_checkpoint):
+    import torch
+
+    from cluster import LLM
+
+    with LLM(_saved_as(tmp_path, make_checkpoint, dtype="bfloat16"), warm_up=False) as llm:
+        assert llm.engine.dtype == "bfloat16"
+        assert {p.dtype for p in llm.executor.runner.model.parameters()} == {torch.bfloat16}
+        assert len(llm.generate([[1, 2, 3]])[0].token_ids) > 0
+
+
+def test_the_served_dtype_choices_are_the_engines(make_checkpoint):
+    from typing import get_args
+
+    from cluster.config import DTYPES
+    from deploy.config import DTYPES as SERVED, AppConfig
+
+    assert get_args(AppConfig.model_fields["dtype"].annotation) == SERVED == DTYPES
+    assert AppConfig(model=make_checkpoint(TinySpec(seed=2, num_experts=8, top_k=2))).dtype == "auto"
