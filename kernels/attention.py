@@ -49,6 +49,13 @@ def qk_norm_rope(query, key, q_weight, k_weight, eps: float, positions, inv_freq
 def write_kv(key_cache, value_cache, key, value, slot_mapping) -> None:
     """Stores the new rows' K and V [T, Hkv, hd] at their cache positions, rounded to the cache's
     dtype (CacheConfig.kv_cache_dtype; the model's by default)."""
+    if native(key) and key_cache.is_cpu:
+        torch.ops.epserve.write_kv(key_cache, value_cache, key, value, slot_mapping)
+        return
+    write_kv_reference(key_cache, value_cache, key, value, slot_mapping)
+
+
+def write_kv_reference(key_cache, value_cache, key, value, slot_mapping) -> None:
     S = key_cache.shape[2]
     blocks, offsets = slot_mapping // S, slot_mapping % S
     key_cache[blocks, :, offsets] = _stored(key, key_cache.dtype)

@@ -324,6 +324,67 @@ void attention_impl(const at::Tensor& query, const at::Tensor& key_cache, const 
 
 }  // namespace
 
+namespace {
+
+// one row's heads into the cache at `slot`, rounded as torch's .to() rounds (through fp32); e4m3fn
+// has no infinity, so it saturates at +-448 first (as kernels.attention._stored does)
+template <typename T, typename C>
+void write_rows(const at::Tensor& x, at::Tensor& cache, const int64_t* slots) {
+  const int64_t T_rows = x.size(0), Hkv = x.size(1), hd = x.size(2), S = cache.size(2);
+  const T* xp = x.data_ptr<T>();
+  C* cp = static_cast<C*>(cache.data_ptr());
+  for (int64_t t = 0; t < T_rows; ++t) {
+    const int64_t block = slots[t] / S, offset = slots[t] % S;
+    for (int64_t h = 0; h < Hkv; ++h) {
+      const T* src = xp + t * x.stride(0) + h * x.stride(1);
+      C* dst = cp + ((block * Hkv + h) * S + offset) * hd;
+      for (int64_t d = 0; d < hd; ++d) {
+        float v = to_float(src[d]);
+        if constexpr (std::is_same_v<C, c10::Float8_e4m3fn>) v = std::clamp(v, -448.f, 448.f);
+        dst[d] = static_cast<C>(v);
+      }
+    }
+  }
+}
+
+}  // namespace
+
+void write_kv(at::Tensor& key_cache, at::Tensor& value_cache, const at::Tensor& key, const at::Tensor& value,
+              const at::Tensor& slot_mapping) {
+  check_rows(key, 3, "key");
+  check_rows(value, 3, "value");
+  TORCH_CHECK(key_cache.is_contiguous() && value_cache.is_contiguous() && key_cache.dim() == 4 &&
+                  key_cache.sizes() == value_cache.sizes() && key_cache.scalar_type() == value_cache.scalar_type(),
+              "key_cache and value_cache must be contiguous [N, Hkv, S, hd] pools of one dtype");
+  TORCH_CHECK(key.sizes() == value.sizes() && key.scalar_type() == value.scalar_type() &&
+                  key.size(1) == key_cache.size(1) && key.size(2) == key_cache.size(3),
+              "key and value must be [T, Hkv, hd] rows of the cache's heads");
+  auto slots = slot_mapping.to(at::kLong).contiguous();
+  TORCH_CHECK(slots.numel() == key.size(0), "one slot per row");
+  const int64_t* sp = slots.data_ptr<int64_t>();
+  const int64_t capacity = key_cache.size(0) * key_cache.size(2);
+  for (int64_t t = 0; t < slots.numel(); ++t)
+    TORCH_CHECK(sp[t] >= 0 && sp[t] < capacity, "slot ", sp[t], " outside the cache of ", capacity);
+  const auto c_type = key_cache.scalar_type();
+  EPSERVE_DISPATCH(key.scalar_type(), "write_kv", [&] {
+    const auto run = [&](auto cache_element) {
+      using C = decltype(cache_element);
+      write_rows<scalar_t, C>(key, key_cache, sp);
+      write_rows<scalar_t, C>(value, value_cache, sp);
+    };
+    if (c_type == at::kFloat8_e5m2) {
+      run(c10::Float8_e5m2());
+    } else if (c_type == at::kFloat8_e4m3fn) {
+      run(c10::Float8_e4m3fn());
+    } else if (c_type == at::kBFloat16) {
+      run(c10::BFloat16());
+    } else {
+      TORCH_CHECK(c_type == at::kFloat, "a K/V cache of ", c_type, ": fp32, bf16 or float8 (e5m2, e4m3fn)");
+      run(float());
+    }
+  });
+}
+
 at::Tensor paged_attention(const at::Tensor& query, const at::Tensor& key_cache,
                            const at::Tensor& value_cache, const at::Tensor& block_tables,
                            const at::Tensor& query_start, const at::Tensor& context_lens, double scale) {

@@ -18,6 +18,8 @@ at::Tensor delta_rule(const at::Tensor& q, const at::Tensor& k, const at::Tensor
 at::Tensor paged_attention(const at::Tensor& query, const at::Tensor& key_cache,
                            const at::Tensor& value_cache, const at::Tensor& block_tables,
                            const at::Tensor& query_start, const at::Tensor& context_lens, double scale);
+void write_kv(at::Tensor& key_cache, at::Tensor& value_cache, const at::Tensor& key, const at::Tensor& value,
+              const at::Tensor& slot_mapping);
 std::tuple<at::Tensor, at::Tensor> topk_softmax(const at::Tensor& logits, int64_t K);
 at::Tensor moe_experts(const at::Tensor& x, const at::Tensor& idx, const at::Tensor& weights,
                        const at::Tensor& gate_up, const at::Tensor& down, bool partial);
@@ -40,6 +42,7 @@ TORCH_LIBRARY(epserve, m) {
         "Tensor dt_bias, Tensor(a!) state, Tensor slots, Tensor query_start, Tensor out_slots) -> Tensor");
   m.def("paged_attention(Tensor query, Tensor key_cache, Tensor value_cache, Tensor block_tables, "
         "Tensor query_start, Tensor context_lens, float scale) -> Tensor");
+  m.def("write_kv(Tensor(a!) key_cache, Tensor(b!) value_cache, Tensor key, Tensor value, Tensor slot_mapping) -> ()");
   m.def("topk_softmax(Tensor logits, int k) -> (Tensor, Tensor)");
   m.def("linear_rows(Tensor x, Tensor weight) -> Tensor");
   m.def("qk_norm_rope(Tensor query, Tensor key, Tensor q_weight, Tensor k_weight, float eps, "
@@ -55,6 +58,7 @@ TORCH_LIBRARY_IMPL(epserve, CPU, m) {
   m.impl("causal_conv1d", &epserve::causal_conv1d);
   m.impl("delta_rule", &epserve::delta_rule);
   m.impl("paged_attention", &epserve::paged_attention);
+  m.impl("write_kv", &epserve::write_kv);
   m.impl("topk_softmax", &epserve::topk_softmax);
   m.impl("linear_rows", &epserve::linear_rows);
   m.impl("qk_norm_rope", &epserve::qk_norm_rope);

@@ -152,6 +152,24 @@ def test_paged_attention(dtype, heads, cache_dtype, block_and_head):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("cache_dtype", [None, torch.bfloat16, torch.float8_e5m2, torch.float8_e4m3fn])  # None: the rows'
+def test_write_kv_stores_the_same_bits_as_torch(dtype, cache_dtype):
+    """Rows land at their slots rounded exactly as torch's .to() rounds them (e4m3 saturated at 448,
+    e5m2 overflowing to inf), strided heads included; the rest of the cache is untouched."""
+    g = torch.Generator().manual_seed(14)
+    N, KV, S, hd, T = 8, 2, 16, 40, 11
+    key = (300 * torch.randn(T, KV, 2 * hd, generator=g)).to(dtype)[..., :hd]  # strided heads; some past 448
+    value = (3 * torch.randn(T, KV * hd, generator=g)).to(dtype).view(T, KV, hd)
+    key[0, 0, :2] = torch.tensor([1e5, -7e4])  # past e5m2's largest finite value too
+    slots = torch.randperm(N * S, generator=g)[:T]
+    caches = [torch.randn(N, KV, S, hd, generator=g).to(cache_dtype or dtype) for _ in range(2)]
+    fast, ref, fast_args, ref_args = both(kernels.write_kv, *caches, key, value, slots)
+    for a, b in zip(fast_args[:2], ref_args[:2]):
+        assert torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+    assert not torch.equal(fast_args[0].view(torch.uint8), caches[0].view(torch.uint8))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_topk_softmax(dtype):
     g = torch.Generator().manual_seed(6)
     # distinct values (bf16 has few): tie order is up to each implementation
