@@ -25,6 +25,7 @@ together).
 from __future__ import annotations
 
 import argparse
+import subprocess
 import tempfile
 import time
 
@@ -90,6 +91,16 @@ def bytes_per_layer(llm: LLM, batch: int, before_steps: int) -> tuple[float, flo
     return dispatched + combined, 2 * pairs + counts
 
 
+def workers_gone(timeout_s: float = 30.0) -> None:
+    """Waits until no worker actor process is left (shutdown kills them; they take a moment to exit)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+        if not any(role in line for line in ps.splitlines() for role in ("AttentionWorker", "ExpertWorker")):
+            return
+        time.sleep(0.2)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default=None)
@@ -125,6 +136,7 @@ def main() -> None:
             steps.append((name, summarize(wall, timings)))
             moved[name] = bytes_per_layer(llm, args.batch, args.steps + 1)
             rates[name] = generation_rate(llm, generations)
+        workers_gone()  # the next layout must not share the cores with this one's exiting workers
     ray.shutdown()
 
     cfg = baseline.config
