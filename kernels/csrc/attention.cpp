@@ -108,15 +108,28 @@ inline void scores_of(const float* q, int64_t hd, const float* keys_t, float* sc
 }
 
 #if defined(__AVX512BF16__)
-// bf16 keys under a bf16 query (hd even) stay bf16: keys_t [round_up(hd / 2, 16)][16] holds them
+// 16 pairs of a key (elements 2p0 .. 2p0 + 31, fewer past hd) as bf16 pairs in 32-bit lanes: bf16
+// keys as stored; float8 keys widened to fp32 and packed to bf16, exactly (every e5m2 and e4m3
+// value is a bf16 value)
+inline __m512 key_pairs(const c10::BFloat16* key, int64_t p0, __mmask16 cols) {
+  return _mm512_maskz_loadu_ps(cols, reinterpret_cast<const float*>(key) + p0);
+}
+
+template <typename C>
+inline __m512 key_pairs(const C* key, int64_t p0, __mmask16 cols) {
+  const int64_t n = 2 * static_cast<int64_t>(_mm_popcnt_u32(cols));  // elements left, even
+  const __m512 lo = load_as_floats(key + 2 * p0, first_lanes(n)), hi = load_as_floats(key + 2 * p0 + 16, first_lanes(n - 16));
+  return (__m512)_mm512_cvtne2ps_pbh(hi, lo);
+}
+
+// keys under a bf16 query (hd even) scored as bf16: keys_t [round_up(hd / 2, 16)][16] holds them
 // transposed in pairs, row r elements 2r and 2r + 1 of every key, as 32-bit lanes.
-inline void transpose_key_pairs(const c10::BFloat16* keys, int64_t hd, int64_t count, float* keys_t) {
+template <typename C>
+inline void transpose_key_pairs(const C* keys, int64_t hd, int64_t count, float* keys_t) {
   for (int64_t p0 = 0; p0 < hd / 2; p0 += 16) {
     const __mmask16 cols = first_lanes(hd / 2 - p0);
     __m512 r[16];
-    for (int j = 0; j < 16; ++j)
-      r[j] = j < count ? _mm512_maskz_loadu_ps(cols, reinterpret_cast<const float*>(keys + j * hd) + p0)
-                       : _mm512_setzero_ps();
+    for (int j = 0; j < 16; ++j) r[j] = j < count ? key_pairs(keys + j * hd, p0, cols) : _mm512_setzero_ps();
     transpose16(r, keys_t + p0 * 16);
   }
 }
@@ -180,10 +193,11 @@ void attention_impl(const at::Tensor& query, const at::Tensor& key_cache, const 
   const C* vc = static_cast<const C*>(value_cache.data_ptr());
   T* op = out.data_ptr<T>();
   const int64_t num_tasks = static_cast<int64_t>(tasks.size());
-  // bf16 query and keys: scores from bf16 pairs (AVX512-BF16), the keys never widened
-  constexpr bool kBothBf16 = std::is_same_v<T, c10::BFloat16> && std::is_same_v<C, c10::BFloat16>;
+  // a bf16 query over bf16 or float8 keys: scores from bf16 pairs (AVX512-BF16; bf16 keys never
+  // widened, float8 ones only to bf16), two products per instruction
+  constexpr bool kBf16Pairs = std::is_same_v<T, c10::BFloat16> && !std::is_same_v<C, float>;
 #if defined(__AVX512BF16__)
-  const bool pairs = kBothBf16 && hd % 2 == 0;
+  const bool pairs = kBf16Pairs && hd % 2 == 0;
 #else
   const bool pairs = false;
 #endif
@@ -235,7 +249,7 @@ void attention_impl(const at::Tensor& query, const at::Tensor& key_cache, const 
           const int64_t chunk = std::min<int64_t>(16, nk - c);
           if (pairs) {
 #if defined(__AVX512BF16__)
-            if constexpr (kBothBf16) {
+            if constexpr (kBf16Pairs) {
               transpose_key_pairs(keys + c * key_stride, hd, chunk, keys_t.data());
               for (int64_t v = 0; v < nq; v += kQueries)
                 with_queries(nq - v, [&](auto u) {
