@@ -108,17 +108,16 @@ inline void scores_of(const float* q, int64_t hd, const float* keys_t, float* sc
 }
 
 #if defined(__AVX512BF16__)
-// 16 pairs of a key (elements 2p0 .. 2p0 + 31, fewer past hd) as bf16 pairs in 32-bit lanes: bf16
+// Up to 32 elements of a key (n of them, even; 0 past them) as 16 bf16 pairs in 32-bit lanes: bf16
 // keys as stored; float8 keys widened to fp32 and packed to bf16, exactly (every e5m2 and e4m3
 // value is a bf16 value)
-inline __m512 key_pairs(const c10::BFloat16* key, int64_t p0, __mmask16 cols) {
-  return _mm512_maskz_loadu_ps(cols, reinterpret_cast<const float*>(key) + p0);
+inline __m512 key_pairs(const c10::BFloat16* key, int64_t n) {
+  return _mm512_maskz_loadu_ps(first_lanes(n / 2), reinterpret_cast<const float*>(key));
 }
 
 template <typename C>
-inline __m512 key_pairs(const C* key, int64_t p0, __mmask16 cols) {
-  const int64_t n = 2 * static_cast<int64_t>(_mm_popcnt_u32(cols));  // elements left, even
-  const __m512 lo = load_as_floats(key + 2 * p0, first_lanes(n)), hi = load_as_floats(key + 2 * p0 + 16, first_lanes(n - 16));
+inline __m512 key_pairs(const C* key, int64_t n) {
+  const __m512 lo = load_as_floats(key, first_lanes(n)), hi = load_as_floats(key + 16, first_lanes(n - 16));
   return (__m512)_mm512_cvtne2ps_pbh(hi, lo);
 }
 
@@ -127,9 +126,9 @@ inline __m512 key_pairs(const C* key, int64_t p0, __mmask16 cols) {
 template <typename C>
 inline void transpose_key_pairs(const C* keys, int64_t hd, int64_t count, float* keys_t) {
   for (int64_t p0 = 0; p0 < hd / 2; p0 += 16) {
-    const __mmask16 cols = first_lanes(hd / 2 - p0);
+    const int64_t n = std::min<int64_t>(32, hd - 2 * p0);
     __m512 r[16];
-    for (int j = 0; j < 16; ++j) r[j] = j < count ? key_pairs(keys + j * hd, p0, cols) : _mm512_setzero_ps();
+    for (int j = 0; j < 16; ++j) r[j] = j < count ? key_pairs(keys + j * hd + 2 * p0, n) : _mm512_setzero_ps();
     transpose16(r, keys_t + p0 * 16);
   }
 }
