@@ -339,6 +339,21 @@ void attention_impl(const at::Tensor& query, const at::Tensor& key_cache, const 
 
 namespace {
 
+// f(an element of the K/V cache's storage type): float, bf16 or float8 (e5m2, e4m3fn)
+template <typename F>
+void with_cache_element(at::ScalarType c_type, F&& f) {
+  if (c_type == at::kFloat8_e5m2) {
+    f(c10::Float8_e5m2());
+  } else if (c_type == at::kFloat8_e4m3fn) {
+    f(c10::Float8_e4m3fn());
+  } else if (c_type == at::kBFloat16) {
+    f(c10::BFloat16());
+  } else {
+    TORCH_CHECK(c_type == at::kFloat, "a K/V cache of ", c_type, ": fp32, bf16 or float8 (e5m2, e4m3fn)");
+    f(float());
+  }
+}
+
 // one row's heads into the cache at `slot`, rounded as torch's .to() rounds (through fp32); e4m3fn
 // has no infinity, so it saturates at +-448 first (as kernels.attention._stored does)
 template <typename T, typename C>
@@ -378,23 +393,12 @@ void write_kv(at::Tensor& key_cache, at::Tensor& value_cache, const at::Tensor& 
   const int64_t capacity = key_cache.size(0) * key_cache.size(2);
   for (int64_t t = 0; t < slots.numel(); ++t)
     TORCH_CHECK(sp[t] >= 0 && sp[t] < capacity, "slot ", sp[t], " outside the cache of ", capacity);
-  const auto c_type = key_cache.scalar_type();
   EPSERVE_DISPATCH(key.scalar_type(), "write_kv", [&] {
-    const auto run = [&](auto cache_element) {
+    with_cache_element(key_cache.scalar_type(), [&](auto cache_element) {
       using C = decltype(cache_element);
       write_rows<scalar_t, C>(key, key_cache, sp);
       write_rows<scalar_t, C>(value, value_cache, sp);
-    };
-    if (c_type == at::kFloat8_e5m2) {
-      run(c10::Float8_e5m2());
-    } else if (c_type == at::kFloat8_e4m3fn) {
-      run(c10::Float8_e4m3fn());
-    } else if (c_type == at::kBFloat16) {
-      run(c10::BFloat16());
-    } else {
-      TORCH_CHECK(c_type == at::kFloat, "a K/V cache of ", c_type, ": fp32, bf16 or float8 (e5m2, e4m3fn)");
-      run(float());
-    }
+    });
   });
 }
 
@@ -438,19 +442,10 @@ at::Tensor paged_attention(const at::Tensor& query, const at::Tensor& key_cache,
   }
   auto out = at::empty({T, Hq, hd}, query.options());
   EPSERVE_DISPATCH(q_type, "paged_attention", [&] {
-    const auto run = [&](auto cache_element) {
+    with_cache_element(c_type, [&](auto cache_element) {
       attention_impl<scalar_t, decltype(cache_element)>(query, key_cache, value_cache, bt.data_ptr<int64_t>(),
                                                         max_blocks, qs, cl, tasks, tile, work, static_cast<float>(scale), out);
-    };
-    if (c_type == at::kFloat8_e5m2) {
-      run(c10::Float8_e5m2());
-    } else if (c_type == at::kFloat8_e4m3fn) {
-      run(c10::Float8_e4m3fn());
-    } else if (c_type == at::kBFloat16) {
-      run(c10::BFloat16());
-    } else {
-      run(float());
-    }
+    });
   });
   return out;
 }
