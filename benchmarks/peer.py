@@ -159,6 +159,11 @@ def throughput(args) -> None:
         print(f"{name:<22} {r['batch_out_tok_s']:12.1f} {r['single_decode_tok_s']:13.1f} {ratio:>16}   {r['passes']}")
 
 
+def sum_bandwidth(tensors: list, runs: int) -> float:
+    """Bytes per second of summing the tensors (the best of `runs`): their read bandwidth."""
+    return sum(t.nbytes for t in tensors) / min(timed(lambda: [t.sum() for t in tensors]) for _ in range(runs))
+
+
 def read_bandwidth(threads: int) -> float:
     """Bytes per second of a sum over 1 GiB (best of 5), with the engine's thread count."""
     import torch
@@ -166,7 +171,7 @@ def read_bandwidth(threads: int) -> float:
     torch.set_num_threads(threads)
     x = torch.ones(2**28)
     x.sum()
-    return x.nbytes / min(timed(x.sum) for _ in range(5))
+    return sum_bandwidth([x], 5)
 
 
 def weights_read_bandwidth(llm, threads: int) -> float:
@@ -179,8 +184,7 @@ def weights_read_bandwidth(llm, threads: int) -> float:
                  and hasattr(m.experts, "banks"))
     # bf16 pairs read as fp32: the bytes are what count, and a float sum runs at memory speed
     tensors = [t.view(torch.float32) for bank in shard.banks.values() for t in (bank.gate_up, bank.down)]
-    nbytes = sum(t.nbytes for t in tensors)
-    return nbytes / min(timed(lambda: [t.sum() for t in tensors]) for _ in range(3))
+    return sum_bandwidth(tensors, 3)
 
 
 
@@ -290,7 +294,7 @@ def kv_read(llm, keys: int) -> tuple[float, float]:
 
     kv, cfg = llm.engine.executor.runner.kv, llm.engine.config
     pools = [t.view(torch.float32) for layer in kv.key for t in (kv.key[layer], kv.value[layer])]
-    bandwidth = sum(t.nbytes for t in pools) / min(timed(lambda: [t.sum() for t in pools]) for _ in range(3))
+    bandwidth = sum_bandwidth(pools, 3)
     itemsize = next(iter(kv.key.values())).element_size()
     nbytes = 2 * len(kv.key) * keys * cfg.num_key_value_heads * cfg.head_dim * itemsize
     return nbytes / 1e6, nbytes / bandwidth * 1e3

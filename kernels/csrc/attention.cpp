@@ -355,12 +355,13 @@ void with_cache_element(at::ScalarType c_type, F&& f) {
 }
 
 // one row's heads into the cache at `slot`, rounded as torch's .to() rounds (through fp32); e4m3fn
-// has no infinity, so it saturates at +-448 first (as kernels.attention._stored does)
+// has no infinity, so it saturates at its largest finite value, 448, first (as kernels.attention._stored)
 template <typename T, typename C>
 void write_rows(const at::Tensor& x, at::Tensor& cache, const int64_t* slots) {
   const int64_t T_rows = x.size(0), Hkv = x.size(1), hd = x.size(2), S = cache.size(2);
   const T* xp = x.data_ptr<T>();
   C* cp = static_cast<C*>(cache.data_ptr());
+  const float e4m3_max = static_cast<float>(std::numeric_limits<c10::Float8_e4m3fn>::max());
   for (int64_t t = 0; t < T_rows; ++t) {
     const int64_t block = slots[t] / S, offset = slots[t] % S;
     for (int64_t h = 0; h < Hkv; ++h) {
@@ -368,7 +369,7 @@ void write_rows(const at::Tensor& x, at::Tensor& cache, const int64_t* slots) {
       C* dst = cp + ((block * Hkv + h) * S + offset) * hd;
       for (int64_t d = 0; d < hd; ++d) {
         float v = to_float(src[d]);
-        if constexpr (std::is_same_v<C, c10::Float8_e4m3fn>) v = std::clamp(v, -448.f, 448.f);
+        if constexpr (std::is_same_v<C, c10::Float8_e4m3fn>) v = std::clamp(v, -e4m3_max, e4m3_max);
         dst[d] = static_cast<C>(v);
       }
     }
