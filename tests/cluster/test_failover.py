@@ -104,6 +104,25 @@ def test_fault_injection_is_validated():
 
 
 # -- on Ray: fault injection at step N ---------------------------------------------------------
+def _kill_and_wait(ray, llm: LLM, expert: int, timeout_s: float = 20.0) -> None:
+    """Kills expert worker `expert` and waits for its process to be gone (ray.kill returns before)."""
+    pid = [info["pid"] for info in llm.worker_info() if info["role"] == "expert"][expert]
+    ray.kill(llm.engine.executor.experts[expert])
+    deadline = time.monotonic() + timeout_s
+    while _running(pid):
+        assert time.monotonic() < deadline, "the killed worker's process lives on"
+        time.sleep(0.05)
+
+
+def _running(pid: int) -> bool:
+    """Whether process pid exists and is not a zombie (exited, not yet reaped)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
 def _wait_folded_in(llm: LLM, timeout_s: float = 60.0) -> None:
     """Replacements fold in between steps: step (idle) until they have."""
     deadline = time.monotonic() + timeout_s
@@ -239,7 +258,7 @@ def test_scaling_with_a_dead_worker_fails_safe(ray_cluster, make_checkpoint, und
     """A worker dies while the instance is idle; the next scale finds it, re-forms, and says so."""
     with LLM(model=make_checkpoint(FLAGSHIP_SHAPE), expert_workers=2, use_ray=True) as llm:
         before = llm.engine.executor.placement
-        ray_cluster.kill(llm.engine.executor.experts[1])
+        _kill_and_wait(ray_cluster, llm, 1)
         with pytest.raises(RuntimeError, match="recovered and serves on"):
             llm.engine.scale_experts(3)
         assert llm.engine.recoveries[-1]["lost"] == ["expert 1"]
