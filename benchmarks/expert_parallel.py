@@ -4,6 +4,7 @@ worker on this machine's cores.
 
     python benchmarks/expert_parallel.py [--model DIR] [--experts 1 2 4] [--batch 32] [--steps 32]
                                          [--generations 32] [--overlap on|off]
+                                         [--rounds 3]
 
 Runs in one process and one Ray cluster, on one checkpoint (default: the tiny flagship-shaped one).
 Step split, per decode step of --batch sequences (ms):
@@ -17,14 +18,17 @@ Step split, per decode step of --batch sequences (ms):
 Bytes per MoE layer at that batch: what the exchange moves now (measured on the expert workers,
 plus the partial sums back), and what the earlier exchange moved (per (row, expert) pair both ways,
 and a count matrix).
-Throughput: --generations prompts of 16 tokens x 32 greedy tokens (median of 3 passes), against
-the single-process engine with one torch thread and with two (the same cores as the workers
-together).
+Throughput: --generations prompts of 16 tokens x 32 greedy tokens, against the single-process
+engine with one torch thread and with two (the same cores as the workers together).
+Each layout is measured in --rounds rounds that alternate with the single-process engine (its
+workers idle meanwhile), and every figure is the median over the rounds: this machine's speed
+drifts by a third between minutes, so a ratio compares runs of the same minute.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import subprocess
 import tempfile
 import time
@@ -64,17 +68,17 @@ def summarize(wall: float, timings: list[dict]) -> dict[str, float]:
     return {**split, "step": wall, "comm": comm, "engine": wall - split["step"]}
 
 
-def generation_rate(llm: LLM, prompts: list[list[int]], passes: int = 3) -> float:
-    """Output tok/s of the prompts generated together: the median of `passes` (one is ~0.3 s here,
-    short enough for a hiccup of the machine to move it by a third)."""
+def generation_rate(llm: LLM, prompts: list[list[int]]) -> float:
+    """Output tok/s of the prompts generated together (one pass, ~0.3 s here)."""
     params = SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True)
-    llm.generate(prompts[:2], SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
-    rates = []
-    for _ in range(passes):
-        start = time.perf_counter()
-        tokens = sum(len(c.token_ids) for c in llm.generate(prompts, params))
-        rates.append(tokens / (time.perf_counter() - start))
-    return sorted(rates)[len(rates) // 2]
+    start = time.perf_counter()
+    tokens = sum(len(c.token_ids) for c in llm.generate(prompts, params))
+    return tokens / (time.perf_counter() - start)
+
+
+def median_run(summaries: list[dict[str, float]]) -> dict[str, float]:
+    """Of several step splits (summarize), the one whose step time is the median."""
+    return sorted(summaries, key=lambda r: r["step"])[len(summaries) // 2]
 
 
 def bytes_per_layer(llm: LLM, batch: int, before_steps: int) -> tuple[float, float]:
@@ -110,6 +114,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=32)
     parser.add_argument("--generations", type=int, default=32)
     parser.add_argument("--overlap", choices=["on", "off"], default="on", help="two-batch overlap")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds per layout, each beside the single process")
     args = parser.parse_args()
     import ray
 
@@ -119,45 +124,50 @@ def main() -> None:
     prompts = [list(range(3 + i, 3 + i + args.prompt_len)) for i in range(args.batch)]
     generations = [[(7 * i + 13 * j) % 400 + 3 for j in range(16)] for i in range(args.generations)]
     overlap = args.overlap == "on"
-    steps, rates, moved = [], {}, {}
+    results, moved = [], {}  # per layout: its figures and the single process's of the same rounds
 
     baseline = LLM(model=model_dir)
-    steps.append(("single process", summarize(*run_decode(baseline, prompts, args.steps))))
-    rates["single process, 1 thread"] = generation_rate(baseline, generations)
-    torch.set_num_threads(2)
-    rates["single process, 2 threads"] = generation_rate(baseline, generations)
-    torch.set_num_threads(1)
-    baseline.shutdown()
+    generation_rate(baseline, generations[:2])  # warm-up
     for E in args.experts:
         cluster = ClusterConfig(expert_workers=E, attention_workers=1, use_ray=True, two_batch_overlap=overlap)
         with LLM(model=model_dir, cluster=cluster) as llm:
             name = f"Ray E={E} A=1" + (" (overlap)" if llm.executor.overlap else "")
-            wall, timings = run_decode(llm, prompts, args.steps)
-            steps.append((name, summarize(wall, timings)))
-            moved[name] = bytes_per_layer(llm, args.batch, args.steps + 1)
-            rates[name] = generation_rate(llm, generations)
+            runs = {"single": [], "one": [], "two": [], "layout": [], "rate": []}
+            for r in range(args.rounds):  # the single process and the layout in turn
+                runs["single"].append(summarize(*run_decode(baseline, prompts, args.steps)))
+                runs["one"].append(generation_rate(baseline, generations))
+                torch.set_num_threads(2)
+                runs["two"].append(generation_rate(baseline, generations))
+                torch.set_num_threads(1)
+                runs["layout"].append(summarize(*run_decode(llm, prompts, args.steps)))
+                if r == 0:
+                    moved[name] = bytes_per_layer(llm, args.batch, args.steps + 1)
+                runs["rate"].append(generation_rate(llm, generations))
+            results.append((E, name, median_run(runs["single"]), median_run(runs["layout"]),
+                            *(statistics.median(runs[k]) for k in ("one", "two", "rate"))))
         workers_gone()  # the next layout must not share the cores with this one's exiting workers
+    baseline.shutdown()
     ray.shutdown()
 
     cfg = baseline.config
     print(f"model {model_dir}: {cfg.num_experts} experts top-{cfg.num_experts_per_tok}, {cfg.num_hidden_layers} "
           f"layers, hidden {cfg.hidden_size}; decode batch {args.batch}, {args.steps} steps, 1 torch thread per "
-          f"worker")
+          f"worker; medians of {args.rounds} rounds, each layout in turn with the single process")
     cols = ["step", "attention", "dispatch", "combine", "experts", "comm", "engine"]
     print(f"{'layout':<24}" + "".join(f"{c + ' ms':>13}" for c in cols) + f"{'tok/s':>9}{'vs single':>11}"
           f"{'comm %':>8}{'KB/layer':>10}{'before':>8}")
-    base_tps = args.batch / steps[0][1]["step"]
-    for name, r in steps:
-        tps = args.batch / r["step"]
-        comm_pct = 100 * (r["comm"] + r["engine"]) / r["step"] if name in moved else 0.0
-        now, before = moved.get(name, (0.0, 0.0))
-        print(f"{name:<24}" + "".join(f"{r[c] * 1e3:13.2f}" for c in cols) + f"{tps:9.1f}{tps / base_tps:10.2f}x"
-              f"{comm_pct:7.0f}%{now / 1024:10.1f}{before / 1024:8.1f}")
-    print(f"\n{args.generations} concurrent generations (16 prompt + 32 output tokens):")
-    one, two = rates["single process, 1 thread"], rates["single process, 2 threads"]
-    for name, rate in rates.items():
-        print(f"  {name:<28} {rate:8.1f} tok/s   {rate / two:5.2f}x single (2 threads)   "
-              f"{rate / one:5.2f}x single (1 thread)")
+    for E, name, single, layout, _, _, _ in results:
+        base_tps = args.batch / single["step"]
+        for label, r in ((f"single (beside E={E})", single), (name, layout)):
+            tps = args.batch / r["step"]
+            comm_pct = 100 * (r["comm"] + r["engine"]) / r["step"] if r is layout else 0.0
+            now, before = moved[name] if r is layout else (0.0, 0.0)
+            print(f"{label:<24}" + "".join(f"{r[c] * 1e3:13.2f}" for c in cols) + f"{tps:9.1f}"
+                  f"{tps / base_tps:10.2f}x{comm_pct:7.0f}%{now / 1024:10.1f}{before / 1024:8.1f}")
+    print(f"\n{args.generations} concurrent generations (16 prompt + 32 output tokens), tok/s:")
+    for _, name, _, _, one, two, rate in results:
+        print(f"  {name:<22} {rate:8.1f}   single process beside it: 1 thread {one:8.1f} ({rate / one:4.2f}x), "
+              f"2 threads {two:8.1f} ({rate / two:4.2f}x)")
 
 
 if __name__ == "__main__":
