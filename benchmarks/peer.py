@@ -2,7 +2,7 @@
 
     python benchmarks/peer.py [--vllm-venv /tmp/vllm-venv] [--model DIR]      # throughput (default)
     python benchmarks/peer.py --mode bandwidth                                 # batch-1 vs memory bound
-    python benchmarks/peer.py --mode long-context [--kv-cache-dtype fp8_e5m2] # decode after 60K tokens
+    python benchmarks/peer.py --mode long-context [--kv-cache-dtype fp8_e5m2] [--vllm-venv V]  # after 60K
 
 throughput: 32 prompts of 8-63 random token ids (numpy default_rng(1234), ids < 300) x 48 greedy
   tokens, a warm-up pass on other prompts, then --passes timed passes; then single-stream decode
@@ -18,7 +18,9 @@ bandwidth: the bandwidth-bound shape (hidden 512, 8 layers, 512 experts of width
   sum over its own expert weights.
 long-context: the default toy with a 64K context: batch-1 decode rate (1 / the median gap between
   384 tokens) after a 60,000-token prompt against the rate after a 256-token prompt (the better of
-  one run before and one after the long prompt; K/V stored as --kv-cache-dtype).
+  one run before and one after the long prompt; K/V stored as --kv-cache-dtype). With --vllm-venv,
+  on `make-tiny --linear-head-dim 128 --fused-experts` with a 64K context, vLLM's CPU engine first
+  (its rate: 384 / (the time to 385 tokens - the time to 1)), and epserve's mean rates against it.
 
 Figures are medians over passes on this machine; compare rows of one run only.
 """
@@ -117,14 +119,41 @@ def vllm_generate(model_dir: str):
     return generate
 
 
-def run_vllm(venv: str, model_dir: str, passes: int) -> dict | None:
+def long_prompt_of(length: int) -> list[int]:
+    return np.random.default_rng(length).integers(0, 300, size=length).tolist()
+
+
+def vllm_long_context(model_dir: str, long_prompt: int) -> dict:
+    """Runs inside the vLLM venv (`--run-vllm --mode long-context`): {prompt length: decode tok/s},
+    the rate being 384 / (the time to 385 tokens - the time to 1), 256 measured before and after
+    the long prompt (the better kept), as for epserve."""
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    llm = LLM(model=model_dir, tokenizer=model_dir, dtype="bfloat16", enforce_eager=True,
+              max_model_len=long_prompt + 4 * SINGLE_LEN, max_num_seqs=4, seed=0, enable_prefix_caching=False)
+
+    def seconds(prompt, max_tokens):
+        params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+        return timed(lambda: llm.generate([TokensPrompt(prompt_token_ids=prompt)], params, use_tqdm=False))
+
+    rates, prefill = {}, {}
+    for length in (256, long_prompt, 256):
+        prompt = long_prompt_of(length)
+        first = seconds(prompt, 1)
+        rate = 3 * SINGLE_LEN / (seconds(prompt, 3 * SINGLE_LEN + 1) - first)
+        rates[length], prefill[length] = max(rate, rates.get(length, 0.0)), first
+    return {"rates": rates, "prefill_s": prefill}
+
+
+def run_vllm(venv: str, model_dir: str, passes: int, extra: tuple[str, ...] = ()) -> dict | None:
     python = Path(venv) / "bin" / "python"
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "2", "HF_HUB_OFFLINE": "1"}
     preload = [str(p) for p in (Path("/tmp/tcm/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4"),
                                 Path(venv) / "lib" / "libiomp5.so") if p.exists()]
     if preload:  # vLLM's CPU engine runs fastest with tcmalloc and Intel's OpenMP (its README)
         env["LD_PRELOAD"] = ":".join(preload)
-    proc = subprocess.run([str(python), __file__, "--run-vllm", "--model", model_dir, "--passes", str(passes)],
+    proc = subprocess.run([str(python), __file__, "--run-vllm", "--model", model_dir, "--passes", str(passes), *extra],
                           env=env, capture_output=True, text=True)
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
@@ -259,31 +288,47 @@ def long_context(args) -> None:
     from cluster import LLM, CacheConfig, SchedulerConfig
     from cluster.model.tiny import TinySpec, make_tiny
 
-    model_dir = args.model or str(make_tiny(tempfile.mkdtemp(), TinySpec(max_position_embeddings=65536)))
-    print(f"checkpoint {model_dir} (default toy, 64K context); batch-1 decode of {3 * SINGLE_LEN} tokens "
-          f"(rate: 1 / the median gap between tokens); "
+    L = args.long_prompt
+    # vLLM's CPU build takes only 64- or 128-wide DeltaNet heads: with the peer, that toy
+    spec = TinySpec(max_position_embeddings=65536, **({"linear_head_dim": 128, "fused_experts": True}
+                                                      if args.vllm_venv else {}))
+    model_dir = args.model or str(make_tiny(tempfile.mkdtemp(), spec))
+    print(f"checkpoint {model_dir} ({'make-tiny --linear-head-dim 128 --fused-experts' if args.vllm_venv else 'default toy'}"
+          f", 64K context); batch-1 decode of {3 * SINGLE_LEN} tokens (rate: 1 / the median gap between tokens; "
+          f"mean: {3 * SINGLE_LEN} / the time from the first token to the last, vLLM's measure); "
           f"K/V stored as {args.kv_cache_dtype}")
+    peer = None
+    if args.vllm_venv:  # first, on a quiet machine
+        result = run_vllm(args.vllm_venv, model_dir, args.passes, ("--mode", "long-context", "--long-prompt", str(L)))
+        if result is not None:
+            peer = {int(k): v for k, v in result["rates"].items()}
+            print(f"  vLLM CPU bfloat16 (K/V bf16): after 256 {peer[256]:6.1f} tok/s, after {L} {peer[L]:6.1f} "
+                  f"tok/s (prefill {result['prefill_s'][str(L)]:.1f}s): {peer[L] / peer[256]:.2f}x")
     for dtype in ("float32", "bfloat16"):
         llm = LLM(model=model_dir, dtype=dtype, scheduler=SchedulerConfig(max_num_batched_tokens=2048),
                   cache=CacheConfig(memory_budget_mb=1024, kv_cache_dtype=args.kv_cache_dtype))
-        rates = {}
+        rates, means = {}, {}
         # the short prompt before and after the long one, the better rate kept: this shared machine
         # slows a process down for minutes at a time, and a slow short run would flatter the ratio
-        for length in (256, args.long_prompt, 256):
-            prompt = np.random.default_rng(length).integers(0, 300, size=length).tolist()
+        for length in (256, L, 256):
+            prompt = long_prompt_of(length)
             start = time.perf_counter()
             times = stream_times(llm, prompt, 3 * SINGLE_LEN)
             # the median gap between tokens: this shared machine stalls a process now and then
             rate = 1 / statistics.median(np.diff(times[1:]))
             rates[length] = max(rate, rates.get(length, 0.0))
+            means[length] = max((len(times) - 1) / (times[-1] - times[0]), means.get(length, 0.0))
             print(f"  epserve {dtype:<9} prompt {length:>6}: first token after {times[0] - start:6.2f}s, "
-                  f"then {rate:6.1f} tok/s")
-        kv_mb, kv_ms = kv_read(llm, args.long_prompt)
-        print(f"  epserve {dtype:<9} decode after {args.long_prompt} / after 256 tokens: "
-              f"{rates[args.long_prompt] / rates[256]:.2f}x; the attention kernel alone over "
-              f"{args.long_prompt} keys: {attention_kernel_ms(llm, args.long_prompt):.2f} ms; reading the "
+                  f"then {rate:6.1f} tok/s (mean {means[length]:6.1f})")
+        kv_mb, kv_ms = kv_read(llm, L)
+        print(f"  epserve {dtype:<9} decode after {L} / after 256 tokens: "
+              f"{rates[L] / rates[256]:.2f}x; the attention kernel alone over "
+              f"{L} keys: {attention_kernel_ms(llm, L):.2f} ms; reading the "
               f"{kv_mb:.1f} MB of K/V alone takes {kv_ms:.2f} ms at the cache's read bandwidth, so the ratio "
               f"cannot pass {1 / (1 + kv_ms * 1e-3 * rates[256]):.2f}x")
+        if peer:
+            print(f"  epserve {dtype:<9} against vLLM, mean rates: after 256 {means[256] / peer[256]:.2f}x, "
+                  f"after {L} {means[L] / peer[L]:.2f}x; epserve's own ratio of means {means[L] / means[256]:.2f}x")
         llm.shutdown()
 
 
@@ -333,7 +378,9 @@ def main() -> None:
     parser.add_argument("--run-vllm", action="store_true", help=argparse.SUPPRESS)  # inside the vLLM venv
     args = parser.parse_args()
     if args.run_vllm:
-        print("RESULT " + json.dumps(measure(vllm_generate(args.model), args.passes)), flush=True)
+        result = (vllm_long_context(args.model, args.long_prompt) if args.mode == "long-context"
+                  else measure(vllm_generate(args.model), args.passes))
+        print("RESULT " + json.dumps(result), flush=True)
         return
     {"throughput": throughput, "bandwidth": bandwidth, "long-context": long_context}[args.mode](args)
 
