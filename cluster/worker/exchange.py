@@ -1,8 +1,9 @@
 """The MoE exchange between attention and expert workers: one message each way per layer.
 
 Dispatch (on an attention worker with T rows): every expert worker gets one message holding the
-T hidden rows and, per row, the K (bank index, weight) pairs of that worker's experts (-1 / 0 where
-another worker holds the expert). The step command already told every worker how many rows each
+T hidden rows and, per row, the K (bank index, weight) pairs of that worker's experts (index -1
+where another worker holds the expert: kernels.moe_experts counts such a pair for nothing, so the
+weights go out as the gate gave them, the same to every worker). The step command already told every worker how many rows each
 attention worker has, so no count exchange comes first and nothing waits on a size. Combine: each
 expert worker computes, per row, the weighted sum over its own experts (kernels.moe_experts, fp64)
 and sends back one partial sum per row; the attention worker adds them and rounds once, which
@@ -27,7 +28,7 @@ from .links import Link, LinkError
 
 def message_bytes(rows: int, hidden: int, top_k: int, dtype: torch.dtype) -> int:
     """Bytes of one dispatch message of `rows` rows."""
-    return rows * (hidden * torch.empty(0, dtype=dtype).element_size() + 8 * top_k)
+    return rows * (hidden * dtype.itemsize + 8 * top_k)
 
 
 class LinkDispatcher:
@@ -40,22 +41,27 @@ class LinkDispatcher:
         self.tables = {layer: placement.tables(layer).to(device) for layer in placement.held}
         self.links = expert_links
         self.device = device
+        self._nothing_local: dict[torch.dtype, ExpertBatch] = {}  # the empty batch of local experts
 
     def dispatch(self, layer, hidden_TD, topk_idx_TK, topk_weights_TK):
         idx = self.tables[layer].route(topk_idx_TK)  # [E, T, K]
-        weights = torch.where(idx >= 0, topk_weights_TK.float()[None], 0.0)
+        weights = topk_weights_TK.float()
         for e, link in enumerate(self.links):
-            link.send(hidden_TD, idx[e], weights[e])
-        empty = hidden_TD[:0]
-        return ExpertBatch(empty, idx[0, :0], weights[0, :0]), hidden_TD.shape
+            link.send(hidden_TD, idx[e], weights)
+        nothing = self._nothing_local.get(hidden_TD.dtype)
+        if nothing is None:
+            nothing = ExpertBatch(hidden_TD[:0].clone(), idx[0, :0].clone(), weights[:0].clone())
+            self._nothing_local[hidden_TD.dtype] = nothing
+        return nothing, hidden_TD.shape
 
     def combine(self, expert_out_RD, shape):
         """Adds the fp64 partial sums of every expert worker and rounds once: [T, D] in the model
         dtype, the same bits as one worker holding every expert (kernels.moe_experts)."""
-        parts = (link.recv().view(torch.float64).view(shape) for link in self.links)
-        total = next(parts).to(self.device, copy=True)  # the link's buffer is reused by its next message
-        for part in parts:
-            total += part.to(self.device)
+        parts = [link.recv().view(torch.float64).view(shape).to(self.device) for link in self.links]
+        # a new tensor before the links' buffers are reused by their next messages
+        total = parts[0].clone() if len(parts) == 1 else torch.add(parts[0], parts[1])
+        for part in parts[2:]:
+            total += part
         return total.float().to(expert_out_RD.dtype)
 
 
@@ -74,7 +80,7 @@ class ExpertServer:
         D, K = self.hidden_size, self.top_k
         if message.numel() != message_bytes(rows, D, K, self.dtype):
             raise LinkError(f"dispatch of {message.numel()} bytes, expected {rows} rows")
-        split = rows * D * torch.empty(0, dtype=self.dtype).element_size()
+        split = rows * D * self.dtype.itemsize
         hidden = message[:split].view(self.dtype).view(rows, D)
         idx = message[split : split + 4 * rows * K].view(torch.int32).view(rows, K)
         weights = message[split + 4 * rows * K :].view(torch.float32).view(rows, K)

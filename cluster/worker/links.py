@@ -37,9 +37,15 @@ class LinkError(ConnectionError):
     """A peer closed its end, timed out, or spoke out of turn."""
 
 
+_NUMPY_DTYPES = {torch.float64, torch.float32, torch.float16, torch.int64, torch.int32, torch.int16,
+                 torch.int8, torch.uint8, torch.bool}
+
+
 def _as_bytes(part) -> memoryview:
     """A flat byte view of a tensor (its own memory; device tensors are copied to the host) or bytes."""
     if isinstance(part, torch.Tensor):
+        if part.is_cpu and part.dtype in _NUMPY_DTYPES and part.is_contiguous() and not part.requires_grad:
+            return memoryview(part.numpy()).cast("B")  # the common case, a few microseconds sooner
         part = part.detach()
         if part.device.type != "cpu":
             part = part.cpu()
