@@ -316,10 +316,10 @@ def long_context(args) -> None:
             times = stream_times(llm, prompt, 3 * SINGLE_LEN)
             # the median gap between tokens: this shared machine stalls a process now and then
             rate = 1 / statistics.median(np.diff(times[1:]))
-            rates[length] = max(rate, rates.get(length, 0.0))
-            means[length] = max((len(times) - 1) / (times[-1] - times[0]), means.get(length, 0.0))
+            mean = (len(times) - 1) / (times[-1] - times[0])
+            rates[length], means[length] = max(rate, rates.get(length, 0.0)), max(mean, means.get(length, 0.0))
             print(f"  epserve {dtype:<9} prompt {length:>6}: first token after {times[0] - start:6.2f}s, "
-                  f"then {rate:6.1f} tok/s (mean {means[length]:6.1f})")
+                  f"then {rate:6.1f} tok/s (mean {mean:6.1f})")
         kv_mb, kv_ms = kv_read(llm, L)
         print(f"  epserve {dtype:<9} decode after {L} / after 256 tokens: "
               f"{rates[L] / rates[256]:.2f}x; the attention kernel alone over "
