@@ -3,8 +3,9 @@
 Dispatch (on an attention worker with T rows): every expert worker gets one message holding the
 T hidden rows and, per row, the K (bank index, weight) pairs of that worker's experts (index -1
 where another worker holds the expert: kernels.moe_experts counts such a pair for nothing, so the
-weights go out as the gate gave them, the same to every worker). The step command already told every worker how many rows each
-attention worker has, so no count exchange comes first and nothing waits on a size. Combine: each
+weights go out as the gate gave them, the same to every worker). The step command already told
+every worker how many rows each attention worker has, so no count exchange comes first and
+nothing waits on a size. Combine: each
 expert worker computes, per row, the weighted sum over its own experts (kernels.moe_experts, fp64)
 and sends back one partial sum per row; the attention worker adds them and rounds once, which
 gives the bits of a single process holding every expert.
