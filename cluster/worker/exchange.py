@@ -5,10 +5,9 @@ T hidden rows and, per row, the K (bank index, weight) pairs of that worker's ex
 where another worker holds the expert: kernels.moe_experts counts such a pair for nothing, so the
 weights go out as the gate gave them, the same to every worker). The step command already told
 every worker how many rows each attention worker has, so no count exchange comes first and
-nothing waits on a size. Combine: each
-expert worker computes, per row, the weighted sum over its own experts (kernels.moe_experts, fp64)
-and sends back one partial sum per row; the attention worker adds them and rounds once, which
-gives the bits of a single process holding every expert.
+nothing waits on a size. Combine: each expert worker computes, per row, the weighted sum over its
+own experts (kernels.moe_experts, fp64) and sends back one partial sum per row; the attention
+worker adds them and rounds once, which gives the bits of a single process holding every expert.
 
 A row travels once to each expert worker (with top-10 routing over a handful of workers nearly
 every row has an expert on each: 1 - (1 - 1/E)^10 is 99.9% for E = 2, 94% for E = 4).
