@@ -153,8 +153,8 @@ def run_vllm(venv: str, model_dir: str, passes: int, extra: tuple[str, ...] = ()
                                 Path(venv) / "lib" / "libiomp5.so") if p.exists()]
     if preload:  # vLLM's CPU engine runs fastest with tcmalloc and Intel's OpenMP (its README)
         env["LD_PRELOAD"] = ":".join(preload)
-    proc = subprocess.run([str(python), __file__, "--run-vllm", "--model", model_dir, "--passes", str(passes), *extra],
-                          env=env, capture_output=True, text=True)
+    command = [str(python), __file__, "--run-vllm", "--model", model_dir, "--passes", str(passes), *extra]
+    proc = subprocess.run(command, env=env, capture_output=True, text=True)
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
             return json.loads(line[len("RESULT "):])
@@ -293,13 +293,15 @@ def long_context(args) -> None:
     spec = TinySpec(max_position_embeddings=65536, **({"linear_head_dim": 128, "fused_experts": True}
                                                       if args.vllm_venv else {}))
     model_dir = args.model or str(make_tiny(tempfile.mkdtemp(), spec))
-    print(f"checkpoint {model_dir} ({'make-tiny --linear-head-dim 128 --fused-experts' if args.vllm_venv else 'default toy'}"
-          f", 64K context); batch-1 decode of {3 * SINGLE_LEN} tokens (rate: 1 / the median gap between tokens; "
+    toy = "make-tiny --linear-head-dim 128 --fused-experts" if args.vllm_venv else "default toy"
+    print(f"checkpoint {model_dir} ({toy}, 64K context); batch-1 decode of {3 * SINGLE_LEN} tokens "
+          f"(rate: 1 / the median gap between tokens; "
           f"mean: {3 * SINGLE_LEN} / the time from the first token to the last, vLLM's measure); "
           f"K/V stored as {args.kv_cache_dtype}")
     peer = None
     if args.vllm_venv:  # first, on a quiet machine
-        result = run_vllm(args.vllm_venv, model_dir, args.passes, ("--mode", "long-context", "--long-prompt", str(L)))
+        result = run_vllm(args.vllm_venv, model_dir, args.passes,
+                          ("--mode", "long-context", "--long-prompt", str(L)))
         if result is not None:
             peer = {int(k): v for k, v in result["rates"].items()}
             print(f"  vLLM CPU bfloat16 (K/V bf16): after 256 {peer[256]:6.1f} tok/s, after {L} {peer[L]:6.1f} "
