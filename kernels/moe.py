@@ -45,9 +45,10 @@ def moe_experts_reference(x_RD, idx_RK, weights_RK, gate_up, down, partial: bool
 
 def moe_experts_grouped(x_RD, idx_RK, weights_RK, gate_up, down, partial: bool = False) -> torch.Tensor:
     """Any device, no host sync: the (row, expert) pairs sorted by expert, then two grouped GEMMs
-    (torch._grouped_mm: one launch each for every expert of the bank), SwiGLU between, and the
-    router-weighted sum in fp64 (exact for a row's few terms, as the reference's). Needs the inner
-    dims D and I to span multiples of 16 bytes (grouped_mm's stride rule)."""
+    (torch._grouped_mm: one launch each for every expert of the bank), SwiGLU between; the pair
+    outputs are put back in (row, k) order and each row's K terms summed in fp64 (exact for a row's
+    few terms, as the reference's; a fixed order and no atomics, unlike an index_add). Needs the
+    inner dims D and I to span multiples of 16 bytes (grouped_mm's stride rule)."""
     R, K = idx_RK.shape
     N = gate_up.shape[0]
     flat = idx_RK.reshape(-1).long()
@@ -56,14 +57,13 @@ def moe_experts_grouped(x_RD, idx_RK, weights_RK, gate_up, down, partial: bool =
     # group ends: pairs with expert <= e (searchsorted, not bincount, which syncs to size its output)
     ends = torch.arange(1, N + 1, device=key.device)
     offsets = torch.searchsorted(key[order], ends).to(torch.int32)
-    rows = order // K
-    hidden = torch._grouped_mm(x_RD[rows], gate_up.transpose(-2, -1), offs=offsets)  # [R*K, 2I]
+    hidden = torch._grouped_mm(x_RD[order // K], gate_up.transpose(-2, -1), offs=offsets)  # [R*K, 2I]
     gate, up = hidden.chunk(2, dim=-1)
-    pair_out = torch._grouped_mm((F.silu(gate) * up).contiguous(), down.transpose(-2, -1), offs=offsets)
-    weighted = pair_out * weights_RK.reshape(-1)[order].to(x_RD.dtype)[:, None]
-    weighted = torch.where((key[order] < N)[:, None], weighted, 0)  # rows past the groups: not computed
-    total = torch.zeros(R, x_RD.shape[1], dtype=torch.float64, device=x_RD.device)
-    total.index_add_(0, rows, weighted.double())
+    sorted_out = torch._grouped_mm((F.silu(gate) * up).contiguous(), down.transpose(-2, -1), offs=offsets)
+    pair_out = torch.empty_like(sorted_out).index_copy_(0, order, sorted_out).view(R, K, -1)  # [R, K, D]
+    weighted = pair_out * weights_RK.to(x_RD.dtype)[..., None]
+    weighted = torch.where((flat >= 0).view(R, K, 1), weighted, 0)  # pairs past the groups: not computed
+    total = weighted.sum(1, dtype=torch.float64)
     return total if partial else total.float().to(x_RD.dtype)
 
 
