@@ -36,6 +36,15 @@ from .step import ChunkResult, SamplingSpec, ScheduledChunk, StepInput, micro_ba
 log = logging.getLogger(__name__)
 
 
+def to_device(device: torch.device, *host: torch.Tensor) -> list[torch.Tensor]:
+    """Host int64 tensors on `device` in one transfer (one pinned buffer, copied without waiting
+    for the device) rather than one blocking copy each; on a CPU, the tensors themselves."""
+    if device.type == "cpu":
+        return list(host)
+    packed = torch.cat([t.reshape(-1) for t in host]).pin_memory().to(device, non_blocking=True)
+    return [part.view(t.shape) for part, t in zip(packed.split([t.numel() for t in host]), host)]
+
+
 @dataclass
 class _SequenceState:
     slot: int
@@ -200,7 +209,7 @@ class ModelRunner:
             batch.rollback = SpeculativeRollback([seq_id for seq_id, _, _ in verify], verify_rows, read, write, saved)
         if fresh:  # new or recomputed sequences start from zero states
             self.states.reset(torch.tensor(fresh, **as_long))
-        return torch.tensor(ids, **as_long), batch
+        return to_device(self.device, torch.tensor(ids, dtype=torch.long))[0], batch
 
     def _encode_images(self, seq: _SequenceState, images) -> None:
         """A fresh sequence's images through the vision tower; its M-RoPE positions and delta."""
@@ -236,21 +245,17 @@ class ModelRunner:
             slots.append(slot)
         width = max((len(seq.block_table) for _, _, seq in rows), default=1)
         host_slots = torch.tensor(slots, dtype=torch.long)
-        as_long = dict(dtype=torch.long, device=self.device)
-        starts = [0]
-        for n in query_lens:
-            starts.append(starts[-1] + n)
-        read, write = self.states.rows(host_slots.to(self.device))
+        starts = [0, *itertools.accumulate(query_lens)]
+        host_positions = torch.cat(positions).long() if per_freq else torch.tensor(positions, dtype=torch.long)
+        (positions_T, query_start, context_lens_B, slots_B, block_tables, slot_mapping) = to_device(
+            self.device, host_positions, torch.tensor(starts), torch.tensor(context_lens), host_slots,
+            self.block_tables.gather(host_slots, width), torch.tensor(slot_mapping, dtype=torch.long))
+        read, write = self.states.rows(slots_B)
         return ForwardBatch(
-            positions=(torch.cat(positions) if per_freq else torch.tensor(positions)).to(**as_long),
-            query_lens=query_lens,
+            positions=positions_T, query_lens=query_lens,
             num_decodes=next((i for i, n in enumerate(query_lens) if n > 1), len(query_lens)),
-            query_start=torch.tensor(starts, **as_long),
-            context_lens=torch.tensor(context_lens, **as_long),
-            slots=read, out_slots=write,
-            block_tables=self.block_tables.gather(host_slots, width).to(self.device),
-            slot_mapping=torch.tensor(slot_mapping, **as_long),
-            kv=self.kv, states=self.states,
+            query_start=query_start, context_lens=context_lens_B, slots=read, out_slots=write,
+            block_tables=block_tables, slot_mapping=slot_mapping, kv=self.kv, states=self.states,
         )
 
     def _results(self, chunks: list[ScheduledChunk], query_lens: list[int], hidden: torch.Tensor) -> list[ChunkResult]:
@@ -262,8 +267,11 @@ class ModelRunner:
                 results[i].logits = self.model.logits(hidden[ends[i] - query_lens[i] : ends[i]]).cpu()
         sampling = [i for i, chunk in enumerate(chunks) if chunk.sample and not chunk.verify]
         if sampling:
-            last_rows = torch.tensor([ends[i] - 1 for i in sampling], device=self.device)
-            logits = self.model.logits(hidden[last_rows])
+            last_rows = [ends[i] - 1 for i in sampling]
+            sampled = hidden  # decodes only: every row, in order
+            if last_rows != list(range(hidden.shape[0])):
+                sampled = hidden[to_device(self.device, torch.tensor(last_rows))[0]]
+            logits = self.model.logits(sampled)
             seqs = [self.sequences[chunks[i].seq_id] for i in sampling]
             picks = sample_batch(logits, [s.sampling for s in seqs], [s.tokens for s in seqs])
             for i, (token, logprob, top) in zip(sampling, picks):

@@ -135,3 +135,12 @@ def test_bf16_decode_through_graphs_follows_eager_steps(make_checkpoint):
     for a, b in zip(replayed, eager):
         assert a.token_ids == b.token_ids
         assert max(abs(x.logprob - y.logprob) for x, y in zip(a.logprobs, b.logprobs)) <= 0.05
+
+
+def test_host_tensors_reach_the_device_in_one_transfer():
+    from cluster.worker.runner import to_device
+
+    host = [torch.arange(5), torch.arange(12).view(3, 4), torch.tensor([], dtype=torch.long), torch.tensor([7])]
+    moved = to_device(torch.device("cuda"), *host)
+    assert all(m.is_cuda and m.shape == h.shape and torch.equal(m.cpu(), h) for m, h in zip(moved, host))
+    assert to_device(torch.device("cpu"), *host)[1] is host[1]
