@@ -19,7 +19,9 @@ builds them), through the real engine (scheduler, runner, kernels, sampler):
   3. prefill tok/s (4 prompts of 2048 tokens, 8192-token steps);
   4. the routed experts (kernels.moe_experts: sort by expert, two torch._grouped_mm, SwiGLU, fp64
      weighted sum) at 4k and 16k tokens with random top-10 routing, and their two grouped GEMMs
-     alone, TFLOP/s against the bf16 dense peak of the card;
+     alone, TFLOP/s against the card's bf16 peak (spec and a measured 8192^3 matmul) and against
+     the roofline (the GEMMs' least bytes at the measured copy bandwidth); the same GEMMs as one
+     batched matmul over rows padded to the busiest expert's (a probe);
   5. a probe of Qwen's block-scaled FP8 GEMM on the card's FP8 units (torch._scaled_mm): error and
      TFLOP/s beside bf16 (the engine itself dequantises FP8 checkpoints as it loads them);
   6. the split of a batch-1 decode step's wall time: layout, forward, LM head and sampling, the rest;
@@ -239,10 +241,12 @@ def copy_bandwidth(device: str, megabytes: int) -> float:
     return 2 * x.numel() / seconds_per_call(lambda: y.copy_(x), device, runs=5)
 
 
-def grouped_gemm(cfg: ModelConfig, tokens: int, dtype: torch.dtype, device: str) -> tuple[float, float]:
-    """TFLOP/s of the routed experts of one layer over `tokens` tokens, random top-k routing: the
-    whole op (sort by expert, gather, two grouped GEMMs, SwiGLU, fp64 weighted sum) and its two
-    grouped GEMMs alone."""
+def grouped_gemm(cfg: ModelConfig, tokens: int, dtype: torch.dtype, device: str) -> dict:
+    """The routed experts of one layer over `tokens` tokens, random top-k routing: TFLOP/s of the
+    whole op (sort by expert, gather, two grouped GEMMs, SwiGLU, fp64 weighted sum) and of its two
+    grouped GEMMs alone, and the least bytes the GEMMs must move (the weights of every expert hit,
+    the pairs' inputs and outputs): over a measured bandwidth that bounds the TFLOP/s (at 4k tokens
+    over 512 experts top-10 each expert sees ~80 rows: ~80 FLOP per weight byte, memory-bound)."""
     import torch.nn.functional as F
 
     from kernels.moe import moe_experts_grouped
@@ -262,9 +266,31 @@ def grouped_gemm(cfg: ModelConfig, tokens: int, dtype: torch.dtype, device: str)
         gate, up = torch._grouped_mm(x_pairs, gate_up.transpose(-2, -1), offs=offsets).chunk(2, dim=-1)
         return torch._grouped_mm((F.silu(gate) * up).contiguous(), down.transpose(-2, -1), offs=offsets)
 
+    # the same GEMMs as one batched matmul over every expert's rows padded to the busiest expert's
+    # count: dense tiles, wasted rows (a probe of the alternative to grouped_mm; flops counted useful)
+    starts = torch.cat([offsets.new_zeros(1), offsets[:-1]]).long()
+    within = torch.arange(tokens * K, device=device) - starts[key[order]]
+    x_padded = x.new_zeros(N, int(within.max()) + 1, D)
+    x_padded[key[order], within] = x_pairs
+
+    def padded():
+        gate, up = torch.bmm(x_padded, gate_up.transpose(-2, -1)).chunk(2, dim=-1)
+        return torch.bmm(F.silu(gate) * up, down.transpose(-2, -1))
+
     flops = tokens * K * 6 * D * I
+    size = torch.finfo(dtype).bits // 8
+    least_bytes = (idx.unique().numel() * 3 * D * I + tokens * K * (2 * D + 3 * I)) * size
     whole = flops / seconds_per_call(lambda: moe_experts_grouped(x, idx, weights, gate_up, down), device, 5)
-    return whole / 1e12, flops / seconds_per_call(gemms, device, 5) / 1e12
+    return {"routed_experts_tflops": whole / 1e12, "grouped_gemm_tflops": flops / seconds_per_call(gemms, device, 5) / 1e12,
+            "grouped_gemm_flop_per_byte": flops / least_bytes,
+            "padded_bmm_tflops": flops / seconds_per_call(padded, device, 5) / 1e12,
+            "padded_bmm_rows_per_expert": x_padded.shape[1], "mean_rows_per_expert": tokens * K / N}
+
+
+def dense_tflops(device: str, n: int = 8192) -> float:
+    """bf16 TFLOP/s of one n x n x n matmul on random data: the card's attainable matrix rate."""
+    a, b = (torch.randn(n, n, device=device, dtype=torch.bfloat16) for _ in range(2))
+    return 2 * n**3 / seconds_per_call(lambda: a @ b, device, 10) / 1e12
 
 
 def fp8_block_gemm(device: str, tokens: int = 4096, out: int = 4096, inp: int = 4096) -> dict:
@@ -328,8 +354,8 @@ def profile_decode(llm: LLM, batch: int, device: str, vocab: int, out: Path | No
     events = prof.key_averages()
     sort = "self_cuda_time_total" if device.startswith("cuda") else "self_cpu_time_total"
     table = events.table(sort_by=sort, row_limit=25)
-    if out is not None:
-        out.write_text(table)
+    if out is not None:  # and every op by how often it runs: where the launches come from
+        out.write_text(table + "\n\nBy count:\n" + events.table(sort_by="count", row_limit=120))
     print(table)
     kernels_run = sum(e.count for e in events if e.device_type == DeviceType.CUDA)
     return {f"profile_batch{batch}_kernels_per_step": kernels_run / steps}
@@ -466,12 +492,18 @@ def main() -> None:
             del llm
 
     def grouped(found: dict) -> None:
+        dense = found["bf16_dense_tflops"] = dense_tflops(device, 512 if args.smoke else 8192)
+        bandwidth = found["copy_bandwidth_tb_s"] = copy_bandwidth(device, 64 if args.smoke else 2048) / 1e12
         for tokens in ((256, 512) if args.smoke else (4096, 16384)) if hasattr(torch, "_grouped_mm") else ():
-            whole, gemms = grouped_gemm(cfg, tokens, torch.bfloat16, device)
-            found |= {f"routed_experts_tflops_{tokens}": whole, f"grouped_gemm_tflops_{tokens}": gemms}
+            measured = grouped_gemm(cfg, tokens, torch.bfloat16, device)
+            found |= {f"{name}_{tokens}": value for name, value in measured.items()}
+            # the roofline: the GEMMs can go no faster than the matrix units or than their bytes can move
+            bound = min(dense, measured["grouped_gemm_flop_per_byte"] * bandwidth)
+            found[f"grouped_gemm_fraction_of_roofline_{tokens}"] = measured["grouped_gemm_tflops"] / bound
+            found[f"grouped_gemm_fraction_of_measured_dense_{tokens}"] = measured["grouped_gemm_tflops"] / dense
             if peak_tflops:
-                found |= {f"routed_experts_fraction_of_peak_{tokens}": whole / peak_tflops,
-                          f"grouped_gemm_fraction_of_peak_{tokens}": gemms / peak_tflops}
+                found |= {f"routed_experts_fraction_of_peak_{tokens}": measured["routed_experts_tflops"] / peak_tflops,
+                          f"grouped_gemm_fraction_of_peak_{tokens}": measured["grouped_gemm_tflops"] / peak_tflops}
 
     section("grouped_gemm", grouped)
     section("bf16_vs_fp32", bf16_against_fp32)
