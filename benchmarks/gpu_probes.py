@@ -1,0 +1,130 @@
+"""Device-level probes for benchmarks/gpu_check.py, apart from the engine: the card's copy
+bandwidth and bf16 matmul rate, the routed experts' grouped GEMMs against their roofline (and a
+padded batched-matmul alternative), and Qwen's block-scaled FP8 GEMM. Each returns figures; the
+device is synchronised around every timed call."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+
+from cluster.config import ModelConfig
+
+SPECS = {  # name: (bf16 dense TFLOP/s, HBM TB/s), SXM parts
+    "H100": (989.4, 3.35), "H200": (989.4, 4.8), "B200": (2250.0, 8.0), "A100": (312.0, 2.0),
+}
+
+
+def card_spec(device: str) -> tuple[str, float | None, float | None]:
+    if not device.startswith("cuda"):
+        return "cpu", None, None
+    name = torch.cuda.get_device_name()
+    for key, (tflops, tbps) in SPECS.items():
+        if key in name:
+            return name, tflops, tbps
+    return name, None, None
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def seconds_per_call(fn, device: str, runs: int) -> float:
+    """Mean seconds of fn() over `runs` calls after one warm-up call, the device synchronised."""
+    fn()
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(runs):
+        fn()
+    sync(device)
+    return (time.perf_counter() - start) / runs
+
+
+def copy_bandwidth(device: str, megabytes: int) -> float:
+    """Bytes per second of a device-to-device copy (read + write)."""
+    x = torch.empty(megabytes * 2**20, dtype=torch.uint8, device=device)
+    y = torch.empty_like(x)
+    return 2 * x.numel() / seconds_per_call(lambda: y.copy_(x), device, runs=5)
+
+
+def grouped_gemm(cfg: ModelConfig, tokens: int, dtype: torch.dtype, device: str) -> dict:
+    """The routed experts of one layer over `tokens` tokens, random top-k routing: TFLOP/s of the
+    whole op (sort by expert, gather, two grouped GEMMs, SwiGLU, fp64 weighted sum) and of its two
+    grouped GEMMs alone, and the least bytes the GEMMs must move (the weights of every expert hit,
+    the pairs' inputs and outputs): over a measured bandwidth that bounds the TFLOP/s (at 4k tokens
+    over 512 experts top-10 each expert sees ~80 rows: ~80 FLOP per weight byte, memory-bound)."""
+    import torch.nn.functional as F
+
+    from kernels.moe import moe_experts_grouped
+
+    N, D, I, K = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts_per_tok
+    gate_up = torch.randn(N, 2 * I, D, dtype=dtype, device=device) / math.sqrt(D)
+    down = torch.randn(N, D, I, dtype=dtype, device=device) / math.sqrt(I)
+    x = torch.randn(tokens, D, dtype=dtype, device=device)
+    idx = torch.rand(tokens, N, device=device).topk(K, dim=-1).indices
+    weights = torch.full((tokens, K), 1.0 / K, dtype=dtype, device=device)
+    key = idx.reshape(-1)
+    order = torch.argsort(key, stable=True)
+    offsets = torch.searchsorted(key[order], torch.arange(1, N + 1, device=device)).to(torch.int32)
+    x_pairs = x[order // K]
+
+    def gemms():
+        gate, up = torch._grouped_mm(x_pairs, gate_up.transpose(-2, -1), offs=offsets).chunk(2, dim=-1)
+        return torch._grouped_mm((F.silu(gate) * up).contiguous(), down.transpose(-2, -1), offs=offsets)
+
+    # the same GEMMs as one batched matmul over every expert's rows padded to the busiest expert's
+    # count: dense tiles, wasted rows (a probe of the alternative to grouped_mm; flops counted useful)
+    starts = torch.cat([offsets.new_zeros(1), offsets[:-1]]).long()
+    within = torch.arange(tokens * K, device=device) - starts[key[order]]
+    x_padded = x.new_zeros(N, int(within.max()) + 1, D)
+    x_padded[key[order], within] = x_pairs
+
+    def padded():
+        gate, up = torch.bmm(x_padded, gate_up.transpose(-2, -1)).chunk(2, dim=-1)
+        return torch.bmm(F.silu(gate) * up, down.transpose(-2, -1))
+
+    flops = tokens * K * 6 * D * I
+    size = torch.finfo(dtype).bits // 8
+    least_bytes = (idx.unique().numel() * 3 * D * I + tokens * K * (2 * D + 3 * I)) * size
+    whole = flops / seconds_per_call(lambda: moe_experts_grouped(x, idx, weights, gate_up, down), device, 5)
+    return {"routed_experts_tflops": whole / 1e12, "grouped_gemm_tflops": flops / seconds_per_call(gemms, device, 5) / 1e12,
+            "grouped_gemm_flop_per_byte": flops / least_bytes,
+            "padded_bmm_tflops": flops / seconds_per_call(padded, device, 5) / 1e12,
+            "padded_bmm_rows_per_expert": x_padded.shape[1], "mean_rows_per_expert": tokens * K / N}
+
+
+def dense_tflops(device: str, n: int = 8192) -> float:
+    """bf16 TFLOP/s of one n x n x n matmul on random data: the card's attainable matrix rate."""
+    a, b = (torch.randn(n, n, device=device, dtype=torch.bfloat16) for _ in range(2))
+    return 2 * n**3 / seconds_per_call(lambda: a @ b, device, 10) / 1e12
+
+
+def fp8_block_gemm(device: str, tokens: int = 4096, out: int = 4096, inp: int = 4096) -> dict:
+    """Qwen's FP8 format on the GPU's FP8 units, a probe (the engine dequantises FP8 checkpoints to
+    the compute dtype as it loads them): weights in 128 x 128 blocks (cluster.model.quantization),
+    activations quantised per token in groups of 128, one torch._scaled_mm with block-wise scales
+    (cuBLAS, sm90, CUDA >= 12.9). Error against the dequantised weights in fp32, and TFLOP/s beside
+    a bf16 matmul of the same shape."""
+    from cluster.model.quantization import FP8, FP8_MAX, dequantize, quantize
+
+    w = torch.randn(out, inp) / math.sqrt(inp)
+    w_fp8, w_scale_inv = (t.to(device) for t in quantize(w, (128, 128)))
+    x = torch.randn(tokens, inp, device=device, dtype=torch.bfloat16)
+    groups = x.float().view(tokens, inp // 128, 128)
+    x_scale_inv = groups.abs().amax(-1).clamp(min=1e-12) / FP8_MAX  # [tokens, inp / 128]
+    x_fp8 = (groups / x_scale_inv[..., None]).to(FP8).view(tokens, inp)
+
+    def fp8():  # scales outer-dim major, as cuBLAS's block-wise modes want them
+        return torch._scaled_mm(x_fp8, w_fp8.t(), scale_a=x_scale_inv.t().contiguous().t(),
+                                scale_b=w_scale_inv.t(), out_dtype=torch.bfloat16)
+
+    w_dequantised = dequantize(w_fp8, w_scale_inv, (128, 128))
+    reference = x.float() @ w_dequantised.t()
+    error = ((fp8().float() - reference).norm() / reference.norm()).item()
+    w_bf16, flops = w_dequantised.to(torch.bfloat16), 2 * tokens * out * inp
+    return {"fp8_block_gemm_relative_error": error,
+            "fp8_block_gemm_tflops": flops / seconds_per_call(fp8, device, 20) / 1e12,
+            "bf16_same_gemm_tflops": flops / seconds_per_call(lambda: x @ w_bf16.t(), device, 20) / 1e12}
