@@ -27,7 +27,9 @@ builds them), through the real engine (scheduler, runner, kernels, sampler):
   6. the split of a batch-1 decode step's wall time: layout, forward, LM head and sampling, the rest;
   7. with --profile, the heaviest ops of eager decode steps (torch.profiler) and kernels per step;
   8. K/V stored as fp8 (e4m3, e5m2) under the bf16 model: the logits against bf16 K/V on the
-     narrower slice (max and mean |diff|, top-1 agreement), and batch-64 decode with fp8 e4m3 K/V.
+     narrower slice (max and mean |diff|, top-1 agreement), and batch-64 decode with fp8 e4m3 K/V;
+  9. an experiment: candidate fusions of the GPU path's plain-torch ops (fused_ops: torch's fused
+     RMSNorm, a decode-only conv) swapped in against the same engine: logits, decode, kernels.
 Each part records its figures as it goes; a part that fails is reported and the next one runs.
 The CUDA kernel tests: `python -m pytest tests/kernels/test_cuda.py` (skipped without a GPU).
 Prints a table and, with --json, writes the figures.
@@ -244,6 +246,57 @@ def profile_decode(llm: LLM, batch: int, device: str, vocab: int, out: Path | No
     return {f"profile_batch{batch}_kernels_per_step": kernels_run / steps}
 
 
+def fused_ops() -> dict:
+    """Candidate fusions of the GPU path's plain-torch ops, as drop-in replacements (an experiment
+    the next GPU run measures; not the engine's path): RMSNorm through torch's fused kernel with
+    the (1 + w) scale made once per weight (~10 kernels -> 3), the gated norm likewise, and a
+    decode-only conv (every sequence one row: one window product; ~15 kernels -> ~6).
+    Returns {(module, name): replacement}."""
+    import torch.nn.functional as F
+
+    import kernels.attention as attention_module
+    import kernels.conv as conv_module
+    import kernels.norms as norms_module
+
+    scales: dict[int, torch.Tensor] = {}
+
+    def scale_of(weight: torch.Tensor) -> torch.Tensor:  # made in the capture's warm-up, outside the graph
+        if weight.data_ptr() not in scales:
+            scales[weight.data_ptr()] = weight.float() + 1.0
+        return scales[weight.data_ptr()]
+
+    def rms_norm(x, weight, eps):
+        return F.rms_norm(x.float(), (x.shape[-1],), scale_of(weight), eps).to(x.dtype)
+
+    def gated_rms_norm(x, z, weight, eps):
+        normed = F.rms_norm(x.float(), (x.shape[-1],), None, eps).to(x.dtype)
+        return (weight * normed * F.silu(z.float())).to(x.dtype)
+
+    batched_conv = conv_module.causal_conv1d_batched
+
+    def conv(x, weight, state, slots, query_start, query_lens, out_slots=None):
+        if max(query_lens, default=0) != 1:
+            return batched_conv(x, weight, state, slots, query_start, query_lens, out_slots)
+        window = torch.cat([state[slots].to(x.dtype), x[:, None]], dim=1)  # [B, K, C]
+        state[slots if out_slots is None else out_slots] = window[:, 1:].to(state.dtype)
+        return F.silu((window * weight.T).sum(1))
+
+    return {(norms_module, "rms_norm_reference"): rms_norm, (attention_module, "rms_norm_reference"): rms_norm,
+            (norms_module, "gated_rms_norm_reference"): gated_rms_norm, (conv_module, "causal_conv1d_batched"): conv}
+
+
+@contextlib.contextmanager
+def patched(replacements: dict):
+    originals = {key: getattr(*key) for key in replacements}
+    for (module, name), fn in replacements.items():
+        setattr(module, name, fn)
+    try:
+        yield
+    finally:
+        for (module, name), fn in originals.items():
+            setattr(module, name, fn)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda")
@@ -388,12 +441,38 @@ def main() -> None:
                 found |= {f"routed_experts_fraction_of_peak_{tokens}": measured["routed_experts_tflops"] / peak_tflops,
                           f"grouped_gemm_fraction_of_peak_{tokens}": measured["grouped_gemm_tflops"] / peak_tflops}
 
+    def fusion_experiment(found: dict) -> None:
+        """fused_ops() swapped in, against the same engine just before: logits, decode with graphs
+        (captured again), kernels per eager step."""
+        llm = engine(width, "bfloat16")
+        try:
+            runner, steps = llm.engine.executor.runner, 4 if args.smoke else args.steps
+            prompts = [[(i * 5 + j * 3) % cfg.vocab_size for j in range(n)] for i, n in enumerate((20, 90))]
+            before = [t.float() for t in llm.score(prompts)]
+            for batch in (1, 64):
+                found[f"fusion_baseline_decode_tok_s_batch{batch}"] = decode_rate(llm, batch, steps, device,
+                                                                                   cfg.vocab_size)
+            with patched(fused_ops()):
+                if runner.graphs is not None:
+                    runner.graphs.graphs.clear()
+                after = [t.float() for t in llm.score(prompts)]
+                found["fusion_logits_max_abs_diff"] = max((a - b).abs().max().item() for a, b in zip(before, after))
+                for batch in (1, 64):
+                    found[f"fusion_decode_tok_s_batch{batch}"] = decode_rate(llm, batch, steps, device, cfg.vocab_size)
+                runner.graphs = None  # eagerly: each launch counts
+                found["fusion_kernels_per_step_batch1"] = profile_decode(llm, 1, device, cfg.vocab_size, None)[
+                    "profile_batch1_kernels_per_step"]
+        finally:
+            llm.shutdown()
+            del llm
+
     section("grouped_gemm", grouped)
     section("bf16_vs_fp32", bf16_against_fp32)
     section("decode_prefill", decode_and_prefill)
     section("fp8_kv", fp8_kv)
     if device.startswith("cuda"):
         section("fp8_block_gemm", lambda found: found.update(fp8_block_gemm(device)))
+    section("fusion_experiment", fusion_experiment)
     figures["seconds"] = time.perf_counter() - started
 
     for key, value in figures.items():
