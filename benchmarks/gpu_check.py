@@ -28,8 +28,9 @@ builds them), through the real engine (scheduler, runner, kernels, sampler):
   7. with --profile, the heaviest ops of eager decode steps (torch.profiler) and kernels per step;
   8. K/V stored as fp8 (e4m3, e5m2) under the bf16 model: the logits against bf16 K/V on the
      narrower slice (max and mean |diff|, top-1 agreement), and batch-64 decode with fp8 e4m3 K/V;
-  9. an experiment: candidate fusions of the GPU path's plain-torch ops (fused_ops: torch's fused
-     RMSNorm, a decode-only conv) swapped in against the same engine: logits, decode, kernels.
+  9. an experiment: candidate fusions of the GPU path's plain-torch ops swapped in against the same
+     engine (fused_ops: torch's fused RMSNorm, a decode-only conv; compiled_ops: torch.compile of the
+     glue functions): logits, decode, kernels.
 Each part records its figures as it goes; a part that fails is reported and the next one runs.
 The CUDA kernel tests: `python -m pytest tests/kernels/test_cuda.py` (skipped without a GPU).
 Prints a table and, with --json, writes the figures.
@@ -40,6 +41,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
+import importlib
 import json
 import math
 import tempfile
@@ -285,6 +287,25 @@ def fused_ops() -> dict:
             (norms_module, "gated_rms_norm_reference"): gated_rms_norm, (conv_module, "causal_conv1d_batched"): conv}
 
 
+def compiled_ops(backend: str = "inductor") -> dict:
+    """The other way to fewer kernels: torch.compile (inductor: Triton on a GPU) of the plain-torch
+    glue the GPU path runs around its GEMMs and FLA calls (norms, q/k norm + rotary, attention,
+    K/V write, conv, DeltaNet gating, router, shared expert), each function on its own (compiled in
+    the capture's warm-up, outside the graph). Returns {(module, name): compiled function}."""
+    import kernels.attention as attention_module
+    import kernels.conv as conv_module
+    import kernels.moe as moe_module
+    import kernels.norms as norms_module
+
+    delta_rule_module = importlib.import_module("kernels.delta_rule")  # the package's name is the function
+    keys = [(norms_module, "rms_norm_reference"), (norms_module, "gated_rms_norm_reference"),
+            (attention_module, "qk_norm_rope_reference"), (attention_module, "paged_attention_batched"),
+            (attention_module, "write_kv_reference"), (conv_module, "causal_conv1d_batched"),
+            (delta_rule_module, "gating"), (moe_module, "topk_softmax_reference"),
+            (moe_module, "add_shared_expert_reference")]
+    return {key: torch.compile(getattr(*key), backend=backend) for key in keys}
+
+
 @contextlib.contextmanager
 def patched(replacements: dict):
     originals = {key: getattr(*key) for key in replacements}
@@ -443,26 +464,39 @@ def main() -> None:
                           f"grouped_gemm_fraction_of_peak_{tokens}": measured["grouped_gemm_tflops"] / peak_tflops}
 
     def fusion_experiment(found: dict) -> None:
-        """fused_ops() swapped in, against the same engine just before: logits, decode with graphs
-        (captured again), kernels per eager step."""
+        """fused_ops(), then compiled_ops(), swapped in against the same engine measured just before:
+        logits, decode with graphs (captured again), kernels per eager step."""
         llm = engine(width, "bfloat16")
         try:
             runner, steps = llm.engine.executor.runner, 4 if args.smoke else args.steps
+            graphs = runner.graphs
             prompts = [[(i * 5 + j * 3) % cfg.vocab_size for j in range(n)] for i, n in enumerate((20, 90))]
             before = [t.float() for t in llm.score(prompts)]
             for batch in (1, 64):
                 found[f"fusion_baseline_decode_tok_s_batch{batch}"] = decode_rate(llm, batch, steps, device,
                                                                                    cfg.vocab_size)
-            with patched(fused_ops()):
-                if runner.graphs is not None:
-                    runner.graphs.graphs.clear()
-                after = [t.float() for t in llm.score(prompts)]
-                found["fusion_logits_max_abs_diff"] = max((a - b).abs().max().item() for a, b in zip(before, after))
-                for batch in (1, 64):
-                    found[f"fusion_decode_tok_s_batch{batch}"] = decode_rate(llm, batch, steps, device, cfg.vocab_size)
-                runner.graphs = None  # eagerly: each launch counts
-                found["fusion_kernels_per_step_batch1"] = profile_decode(llm, 1, device, cfg.vocab_size, None)[
-                    "profile_batch1_kernels_per_step"]
+            variants = {"fusion": fused_ops, "compiled": lambda: compiled_ops("eager" if args.smoke else "inductor")}
+            for variant, ops in variants.items():
+                print(f"-- {variant} ({time.perf_counter() - started:.0f}s)", flush=True)
+                try:
+                    with patched(ops()):
+                        runner.graphs = graphs
+                        if graphs is not None:
+                            graphs.graphs.clear()
+                        after = [t.float() for t in llm.score(prompts)]
+                        found[f"{variant}_logits_max_abs_diff"] = max((a - b).abs().max().item()
+                                                                      for a, b in zip(before, after))
+                        for batch in (1, 64):
+                            found[f"{variant}_decode_tok_s_batch{batch}"] = decode_rate(llm, batch, steps, device,
+                                                                                        cfg.vocab_size)
+                        found[f"{variant}_graphs_kept"] = runner.graphs is not None
+                        runner.graphs = None  # eagerly: each launch counts
+                        table = args.profile.with_name(f"{args.profile.stem}_{variant}.txt") if args.profile else None
+                        found[f"{variant}_kernels_per_step_batch1"] = profile_decode(
+                            llm, 1, device, cfg.vocab_size, table)["profile_batch1_kernels_per_step"]
+                except Exception as e:  # noqa: BLE001 - the other variant still runs
+                    traceback.print_exc()
+                    found[f"{variant}_error"] = f"{type(e).__name__}: {e}"[:500]
         finally:
             llm.shutdown()
             del llm
