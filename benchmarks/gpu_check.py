@@ -28,9 +28,8 @@ builds them), through the real engine (scheduler, runner, kernels, sampler):
   7. with --profile, the heaviest ops of eager decode steps (torch.profiler) and kernels per step;
   8. K/V stored as fp8 (e4m3, e5m2) under the bf16 model: the logits against bf16 K/V on the
      narrower slice (max and mean |diff|, top-1 agreement), and batch-64 decode with fp8 e4m3 K/V;
-  9. an experiment: candidate fusions of the GPU path's plain-torch ops swapped in against the same
-     engine (fused_ops: torch's fused RMSNorm, a decode-only conv; compiled_ops: torch.compile of the
-     glue functions): logits, decode, kernels.
+  9. decode graphs with their plain-torch glue compiled (the engine's default) against the same
+     graphs without it and against eager steps: tokens, logprobs, decode tok/s, first capture time.
 Each part records its figures as it goes; a part that fails is reported and the next one runs.
 The CUDA kernel tests: `python -m pytest tests/kernels/test_cuda.py` (skipped without a GPU).
 Prints a table and, with --json, writes the figures.
@@ -41,7 +40,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
-import importlib
 import json
 import math
 import tempfile
@@ -106,8 +104,10 @@ class RandomWeightsExecutor(LocalExecutor):
     """LocalExecutor over random weights made on the device (seeded: fp32 and bf16 runs share them)."""
 
     seed = 0
+    cpu_graphs = False  # --smoke: the decode graphs' static path on a CPU too (eagerly), so it is exercised
 
-    def __init__(self, cfg, model_dir, dtype, layout, load_window_steps=64, device="cpu", decode_graphs=False) -> None:
+    def __init__(self, cfg, model_dir, dtype, layout, load_window_steps=64, device="cpu", decode_graphs=False,
+                 compile_glue=True) -> None:
         from router import LocalDispatcher
 
         from cluster.worker.runner import ModelRunner
@@ -118,7 +118,8 @@ class RandomWeightsExecutor(LocalExecutor):
         dispatcher, self.timer = LocalDispatcher(shard.local_index), PhaseTimer()
         for moe in model.moe_layers():
             moe.dispatcher, moe.experts, moe.timer = dispatcher, shard, self.timer
-        self.runner = ModelRunner(model, layout, load_window_steps=load_window_steps, decode_graphs=decode_graphs)
+        self.runner = ModelRunner(model, layout, load_window_steps=load_window_steps,
+                                  decode_graphs=decode_graphs or self.cpu_graphs, compile_glue=compile_glue)
         self.expert_bytes = shard.nbytes
 
 
@@ -137,8 +138,10 @@ def decoding(llm: LLM, tag: str, batch: int, max_tokens: int, mix: tuple[int, in
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
     for i in range(batch):
         engine.add_request(f"{tag}{batch}-{i}", [(i * mix[0] + j * mix[1]) % vocab for j in range(16)], params)
-    engine.step()
-    engine.step()  # prefill, first decode
+    scheduler = engine.scheduler
+    while scheduler.waiting or any(not seq.output_ids for seq in scheduler.running):
+        engine.step()  # prefills (several steps when the batch's prompts pass the step's token budget)
+    engine.step()  # the first decode step of the batch (and its graph's capture)
     yield engine
     while engine.has_unfinished():
         engine.step()
@@ -248,76 +251,6 @@ def profile_decode(llm: LLM, batch: int, device: str, vocab: int, out: Path | No
     return {f"profile_batch{batch}_kernels_per_step": kernels_run / steps}
 
 
-def fused_ops() -> dict:
-    """Candidate fusions of the GPU path's plain-torch ops, as drop-in replacements (an experiment
-    the next GPU run measures; not the engine's path): RMSNorm through torch's fused kernel with
-    the (1 + w) scale made once per weight (~10 kernels -> 3), the gated norm likewise, and a
-    decode-only conv (every sequence one row: one window product; ~15 kernels -> ~6).
-    Returns {(module, name): replacement}."""
-    import torch.nn.functional as F
-
-    import kernels.attention as attention_module
-    import kernels.conv as conv_module
-    import kernels.norms as norms_module
-
-    scales: dict[int, torch.Tensor] = {}
-
-    def scale_of(weight: torch.Tensor) -> torch.Tensor:  # made in the capture's warm-up, outside the graph
-        if weight.data_ptr() not in scales:
-            scales[weight.data_ptr()] = weight.float() + 1.0
-        return scales[weight.data_ptr()]
-
-    def rms_norm(x, weight, eps):
-        return F.rms_norm(x.float(), (x.shape[-1],), scale_of(weight), eps).to(x.dtype)
-
-    def gated_rms_norm(x, z, weight, eps):
-        normed = F.rms_norm(x.float(), (x.shape[-1],), None, eps).to(x.dtype)
-        return (weight * normed * F.silu(z.float())).to(x.dtype)
-
-    batched_conv = conv_module.causal_conv1d_batched
-
-    def conv(x, weight, state, slots, query_start, query_lens, out_slots=None):
-        if max(query_lens, default=0) != 1:
-            return batched_conv(x, weight, state, slots, query_start, query_lens, out_slots)
-        window = torch.cat([state[slots].to(x.dtype), x[:, None]], dim=1)  # [B, K, C]
-        state[slots if out_slots is None else out_slots] = window[:, 1:].to(state.dtype)
-        return F.silu((window * weight.T).sum(1))
-
-    return {(norms_module, "rms_norm_reference"): rms_norm, (attention_module, "rms_norm_reference"): rms_norm,
-            (norms_module, "gated_rms_norm_reference"): gated_rms_norm, (conv_module, "causal_conv1d_batched"): conv}
-
-
-def compiled_ops(backend: str = "inductor") -> dict:
-    """The other way to fewer kernels: torch.compile (inductor: Triton on a GPU) of the plain-torch
-    glue the GPU path runs around its GEMMs and FLA calls (norms, q/k norm + rotary, attention,
-    K/V write, conv, DeltaNet gating, router, shared expert), each function on its own (compiled in
-    the capture's warm-up, outside the graph). Returns {(module, name): compiled function}."""
-    import kernels.attention as attention_module
-    import kernels.conv as conv_module
-    import kernels.moe as moe_module
-    import kernels.norms as norms_module
-
-    delta_rule_module = importlib.import_module("kernels.delta_rule")  # the package's name is the function
-    keys = [(norms_module, "rms_norm_reference"), (norms_module, "gated_rms_norm_reference"),
-            (attention_module, "qk_norm_rope_reference"), (attention_module, "paged_attention_batched"),
-            (attention_module, "write_kv_reference"), (conv_module, "causal_conv1d_batched"),
-            (delta_rule_module, "gating"), (moe_module, "topk_softmax_reference"),
-            (moe_module, "add_shared_expert_reference")]
-    return {key: torch.compile(getattr(*key), backend=backend) for key in keys}
-
-
-@contextlib.contextmanager
-def patched(replacements: dict):
-    originals = {key: getattr(*key) for key in replacements}
-    for (module, name), fn in replacements.items():
-        setattr(module, name, fn)
-    try:
-        yield
-    finally:
-        for (module, name), fn in originals.items():
-            setattr(module, name, fn)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda")
@@ -330,6 +263,7 @@ def main() -> None:
     args = parser.parse_args()
     device = "cpu" if args.smoke else args.device
     engine_module.LocalExecutor = RandomWeightsExecutor  # random weights made on the device
+    RandomWeightsExecutor.cpu_graphs = args.smoke
     width = dict(num_hidden_layers=args.layers, num_experts=args.experts)
     if args.smoke:  # every width small; the structure (3:1, top-10, shared expert) kept
         width |= dict(vocab_size=512, hidden_size=128, num_attention_heads=4, head_dim=32, linear_num_key_heads=2,
@@ -463,40 +397,33 @@ def main() -> None:
                 found |= {f"routed_experts_fraction_of_peak_{tokens}": measured["routed_experts_tflops"] / peak_tflops,
                           f"grouped_gemm_fraction_of_peak_{tokens}": measured["grouped_gemm_tflops"] / peak_tflops}
 
-    def fusion_experiment(found: dict) -> None:
-        """fused_ops(), then compiled_ops(), swapped in against the same engine measured just before:
-        logits, decode with graphs (captured again), kernels per eager step."""
+    def glue_compile(found: dict) -> None:
+        """Decode graphs whose glue runs compiled (the engine's default; kernels.backend.glue) against
+        the same graphs captured without it, and against eager steps: greedy tokens, logprobs, decode
+        tok/s, the time of a first capture (with its compile)."""
         llm = engine(width, "bfloat16")
         try:
             runner, steps = llm.engine.executor.runner, 4 if args.smoke else args.steps
             graphs = runner.graphs
-            prompts = [[(i * 5 + j * 3) % cfg.vocab_size for j in range(n)] for i, n in enumerate((20, 90))]
-            before = [t.float() for t in llm.score(prompts)]
-            for batch in (1, 64):
-                found[f"fusion_baseline_decode_tok_s_batch{batch}"] = decode_rate(llm, batch, steps, device,
-                                                                                   cfg.vocab_size)
-            variants = {"fusion": fused_ops, "compiled": lambda: compiled_ops("eager" if args.smoke else "inductor")}
-            for variant, ops in variants.items():
-                print(f"-- {variant} ({time.perf_counter() - started:.0f}s)", flush=True)
-                try:
-                    with patched(ops()):
-                        runner.graphs = graphs
-                        if graphs is not None:
-                            graphs.graphs.clear()
-                        after = [t.float() for t in llm.score(prompts)]
-                        found[f"{variant}_logits_max_abs_diff"] = max((a - b).abs().max().item()
-                                                                      for a, b in zip(before, after))
-                        for batch in (1, 64):
-                            found[f"{variant}_decode_tok_s_batch{batch}"] = decode_rate(llm, batch, steps, device,
-                                                                                        cfg.vocab_size)
-                        found[f"{variant}_graphs_kept"] = runner.graphs is not None
-                        runner.graphs = None  # eagerly: each launch counts
-                        table = args.profile.with_name(f"{args.profile.stem}_{variant}.txt") if args.profile else None
-                        found[f"{variant}_kernels_per_step_batch1"] = profile_decode(
-                            llm, 1, device, cfg.vocab_size, table)["profile_batch1_kernels_per_step"]
-                except Exception as e:  # noqa: BLE001 - the other variant still runs
-                    traceback.print_exc()
-                    found[f"{variant}_error"] = f"{type(e).__name__}: {e}"[:500]
+            prompts = [[(i * 5 + j * 3) % cfg.vocab_size for j in range(n)] for i, n in enumerate((20, 90, 7))]
+            params = SamplingParams(max_tokens=16, temperature=0.0, logprobs=1, ignore_eos=True)
+            runner.graphs = None
+            eager = llm.generate(prompts, params)
+            for variant, compile_glue in (("glue_compiled", True), ("glue_eager", False)):
+                if graphs is None:  # a CPU: no graphs to compare
+                    break
+                runner.graphs, graphs.compile_glue = graphs, compile_glue
+                graphs.graphs.clear()
+                start = time.perf_counter()
+                replayed = llm.generate(prompts[:1], SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True))
+                found[f"{variant}_first_capture_s"] = time.perf_counter() - start
+                replayed = llm.generate(prompts, params)
+                found[f"{variant}_tokens_equal_eager"] = all(a.token_ids == b.token_ids for a, b in zip(replayed, eager))
+                found[f"{variant}_logprob_max_diff_from_eager"] = max(
+                    abs(x.logprob - y.logprob) for a, b in zip(replayed, eager) for x, y in zip(a.logprobs, b.logprobs))
+                for batch in (1, 64):
+                    found[f"{variant}_decode_tok_s_batch{batch}"] = decode_rate(llm, batch, steps, device,
+                                                                                cfg.vocab_size)
         finally:
             llm.shutdown()
             del llm
@@ -507,7 +434,7 @@ def main() -> None:
     section("fp8_kv", fp8_kv)
     if device.startswith("cuda"):
         section("fp8_block_gemm", lambda found: found.update(fp8_block_gemm(device)))
-    section("fusion_experiment", fusion_experiment)
+    section("glue_compile", glue_compile)
     figures["seconds"] = time.perf_counter() - started
 
     for key, value in figures.items():

@@ -266,6 +266,10 @@ class ClusterConfig:
     # in one process on a GPU, in bf16/fp16: decode steps replay CUDA graphs captured per batch and
     # block-table width bucket (cluster.worker.decode_graphs); off: every step launches its kernels
     cuda_graphs: bool = True
+    # ... and the forwards they capture run the plain-torch glue between GEMMs (norms, rotary,
+    # gating, attention's masking, the experts' sort and sum) through torch.compile (kernels.backend
+    # .glue): ~490 -> ~250 kernels a step; the first capture of a batch bucket compiles (seconds)
+    compile_decode_graphs: bool = True
     # custom Ray resources each worker also reserves: steer the roles onto node groups (KubeRay worker
     # groups advertise them with rayStartParams.resources), e.g. {"epserve_expert": 1}
     attention_resources: tuple[tuple[str, float], ...] = ()

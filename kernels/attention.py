@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .backend import batched, native
+from .backend import batched, glue, native
 from .norms import rms_norm_reference
 from .varlen import padded_rows, unpad
 
@@ -28,6 +28,7 @@ def rope_reference(x_THd: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) ->
     return torch.cat([rot * cos[:, None] + rotated_half * sin[:, None], rest], dim=-1)
 
 
+@glue
 def qk_norm_rope_reference(query, key, q_weight, k_weight, eps: float, positions, inv_freq):
     per_freq = positions if positions.dim() == 2 else positions[:, None]  # [T, R / 2] or [T, 1]
     freqs = per_freq.float() * inv_freq  # [T, R / 2]
@@ -55,6 +56,7 @@ def write_kv(key_cache, value_cache, key, value, slot_mapping) -> None:
     write_kv_reference(key_cache, value_cache, key, value, slot_mapping)
 
 
+@glue
 def write_kv_reference(key_cache, value_cache, key, value, slot_mapping) -> None:
     S = key_cache.shape[2]
     blocks, offsets = slot_mapping // S, slot_mapping % S
@@ -88,6 +90,7 @@ def paged_attention_reference(query, key_cache, value_cache, block_tables, query
     return out
 
 
+@glue
 def paged_attention_batched(query, key_cache, value_cache, block_tables, query_start, context_lens,
                             scale: float, query_lens: list[int]) -> torch.Tensor:
     """Every sequence in one SDPA (any device; a device's own paged kernel is faster): the blocks of
@@ -97,7 +100,7 @@ def paged_attention_batched(query, key_cache, value_cache, block_tables, query_s
     T, Hq, hd = query.shape
     B, W = block_tables.shape
     Hkv, S = key_cache.shape[1], key_cache.shape[2]
-    G, N = Hq // Hkv, max(query_lens, default=0)
+    G, N = Hq // Hkv, (max(query_lens) if query_lens else 0)
     if T == 0:
         return torch.empty_like(query)
     k = key_cache[block_tables].to(query.dtype).transpose(1, 2).reshape(B, Hkv, W * S, hd)

@@ -1,10 +1,13 @@
 """Which implementation of each op runs: the C++ CPU kernels for CPU tensors when they load; the
 batched torch versions (and kernels.fla on CUDA) on other devices or without a compiler
 (EPSERVE_KERNELS=reference turns the C++ kernels off); the plain-torch references inside
-`reference_kernels()` (tests)."""
+`reference_kernels()` (tests). Inside `compiled_glue()` (the forwards CUDA decode graphs capture)
+the plain-torch glue between a step's GEMMs and kernels (functions marked @glue) runs through
+torch.compile: inductor fuses each function's elementwise ops into a few Triton kernels."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from contextlib import contextmanager
@@ -59,3 +62,38 @@ def reference_kernels():
         yield
     finally:
         _forced_reference = previous
+
+
+_glue_backend: str | None = None  # inside compiled_glue(): the torch.compile backend glue runs through
+
+
+@contextmanager
+def compiled_glue(backend: str = "inductor"):
+    """Functions marked @glue run compiled inside the block (tests pass backend="eager": dynamo's
+    tracing without code generation)."""
+    global _glue_backend
+    previous, _glue_backend = _glue_backend, backend
+    try:
+        yield
+    finally:
+        _glue_backend = previous
+
+
+def glue(fn):
+    """Marks a plain-torch function of the GPU path that compiles well (elementwise ops, reductions,
+    gathers: no host syncs, no calls into other kernels' libraries). Outside compiled_glue() it is
+    the function itself; inside, one torch.compile of it per backend (shapes: static at first, then
+    dynamic on the first change: a couple of compiles however many batch buckets), with
+    emulate_precision_casts so that 16-bit intermediates round where eager rounds them."""
+    compiled: dict[str, object] = {}
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        if _glue_backend is None or torch.compiler.is_compiling():  # nested glue: traced inline
+            return fn(*args, **kwargs)
+        if _glue_backend not in compiled:
+            options = {"emulate_precision_casts": True} if _glue_backend == "inductor" else None
+            compiled[_glue_backend] = torch.compile(fn, backend=_glue_backend, options=options)
+        return compiled[_glue_backend](*args, **kwargs)
+
+    return run

@@ -23,12 +23,13 @@ import torch
 import torch.nn.functional as F
 
 from . import fla
-from .backend import batched, native
+from .backend import batched, glue, native
 
 Tensors = tuple[torch.Tensor, ...]
 CHUNK = 64  # the reference's chunk size (transformers' torch_chunk_gated_delta_rule)
 
 
+@glue
 def gating(a: torch.Tensor, b: torch.Tensor, A_log: torch.Tensor, dt_bias: torch.Tensor) -> Tensors:
     """g = -exp(A_log) * softplus(a + dt_bias) in fp32, beta = sigmoid(b) in b's dtype."""
     return -A_log.float().exp() * F.softplus(a.float() + dt_bias), torch.sigmoid(b)

@@ -10,10 +10,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .backend import batched, native
+from .backend import batched, glue, native
 from .linear import linear
 
 
+@glue
 def topk_softmax_reference(logits_TE: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     probs = torch.softmax(logits_TE, dim=-1, dtype=torch.float32)
     weights, idx = torch.topk(probs, k, dim=-1)
@@ -49,22 +50,39 @@ def moe_experts_grouped(x_RD, idx_RK, weights_RK, gate_up, down, partial: bool =
     outputs are put back in (row, k) order and each row's K terms summed in fp64 (exact for a row's
     few terms, as the reference's; a fixed order and no atomics, unlike an index_add). Needs the
     inner dims D and I to span multiples of 16 bytes (grouped_mm's stride rule)."""
-    R, K = idx_RK.shape
-    N = gate_up.shape[0]
+    order, offsets = _pairs_by_expert(idx_RK, gate_up.shape[0])
+    hidden = torch._grouped_mm(x_RD[order // idx_RK.shape[1]], gate_up.transpose(-2, -1), offs=offsets)  # [R*K, 2I]
+    sorted_out = torch._grouped_mm(_swiglu(hidden), down.transpose(-2, -1), offs=offsets)
+    return _weighted_sum(sorted_out, order, idx_RK, weights_RK, partial)
+
+
+@glue
+def _pairs_by_expert(idx_RK: torch.Tensor, N: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The order [R*K] that sorts the pairs by expert (pairs outside the bank last, past every
+    group) and the groups' ends [N] int32 (searchsorted, not bincount, which syncs to size its output)."""
     flat = idx_RK.reshape(-1).long()
-    key = torch.where(flat >= 0, flat, N)  # pairs outside the bank sort last, past every group
+    key = torch.where(flat >= 0, flat, N)
     order = torch.argsort(key, stable=True)
-    # group ends: pairs with expert <= e (searchsorted, not bincount, which syncs to size its output)
     ends = torch.arange(1, N + 1, device=key.device)
-    offsets = torch.searchsorted(key[order], ends).to(torch.int32)
-    hidden = torch._grouped_mm(x_RD[order // K], gate_up.transpose(-2, -1), offs=offsets)  # [R*K, 2I]
+    return order, torch.searchsorted(key[order], ends).to(torch.int32)
+
+
+@glue
+def _swiglu(hidden: torch.Tensor) -> torch.Tensor:
     gate, up = hidden.chunk(2, dim=-1)
-    sorted_out = torch._grouped_mm((F.silu(gate) * up).contiguous(), down.transpose(-2, -1), offs=offsets)
+    return (F.silu(gate) * up).contiguous()
+
+
+@glue
+def _weighted_sum(sorted_out, order, idx_RK, weights_RK, partial: bool) -> torch.Tensor:
+    """Pair outputs [R*K, D] in expert order -> each row's router-weighted sum over its K pairs,
+    in fp64 (partial) or rounded once to the pairs' dtype."""
+    R, K = idx_RK.shape
     pair_out = torch.empty_like(sorted_out).index_copy_(0, order, sorted_out).view(R, K, -1)  # [R, K, D]
-    weighted = pair_out * weights_RK.to(x_RD.dtype)[..., None]
-    weighted = torch.where((flat >= 0).view(R, K, 1), weighted, 0)  # pairs past the groups: not computed
+    weighted = pair_out * weights_RK.to(sorted_out.dtype)[..., None]
+    weighted = torch.where((idx_RK >= 0).view(R, K, 1), weighted, 0)  # pairs past the groups: not computed
     total = weighted.sum(1, dtype=torch.float64)
-    return total if partial else total.float().to(x_RD.dtype)
+    return total if partial else total.float().to(sorted_out.dtype)
 
 
 def _grouped_mm_fits(x_RD, down) -> bool:
@@ -86,6 +104,7 @@ def moe_experts(x_RD, idx_RK, weights_RK, gate_up, down, partial: bool = False) 
     return moe_experts_reference(x_RD, idx_RK, weights_RK, gate_up, down, partial)
 
 
+@glue
 def add_shared_expert_reference(x_TD, gate_up, down, gate_logit_T1, routed_TD) -> torch.Tensor:
     gate, up = linear(x_TD, gate_up).chunk(2, dim=-1)
     return routed_TD + torch.sigmoid(gate_logit_T1) * linear(F.silu(gate) * up, down)

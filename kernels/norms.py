@@ -6,15 +6,17 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .backend import native
+from .backend import glue, native
 
 
+@glue
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     x32 = x.float()
     x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
     return (x32 * (1.0 + weight.float())).type_as(x)
 
 
+@glue
 def gated_rms_norm_reference(x: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     dtype = x.dtype
     x32 = x.float()
@@ -34,6 +36,11 @@ def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps
     """(x + delta, rms_norm(x + delta)) for [T, D]: the residual stream and the next sublayer's input."""
     if native(x):
         return torch.ops.epserve.add_rms_norm(x, delta, weight, eps)
+    return add_rms_norm_reference(x, delta, weight, eps)
+
+
+@glue
+def add_rms_norm_reference(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float):
     total = x + delta
     return total, rms_norm_reference(total, weight, eps)
 

@@ -121,7 +121,8 @@ class EngineCore(PlacementControl):
             self.executor = LocalExecutor(self.config, self.model_dir, getattr(torch, dtype), self.layout,
                                           self.rebalance_config.window_steps, device,
                                           decode_graphs=self.cluster.cuda_graphs
-                                          and decode_graphs.supported(device, getattr(torch, dtype)))
+                                          and decode_graphs.supported(device, getattr(torch, dtype)),
+                                          compile_glue=self.cluster.compile_decode_graphs)
         self.scheduler = Scheduler(self.scheduler_config, self.layout, self.cluster.attention_workers,
                                    self.max_model_len, self.speculative)
         self.requests: dict[str, Sequence] = {}

@@ -24,7 +24,8 @@ from .cache_plan import CacheLayout
 
 class LocalExecutor:
     def __init__(self, cfg: ModelConfig, model_dir: str | Path, dtype: torch.dtype, layout: CacheLayout,
-                 load_window_steps: int = 64, device: str = "cpu", decode_graphs: bool = False) -> None:
+                 load_window_steps: int = 64, device: str = "cpu", decode_graphs: bool = False,
+                 compile_glue: bool = True) -> None:
         reader = CheckpointReader(model_dir)
         model = load_dense_model(cfg, reader, dtype, device)
         all_experts = {layer: list(range(cfg.num_experts)) for layer in cfg.moe_layer_ids}
@@ -33,7 +34,8 @@ class LocalExecutor:
         self.timer = PhaseTimer()
         for moe in model.moe_layers():
             moe.dispatcher, moe.experts, moe.timer = dispatcher, shard, self.timer
-        self.runner = ModelRunner(model, layout, load_window_steps=load_window_steps, decode_graphs=decode_graphs)
+        self.runner = ModelRunner(model, layout, load_window_steps=load_window_steps, decode_graphs=decode_graphs,
+                                  compile_glue=compile_glue)
         self.expert_bytes = shard.nbytes
 
     def execute(self, steps: list[StepInput]) -> list[list[ChunkResult]]:

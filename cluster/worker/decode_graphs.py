@@ -14,6 +14,11 @@ lengths are all 1). The expert-load counters (router.ExpertLoadWindow) write int
 current step, a host value: while capturing, each MoE layer's routing tensor is kept instead, and
 after every replay its first B rows are counted.
 
+On CUDA the captured forwards run the plain-torch glue between GEMMs through torch.compile
+(kernels.backend.glue; ~490 -> ~250 kernels a step on the slice): it compiles in the capture's
+warm-up, outside the graph, and the graph replays inductor's Triton kernels. Eager steps (prefill,
+mixed, fp32) never compile.
+
 A forward that fails to capture (an op that syncs on some device or dtype) raises
 GraphCaptureError; the runner then steps eagerly from there on. Capturing runs the forward only over
 the scratch rows (the static inputs hold them until the first replay), so no sequence is touched.
@@ -24,11 +29,13 @@ and scratch rows change nothing.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
 
 from attention import ForwardBatch
+from kernels.backend import compiled_glue
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 
@@ -73,13 +80,16 @@ class _Captured:
 
 
 class DecodeGraphs:
-    def __init__(self, model, kv, states, scratch_slot: int, scratch_block: int, device: torch.device) -> None:
+    def __init__(self, model, kv, states, scratch_slot: int, scratch_block: int, device: torch.device,
+                 compile_glue: bool = True) -> None:
         """kv, states: the runner's PagedKVCache and DeltaNetStateCache, each with one slot / block
-        past the scheduler's (scratch_slot, scratch_block) for the padding rows."""
+        past the scheduler's (scratch_slot, scratch_block) for the padding rows. compile_glue: the
+        captured forwards run kernels' @glue functions through torch.compile (on CUDA only)."""
         self.model, self.kv, self.states, self.device = model, kv, states, device
         self.scratch_row = int(states.rows(torch.tensor([scratch_slot], device=device))[0][0])
         self.scratch_block = scratch_block
         self.capture = device.type == "cuda"
+        self.compile_glue = compile_glue and self.capture
         self.pool = torch.cuda.graph_pool_handle() if self.capture else None
         self.graphs: dict[tuple[int, int], _Captured] = {}
 
@@ -140,7 +150,8 @@ class DecodeGraphs:
         for moe in layers:
             moe.load = recorder
         try:
-            return self.model(c.ids, c.batch), recorder.routed
+            with compiled_glue() if self.compile_glue else contextlib.nullcontext():
+                return self.model(c.ids, c.batch), recorder.routed
         finally:
             for moe, load in zip(layers, loads):
                 moe.load = load

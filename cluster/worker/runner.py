@@ -79,9 +79,11 @@ class _SequenceState:
 
 class ModelRunner:
     def __init__(self, model: Qwen35MoeModel, layout: CacheLayout, load_window_steps: int = 64,
-                 overlap: bool = False, transactional: bool = False, decode_graphs: bool = False) -> None:
+                 overlap: bool = False, transactional: bool = False, decode_graphs: bool = False,
+                 compile_glue: bool = True) -> None:
         """decode_graphs: decode steps run through cluster.worker.decode_graphs (captured CUDA graphs
-        on a GPU; on a CPU the same padded static rows, eagerly: for tests)."""
+        on a GPU, their glue compiled unless compile_glue is off; on a CPU the same padded static
+        rows, eagerly: for tests)."""
         self.model = model
         model.fuse()
         cfg = model.cfg
@@ -101,7 +103,7 @@ class ModelRunner:
                                          double_buffered=transactional)
         self.block_tables = BlockTables(layout.num_slots)
         self.graphs = DecodeGraphs(model, self.kv, self.states, layout.num_slots, layout.num_blocks,
-                                   self.device) if decode_graphs else None
+                                   self.device, compile_glue) if decode_graphs else None
         self.overlap = overlap  # two micro-batches per step (expert workers elsewhere: cluster.worker.step)
         self.transactional = transactional
         self.sequences: dict[int, _SequenceState] = {}
