@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import gc
 import json
 import math
@@ -132,10 +133,11 @@ def slice_dir(overrides: dict) -> str:
 @contextlib.contextmanager
 def decoding(llm: LLM, tag: str, batch: int, max_tokens: int, mix: tuple[int, int], vocab: int):
     """`batch` greedy requests of 16 prompt tokens (token j of request i: (i * mix[0] + j * mix[1])
-    mod vocab) past their prefill and first decode step: the block's engine steps are decodes.
-    Afterwards they run to the end and the engine's finished state is dropped."""
+    mod vocab) past their prefill and first decode step: the block's first max_tokens engine steps
+    are decodes of all of them (none finishes inside it, however many steps the prefills took).
+    Afterwards they are aborted and the engine's finished state is dropped."""
     engine = llm.engine
-    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    params = SamplingParams(max_tokens=max_tokens + batch, temperature=0.0, ignore_eos=True)
     for i in range(batch):
         engine.add_request(f"{tag}{batch}-{i}", [(i * mix[0] + j * mix[1]) % vocab for j in range(16)], params)
     scheduler = engine.scheduler
@@ -143,8 +145,8 @@ def decoding(llm: LLM, tag: str, batch: int, max_tokens: int, mix: tuple[int, in
         engine.step()  # prefills (several steps when the batch's prompts pass the step's token budget)
     engine.step()  # the first decode step of the batch (and its graph's capture)
     yield engine
-    while engine.has_unfinished():
-        engine.step()
+    for i in range(batch):
+        engine.abort_request(f"{tag}{batch}-{i}")
     engine.flush()
 
 
@@ -409,11 +411,14 @@ def main() -> None:
             params = SamplingParams(max_tokens=16, temperature=0.0, logprobs=1, ignore_eos=True)
             runner.graphs = None
             eager = llm.generate(prompts, params)
-            for variant, compile_glue in (("glue_compiled", True), ("glue_eager", False)):
+            for variant, compile_glue in (("glue_compiled", True), ("glue_plain", False)):
                 if graphs is None:  # a CPU: no graphs to compare
                     break
-                runner.graphs, graphs.compile_glue = graphs, compile_glue
-                graphs.graphs.clear()
+                # captured afresh, in a pool of their own (capturing into the pool of deleted graphs
+                # hit an allocator assert on an H200)
+                runner.graphs = copy.copy(graphs)
+                runner.graphs.compile_glue, runner.graphs.graphs = compile_glue, {}
+                runner.graphs.pool = torch.cuda.graph_pool_handle() if graphs.capture else None
                 start = time.perf_counter()
                 replayed = llm.generate(prompts[:1], SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True))
                 found[f"{variant}_first_capture_s"] = time.perf_counter() - start

@@ -279,8 +279,9 @@ class EngineCore(PlacementControl):
     def warm_up(self) -> float:
         """Runs two throw-away requests through every path of a step before serving — a chunked
         prefill across DeltaNet chunks, a one-token prompt, decodes, greedy and sampled selection —
-        so that loading the kernels (building them, the first time on a machine) and first-shape
-        work do not land on the first real requests. Returns the seconds it took."""
+        and captures the decode graphs of every batch bucket (CUDA), so that loading the kernels
+        (building them, the first time on a machine), compiling and first-shape work do not land
+        on the first real requests. Returns the seconds it took."""
         start = time.perf_counter()
         room = min(self.max_model_len, self.layout.num_blocks * self.layout.block_size) - 4
         prompts = {"warm-up-prefill": [0] * max(1, min(2 * 64 + 5, room)), "warm-up-decode": [0]}
@@ -301,10 +302,11 @@ class EngineCore(PlacementControl):
                 self._update(scheduled, results)
             steps += 1
         self.flush()
+        graphs = self.executor.capture_decode_graphs(self.scheduler_config.max_num_seqs)  # CUDA, one process
         self._controlled("resetting the load window", self.executor.reset_load)  # real traffic only
         self.spec_totals = dict.fromkeys(self.spec_totals, 0)
         seconds = time.perf_counter() - start
-        log.info("warm-up: %d steps in %.2fs", steps, seconds)
+        log.info("warm-up: %d steps, %d decode graphs captured, in %.2fs", steps, graphs, seconds)
         return seconds
 
     def _count_rejection(self, outcome: str) -> None:

@@ -48,6 +48,9 @@ class LocalExecutor:
     def num_cached_sequences(self) -> int:
         return len(self.runner.sequences)
 
+    def capture_decode_graphs(self, max_batch: int) -> int:
+        return self.runner.capture_decode_graphs(max_batch)
+
     placement = None  # every expert is local: there is nothing to place
 
     def expert_load(self) -> torch.Tensor:

@@ -213,6 +213,10 @@ class RayExecutor(WorkerRecovery):
                            c.threads_per_worker, placement=placement)
 
     # -- control, between steps -------------------------------------------------------------------
+    def capture_decode_graphs(self, max_batch: int) -> int:
+        """None to capture: attention workers step eagerly (CUDA graphs run in one process)."""
+        return 0
+
     def num_cached_sequences(self) -> int:
         return sum(info["sequences"] for info in self.worker_info() if info["role"] == "attention")
 

@@ -99,6 +99,19 @@ class DecodeGraphs:
         return (B > 0 and batch.num_decodes == B and batch.rollback is None and batch.image_rows is None
                 and batch.positions.dim() == 1 and batch_bucket(B) is not None)
 
+    def capture_buckets(self, max_batch: int) -> list[tuple[int, int]]:
+        """Captures the graph of every batch bucket up to max_batch's (narrowest tables), smallest
+        first, then the largest at twice the width: on CUDA the glue compiles here, at start (batch 1
+        specialised, then shapes dynamic in the batch and the table width: ~20 s on an H200 host),
+        not on the first serving step that brings a new bucket. Returns the (batch, width) keys."""
+        top = batch_bucket(max_batch) or BATCH_BUCKETS[-1]
+        narrow = width_bucket(1)
+        keys = [(b, narrow) for b in BATCH_BUCKETS if b <= top] + [(top, 2 * narrow)]
+        for key in keys:
+            if key not in self.graphs:
+                self._capture(*key)
+        return keys
+
     def run(self, ids_T: torch.Tensor, batch: ForwardBatch, load) -> torch.Tensor:
         """The forward over a decode batch ([B] ids) through its graph: normed hidden [B, D]. Its
         routing is counted in `load` (an ExpertLoadWindow, or None)."""

@@ -137,6 +137,18 @@ class ModelRunner:
         self.load.advance()
         return results
 
+    def capture_decode_graphs(self, max_batch: int) -> int:
+        """The decode graphs of every batch bucket up to max_batch, captured now (the engine's
+        warm-up; only scratch rows run): how many there are."""
+        if self.graphs is None:
+            return 0
+        try:
+            return len(self.graphs.capture_buckets(max_batch))
+        except GraphCaptureError as e:
+            log.warning("CUDA graphs off, decode steps run eagerly: %s", e.__cause__ or e)
+            self.graphs = None
+            return 0
+
     def _forward(self, ids_T: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         """One micro-batch: through a decode graph where one takes it, else eagerly."""
         if self.graphs is not None and self.graphs.takes(batch):

@@ -73,3 +73,19 @@ def test_a_forward_that_does_not_capture_leaves_the_engine_stepping_eagerly(make
     monkeypatch.setattr(decode_graphs.DecodeGraphs, "_capture", fails)
     got, _ = generate(engine)
     assert runner.graphs is None and got == expected
+
+
+def test_the_warm_up_captures_every_batch_bucket_without_touching_sequences(make_checkpoint):
+    """EngineCore.warm_up captures the graphs of every bucket up to max_num_seqs (and one wider
+    table) at start, over scratch rows only: the steps after it give the eager engine's tokens."""
+    from cluster.engine.scheduler import SchedulerConfig
+
+    model = make_checkpoint(FLAGSHIP_SHAPE)
+    expected, expected_load = generate(EngineCore(model, warm_up=False))
+    engine = EngineCore(model, warm_up=False, scheduler=SchedulerConfig(max_num_seqs=24))
+    runner = engine.executor.runner = ModelRunner(engine.executor.runner.model, engine.scheduler.layout,
+                                                  decode_graphs=True)
+    engine.warm_up()
+    assert set(runner.graphs.graphs) >= {(1, 4), (2, 4), (4, 4), (8, 4), (16, 4), (24, 4), (24, 8)}
+    got, load = generate(engine)
+    assert got == expected and torch.equal(load, expected_load)
