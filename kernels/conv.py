@@ -33,9 +33,9 @@ def causal_conv1d_reference(x, weight, state, slots, query_start, query_lens: li
 def causal_conv1d_batched(x, weight, state, slots, query_start, query_lens: list[int],
                           out_slots=None) -> torch.Tensor:
     """Every sequence at once (any device): each sequence's rows padded to the longest, behind its
-    state, [B, K - 1 + N, C]; the K taps summed in fp32 and rounded once, as a conv kernel does (and
-    as inductor computes it: compiled and eager give the same bits); no host sync (the row map is
-    built on the host)."""
+    state, [B, K - 1 + N, C]; each tap's product in x's dtype, the K of them summed in fp32 in a
+    fixed order and rounded once, each rounding written out (so that inductor, compiling it in
+    CUDA graphs, rounds where eager does); no host sync (the row map is built on the host)."""
     K, C, T = weight.shape[1], x.shape[1], x.shape[0]
     B, N = len(query_lens), (max(query_lens) if query_lens else 0)
     if T == 0:
@@ -44,10 +44,10 @@ def causal_conv1d_batched(x, weight, state, slots, query_start, query_lens: list
     steps = torch.arange(N, device=x.device)
     xs = x[rows] * (steps < lens[:, None])[..., None].to(x.dtype)  # cells past a sequence's end: zeros
     padded = torch.cat([state[slots].to(x.dtype), xs], dim=1)  # [B, K - 1 + N, C]
-    taps = weight.float()
-    mixed = padded[:, 0:N].float() * taps[:, 0]
+    taps = weight.T  # [K, C]
+    mixed = (padded[:, 0:N] * taps[0]).float()
     for k in range(1, K):
-        mixed = mixed + padded[:, k : k + N].float() * taps[:, k]
+        mixed = mixed + (padded[:, k : k + N] * taps[k]).float()
     mixed = mixed.to(x.dtype)  # [B, N, C]
     keep = (lens[:, None] + torch.arange(K - 1, device=x.device))[..., None].expand(B, K - 1, C)
     state[slots if out_slots is None else out_slots] = padded.gather(1, keep).to(state.dtype)
