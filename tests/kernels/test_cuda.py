@@ -137,6 +137,43 @@ def test_bf16_decode_through_graphs_follows_eager_steps(make_checkpoint):
         assert max(abs(x.logprob - y.logprob) for x, y in zip(a.logprobs, b.logprobs)) <= 0.05
 
 
+def test_the_warm_up_captures_every_bucket_and_the_compiled_graphs_follow_eager_steps(make_checkpoint):
+    """The serving path: the engine's warm-up captures a graph per batch bucket up to max_num_seqs
+    with the glue compiled (inductor); decode steps of batches that shrink through the buckets then
+    give the eager steps' greedy tokens, and no new compile or capture happens at the narrow width."""
+    from cluster import LLM, SamplingParams
+    from cluster.engine.scheduler import SchedulerConfig
+    from tests.conftest import FEW_EXPERTS
+
+    llm = LLM(model=make_checkpoint(FEW_EXPERTS), dtype="bfloat16", device="cuda",
+              scheduler=SchedulerConfig(max_num_seqs=8))
+    runner = llm.engine.executor.runner
+    assert runner.graphs is not None and runner.graphs.compile_glue
+    captured = set(runner.graphs.graphs)
+    assert {(1, 4), (2, 4), (4, 4), (8, 4), (8, 8)} <= captured
+
+    def generate(tag: str) -> dict:  # six sequences ending two steps apart: batches 6, 5, ..., 1
+        engine, out = llm.engine, {}
+        for i in range(6):
+            engine.add_request(f"{tag}{i}", [5, 9, 13, 2, 7] * (i + 1),
+                               SamplingParams(max_tokens=2 + 2 * i, temperature=0.0, logprobs=1, ignore_eos=True))
+        while engine.has_unfinished():
+            for o in engine.step():
+                out.setdefault(o.request_id[1:], []).extend(zip(o.new_token_ids, (lp.logprob for lp in o.logprobs)))
+        engine.flush()
+        return out
+
+    replayed = generate("g")
+    assert {key for key in runner.graphs.graphs if key[1] == 4} <= captured
+    runner.graphs = None
+    eager = generate("e")
+    llm.shutdown()
+    assert replayed.keys() == eager.keys()
+    for key in eager:
+        assert [t for t, _ in replayed[key]] == [t for t, _ in eager[key]]
+        assert max(abs(a - b) for (_, a), (_, b) in zip(replayed[key], eager[key])) <= 0.05
+
+
 def test_host_tensors_reach_the_device_in_one_transfer():
     from cluster.worker.runner import to_device
 
