@@ -11,7 +11,8 @@ builds them), through the real engine (scheduler, runner, kernels, sampler):
      agreement, over prompts of 17-300 tokens; the tolerance is what bf16 costs anyway: the same
      model in bf16 through the plain-torch reference kernels (random models amplify rounding:
      on make-tiny's checkpoint transformers' own bf16 is 0.97 from its fp32, top-1 87%, as ours);
-  2. decode tok/s at batch 1 and 64 (bf16), with the engine's CUDA graphs and eagerly, and at batch
+  2. decode tok/s at batch 1 and 64 (bf16), with the engine's CUDA graphs (every batch bucket
+     captured first, as the engine's warm-up does, and timed: the compile's cost at start) and eagerly, and at batch
      1 the fraction of HBM bandwidth: the bytes a decode step must read (dense weights, LM head,
      the top-10 experts of every layer, DeltaNet states, KV) / step time, against a measured
      device-to-device copy and the card's spec; the step is the whole engine step (scheduling,
@@ -355,6 +356,10 @@ def main() -> None:
         try:
             steps = 4 if args.smoke else args.steps
             runner = llm.engine.executor.runner
+            start = time.perf_counter()  # what the engine's warm-up adds at start: every bucket, compiled
+            found["warm_up_decode_graphs"] = runner.capture_decode_graphs(64)
+            sync(device)
+            found["warm_up_decode_graphs_s"] = time.perf_counter() - start
             graphs = runner.graphs  # None on a CPU
             for batch in (1, 64):
                 found[f"decode_tok_s_batch{batch}"] = decode_rate(llm, batch, steps, device, cfg.vocab_size)

@@ -19,6 +19,8 @@ the delta rule on CUDA in 16-bit when installed (kernels.fla).
 
 (*) one sweep over the state per row; elsewhere the chunked prefill runs batched in torch.
 `fuse_weights` concatenates sibling projections (q/k/v, gate/up, ...) for one matmul each.
+Functions marked `@glue` (backend.glue: the plain-torch work between GEMMs and kernels) run through
+torch.compile inside `compiled_glue()`, which CUDA decode graphs enter while capturing.
 """
 
 from .attention import paged_attention, qk_norm_rope, write_kv
