@@ -268,7 +268,7 @@ class ClusterConfig:
     cuda_graphs: bool = True
     # ... and the forwards they capture run the plain-torch glue between GEMMs (norms, rotary,
     # gating, attention's masking, the experts' sort and sum) through torch.compile (kernels.backend
-    # .glue): ~490 -> ~250 kernels a step; the first capture of a batch bucket compiles (seconds)
+    # .glue): ~490 -> ~250 kernels a step; it compiles as the engine's warm-up captures the buckets
     compile_decode_graphs: bool = True
     # custom Ray resources each worker also reserves: steer the roles onto node groups (KubeRay worker
     # groups advertise them with rayStartParams.resources), e.g. {"epserve_expert": 1}

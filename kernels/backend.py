@@ -82,8 +82,9 @@ def compiled_glue(backend: str = "inductor"):
 def glue(fn):
     """Marks a plain-torch function of the GPU path that compiles well (elementwise ops, reductions,
     gathers: no host syncs, no calls into other kernels' libraries). Outside compiled_glue() it is
-    the function itself; inside, one torch.compile of it per backend (shapes: static at first, then
-    dynamic on the first change: a couple of compiles however many batch buckets), with
+    the function itself; inside, one torch.compile of it per backend (shapes static at first, then
+    dynamic on the first change; functions that read the host's query lengths recompile per batch
+    bucket, up to dynamo's recompile limit, past which they run as they are), with
     emulate_precision_casts so that 16-bit intermediates round where eager rounds them."""
     compiled: dict[str, object] = {}
 
