@@ -145,18 +145,21 @@ class ModelRunner:
         try:
             return len(self.graphs.capture_buckets(max_batch))
         except GraphCaptureError as e:
-            log.warning("CUDA graphs off, decode steps run eagerly: %s", e.__cause__ or e)
-            self.graphs = None
+            self._graphs_off(e)
             return 0
+
+    def _graphs_off(self, e: GraphCaptureError) -> None:
+        """Nothing but the scratch rows ran: decode steps go on eagerly from now on."""
+        log.warning("CUDA graphs off, decode steps run eagerly: %s", e.__cause__ or e)
+        self.graphs = None
 
     def _forward(self, ids_T: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         """One micro-batch: through a decode graph where one takes it, else eagerly."""
         if self.graphs is not None and self.graphs.takes(batch):
             try:
                 return self.graphs.run(ids_T, batch, self.load)
-            except GraphCaptureError as e:  # nothing but the scratch rows ran: step eagerly from now on
-                log.warning("CUDA graphs off, decode steps run eagerly: %s", e.__cause__ or e)
-                self.graphs = None
+            except GraphCaptureError as e:
+                self._graphs_off(e)
         return self.model(ids_T, batch)
 
     def _undo_point(self, step: StepInput):

@@ -89,3 +89,16 @@ def test_the_warm_up_captures_every_batch_bucket_without_touching_sequences(make
     assert set(runner.graphs.graphs) >= {(1, 4), (2, 4), (4, 4), (8, 4), (16, 4), (24, 4), (24, 8)}
     got, load = generate(engine)
     assert got == expected and torch.equal(load, expected_load)
+
+
+def test_a_warm_up_capture_that_fails_turns_graphs_off(make_checkpoint, monkeypatch):
+    from cluster.worker import decode_graphs
+
+    def fails(self, B, W):
+        raise decode_graphs.GraphCaptureError(f"batch {B}") from RuntimeError("operation not permitted")
+
+    engine = EngineCore(make_checkpoint(FLAGSHIP_SHAPE), warm_up=False)
+    runner = engine.executor.runner = ModelRunner(engine.executor.runner.model, engine.scheduler.layout,
+                                                  decode_graphs=True)
+    monkeypatch.setattr(decode_graphs.DecodeGraphs, "_capture", fails)
+    assert runner.capture_decode_graphs(8) == 0 and runner.graphs is None
