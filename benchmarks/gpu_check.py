@@ -12,8 +12,8 @@ builds them), through the real engine (scheduler, runner, kernels, sampler):
      model in bf16 through the plain-torch reference kernels (random models amplify rounding:
      on make-tiny's checkpoint transformers' own bf16 is 0.97 from its fp32, top-1 87%, as ours);
   2. decode tok/s at batch 1 and 64 (bf16), with the engine's CUDA graphs (every batch bucket
-     captured first, as the engine's warm-up does, and timed: the compile's cost at start) and eagerly, and at batch
-     1 the fraction of HBM bandwidth: the bytes a decode step must read (dense weights, LM head,
+     captured first, as the engine's warm-up does, and timed: the compile's cost at start) and
+     eagerly, and at batch 1 the fraction of HBM bandwidth: the bytes a decode step must read (dense weights, LM head,
      the top-10 experts of every layer, DeltaNet states, KV) / step time, against a measured
      device-to-device copy and the card's spec; the step is the whole engine step (scheduling,
      forward, LM head, sampling, the host copy of the tokens);
@@ -425,7 +425,7 @@ def main() -> None:
                 runner.graphs.compile_glue, runner.graphs.graphs = compile_glue, {}
                 runner.graphs.pool = torch.cuda.graph_pool_handle() if graphs.capture else None
                 start = time.perf_counter()
-                replayed = llm.generate(prompts[:1], SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True))
+                llm.generate(prompts[:1], SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True))
                 found[f"{variant}_first_capture_s"] = time.perf_counter() - start
                 replayed = llm.generate(prompts, params)
                 found[f"{variant}_tokens_equal_eager"] = all(a.token_ids == b.token_ids for a, b in zip(replayed, eager))
