@@ -13,10 +13,10 @@ builds them), through the real engine (scheduler, runner, kernels, sampler):
      on make-tiny's checkpoint transformers' own bf16 is 0.97 from its fp32, top-1 87%, as ours);
   2. decode tok/s at batch 1 and 64 (bf16), with the engine's CUDA graphs (every batch bucket
      captured first, as the engine's warm-up does, and timed: the compile's cost at start) and
-     eagerly, and at batch 1 the fraction of HBM bandwidth: the bytes a decode step must read (dense weights, LM head,
-     the top-10 experts of every layer, DeltaNet states, KV) / step time, against a measured
-     device-to-device copy and the card's spec; the step is the whole engine step (scheduling,
-     forward, LM head, sampling, the host copy of the tokens);
+     eagerly, and at batch 1 the fraction of HBM bandwidth: the bytes a decode step must read
+     (dense weights, LM head, the top-10 experts of every layer, DeltaNet states, KV) / step time,
+     against a measured device-to-device copy and the card's spec; the step is the whole engine
+     step (scheduling, forward, LM head, sampling, the host copy of the tokens);
   3. prefill tok/s (4 prompts of 2048 tokens, 8192-token steps);
   4. the routed experts (kernels.moe_experts: sort by expert, two torch._grouped_mm, SwiGLU, fp64
      weighted sum) at 4k and 16k tokens with random top-10 routing, and their two grouped GEMMs
