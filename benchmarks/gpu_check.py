@@ -428,7 +428,8 @@ def main() -> None:
                 llm.generate(prompts[:1], SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True))
                 found[f"{variant}_first_capture_s"] = time.perf_counter() - start
                 replayed = llm.generate(prompts, params)
-                found[f"{variant}_tokens_equal_eager"] = all(a.token_ids == b.token_ids for a, b in zip(replayed, eager))
+                found[f"{variant}_tokens_equal_eager"] = all(a.token_ids == b.token_ids
+                                                             for a, b in zip(replayed, eager))
                 found[f"{variant}_logprob_max_diff_from_eager"] = max(
                     abs(x.logprob - y.logprob) for a, b in zip(replayed, eager) for x, y in zip(a.logprobs, b.logprobs))
                 for batch in (1, 64):
