@@ -213,7 +213,7 @@ class ModelRunner:
             seq.tokens.extend(tokens)
             ids.extend(tokens)
             rows.append((chunk.past, len(tokens), seq))
-        batch = self._batch(rows)
+        ids_T, batch = self._batch(rows, ids)
         as_long = dict(dtype=torch.long, device=self.device)
         if image_rows:
             batch.image_rows, batch.image_embeds = torch.cat(image_rows).to(self.device), torch.cat(image_embeds)
@@ -226,7 +226,7 @@ class ModelRunner:
             batch.rollback = SpeculativeRollback([seq_id for seq_id, _, _ in verify], verify_rows, read, write, saved)
         if fresh:  # new or recomputed sequences start from zero states
             self.states.reset(torch.tensor(fresh, **as_long))
-        return to_device(self.device, torch.tensor(ids, dtype=torch.long))[0], batch
+        return ids_T, batch
 
     def _encode_images(self, seq: _SequenceState, images) -> None:
         """A fresh sequence's images through the vision tower; its M-RoPE positions and delta."""
@@ -244,8 +244,10 @@ class ModelRunner:
             seq.image_index[start : start + n] = torch.arange(offset, offset + n)
             offset += n
 
-    def _batch(self, rows: list[tuple[int, int, _SequenceState]]) -> ForwardBatch:
-        """A ForwardBatch over sequences given as (past, rows, state) each."""
+    def _batch(self, rows: list[tuple[int, int, _SequenceState]],
+               ids: list[int]) -> tuple[torch.Tensor, ForwardBatch]:
+        """The token ids [T] and a ForwardBatch over sequences given as (past, rows, state) each,
+        every host tensor in one transfer."""
         positions, slot_mapping, query_lens, context_lens, slots = [], [], [], [], []
         bs = self.block_size
         num_freqs = self.model.cfg.rotary_dim // 2
@@ -264,11 +266,12 @@ class ModelRunner:
         host_slots = torch.tensor(slots, dtype=torch.long)
         starts = [0, *itertools.accumulate(query_lens)]
         host_positions = torch.cat(positions).long() if per_freq else torch.tensor(positions, dtype=torch.long)
-        (positions_T, query_start, context_lens_B, slots_B, block_tables, slot_mapping) = to_device(
-            self.device, host_positions, torch.tensor(starts), torch.tensor(context_lens), host_slots,
-            self.block_tables.gather(host_slots, width), torch.tensor(slot_mapping, dtype=torch.long))
+        (ids_T, positions_T, query_start, context_lens_B, slots_B, block_tables, slot_mapping) = to_device(
+            self.device, torch.tensor(ids, dtype=torch.long), host_positions, torch.tensor(starts),
+            torch.tensor(context_lens), host_slots, self.block_tables.gather(host_slots, width),
+            torch.tensor(slot_mapping, dtype=torch.long))
         read, write = self.states.rows(slots_B)
-        return ForwardBatch(
+        return ids_T, ForwardBatch(
             positions=positions_T, query_lens=query_lens,
             num_decodes=next((i for i, n in enumerate(query_lens) if n > 1), len(query_lens)),
             query_start=query_start, context_lens=context_lens_B, slots=read, out_slots=write,
@@ -351,10 +354,10 @@ class ModelRunner:
             next_ids.extend(following)
             layout.append((chunk.past, chunk.rows, seq))
         as_long = dict(dtype=torch.long, device=self.device)
-        batch = self._batch(layout)
+        next_ids_T, batch = self._batch(layout, next_ids)
         if image_rows:  # the MTP layer sees an image token's embedding as the main model did
             batch.image_rows, batch.image_embeds = torch.cat(image_rows).to(self.device), torch.cat(image_embeds)
-        out = self.model.draft(torch.tensor(next_ids, **as_long), hidden[torch.tensor(rows, **as_long)], batch)
+        out = self.model.draft(next_ids_T, hidden[torch.tensor(rows, **as_long)], batch)
         if not last:
             return
         hidden_BD = out[torch.tensor([row for _, row, _ in last], **as_long)]
@@ -365,8 +368,8 @@ class ModelRunner:
         for j in range(chunks[spec[0]].spec_tokens):
             if j:  # the next row: the last draft after the MTP's own hidden, one position on
                 positions = [p + 1 for p in positions]
-                batch = self._batch([(p, 1, s) for p, s in zip(positions, seqs)])
-                hidden_BD = self.model.draft(torch.tensor([d[-1] for d in drafts], **as_long), hidden_BD, batch)
+                last_T, batch = self._batch([(p, 1, s) for p, s in zip(positions, seqs)], [d[-1] for d in drafts])
+                hidden_BD = self.model.draft(last_T, hidden_BD, batch)
             # the draft stands for output index (position of its token) - prompt
             tokens, q = draw_drafts(self.model.logits(hidden_BD), [s.sampling for s in seqs],
                                     [p + 2 - s.sampling.prompt_len for p, s in zip(positions, seqs)])
