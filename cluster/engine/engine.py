@@ -11,6 +11,7 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -18,7 +19,7 @@ import torch
 from vision import PreparedImage
 
 from .cache_plan import CacheConfig, plan_cache
-from ..config import ClusterConfig, ModelConfig, RebalanceConfig, SpeculativeConfig, resolve_dtype
+from ..config import ClusterConfig, ConfigError, ModelConfig, RebalanceConfig, SpeculativeConfig, resolve_dtype
 from ..model.checkpoint import with_mtp
 from .detokenizer import IncrementalDetokenizer
 from ..worker import decode_graphs
@@ -97,6 +98,9 @@ class EngineCore(PlacementControl):
             self.config = with_mtp(self.config, self.model_dir)
         self.spec_totals = {"verify_steps": 0, "drafted": 0, "accepted": 0}
         self.cluster = cluster or ClusterConfig()
+        if self.cluster.async_scheduling and self.speculative is not None:
+            raise ConfigError("async_scheduling and speculative decoding do not combine: the drafts are drawn "
+                              "from each step's tokens on the host")
         self.scheduler_config = scheduler or SchedulerConfig()
         self.cache_config = cache or CacheConfig()
         self.rebalance_config = rebalance or RebalanceConfig()
@@ -125,6 +129,8 @@ class EngineCore(PlacementControl):
                                           compile_glue=self.cluster.compile_decode_graphs)
         self.scheduler = Scheduler(self.scheduler_config, self.layout, self.cluster.attention_workers,
                                    self.max_model_len, self.speculative)
+        self.async_scheduling = self._async_scheduling()
+        self._in_flight: tuple[list[Scheduled], Callable[[], list[list[ChunkResult]]]] | None = None
         self.requests: dict[str, Sequence] = {}
         self._detok: dict[str, IncrementalDetokenizer] = {}
         self._logits: dict[str, list[torch.Tensor]] = {}
@@ -146,6 +152,16 @@ class EngineCore(PlacementControl):
 
                 self.metrics = EngineMetrics(metrics_name)
         self.metrics_interval_steps = metrics_interval_steps
+
+    def _async_scheduling(self) -> bool:
+        """ClusterConfig.async_scheduling resolved: by default on in one process on a GPU (where the
+        device computes while the host works), off on a CPU (the same cores do both) and with
+        speculative decoding (its drafts are drawn from the host's tokens)."""
+        asked = self.cluster.async_scheduling
+        if asked is None:
+            return (isinstance(self.executor, LocalExecutor) and self.executor.runner.device.type == "cuda"
+                    and self.speculative is None)
+        return asked
 
     # -- requests ----------------------------------------------------------------------------------
     def tokenize(self, prompt: str | list[int]) -> list[int]:
@@ -203,19 +219,46 @@ class EngineCore(PlacementControl):
         return self._finish_output(seq, [], [])
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or self._in_flight is not None
 
     # -- the loop ----------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        scheduled, messages = self.scheduler.schedule()
-        results = self._execute(messages)
-        if results is None:  # a worker failed; the instance re-formed and recomputes the step's sequences
-            return []
-        outputs = self._update(scheduled, results)
+        if self.async_scheduling:
+            outputs = self._step_ahead()
+        else:
+            outputs = self._land()  # a step left in flight when async scheduling was turned off
+            scheduled, messages = self.scheduler.schedule()
+            results = self._execute(messages)
+            if results is not None:  # None: a worker failed; the instance re-formed and recomputes them
+                self._launched(scheduled)
+                outputs += self._update(scheduled, results)
         self.maintain()
         self._maybe_rebalance()
         self._record_metrics(outputs)
         return outputs
+
+    def _step_ahead(self) -> list[RequestOutput]:
+        """Async scheduling (one process): schedules and launches step N + 1 before reading step N's
+        tokens, so that the host's work (this, the layout, reading N's tokens, the outputs) runs
+        while the device computes. N + 1's decodes take N's tokens on the device (FUTURE_TOKEN in
+        their chunks); a sequence that N ends has computed one row in vain."""
+        scheduled, messages = self.scheduler.schedule()
+        if not scheduled:  # nothing to launch (the last tokens are in flight): finished ones to free
+            outputs = self._land()
+            self._execute(messages)
+            return outputs
+        wait = self.executor.launch(messages)
+        self._launched(scheduled)
+        outputs = self._land()
+        self._in_flight = (scheduled, wait)
+        return outputs
+
+    def _land(self) -> list[RequestOutput]:
+        """Reads the step in flight's results, if there is one, into its sequences."""
+        if self._in_flight is None:
+            return []
+        (scheduled, wait), self._in_flight = self._in_flight, None
+        return self._update(scheduled, wait())
 
     # -- failures ----------------------------------------------------------------------------------
     def _execute(self, messages) -> list[list[ChunkResult]] | None:
@@ -296,10 +339,7 @@ class EngineCore(PlacementControl):
                 ignore_eos=True))
         steps = 0
         while self.has_unfinished():
-            scheduled, messages = self.scheduler.schedule()
-            results = self._execute(messages)
-            if results is not None:
-                self._update(scheduled, results)
+            self.step()
             steps += 1
         self.flush()
         graphs = self.executor.capture_decode_graphs(self.scheduler_config.max_num_seqs)  # CUDA, one process
@@ -335,9 +375,19 @@ class EngineCore(PlacementControl):
 
     def flush(self) -> None:
         """Tells the workers about finished sequences now instead of with the next step."""
+        if self._in_flight is not None:
+            raise RuntimeError("flush with a step in flight: step until has_unfinished() is False")
         messages = self.scheduler.take_freed()
         if messages is not None:
             self._execute(messages)
+
+    def _launched(self, scheduled: list[Scheduled]) -> None:
+        """A step's chunks are (being) computed: their tokens count as in the caches, and each that
+        samples has a token in flight until _update reads it."""
+        for item in scheduled:
+            item.seq.num_computed += item.num_tokens
+            if item.sample and not item.seq.score_only:
+                item.seq.pending += 1
 
     def _update(self, scheduled: list[Scheduled], results: list[list[ChunkResult]]) -> list[RequestOutput]:
         by_seq = {r.seq_id: r for worker in results for r in worker}
@@ -345,7 +395,10 @@ class EngineCore(PlacementControl):
         now = time.monotonic()
         for item in scheduled:
             seq, result = item.seq, by_seq[item.seq.seq_id]
-            seq.num_computed += item.num_tokens
+            if item.sample and not seq.score_only:
+                seq.pending -= 1
+            if seq.status == Status.FINISHED or (seq.status == Status.WAITING and seq.score_only):
+                continue  # ended (or preempted, to be scored again) after this step was launched
             if seq.score_only:
                 self._logits.setdefault(seq.request_id, []).append(result.logits)
                 if seq.num_computed == len(seq.prompt_ids):

@@ -2,12 +2,14 @@
 actors (cluster.engine.ray_executor.RayExecutor). Both offer execute(steps), placement,
 expert_load / reset_load, worker_info, timings and shutdown; only the Ray one places experts.
 
-LocalExecutor: one ModelRunner with every expert and the LocalDispatcher.
+LocalExecutor: one ModelRunner with every expert and the LocalDispatcher; it can also launch a step
+without waiting for its tokens (async scheduling).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -39,11 +41,16 @@ class LocalExecutor:
         self.expert_bytes = shard.nbytes
 
     def execute(self, steps: list[StepInput]) -> list[list[ChunkResult]]:
+        return self.launch(steps)()
+
+    def launch(self, steps: list[StepInput]) -> Callable[[], list[list[ChunkResult]]]:
+        """Runs the step up to its tokens' copy to the host (async scheduling); the function
+        returned waits for them and gives the results."""
         [step] = steps
         with self.timer.phase("step"):
-            out = self.runner.execute(step)
+            land = self.runner.launch(step)
         self.timer.steps += 1 if step.chunks else 0
-        return [out]
+        return lambda: [land()]
 
     def num_cached_sequences(self) -> int:
         return len(self.runner.sequences)

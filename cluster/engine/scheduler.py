@@ -148,10 +148,17 @@ class Scheduler:
         k = self.spec_tokens
         if seq.speculating and (crowded or seq.num_tokens + 2 * k > seq.max_total_tokens):
             seq.speculating = False
-        n = min(seq.num_tokens - seq.num_computed, budget)
-        sample = seq.num_computed + n == seq.num_tokens
+        n = min(seq.num_tokens + seq.pending - seq.num_computed, budget)
+        sample = seq.num_computed + n == seq.num_tokens + seq.pending
         verify = seq.speculating and seq.has_drafts and n == 1 and budget >= 1 + k
         return Scheduled(seq, n, sample, spec=seq.speculating, verify=verify)
+
+    @staticmethod
+    def _has_work(seq: Sequence) -> bool:
+        """False while everything it has is computed or being computed (async scheduling: a scored
+        prompt in flight, or a token in flight that ends the sequence by length)."""
+        ahead = seq.num_tokens + seq.pending
+        return ahead > seq.num_computed and not (seq.pending and ahead >= seq.max_total_tokens)
 
     def _tokens_needed(self, item: Scheduled) -> int:
         """Cache positions the chunk writes up to: its rows, and k - 1 more draft rows when it drafts."""
@@ -168,8 +175,8 @@ class Scheduler:
         for seq in list(self.running):
             if budget == 0:
                 break
-            if seq.status != Status.RUNNING:  # preempted earlier in this loop
-                continue
+            if seq.status != Status.RUNNING or not self._has_work(seq):  # preempted earlier in this loop,
+                continue  # or all it has is in flight
             item = self._chunk(seq, budget, crowded)
             while not self._grow(seq, self._tokens_needed(item)):
                 victim = self.running[-1]
@@ -186,6 +193,8 @@ class Scheduler:
 
         while self.waiting and budget > 0 and not preempted:
             seq = self.waiting[0]
+            if seq.pending:  # preempted with a token in flight: recomputed once it is known
+                break
             vision = seq.vision_cost  # its images are encoded with its first chunk
             if vision >= budget and scheduled:
                 break  # a step of its own (at least its first token) rather than a crowded one

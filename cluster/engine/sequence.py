@@ -7,7 +7,7 @@ import time
 from dataclasses import dataclass, field
 
 from .sampling import SamplingParams
-from ..worker.step import SamplingSpec
+from ..worker.step import FUTURE_TOKEN, SamplingSpec
 
 
 class Status(enum.Enum):
@@ -27,7 +27,11 @@ class Sequence:
     score_only: bool = False  # scoring: compute the prompt's logits, generate nothing
     output_ids: list[int] = field(default_factory=list)
     status: Status = Status.WAITING
-    num_computed: int = 0  # tokens already in the worker's caches
+    num_computed: int = 0  # tokens already in the worker's caches (or being written by a step in flight)
+    # async scheduling: tokens sampled by steps still in flight, not yet known here (0-2: the next
+    # step is scheduled before the last one's tokens are read); token(i) past the known ones is
+    # FUTURE_TOKEN, which the worker replaces with the token it sampled
+    pending: int = 0
     worker: int = -1  # attention worker holding the caches while running
     slot: int = -1
     block_table: list[int] = field(default_factory=list)
@@ -61,6 +65,8 @@ class Sequence:
 
     def token(self, i: int) -> int:
         n = len(self.prompt_ids)
+        if i >= self.num_tokens:
+            return FUTURE_TOKEN
         return self.prompt_ids[i] if i < n else self.output_ids[i - n]
 
     def tokens(self, begin: int, end: int) -> tuple[int, ...]:

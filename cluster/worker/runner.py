@@ -18,10 +18,12 @@ from __future__ import annotations
 import itertools
 import logging
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
 from attention import BlockTables, DeltaNetStateCache, ForwardBatch, PagedKVCache, SpeculativeRollback
+from kernels import sample
 from router import ExpertLoadWindow
 
 from vision import mrope_axes, mrope_positions, patchify, rotary_positions
@@ -29,9 +31,9 @@ from vision import mrope_axes, mrope_positions, patchify, rotary_positions
 from ..engine.cache_plan import CacheLayout
 from ..model.model import Qwen35MoeModel
 from .decode_graphs import DecodeGraphs, GraphCaptureError
-from .sampler import sample_batch
+from .sampler import copy_to_host, needs_history, picks, sampling_tensors
 from .speculative import draw_drafts, verify
-from .step import ChunkResult, SamplingSpec, ScheduledChunk, StepInput, micro_batches
+from .step import FUTURE_TOKEN, ChunkResult, SamplingSpec, ScheduledChunk, StepInput, micro_batches
 
 log = logging.getLogger(__name__)
 
@@ -110,12 +112,23 @@ class ModelRunner:
         self.load = ExpertLoadWindow(len(cfg.moe_layer_ids), cfg.num_experts, load_window_steps, self.device)
         for moe in model.moe_layers():
             moe.load = self.load
+        # the last step's selection on the device ([S] tokens, the row of each sequence), which the
+        # next step's FUTURE_TOKEN inputs read, and the function that lands its results
+        self._sampled: tuple[torch.Tensor, dict[int, int]] | None = None
+        self._landing: Callable[[], list[ChunkResult]] | None = None
 
     def execute(self, step: StepInput) -> list[ChunkResult]:
+        return self.launch(step)()
+
+    def launch(self, step: StepInput) -> Callable[[], list[ChunkResult]]:
+        """Runs a step up to its sampled tokens' copy to the host, which it does not wait for;
+        returns the function that waits and gives the step's results (async scheduling calls it
+        after launching the next step, whose FUTURE_TOKEN inputs are this step's tokens, fed on the
+        device). Speculative steps, and every step of a transactional runner, complete here."""
         for seq_id in step.freed:
             self.sequences.pop(seq_id, None)
         if not step.chunks:
-            return []
+            return list
         # per micro-batch, decodes first (stable)
         groups = [sorted(g, key=lambda c: c.rows > 1) for g in micro_batches(step.chunks, self.overlap)]
         undo = self._undo_point(step) if self.transactional else None
@@ -126,16 +139,19 @@ class ModelRunner:
             else:
                 hidden = torch.cat(self.model.forward_overlapped([ids for ids, _ in laid], [b for _, b in laid]))
             chunks = [chunk for group in groups for chunk in group]
-            results = self._results(chunks, [n for _, batch in laid for n in batch.query_lens], hidden)
-            self._roll_back_rejected(chunks, results, [batch for _, batch in laid])
-            self._draft(chunks, results, hidden)
+            land = self._results(chunks, [n for _, batch in laid for n in batch.query_lens], hidden)
+            if self.transactional or any(c.spec_tokens for c in chunks):
+                results = land()  # drafts and verification read the tokens now
+                self._roll_back_rejected(chunks, results, [batch for _, batch in laid])
+                self._draft(chunks, results, hidden)
             self.states.commit([self.sequences[c.seq_id].slot for c in chunks])
         except Exception:
             if undo is not None:
                 self._roll_back(*undo)
             raise
         self.load.advance()
-        return results
+        self._landing = land
+        return land
 
     def capture_decode_graphs(self, max_batch: int) -> int:
         """The decode graphs of every batch bucket up to max_batch, captured now (the engine's
@@ -183,7 +199,7 @@ class ModelRunner:
     def _layout(self, chunks: list[ScheduledChunk]) -> tuple[torch.Tensor, ForwardBatch]:
         """The step's flat batch: token ids [T] and the ForwardBatch (host lists -> one tensor each).
         A verify chunk's rows are its token and the sequence's drafts."""
-        ids, rows, fresh, verify, image_rows, image_embeds = [], [], [], [], [], []
+        ids, rows, fresh, verify, image_rows, image_embeds, futures = [], [], [], [], [], [], []
         for chunk in chunks:
             if chunk.past == 0:
                 self.sequences[chunk.seq_id] = _SequenceState(chunk.slot, chunk.sampling or SamplingSpec())
@@ -208,12 +224,16 @@ class ModelRunner:
                                        f"worker has {len(seq.drafts)}")
                 tokens += tuple(seq.drafts)
                 verify.append((chunk.seq_id, len(ids), seq.slot))
+            if tokens[-1] == FUTURE_TOKEN:
+                futures.append((len(ids) + len(tokens) - 1, chunk.seq_id))
             self.block_tables.write(seq.slot, len(seq.block_table), chunk.new_blocks)
             seq.block_table.extend(chunk.new_blocks)
             seq.tokens.extend(tokens)
             ids.extend(tokens)
             rows.append((chunk.past, len(tokens), seq))
         ids_T, batch = self._batch(rows, ids)
+        if futures:
+            self._feed_sampled(ids_T, futures)
         as_long = dict(dtype=torch.long, device=self.device)
         if image_rows:
             batch.image_rows, batch.image_embeds = torch.cat(image_rows).to(self.device), torch.cat(image_embeds)
@@ -227,6 +247,17 @@ class ModelRunner:
         if fresh:  # new or recomputed sequences start from zero states
             self.states.reset(torch.tensor(fresh, **as_long))
         return ids_T, batch
+
+    def _feed_sampled(self, ids_T: torch.Tensor, futures: list[tuple[int, int]]) -> None:
+        """Async scheduling: ids_T's FUTURE_TOKEN rows (row, seq id) take the tokens the last step
+        selected, on the device (nothing waits for them)."""
+        tokens, row_of = self._sampled if self._sampled is not None else (None, {})
+        missing = [seq_id for _, seq_id in futures if seq_id not in row_of]
+        if missing:
+            raise RuntimeError(f"sequences {missing}: an input token comes from a step that did not sample it here")
+        rows, picked = to_device(self.device, torch.tensor([row for row, _ in futures]),
+                                 torch.tensor([row_of[seq_id] for _, seq_id in futures]))
+        ids_T[rows] = tokens[picked]
 
     def _encode_images(self, seq: _SequenceState, images) -> None:
         """A fresh sequence's images through the vision tower; its M-RoPE positions and delta."""
@@ -278,24 +309,16 @@ class ModelRunner:
             block_tables=block_tables, slot_mapping=slot_mapping, kv=self.kv, states=self.states,
         )
 
-    def _results(self, chunks: list[ScheduledChunk], query_lens: list[int], hidden: torch.Tensor) -> list[ChunkResult]:
-        """hidden [T, D]: the chunks' rows in order, query_lens[i] of them for chunk i."""
+    def _results(self, chunks: list[ScheduledChunk], query_lens: list[int],
+                 hidden: torch.Tensor) -> Callable[[], list[ChunkResult]]:
+        """hidden [T, D]: the chunks' rows in order, query_lens[i] of them for chunk i. Selects the
+        sampling chunks' tokens on the device and starts their copy to the host; returns the
+        function that waits for it and gives every chunk's result (once computed, kept)."""
         results = [ChunkResult(chunk.seq_id) for chunk in chunks]
         ends = list(itertools.accumulate(query_lens))
         for i, chunk in enumerate(chunks):
             if chunk.want_logits:
                 results[i].logits = self.model.logits(hidden[ends[i] - query_lens[i] : ends[i]]).cpu()
-        sampling = [i for i, chunk in enumerate(chunks) if chunk.sample and not chunk.verify]
-        if sampling:
-            last_rows = [ends[i] - 1 for i in sampling]
-            sampled = hidden  # decodes only: every row, in order
-            if last_rows != list(range(hidden.shape[0])):
-                sampled = hidden[to_device(self.device, torch.tensor(last_rows))[0]]
-            logits = self.model.logits(sampled)
-            seqs = [self.sequences[chunks[i].seq_id] for i in sampling]
-            picks = sample_batch(logits, [s.sampling for s in seqs], [s.tokens for s in seqs])
-            for i, (token, logprob, top) in zip(sampling, picks):
-                results[i].token_id, results[i].logprob, results[i].top_logprobs = token, logprob, top
         verifying = [i for i, chunk in enumerate(chunks) if chunk.verify]
         if verifying:
             rows = torch.cat([torch.arange(ends[i] - query_lens[i], ends[i]) for i in verifying]).to(self.device)
@@ -305,7 +328,35 @@ class ModelRunner:
                 *accepted, last = verify(chunk_logits, seq.sampling, seq.tokens, seq.drafts, seq.draft_probs)
                 results[i].accepted = accepted
                 results[i].token_id, results[i].logprob, results[i].top_logprobs = last
-        return results
+        sampling = [i for i, chunk in enumerate(chunks) if chunk.sample and not chunk.verify]
+        self._sampled = None
+        if not sampling:
+            return lambda: results
+        last_rows = [ends[i] - 1 for i in sampling]
+        sampled = hidden  # decodes only: every row, in order
+        if last_rows != list(range(hidden.shape[0])):
+            sampled = hidden[to_device(self.device, torch.tensor(last_rows))[0]]
+        logits = self.model.logits(sampled)
+        seqs = [self.sequences[chunks[i].seq_id] for i in sampling]
+        specs = [s.sampling for s in seqs]
+        if needs_history(specs) and self._landing is not None:
+            self._landing()  # penalties count the tokens fed, the last of which the step before samples
+        selection = sample(logits, sampling_tensors(specs, [s.tokens for s in seqs], logits.shape[-1], logits.device))
+        self._sampled = (selection.tokens, {chunks[i].seq_id: b for b, i in enumerate(sampling)})
+        copied = copy_to_host(selection)
+        positions = [chunks[i].past + query_lens[i] for i in sampling]  # of the sampled tokens in their histories
+        landed = []
+
+        def land() -> list[ChunkResult]:
+            if not landed:
+                for i, seq, position, pick in zip(sampling, seqs, positions, picks(copied(), specs)):
+                    results[i].token_id, results[i].logprob, results[i].top_logprobs = pick
+                    if position < len(seq.tokens):  # the step after fed it as FUTURE_TOKEN
+                        seq.tokens[position] = pick[0]
+                landed.append(True)
+            return results
+
+        return land
 
     def _roll_back_rejected(self, chunks: list[ScheduledChunk], results: list[ChunkResult],
                             batches: list[ForwardBatch]) -> None:

@@ -9,10 +9,12 @@ Shapes: B rows (sequences sampling this step), V vocab.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from kernels import SamplingTensors, sample, uniform_draw
-from kernels.sampling import Draws, Penalties
+from kernels.sampling import Draws, Penalties, SampleResult
 
 from .step import SamplingSpec
 
@@ -67,7 +69,37 @@ def sample_batch(
     logits_BV: torch.Tensor, specs: list[SamplingSpec], histories: list[list[int]]
 ) -> list[tuple[int, float, list[tuple[int, float]]]]:
     """Per row: (token id, its raw logprob, top-n raw logprobs); one batched selection."""
-    result = sample(logits_BV, sampling_tensors(specs, histories, logits_BV.shape[-1], logits_BV.device))
+    return picks(sample(logits_BV, sampling_tensors(specs, histories, logits_BV.shape[-1], logits_BV.device)), specs)
+
+
+def needs_history(specs: list[SamplingSpec]) -> bool:
+    """True when the selection reads the tokens fed so far (penalties), not just how many there are."""
+    return any(_penalised(s) for s in specs)
+
+
+def copy_to_host(result: SampleResult) -> Callable[[], SampleResult]:
+    """Starts copying a selection made on a GPU to the host (pinned buffers, without waiting);
+    the function returned waits for the copy. On a CPU the selection itself."""
+    if result.tokens.device.type == "cpu":
+        return lambda: result
+    host = SampleResult(*(None if t is None else torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+                          for t in (result.tokens, result.logprobs, result.top_ids, result.top_logprobs)))
+    for src, dst in zip((result.tokens, result.logprobs, result.top_ids, result.top_logprobs),
+                        (host.tokens, host.logprobs, host.top_ids, host.top_logprobs)):
+        if src is not None:
+            dst.copy_(src, non_blocking=True)
+    copied = torch.cuda.Event()
+    copied.record()
+
+    def wait() -> SampleResult:
+        copied.synchronize()
+        return host
+
+    return wait
+
+
+def picks(result: SampleResult, specs: list[SamplingSpec]) -> list[tuple[int, float, list[tuple[int, float]]]]:
+    """A selection's rows as (token id, raw logprob, top-n raw logprobs) on the host."""
     tokens = result.tokens.tolist()
     if result.logprobs is None:
         return [(token, 0.0, []) for token in tokens]

@@ -14,6 +14,10 @@ import torch
 
 from vision import PreparedImage
 
+# a chunk's token that the step before, still in flight, samples (async scheduling): the worker
+# feeds the token it sampled there, on the device
+FUTURE_TOKEN = -1
+
 
 @dataclass(frozen=True)
 class SamplingSpec:
@@ -36,6 +40,7 @@ class SamplingSpec:
 class ScheduledChunk:
     seq_id: int
     token_ids: tuple[int, ...]  # tokens computed this step: a prompt chunk or the last sampled token
+    # (FUTURE_TOKEN when that is not back yet)
     past: int  # tokens of this sequence already cached on the worker (0: start afresh)
     new_blocks: tuple[int, ...] = ()  # KV blocks appended to the sequence's block table
     slot: int = -1  # DeltaNet state slot; sent when past == 0

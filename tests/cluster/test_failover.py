@@ -63,6 +63,7 @@ def test_a_step_failing_half_way_is_undone_and_replays_to_the_same_tokens(make_c
     tokens = {str(i): [] for i in range(len(PROMPTS))}
 
     def advance(scheduled, results):
+        engine._launched(scheduled)
         for out in engine._update(scheduled, results):
             tokens[out.request_id] += out.new_token_ids
 

@@ -1,0 +1,157 @@
+"""Async scheduling (one process): step N + 1 is scheduled and launched before step N's tokens are
+read, its decodes fed N's tokens on the device. On a CPU it gains nothing (the same cores do both)
+but must give exactly what step-by-step scheduling gives: the same tokens, logprobs, stops and
+finish reasons, with preemptions, aborts and penalties."""
+
+from __future__ import annotations
+
+import pytest
+
+from cluster import LLM, CacheConfig, ClusterConfig, SamplingParams, SchedulerConfig
+from cluster.config import ConfigError
+from cluster.engine.engine import EngineCore
+from cluster.model.tiny import TinySpec
+from cluster.worker.step import FUTURE_TOKEN
+
+SPEC = TinySpec(seed=8, num_experts=16, top_k=4)
+ASYNC = ClusterConfig(async_scheduling=True)
+
+
+def prompts(n: int = 12) -> list[list[int]]:
+    return [[(7 * i + 13 * j) % 450 + 3 for j in range(1 + (i * 37) % 70)] for i in range(n)]
+
+
+@pytest.fixture(scope="module")
+def pair(make_checkpoint):
+    """The same model scheduled step by step and ahead (a small token budget: chunked prefills
+    share steps with decodes)."""
+    scheduler = SchedulerConfig(max_num_batched_tokens=48)
+    model = make_checkpoint(SPEC)
+    return LLM(model=model, scheduler=scheduler), LLM(model=model, scheduler=scheduler, cluster=ASYNC)
+
+
+def both(pair, prompts, params):
+    step_by_step, ahead = pair
+    assert not step_by_step.engine.async_scheduling and ahead.engine.async_scheduling
+    return step_by_step.generate(prompts, params), ahead.generate(prompts, params)
+
+
+def as_tuples(completions):
+    return [(c.token_ids, c.text, c.finish_reason, c.stop_reason,
+             [(lp.token_id, round(lp.logprob, 5), [(t, round(v, 5)) for t, v in lp.top]) for lp in c.logprobs])
+            for c in completions]
+
+
+def test_the_next_step_is_launched_with_the_tokens_of_the_one_in_flight(pair):
+    _, ahead = pair
+    executor = ahead.engine.executor
+    launched, futures = executor.launch, []
+
+    def spy(messages):
+        futures.extend(t for m in messages for c in m.chunks for t in c.token_ids if t == FUTURE_TOKEN)
+        return launched(messages)
+
+    executor.launch = spy
+    try:
+        ahead.generate(prompts(3), SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))
+    finally:
+        executor.launch = launched
+    assert len(futures) >= 3 * 6  # every decode after the first of each sequence reads a token in flight
+    assert not ahead.engine.has_unfinished() and ahead.engine.scheduler.usage()["kv_blocks_used"] == 0
+
+
+def test_greedy_tokens_and_logprobs_equal_step_by_step_scheduling(pair):
+    params = SamplingParams(max_tokens=14, temperature=0.0, ignore_eos=True, logprobs=3)
+    step_by_step, ahead = both(pair, prompts(), params)
+    assert as_tuples(ahead) == as_tuples(step_by_step)
+
+
+def test_seeded_sampling_and_penalties_equal_step_by_step_scheduling(pair):
+    sampled = SamplingParams(max_tokens=12, temperature=0.8, top_p=0.9, top_k=40, seed=7, ignore_eos=True)
+    penalised = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, presence_penalty=1.5,
+                               frequency_penalty=0.5, repetition_penalty=1.3)
+    # rewarding repeats: the token just sampled (in flight when the next step is launched) counts most
+    rewarded = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, frequency_penalty=-2.0)
+    for params in (sampled, penalised, rewarded):
+        step_by_step, ahead = both(pair, prompts(6), params)
+        assert as_tuples(ahead) == as_tuples(step_by_step)
+
+
+def test_stops_end_sequences_at_the_same_token_and_the_row_in_flight_is_dropped(pair):
+    step_by_step, _ = pair
+    reference = step_by_step.generate(prompts(6), SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True))
+    # each sequence stops at its 3rd-6th token; lengths differ, so some stop while others go on
+    stops = [c.token_ids[3 + i % 4] for i, c in enumerate(reference)]
+    params = SamplingParams(max_tokens=20, temperature=0.0, stop_token_ids=stops, ignore_eos=True)
+    by_step, ahead = both(pair, prompts(6), params)
+    assert as_tuples(ahead) == as_tuples(by_step)
+    assert any(c.finish_reason == "stop" for c in ahead) and any(len(c.token_ids) < 20 for c in ahead)
+    text = reference[0].text
+    if len(text) > 8:  # a stop string too (detokenised on the host, after the token is read)
+        params = SamplingParams(max_tokens=20, temperature=0.0, stop=[text[4:7]], ignore_eos=True)
+        by_step, ahead = both(pair, prompts(2), params)
+        assert as_tuples(ahead) == as_tuples(by_step)
+    assert pair[1].engine.scheduler.usage()["kv_blocks_used"] == 0
+
+
+def test_preemptions_keep_the_tokens(make_checkpoint, pair):
+    short = [p[:12] for p in prompts(6)]
+    params = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
+    expected = [c.token_ids for c in pair[0].generate(short, params)]
+    tight = LLM(model=make_checkpoint(SPEC), cache=CacheConfig(block_size=4, num_blocks=12), cluster=ASYNC)
+    scheduler, preempted = tight.engine.scheduler, []
+    preempt = scheduler._preempt
+    scheduler._preempt = lambda seq: (preempted.append(seq.pending), preempt(seq))
+    assert [c.token_ids for c in tight.generate(short, params)] == expected
+    assert preempted and any(preempted)  # some with a token in flight
+    assert scheduler.usage()["kv_blocks_used"] == 0
+
+
+def test_an_abort_with_its_row_in_flight_leaves_the_others_unchanged(pair):
+    step_by_step, ahead = pair
+    params = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
+    expected = [c.token_ids for c in step_by_step.generate(prompts(3), params)]
+    engine = ahead.engine
+    for i, p in enumerate(prompts(3)):
+        engine.add_request(f"abort-{i}", p, params)
+    got = {f"abort-{i}": [] for i in range(3)}
+    aborted = False
+    while engine.has_unfinished():
+        for out in engine.step():
+            got[out.request_id] += out.new_token_ids
+        if not aborted and len(got["abort-1"]) >= 3 and engine._in_flight is not None:
+            assert engine.abort_request("abort-1").finish_reason == "abort"
+            aborted = True
+    assert aborted and got["abort-0"] == expected[0] and got["abort-2"] == expected[2]
+    assert got["abort-1"] == expected[1][: len(got["abort-1"])]
+    assert engine.scheduler.usage()["kv_blocks_used"] == 0
+
+
+def test_turning_it_off_between_steps_lands_the_step_in_flight(pair):
+    step_by_step, ahead = pair
+    params = SamplingParams(max_tokens=9, temperature=0.0, ignore_eos=True)
+    expected = [c.token_ids for c in step_by_step.generate(prompts(2), params)]
+    engine = ahead.engine
+    for i, p in enumerate(prompts(2)):
+        engine.add_request(f"off-{i}", p, params)
+    got = {f"off-{i}": [] for i in range(2)}
+    try:
+        for step in range(40):
+            if step == 4:
+                assert engine._in_flight is not None
+                engine.async_scheduling = False
+            for out in engine.step():
+                got[out.request_id] += out.new_token_ids
+            if not engine.has_unfinished():
+                break
+    finally:
+        engine.async_scheduling = True
+    assert [got["off-0"], got["off-1"]] == expected
+
+
+def test_refused_with_speculative_decoding_and_ray_layouts(make_checkpoint):
+    with pytest.raises(ConfigError, match="speculative"):
+        EngineCore(make_checkpoint(SPEC), cluster=ASYNC, speculative_config={"num_speculative_tokens": 2},
+                   warm_up=False)
+    with pytest.raises(ConfigError, match="one process"):
+        ClusterConfig(async_scheduling=True, expert_workers=2)
