@@ -16,7 +16,8 @@ builds them), through the real engine (scheduler, runner, kernels, sampler):
      eagerly, and at batch 1 the fraction of HBM bandwidth: the bytes a decode step must read
      (dense weights, LM head, the top-10 experts of every layer, DeltaNet states, KV) / step time,
      against a measured device-to-device copy and the card's spec; the step is the whole engine
-     step (scheduling, forward, LM head, sampling, the host copy of the tokens);
+     step (scheduling, forward, LM head, sampling, the host copy of the tokens); and the same
+     engine scheduled the other way (async scheduling, the default on a GPU, against step by step);
   3. prefill tok/s (4 prompts of 2048 tokens, 8192-token steps);
   4. the routed experts (kernels.moe_experts: sort by expert, two torch._grouped_mm, SwiGLU, fp64
      weighted sum) at 4k and 16k tokens with random top-10 routing, and their two grouped GEMMs
@@ -25,7 +26,8 @@ builds them), through the real engine (scheduler, runner, kernels, sampler):
      batched matmul over rows padded to the busiest expert's (a probe);
   5. a probe of Qwen's block-scaled FP8 GEMM on the card's FP8 units (torch._scaled_mm): error and
      TFLOP/s beside bf16 (the engine itself dequantises FP8 checkpoints as it loads them);
-  6. the split of a batch-1 decode step's wall time: layout, forward, LM head and sampling, the rest;
+  6. the split of a batch-1 decode step's wall time (scheduled step by step): layout, forward, LM
+     head and sampling, the rest;
   7. with --profile, the heaviest ops of eager decode steps (torch.profiler) and kernels per step;
   8. K/V stored as fp8 (e4m3, e5m2) under the bf16 model: the logits against bf16 K/V on the
      narrower slice (max and mean |diff|, top-1 agreement), and batch-64 decode with fp8 e4m3 K/V;
@@ -148,6 +150,8 @@ def decoding(llm: LLM, tag: str, batch: int, max_tokens: int, mix: tuple[int, in
     yield engine
     for i in range(batch):
         engine.abort_request(f"{tag}{batch}-{i}")
+    while engine.has_unfinished():  # async scheduling: the step in flight lands
+        engine.step()
     engine.flush()
 
 
@@ -167,10 +171,11 @@ def step_split(llm: LLM, batch: int, steps: int, device: str, vocab: int) -> dic
     """Where a decode step's wall time goes at `batch`: the runner's layout of the step (host lists
     to device tensors), the forward (graph replay or eager), the LM head and sampling, and the rest
     (scheduling, detokenising, bookkeeping): medians in ms, the device synchronised at each edge
-    (which adds a little to each part)."""
+    (which adds a little to each part), scheduled step by step (async scheduling would overlap them)."""
     import statistics
 
     runner = llm.engine.executor.runner
+    scheduled_ahead, llm.engine.async_scheduling = llm.engine.async_scheduling, False
     parts: dict[str, list[float]] = {"layout": [], "forward": [], "logits_sampling": [], "step": []}
 
     def timed(name, fn):
@@ -195,6 +200,7 @@ def step_split(llm: LLM, batch: int, steps: int, device: str, vocab: int) -> dic
     finally:
         for name in originals:
             delattr(runner, name)  # the class's methods again
+        llm.engine.async_scheduling = scheduled_ahead
     split = {name: statistics.median(values) * 1e3 for name, values in parts.items()}
     split["other"] = split["step"] - split["layout"] - split["forward"] - split["logits_sampling"]
     return {f"step_split_batch{batch}_{name}_ms": ms for name, ms in split.items()}
@@ -361,8 +367,13 @@ def main() -> None:
             sync(device)
             found["warm_up_decode_graphs_s"] = time.perf_counter() - start
             graphs = runner.graphs  # None on a CPU
+            ahead = llm.engine.async_scheduling  # the engine's default: on with a GPU
             for batch in (1, 64):
                 found[f"decode_tok_s_batch{batch}"] = decode_rate(llm, batch, steps, device, cfg.vocab_size)
+                llm.engine.async_scheduling = not ahead  # the same engine, scheduled the other way
+                found[f"decode_tok_s_batch{batch}_async_{not ahead}"] = decode_rate(llm, batch, steps, device,
+                                                                                   cfg.vocab_size)
+                llm.engine.async_scheduling = ahead
                 if graphs is not None:
                     runner.graphs = None
                     found[f"decode_tok_s_batch{batch}_eager"] = decode_rate(llm, batch, steps, device, cfg.vocab_size)

@@ -1,4 +1,5 @@
-"""EngineCore: requests in, streamed outputs out. The loop is three lines: schedule, execute, update.
+"""EngineCore: requests in, streamed outputs out. The loop is three lines: schedule, execute, update
+(with async scheduling, in one process: schedule, launch the step, update with the step before's).
 
 Synchronous and single-threaded: the offline LLM drives it directly, AsyncLLM runs it on a thread.
 """
@@ -223,18 +224,23 @@ class EngineCore(PlacementControl):
 
     # -- the loop ----------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        if self.async_scheduling:
-            outputs = self._step_ahead()
-        else:
-            outputs = self._land()  # a step left in flight when async scheduling was turned off
-            scheduled, messages = self.scheduler.schedule()
-            results = self._execute(messages)
-            if results is not None:  # None: a worker failed; the instance re-formed and recomputes them
-                self._launched(scheduled)
-                outputs += self._update(scheduled, results)
+        outputs = self._advance()
         self.maintain()
         self._maybe_rebalance()
         self._record_metrics(outputs)
+        return outputs
+
+    def _advance(self) -> list[RequestOutput]:
+        """Schedule, execute, update: one step, or with async scheduling the next one launched and the
+        one before read."""
+        if self.async_scheduling:
+            return self._step_ahead()
+        outputs = self._land()  # a step left in flight when async scheduling was turned off
+        scheduled, messages = self.scheduler.schedule()
+        results = self._execute(messages)
+        if results is not None:  # None: a worker failed; the instance re-formed and recomputes them
+            self._launched(scheduled)
+            outputs += self._update(scheduled, results)
         return outputs
 
     def _step_ahead(self) -> list[RequestOutput]:
@@ -339,7 +345,7 @@ class EngineCore(PlacementControl):
                 ignore_eos=True))
         steps = 0
         while self.has_unfinished():
-            self.step()
+            self._advance()
             steps += 1
         self.flush()
         graphs = self.executor.capture_decode_graphs(self.scheduler_config.max_num_seqs)  # CUDA, one process
@@ -400,8 +406,10 @@ class EngineCore(PlacementControl):
             if seq.status == Status.FINISHED or (seq.status == Status.WAITING and seq.score_only):
                 continue  # ended (or preempted, to be scored again) after this step was launched
             if seq.score_only:
-                self._logits.setdefault(seq.request_id, []).append(result.logits)
-                if seq.num_computed == len(seq.prompt_ids):
+                if item.past == 0:  # its first chunk, or the first again after a preemption
+                    self._logits[seq.request_id] = []
+                self._logits[seq.request_id].append(result.logits)
+                if item.end == len(seq.prompt_ids):  # its last chunk (num_computed counts chunks in flight)
                     self.scheduler.finish(seq, "length")
                     outputs.append(self._finish_output(seq, [], []))
                 continue

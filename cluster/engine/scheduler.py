@@ -54,6 +54,12 @@ class Scheduled:
     sample: bool  # the chunk reaches the sequence's last token: a new token comes back
     spec: bool = False  # the MTP layer runs over the chunk (and drafts, if it samples)
     verify: bool = False  # the worker's k drafts ride along and are verified
+    past: int = 0  # the sequence's tokens computed before this chunk
+
+    @property
+    def end(self) -> int:
+        """The sequence's tokens computed once this chunk is (its own, drafts not counted)."""
+        return self.past + self.num_tokens
 
     def rows(self, k: int) -> int:
         return self.num_tokens + (k if self.verify else 0)
@@ -151,7 +157,7 @@ class Scheduler:
         n = min(seq.num_tokens + seq.pending - seq.num_computed, budget)
         sample = seq.num_computed + n == seq.num_tokens + seq.pending
         verify = seq.speculating and seq.has_drafts and n == 1 and budget >= 1 + k
-        return Scheduled(seq, n, sample, spec=seq.speculating, verify=verify)
+        return Scheduled(seq, n, sample, spec=seq.speculating, verify=verify, past=seq.num_computed)
 
     @staticmethod
     def _has_work(seq: Sequence) -> bool:

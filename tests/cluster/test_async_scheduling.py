@@ -6,6 +6,7 @@ finish reasons, with preemptions, aborts and penalties."""
 from __future__ import annotations
 
 import pytest
+import torch
 
 from cluster import LLM, CacheConfig, ClusterConfig, SamplingParams, SchedulerConfig
 from cluster.config import ConfigError
@@ -92,6 +93,25 @@ def test_stops_end_sequences_at_the_same_token_and_the_row_in_flight_is_dropped(
         by_step, ahead = both(pair, prompts(2), params)
         assert as_tuples(ahead) == as_tuples(by_step)
     assert pair[1].engine.scheduler.usage()["kv_blocks_used"] == 0
+
+
+def test_scored_prompts_give_the_same_logits(make_checkpoint, pair):
+    step_by_step, ahead = pair
+    long = [p * 3 for p in prompts(3)]  # chunked over several steps (the budget is 48 tokens)
+    for a, b in zip(ahead.score(long), step_by_step.score(long)):
+        assert torch.equal(a, b)
+    # a cache of 12 blocks of 4 tokens: scored prompts are preempted and scored again
+    forty = [[(7 * i + 13 * j) % 450 + 3 for j in range(40)] for i in range(4)]
+    cache, budget = CacheConfig(block_size=4, num_blocks=12), SchedulerConfig(max_num_batched_tokens=16)
+    roomy = LLM(model=make_checkpoint(SPEC), scheduler=budget, cache=CacheConfig(block_size=4, num_blocks=200))
+    expected = roomy.score(forty)
+    tight = LLM(model=make_checkpoint(SPEC), scheduler=budget, cache=cache, cluster=ASYNC)
+    preempted = []
+    preempt = tight.engine.scheduler._preempt
+    tight.engine.scheduler._preempt = lambda seq: (preempted.append(seq), preempt(seq))
+    for a, b in zip(tight.score(forty), expected):
+        assert torch.equal(a, b)
+    assert preempted
 
 
 def test_preemptions_keep_the_tokens(make_checkpoint, pair):

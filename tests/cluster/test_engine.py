@@ -170,3 +170,28 @@ def test_block_tables_gather_rows_of_slots():
     tables.write(0, 2, (3, 4, 5))  # grows to width 5, keeping what was written
     assert tables.gather(torch.tensor([0, 2]), 5).tolist() == [[1, 2, 3, 4, 5], [7, 8, 0, 0, 0]]
     assert tables.gather(torch.tensor([2]), 2).tolist() == [[7, 8]]
+
+
+def test_a_scored_prompt_preempted_half_way_gives_its_logits_once(make_checkpoint):
+    """Generations growing into a 12-block cache preempt a prompt being scored after some of its
+    chunks came back; scored again from its start, it gives one row per token (not the earlier
+    chunks twice), equal to the logits of a cache with room."""
+    forty = [(13 * j) % 450 + 3 for j in range(40)]
+    budget = SchedulerConfig(max_num_batched_tokens=16)
+    expected = LLM(model=make_checkpoint(SPEC), scheduler=budget,
+                   cache=CacheConfig(block_size=4, num_blocks=200)).score([forty])[0]
+    engine = LLM(model=make_checkpoint(SPEC), scheduler=budget, cache=CacheConfig(block_size=4, num_blocks=12)).engine
+    preempted = []
+    preempt = engine.scheduler._preempt
+    engine.scheduler._preempt = lambda seq: (preempted.append(seq.score_only and seq.num_computed > 0), preempt(seq))
+    for i in range(2):
+        engine.add_request(f"g{i}", [5 + i, 6, 7], SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True))
+    engine.step()
+    engine.add_request("scored", forty, SamplingParams(max_tokens=1), score_only=True)
+    logits = None
+    while engine.has_unfinished():
+        for out in engine.step():
+            if out.request_id == "scored" and out.finished:
+                logits = out.prompt_logits
+    assert any(preempted)  # after some of its chunks were computed
+    assert logits.shape == expected.shape and torch.equal(logits, expected)

@@ -181,3 +181,24 @@ def test_host_tensors_reach_the_device_in_one_transfer():
     moved = to_device(torch.device("cuda"), *host)
     assert all(m.is_cuda and m.shape == h.shape and torch.equal(m.cpu(), h) for m, h in zip(moved, host))
     assert to_device(torch.device("cpu"), *host)[1] is host[1]
+
+
+def test_async_scheduling_is_on_and_gives_the_step_by_step_tokens(make_checkpoint):
+    """On a GPU the engine launches step N + 1 (through its decode graph) before reading step N's
+    tokens; greedy tokens, logprobs and penalised tokens equal the same engine scheduled step by step."""
+    from cluster import LLM, SamplingParams
+    from tests.conftest import FEW_EXPERTS
+
+    prompts = [[5, 9, 13, 2, 7] * n for n in (1, 3, 30)]
+    llm = LLM(model=make_checkpoint(FEW_EXPERTS), dtype="bfloat16", device="cuda", warm_up=False)
+    assert llm.engine.async_scheduling
+    for params in (SamplingParams(max_tokens=12, temperature=0.0, logprobs=2, ignore_eos=True),
+                   SamplingParams(max_tokens=12, temperature=0.0, frequency_penalty=-2.0, ignore_eos=True)):
+        ahead = llm.generate(prompts, params)
+        llm.engine.async_scheduling = False
+        step_by_step = llm.generate(prompts, params)
+        llm.engine.async_scheduling = True
+        for a, b in zip(ahead, step_by_step):
+            assert a.token_ids == b.token_ids
+            assert max((abs(x.logprob - y.logprob) for x, y in zip(a.logprobs, b.logprobs)), default=0) <= 1e-4
+    llm.shutdown()
