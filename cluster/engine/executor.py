@@ -41,13 +41,17 @@ class LocalExecutor:
         self.expert_bytes = shard.nbytes
 
     def execute(self, steps: list[StepInput]) -> list[list[ChunkResult]]:
-        return self.launch(steps)()
+        [step] = steps
+        with self.timer.phase("step"):
+            out = self.runner.execute(step)
+        self.timer.steps += 1 if step.chunks else 0
+        return [out]
 
     def launch(self, steps: list[StepInput]) -> Callable[[], list[list[ChunkResult]]]:
         """Runs the step up to its tokens' copy to the host (async scheduling); the function
         returned waits for them and gives the results."""
         [step] = steps
-        with self.timer.phase("step"):
+        with self.timer.phase("step"):  # the host's part: the wait for the device is not in it
             land = self.runner.launch(step)
         self.timer.steps += 1 if step.chunks else 0
         return lambda: [land()]
