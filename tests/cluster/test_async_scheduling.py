@@ -175,3 +175,18 @@ def test_refused_with_speculative_decoding_and_ray_layouts(make_checkpoint):
                    warm_up=False)
     with pytest.raises(ConfigError, match="one process"):
         ClusterConfig(async_scheduling=True, expert_workers=2)
+
+
+def test_decodes_through_the_decode_graphs_static_rows_read_the_tokens_in_flight(make_checkpoint, pair):
+    """The GPU's path on a CPU: decode steps through DecodeGraphs' padded static rows (eagerly here),
+    their inputs fed from the step in flight, give step-by-step scheduling's tokens."""
+    from cluster.worker.runner import ModelRunner
+
+    params = SamplingParams(max_tokens=10, temperature=0.0, logprobs=1, ignore_eos=True)
+    expected = as_tuples(pair[0].generate(prompts(5), params))
+    llm = LLM(model=make_checkpoint(SPEC), scheduler=SchedulerConfig(max_num_batched_tokens=48), cluster=ASYNC,
+              warm_up=False)
+    runner = llm.engine.executor.runner = ModelRunner(llm.engine.executor.runner.model, llm.engine.scheduler.layout,
+                                                      decode_graphs=True)
+    assert as_tuples(llm.generate(prompts(5), params)) == expected
+    assert runner.graphs.graphs  # decode steps went through them
