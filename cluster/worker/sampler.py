@@ -26,9 +26,13 @@ def _penalised(s: SamplingSpec) -> bool:
 def sampling_tensors(specs: list[SamplingSpec], histories: list[list[int]], vocab_size: int,
                      device: torch.device | str = "cpu") -> SamplingTensors:
     """histories[i]: every token row i has fed so far (prompt, then outputs)."""
+    on_host = torch.device(device).type == "cpu"
 
     def column(values, dtype=torch.float32):
-        return torch.tensor(values, dtype=dtype, device=device)
+        # on a GPU through pinned memory, without waiting: a plain host-to-device copy waits for the
+        # device to drain (here, the step's forward), which async scheduling must not
+        host = torch.tensor(values, dtype=dtype)
+        return host if on_host else host.pin_memory().to(device, non_blocking=True)
 
     draws = penalties = None
     sampled = [s for s in specs if s.temperature > 0]
