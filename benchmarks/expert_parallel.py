@@ -4,7 +4,7 @@ worker on this machine's cores.
 
     python benchmarks/expert_parallel.py [--model DIR] [--experts 1 2 4] [--batch 32] [--steps 32]
                                          [--generations 32] [--overlap on|off]
-                                         [--rounds 3]
+                                         [--rounds 3] [--async-scheduling off|on|both]
 
 Runs in one process and one Ray cluster, on one checkpoint (default: the tiny flagship-shaped one).
 Step split, per decode step of --batch sequences (ms):
@@ -14,7 +14,8 @@ Step split, per decode step of --batch sequences (ms):
   combine    attention-worker time waiting for and adding the partial sums
   experts    expert compute, slowest expert worker
   comm       dispatch + combine - experts: communication and waiting, on the attention side
-  engine     step - attention-worker step: scheduling, the step command and its reply
+  engine     step - attention-worker step: scheduling, the step command and its reply (with async
+             scheduling the engine's work overlaps the workers', so it can be ~0 or negative)
 Bytes per MoE layer at that batch: what the exchange moves now (measured on the expert workers,
 plus the partial sums back), and what the earlier exchange moved (per (row, expert) pair both ways,
 and a count matrix).
@@ -115,6 +116,8 @@ def main() -> None:
     parser.add_argument("--generations", type=int, default=32)
     parser.add_argument("--overlap", choices=["on", "off"], default="on", help="two-batch overlap")
     parser.add_argument("--rounds", type=int, default=3, help="rounds per layout, each beside the single process")
+    parser.add_argument("--async-scheduling", choices=["off", "on", "both"], default="off",
+                        help="the engine sends step N + 1 before reading step N's replies (both: each layout twice)")
     args = parser.parse_args()
     import ray
 
@@ -128,24 +131,27 @@ def main() -> None:
 
     baseline = LLM(model=model_dir)
     generation_rate(baseline, generations[:2])  # warm-up
+    schedulings = {"off": [False], "on": [True], "both": [False, True]}[args.async_scheduling]
     for E in args.experts:
-        cluster = ClusterConfig(expert_workers=E, attention_workers=1, use_ray=True, two_batch_overlap=overlap)
-        with LLM(model=model_dir, cluster=cluster) as llm:
-            name = f"Ray E={E} A=1" + (" (overlap)" if llm.executor.overlap else "")
-            runs = {"single": [], "one": [], "two": [], "layout": [], "rate": []}
-            for r in range(args.rounds):  # the single process and the layout in turn
-                runs["single"].append(summarize(*run_decode(baseline, prompts, args.steps)))
-                runs["one"].append(generation_rate(baseline, generations))
-                torch.set_num_threads(2)
-                runs["two"].append(generation_rate(baseline, generations))
-                torch.set_num_threads(1)
-                runs["layout"].append(summarize(*run_decode(llm, prompts, args.steps)))
-                if r == 0:
-                    moved[name] = bytes_per_layer(llm, args.batch, args.steps + 1)
-                runs["rate"].append(generation_rate(llm, generations))
-            results.append((E, name, median_run(runs["single"]), median_run(runs["layout"]),
-                            *(statistics.median(runs[k]) for k in ("one", "two", "rate"))))
-        workers_gone()  # the next layout must not share the cores with this one's exiting workers
+        for ahead in schedulings:
+            cluster = ClusterConfig(expert_workers=E, attention_workers=1, use_ray=True, two_batch_overlap=overlap,
+                                    async_scheduling=ahead)
+            with LLM(model=model_dir, cluster=cluster) as llm:
+                name = f"Ray E={E} A=1" + (" (overlap)" if llm.executor.overlap else "") + (" async" if ahead else "")
+                runs = {"single": [], "one": [], "two": [], "layout": [], "rate": []}
+                for r in range(args.rounds):  # the single process and the layout in turn
+                    runs["single"].append(summarize(*run_decode(baseline, prompts, args.steps)))
+                    runs["one"].append(generation_rate(baseline, generations))
+                    torch.set_num_threads(2)
+                    runs["two"].append(generation_rate(baseline, generations))
+                    torch.set_num_threads(1)
+                    runs["layout"].append(summarize(*run_decode(llm, prompts, args.steps)))
+                    if r == 0:
+                        moved[name] = bytes_per_layer(llm, args.batch, args.steps + 1)
+                    runs["rate"].append(generation_rate(llm, generations))
+                results.append((E, name, median_run(runs["single"]), median_run(runs["layout"]),
+                                *(statistics.median(runs[k]) for k in ("one", "two", "rate"))))
+            workers_gone()  # the next layout must not share the cores with this one's exiting workers
     baseline.shutdown()
     ray.shutdown()
 
@@ -154,7 +160,7 @@ def main() -> None:
           f"layers, hidden {cfg.hidden_size}; decode batch {args.batch}, {args.steps} steps, 1 torch thread per "
           f"worker; medians of {args.rounds} rounds, each layout in turn with the single process")
     cols = ["step", "attention", "dispatch", "combine", "experts", "comm", "engine"]
-    print(f"{'layout':<24}" + "".join(f"{c + ' ms':>13}" for c in cols) + f"{'tok/s':>9}{'vs single':>11}"
+    print(f"{'layout':<30}" + "".join(f"{c + ' ms':>13}" for c in cols) + f"{'tok/s':>9}{'vs single':>11}"
           f"{'comm %':>8}{'KB/layer':>10}{'before':>8}")
     for E, name, single, layout, _, _, _ in results:
         base_tps = args.batch / single["step"]
@@ -162,7 +168,7 @@ def main() -> None:
             tps = args.batch / r["step"]
             comm_pct = 100 * (r["comm"] + r["engine"]) / r["step"] if r is layout else 0.0
             now, before = moved[name] if r is layout else (0.0, 0.0)
-            print(f"{label:<24}" + "".join(f"{r[c] * 1e3:13.2f}" for c in cols) + f"{tps:9.1f}"
+            print(f"{label:<30}" + "".join(f"{r[c] * 1e3:13.2f}" for c in cols) + f"{tps:9.1f}"
                   f"{tps / base_tps:10.2f}x{comm_pct:7.0f}%{now / 1024:10.1f}{before / 1024:8.1f}")
     print(f"\n{args.generations} concurrent generations (16 prompt + 32 output tokens), tok/s:")
     for _, name, _, _, one, two, rate in results:

@@ -270,9 +270,9 @@ class ClusterConfig:
     # gating, attention's masking, the experts' sort and sum) through torch.compile (kernels.backend
     # .glue): ~490 -> ~250 kernels a step; it compiles as the engine's warm-up captures the buckets
     compile_decode_graphs: bool = True
-    # in one process: schedule and launch step N + 1 before reading step N's tokens (its decodes take
-    # them on the device), so the host's work per step overlaps the device's. None: on for a GPU
-    # without speculative decoding; on a CPU the same cores do both, and it only costs a row per stop
+    # schedule and launch step N + 1 before reading step N's tokens (its decodes take them on the
+    # device), so the engine's work per step overlaps the device's or the workers'. None: on in one
+    # process on a GPU without speculative decoding, else off (see the README's figures)
     async_scheduling: bool | None = None
     # custom Ray resources each worker also reserves: steer the roles onto node groups (KubeRay worker
     # groups advertise them with rayStartParams.resources), e.g. {"epserve_expert": 1}
@@ -298,8 +298,6 @@ class ClusterConfig:
             raise ConfigError("device 'cuda' with gpus_per_worker = 0: the workers would see no GPU")
         if self.device == "cpu" and gpus:
             raise ConfigError(f"device 'cpu' with gpus_per_worker = {gpus}: drop one of them")
-        if self.async_scheduling and self.wants_ray:
-            raise ConfigError("async_scheduling runs in one process; Ray layouts schedule step by step")
         if self.fault_injection is not None:
             role, _, rest = self.fault_injection.partition(":")
             index, _, step = rest.partition(":")

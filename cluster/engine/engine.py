@@ -10,6 +10,7 @@ import itertools
 import logging
 import random
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -78,6 +79,15 @@ class RequestOutput:
             later.speculative)
 
 
+@dataclass
+class _Launched:
+    """A step launched with async scheduling, its results not read yet."""
+
+    scheduled: list[Scheduled]
+    messages: list
+    replies: Callable[[], list[list[ChunkResult]]] | None = None
+
+
 class EngineCore(PlacementControl):
     def __init__(
         self,
@@ -131,7 +141,8 @@ class EngineCore(PlacementControl):
         self.scheduler = Scheduler(self.scheduler_config, self.layout, self.cluster.attention_workers,
                                    self.max_model_len, self.speculative)
         self.async_scheduling = self._async_scheduling()
-        self._in_flight: tuple[list[Scheduled], Callable[[], list[list[ChunkResult]]]] | None = None
+        self._unread: deque[_Launched] = deque()  # async scheduling: steps launched, results not read
+        self._held: list[RequestOutput] = []  # read before a control operation, returned by the next step
         self.requests: dict[str, Sequence] = {}
         self._detok: dict[str, IncrementalDetokenizer] = {}
         self._logits: dict[str, list[torch.Tensor]] = {}
@@ -220,11 +231,11 @@ class EngineCore(PlacementControl):
         return self._finish_output(seq, [], [])
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished() or self._in_flight is not None
+        return self.scheduler.has_unfinished() or bool(self._unread or self._held)
 
     # -- the loop ----------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        outputs = self._advance()
+        outputs, self._held = self._held + self._advance(), []
         self.maintain()
         self._maybe_rebalance()
         self._record_metrics(outputs)
@@ -244,27 +255,66 @@ class EngineCore(PlacementControl):
         return outputs
 
     def _step_ahead(self) -> list[RequestOutput]:
-        """Async scheduling (one process): schedules and launches step N + 1 before reading step N's
-        tokens, so that the host's work (this, the layout, reading N's tokens, the outputs) runs
-        while the device computes. N + 1's decodes take N's tokens on the device (FUTURE_TOKEN in
-        their chunks); a sequence that N ends has computed one row in vain."""
+        """Async scheduling: schedules and launches step N + 1 before reading step N's tokens, so
+        that the host's work (this, the layout, reading N's tokens, the outputs) runs while the
+        device (or the workers) compute. N + 1's decodes take N's tokens on the device (FUTURE_TOKEN
+        in their chunks); a sequence that N ends has computed one row in vain."""
         scheduled, messages = self.scheduler.schedule()
-        if not scheduled:  # nothing to launch (the last tokens are in flight): finished ones to free
-            outputs = self._land()
+        outputs: list[RequestOutput] = []
+        try:
+            if scheduled:
+                self._launched(scheduled)
+                self._unread.append(_Launched(scheduled, messages))
+                self._unread[-1].replies = self.executor.launch(messages)
+            while len(self._unread) > (1 if scheduled else 0):
+                outputs += self._read_oldest()
+        except WorkerFailure as failure:
+            return outputs + self._replay_unread(failure)
+        if not scheduled:  # the last tokens are read: finished sequences to free
+            if not self._unread and any(seq.pending for seq in self.scheduler.waiting):
+                raise RuntimeError("sequences wait for tokens that no step in flight will bring")
             self._execute(messages)
-            return outputs
-        wait = self.executor.launch(messages)
-        self._launched(scheduled)
-        outputs = self._land()
-        self._in_flight = (scheduled, wait)
         return outputs
 
+    def _read_oldest(self) -> list[RequestOutput]:
+        step = self._unread[0]
+        results = step.replies()
+        self._unread.popleft()
+        self._failures_in_a_row = 0
+        return self._update(step.scheduled, results)
+
     def _land(self) -> list[RequestOutput]:
-        """Reads the step in flight's results, if there is one, into its sequences."""
-        if self._in_flight is None:
-            return []
-        (scheduled, wait), self._in_flight = self._in_flight, None
-        return self._update(scheduled, wait())
+        """Reads every launched step's results into its sequences (before a control operation, or
+        when async scheduling is turned off)."""
+        outputs: list[RequestOutput] = []
+        try:
+            while self._unread:
+                outputs += self._read_oldest()
+        except WorkerFailure as failure:
+            outputs += self._replay_unread(failure)
+        return outputs
+
+    def _replay_unread(self, failure: WorkerFailure) -> list[RequestOutput]:
+        """A worker failed with launched steps unread (async scheduling): re-forms the instance; the
+        steps are replayed in order where the attention workers kept their caches as before the
+        first of them, else their sequences are prefilled again and their tokens in flight void."""
+        steps, self._unread = list(self._unread), deque()
+        outputs: list[RequestOutput] = []
+        if self._recover(failure):
+            self.replayed_steps += len(steps)
+            for i, step in enumerate(steps):
+                results = self._execute(step.messages)
+                if results is None:  # failed again, and recomputing: the rest is void
+                    steps = steps[i:]
+                    break
+                outputs += self._update(step.scheduled, results)
+            else:
+                return outputs
+        for step in steps:
+            for item in step.scheduled:
+                if item.sample and not item.seq.score_only:
+                    item.seq.pending -= 1
+        return outputs
 
     # -- failures ----------------------------------------------------------------------------------
     def _execute(self, messages) -> list[list[ChunkResult]] | None:
@@ -319,6 +369,8 @@ class EngineCore(PlacementControl):
     def _controlled(self, what: str, action):
         """A control operation; a worker failure during it re-forms the instance (at the last
         placement that worked) and is reported."""
+        if self._unread:  # the workers settle first; the next step returns what they answered
+            self._held += self._land()
         try:
             return action()
         except WorkerFailure as failure:
@@ -381,7 +433,7 @@ class EngineCore(PlacementControl):
 
     def flush(self) -> None:
         """Tells the workers about finished sequences now instead of with the next step."""
-        if self._in_flight is not None:
+        if self._unread:
             raise RuntimeError("flush with a step in flight: step until has_unfinished() is False")
         messages = self.scheduler.take_freed()
         if messages is not None:

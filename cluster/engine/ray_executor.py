@@ -23,6 +23,7 @@ import logging
 import secrets
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -99,7 +100,7 @@ class RayExecutor(WorkerRecovery):
         self._bundles = [(self.pg, first_bundle + i) for i in range(A + E)]  # where each worker runs
         self.layout, self.load_window_steps = layout, load_window_steps
         self._placement_in_doubt = False  # a placement change failed half-way: re-assert on recovery
-        self._step_number, self._in_flight = 0, None  # the step sent and not yet answered
+        self._step_number, self._in_flight = 0, []  # the steps sent and not yet answered, oldest first
         # after an expert worker is lost: the instance runs on the survivors (self.experts, in slot
         # order; self.slots: their indices in full_placement) while replacements start
         self.slots = list(range(E))
@@ -177,6 +178,12 @@ class RayExecutor(WorkerRecovery):
     def execute(self, steps: list[StepInput]) -> list[list[ChunkResult]]:
         """One StepInput per attention worker; the expert workers serve the layers of any worker
         that has rows. The attention workers with chunks (or releases) reply."""
+        return self.launch(steps)()
+
+    def launch(self, steps: list[StepInput]) -> Callable[[], list[list[ChunkResult]]]:
+        """Sends the step's commands without waiting for the replies (async scheduling: the workers
+        run the steps sent in order, and the next one can be sent before this one is answered);
+        the function returned reads the replies (steps are read in the order they were sent)."""
         rows = [[sum(c.rows for c in group) for group in micro_batches(step.chunks, self.overlap)]
                 for step in steps]
         mtp_rows = [mtp_pass_rows(step.chunks) for step in steps]
@@ -186,18 +193,27 @@ class RayExecutor(WorkerRecovery):
                 for link, step in zip(self.links[:A], steps):
                     if step.freed:
                         link.send(encode_command(RELEASE, rows, encode_step(step)))
-                return [[] for _ in steps]
+                return lambda: [[] for _ in steps]
             self._step_number += 1
-            self._in_flight = number = self._step_number
+            number = self._step_number
+            self._in_flight.append(number)
             for link, step in zip(self.links[:A], steps):
                 link.send(encode_command(STEP, rows, encode_step(step), number))
             for link in self.links[A:]:
                 link.send(encode_command(STEP, rows, b"", number, mtp_rows))
-            results = [decode_results(link.recv_bytes()) for link in self.links[:A]]
-        except (links.LinkError, RuntimeError) as e:  # RuntimeError: a worker reported its step failed
+        except links.LinkError as e:
             raise WorkerFailure(str(e)) from e
-        self._in_flight = None
-        return results
+        replying = self.links[:A]
+
+        def replies() -> list[list[ChunkResult]]:
+            try:
+                results = [decode_results(link.recv_bytes()) for link in replying]
+            except (links.LinkError, RuntimeError) as e:  # RuntimeError: a worker reported its step failed
+                raise WorkerFailure(str(e)) from e
+            self._in_flight.remove(number)
+            return results
+
+        return replies
 
     def _start(self, index: int, bundle: tuple, placement: ExpertPlacement):
         """A new actor for worker `index` (attention workers first) in `bundle`; no fault injection."""

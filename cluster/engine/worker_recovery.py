@@ -22,8 +22,8 @@ class WorkerFailure(RuntimeError):
 @dataclass
 class Recovery:
     """What recover() did. lost: the workers that died or hung ("expert 1", "attention 0");
-    caches_kept: every attention worker holds its caches as before the step in flight (the engine
-    replays it), else the running sequences must be prefilled again; replacing: expert workers
+    caches_kept: every attention worker holds its caches as before the steps in flight (the engine
+    replays them), else the running sequences must be prefilled again; replacing: expert workers
     starting in the background, folded in by fold_in()."""
 
     lost: list[str] = field(default_factory=list)
@@ -56,12 +56,12 @@ class WorkerRecovery:
             self._run_without(lost_experts)
             recovery.replacing = [f"expert {slot}" for slot in sorted(self.starting)]
         self.workers = self.attention + self.experts
-        if self._in_flight is not None and not self.cluster.replay_failed_steps:  # no undo point kept
+        if self._in_flight and not self.cluster.replay_failed_steps:  # no undo point kept
             recovery.caches_kept = False
-        if self._in_flight is not None and recovery.caches_kept:  # did anyone finish the failed step?
+        if self._in_flight and recovery.caches_kept:  # did anyone finish a step the engine has not read?
             done = ray.get([w.last_completed_step.remote() for w in self.attention], timeout=self.timeout)
-            recovery.caches_kept = self._in_flight not in done
-        self._in_flight = None
+            recovery.caches_kept = not any(number in done for number in self._in_flight)
+        self._in_flight = []
         self.preparing = None  # a placement change under way is dropped
         if self._placement_in_doubt and not lost_experts:  # survivors may hold a half-switched placement
             self._reassert_placement()

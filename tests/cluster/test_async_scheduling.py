@@ -139,7 +139,7 @@ def test_an_abort_with_its_row_in_flight_leaves_the_others_unchanged(pair):
     while engine.has_unfinished():
         for out in engine.step():
             got[out.request_id] += out.new_token_ids
-        if not aborted and len(got["abort-1"]) >= 3 and engine._in_flight is not None:
+        if not aborted and len(got["abort-1"]) >= 3 and engine._unread:
             assert engine.abort_request("abort-1").finish_reason == "abort"
             aborted = True
     assert aborted and got["abort-0"] == expected[0] and got["abort-2"] == expected[2]
@@ -158,7 +158,7 @@ def test_turning_it_off_between_steps_lands_the_step_in_flight(pair):
     try:
         for step in range(40):
             if step == 4:
-                assert engine._in_flight is not None
+                assert engine._unread
                 engine.async_scheduling = False
             for out in engine.step():
                 got[out.request_id] += out.new_token_ids
@@ -169,12 +169,56 @@ def test_turning_it_off_between_steps_lands_the_step_in_flight(pair):
     assert [got["off-0"], got["off-1"]] == expected
 
 
-def test_refused_with_speculative_decoding_and_ray_layouts(make_checkpoint):
+def test_refused_with_speculative_decoding(make_checkpoint):
     with pytest.raises(ConfigError, match="speculative"):
         EngineCore(make_checkpoint(SPEC), cluster=ASYNC, speculative_config={"num_speculative_tokens": 2},
                    warm_up=False)
-    with pytest.raises(ConfigError, match="one process"):
-        ClusterConfig(async_scheduling=True, expert_workers=2)
+
+
+def test_a_control_operation_reads_the_step_in_flight_first(pair):
+    step_by_step, ahead = pair
+    params = SamplingParams(max_tokens=9, temperature=0.0, ignore_eos=True)
+    expected = [c.token_ids for c in step_by_step.generate(prompts(2), params)]
+    engine = ahead.engine
+    for i, p in enumerate(prompts(2)):
+        engine.add_request(f"control-{i}", p, params)
+    got = {f"control-{i}": [] for i in range(2)}
+    controlled = False
+    while engine.has_unfinished():
+        for out in engine.step():
+            got[out.request_id] += out.new_token_ids
+        if not controlled and engine._unread and all(got.values()):
+            engine._controlled("reading step timings", engine.executor.timings)
+            controlled = True
+            assert not engine._unread and engine._held  # read, and kept for the next step
+    assert controlled and [got["control-0"], got["control-1"]] == expected
+
+
+@pytest.mark.parametrize("fault", [None, "expert:1:9", "attention:0:10"])
+def test_on_ray_layouts_and_through_a_lost_worker(ray_cluster, make_checkpoint, fault):
+    """The engine sends step N + 1 to the workers before reading step N's replies; a worker lost
+    with two steps unread costs a replay of both (expert) or a recompute (attention), no token."""
+    from tests.conftest import FLAGSHIP_SHAPE
+
+    model = make_checkpoint(FLAGSHIP_SHAPE)
+    few = [[3], list(range(10, 17)), [(i * 37) % 400 + 3 for i in range(70)], [5, 6, 7, 8]]
+    params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+    expected = [c.token_ids for c in LLM(model=model).generate(few, params)]
+    cluster = ClusterConfig(expert_workers=2, use_ray=True, async_scheduling=True, fault_injection=fault)
+    with LLM(model=model, cluster=cluster) as llm:
+        executor, futures = llm.engine.executor, []
+        launch = executor.launch
+        executor.launch = lambda steps: (futures.extend(
+            t for step in steps for c in step.chunks for t in c.token_ids if t == FUTURE_TOKEN), launch(steps))[1]
+        assert [c.token_ids for c in llm.generate(few, params)] == expected
+        assert futures
+        recoveries = llm.engine.recoveries
+        if fault is None:
+            assert not recoveries
+        elif fault.startswith("expert"):
+            assert [r["replayed"] for r in recoveries] == [True]
+        else:
+            assert [r["recomputed"] for r in recoveries] == [len(few)]
 
 
 def test_decodes_through_the_decode_graphs_static_rows_read_the_tokens_in_flight(make_checkpoint, pair):
