@@ -271,8 +271,8 @@ class ClusterConfig:
     # .glue): ~490 -> ~250 kernels a step; it compiles as the engine's warm-up captures the buckets
     compile_decode_graphs: bool = True
     # schedule and launch step N + 1 before reading step N's tokens (its decodes take them on the
-    # device), so the engine's work per step overlaps the device's or the workers'. None: on in one
-    # process on a GPU without speculative decoding, else off (see the README's figures)
+    # device), so the engine's work per step overlaps the device's or the workers'. None: on for Ray
+    # layouts and in one process on a GPU, off in one process on a CPU and with speculative decoding
     async_scheduling: bool | None = None
     # custom Ray resources each worker also reserves: steer the roles onto node groups (KubeRay worker
     # groups advertise them with rayStartParams.resources), e.g. {"epserve_expert": 1}

@@ -166,13 +166,14 @@ class EngineCore(PlacementControl):
         self.metrics_interval_steps = metrics_interval_steps
 
     def _async_scheduling(self) -> bool:
-        """ClusterConfig.async_scheduling resolved: by default on in one process on a GPU (where the
-        device computes while the host works), off on a CPU (the same cores do both) and with
+        """ClusterConfig.async_scheduling resolved. By default on for Ray layouts (the engine's work
+        and the replies' round trip overlap the workers') and in one process on a GPU (the host's
+        overlaps the device's); off in one process on a CPU (the same cores do both) and with
         speculative decoding (its drafts are drawn from the host's tokens)."""
         asked = self.cluster.async_scheduling
         if asked is None:
-            return (isinstance(self.executor, LocalExecutor) and self.executor.runner.device.type == "cuda"
-                    and self.speculative is None)
+            in_process = isinstance(self.executor, LocalExecutor)
+            return self.speculative is None and (not in_process or self.executor.runner.device.type == "cuda")
         return asked
 
     # -- requests ----------------------------------------------------------------------------------
