@@ -13,6 +13,7 @@ and the single-process engine's tokens:
 
     python benchmarks/failover.py [--model DIR] [--streams 16] [--tokens 96] [--step-timeout 10]
                                   [--scenarios none kill-expert kill-attention hang-expert]
+                                  [--async-scheduling on|off]
 
 A hung worker is found by the step timeout (--step-timeout, ClusterConfig.step_timeout_s), so its
 pause is about that long by design.
@@ -96,6 +97,8 @@ def main() -> None:
     parser.add_argument("--step-timeout", type=float, default=10.0)
     parser.add_argument("--scenarios", nargs="+", default=["none", "kill-expert", "kill-attention", "hang-expert"],
                         choices=["none", "kill-expert", "kill-attention", "hang-expert"])
+    parser.add_argument("--async-scheduling", choices=["on", "off"], default="on",
+                        help="the engine sends step N + 1 before reading step N's replies (the default for Ray)")
     args = parser.parse_args()
     model = args.model or tempfile.mkdtemp(prefix="epserve-failover-")
     if not args.model:
@@ -111,7 +114,8 @@ def main() -> None:
           f"{'fold-in s':>11}{'tok/s':>8}")
     try:
         for scenario in args.scenarios:
-            cluster = ClusterConfig(expert_workers=2, use_ray=True, step_timeout_s=args.step_timeout)
+            cluster = ClusterConfig(expert_workers=2, use_ray=True, step_timeout_s=args.step_timeout,
+                                    async_scheduling=args.async_scheduling == "on")
             llm = AsyncLLM(model, cluster=cluster)
             try:
                 asyncio.run(run_streams(llm, prompts[:2], params, None))  # warm: the first steps
