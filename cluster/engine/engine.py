@@ -303,6 +303,8 @@ class EngineCore(PlacementControl):
         outputs: list[RequestOutput] = []
         if self._recover(failure):
             self.replayed_steps += len(steps)
+            if self.metrics is not None:
+                self.metrics.replayed.inc(len(steps), self.metrics.tags)
             for i, step in enumerate(steps):
                 results = self._execute(step.messages)
                 if results is None:  # failed again, and recomputing: the rest is void

@@ -3,7 +3,8 @@
 Owns the dense model, the paged KV cache and DeltaNet state slots (allocated once from a
 CacheLayout) and, per sequence, its block table, slot, sampling spec and token history. Executes one
 StepInput: lays the chunks out as one flat batch (decodes first, then prefill chunks), runs the
-model once, samples where asked. Plain Python around torch: the engine calls it directly in one
+model once, samples where asked; or launches it (async scheduling): the sampled tokens are read
+later, and the next step's FUTURE_TOKEN inputs take them on the device. Plain Python around torch: the engine calls it directly in one
 process; an AttentionWorker wraps it on Ray.
 
 A transactional runner (an AttentionWorker's, whose experts live in other processes that may die)
