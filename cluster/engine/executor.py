@@ -1,9 +1,9 @@
 """Executors run a step on a model instance: in this process (LocalExecutor, here), or across Ray
-actors (cluster.engine.ray_executor.RayExecutor). Both offer execute(steps), placement,
-expert_load / reset_load, worker_info, timings and shutdown; only the Ray one places experts.
+actors (cluster.engine.ray_executor.RayExecutor). Both offer execute(steps), launch(steps) (async
+scheduling: the step runs, and the function returned reads its results), placement, expert_load /
+reset_load, worker_info, timings and shutdown; only the Ray one places experts.
 
-LocalExecutor: one ModelRunner with every expert and the LocalDispatcher; it can also launch a step
-without waiting for its tokens (async scheduling).
+LocalExecutor: one ModelRunner with every expert and the LocalDispatcher.
 """
 
 from __future__ import annotations
