@@ -127,46 +127,49 @@ def test_preemptions_keep_the_tokens(make_checkpoint, pair):
     assert scheduler.usage()["kv_blocks_used"] == 0
 
 
-def test_an_abort_with_its_row_in_flight_leaves_the_others_unchanged(pair):
+def stepped(pair, n: int, params: SamplingParams, between) -> tuple[list[list[int]], list[list[int]]]:
+    """n prompts through the async engine's step(), between(engine, tokens so far) called after each
+    step; returns their tokens and those of step-by-step scheduling."""
     step_by_step, ahead = pair
-    params = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
-    expected = [c.token_ids for c in step_by_step.generate(prompts(3), params)]
-    engine = ahead.engine
-    for i, p in enumerate(prompts(3)):
-        engine.add_request(f"abort-{i}", p, params)
-    got = {f"abort-{i}": [] for i in range(3)}
-    aborted = False
+    expected = [c.token_ids for c in step_by_step.generate(prompts(n), params)]
+    engine, ids = ahead.engine, [f"stepped-{i}" for i in range(n)]
+    for request_id, prompt in zip(ids, prompts(n)):
+        engine.add_request(request_id, prompt, params)
+    got = {request_id: [] for request_id in ids}
     while engine.has_unfinished():
         for out in engine.step():
             got[out.request_id] += out.new_token_ids
-        if not aborted and len(got["abort-1"]) >= 3 and engine._unread:
-            assert engine.abort_request("abort-1").finish_reason == "abort"
-            aborted = True
-    assert aborted and got["abort-0"] == expected[0] and got["abort-2"] == expected[2]
-    assert got["abort-1"] == expected[1][: len(got["abort-1"])]
-    assert engine.scheduler.usage()["kv_blocks_used"] == 0
+        between(engine, [got[request_id] for request_id in ids])
+    return [got[request_id] for request_id in ids], expected
+
+
+def test_an_abort_with_its_row_in_flight_leaves_the_others_unchanged(pair):
+    aborted = []
+
+    def abort(engine, tokens):
+        if not aborted and len(tokens[1]) >= 3 and engine._unread:
+            aborted.append(engine.abort_request("stepped-1").finish_reason)
+
+    got, expected = stepped(pair, 3, SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True), abort)
+    assert aborted == ["abort"] and got[0] == expected[0] and got[2] == expected[2]
+    assert got[1] == expected[1][: len(got[1])] and len(got[1]) < len(expected[1])
+    assert pair[1].engine.scheduler.usage()["kv_blocks_used"] == 0
 
 
 def test_turning_it_off_between_steps_lands_the_step_in_flight(pair):
-    step_by_step, ahead = pair
-    params = SamplingParams(max_tokens=9, temperature=0.0, ignore_eos=True)
-    expected = [c.token_ids for c in step_by_step.generate(prompts(2), params)]
-    engine = ahead.engine
-    for i, p in enumerate(prompts(2)):
-        engine.add_request(f"off-{i}", p, params)
-    got = {f"off-{i}": [] for i in range(2)}
+    steps = []
+
+    def switch_off(engine, tokens):
+        steps.append(bool(engine._unread))
+        if len(steps) == 4:
+            assert engine._unread
+            engine.async_scheduling = False
+
     try:
-        for step in range(40):
-            if step == 4:
-                assert engine._unread
-                engine.async_scheduling = False
-            for out in engine.step():
-                got[out.request_id] += out.new_token_ids
-            if not engine.has_unfinished():
-                break
+        got, expected = stepped(pair, 2, SamplingParams(max_tokens=9, temperature=0.0, ignore_eos=True), switch_off)
     finally:
-        engine.async_scheduling = True
-    assert [got["off-0"], got["off-1"]] == expected
+        pair[1].engine.async_scheduling = True
+    assert got == expected and not any(steps[4:])
 
 
 def test_refused_with_speculative_decoding(make_checkpoint):
@@ -176,22 +179,15 @@ def test_refused_with_speculative_decoding(make_checkpoint):
 
 
 def test_a_control_operation_reads_the_step_in_flight_first(pair):
-    step_by_step, ahead = pair
-    params = SamplingParams(max_tokens=9, temperature=0.0, ignore_eos=True)
-    expected = [c.token_ids for c in step_by_step.generate(prompts(2), params)]
-    engine = ahead.engine
-    for i, p in enumerate(prompts(2)):
-        engine.add_request(f"control-{i}", p, params)
-    got = {f"control-{i}": [] for i in range(2)}
-    controlled = False
-    while engine.has_unfinished():
-        for out in engine.step():
-            got[out.request_id] += out.new_token_ids
-        if not controlled and engine._unread and all(got.values()):
+    controlled = []
+
+    def control(engine, tokens):
+        if not controlled and engine._unread and all(tokens):
             engine._controlled("reading step timings", engine.executor.timings)
-            controlled = True
-            assert not engine._unread and engine._held  # read, and kept for the next step
-    assert controlled and [got["control-0"], got["control-1"]] == expected
+            controlled.append(not engine._unread and bool(engine._held))  # read, kept for the next step
+
+    got, expected = stepped(pair, 2, SamplingParams(max_tokens=9, temperature=0.0, ignore_eos=True), control)
+    assert controlled == [True] and got == expected
 
 
 @pytest.mark.parametrize("fault", [None, "expert:1:9", "attention:0:10"])
