@@ -263,7 +263,7 @@ class EngineCore(PlacementControl):
         scheduled, messages = self.scheduler.schedule()
         outputs: list[RequestOutput] = []
         try:
-            if scheduled:
+            if scheduled:  # listed before it is sent: a failure sending it replays it too
                 self._launched(scheduled)
                 self._unread.append(_Launched(scheduled, messages))
                 self._unread[-1].replies = self.executor.launch(messages)

@@ -87,11 +87,8 @@ def copy_to_host(result: SampleResult) -> Callable[[], SampleResult]:
     if result.tokens.device.type == "cpu":
         return lambda: result
     host = SampleResult(*(None if t is None else torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+                          .copy_(t, non_blocking=True)
                           for t in (result.tokens, result.logprobs, result.top_ids, result.top_logprobs)))
-    for src, dst in zip((result.tokens, result.logprobs, result.top_ids, result.top_logprobs),
-                        (host.tokens, host.logprobs, host.top_ids, host.top_logprobs)):
-        if src is not None:
-            dst.copy_(src, non_blocking=True)
     copied = torch.cuda.Event()
     copied.record()
 
