@@ -59,7 +59,7 @@ from attention.norm import GatedRMSNorm, RMSNorm
 from cluster import LLM, SamplingParams
 from cluster.config import ModelConfig
 from cluster.engine.cache_plan import CacheConfig
-from cluster.engine.executor import LocalExecutor
+from cluster.engine.executors.local import LocalExecutor
 from cluster.engine.memory_plan import FLAGSHIP
 from cluster.engine.scheduler import SchedulerConfig
 from cluster.model.loading import empty_model

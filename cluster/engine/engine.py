@@ -25,11 +25,11 @@ from ..config import ClusterConfig, ConfigError, ModelConfig, RebalanceConfig, S
 from ..model.checkpoint import with_mtp
 from .detokenizer import IncrementalDetokenizer
 from ..worker import decode_graphs
-from .executor import LocalExecutor
+from .executors.local import LocalExecutor
 from .memory_plan import device_capacity, plan_instance
 from .multimodal import multimodal_prompt, vision_cost_tokens
-from .placement_control import PlacementChange, PlacementControl
-from .ray_executor import RayExecutor, WorkerFailure
+from .executors.placement_control import PlacementChange, PlacementControl
+from .executors.ray_executor import RayExecutor, WorkerFailure
 from .sampling import SamplingParams
 from .scheduler import OverloadedError, Scheduled, Scheduler, SchedulerConfig
 from .sequence import Sequence, Status, speculation_rates
@@ -338,7 +338,7 @@ class EngineCore(PlacementControl):
             return results
 
     def _recover(self, failure: WorkerFailure) -> bool:
-        """Re-forms the instance (cluster.engine.ray_executor.RayExecutor.recover). Returns True where
+        """Re-forms the instance (cluster.engine.executors.ray_executor.RayExecutor.recover). Returns True where
         every attention worker kept its caches as before the failed step, which is then replayed:
         the same inputs give the same bits in any layout, so greedy streams go on unchanged.
         Otherwise every running sequence is prefilled again from its prompt and outputs (prefill

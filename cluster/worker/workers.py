@@ -1,5 +1,5 @@
 """The two worker roles of a model instance, as plain classes (Ray wraps them in
-cluster.engine.executor).
+cluster.engine.executors.ray_executor).
 
 AttentionWorker: the dense model (embeddings, DeltaNet / attention, norms, router gate, shared
 expert, LM head) and the caches of its sequences; no routed experts.

@@ -19,7 +19,7 @@ import torch
 
 from cluster import LLM, AsyncLLM, ClusterConfig, ConfigError, SamplingParams, UnavailableError
 from cluster.engine.engine import EngineCore
-from cluster.engine.ray_executor import WorkerFailure
+from cluster.engine.executors.ray_executor import WorkerFailure
 from cluster.worker.runner import ModelRunner
 from router.placement import ExpertPlacement
 from tests.conftest import FLAGSHIP_SHAPE

@@ -168,3 +168,18 @@ def test_deploy_serve_config_matches_the_manifests():
         remote = yaml.safe_load(resource["spec"]["serveConfigV2"])
         assert remote["grpc_options"] == local["grpc_options"]
         assert remote["applications"][0]["import_path"] == local["applications"][0]["import_path"]
+
+
+def test_the_image_and_the_wheel_hold_every_package():
+    """pyproject lists each package (sub-packages too: a non-editable install, as in the image, holds
+    only those), and the Dockerfile copies every top-level folder the install reads."""
+    setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    folders = {name: Path(setuptools.get("package-dir", {}).get(name.split(".")[0], name.split(".")[0]),
+                          *name.split(".")[1:]) for name in setuptools["packages"]}
+    for name, folder in folders.items():
+        assert (ROOT / folder / "__init__.py").is_file(), f"{name}: no {folder}/__init__.py"
+    tops = {folder.parts[0] for folder in folders.values()}
+    on_disk = {init.parent.relative_to(ROOT) for top in tops for init in (ROOT / top).rglob("__init__.py")}
+    assert on_disk == set(folders.values()), f"packages missing from pyproject: {on_disk - set(folders.values())}"
+    copied = set(re.findall(r"^COPY --chown=ray (\S+) \1$", (ROOT / "k8s" / "Dockerfile").read_text(), re.M))
+    assert tops <= copied, f"the Dockerfile does not copy {sorted(tops - copied)}"

@@ -1,5 +1,5 @@
 """Executors run a step on a model instance: in this process (LocalExecutor, here), or across Ray
-actors (cluster.engine.ray_executor.RayExecutor). Both offer execute(steps), launch(steps) (async
+actors (cluster.engine.executors.ray_executor.RayExecutor). Both offer execute(steps), launch(steps) (async
 scheduling: the step runs, and the function returned reads its results), placement, expert_load /
 reset_load, worker_info, timings and shutdown; only the Ray one places experts.
 
@@ -15,13 +15,13 @@ import torch
 
 from router import LocalDispatcher
 
-from ..config import ModelConfig
-from ..model.checkpoint import CheckpointReader
-from ..model.loading import load_dense_model, load_expert_shard
-from ..worker.runner import ModelRunner
-from ..worker.step import ChunkResult, StepInput
-from ..worker.timing import PhaseTimer
-from .cache_plan import CacheLayout
+from ...config import ModelConfig
+from ...model.checkpoint import CheckpointReader
+from ...model.loading import load_dense_model, load_expert_shard
+from ...worker.runner import ModelRunner
+from ...worker.step import ChunkResult, StepInput
+from ...worker.timing import PhaseTimer
+from ..cache_plan import CacheLayout
 
 
 class LocalExecutor:

@@ -29,12 +29,12 @@ import torch
 
 from router.placement import ExpertPlacement
 
-from ..config import ClusterConfig, ModelConfig
-from ..worker import links
-from ..worker.messages import PAUSE, RELEASE, STEP, decode_results, encode_command, encode_step
-from ..worker.step import ChunkResult, StepInput, micro_batches, mtp_pass_rows
-from .cache_plan import CacheLayout
-from .memory_plan import MemoryPlan, load_timeout_s
+from ...config import ClusterConfig, ModelConfig
+from ...worker import links
+from ...worker.messages import PAUSE, RELEASE, STEP, decode_results, encode_command, encode_step
+from ...worker.step import ChunkResult, StepInput, micro_batches, mtp_pass_rows
+from ..cache_plan import CacheLayout
+from ..memory_plan import MemoryPlan, load_timeout_s
 from .worker_recovery import Recovery, WorkerFailure, WorkerRecovery  # noqa: F401 (Recovery: re-exported)
 
 log = logging.getLogger(__name__)
@@ -46,7 +46,7 @@ class RayExecutor(WorkerRecovery):
         import ray
         from ray.util.placement_group import placement_group, remove_placement_group
 
-        from ..worker.workers import AttentionWorker, ExpertWorker
+        from ...worker.workers import AttentionWorker, ExpertWorker
 
         self._ray, self._remove_pg = ray, remove_placement_group
         self.started_ray = not ray.is_initialized()
@@ -217,7 +217,7 @@ class RayExecutor(WorkerRecovery):
 
     def _start(self, index: int, bundle: tuple, placement: ExpertPlacement):
         """A new actor for worker `index` (attention workers first) in `bundle`; no fault injection."""
-        from ..worker.workers import AttentionWorker, ExpertWorker
+        from ...worker.workers import AttentionWorker, ExpertWorker
 
         pg, bundle_index = bundle
         A, c = len(self.attention), self.cluster
@@ -312,7 +312,7 @@ class RayExecutor(WorkerRecovery):
         caches, so sequences in flight carry on."""
         from ray.util.placement_group import placement_group
 
-        from ..worker.workers import ExpertWorker
+        from ...worker.workers import ExpertWorker
 
         ray, A = self._ray, len(self.attention)
         self._check_whole("scaling")
