@@ -14,7 +14,6 @@ QWEN35_PATTERN = (
     r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}| ?[^\s\p{L}\p{M}\p{N}]+"""
     r"""[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
 )
-QWEN35_SPECIAL_START = 248044
 
 _CORPUS = """The quick brown fox jumps over the lazy dog. Experts route tokens; attention reads the
 cache. Mixture-of-Experts models send each token to a few of many experts, and a serving system

@@ -279,12 +279,6 @@ class RayExecutor(WorkerRecovery):
             self._switch(placement)
         return sum(loaded)
 
-    def apply_placement(self, placement: ExpertPlacement) -> int:
-        """begin_placement, wait, commit_placement: for callers that may block (offline, tests)."""
-        self.begin_placement(placement)
-        self._ray.wait(self.preparing[1], num_returns=len(self.experts), timeout=self.timeout)
-        return self.commit_placement()
-
     def _switch(self, placement: ExpertPlacement) -> None:
         """All workers take the prepared placement together. A failure part-way leaves the instance
         in doubt, and recovery re-asserts the last placement that worked."""
