@@ -338,7 +338,7 @@ class EngineCore(PlacementControl):
             return results
 
     def _recover(self, failure: WorkerFailure) -> bool:
-        """Re-forms the instance (cluster.engine.executors.ray_executor.RayExecutor.recover). Returns True where
+        """Re-forms the instance (executors.ray_executor.RayExecutor.recover). Returns True where
         every attention worker kept its caches as before the failed step, which is then replayed:
         the same inputs give the same bits in any layout, so greedy streams go on unchanged.
         Otherwise every running sequence is prefilled again from its prompt and outputs (prefill

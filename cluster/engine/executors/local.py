@@ -1,9 +1,8 @@
-"""Executors run a step on a model instance: in this process (LocalExecutor, here), or across Ray
-actors (cluster.engine.executors.ray_executor.RayExecutor). Both offer execute(steps), launch(steps) (async
-scheduling: the step runs, and the function returned reads its results), placement, expert_load /
-reset_load, worker_info, timings and shutdown; only the Ray one places experts.
-
-LocalExecutor: one ModelRunner with every expert and the LocalDispatcher.
+"""LocalExecutor: a model instance in this process, one ModelRunner with every expert and the
+LocalDispatcher. The other executor, across Ray actors, is ray_executor.RayExecutor; both offer
+execute(steps), launch(steps) (async scheduling: the step runs, and the function returned reads its
+results), placement, expert_load / reset_load, worker_info, timings and shutdown; only the Ray one
+places experts.
 """
 
 from __future__ import annotations
