@@ -4,7 +4,8 @@ the user-facing `LLM` / `AsyncLLM`."""
 from .engine.cache_plan import CacheConfig
 from .config import ClusterConfig, ConfigError, ModelConfig, RebalanceConfig, SpeculativeConfig
 from .async_llm import AsyncLLM
-from .engine.engine import EngineCore, RequestOutput, UnavailableError
+from .engine.engine import EngineCore, UnavailableError
+from .engine.outputs import RequestOutput
 from .llm import LLM, Completion
 from .engine.sampling import SamplingParams
 from .engine.scheduler import ContextLengthError, OverloadedError, SchedulerConfig

@@ -21,7 +21,8 @@ from pathlib import Path
 
 import torch
 
-from .engine.engine import EngineCore, RequestOutput
+from .engine.engine import EngineCore
+from .engine.outputs import RequestOutput
 from .engine.sampling import SamplingParams
 
 log = logging.getLogger(__name__)

@@ -18,7 +18,8 @@ import torch
 
 from .engine.cache_plan import CacheConfig
 from .config import ClusterConfig, RebalanceConfig, SpeculativeConfig
-from .engine.engine import EngineCore, TokenLogprob
+from .engine.engine import EngineCore
+from .engine.outputs import TokenLogprob
 from .engine.sampling import SamplingParams
 from .engine.scheduler import SchedulerConfig
 
@@ -80,7 +81,7 @@ class LLM:
     def spec_stats(self) -> dict | None:
         """MTP speculative decoding so far: verify steps, drafted and accepted tokens, acceptance
         rate, mean accepted length (tokens per verify step); None when speculation is off."""
-        return self.engine.spec_stats()
+        return self.engine.outputs.spec_stats()
 
     def expert_load(self) -> torch.Tensor:
         """[layers, experts] (token, expert) pairs routed over the current load window."""

@@ -1,5 +1,7 @@
-"""EngineCore: requests in, streamed outputs out. The loop is three lines: schedule, execute, update
-(with async scheduling, in one process: schedule, launch the step, update with the step before's).
+"""EngineCore: requests in, streamed outputs out. The loop is three lines: schedule (Scheduler),
+execute (the executor), update (OutputProcessor, cluster.engine.outputs); with async scheduling:
+schedule, launch the step, update with the step before's. Around it: worker failures and recovery,
+control operations between steps, the warm-up, metrics.
 
 Synchronous and single-threaded: the offline LLM drives it directly, AsyncLLM runs it on a thread.
 """
@@ -11,7 +13,7 @@ import logging
 import random
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -23,7 +25,6 @@ from vision import PreparedImage
 from .cache_plan import CacheConfig, plan_cache
 from ..config import ClusterConfig, ConfigError, ModelConfig, RebalanceConfig, SpeculativeConfig, resolve_dtype
 from ..model.checkpoint import with_mtp
-from .detokenizer import IncrementalDetokenizer
 from ..worker import decode_graphs
 from .executors.local import LocalExecutor
 from .memory_plan import device_capacity, plan_instance
@@ -32,7 +33,8 @@ from .executors.placement_control import PlacementChange, PlacementControl
 from .executors.ray_executor import RayExecutor, WorkerFailure
 from .sampling import SamplingParams
 from .scheduler import OverloadedError, Scheduled, Scheduler, SchedulerConfig
-from .sequence import Sequence, Status, speculation_rates
+from .outputs import OutputProcessor, RequestOutput
+from .sequence import Sequence, Status
 from ..worker.step import ChunkResult
 from .tokenizer import Tokenizer, check_token_ids
 
@@ -43,40 +45,6 @@ MAX_RECOVERIES_IN_A_ROW = 3  # then the instance is broken: requests fail, healt
 
 class UnavailableError(RuntimeError):
     """The instance lost workers and could not re-form: it takes no more requests."""
-
-
-@dataclass
-class TokenLogprob:
-    token_id: int
-    logprob: float
-    top: list[tuple[int, float]]  # the n most likely (token id, logprob), n = params.logprobs
-
-
-@dataclass
-class RequestOutput:
-    """What one step added to one request (a streaming delta)."""
-
-    request_id: str
-    new_token_ids: list[int]
-    new_text: str
-    finished: bool = False
-    finish_reason: str | None = None  # "stop" | "length" | "abort"
-    stop_reason: str | int | None = None
-    logprobs: list[TokenLogprob] = field(default_factory=list)
-    num_prompt_tokens: int = 0
-    num_output_tokens: int = 0
-    prompt_logits: torch.Tensor | None = None  # scoring requests: [prompt, V] fp32
-    time_to_first_token: float | None = None  # seconds, set on the output carrying the first token
-    speculative: dict | None = None  # on the last output: Sequence.spec_stats (MTP acceptance)
-
-    def then(self, later: RequestOutput) -> RequestOutput:
-        """This delta followed by a later one of the same request, as one delta."""
-        return RequestOutput(
-            self.request_id, self.new_token_ids + later.new_token_ids, self.new_text + later.new_text,
-            later.finished, later.finish_reason, later.stop_reason, self.logprobs + later.logprobs,
-            later.num_prompt_tokens, later.num_output_tokens, later.prompt_logits,
-            self.time_to_first_token if self.time_to_first_token is not None else later.time_to_first_token,
-            later.speculative)
 
 
 @dataclass
@@ -107,7 +75,6 @@ class EngineCore(PlacementControl):
         self.speculative = SpeculativeConfig.parse(speculative_config)
         if self.speculative is not None:
             self.config = with_mtp(self.config, self.model_dir)
-        self.spec_totals = {"verify_steps": 0, "drafted": 0, "accepted": 0}
         self.cluster = cluster or ClusterConfig()
         if self.cluster.async_scheduling and self.speculative is not None:
             raise ConfigError("async_scheduling and speculative decoding do not combine: the drafts are drawn "
@@ -140,12 +107,10 @@ class EngineCore(PlacementControl):
                                           compile_glue=self.cluster.compile_decode_graphs)
         self.scheduler = Scheduler(self.scheduler_config, self.layout, self.cluster.attention_workers,
                                    self.max_model_len, self.speculative)
+        self.outputs = OutputProcessor(self.scheduler, self.tokenizer, self.speculative)
         self.async_scheduling = self._async_scheduling()
         self._unread: deque[_Launched] = deque()  # async scheduling: steps launched, results not read
         self._held: list[RequestOutput] = []  # read before a control operation, returned by the next step
-        self.requests: dict[str, Sequence] = {}
-        self._detok: dict[str, IncrementalDetokenizer] = {}
-        self._logits: dict[str, list[torch.Tensor]] = {}
         self._seq_ids = itertools.count()
         self._seeds = random.Random()
         self._failures_in_a_row = 0
@@ -162,7 +127,7 @@ class EngineCore(PlacementControl):
             if ray.is_initialized():
                 from .metrics import EngineMetrics
 
-                self.metrics = EngineMetrics(metrics_name)
+                self.metrics = self.outputs.metrics = EngineMetrics(metrics_name)
         self.metrics_interval_steps = metrics_interval_steps
 
     def _async_scheduling(self) -> bool:
@@ -177,6 +142,11 @@ class EngineCore(PlacementControl):
         return asked
 
     # -- requests ----------------------------------------------------------------------------------
+    @property
+    def requests(self) -> dict[str, Sequence]:
+        """The requests in the engine: request id -> Sequence."""
+        return self.outputs.requests
+
     def tokenize(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
             if self.tokenizer is None:
@@ -215,12 +185,9 @@ class EngineCore(PlacementControl):
         except Exception as e:
             self._count_rejection("rejected_overload" if isinstance(e, OverloadedError) else "rejected_context")
             raise
-        self.requests[request_id] = seq
+        self.outputs.add(seq)
         if self.metrics is not None:
             self.metrics.prompt_tokens.inc(len(ids), self.metrics.tags)
-        if self.tokenizer is not None and not score_only:
-            self._detok[request_id] = IncrementalDetokenizer(
-                self.tokenizer, params.stop, params.include_stop_str_in_output, params.skip_special_tokens)
         return seq
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
@@ -229,7 +196,7 @@ class EngineCore(PlacementControl):
         if seq is None or seq.status == Status.FINISHED:
             return None
         self.scheduler.finish(seq, "abort")
-        return self._finish_output(seq, [], [])
+        return self.outputs.finish(seq, [], [])
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished() or bool(self._unread or self._held)
@@ -252,7 +219,7 @@ class EngineCore(PlacementControl):
         results = self._execute(messages)
         if results is not None:  # None: a worker failed; the instance re-formed and recomputes them
             self._launched(scheduled)
-            outputs += self._update(scheduled, results)
+            outputs += self.outputs.update(scheduled, results)
         return outputs
 
     def _step_ahead(self) -> list[RequestOutput]:
@@ -282,7 +249,7 @@ class EngineCore(PlacementControl):
         results = step.replies()
         self._unread.popleft()
         self._failures_in_a_row = 0
-        return self._update(step.scheduled, results)
+        return self.outputs.update(step.scheduled, results)
 
     def _land(self) -> list[RequestOutput]:
         """Reads every launched step's results into its sequences (before a control operation, or
@@ -310,7 +277,7 @@ class EngineCore(PlacementControl):
                 if results is None:  # failed again, and recomputing: the rest is void
                     steps = steps[i:]
                     break
-                outputs += self._update(step.scheduled, results)
+                outputs += self.outputs.update(step.scheduled, results)
             else:
                 return outputs
         for step in steps:
@@ -405,7 +372,7 @@ class EngineCore(PlacementControl):
         self.flush()
         graphs = self.executor.capture_decode_graphs(self.scheduler_config.max_num_seqs)  # CUDA, one process
         self._controlled("resetting the load window", self.executor.reset_load)  # real traffic only
-        self.spec_totals = dict.fromkeys(self.spec_totals, 0)
+        self.outputs.spec_totals = dict.fromkeys(self.outputs.spec_totals, 0)
         seconds = time.perf_counter() - start
         log.info("warm-up: %d steps, %d decode graphs captured, in %.2fs", steps, graphs, seconds)
         return seconds
@@ -449,98 +416,6 @@ class EngineCore(PlacementControl):
             item.seq.num_computed += item.num_tokens
             if item.sample and not item.seq.score_only:
                 item.seq.pending += 1
-
-    def _update(self, scheduled: list[Scheduled], results: list[list[ChunkResult]]) -> list[RequestOutput]:
-        by_seq = {r.seq_id: r for worker in results for r in worker}
-        outputs = []
-        now = time.monotonic()
-        for item in scheduled:
-            seq, result = item.seq, by_seq[item.seq.seq_id]
-            if item.sample and not seq.score_only:
-                seq.pending -= 1
-            if seq.status == Status.FINISHED or (seq.status == Status.WAITING and seq.score_only):
-                continue  # ended (or preempted, to be scored again) after this step was launched
-            if seq.score_only:
-                if item.past == 0:  # its first chunk, or the first again after a preemption
-                    self._logits[seq.request_id] = []
-                self._logits[seq.request_id].append(result.logits)
-                if item.end == len(seq.prompt_ids):  # its last chunk (num_computed counts chunks in flight)
-                    self.scheduler.finish(seq, "length")
-                    outputs.append(self._finish_output(seq, [], []))
-                continue
-            if item.verify:  # the accepted drafts are in the worker's caches now
-                seq.num_computed += len(result.accepted)
-                self._count_verify(seq, len(result.accepted))
-            seq.has_drafts = item.spec and item.sample
-            if not item.sample:
-                continue  # a prefill chunk in the middle of the prompt
-            picks = result.accepted + [(result.token_id, result.logprob, result.top_logprobs)]
-            outputs.append(self._append_tokens(seq, picks, now))
-        return outputs
-
-    def _count_verify(self, seq: Sequence, accepted: int) -> None:
-        k = self.speculative.num_speculative_tokens
-        seq.spec_verifies, seq.spec_drafted, seq.spec_accepted = (
-            seq.spec_verifies + 1, seq.spec_drafted + k, seq.spec_accepted + accepted)
-        for key, value in (("verify_steps", 1), ("drafted", k), ("accepted", accepted)):
-            self.spec_totals[key] += value
-        if self.metrics is not None:
-            self.metrics.speculated(k, accepted)
-
-    def spec_stats(self) -> dict | None:
-        """Speculative decoding since start (warm-up excluded): verify steps, drafts, accepted,
-        acceptance rate and mean accepted length (tokens per verify step); None when it is off."""
-        if self.speculative is None:
-            return None
-        t = self.spec_totals
-        return {**t, "num_speculative_tokens": self.speculative.num_speculative_tokens} | speculation_rates(**t)
-
-    def _append_tokens(self, seq: Sequence, picks: list[tuple[int, float, list]], now: float) -> RequestOutput:
-        """Appends a step's tokens (one, or the accepted drafts and one more) until one ends the sequence."""
-        ttft = None
-        if seq.first_token_time is None:
-            seq.first_token_time = now
-            ttft = now - seq.arrival_time
-        params = seq.params
-        detok = self._detok.get(seq.request_id)
-        eos = () if params.ignore_eos or self.tokenizer is None else self.tokenizer.eos_token_ids
-        tokens, logprobs = [], []
-        for token, logprob, top in picks:
-            seq.output_ids.append(token)
-            tokens.append(token)
-            if params.logprobs is not None:
-                logprobs.append(TokenLogprob(token, logprob, top))
-            stop_string = detok.add(token) if detok else None
-            if stop_string is not None:
-                self.scheduler.finish(seq, "stop", stop_string)
-            elif token in params.stop_token_ids or token in eos:
-                self.scheduler.finish(seq, "stop", token)
-            elif len(seq.output_ids) >= params.max_tokens or seq.num_tokens >= seq.max_total_tokens:
-                self.scheduler.finish(seq, "length")
-            if seq.status == Status.FINISHED:
-                break
-        if seq.status == Status.FINISHED:
-            out = self._finish_output(seq, tokens, logprobs)
-        else:
-            out = RequestOutput(seq.request_id, tokens, detok.delta(False) if detok else "",
-                                logprobs=logprobs, num_prompt_tokens=len(seq.prompt_ids),
-                                num_output_tokens=len(seq.output_ids))
-        out.time_to_first_token = ttft
-        return out
-
-    def _finish_output(self, seq: Sequence, new_tokens: list[int], logprobs: list[TokenLogprob]) -> RequestOutput:
-        if self.metrics is not None and not seq.score_only:
-            self.metrics.request_finished(seq.finish_reason, len(seq.output_ids), seq.first_token_time,
-                                          time.monotonic())
-        detok = self._detok.pop(seq.request_id, None)
-        logits = self._logits.pop(seq.request_id, None)
-        self.requests.pop(seq.request_id, None)
-        return RequestOutput(
-            seq.request_id, new_tokens, detok.delta(True) if detok else "", finished=True,
-            finish_reason=seq.finish_reason, stop_reason=seq.stop_reason, logprobs=logprobs,
-            num_prompt_tokens=len(seq.prompt_ids), num_output_tokens=len(seq.output_ids),
-            prompt_logits=torch.cat(logits) if logits else None, speculative=seq.spec_stats(),
-        )
 
     # -- introspection -----------------------------------------------------------------------------
     def worker_info(self) -> list[dict]:
