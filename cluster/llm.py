@@ -81,7 +81,7 @@ class LLM:
     def spec_stats(self) -> dict | None:
         """MTP speculative decoding so far: verify steps, drafted and accepted tokens, acceptance
         rate, mean accepted length (tokens per verify step); None when speculation is off."""
-        return self.engine.outputs.spec_stats()
+        return self.engine.output_processor.spec_stats()
 
     def expert_load(self) -> torch.Tensor:
         """[layers, experts] (token, expert) pairs routed over the current load window."""

@@ -107,7 +107,7 @@ class EngineCore(PlacementControl):
                                           compile_glue=self.cluster.compile_decode_graphs)
         self.scheduler = Scheduler(self.scheduler_config, self.layout, self.cluster.attention_workers,
                                    self.max_model_len, self.speculative)
-        self.outputs = OutputProcessor(self.scheduler, self.tokenizer, self.speculative)
+        self.output_processor = OutputProcessor(self.scheduler, self.tokenizer, self.speculative)
         self.async_scheduling = self._async_scheduling()
         self._unread: deque[_Launched] = deque()  # async scheduling: steps launched, results not read
         self._held: list[RequestOutput] = []  # read before a control operation, returned by the next step
@@ -127,7 +127,7 @@ class EngineCore(PlacementControl):
             if ray.is_initialized():
                 from .metrics import EngineMetrics
 
-                self.metrics = self.outputs.metrics = EngineMetrics(metrics_name)
+                self.metrics = self.output_processor.metrics = EngineMetrics(metrics_name)
         self.metrics_interval_steps = metrics_interval_steps
 
     def _async_scheduling(self) -> bool:
@@ -145,7 +145,7 @@ class EngineCore(PlacementControl):
     @property
     def requests(self) -> dict[str, Sequence]:
         """The requests in the engine: request id -> Sequence."""
-        return self.outputs.requests
+        return self.output_processor.requests
 
     def tokenize(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
@@ -185,7 +185,7 @@ class EngineCore(PlacementControl):
         except Exception as e:
             self._count_rejection("rejected_overload" if isinstance(e, OverloadedError) else "rejected_context")
             raise
-        self.outputs.add(seq)
+        self.output_processor.add(seq)
         if self.metrics is not None:
             self.metrics.prompt_tokens.inc(len(ids), self.metrics.tags)
         return seq
@@ -196,7 +196,7 @@ class EngineCore(PlacementControl):
         if seq is None or seq.status == Status.FINISHED:
             return None
         self.scheduler.finish(seq, "abort")
-        return self.outputs.finish(seq, [], [])
+        return self.output_processor.finish(seq, [], [])
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished() or bool(self._unread or self._held)
@@ -219,7 +219,7 @@ class EngineCore(PlacementControl):
         results = self._execute(messages)
         if results is not None:  # None: a worker failed; the instance re-formed and recomputes them
             self._launched(scheduled)
-            outputs += self.outputs.update(scheduled, results)
+            outputs += self.output_processor.update(scheduled, results)
         return outputs
 
     def _step_ahead(self) -> list[RequestOutput]:
@@ -249,7 +249,7 @@ class EngineCore(PlacementControl):
         results = step.replies()
         self._unread.popleft()
         self._failures_in_a_row = 0
-        return self.outputs.update(step.scheduled, results)
+        return self.output_processor.update(step.scheduled, results)
 
     def _land(self) -> list[RequestOutput]:
         """Reads every launched step's results into its sequences (before a control operation, or
@@ -277,7 +277,7 @@ class EngineCore(PlacementControl):
                 if results is None:  # failed again, and recomputing: the rest is void
                     steps = steps[i:]
                     break
-                outputs += self.outputs.update(step.scheduled, results)
+                outputs += self.output_processor.update(step.scheduled, results)
             else:
                 return outputs
         for step in steps:
@@ -372,7 +372,7 @@ class EngineCore(PlacementControl):
         self.flush()
         graphs = self.executor.capture_decode_graphs(self.scheduler_config.max_num_seqs)  # CUDA, one process
         self._controlled("resetting the load window", self.executor.reset_load)  # real traffic only
-        self.outputs.spec_totals = dict.fromkeys(self.outputs.spec_totals, 0)
+        self.output_processor.spec_totals = dict.fromkeys(self.output_processor.spec_totals, 0)
         seconds = time.perf_counter() - start
         log.info("warm-up: %d steps, %d decode graphs captured, in %.2fs", steps, graphs, seconds)
         return seconds

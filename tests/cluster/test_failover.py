@@ -64,7 +64,7 @@ def test_a_step_failing_half_way_is_undone_and_replays_to_the_same_tokens(make_c
 
     def advance(scheduled, results):
         engine._launched(scheduled)
-        for out in engine.outputs.update(scheduled, results):
+        for out in engine.output_processor.update(scheduled, results):
             tokens[out.request_id] += out.new_token_ids
 
     for _ in range(5):  # prefill and a few decodes
