@@ -247,13 +247,13 @@ def bandwidth(args) -> None:
                ("epserve bfloat16", lambda: epserve_generate(model_dir, "bfloat16"), 2)]
     if not args.skip_transformers:
         engines.append(("transformers float32", lambda: transformers_generate(model_dir), 4))
-    fresh = torch.ones(2**28)  # 1 GiB, allocated once: each round sums the same pages
+    probe = torch.ones(2**28)  # 1 GiB, allocated once: every round sums the same pages
     for name, make, dtype_bytes in engines:
         generate = make()
         single = [make_prompts(1234)[0]]
         generate(single, SINGLE_LEN)
         nbytes = decode_bytes(model_dir, dtype_bytes)
-        rounds = [bandwidth_round(generate, single, fresh, threads) for _ in range(args.rounds)]
+        rounds = [bandwidth_round(generate, single, probe, threads) for _ in range(args.rounds)]
         rate, bw = statistics.median(r[0] for r in rounds), statistics.median(r[1] for r in rounds)
         fractions = sorted(rate_r * nbytes / bw_r for rate_r, bw_r in rounds)
         own = weights_read_bandwidth(generate.llm, threads) if hasattr(generate, "llm") else None
@@ -262,17 +262,17 @@ def bandwidth(args) -> None:
               + (f"{own / 1e9:9.1f} {rate * nbytes / own:7.0%}" if own else ""))
 
 
-def bandwidth_round(generate, single: list[list[int]], fresh, threads: int) -> tuple[float, float]:
+def bandwidth_round(generate, single: list[list[int]], probe, threads: int) -> tuple[float, float]:
     """One paired measurement: batch-1 decode tok/s, and the read bandwidth of the same minute (this
-    shared machine's moves 2x from one minute to the next): the mean of a sum over `fresh` just
+    shared machine's moves 2x from one minute to the next): the mean of a sum over `probe` just
     before and just after the decode (each the best of 3)."""
     import torch
 
     torch.set_num_threads(threads)
-    before = sum_bandwidth([fresh], 3)
+    before = sum_bandwidth([probe], 3)
     first = timed(lambda: generate(single, 1))
     whole = timed(lambda: generate(single, SINGLE_LEN))
-    after = sum_bandwidth([fresh], 3)
+    after = sum_bandwidth([probe], 3)
     return (SINGLE_LEN - 1) / (whole - first), (before + after) / 2
 
 
