@@ -15,7 +15,7 @@ import itertools
 import torch
 from torch import nn
 
-from kernels import causal_conv1d, delta_rule, fuse_weights, gated_rms_norm, linear
+from kernels import causal_conv1d, delta_rule, deltanet_mixer, fuse_weights, gated_rms_norm, linear, one_call
 
 from .cache import DeltaNetStateCache, ForwardBatch, SpeculativeRollback
 from .norm import GatedRMSNorm
@@ -53,13 +53,26 @@ class GatedDeltaNet(nn.Module):
         self.norm = GatedRMSNorm(value_head_dim, eps)
         self.out_proj = nn.Linear(self.value_dim, hidden_size, bias=False)
         self.in_proj: torch.Tensor | None = None  # [C + H * dv + 2H, D] once fused
+        self.one_call_weights: tuple | None = None  # once fused: deltanet_mixer's weight arguments
 
     def fuse(self) -> None:
-        """After loading: one matmul for qkv, z, b and a."""
+        """After loading: one matmul for qkv, z, b and a; the weights as the one-call op takes them
+        (a plain tuple: no module attribute lookups per step)."""
         self.in_proj = fuse_weights(self.in_proj_qkv, self.in_proj_z, self.in_proj_b, self.in_proj_a)
+        self.one_call_weights = (self.in_proj, self.conv1d.weight.view(self.conv_channels, -1), self.A_log,
+                                 self.dt_bias, self.norm.weight, self.norm.eps, self.out_proj.weight)
 
     def forward(self, x_TD: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         T, H, dv = x_TD.shape[0], self.num_value_heads, self.value_head_dim
+        if one_call(x_TD):  # the ops below in one C++ call
+            states, i = batch.states, self.layer_idx
+            out, projected = deltanet_mixer(
+                x_TD, *self.one_call_weights, states.conv[i], states.recurrent[i], batch.slots, batch.query_start,
+                batch.slots if batch.out_slots is None else batch.out_slots,
+                (self.num_key_heads, self.key_head_dim, H, dv))
+            if batch.rollback is not None:
+                batch.rollback.keep(self.layer_idx, projected)
+            return out
         projected = linear(x_TD, self.in_proj)
         if batch.rollback is not None:
             batch.rollback.keep(self.layer_idx, projected)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kernels import fuse_weights, linear, paged_attention, qk_norm_rope, write_kv
+from kernels import attention_mixer, fuse_weights, linear, one_call, paged_attention, qk_norm_rope, write_kv
 
 from .cache import ForwardBatch
 from .norm import RMSNorm
@@ -40,13 +40,21 @@ class GatedAttention(nn.Module):
         self.k_norm = RMSNorm(head_dim, eps)
         self.rotary = rotary  # shared by all attention layers; holds no weights
         self.qkv: torch.Tensor | None = None  # [2 H hd + 2 KV hd, D] once fused
+        self.one_call_weights: tuple | None = None  # once fused: attention_mixer's weight arguments
 
     def fuse(self) -> None:
-        """After loading: one matmul for q (with its gate), k and v."""
+        """After loading: one matmul for q (with its gate), k and v; the weights as the one-call op
+        takes them (a plain tuple: no module attribute lookups per step)."""
         self.qkv = fuse_weights(self.q_proj, self.k_proj, self.v_proj)
+        self.one_call_weights = (self.qkv, self.q_norm.weight, self.k_norm.weight, self.q_norm.eps)
 
     def forward(self, x_TD: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         T, H, KV, hd = x_TD.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
+        if one_call(x_TD):  # the ops below in one C++ call
+            return attention_mixer(
+                x_TD, *self.one_call_weights, batch.positions, self.rotary.inv_freq, batch.kv.key[self.layer_idx],
+                batch.kv.value[self.layer_idx], batch.slot_mapping, batch.block_tables, batch.query_start,
+                batch.context_lens, hd**-0.5, self.o_proj.weight, (H, KV, hd))
         q_and_gate, key, value = linear(x_TD, self.qkv).split([2 * H * hd, KV * hd, KV * hd], dim=-1)
         query, gate = q_and_gate.view(T, H, 2 * hd).split(hd, dim=-1)
         query, key = qk_norm_rope(query, key.view(T, KV, hd), self.q_norm.weight, self.k_norm.weight,

@@ -24,18 +24,19 @@ torch.compile inside `compiled_glue()`, which CUDA decode graphs enter while cap
 """
 
 from .attention import paged_attention, qk_norm_rope, write_kv
-from .backend import cpu_kernels_loaded, reference_kernels
+from .backend import cpu_kernels_loaded, one_call, reference_kernels, separate_sublayers
 from .conv import causal_conv1d
 from .delta_rule import delta_rule, delta_rule_decode, delta_rule_prefill
 from .fuse import fuse_weights
+from .layers import attention_mixer, deltanet_mixer, moe_block
 from .linear import linear
 from .moe import add_shared_expert, moe_experts, topk_softmax
 from .norms import add_rms_norm, gated_rms_norm, rms_norm
 from .sampling import SamplingTensors, sample, uniform_draw
 
 __all__ = [
-    "SamplingTensors", "add_rms_norm", "add_shared_expert", "causal_conv1d", "cpu_kernels_loaded",
-    "delta_rule", "delta_rule_decode", "delta_rule_prefill", "fuse_weights", "gated_rms_norm", "linear",
-    "moe_experts", "paged_attention", "qk_norm_rope", "reference_kernels", "rms_norm", "sample",
-    "topk_softmax", "uniform_draw", "write_kv",
+    "SamplingTensors", "add_rms_norm", "add_shared_expert", "attention_mixer", "causal_conv1d",
+    "cpu_kernels_loaded", "delta_rule", "delta_rule_decode", "delta_rule_prefill", "deltanet_mixer", "fuse_weights",
+    "gated_rms_norm", "linear", "moe_block", "moe_experts", "one_call", "paged_attention", "qk_norm_rope",
+    "reference_kernels", "rms_norm", "sample", "separate_sublayers", "topk_softmax", "uniform_draw", "write_kv",
 ]

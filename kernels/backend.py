@@ -48,6 +48,26 @@ def native(t: torch.Tensor) -> bool:
             and (_cpu_kernels or (_cpu_kernels is None and cpu_kernels_loaded())))
 
 
+_separate_sublayers = False
+
+
+def one_call(t: torch.Tensor) -> bool:
+    """True when a sublayer (mixer, MoE block) on tensors like t runs as one composite C++ op
+    (kernels.layers) rather than op by op: the C++ kernels run and `separate_sublayers()` is off."""
+    return native(t) and not _separate_sublayers
+
+
+@contextmanager
+def separate_sublayers():
+    """Runs sublayers op by op inside the block, each op still the C++ kernel (tests compare the two)."""
+    global _separate_sublayers
+    previous, _separate_sublayers = _separate_sublayers, True
+    try:
+        yield
+    finally:
+        _separate_sublayers = previous
+
+
 def batched(t: torch.Tensor) -> bool:
     """True unless references are forced: batched plain-torch versions run on any device."""
     return not _forced_reference

@@ -15,9 +15,9 @@ from contextlib import nullcontext
 import torch
 from torch import nn
 
-from kernels import fuse_weights, linear
+from kernels import fuse_weights, linear, moe_block, one_call
 
-from .dispatcher import Dispatcher
+from .dispatcher import Dispatcher, LocalDispatcher
 from .gate import TopKGate
 
 
@@ -32,6 +32,7 @@ class MoELayer(nn.Module):
         super().__init__()
         self.layer_idx = layer_idx
         self.gate = gate
+        self.top_k = gate.top_k
         self.shared_expert = shared_expert
         self.shared_expert_gate = nn.Linear(hidden_size, 1, bias=False)
         self.dispatcher: Dispatcher | None = None  # wired by the runner
@@ -39,11 +40,13 @@ class MoELayer(nn.Module):
         self.timer = None  # optional: anything with .phase(name) -> context manager
         self.load = None  # optional router.load.ExpertLoadWindow: counts routed pairs per expert
         self.router: torch.Tensor | None = None  # [E + 1, D]: gate rows, then the shared gate's
+        self.shared_weights: tuple | None = None  # once fused: the shared expert's (gate_up, down)
 
     def fuse(self) -> None:
         """After loading: the router and the shared expert's gate as one matmul."""
         self.router = fuse_weights(self.gate, self.shared_expert_gate)
         self.shared_expert.fuse()
+        self.shared_weights = (self.shared_expert.gate_up, self.shared_expert.down_proj.weight)
 
     def _phase(self, name: str):
         return self.timer.phase(name) if self.timer is not None else nullcontext()
@@ -75,4 +78,15 @@ class MoELayer(nn.Module):
         return self.shared_expert.forward(x_TD, shared_logit, routed)
 
     def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
+        if one_call(x_TD) and self._holds_every_expert():  # start and finish in one C++ call
+            bank = self.experts.banks[self.layer_idx]
+            with self._phase("experts"):  # here the router and the shared expert count as experts
+                out, topk_idx = moe_block(x_TD, self.router, self.top_k, bank.gate_up, bank.down, *self.shared_weights)
+            if self.load is not None:
+                self.load.record(self.layer_idx, topk_idx)
+            return out
         return self.finish(self.start(x_TD))
+
+    def _holds_every_expert(self) -> bool:
+        """This process's bank is the layer's every expert in router order (no exchange, no remap)."""
+        return isinstance(self.dispatcher, LocalDispatcher) and self.dispatcher.local_index[self.layer_idx] is None

@@ -3,34 +3,7 @@
 #include <torch/library.h>
 
 #include "common.h"
-
-namespace epserve {
-at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps);
-std::tuple<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& x, const at::Tensor& delta,
-                                                const at::Tensor& weight, double eps);
-at::Tensor gated_rms_norm(const at::Tensor& x, const at::Tensor& z, const at::Tensor& weight, double eps);
-at::Tensor causal_conv1d(const at::Tensor& x, const at::Tensor& weight, at::Tensor& state,
-                         const at::Tensor& slots, const at::Tensor& query_start, const at::Tensor& out_slots);
-at::Tensor delta_rule(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& a,
-                      const at::Tensor& b, const at::Tensor& A_log, const at::Tensor& dt_bias,
-                      at::Tensor& state, const at::Tensor& slots, const at::Tensor& query_start,
-                      const at::Tensor& out_slots);
-at::Tensor paged_attention(const at::Tensor& query, const at::Tensor& key_cache,
-                           const at::Tensor& value_cache, const at::Tensor& block_tables,
-                           const at::Tensor& query_start, const at::Tensor& context_lens, double scale);
-void write_kv(at::Tensor& key_cache, at::Tensor& value_cache, const at::Tensor& key, const at::Tensor& value,
-              const at::Tensor& slot_mapping);
-std::tuple<at::Tensor, at::Tensor> topk_softmax(const at::Tensor& logits, int64_t K);
-at::Tensor moe_experts(const at::Tensor& x, const at::Tensor& idx, const at::Tensor& weights,
-                       const at::Tensor& gate_up, const at::Tensor& down, bool partial);
-at::Tensor linear_rows(const at::Tensor& x, const at::Tensor& weight);
-std::tuple<at::Tensor, at::Tensor> qk_norm_rope(const at::Tensor& query, const at::Tensor& key,
-                                                const at::Tensor& q_weight, const at::Tensor& k_weight,
-                                                double eps, const at::Tensor& positions,
-                                                const at::Tensor& inv_freq);
-at::Tensor shared_expert(const at::Tensor& x, const at::Tensor& gate_up, const at::Tensor& down,
-                         const at::Tensor& gate_logit, const at::Tensor& routed);
-}  // namespace epserve
+#include "ops.h"
 
 TORCH_LIBRARY(epserve, m) {
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
@@ -49,6 +22,16 @@ TORCH_LIBRARY(epserve, m) {
         "Tensor positions, Tensor inv_freq) -> (Tensor, Tensor)");
   m.def("shared_expert(Tensor x, Tensor gate_up, Tensor down, Tensor gate_logit, Tensor routed) -> Tensor");
   m.def("moe_experts(Tensor x, Tensor idx, Tensor weights, Tensor gate_up, Tensor down, bool partial) -> Tensor");
+  m.def("deltanet_mixer(Tensor x, Tensor in_proj, Tensor conv_weight, Tensor A_log, Tensor dt_bias, "
+        "Tensor norm_weight, float eps, Tensor out_proj, Tensor(a!) conv_state, Tensor(b!) recurrent_state, "
+        "Tensor slots, Tensor query_start, Tensor out_slots, int num_key_heads, int key_head_dim, "
+        "int num_value_heads, int value_head_dim) -> (Tensor, Tensor)");
+  m.def("attention_mixer(Tensor x, Tensor qkv_weight, Tensor q_norm_weight, Tensor k_norm_weight, float eps, "
+        "Tensor positions, Tensor inv_freq, Tensor(a!) key_cache, Tensor(b!) value_cache, Tensor slot_mapping, "
+        "Tensor block_tables, Tensor query_start, Tensor context_lens, float scale, Tensor o_proj, "
+        "int num_heads, int num_kv_heads, int head_dim) -> Tensor");
+  m.def("moe_block(Tensor x, Tensor router, int top_k, Tensor gate_up, Tensor down, Tensor shared_gate_up, "
+        "Tensor shared_down) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(epserve, CPU, m) {
@@ -64,4 +47,7 @@ TORCH_LIBRARY_IMPL(epserve, CPU, m) {
   m.impl("qk_norm_rope", &epserve::qk_norm_rope);
   m.impl("shared_expert", &epserve::shared_expert);
   m.impl("moe_experts", &epserve::moe_experts);
+  m.impl("deltanet_mixer", &epserve::deltanet_mixer);
+  m.impl("attention_mixer", &epserve::attention_mixer);
+  m.impl("moe_block", &epserve::moe_block);
 }

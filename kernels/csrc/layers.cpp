@@ -1,0 +1,58 @@
+// Composite layer ops: a sublayer's kernels called one after the other from C++, so a step pays one
+// Python call and one dispatch per sublayer instead of ~10 ops and ~20 small tensor calls between
+// them (at batch 1 that glue cost as much as the kernels). They call the very kernels the model's
+// plain path calls, in the same order: the results are the same bits (tests/kernels/test_layers.py).
+//   deltanet_mixer: Gated DeltaNet (attention/deltanet.py) -> (out [T, D], projected [T, P])
+//   attention_mixer: gated attention (attention/gated_attention.py) -> out [T, D]
+//   moe_block: router, top-k, the whole local bank, shared expert (router/moe_layer.py) -> (out, idx)
+#include "common.h"
+#include "ops.h"
+
+namespace epserve {
+
+std::tuple<at::Tensor, at::Tensor> deltanet_mixer(
+    const at::Tensor& x, const at::Tensor& in_proj, const at::Tensor& conv_weight, const at::Tensor& A_log,
+    const at::Tensor& dt_bias, const at::Tensor& norm_weight, double eps, const at::Tensor& out_proj,
+    at::Tensor& conv_state, at::Tensor& recurrent_state, const at::Tensor& slots, const at::Tensor& query_start,
+    const at::Tensor& out_slots, int64_t num_key_heads, int64_t key_head_dim, int64_t num_value_heads,
+    int64_t value_head_dim) {
+  const int64_t T = x.size(0), Hk = num_key_heads, dk = key_head_dim, H = num_value_heads, dv = value_head_dim;
+  const int64_t key_dim = Hk * dk, value_dim = H * dv, conv_channels = 2 * key_dim + value_dim;
+  auto projected = linear_rows(x, in_proj);  // [T, C + H dv + 2H]: qkv | z | b | a
+  auto parts = projected.split_with_sizes({conv_channels, value_dim, H, H}, -1);
+  auto mixed = causal_conv1d(parts[0], conv_weight, conv_state, slots, query_start, out_slots);
+  auto qkv = mixed.split_with_sizes({key_dim, key_dim, value_dim}, -1);
+  auto out = delta_rule(qkv[0].view({T, Hk, dk}), qkv[1].view({T, Hk, dk}), qkv[2].view({T, H, dv}), parts[3],
+                        parts[2], A_log, dt_bias, recurrent_state, slots, query_start, out_slots);
+  auto normed = gated_rms_norm(out, parts[1].view({T, H, dv}), norm_weight, eps);
+  return {linear_rows(normed.view({T, value_dim}), out_proj), projected};
+}
+
+at::Tensor attention_mixer(const at::Tensor& x, const at::Tensor& qkv_weight, const at::Tensor& q_norm_weight,
+                           const at::Tensor& k_norm_weight, double eps, const at::Tensor& positions,
+                           const at::Tensor& inv_freq, at::Tensor& key_cache, at::Tensor& value_cache,
+                           const at::Tensor& slot_mapping, const at::Tensor& block_tables,
+                           const at::Tensor& query_start, const at::Tensor& context_lens, double scale,
+                           const at::Tensor& o_proj, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim) {
+  const int64_t T = x.size(0), H = num_heads, KV = num_kv_heads, hd = head_dim, width = H * hd;
+  auto parts = linear_rows(x, qkv_weight).split_with_sizes({2 * width, KV * hd, KV * hd}, -1);
+  auto query_and_gate = parts[0].view({T, H, 2 * hd}).split(hd, -1);
+  auto [query, key] = qk_norm_rope(query_and_gate[0], parts[1].view({T, KV, hd}), q_norm_weight, k_norm_weight,
+                                   eps, positions, inv_freq);
+  write_kv(key_cache, value_cache, key, parts[2].view({T, KV, hd}), slot_mapping);
+  auto out = paged_attention(query, key_cache, value_cache, block_tables, query_start, context_lens, scale);
+  auto gated = out.reshape({T, width}) * at::sigmoid(query_and_gate[1].reshape({T, width}));
+  return linear_rows(gated, o_proj);
+}
+
+std::tuple<at::Tensor, at::Tensor> moe_block(const at::Tensor& x, const at::Tensor& router, int64_t top_k,
+                                             const at::Tensor& gate_up, const at::Tensor& down,
+                                             const at::Tensor& shared_gate_up, const at::Tensor& shared_down) {
+  const int64_t E = router.size(0) - 1;  // the router's rows, then the shared expert's gate
+  auto logits = linear_rows(x, router);
+  auto [idx, weights] = topk_softmax(logits.narrow(1, 0, E), top_k);
+  auto routed = moe_experts(x, idx, weights, gate_up, down, false);
+  return {shared_expert(x, shared_gate_up, shared_down, logits.narrow(1, E, 1), routed), idx};
+}
+
+}  // namespace epserve

@@ -1,0 +1,36 @@
+"""Composite sublayer ops: a mixer or a MoE block as one C++ call (kernels/csrc/layers.cpp).
+
+At batch 1 a sublayer's ~10 kernels took about as long as the Python and the ~20 small tensor calls
+between them (views, splits, wrappers, dispatch); each composite runs the same kernels in the same
+order from C++, so its results are the same bits as the model's op-by-op path, which stays the
+reference (and the path off CPU). The model calls these when `one_call(x)` holds.
+Shapes: T rows, D hidden, P the DeltaNet's fused projection width, K top-k.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def deltanet_mixer(x_TD, in_proj, conv_weight, A_log, dt_bias, norm_weight, eps: float, out_proj, conv_state,
+                   recurrent_state, slots, query_start, out_slots, heads: tuple[int, int, int, int]):
+    """Gated DeltaNet (attention.deltanet) on a flat batch -> (out [T, D], projected [T, P]);
+    heads = (key heads, key head dim, value heads, value head dim)."""
+    return torch.ops.epserve.deltanet_mixer(x_TD, in_proj, conv_weight, A_log, dt_bias, norm_weight, eps, out_proj,
+                                            conv_state, recurrent_state, slots, query_start, out_slots, *heads)
+
+
+def attention_mixer(x_TD, qkv, q_norm_weight, k_norm_weight, eps: float, positions, inv_freq, key_cache,
+                    value_cache, slot_mapping, block_tables, query_start, context_lens, scale: float, o_proj,
+                    heads: tuple[int, int, int]) -> torch.Tensor:
+    """Gated attention (attention.gated_attention) on a flat batch -> [T, D]; heads = (query heads,
+    kv heads, head dim)."""
+    return torch.ops.epserve.attention_mixer(x_TD, qkv, q_norm_weight, k_norm_weight, eps, positions, inv_freq,
+                                             key_cache, value_cache, slot_mapping, block_tables, query_start,
+                                             context_lens, scale, o_proj, *heads)
+
+
+def moe_block(x_TD, router, top_k: int, gate_up, down, shared_gate_up, shared_down):
+    """Router (its last row the shared expert's gate), top-k, the bank of every expert, shared expert
+    (router.moe_layer, one process) -> (out [T, D], topk_idx [T, K])."""
+    return torch.ops.epserve.moe_block(x_TD, router, top_k, gate_up, down, shared_gate_up, shared_down)

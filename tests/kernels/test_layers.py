@@ -1,0 +1,57 @@
+"""The composite sublayer ops (kernels.layers: a mixer or a MoE block in one C++ call) give the very
+bits of the same kernels called one by one, in prefill chunks, decodes and mixed steps, fp32 and bf16."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import attention.deltanet
+import attention.gated_attention
+import router.moe_layer
+from cluster import LLM, SamplingParams, SchedulerConfig
+from cluster.model.tiny import TinySpec
+from kernels import cpu_kernels_loaded, separate_sublayers
+
+pytestmark = pytest.mark.skipif(not cpu_kernels_loaded(), reason="the C++ CPU kernels did not build")
+
+PROMPTS = [[(7 * i + 5 * j) % 300 + 3 for j in range(4 + 19 * i)] for i in range(4)]  # 4 .. 61 tokens
+
+
+@pytest.fixture(scope="module", params=["float32", "bfloat16"])
+def llm(request, make_checkpoint):
+    small_chunks = SchedulerConfig(max_num_batched_tokens=24)  # prefill chunks beside decodes
+    return LLM(model=make_checkpoint(TinySpec(seed=5, num_experts=16, top_k=4)), dtype=request.param,
+               scheduler=small_chunks)
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """Counts the composite ops the model calls."""
+    counts = {"deltanet_mixer": 0, "attention_mixer": 0, "moe_block": 0}
+    for module in (attention.deltanet, attention.gated_attention, router.moe_layer):
+        for name in counts:
+            if hasattr(module, name):
+                op = getattr(module, name)
+
+                def counted(*args, _op=op, _name=name):
+                    counts[_name] += 1
+                    return _op(*args)
+                monkeypatch.setattr(module, name, counted)
+    return counts
+
+
+def run(llm):
+    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True, logprobs=3)
+    outputs = llm.generate(PROMPTS, params)
+    return llm.score(PROMPTS), [o.token_ids for o in outputs], [o.logprobs for o in outputs]
+
+
+def test_one_call_per_sublayer_gives_the_same_bits(llm, calls):
+    with separate_sublayers():
+        logits, tokens, logprobs = run(llm)
+    assert not any(calls.values())
+    fused_logits, fused_tokens, fused_logprobs = run(llm)
+    assert all(n > 0 for n in calls.values()), calls
+    assert all(torch.equal(a, b) for a, b in zip(fused_logits, logits))
+    assert fused_tokens == tokens and fused_logprobs == logprobs
