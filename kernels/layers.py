@@ -30,7 +30,10 @@ def attention_mixer(x_TD, qkv, q_norm_weight, k_norm_weight, eps: float, positio
                                              context_lens, scale, o_proj, *heads)
 
 
-def moe_block(x_TD, router, top_k: int, gate_up, down, shared_gate_up, shared_down):
+def moe_block(x_TD, router, top_k: int, gate_up, down, shared_gate_up, shared_down,
+              expert_counts_E: torch.Tensor | None) -> torch.Tensor:
     """Router (its last row the shared expert's gate), top-k, the bank of every expert, shared expert
-    (router.moe_layer, one process) -> (out [T, D], topk_idx [T, K])."""
-    return torch.ops.epserve.moe_block(x_TD, router, top_k, gate_up, down, shared_gate_up, shared_down)
+    (router.moe_layer, one process) -> out [T, D]; adds each routed pair to expert_counts (int64,
+    the load window's row of the layer) when given."""
+    return torch.ops.epserve.moe_block(x_TD, router, top_k, gate_up, down, shared_gate_up, shared_down,
+                                       expert_counts_E)

@@ -1,7 +1,7 @@
 """ExpertLoadWindow: per-layer, per-expert token counts over a sliding window of steps.
 
-One scatter-add per MoE layer per step, on the model's device (no host transfer on the hot path),
-into a ring of W step slots: cheap enough to stay on in production. Counts are (token, expert) pairs
+One scatter-add per MoE layer per step (or a count inside kernels.moe_block), on the model's device
+(no host transfer on the hot path), into a ring of W step slots: cheap enough to stay on in production. Counts are (token, expert) pairs
 routed, i.e. each token counts once for each of its top-k experts. Shapes: W window slots, L MoE
 layers, E experts.
 """
@@ -24,6 +24,10 @@ class ExpertLoadWindow:
         if self._ones.numel() < flat.numel():
             self._ones = torch.ones(2 * flat.numel(), dtype=torch.long, device=flat.device)
         self.counts[self.slot, layer].index_add_(0, flat, self._ones[: flat.numel()])
+
+    def row(self, layer: int) -> torch.Tensor:
+        """This step's counts of a layer, [E] (a view: a kernel that routes adds to it in place)."""
+        return self.counts[self.slot, layer]
 
     def advance(self) -> None:
         """Starts the next step's slot, dropping the oldest."""

@@ -80,11 +80,9 @@ class MoELayer(nn.Module):
     def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
         if one_call(x_TD) and self._holds_every_expert():  # start and finish in one C++ call
             bank = self.experts.banks[self.layer_idx]
+            counts = self.load.row(self.layer_idx) if self.load is not None else None
             with self._phase("experts"):  # here the router and the shared expert count as experts
-                out, topk_idx = moe_block(x_TD, self.router, self.top_k, bank.gate_up, bank.down, *self.shared_weights)
-            if self.load is not None:
-                self.load.record(self.layer_idx, topk_idx)
-            return out
+                return moe_block(x_TD, self.router, self.top_k, bank.gate_up, bank.down, *self.shared_weights, counts)
         return self.finish(self.start(x_TD))
 
     def _holds_every_expert(self) -> bool:

@@ -4,7 +4,8 @@
 // plain path calls, in the same order: the results are the same bits (tests/kernels/test_layers.py).
 //   deltanet_mixer: Gated DeltaNet (attention/deltanet.py) -> (out [T, D], projected [T, P])
 //   attention_mixer: gated attention (attention/gated_attention.py) -> out [T, D]
-//   moe_block: router, top-k, the whole local bank, shared expert (router/moe_layer.py) -> (out, idx)
+//   moe_block: router, top-k (counted into the load window), the whole local bank, shared expert
+//     (router/moe_layer.py) -> out [T, D]
 #include "common.h"
 #include "ops.h"
 
@@ -45,14 +46,22 @@ at::Tensor attention_mixer(const at::Tensor& x, const at::Tensor& qkv_weight, co
   return linear_rows(gated, o_proj);
 }
 
-std::tuple<at::Tensor, at::Tensor> moe_block(const at::Tensor& x, const at::Tensor& router, int64_t top_k,
-                                             const at::Tensor& gate_up, const at::Tensor& down,
-                                             const at::Tensor& shared_gate_up, const at::Tensor& shared_down) {
+at::Tensor moe_block(const at::Tensor& x, const at::Tensor& router, int64_t top_k, const at::Tensor& gate_up,
+                     const at::Tensor& down, const at::Tensor& shared_gate_up, const at::Tensor& shared_down,
+                     const std::optional<at::Tensor>& expert_counts) {
   const int64_t E = router.size(0) - 1;  // the router's rows, then the shared expert's gate
   auto logits = linear_rows(x, router);
   auto [idx, weights] = topk_softmax(logits.narrow(1, 0, E), top_k);
+  if (expert_counts.has_value()) {  // the load window's row of this layer: +1 per routed pair
+    TORCH_CHECK(expert_counts->scalar_type() == at::kLong && expert_counts->numel() == E &&
+                    expert_counts->stride(0) == 1,
+                "expert_counts must be a contiguous int64 [E]");
+    int64_t* counts = expert_counts->data_ptr<int64_t>();
+    const int64_t* ip = idx.data_ptr<int64_t>();
+    for (int64_t p = 0; p < idx.numel(); ++p) ++counts[ip[p]];
+  }
   auto routed = moe_experts(x, idx, weights, gate_up, down, false);
-  return {shared_expert(x, shared_gate_up, shared_down, logits.narrow(1, E, 1), routed), idx};
+  return shared_expert(x, shared_gate_up, shared_down, logits.narrow(1, E, 1), routed);
 }
 
 }  // namespace epserve

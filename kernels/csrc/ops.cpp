@@ -31,7 +31,7 @@ TORCH_LIBRARY(epserve, m) {
         "Tensor block_tables, Tensor query_start, Tensor context_lens, float scale, Tensor o_proj, "
         "int num_heads, int num_kv_heads, int head_dim) -> Tensor");
   m.def("moe_block(Tensor x, Tensor router, int top_k, Tensor gate_up, Tensor down, Tensor shared_gate_up, "
-        "Tensor shared_down) -> (Tensor, Tensor)");
+        "Tensor shared_down, Tensor(a!)? expert_counts) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(epserve, CPU, m) {

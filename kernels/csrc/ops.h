@@ -4,6 +4,7 @@
 
 #include <ATen/ATen.h>
 
+#include <optional>
 #include <tuple>
 
 namespace epserve {
@@ -45,7 +46,7 @@ at::Tensor attention_mixer(const at::Tensor& x, const at::Tensor& qkv_weight, co
                            const at::Tensor& slot_mapping, const at::Tensor& block_tables,
                            const at::Tensor& query_start, const at::Tensor& context_lens, double scale,
                            const at::Tensor& o_proj, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim);
-std::tuple<at::Tensor, at::Tensor> moe_block(const at::Tensor& x, const at::Tensor& router, int64_t top_k,
-                                             const at::Tensor& gate_up, const at::Tensor& down,
-                                             const at::Tensor& shared_gate_up, const at::Tensor& shared_down);
+at::Tensor moe_block(const at::Tensor& x, const at::Tensor& router, int64_t top_k, const at::Tensor& gate_up,
+                     const at::Tensor& down, const at::Tensor& shared_gate_up, const at::Tensor& shared_down,
+                     const std::optional<at::Tensor>& expert_counts);
 }  // namespace epserve

@@ -42,16 +42,21 @@ def calls(monkeypatch):
 
 
 def run(llm):
+    """The logits of the prompts scored, the tokens and logprobs of a generation, and the expert
+    load counted over both."""
+    load = llm.executor.runner.load
+    load.reset()
     params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True, logprobs=3)
     outputs = llm.generate(PROMPTS, params)
-    return llm.score(PROMPTS), [o.token_ids for o in outputs], [o.logprobs for o in outputs]
+    return llm.score(PROMPTS), [o.token_ids for o in outputs], [o.logprobs for o in outputs], load.totals()
 
 
 def test_one_call_per_sublayer_gives_the_same_bits(llm, calls):
     with separate_sublayers():
-        logits, tokens, logprobs = run(llm)
+        logits, tokens, logprobs, load = run(llm)
     assert not any(calls.values())
-    fused_logits, fused_tokens, fused_logprobs = run(llm)
+    fused_logits, fused_tokens, fused_logprobs, fused_load = run(llm)
     assert all(n > 0 for n in calls.values()), calls
     assert all(torch.equal(a, b) for a, b in zip(fused_logits, logits))
     assert fused_tokens == tokens and fused_logprobs == logprobs
+    assert load.sum() > 0 and torch.equal(fused_load, load)  # the kernel counts routed pairs as record() does
