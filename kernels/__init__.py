@@ -16,8 +16,11 @@ the delta rule on CUDA in 16-bit when installed (kernels.fla).
 | qk_norm_rope (q/k norms + rotary), paged_attention (+ write_kv) | attention | C++ |
 | topk_softmax (router), moe_experts (grouped SwiGLU + weighted sum), add_shared_expert | moe | C++ |
 | sample (penalties, temperature, top-k/p, min-p, seeded draws, logprobs) | sampling | batched torch |
+| deltanet_mixer, attention_mixer, moe_block: a sublayer's ops above in one call (**) | layers | C++ |
 
 (*) one sweep over the state per row; elsewhere the chunked prefill runs batched in torch.
+(**) when `one_call(x)`: the same kernels in the same order as the model's op-by-op path (their
+reference: the same bits), without the Python and small tensor calls between them.
 `fuse_weights` concatenates sibling projections (q/k/v, gate/up, ...) for one matmul each.
 Functions marked `@glue` (backend.glue: the plain-torch work between GEMMs and kernels) run through
 torch.compile inside `compiled_glue()`, which CUDA decode graphs enter while capturing.
