@@ -1,9 +1,9 @@
 """ExpertLoadWindow: per-layer, per-expert token counts over a sliding window of steps.
 
-One scatter-add per MoE layer per step (or a count inside kernels.moe_block), on the model's device
-(no host transfer on the hot path), into a ring of W step slots: cheap enough to stay on in production. Counts are (token, expert) pairs
-routed, i.e. each token counts once for each of its top-k experts. Shapes: W window slots, L MoE
-layers, E experts.
+One scatter-add per MoE layer per step (or a count inside kernels.moe_block), on the model's
+device (no host transfer on the hot path), into a ring of W step slots: cheap enough to stay on in
+production. Counts are (token, expert) pairs routed, i.e. each token counts once for each of its
+top-k experts. Shapes: W window slots, L MoE layers, E experts.
 """
 
 from __future__ import annotations
