@@ -43,7 +43,7 @@ def engine(model: str, k: int, batch: int, max_batch: int = 8) -> LLM:
 
 def measure(llm: LLM, prompts: list[str], max_tokens: int, batch: int, temperature: float) -> dict:
     params = SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=0, ignore_eos=True)
-    llm.engine.output_processor.spec_totals = dict.fromkeys(llm.engine.output_processor.spec_totals, 0)
+    llm.engine.output_processor.reset_spec_totals()
     start = time.perf_counter()
     tokens = []
     for i in range(0, len(prompts), batch):

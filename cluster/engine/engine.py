@@ -372,7 +372,7 @@ class EngineCore(PlacementControl):
         self.flush()
         graphs = self.executor.capture_decode_graphs(self.scheduler_config.max_num_seqs)  # CUDA, one process
         self._controlled("resetting the load window", self.executor.reset_load)  # real traffic only
-        self.output_processor.spec_totals = dict.fromkeys(self.output_processor.spec_totals, 0)
+        self.output_processor.reset_spec_totals()
         seconds = time.perf_counter() - start
         log.info("warm-up: %d steps, %d decode graphs captured, in %.2fs", steps, graphs, seconds)
         return seconds

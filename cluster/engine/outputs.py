@@ -127,6 +127,10 @@ class OutputProcessor:
         t = self.spec_totals
         return {**t, "num_speculative_tokens": self.speculative.num_speculative_tokens} | speculation_rates(**t)
 
+    def reset_spec_totals(self) -> None:
+        """Counts speculative decoding from now on (after the warm-up; a benchmark's pass)."""
+        self.spec_totals = dict.fromkeys(self.spec_totals, 0)
+
     def _count_verify(self, seq: Sequence, accepted: int) -> None:
         k = self.speculative.num_speculative_tokens
         seq.spec_verifies, seq.spec_drafted, seq.spec_accepted = (
