@@ -54,7 +54,8 @@ def split_step(timings: list[dict]) -> dict[str, float] | None:
     """Seconds per step of each phase, from an executor's timings() (one dict per worker):
     step and attention (the busiest attention worker's whole step, and its part outside the MoE
     exchange), dispatch and combine (its time in the exchange, waiting for the experts included),
-    experts (the slowest expert worker; in one process, the local expert compute).
+    experts (the slowest expert worker; in one process, the local expert compute, with the router
+    and the shared expert where a MoE block runs as one C++ call, kernels.moe_block).
     None when no worker has timed a step."""
     per_step = [{k: v / t["steps"] for k, v in t.items() if k not in ("role", "steps")} | {"role": t["role"]}
                 for t in timings if t.get("steps")]
