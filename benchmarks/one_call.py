@@ -14,9 +14,8 @@ from __future__ import annotations
 import argparse
 import statistics
 import tempfile
-import time
 
-from peer import OUTPUT_LEN, SINGLE_LEN, make_prompts
+from peer import OUTPUT_LEN, SINGLE_LEN, make_prompts, timed
 
 
 def rate(llm, prompts, max_tokens: int) -> tuple[float, list]:
@@ -25,12 +24,10 @@ def rate(llm, prompts, max_tokens: int) -> tuple[float, list]:
 
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
     first = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
-    start = time.perf_counter()
-    llm.generate(prompts, first)
-    prefill = time.perf_counter() - start
-    start = time.perf_counter()
-    outputs = llm.generate(prompts, params)
-    return len(prompts) * (max_tokens - 1) / (time.perf_counter() - start - prefill), [o.token_ids for o in outputs]
+    prefill = timed(lambda: llm.generate(prompts, first))
+    outputs = []
+    whole = timed(lambda: outputs.extend(llm.generate(prompts, params)))
+    return len(prompts) * (max_tokens - 1) / (whole - prefill), [o.token_ids for o in outputs]
 
 
 def main() -> None:
