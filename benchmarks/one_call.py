@@ -1,17 +1,20 @@
-"""Sublayers in one C++ call (kernels.layers) against the same kernels called op by op.
+"""Sublayers, and a forward's layers, in one C++ call (kernels.layers) against the same kernels
+called op by op.
 
     python benchmarks/one_call.py [--rounds 10]
 
 Batch-1 decode (127 tokens after a 29-token prompt) on the bandwidth-bound shape (hidden 512,
 8 layers, 512 experts of width 128) and single-stream decode and 32 x 48 throughput on peer.py's
-default toy, in fp32 and bf16: one engine per checkpoint and dtype, the two ways alternating round
-by round in one process (this shared machine's speed moves by tens of percent between minutes),
-greedy tokens checked equal. Prints each way's median tok/s and the median of the rounds' ratios.
+default toy, in fp32 and bf16: one engine per checkpoint and dtype, the three ways (op by op, each
+sublayer one call, the whole forward one call) in turn round by round in one process (this shared
+machine's speed moves by tens of percent between minutes), greedy tokens checked equal. Prints each
+way's median tok/s and the medians of the rounds' ratios: sublayer / op by op, forward / sublayer.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import tempfile
 
@@ -36,7 +39,7 @@ def main() -> None:
     args = parser.parse_args()
     from cluster import LLM
     from cluster.model.tiny import TinySpec, make_tiny
-    from kernels import cpu_kernels_loaded, separate_sublayers
+    from kernels import cpu_kernels_loaded, separate_layers, separate_sublayers
 
     if not cpu_kernels_loaded():
         raise SystemExit("the C++ CPU kernels did not load: there is no one-call path to measure")
@@ -46,7 +49,9 @@ def main() -> None:
     cases = [("bandwidth shape", "batch-1 decode", [list(range(1, 30))], SINGLE_LEN),
              ("default toy", "single-stream decode", [bench[0]], SINGLE_LEN),
              ("default toy", "32 x 48 decode", bench, OUTPUT_LEN)]
-    print(f"{'checkpoint':<16} {'dtype':<9} {'measure':<21} {'op by op':>9} {'one call':>9} {'ratio':>6}  rounds' ratios")
+    ways = {"op by op": separate_sublayers, "sublayer": separate_layers, "forward": contextlib.nullcontext}
+    print(f"{'checkpoint':<16} {'dtype':<9} {'measure':<21} " + " ".join(f"{w:>9}" for w in ways)
+          + "  sublayer/op  forward/sublayer")
     for shape_name, spec in shapes.items():
         model_dir = str(make_tiny(tempfile.mkdtemp(), spec))
         for dtype in ("float32", "bfloat16"):
@@ -55,19 +60,22 @@ def main() -> None:
                 if case_shape != shape_name:
                     continue
                 rate(llm, prompts, max_tokens)  # warm-up
-                separate, together, ratios = [], [], []
+                rates = {w: [] for w in ways}
                 for _ in range(args.rounds):
-                    with separate_sublayers():
-                        a, tokens_a = rate(llm, prompts, max_tokens)
-                    b, tokens_b = rate(llm, prompts, max_tokens)
-                    if tokens_a != tokens_b:
-                        raise SystemExit(f"{shape_name} {dtype}: the two ways gave different tokens")
-                    separate.append(a)
-                    together.append(b)
-                    ratios.append(b / a)
-                print(f"{shape_name:<16} {dtype:<9} {measure:<21} {statistics.median(separate):9.1f} "
-                      f"{statistics.median(together):9.1f} {statistics.median(ratios):5.2f}x  "
-                      + " ".join(f"{r:.2f}" for r in ratios))
+                    tokens = []
+                    for way, context in ways.items():
+                        with context():
+                            r, t = rate(llm, prompts, max_tokens)
+                        rates[way].append(r)
+                        tokens.append(t)
+                    if any(t != tokens[0] for t in tokens):
+                        raise SystemExit(f"{shape_name} {dtype}: the ways gave different tokens")
+                sublayer = [b / a for a, b in zip(rates["op by op"], rates["sublayer"])]
+                forward = [b / a for a, b in zip(rates["sublayer"], rates["forward"])]
+                print(f"{shape_name:<16} {dtype:<9} {measure:<21} "
+                      + " ".join(f"{statistics.median(r):9.1f}" for r in rates.values())
+                      + f"  {statistics.median(sublayer):10.2f}x  {statistics.median(forward):15.2f}x  "
+                      + "forward/sublayer rounds: " + " ".join(f"{r:.2f}" for r in forward))
 
 
 if __name__ == "__main__":

@@ -17,29 +17,34 @@ the delta rule on CUDA in 16-bit when installed (kernels.fla).
 | topk_softmax (router), moe_experts (grouped SwiGLU + weighted sum), add_shared_expert | moe | C++ |
 | sample (penalties, temperature, top-k/p, min-p, seeded draws, logprobs) | sampling | batched torch |
 | deltanet_mixer, attention_mixer, moe_block: a sublayer's ops above in one call (**) | layers | C++ |
+| decoder_layers: every layer of a forward in one call (***) | layers | C++ |
 
 (*) one sweep over the state per row; elsewhere the chunked prefill runs batched in torch.
 (**) when `one_call(x)`: the same kernels in the same order as the model's op-by-op path (their
 reference: the same bits), without the Python and small tensor calls between them.
+(***) when `one_call_forward(x)`: the sublayers' composites above, layer after layer (the same bits).
 `fuse_weights` concatenates sibling projections (q/k/v, gate/up, ...) for one matmul each.
 Functions marked `@glue` (backend.glue: the plain-torch work between GEMMs and kernels) run through
 torch.compile inside `compiled_glue()`, which CUDA decode graphs enter while capturing.
 """
 
 from .attention import paged_attention, qk_norm_rope, write_kv
-from .backend import cpu_kernels_loaded, one_call, reference_kernels, separate_sublayers
+from .backend import (
+    cpu_kernels_loaded, one_call, one_call_forward, reference_kernels, separate_layers, separate_sublayers,
+)
 from .conv import causal_conv1d
 from .delta_rule import delta_rule, delta_rule_decode, delta_rule_prefill
 from .fuse import fuse_weights
-from .layers import attention_mixer, deltanet_mixer, moe_block
+from .layers import ATTENTION_LAYER, DELTANET_LAYER, attention_mixer, decoder_layers, deltanet_mixer, moe_block
 from .linear import linear
 from .moe import add_shared_expert, moe_experts, topk_softmax
 from .norms import add_rms_norm, gated_rms_norm, rms_norm
 from .sampling import SamplingTensors, sample, uniform_draw
 
 __all__ = [
-    "SamplingTensors", "add_rms_norm", "add_shared_expert", "attention_mixer", "causal_conv1d",
-    "cpu_kernels_loaded", "delta_rule", "delta_rule_decode", "delta_rule_prefill", "deltanet_mixer", "fuse_weights",
-    "gated_rms_norm", "linear", "moe_block", "moe_experts", "one_call", "paged_attention", "qk_norm_rope",
-    "reference_kernels", "rms_norm", "sample", "separate_sublayers", "topk_softmax", "uniform_draw", "write_kv",
+    "ATTENTION_LAYER", "DELTANET_LAYER", "SamplingTensors", "add_rms_norm", "add_shared_expert", "attention_mixer",
+    "causal_conv1d", "cpu_kernels_loaded", "decoder_layers", "delta_rule", "delta_rule_decode",
+    "delta_rule_prefill", "deltanet_mixer", "fuse_weights", "gated_rms_norm", "linear", "moe_block", "moe_experts",
+    "one_call", "one_call_forward", "paged_attention", "qk_norm_rope", "reference_kernels", "rms_norm", "sample",
+    "separate_layers", "separate_sublayers", "topk_softmax", "uniform_draw", "write_kv",
 ]

@@ -49,12 +49,30 @@ def native(t: torch.Tensor) -> bool:
 
 
 _separate_sublayers = False
+_separate_layers = False
 
 
 def one_call(t: torch.Tensor) -> bool:
     """True when a sublayer (mixer, MoE block) on tensors like t runs as one composite C++ op
     (kernels.layers) rather than op by op: the C++ kernels run and `separate_sublayers()` is off."""
     return native(t) and not _separate_sublayers
+
+
+def one_call_forward(t: torch.Tensor) -> bool:
+    """True when a forward's layers on tensors like t run as one C++ op (kernels.decoder_layers):
+    `one_call(t)` holds and `separate_layers()` is off."""
+    return one_call(t) and not _separate_layers
+
+
+@contextmanager
+def separate_layers():
+    """Runs a forward layer by layer inside the block, each sublayer still one call (tests compare)."""
+    global _separate_layers
+    previous, _separate_layers = _separate_layers, True
+    try:
+        yield
+    finally:
+        _separate_layers = previous
 
 
 @contextmanager

@@ -4,7 +4,9 @@ At batch 1 the Python and the ~20 small tensor calls between a sublayer's ~10 ke
 splits, wrappers, dispatch) took about two thirds of the kernels' own time; each composite runs the
 same kernels in the same order from C++, so its results are the same bits as the model's op-by-op
 path, which stays the reference (and the path off CPU). The model calls these when `one_call(x)` holds.
-Shapes: T rows, D hidden, P the DeltaNet's fused projection width, K top-k.
+`decoder_layers` runs a whole forward's layers so (the Python between the ~33 calls of a batch-1
+forward took about a seventh of it).
+Shapes: T rows, D hidden, P the DeltaNet's fused projection width, K top-k, L layers, E experts.
 """
 
 from __future__ import annotations
@@ -37,3 +39,20 @@ def moe_block(x_TD, router, top_k: int, gate_up, down, shared_gate_up, shared_do
     the load window's row of the layer) when given."""
     return torch.ops.epserve.moe_block(x_TD, router, top_k, gate_up, down, shared_gate_up, shared_down,
                                        expert_counts_E)
+
+
+DELTANET_LAYER, ATTENTION_LAYER = 0, 1  # decoder_layers' layer kinds (kernels/csrc/ops.h)
+
+
+def decoder_layers(embeds_TD, weights: tuple, banks: list, layout: list[int], eps: float, states: list, slots,
+                   query_start, out_slots, positions, inv_freq, slot_mapping, block_tables, context_lens,
+                   expert_counts_LE: torch.Tensor | None) -> tuple[torch.Tensor, list[torch.Tensor], float]:
+    """The model's main layers (cluster.model.model's forward) from the embeddings to the final norm
+    -> (normed hidden [T, D], each DeltaNet layer's projection [T, P] in layer order, seconds spent in
+    the MoE blocks). Per layer, layout holds 6 ints (kind, four head sizes as deltanet_mixer /
+    attention_mixer take them, top-k); weights its input and post norms, its mixer's weights, router,
+    shared gate_up and down, then the final norm last; banks its (gate_up, down); states its (conv,
+    recurrent) or (key, value) caches, written in place. expert_counts: the load window's step row."""
+    return torch.ops.epserve.decoder_layers(embeds_TD, weights, banks, layout, eps, states, slots, query_start,
+                                            out_slots, positions, inv_freq, slot_mapping, block_tables, context_lens,
+                                            expert_counts_LE)

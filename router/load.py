@@ -29,6 +29,10 @@ class ExpertLoadWindow:
         """This step's counts of a layer, [E] (a view: a kernel that routes adds to it in place)."""
         return self.counts[self.slot, layer]
 
+    def step_rows(self) -> torch.Tensor:
+        """This step's counts of every layer, [L, E] (a view, as row's)."""
+        return self.counts[self.slot]
+
     def advance(self) -> None:
         """Starts the next step's slot, dropping the oldest."""
         self.slot = (self.slot + 1) % self.counts.shape[0]

@@ -79,14 +79,14 @@ class MoELayer(nn.Module):
         return self.shared_expert.forward(x_TD, shared_logit, routed)
 
     def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
-        if self._one_call(x_TD):  # start and finish in one C++ call
+        if self.one_call(x_TD):  # start and finish in one C++ call
             bank = self.experts.banks[self.layer_idx]
             counts = self.load.row(self.layer_idx) if self.load is not None else None
             with self._phase("experts"):  # here the router and the shared expert count as experts
                 return moe_block(x_TD, self.router, self.top_k, bank.gate_up, bank.down, *self.shared_weights, counts)
         return self.finish(self.start(x_TD))
 
-    def _one_call(self, x_TD: torch.Tensor) -> bool:
+    def one_call(self, x_TD: torch.Tensor) -> bool:
         """The C++ kernels run, this process's bank is the layer's every expert in router order (no
         exchange, no remap), and the load, if any, is a window the kernel counts into (not a decode
         graph's routing recorder, which keeps the top-k tensors)."""

@@ -19,7 +19,7 @@ from attention import (
     RMSNorm,
     SharedExpert,
 )
-from kernels import linear
+from kernels import ATTENTION_LAYER, DELTANET_LAYER, decoder_layers, linear, one_call_forward
 from router import MoELayer, TopKGate
 from vision import VisionTower
 
@@ -71,6 +71,23 @@ class DecoderLayer(nn.Module):
         residual_TD, h = self.attend(out_TD, residual_TD, batch)
         return self.mlp.forward(h), residual_TD
 
+    def one_call_parts(self) -> tuple[list[int], list[torch.Tensor], set[float]]:
+        """This layer as kernels.decoder_layers takes it, once fused: its 6 layout ints, its weights
+        (the expert bank aside) and the eps of its norms."""
+        norms = [self.input_layernorm.weight, self.post_attention_layernorm.weight]
+        if self.is_linear:
+            m = self.linear_attn
+            in_proj, conv_weight, A_log, dt_bias, norm_weight, eps, out_proj = m.one_call_weights
+            layout = [DELTANET_LAYER, m.num_key_heads, m.key_head_dim, m.num_value_heads, m.value_head_dim]
+            mixer = [in_proj, conv_weight, A_log, dt_bias, norm_weight, out_proj]
+        else:
+            m = self.self_attn
+            qkv, q_norm_weight, k_norm_weight, eps = m.one_call_weights
+            layout = [ATTENTION_LAYER, m.num_heads, m.num_kv_heads, m.head_dim, 0]
+            mixer = [qkv, q_norm_weight, k_norm_weight, m.o_proj.weight]
+        all_eps = {eps, self.input_layernorm.eps, self.post_attention_layernorm.eps}
+        return layout + [self.mlp.top_k], norms + mixer + [self.mlp.router, *self.mlp.shared_weights], all_eps
+
 
 class MultiTokenPredictor(nn.Module):
     """Qwen3.5's MTP module (checkpoint names `mtp.*`): from the main model's final normed hidden
@@ -102,6 +119,7 @@ class Qwen35MoeModel(nn.Module):
         rotary = PartialRotary(cfg.head_dim, cfg.rotary_dim, cfg.rope_theta)
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i, rotary) for i in range(cfg.num_hidden_layers))
+        self.rotary = rotary  # the attention layers' (holds no weights)
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.mtp = MultiTokenPredictor(cfg, rotary) if cfg.use_mtp else None
@@ -121,10 +139,17 @@ class Qwen35MoeModel(nn.Module):
         return [layer.mlp for layer in self.decoder_layers()]
 
     def fuse(self) -> None:
-        """After loading and placing the weights: sibling projections become one matmul each."""
+        """After loading and placing the weights: sibling projections become one matmul each; the
+        main layers' weights as kernels.decoder_layers takes them (None where norms differ in eps)."""
         for layer in self.decoder_layers():
             layer.mixer().fuse()
             layer.mlp.fuse()
+        parts = [layer.one_call_parts() for layer in self.layers]
+        eps = set.union({self.norm.eps}, *(p[2] for p in parts))
+        self.main_mlps = [layer.mlp for layer in self.layers]  # a plain list: no module lookups per step
+        self.deltanet_ids = [i for i, layer in enumerate(self.layers) if layer.is_linear]
+        self.one_call_layers = None if len(eps) > 1 else (
+            [n for p in parts for n in p[0]], tuple(w for p in parts for w in p[1]) + (self.norm.weight,), eps.pop())
 
     def embed(self, input_ids_T: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         """Token embeddings [T, D], with the image tokens' rows taken from the vision tower's output."""
@@ -137,9 +162,34 @@ class Qwen35MoeModel(nn.Module):
     def forward(self, input_ids_T: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         """Runs the flat batch through every layer, writing the caches; returns normed hidden [T, D]."""
         out, residual = self.embed(input_ids_T, batch), None
+        if self.one_call_layers is not None and one_call_forward(out) and all(m.one_call(out) for m in self.main_mlps):
+            return self._forward_one_call(out, batch)
         for layer in self.layers:
             out, residual = layer.forward(out, residual, batch)
         return self.norm.add_forward(residual, out)[1]
+
+    def _forward_one_call(self, embeds_TD: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        """forward's layers as one C++ call: the same kernels in the same order as the layers' own
+        one-call path (the same bits), without the Python between them."""
+        layout, weights, eps = self.one_call_layers
+        banks, states = [], []
+        for i, (layer, mlp) in enumerate(zip(self.layers, self.main_mlps)):
+            bank = mlp.experts.banks[i]  # read each step: workers may swap a layer's bank
+            banks += (bank.gate_up, bank.down)
+            states += ((batch.states.conv[i], batch.states.recurrent[i]) if layer.is_linear
+                       else (batch.kv.key[i], batch.kv.value[i]))
+        first = self.main_mlps[0]  # the executor gives every layer the same load window and timer
+        out, projected, moe_seconds = decoder_layers(
+            embeds_TD, weights, banks, layout, eps, states, batch.slots, batch.query_start,
+            batch.slots if batch.out_slots is None else batch.out_slots, batch.positions, self.rotary.inv_freq,
+            batch.slot_mapping, batch.block_tables, batch.context_lens,
+            None if first.load is None else first.load.step_rows())
+        if batch.rollback is not None:
+            for i, projected_TP in zip(self.deltanet_ids, projected):
+                batch.rollback.keep(i, projected_TP)
+        if first.timer is not None:
+            first.timer.add("experts", moe_seconds)
+        return out
 
     @torch.inference_mode()
     def forward_overlapped(self, ids: list[torch.Tensor], batches: list[ForwardBatch]) -> list[torch.Tensor]:

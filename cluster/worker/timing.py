@@ -23,6 +23,10 @@ class PhaseTimer:
         """with timer.phase(name): adds the block's wall time to seconds[name]."""
         return _Phase(self.seconds, name)
 
+    def add(self, name: str, seconds: float) -> None:
+        """Adds time measured elsewhere (a C++ call that runs several phases) to seconds[name]."""
+        self.seconds[name] += seconds
+
     def reset(self) -> None:
         self.seconds.clear()
         self.steps = 0

@@ -7,6 +7,12 @@
 //   attention_mixer: gated attention (attention/gated_attention.py) -> out [T, D]
 //   moe_block: router, top-k (counted into the load window), the whole local bank, shared expert
 //     (router/moe_layer.py) -> out [T, D]
+//   decoder_layers: every main layer, from the embeddings to the final norm (cluster/model/model.py's
+//     forward: norm, mixer, norm, MoE block per layer, each residual add fused into the next norm)
+//     -> (normed hidden [T, D], each DeltaNet layer's projection in layer order, seconds in the MoE
+//     blocks). The Python between the ~33 calls of a batch-1 forward took a seventh of its time.
+#include <chrono>
+
 #include "common.h"
 #include "ops.h"
 
@@ -63,6 +69,65 @@ at::Tensor moe_block(const at::Tensor& x, const at::Tensor& router, int64_t top_
   }
   auto routed = moe_experts(x, idx, weights, gate_up, down, false);
   return shared_expert(x, shared_gate_up, shared_down, logits.narrow(1, E, 1), routed);
+}
+
+std::tuple<at::Tensor, std::vector<at::Tensor>, double> decoder_layers(
+    const at::Tensor& embeds, at::TensorList weights, at::TensorList banks, at::IntArrayRef layout, double eps,
+    at::TensorList states, const at::Tensor& slots, const at::Tensor& query_start, const at::Tensor& out_slots,
+    const at::Tensor& positions, const at::Tensor& inv_freq, const at::Tensor& slot_mapping,
+    const at::Tensor& block_tables, const at::Tensor& context_lens, const std::optional<at::Tensor>& expert_counts) {
+  const int64_t L = static_cast<int64_t>(layout.size()) / kLayerLayout;
+  TORCH_CHECK(L >= 1 && static_cast<int64_t>(layout.size()) == L * kLayerLayout, "layout must hold ",
+              kLayerLayout, " ints per layer");
+  TORCH_CHECK(static_cast<int64_t>(states.size()) == 2 * L && static_cast<int64_t>(banks.size()) == 2 * L,
+              "states and banks must hold two tensors per layer");
+  TORCH_CHECK(!expert_counts.has_value() || (expert_counts->dim() == 2 && expert_counts->size(0) >= L),
+              "expert_counts must be [layers, E]");
+  size_t cursor = 0;
+  auto next = [&]() -> const at::Tensor& {
+    TORCH_CHECK(cursor < weights.size(), "weights end before layout does");
+    return weights[cursor++];
+  };
+  at::Tensor out = embeds, residual, h;
+  std::vector<at::Tensor> projected;
+  double moe_seconds = 0.0;
+  for (int64_t l = 0; l < L; ++l) {
+    const int64_t* spec = layout.data() + l * kLayerLayout;  // kind, four head sizes, top-k
+    const at::Tensor &input_norm = next(), &post_norm = next();
+    if (l == 0) {
+      residual = out;
+      h = rms_norm(out, input_norm, eps);
+    } else {
+      std::tie(residual, h) = add_rms_norm(residual, out, input_norm, eps);
+    }
+    at::Tensor state_a = states[2 * l], state_b = states[2 * l + 1], mixed;
+    if (spec[0] == kDeltaNetLayer) {
+      const at::Tensor &in_proj = next(), &conv_weight = next(), &A_log = next(), &dt_bias = next();
+      const at::Tensor &norm_weight = next(), &out_proj = next();
+      at::Tensor layer_projected;
+      std::tie(mixed, layer_projected) =
+          deltanet_mixer(h, in_proj, conv_weight, A_log, dt_bias, norm_weight, eps, out_proj, state_a, state_b,
+                         slots, query_start, out_slots, spec[1], spec[2], spec[3], spec[4]);
+      projected.push_back(layer_projected);
+    } else {
+      TORCH_CHECK(spec[0] == kAttentionLayer, "layer ", l, " has unknown kind ", spec[0]);
+      const at::Tensor &qkv = next(), &q_norm = next(), &k_norm = next(), &o_proj = next();
+      mixed = attention_mixer(h, qkv, q_norm, k_norm, eps, positions, inv_freq, state_a, state_b, slot_mapping,
+                              block_tables, query_start, context_lens, std::pow(static_cast<double>(spec[3]), -0.5),
+                              o_proj, spec[1], spec[2], spec[3]);
+    }
+    std::tie(residual, h) = add_rms_norm(residual, mixed, post_norm, eps);
+    const at::Tensor &router = next(), &shared_gate_up = next(), &shared_down = next();
+    const at::Tensor &gate_up = banks[2 * l], &down = banks[2 * l + 1];
+    std::optional<at::Tensor> counts;
+    if (expert_counts.has_value()) counts = expert_counts->select(0, l);
+    const auto start = std::chrono::steady_clock::now();
+    out = moe_block(h, router, spec[5], gate_up, down, shared_gate_up, shared_down, counts);
+    moe_seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  }
+  const at::Tensor& final_norm = next();
+  TORCH_CHECK(cursor == weights.size(), "weights hold ", weights.size() - cursor, " tensors past the layout");
+  return {std::get<1>(add_rms_norm(residual, out, final_norm, eps)), projected, moe_seconds};
 }
 
 }  // namespace epserve

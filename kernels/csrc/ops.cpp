@@ -32,6 +32,10 @@ TORCH_LIBRARY(epserve, m) {
         "int num_heads, int num_kv_heads, int head_dim) -> Tensor");
   m.def("moe_block(Tensor x, Tensor router, int top_k, Tensor gate_up, Tensor down, Tensor shared_gate_up, "
         "Tensor shared_down, Tensor(a!)? expert_counts) -> Tensor");
+  m.def("decoder_layers(Tensor embeds, Tensor[] weights, Tensor[] banks, int[] layout, float eps, "
+        "Tensor(a!)[] states, Tensor slots, Tensor query_start, Tensor out_slots, Tensor positions, Tensor inv_freq, "
+        "Tensor slot_mapping, Tensor block_tables, Tensor context_lens, Tensor(b!)? expert_counts) "
+        "-> (Tensor, Tensor[], float)");
 }
 
 TORCH_LIBRARY_IMPL(epserve, CPU, m) {
@@ -50,4 +54,5 @@ TORCH_LIBRARY_IMPL(epserve, CPU, m) {
   m.impl("deltanet_mixer", &epserve::deltanet_mixer);
   m.impl("attention_mixer", &epserve::attention_mixer);
   m.impl("moe_block", &epserve::moe_block);
+  m.impl("decoder_layers", &epserve::decoder_layers);
 }

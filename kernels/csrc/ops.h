@@ -49,4 +49,12 @@ at::Tensor attention_mixer(const at::Tensor& x, const at::Tensor& qkv_weight, co
 at::Tensor moe_block(const at::Tensor& x, const at::Tensor& router, int64_t top_k, const at::Tensor& gate_up,
                      const at::Tensor& down, const at::Tensor& shared_gate_up, const at::Tensor& shared_down,
                      const std::optional<at::Tensor>& expert_counts);
+// decoder_layers' layout: per layer kind, four head sizes (DeltaNet: key heads, key head dim, value
+// heads, value head dim; attention: heads, kv heads, head dim, 0), top-k
+constexpr int64_t kLayerLayout = 6, kDeltaNetLayer = 0, kAttentionLayer = 1;
+std::tuple<at::Tensor, std::vector<at::Tensor>, double> decoder_layers(
+    const at::Tensor& embeds, at::TensorList weights, at::TensorList banks, at::IntArrayRef layout, double eps,
+    at::TensorList states, const at::Tensor& slots, const at::Tensor& query_start, const at::Tensor& out_slots,
+    const at::Tensor& positions, const at::Tensor& inv_freq, const at::Tensor& slot_mapping,
+    const at::Tensor& block_tables, const at::Tensor& context_lens, const std::optional<at::Tensor>& expert_counts);
 }  // namespace epserve

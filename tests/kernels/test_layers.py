@@ -1,5 +1,6 @@
-"""The composite sublayer ops (kernels.layers: a mixer or a MoE block in one C++ call) give the very
-bits of the same kernels called one by one, in prefill chunks, decodes and mixed steps, fp32 and bf16."""
+"""The composite ops (kernels.layers: a mixer or a MoE block in one C++ call, and every layer of a
+forward in one call) give the very bits of the same kernels called one by one, in prefill chunks,
+decodes and mixed steps, fp32 and bf16."""
 
 from __future__ import annotations
 
@@ -8,10 +9,11 @@ import torch
 
 import attention.deltanet
 import attention.gated_attention
+import cluster.model.model
 import router.moe_layer
 from cluster import LLM, SamplingParams, SchedulerConfig
 from cluster.model.tiny import TinySpec
-from kernels import cpu_kernels_loaded, separate_sublayers
+from kernels import cpu_kernels_loaded, separate_layers, separate_sublayers
 
 pytestmark = pytest.mark.skipif(not cpu_kernels_loaded(), reason="the C++ CPU kernels did not build")
 
@@ -28,8 +30,8 @@ def llm(request, make_checkpoint):
 @pytest.fixture
 def calls(monkeypatch):
     """Counts the composite ops the model calls."""
-    counts = {"deltanet_mixer": 0, "attention_mixer": 0, "moe_block": 0}
-    for module in (attention.deltanet, attention.gated_attention, router.moe_layer):
+    counts = {"deltanet_mixer": 0, "attention_mixer": 0, "moe_block": 0, "decoder_layers": 0}
+    for module in (attention.deltanet, attention.gated_attention, router.moe_layer, cluster.model.model):
         for name in counts:
             if hasattr(module, name):
                 op = getattr(module, name)
@@ -51,12 +53,29 @@ def run(llm):
     return llm.score(PROMPTS), [o.token_ids for o in outputs], [o.logprobs for o in outputs], load.totals()
 
 
-def test_one_call_per_sublayer_gives_the_same_bits(llm, calls):
+def same_bits(a, b) -> bool:
+    (logits, tokens, logprobs, load), (other_logits, other_tokens, other_logprobs, other_load) = a, b
+    return (all(torch.equal(x, y) for x, y in zip(logits, other_logits)) and tokens == other_tokens
+            and logprobs == other_logprobs and torch.equal(load, other_load))
+
+
+def test_one_call_per_sublayer_and_per_forward_give_the_same_bits(llm, calls):
     with separate_sublayers():
-        logits, tokens, logprobs, load = run(llm)
+        op_by_op = run(llm)
     assert not any(calls.values())
-    fused_logits, fused_tokens, fused_logprobs, fused_load = run(llm)
-    assert all(n > 0 for n in calls.values()), calls
-    assert all(torch.equal(a, b) for a, b in zip(fused_logits, logits))
-    assert fused_tokens == tokens and fused_logprobs == logprobs
-    assert load.sum() > 0 and torch.equal(fused_load, load)  # the kernel counts routed pairs as record() does
+    assert op_by_op[3].sum() > 0
+    with separate_layers():
+        per_sublayer = run(llm)
+    assert calls.pop("decoder_layers") == 0 and all(n > 0 for n in calls.values()), calls
+    assert same_bits(per_sublayer, op_by_op)  # the kernel counts routed pairs as record() does
+    calls.update(dict.fromkeys(calls, 0), decoder_layers=0)
+    per_forward = run(llm)
+    assert calls["decoder_layers"] > 0, calls
+    assert same_bits(per_forward, op_by_op)
+
+
+def test_one_call_forward_adds_the_moe_time_to_the_experts_phase(llm):
+    timer = llm.executor.timer
+    timer.reset()
+    run(llm)
+    assert timer.seconds["experts"] > 0 and timer.seconds["experts"] < timer.seconds["step"]
