@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -48,9 +49,18 @@ def trained_checkpoint(tmp_path_factory) -> Path:
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port free on every interface now, below the kernel's ephemeral range (32768-60999) and
+    above Ray's worker ports (10002-19999), so no process of the Ray cluster a test starts takes it
+    before the server binds it (seen once: Serve's gRPC proxy failing to bind an ephemeral one)."""
+    family, host = (socket.AF_INET6, "::") if socket.has_ipv6 else (socket.AF_INET, "0.0.0.0")
+    for port in random.Random().sample(range(20000, 32000), 200):
+        with socket.socket(family) as s:  # [::] as Serve's proxies bind (IPv4 included)
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port in 20000-32000")
 
 
 def worker_processes(*roles: str) -> list[str]:

@@ -124,6 +124,9 @@ class Qwen35MoeModel(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.mtp = MultiTokenPredictor(cfg, rotary) if cfg.use_mtp else None
         self.visual = VisionTower(cfg.vision) if cfg.vision is not None else None
+        self.one_call_layers: tuple | None = None  # once fused: decoder_layers' (layout, weights, eps)
+        self.main_mlps: list[MoELayer] = []
+        self.deltanet_ids: list[int] = []
         self.tie_weights()
 
     def tie_weights(self) -> None:
