@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import random
-import tempfile
 import time
 from pathlib import Path
 
@@ -25,6 +24,7 @@ import torch
 from cluster import LLM, SamplingParams, SchedulerConfig
 from cluster.batch import BatchConfig, run_batch
 from cluster.model.tiny import TinySpec, make_tiny
+from scratch import scratch_dir
 
 
 def main() -> None:
@@ -33,7 +33,7 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=1000)
     parser.add_argument("--max-tokens", type=int, default=64)  # epserve batch's default
     args = parser.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="epserve-batch-"))
+    work = Path(scratch_dir(prefix="epserve-batch-"))
     model = args.model or str(make_tiny(work / "model", TinySpec()))
     rng = random.Random(0)
     words = ["expert", "layer", "token", "route", "cache", "state", "delta", "attention", "shard", "batch"]

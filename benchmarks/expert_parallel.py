@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import subprocess
-import tempfile
 import time
 
 import torch
@@ -39,6 +38,7 @@ import torch
 from cluster import LLM, ClusterConfig, SamplingParams
 from cluster.model.tiny import TinySpec, make_tiny
 from cluster.worker.timing import split_step
+from scratch import scratch_dir
 
 
 def run_decode(llm: LLM, prompts: list[list[int]], steps: int) -> tuple[float, list[dict]]:
@@ -122,7 +122,7 @@ def main() -> None:
     import ray
 
     torch.set_num_threads(1)  # like each worker: compare per-worker compute on equal terms
-    model_dir = args.model or make_tiny(tempfile.mkdtemp(), TinySpec())
+    model_dir = args.model or make_tiny(scratch_dir(), TinySpec())
     ray.init(include_dashboard=False, logging_level="ERROR")
     prompts = [list(range(3 + i, 3 + i + args.prompt_len)) for i in range(args.batch)]
     generations = [[(7 * i + 13 * j) % 400 + 3 for j in range(16)] for i in range(args.generations)]

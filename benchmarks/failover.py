@@ -26,13 +26,13 @@ import asyncio
 import os
 import signal
 import statistics
-import tempfile
 import time
 
 import ray
 
 from cluster import LLM, AsyncLLM, ClusterConfig, SamplingParams
 from cluster.model.tiny import TinySpec, make_tiny
+from scratch import scratch_dir
 
 
 def prompts_for(n: int) -> list[list[int]]:
@@ -100,7 +100,7 @@ def main() -> None:
     parser.add_argument("--async-scheduling", choices=["on", "off"], default="on",
                         help="the engine sends step N + 1 before reading step N's replies (the default for Ray)")
     args = parser.parse_args()
-    model = args.model or tempfile.mkdtemp(prefix="epserve-failover-")
+    model = args.model or scratch_dir(prefix="epserve-failover-")
     if not args.model:
         make_tiny(model, TinySpec(seed=1))
     prompts = prompts_for(args.streams)

@@ -46,7 +46,6 @@ import copy
 import gc
 import json
 import math
-import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -66,6 +65,7 @@ from cluster.model.loading import empty_model
 from cluster.model.model import Qwen35MoeModel
 from experts import ExpertBank, ExpertShard
 from kernels import reference_kernels
+from scratch import scratch_dir
 
 def random_model(cfg: ModelConfig, dtype: torch.dtype, device: str, seed: int) -> Qwen35MoeModel:
     """The dense model, built on meta and filled on the device: linear weights N(0, 1/in), norms
@@ -128,7 +128,7 @@ class RandomWeightsExecutor(LocalExecutor):
 
 
 def slice_dir(overrides: dict) -> str:
-    path = Path(tempfile.mkdtemp(prefix="epserve-gpu-check-"))
+    path = Path(scratch_dir(prefix="epserve-gpu-check-"))
     (path / "config.json").write_text(json.dumps({**FLAGSHIP, **overrides}))
     return str(path)
 

@@ -9,13 +9,13 @@ each is warmed up once and the best of --repeats runs is reported.
 from __future__ import annotations
 
 import argparse
-import tempfile
 import time
 
 import torch
 
 from cluster import LLM, SamplingParams
 from cluster.model.tiny import TinySpec, make_tiny
+from scratch import scratch_dir
 
 
 def best_time(fn, repeats: int) -> float:
@@ -35,7 +35,7 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    model_dir = args.model or make_tiny(tempfile.mkdtemp(), TinySpec())
+    model_dir = args.model or make_tiny(scratch_dir(), TinySpec())
     from transformers import AutoModelForCausalLM
 
     llm = LLM(model=model_dir)

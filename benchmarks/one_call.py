@@ -16,9 +16,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import statistics
-import tempfile
 
 from peer import OUTPUT_LEN, SINGLE_LEN, make_prompts, timed
+from scratch import scratch_dir
 
 
 def rate(llm, prompts, max_tokens: int) -> tuple[float, list]:
@@ -53,7 +53,7 @@ def main() -> None:
     print(f"{'checkpoint':<16} {'dtype':<9} {'measure':<21} " + " ".join(f"{w:>9}" for w in ways)
           + "  sublayer/op  forward/sublayer")
     for shape_name, spec in shapes.items():
-        model_dir = str(make_tiny(tempfile.mkdtemp(), spec))
+        model_dir = str(make_tiny(scratch_dir(), spec))
         for dtype in ("float32", "bfloat16"):
             llm = LLM(model=model_dir, dtype=dtype)
             for case_shape, measure, prompts, max_tokens in cases:

@@ -34,11 +34,12 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+
+from scratch import scratch_dir
 
 OUTPUT_LEN = 48
 SINGLE_LEN = 128
@@ -169,7 +170,7 @@ def throughput(args) -> None:
 
     from cluster.model.tiny import TinySpec, make_tiny
 
-    model_dir = args.model or str(make_tiny(tempfile.mkdtemp(), TinySpec(linear_head_dim=128, fused_experts=True)))
+    model_dir = args.model or str(make_tiny(scratch_dir(), TinySpec(linear_head_dim=128, fused_experts=True)))
     print(f"checkpoint {model_dir}; 32 prompts of 8-63 tokens x {OUTPUT_LEN} greedy tokens, then one request x "
           f"{SINGLE_LEN}; torch threads {torch.get_num_threads()}")
     rows = {}
@@ -235,7 +236,7 @@ def bandwidth(args) -> None:
     from cluster.model.tiny import TinySpec, make_tiny
 
     spec = TinySpec(hidden=512, layers=8, moe_intermediate=128, fused_experts=True)
-    model_dir = args.model or str(make_tiny(tempfile.mkdtemp(), spec))
+    model_dir = args.model or str(make_tiny(scratch_dir(), spec))
     threads = torch.get_num_threads()
     print(f"checkpoint {model_dir} (hidden 512, 8 layers, 512 experts of width 128); {args.rounds} rounds per "
           f"engine, each a batch-1 decode between two reads of 1 GiB on {threads} threads: medians, and "
@@ -298,7 +299,7 @@ def long_context(args) -> None:
     # vLLM's CPU build takes only 64- or 128-wide DeltaNet heads: with the peer, that toy
     spec = TinySpec(max_position_embeddings=65536, **({"linear_head_dim": 128, "fused_experts": True}
                                                       if args.vllm_venv else {}))
-    model_dir = args.model or str(make_tiny(tempfile.mkdtemp(), spec))
+    model_dir = args.model or str(make_tiny(scratch_dir(), spec))
     toy = "make-tiny --linear-head-dim 128 --fused-experts" if args.vllm_venv else "default toy"
     print(f"checkpoint {model_dir} ({toy}, 64K context); batch-1 decode of {3 * SINGLE_LEN} tokens "
           f"(rate: 1 / the median gap between tokens; "

@@ -13,7 +13,6 @@ step — before and after `rebalance()` (which adds `--slots` replicas per layer
 from __future__ import annotations
 
 import argparse
-import tempfile
 
 import ray
 import torch
@@ -24,6 +23,7 @@ from cluster import LLM
 from cluster.worker.timing import split_step
 from cluster.model.tiny import TinySpec, make_tiny
 from router import placement_stats
+from scratch import scratch_dir
 
 
 def decode_run(llm: LLM, batch: int, steps: int) -> tuple[float, float]:
@@ -43,7 +43,7 @@ def main() -> None:
     parser.add_argument("--heatmap", default=None, help="write a PNG of the load before and after (deploy.heatmap)")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    model_dir = make_tiny(tempfile.mkdtemp(), TinySpec(router_skew=args.skew))
+    model_dir = make_tiny(scratch_dir(), TinySpec(router_skew=args.skew))
     ray.init(include_dashboard=False, logging_level="ERROR")
     with LLM(model=model_dir, expert_workers=args.experts, use_ray=True) as llm:
         decode_run(llm, args.batch, args.steps)  # fills the load window

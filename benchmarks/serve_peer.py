@@ -31,6 +31,7 @@ import urllib.request
 from pathlib import Path
 
 from deploy.bench import run_bench
+from scratch import scratch_dir
 
 
 def wait_ready(url: str, proc: subprocess.Popen, timeout_s: float = 600) -> str:
@@ -113,7 +114,7 @@ def main() -> None:
     if args.model is None:
         from cluster.model.tiny import TinySpec, make_tiny
 
-        args.model = str(make_tiny(tempfile.mkdtemp(), TinySpec(linear_head_dim=128, fused_experts=True)))
+        args.model = str(make_tiny(scratch_dir(), TinySpec(linear_head_dim=128, fused_experts=True)))
     rows = []
     if args.vllm_venv:  # first, on a quiet machine
         venv = Path(args.vllm_venv)

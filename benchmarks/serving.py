@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import tempfile
 import time
 
 import torch
@@ -22,6 +21,7 @@ import torch
 from cluster import AsyncLLM, SamplingParams
 from cluster.model.tiny import TinySpec, make_tiny
 from deploy.bench import percentile
+from scratch import scratch_dir
 
 
 async def run_epserve(engine: AsyncLLM, prompts: list[list[int]], concurrency: int, output_len: int):
@@ -71,7 +71,7 @@ def main() -> None:
     parser.add_argument("--skip-transformers", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    model_dir = args.model or make_tiny(tempfile.mkdtemp(), TinySpec())
+    model_dir = args.model or make_tiny(scratch_dir(), TinySpec())
     engine = AsyncLLM(model_dir)
     reference = None
     if not args.skip_transformers:
