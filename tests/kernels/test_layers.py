@@ -66,9 +66,9 @@ def test_one_call_per_sublayer_and_per_forward_give_the_same_bits(llm, calls):
     assert op_by_op[3].sum() > 0
     with separate_layers():
         per_sublayer = run(llm)
-    assert calls.pop("decoder_layers") == 0 and all(n > 0 for n in calls.values()), calls
+    sublayer_ops = ("deltanet_mixer", "attention_mixer", "moe_block")
+    assert calls["decoder_layers"] == 0 and all(calls[op] > 0 for op in sublayer_ops), calls
     assert same_bits(per_sublayer, op_by_op)  # the kernel counts routed pairs as record() does
-    calls.update(dict.fromkeys(calls, 0), decoder_layers=0)
     per_forward = run(llm)
     assert calls["decoder_layers"] > 0, calls
     assert same_bits(per_forward, op_by_op)
