@@ -32,7 +32,10 @@ builds them), through the real engine (scheduler, runner, kernels, sampler):
   8. K/V stored as fp8 (e4m3, e5m2) under the bf16 model: the logits against bf16 K/V on the
      narrower slice (max and mean |diff|, top-1 agreement), and batch-64 decode with fp8 e4m3 K/V;
   9. decode graphs with their plain-torch glue compiled (the engine's default) against the same
-     graphs without it and against eager steps: tokens, logprobs, decode tok/s, first capture time.
+     graphs without it and against eager steps: tokens, logprobs, decode tok/s, first capture time;
+ 10. paged attention with the flagship's heads: the Triton kernel (kernels.triton_attention) against
+     the batched torch version it replaced, on decode batches with long contexts and a prefill step;
+ 11. batch-1 decode through the engine after a 16-token and after a 32k-token prompt (its ratio).
 Each part records its figures as it goes; a part that fails is reported and the next one runs.
 The CUDA kernel tests: `python -m pytest tests/kernels/test_cuda.py` (skipped without a GPU).
 Prints a table and, with --json, writes the figures.
@@ -51,7 +54,8 @@ import traceback
 from pathlib import Path
 
 import torch
-from gpu_probes import card_spec, copy_bandwidth, dense_tflops, fp8_block_gemm, grouped_gemm, sync
+from gpu_probes import (card_spec, copy_bandwidth, dense_tflops, fp8_block_gemm, grouped_gemm, paged_attention,
+                        sync)
 
 import cluster.engine.engine as engine_module
 from attention.norm import GatedRMSNorm, RMSNorm
@@ -224,7 +228,7 @@ def environment(device: str) -> dict:
     """Versions and which implementation each op takes on this device."""
     import importlib.metadata as md
 
-    from kernels import fla
+    from kernels import fla, triton_attention
 
     found = {}
     for package in ("torch", "triton", "flash-linear-attention"):
@@ -234,7 +238,8 @@ def environment(device: str) -> dict:
             found[package] = None
     probe = torch.empty(1, device=device, dtype=torch.bfloat16)
     found["delta_rule"] = "C++" if device == "cpu" else "flash-linear-attention" if fla.usable(probe) else "batched torch"
-    found["paged_attention"] = "C++" if device == "cpu" else "batched torch (SDPA)"
+    found["paged_attention"] = ("C++" if device == "cpu" else "Triton" if triton_attention.usable(probe)
+                                else "batched torch (SDPA)")
     found["grouped_experts"] = "torch._grouped_mm" if hasattr(torch, "_grouped_mm") else "reference"
     return found
 
@@ -450,6 +455,37 @@ def main() -> None:
             llm.shutdown()
             del llm
 
+    def long_context(found: dict) -> None:
+        """Batch-1 decode through the engine (bf16, its CUDA graphs) after a 16-token prompt and after
+        a 32k-token one, in one engine: what reading the long context's K/V costs a step."""
+        llm = engine(width, "bfloat16", max_tokens=8192, seqs=4)
+        long_prompt, steps = (256, 4) if args.smoke else (32768, args.steps)
+        try:
+            found["long_context_decode_tok_s_after_16"] = decode_rate(llm, 1, steps, device, cfg.vocab_size)
+            engine_ = llm.engine
+            engine_.add_request("long", [(j * 7 + 1) % cfg.vocab_size for j in range(long_prompt)],
+                                SamplingParams(max_tokens=steps + 8, temperature=0.0, ignore_eos=True))
+            start = time.perf_counter()
+            while not any(seq.output_ids for seq in engine_.scheduler.running):
+                engine_.step()  # the prefill, in steps of 8192 tokens
+            sync(device)
+            found[f"long_context_prefill_{long_prompt}_s"] = time.perf_counter() - start
+            engine_.step()  # the first decode (its table width's graph captured)
+            sync(device)
+            start = time.perf_counter()
+            for _ in range(steps):
+                engine_.step()
+            sync(device)
+            rate = steps / (time.perf_counter() - start)
+            found[f"long_context_decode_tok_s_after_{long_prompt}"] = rate
+            found["long_context_ratio"] = rate / found["long_context_decode_tok_s_after_16"]
+            engine_.abort_request("long")
+            while engine_.has_unfinished():
+                engine_.step()
+        finally:
+            llm.shutdown()
+            del llm
+
     section("grouped_gemm", grouped)
     section("bf16_vs_fp32", bf16_against_fp32)
     section("decode_prefill", decode_and_prefill)
@@ -457,6 +493,9 @@ def main() -> None:
     if device.startswith("cuda"):
         section("fp8_block_gemm", lambda found: found.update(fp8_block_gemm(device)))
     section("glue_compile", glue_compile)
+    if device.startswith("cuda"):
+        section("paged_attention", lambda found: found.update(paged_attention(device, args.smoke)))
+    section("long_context", long_context)
     figures["seconds"] = time.perf_counter() - started
 
     for key, value in figures.items():

@@ -128,3 +128,45 @@ def fp8_block_gemm(device: str, tokens: int = 4096, out: int = 4096, inp: int = 
     return {"fp8_block_gemm_relative_error": error,
             "fp8_block_gemm_tflops": flops / seconds_per_call(fp8, device, 20) / 1e12,
             "bf16_same_gemm_tflops": flops / seconds_per_call(lambda: x @ w_bf16.t(), device, 20) / 1e12}
+
+
+def paged_attention(device: str, smoke: bool = False) -> dict:
+    """The paged attention of one layer with the flagship's heads (32 query heads over 2 kv heads of
+    256; blocks of 16 keys, scattered), bf16: the Triton kernel the engine runs on CUDA
+    (kernels.triton_attention: K/V read in place, decode steps split along the keys) against the
+    batched torch version it replaces (every table's blocks gathered, one masked SDPA), on decode
+    batches (1 x 32k and 64 x 2k cached keys) and a prefill step (4 x 2048 new rows). Per case: ms
+    a call each way and the K/V read rate of the kernel (the bytes of the keys and values it must
+    read, once, over its time); and max |diff| between the two."""
+    from kernels import triton_attention
+    from kernels.attention import paged_attention_batched
+
+    Hq, Hkv, hd, S = 32, 2, 256, 16
+    cases = {"decode_1x32k": ([1], [32768]), "decode_64x2k": ([1] * 64, [2048] * 64),
+             "prefill_4x2k": ([2048] * 4, [0] * 4)}
+    if smoke:
+        cases = {"decode_1x256": ([1], [256]), "prefill_2x64": ([64] * 2, [0] * 2)}
+    found = {}
+    for name, (lens, past) in cases.items():
+        context = [n + p for n, p in zip(lens, past)]
+        width = max(-(-c // S) for c in context)
+        num_blocks = sum(-(-c // S) for c in context)
+        key_cache, value_cache = (torch.randn(num_blocks, Hkv, S, hd, device=device, dtype=torch.bfloat16)
+                                  for _ in range(2))
+        blocks = torch.randperm(num_blocks, device=device)
+        tables, used = torch.zeros(len(lens), width, dtype=torch.long, device=device), 0
+        for i, c in enumerate(context):
+            n = -(-c // S)
+            tables[i, :n] = blocks[used : used + n]
+            used += n
+        query = torch.randn(sum(lens), Hq, hd, device=device, dtype=torch.bfloat16)
+        starts = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], device=device)
+        args = (query, key_cache, value_cache, tables, starts, torch.tensor(context, device=device), hd**-0.5, lens)
+        kernel = seconds_per_call(lambda: triton_attention.paged_attention(*args), device, 20)
+        gathered = seconds_per_call(lambda: paged_attention_batched(*args), device, 20)
+        diff = (triton_attention.paged_attention(*args).float() - paged_attention_batched(*args).float()).abs().max()
+        kv_bytes = 2 * sum(context) * Hkv * hd * 2
+        found |= {f"attention_{name}_triton_ms": kernel * 1e3, f"attention_{name}_gathered_sdpa_ms": gathered * 1e3,
+                  f"attention_{name}_speedup": gathered / kernel, f"attention_{name}_kv_tb_s": kv_bytes / kernel / 1e12,
+                  f"attention_{name}_max_abs_diff": diff.item()}
+    return found

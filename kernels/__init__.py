@@ -4,8 +4,9 @@ Each op has a plain-torch reference (any device; slow, obviously right) and a fa
 compare the two on random inputs with ragged batches (tests/kernels; on a GPU tests/kernels/test_cuda.py).
 On CPU the fast versions are C++ (kernels/csrc, built once per machine: kernels.build); the chunked
 DeltaNet prefill and the sampler are batched torch. On other devices: batched torch versions of
-every op, torch._grouped_mm for the routed experts, and flash-linear-attention's Triton kernels for
-the delta rule on CUDA in 16-bit when installed (kernels.fla).
+every op, torch._grouped_mm for the routed experts, flash-linear-attention's Triton kernels for
+the delta rule on CUDA in 16-bit when installed (kernels.fla), and Triton paged attention on CUDA
+(kernels.triton_attention; Triton comes with torch's CUDA builds).
 
 | op | module | fast CPU |
 |---|---|---|
@@ -13,7 +14,7 @@ the delta rule on CUDA in 16-bit when installed (kernels.fla).
 | rms_norm, add_rms_norm, gated_rms_norm | norms | C++ |
 | causal_conv1d (decode and prefill, conv state slots in place) | conv | C++ |
 | delta_rule = delta_rule_decode + delta_rule_prefill on a mixed step (slots in place) | delta_rule | C++ (*) |
-| qk_norm_rope (q/k norms + rotary), paged_attention (+ write_kv) | attention | C++ |
+| qk_norm_rope (q/k norms + rotary), paged_attention (+ write_kv; Triton on CUDA) | attention | C++ |
 | topk_softmax (router), moe_experts (grouped SwiGLU + weighted sum), add_shared_expert | moe | C++ |
 | sample (penalties, temperature, top-k/p, min-p, seeded draws, logprobs) | sampling | batched torch |
 | deltanet_mixer, attention_mixer, moe_block: a sublayer's ops above in one call (**) | layers | C++ |

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from . import triton_attention
 from .backend import batched, glue, native
 from .norms import rms_norm_reference
 from .varlen import padded_rows, unpad
@@ -117,11 +118,17 @@ def paged_attention_batched(query, key_cache, value_cache, block_tables, query_s
 
 def paged_attention(query, key_cache, value_cache, block_tables, query_start, context_lens,
                     scale: float, query_lens: list[int]) -> torch.Tensor:
-    """One call for every sequence of the step (the C++ kernel reads K/V in place: no gathered copy,
-    no GQA repeat)."""
+    """One call for every sequence of the step (the C++ kernel on CPUs and the Triton kernels on
+    GPUs read K/V in place: no gathered copy, no GQA repeat)."""
     if native(query):
         return torch.ops.epserve.paged_attention(query, key_cache, value_cache, block_tables, query_start,
                                                  context_lens, scale)
+    if batched(query) and triton_attention.usable(query):
+        try:
+            return triton_attention.paged_attention(query, key_cache, value_cache, block_tables, query_start,
+                                                    context_lens, scale, query_lens)
+        except triton_attention.KernelUnavailable:  # logged once; from now on the batched version
+            pass
     if batched(query):
         return paged_attention_batched(query, key_cache, value_cache, block_tables, query_start, context_lens,
                                        scale, query_lens)

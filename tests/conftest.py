@@ -12,7 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 
-import cluster
+# Without a GPU, Triton's kernels (kernels.triton_attention) run through its interpreter: chosen when
+# triton is first imported, so before anything imports the kernels
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import cluster  # noqa: E402
 from cluster.model.tiny import TinySpec, make_tiny
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))

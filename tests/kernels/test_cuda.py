@@ -1,5 +1,5 @@
-"""The CUDA paths (flash-linear-attention's kernels when installed, the batched torch versions,
-torch._grouped_mm) against the plain-torch references on the GPU, and the engine on CUDA against
+"""The CUDA paths (flash-linear-attention's kernels when installed, the Triton paged attention, the
+batched torch versions, torch._grouped_mm) against the plain-torch references on the GPU, and the engine on CUDA against
 the engine on CPU. Skipped without a GPU; `benchmarks/gpu_check.py` runs this file on one."""
 
 from __future__ import annotations
@@ -83,6 +83,24 @@ def test_attention_and_conv(dtype):
     fast, ref, fast_args, ref_args = cuda_and_reference(kernels.causal_conv1d, x, weight, conv_state, slots,
                                                         ragged(LENS), LENS)
     assert close(fast, ref, TOLERANCE[dtype]) and torch.equal(fast_args[2], ref_args[2]), error(fast, ref)
+
+
+@pytest.mark.parametrize("dtype", TOLERANCE)
+@pytest.mark.parametrize("cache_dtype", [None, torch.float8_e4m3fn])
+@pytest.mark.parametrize("lens_and_past", [([1] * 5, [0, 40, 3, 700, 3000]), (LENS, [0, 40, 3, 0, 14, 200, 0])])
+def test_triton_paged_attention_with_the_flagships_heads(dtype, cache_dtype, lens_and_past):
+    """kernels.triton_attention (what CUDA runs) with 32 query heads over 2 kv heads of 256: decode
+    batches split along the keys, and mixed steps, against the reference."""
+    from kernels import triton_attention
+    from kernels.attention import paged_attention_reference
+    from tests.kernels.test_triton_attention import inputs
+
+    lens, past = lens_and_past
+    args = on_cuda(*inputs(dtype, (32, 2), cache_dtype, 16, 256, lens, past, width=200))
+    assert triton_attention.usable(args[0])
+    fast = kernels.paged_attention(*args)
+    ref = paged_attention_reference(*args)
+    assert close(fast, ref, TOLERANCE[dtype]), error(fast, ref)
 
 
 def test_grouped_expert_gemm():

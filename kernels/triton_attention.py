@@ -1,0 +1,223 @@
+"""Paged attention on GPUs as Triton kernels: K/V read in place from the paged cache (no gathered
+copy of a sequence's blocks, no GQA repeat), the query heads of a kv head folded into one tile's rows,
+decode steps split along the keys (flash-decoding) so that a few long sequences still fill the GPU.
+
+Triton comes with torch's CUDA builds (torch.compile needs it); imported only when present. Same
+contract as kernels.attention.paged_attention — query [T, Hq, hd]; key_cache / value_cache
+[N, Hkv, S, hd] in the query's dtype or a narrower one (bf16, fp8 e5m2 / e4m3fn: widened to the
+query's dtype as the references do); block_tables [B, W]; query_start [B + 1]; context_lens [B]
+(this step's rows included); query_lens the host's rows per sequence. Scores and the softmax in fp32;
+in fp32 the dots are IEEE (no tf32: fp32 is the parity mode), in 16-bit the probabilities round to the
+query's dtype before the value dot, as in FlashAttention.
+
+Grid: (sequence, kv head, row tile x key split). A tile is BLOCK_M rows of (query row, head of the
+group); keys go BLOCK_N at a time, each key's block looked up in the table (any block size S). With
+one row per sequence (decode) the keys of a sequence are cut into `splits` ranges, each program keeps
+its running max, sum and unnormalised output, and a second kernel merges them; the split count is a
+function of the shapes only (batch, table width: static in a CUDA graph), never of the lengths.
+Tests run the kernels on CPU tensors through Triton's interpreter (TRITON_INTERPRET=1).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from dataclasses import dataclass
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+    from triton.compiler.errors import CompilationError
+    from triton.runtime.errors import OutOfResources
+except ImportError:  # CPU-only installs: kernels.attention's batched torch version runs
+    triton = None
+
+log = logging.getLogger(__name__)
+
+_LOG2E = 1.4426950408889634
+_unavailable: str | None = None  # why the kernels did not build on this device (then never tried again)
+
+
+class KernelUnavailable(RuntimeError):
+    """The kernels did not compile or fit on this device; the caller runs its torch version."""
+
+
+def usable(query: torch.Tensor) -> bool:
+    """CUDA tensors with Triton present (fp32, bf16 or fp16 queries), unless the kernels failed to
+    build here before."""
+    return (triton is not None and _unavailable is None and query.is_cuda
+            and query.dtype in (torch.float32, torch.bfloat16, torch.float16))
+
+
+if triton is not None:
+
+    @triton.jit
+    def _dot(a, b, EXACT: tl.constexpr):
+        """a @ b with fp32 accumulation; EXACT: IEEE fp32 products (fp32 inputs: no tf32; 16-bit
+        inputs widened first, exact, for the interpreter, whose 16-bit dots are wrong)."""
+        if EXACT:
+            return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+        return tl.dot(a, b)
+
+    @triton.jit
+    def _attend(Q, K, V, Out, Part_M, Part_L, Part_O, block_tables, query_start, context_lens,
+                scale_log2, num_tiles, keys_per_split,
+                stride_qt, stride_qh, stride_kn, stride_kh, stride_ks, stride_vn, stride_vh, stride_vs,
+                stride_bt, stride_ot, stride_oh, stride_ps, stride_pt, stride_ph,
+                G: tl.constexpr, HD: tl.constexpr, HD_P2: tl.constexpr, S: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, EXACT: tl.constexpr):
+        b = tl.program_id(0)
+        h = tl.program_id(1)
+        tile = tl.program_id(2) % num_tiles
+        split = tl.program_id(2) // num_tiles
+        first_row = tl.load(query_start + b)
+        n_rows = tl.load(query_start + b + 1) - first_row
+        context = tl.load(context_lens + b)
+
+        m_idx = tile * BLOCK_M + tl.arange(0, BLOCK_M)  # a tile row = (query row i, head g of the group)
+        i = m_idx // G
+        head = h * G + m_idx % G
+        row_ok = i < n_rows
+        d = tl.arange(0, HD_P2)
+        d_ok = d < HD
+        q = tl.load(Q + (first_row + i)[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :],
+                    mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        last_key = context - n_rows + i  # row i sees keys 0 .. last_key (causal, after the cached ones)
+        key_end = tl.minimum(context - n_rows + tl.minimum((tile + 1) * BLOCK_M - 1, G * n_rows - 1) // G + 1,
+                             (split + 1) * keys_per_split)
+        key_start = split * keys_per_split
+
+        m_run = tl.full([BLOCK_M], -1.0e30, tl.float32)  # finite: a row with no key here stays at 0
+        l_run = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, HD_P2], tl.float32)
+        for start in range(key_start, key_end, BLOCK_N):
+            p = start + tl.arange(0, BLOCK_N)
+            p_ok = p < key_end
+            block = tl.load(block_tables + b * stride_bt + p // S, mask=p_ok, other=0)
+            at = (block * stride_kn + h * stride_kh + (p % S) * stride_ks)[:, None] + d[None, :]
+            kv_ok = p_ok[:, None] & d_ok[None, :]
+            k = tl.load(K + at, mask=kv_ok, other=0.0).to(q.dtype)
+            scores = _dot(q, tl.trans(k), EXACT) * scale_log2
+            visible = (p[None, :] <= last_key[:, None]) & p_ok[None, :]
+            scores = tl.where(visible, scores, float("-inf"))
+            m_new = tl.maximum(m_run, tl.max(scores, 1))
+            probs = tl.exp2(scores - m_new[:, None])
+            rescale = tl.exp2(m_run - m_new)
+            l_run = l_run * rescale + tl.sum(probs, 1)
+            v_at = (block * stride_vn + h * stride_vh + (p % S) * stride_vs)[:, None] + d[None, :]
+            v = tl.load(V + v_at, mask=kv_ok, other=0.0).to(q.dtype)
+            acc = acc * rescale[:, None] + _dot(probs.to(q.dtype), v, EXACT)  # 16-bit: rounded probabilities
+            m_run = m_new
+
+        keep = row_ok[:, None] & d_ok[None, :]
+        if SPLIT:
+            at = split * stride_ps + (first_row + i) * stride_pt + head * stride_ph
+            tl.store(Part_M + at, m_run, mask=row_ok)
+            tl.store(Part_L + at, l_run, mask=row_ok)
+            tl.store(Part_O + at[:, None] * HD_P2 + d[None, :], acc, mask=row_ok[:, None])  # padded dims: 0
+        else:
+            out = acc / l_run[:, None]
+            tl.store(Out + (first_row + i)[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :],
+                     out.to(Out.dtype.element_ty), mask=keep)
+
+    @triton.jit
+    def _merge(Out, Part_M, Part_L, Part_O, stride_ot, stride_oh, stride_ps, stride_pt, stride_ph,
+               SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr, HD: tl.constexpr, HD_P2: tl.constexpr):
+        t = tl.program_id(0)
+        head = tl.program_id(1)
+        s = tl.arange(0, SPLITS_P2)
+        s_ok = s < SPLITS
+        d = tl.arange(0, HD_P2)
+        at = s * stride_ps + t * stride_pt + head * stride_ph
+        m = tl.load(Part_M + at, mask=s_ok, other=-1.0e30)
+        weight = tl.exp2(m - tl.max(m, 0))
+        l_total = tl.sum(tl.load(Part_L + at, mask=s_ok, other=0.0) * weight, 0)
+        parts = tl.load(Part_O + at[:, None] * HD_P2 + d[None, :], mask=s_ok[:, None], other=0.0)
+        out = tl.sum(parts * weight[:, None], 0) / l_total
+        tl.store(Out + t * stride_ot + head * stride_oh + d, out.to(Out.dtype.element_ty), mask=d < HD)
+
+
+@functools.cache
+def _programs_wanted(device: torch.device) -> int:
+    """Enough programs for every SM a few times over (on a CPU, the interpreter in tests: enough
+    that decode batches split their keys)."""
+    if device.type != "cuda":
+        return 64
+    return 4 * torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _pow2(n: int, least: int = 16) -> int:
+    return max(least, 1 << (max(n, 1) - 1).bit_length())
+
+
+@dataclass(frozen=True)
+class LaunchPlan:
+    block_m: int  # tile rows: (query row, head of the group) pairs
+    block_n: int  # keys a loop iteration reads
+    num_tiles: int  # row tiles per (sequence, kv head)
+    splits: int  # key ranges per tile (decode steps), merged after
+    keys_per_split: int
+
+
+def launch_plan(B: int, W: int, S: int, Hkv: int, G: int, max_rows: int, hd: int, device: torch.device) -> LaunchPlan:
+    """Shapes only (B sequences, tables W blocks of S keys, the longest chunk's rows): the same plan
+    for every replay of a CUDA graph."""
+    block_m = 16 if max_rows == 1 else 64
+    block_n = 64 if _pow2(hd) <= 128 else 32
+    num_tiles = -(-max_rows * G // block_m)
+    key_tiles = -(-W * S // block_n)
+    splits = min(key_tiles, -(-_programs_wanted(device) // (B * Hkv * num_tiles))) if max_rows == 1 else 1
+    keys_per_split = -(-key_tiles // splits) * block_n
+    return LaunchPlan(block_m, block_n, num_tiles, -(-W * S // keys_per_split), keys_per_split)
+
+
+def paged_attention(query, key_cache, value_cache, block_tables, query_start, context_lens,
+                    scale: float, query_lens: list[int]) -> torch.Tensor:
+    """kernels.attention.paged_attention's contract (module docstring); no host sync (the tiles come
+    from the host's query_lens, the key splits from the table's width)."""
+    T, Hq, hd = query.shape
+    B, W = block_tables.shape
+    _, Hkv, S, _ = key_cache.shape
+    out = torch.empty_like(query)
+    if T == 0:
+        return out
+    plan = launch_plan(B, W, S, Hkv, Hq // Hkv, max(query_lens), hd, query.device)
+    if query.stride(2) != 1:
+        query = query.contiguous()
+    for cache in (key_cache, value_cache):
+        if cache.stride(3) != 1:
+            raise ValueError("paged attention: the caches' head dim must be contiguous")
+    exact = query.dtype == torch.float32 or not query.is_cuda  # fp32, or the interpreter
+    try:
+        _launch(query, key_cache, value_cache, out, block_tables, query_start, context_lens, scale, plan, exact)
+    except (CompilationError, OutOfResources) as e:  # a Triton or card this was never compiled for
+        global _unavailable
+        _unavailable = f"{type(e).__name__}: {e}"
+        log.warning("Triton paged attention unavailable on this device, the batched torch version runs: %s",
+                    _unavailable)
+        raise KernelUnavailable(_unavailable) from e
+    return out
+
+
+def _launch(query, key_cache, value_cache, out, block_tables, query_start, context_lens, scale: float,
+            plan: LaunchPlan, exact: bool) -> None:
+    T, Hq, hd = query.shape
+    B, Hkv, splits, HD_P2 = block_tables.shape[0], key_cache.shape[1], plan.splits, _pow2(query.shape[2])
+    if splits > 1:
+        part_m = torch.empty(splits, T, Hq, device=query.device, dtype=torch.float32)
+        part_l = torch.empty_like(part_m)
+        part_o = torch.empty(splits, T, Hq, HD_P2, device=query.device, dtype=torch.float32)
+    else:
+        part_m = part_l = part_o = out  # not read
+    _attend[(B, Hkv, plan.num_tiles * splits)](
+        query, key_cache, value_cache, out, part_m, part_l, part_o, block_tables, query_start, context_lens,
+        scale * _LOG2E, plan.num_tiles, plan.keys_per_split,
+        query.stride(0), query.stride(1), *key_cache.stride()[:3], *value_cache.stride()[:3],
+        block_tables.stride(0), out.stride(0), out.stride(1), *(part_m.stride() if splits > 1 else (0, 0, 0)),
+        G=Hq // Hkv, HD=hd, HD_P2=HD_P2, S=key_cache.shape[2], BLOCK_M=plan.block_m, BLOCK_N=plan.block_n,
+        SPLIT=splits > 1, EXACT=exact, num_warps=4 if HD_P2 <= 128 else 8)
+    if splits > 1:
+        _merge[(T, Hq)](out, part_m, part_l, part_o, out.stride(0), out.stride(1), *part_m.stride(),
+                        SPLITS=splits, SPLITS_P2=_pow2(splits, 1), HD=hd, HD_P2=HD_P2)

@@ -1,0 +1,108 @@
+"""The GPU's paged attention (kernels.triton_attention) against the plain-torch reference, run on CPU
+tensors through Triton's interpreter: ragged prefill chunks beside decodes, GQA groups, block sizes
+under and over a key tile, ragged head dims, narrower K/V caches, and decode batches split along the
+keys. On a GPU tests/kernels/test_cuda.py runs the compiled kernels the same way."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from kernels import triton_attention
+from kernels.attention import paged_attention_reference
+
+TOLERANCE = {torch.float32: 2e-5, torch.bfloat16: 3e-2}
+
+
+@pytest.fixture(scope="module")
+def interpreted():
+    """kernels.triton_attention, its kernels built for the interpreter (tests/conftest.py asks for it
+    on machines without a GPU, before triton is imported)."""
+    pytest.importorskip("triton")
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("a GPU is here: tests/kernels/test_cuda.py runs the compiled kernels")
+    return triton_attention
+
+
+def inputs(dtype, heads, cache_dtype, block_size, hd, lens, past, width=12, seed=5):
+    """The paged-attention arguments for sequences with lens[i] new rows after past[i] cached ones,
+    their blocks scattered over the cache; the query's heads strided (sliced from a wider tensor)."""
+    H, KV = heads
+    g = torch.Generator().manual_seed(seed)
+    context = [n + p for n, p in zip(lens, past)]
+    num_blocks = sum(-(-L // block_size) for L in context) + 3
+    key_cache = torch.randn(num_blocks, KV, block_size, hd, generator=g).to(cache_dtype or dtype)
+    value_cache = torch.randn(num_blocks, KV, block_size, hd, generator=g).to(cache_dtype or dtype)
+    blocks, tables = torch.randperm(num_blocks, generator=g).tolist(), []
+    for L in context:
+        n = -(-L // block_size)
+        tables.append(blocks[:n] + [0] * (width - n))
+        blocks = blocks[n:]
+    query = torch.randn(sum(lens), H, 2 * hd, generator=g).to(dtype)[..., :hd]
+    starts = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()])
+    return (query, key_cache, value_cache, torch.tensor(tables), starts, torch.tensor(context), hd**-0.5, lens)
+
+
+def check(module, args, dtype):
+    out = module.paged_attention(*args)
+    ref = paged_attention_reference(*args)
+    scale = max(1.0, ref.abs().max().item())
+    assert (out.float() - ref.float()).abs().max().item() <= TOLERANCE[dtype] * scale
+
+
+@pytest.mark.parametrize("dtype", TOLERANCE)
+@pytest.mark.parametrize("heads", [(4, 2), (8, 1), (2, 2)])
+@pytest.mark.parametrize("cache_dtype", [None, torch.bfloat16, torch.float8_e5m2, torch.float8_e4m3fn])
+@pytest.mark.parametrize("block_and_head", [(4, 16), (32, 41)])  # blocks under / over a key tile; a ragged head
+def test_mixed_steps_match_the_reference(interpreted, dtype, heads, cache_dtype, block_and_head):
+    if cache_dtype == dtype:
+        pytest.skip("the same as the query's")
+    block_size, hd = block_and_head
+    check(interpreted, inputs(dtype, heads, cache_dtype, block_size, hd, [1, 1, 9, 3, 17], [0, 20, 3, 0, 14]), dtype)
+
+
+@pytest.mark.parametrize("dtype", TOLERANCE)
+@pytest.mark.parametrize("heads_and_dim", [(4, 2, 64), (16, 1, 64), (32, 2, 256)])  # the last: the flagship's
+def test_decode_batches_split_along_the_keys(interpreted, dtype, heads_and_dim):
+    """Decode-only steps cut each sequence's keys into ranges merged by a second kernel (on a CPU 64
+    programs are wanted: a batch of 3 splits several ways); short sequences leave splits empty."""
+    H, KV, hd = heads_and_dim
+    args = inputs(dtype, (H, KV), None, 16, hd, [1, 1, 1], [0, 150, 37], width=16)
+    B, W = args[3].shape
+    assert interpreted.launch_plan(B, W, 16, KV, H // KV, 1, hd, torch.device("cpu")).splits > 1
+    check(interpreted, args, dtype)
+
+
+def test_empty_step(interpreted):
+    """An attention worker with no sequences still runs the forward."""
+    cache = torch.zeros(2, 2, 16, 16)
+    out = interpreted.paged_attention(torch.zeros(0, 4, 16), cache, cache, torch.zeros(0, 1, dtype=torch.long),
+                                      torch.zeros(1, dtype=torch.long), torch.zeros(0, dtype=torch.long), 0.25, [])
+    assert out.shape == (0, 4, 16)
+
+
+def test_kernels_that_do_not_build_on_a_device_leave_the_batched_version_running(interpreted, monkeypatch, caplog):
+    """A Triton or card the kernels do not compile for: one warning, then kernels.paged_attention runs
+    the batched torch version for the rest of the process (not an engine that fails every step)."""
+    import kernels
+    from kernels.attention import paged_attention_batched
+    from triton.runtime.errors import OutOfResources
+
+    launches = []
+
+    def does_not_fit(*args, **kwargs):
+        launches.append(1)
+        raise OutOfResources(300_000, 232_448, "shared memory")
+
+    monkeypatch.setattr(interpreted, "_launch", does_not_fit)
+    monkeypatch.setattr(interpreted, "_unavailable", None)
+    # on CUDA tensors only; here a half-precision query (no C++ kernel takes it) stands in for one
+    monkeypatch.setattr(interpreted, "usable", lambda query: interpreted._unavailable is None)
+    args = inputs(torch.float16, (4, 2), None, 16, 32, [1, 5], [20, 0])
+    with caplog.at_level("WARNING"):
+        first = kernels.paged_attention(*args)
+    assert "unavailable" in caplog.text and "OutOfResources" in interpreted._unavailable
+    assert torch.equal(first, paged_attention_batched(*args))
+    assert torch.equal(kernels.paged_attention(*args), first) and len(launches) == 1
