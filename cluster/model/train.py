@@ -8,7 +8,7 @@ embedding of token t+1 (weighted by `mtp_weight`; its gradient reaches the trunk
 The training forward is plain differentiable torch over whole sequences, built on the same
 parameters as the serving model (cluster.model.model: names equal the checkpoint's) and on the
 kernels' references: norms, q/k norm + rotary, the chunked delta rule, top-k softmax, the grouped
-expert matmul and the shared expert. tests/cluster/test_train.py checks that its logits equal the
+expert matmul and the shared expert. tests/cluster/model/test_train.py checks that its logits equal the
 engine's on the trained checkpoint, so what is trained is what is served.
 Shapes: B sequences, S tokens, D hidden, E experts, V vocab.
 """

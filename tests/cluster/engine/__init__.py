@@ -1,0 +1,1 @@
+"""The engine: scheduling, sampling, batching, async scheduling, speculative decoding, decode graphs."""

@@ -1,0 +1,1 @@
+"""Expert parallelism on Ray: the exchange, workers, failover, rebalancing, messages."""
