@@ -37,6 +37,7 @@ except ImportError:  # CPU-only installs: kernels.attention's batched torch vers
 log = logging.getLogger(__name__)
 
 _LOG2E = 1.4426950408889634
+MAX_SPLITS = 64  # key ranges per decode row: past this the merge costs more than the programs gain
 _unavailable: str | None = None  # why the kernels did not build on this device (then never tried again)
 
 
@@ -123,20 +124,26 @@ if triton is not None:
                      out.to(Out.dtype.element_ty), mask=keep)
 
     @triton.jit
-    def _merge(Out, Part_M, Part_L, Part_O, stride_ot, stride_oh, stride_ps, stride_pt, stride_ph,
-               SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr, HD: tl.constexpr, HD_P2: tl.constexpr):
+    def _merge(Out, Part_M, Part_L, Part_O, num_splits, stride_ot, stride_oh, stride_ps, stride_pt, stride_ph,
+               HD: tl.constexpr, HD_P2: tl.constexpr):
+        """Out[t, head] from the splits' running max, sum and unnormalised output, one split at a time
+        (rescaled as the online softmax does; the split count is not a compile-time constant)."""
         t = tl.program_id(0)
         head = tl.program_id(1)
-        s = tl.arange(0, SPLITS_P2)
-        s_ok = s < SPLITS
+        row = t * stride_pt + head * stride_ph
         d = tl.arange(0, HD_P2)
-        at = s * stride_ps + t * stride_pt + head * stride_ph
-        m = tl.load(Part_M + at, mask=s_ok, other=-1.0e30)
-        weight = tl.exp2(m - tl.max(m, 0))
-        l_total = tl.sum(tl.load(Part_L + at, mask=s_ok, other=0.0) * weight, 0)
-        parts = tl.load(Part_O + at[:, None] * HD_P2 + d[None, :], mask=s_ok[:, None], other=0.0)
-        out = tl.sum(parts * weight[:, None], 0) / l_total
-        tl.store(Out + t * stride_ot + head * stride_oh + d, out.to(Out.dtype.element_ty), mask=d < HD)
+        m_run = tl.full([1], -1.0e30, tl.float32)
+        l_run = tl.zeros([1], tl.float32)
+        acc = tl.zeros([HD_P2], tl.float32)
+        for split in range(num_splits):
+            at = split * stride_ps + row
+            m = tl.load(Part_M + at + tl.zeros([1], tl.int32))
+            m_new = tl.maximum(m_run, m)
+            old, new = tl.exp2(m_run - m_new), tl.exp2(m - m_new)
+            l_run = l_run * old + tl.load(Part_L + at + tl.zeros([1], tl.int32)) * new
+            acc = acc * old + tl.load(Part_O + at * HD_P2 + d) * new
+            m_run = m_new
+        tl.store(Out + t * stride_ot + head * stride_oh + d, (acc / l_run).to(Out.dtype.element_ty), mask=d < HD)
 
 
 @functools.cache
@@ -168,7 +175,8 @@ def launch_plan(B: int, W: int, S: int, Hkv: int, G: int, max_rows: int, hd: int
     block_n = 64 if _pow2(hd) <= 128 else 32
     num_tiles = -(-max_rows * G // block_m)
     key_tiles = -(-W * S // block_n)
-    splits = min(key_tiles, -(-_programs_wanted(device) // (B * Hkv * num_tiles))) if max_rows == 1 else 1
+    wanted = -(-_programs_wanted(device) // (B * Hkv * num_tiles))
+    splits = min(key_tiles, wanted, MAX_SPLITS) if max_rows == 1 else 1
     keys_per_split = -(-key_tiles // splits) * block_n
     return LaunchPlan(block_m, block_n, num_tiles, -(-W * S // keys_per_split), keys_per_split)
 
@@ -219,5 +227,5 @@ def _launch(query, key_cache, value_cache, out, block_tables, query_start, conte
         G=Hq // Hkv, HD=hd, HD_P2=HD_P2, S=key_cache.shape[2], BLOCK_M=plan.block_m, BLOCK_N=plan.block_n,
         SPLIT=splits > 1, EXACT=exact, num_warps=4 if HD_P2 <= 128 else 8)
     if splits > 1:
-        _merge[(T, Hq)](out, part_m, part_l, part_o, out.stride(0), out.stride(1), *part_m.stride(),
-                        SPLITS=splits, SPLITS_P2=_pow2(splits, 1), HD=hd, HD_P2=HD_P2)
+        _merge[(T, Hq)](out, part_m, part_l, part_o, splits, out.stride(0), out.stride(1), *part_m.stride(),
+                        HD=hd, HD_P2=HD_P2)
