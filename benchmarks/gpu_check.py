@@ -33,9 +33,11 @@ builds them), through the real engine (scheduler, runner, kernels, sampler):
      narrower slice (max and mean |diff|, top-1 agreement), and batch-64 decode with fp8 e4m3 K/V;
   9. decode graphs with their plain-torch glue compiled (the engine's default) against the same
      graphs without it and against eager steps: tokens, logprobs, decode tok/s, first capture time;
- 10. paged attention with the flagship's heads: the Triton kernel (kernels.triton_attention) against
+ 10. paged attention with the flagship's heads: the Triton kernel (kernels.gpu.attention) against
      the batched torch version it replaced, on decode batches with long contexts and a prefill step;
- 11. batch-1 decode through the engine after a 16-token and after a 32k-token prompt (its ratio).
+ 11. the DeltaNet decode step at batch 64 with the flagship's heads: the Triton kernel (states in place,
+     kernels.gpu.delta_rule) against FLA's with the slots gathered and scattered, and batched torch;
+ 12. batch-1 decode through the engine after a 16-token and after a 32k-token prompt (its ratio).
 Each part records its figures as it goes; a part that fails is reported and the next one runs.
 The CUDA kernel tests: `python -m pytest tests/kernels/test_cuda.py` (skipped without a GPU).
 Prints a table and, with --json, writes the figures.
@@ -54,8 +56,8 @@ import traceback
 from pathlib import Path
 
 import torch
-from gpu_probes import (card_spec, copy_bandwidth, dense_tflops, fp8_block_gemm, grouped_gemm, paged_attention,
-                        sync)
+from gpu_probes import (card_spec, copy_bandwidth, delta_rule_decode, dense_tflops, fp8_block_gemm, grouped_gemm,
+                        paged_attention, sync)
 
 import cluster.engine.engine as engine_module
 from attention.norm import GatedRMSNorm, RMSNorm
@@ -228,7 +230,9 @@ def environment(device: str) -> dict:
     """Versions and which implementation each op takes on this device."""
     import importlib.metadata as md
 
-    from kernels import fla, triton_attention
+    from kernels.gpu import attention as gpu_attention
+    from kernels.gpu import delta_rule as gpu_delta_rule
+    from kernels.gpu import fla
 
     found = {}
     for package in ("torch", "triton", "flash-linear-attention"):
@@ -237,8 +241,11 @@ def environment(device: str) -> dict:
         except md.PackageNotFoundError:
             found[package] = None
     probe = torch.empty(1, device=device, dtype=torch.bfloat16)
-    found["delta_rule"] = "C++" if device == "cpu" else "flash-linear-attention" if fla.usable(probe) else "batched torch"
-    found["paged_attention"] = ("C++" if device == "cpu" else "Triton" if triton_attention.usable(probe)
+    found["delta_rule_decode"] = ("C++" if device == "cpu" else "Triton" if gpu_delta_rule.usable(probe)
+                                  else "flash-linear-attention" if fla.usable(probe) else "batched torch")
+    found["delta_rule_prefill"] = ("C++" if device == "cpu" else "flash-linear-attention" if fla.usable(probe)
+                                   else "batched torch")
+    found["paged_attention"] = ("C++" if device == "cpu" else "Triton" if gpu_attention.usable(probe)
                                 else "batched torch (SDPA)")
     found["grouped_experts"] = "torch._grouped_mm" if hasattr(torch, "_grouped_mm") else "reference"
     return found
@@ -495,6 +502,7 @@ def main() -> None:
     section("glue_compile", glue_compile)
     if device.startswith("cuda"):
         section("paged_attention", lambda found: found.update(paged_attention(device, args.smoke)))
+        section("delta_rule_decode", lambda found: found.update(delta_rule_decode(device, args.smoke)))
     section("long_context", long_context)
     figures["seconds"] = time.perf_counter() - started
 

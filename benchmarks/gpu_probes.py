@@ -133,12 +133,12 @@ def fp8_block_gemm(device: str, tokens: int = 4096, out: int = 4096, inp: int = 
 def paged_attention(device: str, smoke: bool = False) -> dict:
     """The paged attention of one layer with the flagship's heads (32 query heads over 2 kv heads of
     256; blocks of 16 keys, scattered), bf16: the Triton kernel the engine runs on CUDA
-    (kernels.triton_attention: K/V read in place, decode steps split along the keys) against the
+    (kernels.gpu.attention: K/V read in place, decode steps split along the keys) against the
     batched torch version it replaces (every table's blocks gathered, one masked SDPA), on decode
     batches (1 x 32k and 64 x 2k cached keys) and a prefill step (4 x 2048 new rows). Per case: ms
     a call each way and the K/V read rate of the kernel (the bytes of the keys and values it must
     read, once, over its time); and max |diff| between the two."""
-    from kernels import triton_attention
+    from kernels.gpu import attention as gpu_attention
     from kernels.attention import paged_attention_batched
 
     Hq, Hkv, hd, S = 32, 2, 256, 16
@@ -162,11 +162,50 @@ def paged_attention(device: str, smoke: bool = False) -> dict:
         query = torch.randn(sum(lens), Hq, hd, device=device, dtype=torch.bfloat16)
         starts = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], device=device)
         args = (query, key_cache, value_cache, tables, starts, torch.tensor(context, device=device), hd**-0.5, lens)
-        kernel = seconds_per_call(lambda: triton_attention.paged_attention(*args), device, 20)
+        kernel = seconds_per_call(lambda: gpu_attention.paged_attention(*args), device, 20)
         gathered = seconds_per_call(lambda: paged_attention_batched(*args), device, 20)
-        diff = (triton_attention.paged_attention(*args).float() - paged_attention_batched(*args).float()).abs().max()
+        diff = (gpu_attention.paged_attention(*args).float() - paged_attention_batched(*args).float()).abs().max()
         kv_bytes = 2 * sum(context) * Hkv * hd * 2
         found |= {f"attention_{name}_triton_ms": kernel * 1e3, f"attention_{name}_gathered_sdpa_ms": gathered * 1e3,
                   f"attention_{name}_speedup": gathered / kernel, f"attention_{name}_kv_tb_s": kv_bytes / kernel / 1e12,
                   f"attention_{name}_max_abs_diff": diff.item()}
+    return found
+
+
+def delta_rule_decode(device: str, smoke: bool = False) -> dict:
+    """One Gated DeltaNet layer's decode step with the flagship's heads (16 key heads, 64 value heads
+    of 128; fp32 states of 4 MiB a sequence) at batch 64, bf16: the Triton kernel the engine runs on
+    CUDA (kernels.gpu.delta_rule: the states read and written once, in place) against
+    flash-linear-attention's recurrent kernel with the slots gathered and scattered around it (when
+    installed) and the batched torch version. Per way: ms a call and the state bytes it must move
+    (one read, one write) over its time; and max |diff| from the Triton kernel."""
+    from kernels.delta_rule import delta_rule_decode_reference, gating
+    from kernels.gpu import delta_rule as gpu_delta_rule
+    from kernels.gpu import fla
+
+    B, Hk, H, d, M = (4, 2, 4, 32, 8) if smoke else (64, 16, 64, 128, 130)
+    g = torch.Generator(device=device).manual_seed(7)
+    q, k = (torch.randn(B, Hk, d, device=device, generator=g).to(torch.bfloat16) for _ in range(2))
+    v = torch.randn(B, H, d, device=device, generator=g).to(torch.bfloat16)
+    a, b = (torch.randn(B, H, device=device, generator=g).to(torch.bfloat16) for _ in range(2))
+    A_log, dt_bias = (torch.rand(H, device=device).to(torch.bfloat16),
+                      torch.randn(H, device=device).to(torch.bfloat16))
+    state = 0.1 * torch.randn(M, H, d, d, device=device, generator=g)
+    slots = torch.randperm(M, device=device)[:B]
+    ways = {"triton": lambda: gpu_delta_rule.decode(q, k, v, a, b, A_log, dt_bias, state, slots, slots),
+            "batched_torch": lambda: delta_rule_decode_reference(q, k, v, a, b, A_log, dt_bias, state, slots, slots)}
+    if fla.usable(q):
+        ways["fla_gathered"] = lambda: fla.decode(q, k, v, *gating(a, b, A_log, dt_bias), state, slots, slots)
+    state_bytes = 2 * B * H * d * d * 4
+    found, first = {}, None
+    for name, run in ways.items():
+        saved = state.clone()
+        out = run()
+        first = out if first is None else first
+        found[f"delta_decode_{name}_max_abs_diff"] = (out.float() - first.float()).abs().max().item()
+        state.copy_(saved)
+        seconds = seconds_per_call(run, device, 20)
+        found |= {f"delta_decode_{name}_ms": seconds * 1e3,
+                  f"delta_decode_{name}_state_tb_s": state_bytes / seconds / 1e12}
+        state.copy_(saved)
     return found

@@ -4,9 +4,9 @@ Each op has a plain-torch reference (any device; slow, obviously right) and a fa
 compare the two on random inputs with ragged batches (tests/kernels; on a GPU tests/kernels/test_cuda.py).
 On CPU the fast versions are C++ (kernels/csrc, built once per machine: kernels.build); the chunked
 DeltaNet prefill and the sampler are batched torch. On other devices: batched torch versions of
-every op, torch._grouped_mm for the routed experts, flash-linear-attention's Triton kernels for
-the delta rule on CUDA in 16-bit when installed (kernels.fla), and Triton paged attention on CUDA
-(kernels.triton_attention; Triton comes with torch's CUDA builds).
+every op, torch._grouped_mm for the routed experts, and on CUDA the GPU's own kernels (kernels.gpu:
+Triton paged attention and DeltaNet decode step; flash-linear-attention's chunked prefill in 16-bit
+when installed).
 
 | op | module | fast CPU |
 |---|---|---|

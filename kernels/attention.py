@@ -13,8 +13,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import triton_attention
 from .backend import batched, glue, native
+from .gpu import attention as gpu_attention
+from .gpu.triton_guard import KernelUnavailable
 from .norms import rms_norm_reference
 from .varlen import padded_rows, unpad
 
@@ -123,11 +124,11 @@ def paged_attention(query, key_cache, value_cache, block_tables, query_start, co
     if native(query):
         return torch.ops.epserve.paged_attention(query, key_cache, value_cache, block_tables, query_start,
                                                  context_lens, scale)
-    if batched(query) and triton_attention.usable(query):
+    if batched(query) and gpu_attention.usable(query):
         try:
-            return triton_attention.paged_attention(query, key_cache, value_cache, block_tables, query_start,
-                                                    context_lens, scale, query_lens)
-        except triton_attention.KernelUnavailable:  # logged once; from now on the batched version
+            return gpu_attention.paged_attention(query, key_cache, value_cache, block_tables, query_start,
+                                                 context_lens, scale, query_lens)
+        except KernelUnavailable:  # logged once; from now on the batched version
             pass
     if batched(query):
         return paged_attention_batched(query, key_cache, value_cache, block_tables, query_start, context_lens,

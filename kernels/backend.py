@@ -1,5 +1,5 @@
 """Which implementation of each op runs: the C++ CPU kernels for CPU tensors when they load; the
-batched torch versions (and kernels.fla on CUDA) on other devices or without a compiler
+batched torch versions (and kernels.gpu's Triton kernels on CUDA) on other devices or without a compiler
 (EPSERVE_KERNELS=reference turns the C++ kernels off); the plain-torch references inside
 `reference_kernels()` (tests). Inside `compiled_glue()` (the forwards CUDA decode graphs capture)
 the plain-torch glue between a step's GEMMs and kernels (functions marked @glue) runs through

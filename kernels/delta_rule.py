@@ -11,8 +11,9 @@ M state slots. Inputs q, k [T, Hk, dk], v [T, H, dv], a and b [T, H]; the pool s
 (fp32) is read at `slots` [B] and written at `out_slots` [B] (None: in place; other rows keep the
 state from before the step, which a failed step then still has); outputs o [T, H, dv] in v's dtype.
 On CPU one C++ kernel walks every sequence's rows with its state in cache (decode and prefill
-alike); elsewhere decodes take one batched recurrent step and prefills the chunked form, batched
-over every chunk of the step.
+alike); on CUDA decodes run kernels.gpu.delta_rule's Triton kernel on the slots in place and
+prefills flash-linear-attention's chunked kernel when installed (kernels.gpu.fla); elsewhere decodes
+take one batched recurrent step and prefills the chunked form, batched over every chunk of the step.
 The sequence-level rules (`recurrent_gated_delta_rule`, `chunked_gated_delta_rule`) take
 [B, L, heads, d] and return (o, final state): they are the references.
 """
@@ -22,8 +23,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import fla
 from .backend import batched, glue, native
+from .gpu import delta_rule as gpu_delta_rule
+from .gpu import fla
+from .gpu.triton_guard import KernelUnavailable
 
 Tensors = tuple[torch.Tensor, ...]
 CHUNK = 64  # the reference's chunk size (transformers' torch_chunk_gated_delta_rule)
@@ -159,6 +162,12 @@ def delta_rule_decode(q, k, v, a, b, A_log, dt_bias, state, slots, out_slots=Non
         query_start = torch.arange(q.shape[0] + 1, device=q.device)
         return torch.ops.epserve.delta_rule(q, k, v, a, b, A_log, dt_bias, state, slots, query_start,
                                             slots if out_slots is None else out_slots)
+    if batched(q) and gpu_delta_rule.usable(q):
+        try:
+            return gpu_delta_rule.decode(q, k, v, a, b, A_log, dt_bias, state, slots,
+                                         slots if out_slots is None else out_slots)
+        except KernelUnavailable:  # logged once; from now on FLA's kernel or the batched version
+            pass
     if fla.usable(q):
         return fla.decode(q, k, v, *gating(a, b, A_log, dt_bias), state, slots,
                           slots if out_slots is None else out_slots)

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import kernels
-from kernels import fla, reference_kernels
+from kernels import reference_kernels
+from kernels.gpu import fla
 from tests.kernels.test_ops import LENS, close, delta_inputs, ragged
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
@@ -89,18 +90,36 @@ def test_attention_and_conv(dtype):
 @pytest.mark.parametrize("cache_dtype", [None, torch.float8_e4m3fn])
 @pytest.mark.parametrize("lens_and_past", [([1] * 5, [0, 40, 3, 700, 3000]), (LENS, [0, 40, 3, 0, 14, 200, 0])])
 def test_triton_paged_attention_with_the_flagships_heads(dtype, cache_dtype, lens_and_past):
-    """kernels.triton_attention (what CUDA runs) with 32 query heads over 2 kv heads of 256: decode
+    """kernels.gpu.attention (what CUDA runs) with 32 query heads over 2 kv heads of 256: decode
     batches split along the keys, and mixed steps, against the reference."""
-    from kernels import triton_attention
+    from kernels.gpu import attention as gpu_attention
     from kernels.attention import paged_attention_reference
-    from tests.kernels.test_triton_attention import inputs
+    from tests.kernels.test_gpu_kernels import inputs
 
     lens, past = lens_and_past
     args = on_cuda(*inputs(dtype, (32, 2), cache_dtype, 16, 256, lens, past, width=200))
-    assert triton_attention.usable(args[0])
+    assert gpu_attention.usable(args[0])
     fast = kernels.paged_attention(*args)
     ref = paged_attention_reference(*args)
     assert close(fast, ref, TOLERANCE[dtype]), error(fast, ref)
+
+
+@pytest.mark.parametrize("dtype", TOLERANCE)
+def test_triton_delta_rule_decode_with_the_flagships_heads(dtype):
+    """kernels.gpu.delta_rule (what CUDA decodes run) with 16 key heads, 64 value heads of 128 at
+    batch 64, states read at their slots and written at others, against the reference."""
+    from kernels.delta_rule import delta_rule_decode_reference
+    from kernels.gpu import delta_rule as gpu_delta_rule
+
+    q, k, v, a, b, A_log, dt_bias, state = on_cuda(*delta_inputs(64, 16, 64, 128, 128, 130, dtype, seed=41))
+    order = torch.randperm(130, device="cuda")
+    slots, out_slots = order[:64], order[64:128]
+    assert gpu_delta_rule.usable(q)
+    fast_state, ref_state = state.clone(), state.clone()
+    fast = gpu_delta_rule.decode(q, k, v, a, b, A_log, dt_bias, fast_state, slots, out_slots)
+    ref = delta_rule_decode_reference(q, k, v, a, b, A_log, dt_bias, ref_state, slots, out_slots)
+    assert close(fast, ref, TOLERANCE[dtype]), error(fast, ref)
+    assert close(fast_state, ref_state, 1e-4), error(fast_state, ref_state)
 
 
 def test_grouped_expert_gemm():

@@ -15,42 +15,26 @@ group); keys go BLOCK_N at a time, each key's block looked up in the table (any 
 one row per sequence (decode) the keys of a sequence are cut into `splits` ranges, each program keeps
 its running max, sum and unnormalised output, and a second kernel merges them; the split count is a
 function of the shapes only (batch, table width: static in a CUDA graph), never of the lengths.
-Tests run the kernels on CPU tensors through Triton's interpreter (TRITON_INTERPRET=1).
+Tests run the kernels on CPU tensors through Triton's interpreter (TRITON_INTERPRET=1). A kernel
+that does not build on a device raises KernelUnavailable once (kernels.gpu.triton_guard).
 """
 
 from __future__ import annotations
 
 import functools
-import logging
 from dataclasses import dataclass
 
 import torch
 
-try:
-    import triton
-    import triton.language as tl
-    from triton.compiler.errors import CompilationError
-    from triton.runtime.errors import OutOfResources
-except ImportError:  # CPU-only installs: kernels.attention's batched torch version runs
-    triton = None
+from .triton_guard import TritonOp, triton
 
-log = logging.getLogger(__name__)
+if triton is not None:
+    import triton.language as tl
 
 _LOG2E = 1.4426950408889634
 MAX_SPLITS = 64  # key ranges per decode row: past this the merge costs more than the programs gain
-_unavailable: str | None = None  # why the kernels did not build on this device (then never tried again)
-
-
-class KernelUnavailable(RuntimeError):
-    """The kernels did not compile or fit on this device; the caller runs its torch version."""
-
-
-def usable(query: torch.Tensor) -> bool:
-    """CUDA tensors with Triton present (fp32, bf16 or fp16 queries), unless the kernels failed to
-    build here before."""
-    return (triton is not None and _unavailable is None and query.is_cuda
-            and query.dtype in (torch.float32, torch.bfloat16, torch.float16))
-
+OP = TritonOp("paged attention", (torch.float32, torch.bfloat16, torch.float16))
+usable = OP.usable  # CUDA tensors, Triton present, the kernels not failed to build here before
 
 if triton is not None:
 
@@ -198,14 +182,7 @@ def paged_attention(query, key_cache, value_cache, block_tables, query_start, co
         if cache.stride(3) != 1:
             raise ValueError("paged attention: the caches' head dim must be contiguous")
     exact = query.dtype == torch.float32 or not query.is_cuda  # fp32, or the interpreter
-    try:
-        _launch(query, key_cache, value_cache, out, block_tables, query_start, context_lens, scale, plan, exact)
-    except (CompilationError, OutOfResources) as e:  # a Triton or card this was never compiled for
-        global _unavailable
-        _unavailable = f"{type(e).__name__}: {e}"
-        log.warning("Triton paged attention unavailable on this device, the batched torch version runs: %s",
-                    _unavailable)
-        raise KernelUnavailable(_unavailable) from e
+    OP.launch(_launch, query, key_cache, value_cache, out, block_tables, query_start, context_lens, scale, plan, exact)
     return out
 
 

@@ -11,7 +11,7 @@ import functools
 
 import torch
 
-from .backend import batched
+from ..backend import batched
 
 
 @functools.cache

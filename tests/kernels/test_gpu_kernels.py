@@ -1,7 +1,8 @@
-"""The GPU's paged attention (kernels.triton_attention) against the plain-torch reference, run on CPU
-tensors through Triton's interpreter: ragged prefill chunks beside decodes, GQA groups, block sizes
-under and over a key tile, ragged head dims, narrower K/V caches, and decode batches split along the
-keys. On a GPU tests/kernels/test_cuda.py runs the compiled kernels the same way."""
+"""The GPU's Triton kernels (kernels.gpu) against the plain-torch references, run on CPU tensors
+through Triton's interpreter. Paged attention: ragged prefill chunks beside decodes, GQA groups, block
+sizes under and over a key tile, ragged head dims, narrower K/V caches, decode batches split along the
+keys. The DeltaNet decode step: strided inputs, value heads sharing key heads, states read at their
+slots and written at others. On a GPU tests/kernels/test_cuda.py runs the compiled kernels."""
 
 from __future__ import annotations
 
@@ -10,20 +11,23 @@ import os
 import pytest
 import torch
 
-from kernels import triton_attention
 from kernels.attention import paged_attention_reference
+from kernels.delta_rule import delta_rule_decode_reference
+from kernels.gpu import attention as gpu_attention
+from kernels.gpu import delta_rule as gpu_delta_rule
+from tests.kernels.test_ops import delta_inputs
 
 TOLERANCE = {torch.float32: 2e-5, torch.bfloat16: 3e-2}
 
 
 @pytest.fixture(scope="module")
 def interpreted():
-    """kernels.triton_attention, its kernels built for the interpreter (tests/conftest.py asks for it
-    on machines without a GPU, before triton is imported)."""
+    """kernels.gpu.attention, its kernels built for the interpreter (tests/conftest.py asks for it on
+    machines without a GPU, before triton is imported)."""
     pytest.importorskip("triton")
     if os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("a GPU is here: tests/kernels/test_cuda.py runs the compiled kernels")
-    return triton_attention
+    return gpu_attention
 
 
 def inputs(dtype, heads, cache_dtype, block_size, hd, lens, past, width=12, seed=5):
@@ -97,12 +101,31 @@ def test_kernels_that_do_not_build_on_a_device_leave_the_batched_version_running
         raise OutOfResources(300_000, 232_448, "shared memory")
 
     monkeypatch.setattr(interpreted, "_launch", does_not_fit)
-    monkeypatch.setattr(interpreted, "_unavailable", None)
+    monkeypatch.setattr(interpreted.OP, "unavailable", None)
     # on CUDA tensors only; here a half-precision query (no C++ kernel takes it) stands in for one
-    monkeypatch.setattr(interpreted, "usable", lambda query: interpreted._unavailable is None)
+    monkeypatch.setattr(interpreted, "usable", lambda query: interpreted.OP.unavailable is None)
     args = inputs(torch.float16, (4, 2), None, 16, 32, [1, 5], [20, 0])
     with caplog.at_level("WARNING"):
         first = kernels.paged_attention(*args)
-    assert "unavailable" in caplog.text and "OutOfResources" in interpreted._unavailable
+    assert "unavailable" in caplog.text and "OutOfResources" in interpreted.OP.unavailable
     assert torch.equal(first, paged_attention_batched(*args))
     assert torch.equal(kernels.paged_attention(*args), first) and len(launches) == 1
+
+
+@pytest.mark.parametrize("dtype", TOLERANCE)
+@pytest.mark.parametrize("heads_and_dims", [(2, 4, 32, 16), (1, 1, 128, 128), (2, 8, 24, 40)])  # ragged dims last
+def test_delta_rule_decode_steps_the_states_in_place(interpreted, dtype, heads_and_dims):
+    """The decode step against the reference: outputs, the states written at out_slots (at the
+    slots themselves too), every other state row untouched."""
+    Hk, H, dk, dv = heads_and_dims
+    q, k, v, a, b, A_log, dt_bias, state = delta_inputs(5, Hk, H, dk, dv, 12, dtype, seed=31)
+    slots = torch.tensor([3, 0, 7, 5, 1])
+    for out_slots in (torch.tensor([9, 2, 11, 4, 10]), slots):
+        fast_state, ref_state = state.clone(), state.clone()
+        fast = gpu_delta_rule.decode(q, k, v, a, b, A_log, dt_bias, fast_state, slots, out_slots)
+        ref = delta_rule_decode_reference(q, k, v, a, b, A_log, dt_bias, ref_state, slots, out_slots)
+        assert fast.dtype == ref.dtype
+        assert (fast.float() - ref.float()).abs().max().item() <= TOLERANCE[dtype] * max(1.0, ref.abs().max().item())
+        assert (fast_state - ref_state).abs().max().item() <= 2e-5  # fp32 states, both ways
+        untouched = [m for m in range(12) if m not in out_slots.tolist()]
+        assert torch.equal(fast_state[untouched], state[untouched])
