@@ -23,7 +23,8 @@ builds them), through the real engine (scheduler, runner, kernels, sampler):
      weighted sum) at 4k and 16k tokens with random top-10 routing, and their two grouped GEMMs
      alone, TFLOP/s against the card's bf16 peak (spec and a measured 8192^3 matmul) and against
      the roofline (the GEMMs' least bytes at the measured copy bandwidth); the same GEMMs as one
-     batched matmul over rows padded to the busiest expert's (a probe);
+     batched matmul over rows padded to the busiest expert's (a probe); and the op's other passes
+     alone (sort, gather, SwiGLU, weighted sum: ms), where its time besides the GEMMs goes;
   5. a probe of Qwen's block-scaled FP8 GEMM on the card's FP8 units (torch._scaled_mm): error and
      TFLOP/s beside bf16 (the engine itself dequantises FP8 checkpoints as it loads them);
   6. the split of a batch-1 decode step's wall time (scheduled step by step): layout, forward, LM
