@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-# Without a GPU, Triton's kernels (kernels.gpu.attention) run through its interpreter: chosen when
+# Without a GPU, Triton's kernels (kernels.gpu) run through its interpreter: chosen when
 # triton is first imported, so before anything imports the kernels
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")

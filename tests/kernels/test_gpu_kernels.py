@@ -21,13 +21,12 @@ TOLERANCE = {torch.float32: 2e-5, torch.bfloat16: 3e-2}
 
 
 @pytest.fixture(scope="module")
-def interpreted():
-    """kernels.gpu.attention, its kernels built for the interpreter (tests/conftest.py asks for it on
-    machines without a GPU, before triton is imported)."""
+def interpreter():
+    """Triton's kernels built for its interpreter (tests/conftest.py asks for it on machines without a
+    GPU, before triton is imported)."""
     pytest.importorskip("triton")
     if os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("a GPU is here: tests/kernels/test_cuda.py runs the compiled kernels")
-    return gpu_attention
 
 
 def inputs(dtype, heads, cache_dtype, block_size, hd, lens, past, width=12, seed=5):
@@ -49,8 +48,8 @@ def inputs(dtype, heads, cache_dtype, block_size, hd, lens, past, width=12, seed
     return (query, key_cache, value_cache, torch.tensor(tables), starts, torch.tensor(context), hd**-0.5, lens)
 
 
-def check(module, args, dtype):
-    out = module.paged_attention(*args)
+def check(args, dtype):
+    out = gpu_attention.paged_attention(*args)
     ref = paged_attention_reference(*args)
     scale = max(1.0, ref.abs().max().item())
     assert (out.float() - ref.float()).abs().max().item() <= TOLERANCE[dtype] * scale
@@ -60,34 +59,34 @@ def check(module, args, dtype):
 @pytest.mark.parametrize("heads", [(4, 2), (8, 1), (2, 2)])
 @pytest.mark.parametrize("cache_dtype", [None, torch.bfloat16, torch.float8_e5m2, torch.float8_e4m3fn])
 @pytest.mark.parametrize("block_and_head", [(4, 16), (32, 41)])  # blocks under / over a key tile; a ragged head
-def test_mixed_steps_match_the_reference(interpreted, dtype, heads, cache_dtype, block_and_head):
+def test_mixed_steps_match_the_reference(interpreter, dtype, heads, cache_dtype, block_and_head):
     if cache_dtype == dtype:
         pytest.skip("the same as the query's")
     block_size, hd = block_and_head
-    check(interpreted, inputs(dtype, heads, cache_dtype, block_size, hd, [1, 1, 9, 3, 17], [0, 20, 3, 0, 14]), dtype)
+    check(inputs(dtype, heads, cache_dtype, block_size, hd, [1, 1, 9, 3, 17], [0, 20, 3, 0, 14]), dtype)
 
 
 @pytest.mark.parametrize("dtype", TOLERANCE)
 @pytest.mark.parametrize("heads_and_dim", [(4, 2, 64), (16, 1, 64), (32, 2, 256)])  # the last: the flagship's
-def test_decode_batches_split_along_the_keys(interpreted, dtype, heads_and_dim):
+def test_decode_batches_split_along_the_keys(interpreter, dtype, heads_and_dim):
     """Decode-only steps cut each sequence's keys into ranges merged by a second kernel (on a CPU 64
     programs are wanted: a batch of 3 splits several ways); short sequences leave splits empty."""
     H, KV, hd = heads_and_dim
     args = inputs(dtype, (H, KV), None, 16, hd, [1, 1, 1], [0, 150, 37], width=16)
     B, W = args[3].shape
-    assert interpreted.launch_plan(B, W, 16, KV, H // KV, 1, hd, torch.device("cpu")).splits > 1
-    check(interpreted, args, dtype)
+    assert gpu_attention.launch_plan(B, W, 16, KV, H // KV, 1, hd, torch.device("cpu")).splits > 1
+    check(args, dtype)
 
 
-def test_empty_step(interpreted):
+def test_empty_step(interpreter):
     """An attention worker with no sequences still runs the forward."""
     cache = torch.zeros(2, 2, 16, 16)
-    out = interpreted.paged_attention(torch.zeros(0, 4, 16), cache, cache, torch.zeros(0, 1, dtype=torch.long),
+    out = gpu_attention.paged_attention(torch.zeros(0, 4, 16), cache, cache, torch.zeros(0, 1, dtype=torch.long),
                                       torch.zeros(1, dtype=torch.long), torch.zeros(0, dtype=torch.long), 0.25, [])
     assert out.shape == (0, 4, 16)
 
 
-def test_kernels_that_do_not_build_on_a_device_leave_the_batched_version_running(interpreted, monkeypatch, caplog):
+def test_kernels_that_do_not_build_on_a_device_leave_the_batched_version_running(interpreter, monkeypatch, caplog):
     """A Triton or card the kernels do not compile for: one warning, then kernels.paged_attention runs
     the batched torch version for the rest of the process (not an engine that fails every step)."""
     import kernels
@@ -100,21 +99,43 @@ def test_kernels_that_do_not_build_on_a_device_leave_the_batched_version_running
         launches.append(1)
         raise OutOfResources(300_000, 232_448, "shared memory")
 
-    monkeypatch.setattr(interpreted, "_launch", does_not_fit)
-    monkeypatch.setattr(interpreted.OP, "unavailable", None)
+    monkeypatch.setattr(gpu_attention, "_launch", does_not_fit)
+    monkeypatch.setattr(gpu_attention.OP, "unavailable", None)  # restored to it after the test
     # on CUDA tensors only; here a half-precision query (no C++ kernel takes it) stands in for one
-    monkeypatch.setattr(interpreted, "usable", lambda query: interpreted.OP.unavailable is None)
+    monkeypatch.setattr(gpu_attention, "usable", lambda query: gpu_attention.OP.unavailable is None)
     args = inputs(torch.float16, (4, 2), None, 16, 32, [1, 5], [20, 0])
     with caplog.at_level("WARNING"):
         first = kernels.paged_attention(*args)
-    assert "unavailable" in caplog.text and "OutOfResources" in interpreted.OP.unavailable
+    assert "unavailable" in caplog.text and "OutOfResources" in gpu_attention.OP.unavailable
     assert torch.equal(first, paged_attention_batched(*args))
     assert torch.equal(kernels.paged_attention(*args), first) and len(launches) == 1
 
 
+def test_a_delta_rule_kernel_that_does_not_build_leaves_the_torch_version_running(interpreter, monkeypatch):
+    import kernels
+    from triton.runtime.errors import OutOfResources
+
+    class DoesNotFit:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                raise OutOfResources(300_000, 232_448, "shared memory")
+            return launch
+
+    monkeypatch.setattr(gpu_delta_rule, "_decode_step", DoesNotFit())
+    monkeypatch.setattr(gpu_delta_rule.OP, "unavailable", None)  # restored to it after the test
+    monkeypatch.setattr(gpu_delta_rule, "usable", lambda q: gpu_delta_rule.OP.unavailable is None)
+    q, k, v, a, b, A_log, dt_bias, state = delta_inputs(5, 2, 4, 32, 16, 8, torch.float16, seed=32)
+    slots = torch.tensor([3, 0, 7, 5, 1])
+    ref_state = state.clone()
+    out = kernels.delta_rule_decode(q, k, v, a, b, A_log, dt_bias, state, slots)
+    assert "OutOfResources" in gpu_delta_rule.OP.unavailable
+    assert torch.equal(out, delta_rule_decode_reference(q, k, v, a, b, A_log, dt_bias, ref_state, slots))
+    assert torch.equal(state, ref_state)
+
+
 @pytest.mark.parametrize("dtype", TOLERANCE)
 @pytest.mark.parametrize("heads_and_dims", [(2, 4, 32, 16), (1, 1, 128, 128), (2, 8, 24, 40)])  # ragged dims last
-def test_delta_rule_decode_steps_the_states_in_place(interpreted, dtype, heads_and_dims):
+def test_delta_rule_decode_steps_the_states_in_place(interpreter, dtype, heads_and_dims):
     """The decode step against the reference: outputs, the states written at out_slots (at the
     slots themselves too), every other state row untouched."""
     Hk, H, dk, dv = heads_and_dims
