@@ -6,7 +6,11 @@ slots and written at others. On a GPU tests/kernels/test_cuda.py runs the compil
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -150,3 +154,22 @@ def test_delta_rule_decode_steps_the_states_in_place(interpreter, dtype, heads_a
         assert (fast_state - ref_state).abs().max().item() <= 2e-5  # fp32 states, both ways
         untouched = [m for m in range(12) if m not in out_slots.tolist()]
         assert torch.equal(fast_state[untouched], state[untouched])
+
+
+def test_the_kernels_build_for_hopper_and_ampere(tmp_path):
+    """Triton's compiler and its ptxas build each kernel in the configurations the engine launches
+    (tests/kernels/triton_build.py: the flagship's heads and a toy's; bf16, fp8 and fp32 caches; decode
+    and prefill) into sm_90 and sm_80 cubins, no GPU needed, each within its card's shared memory."""
+    pytest.importorskip("triton")
+    from tests.kernels.triton_build import SHARED_MEMORY
+
+    env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_CACHE_DIR": str(tmp_path)}  # compiled afresh
+    run = subprocess.run([sys.executable, "-m", "tests.kernels.triton_build", "90", "80"], env=env,
+                         cwd=Path(__file__).parents[2], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-4000:]
+    built = [json.loads(line) for line in run.stdout.splitlines()]
+    assert {(b["kernel"], b["arch"]) for b in built} == {(k, a) for k in ("_attend", "_merge", "_decode_step")
+                                                         for a in (90, 80)}
+    assert len(built) == 32
+    for b in built:
+        assert b["shared"] <= SHARED_MEMORY[b["arch"]], b

@@ -1,0 +1,59 @@
+"""Builds the GPU's Triton kernels (kernels.gpu) ahead of time for a CUDA architecture, with no GPU
+here: Triton's compiler and the ptxas it ships turn each kernel in the configurations the engine
+launches into a cubin, so a kernel that would not compile (or not fit a card's shared memory) fails a
+test on CPU rather than an engine on its first GPU. Run in a process of its own without
+TRITON_INTERPRET (tests/kernels/test_gpu_kernels.py):
+
+    python -m tests.kernels.triton_build 90 80    # prints one JSON line per kernel built
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from kernels.gpu import attention, delta_rule
+
+SHARED_MEMORY = {90: 232_448, 80: 166_912}  # bytes a block may use (H100 / H200, A100)
+
+
+def build(fn, types: dict, constexprs: dict, arch: int, num_warps: int = 4) -> dict:
+    signature = {name: "constexpr" if name in constexprs else types.get(name, "i32") for name in fn.arg_names}
+    kernel = triton.compile(ASTSource(fn, signature, constexprs), target=GPUTarget("cuda", arch, 32),
+                            options={"num_warps": num_warps})
+    return {"kernel": fn.__name__, "arch": arch, "config": {**constexprs, **types}, "shared": kernel.metadata.shared}
+
+
+def configurations(arch: int):
+    """(kernel, argument types, constexprs, warps) as kernels.gpu launches them for the flagship's heads
+    (32 query / 2 kv heads of 256, 16 key / 64 value heads of 128) and a toy's (head dim 32)."""
+    caches = ["bf16", "fp8e4nv", "fp8e5"] if arch >= 89 else ["bf16"]  # e4m3 needs sm_89+
+    for query, cache in [("bf16", c) for c in caches] + [("fp32", "fp32")]:  # fp16: bf16's code
+        for decode in (True, False):
+            for hd, G in ((256, 16), (32, 2)) if arch >= 90 else ((256, 16),):
+                plan = attention.launch_plan(1 if decode else 4, 64, 16, 2, G, 1 if decode else 64, hd, torch.device("cpu"))
+                pointers = {"Q": f"*{query}", "K": f"*{cache}", "V": f"*{cache}", "Out": f"*{query}",
+                            "Part_M": "*fp32", "Part_L": "*fp32", "Part_O": "*fp32", "block_tables": "*i64",
+                            "query_start": "*i64", "context_lens": "*i64", "scale_log2": "fp32"}
+                yield attention._attend, pointers, dict(
+                    G=G, HD=hd, HD_P2=max(16, hd), S=16, BLOCK_M=plan.block_m, BLOCK_N=plan.block_n,
+                    SPLIT=plan.splits > 1, EXACT=query == "fp32"), 4 if hd <= 128 else 8
+    for hd in (256, 32):
+        yield attention._merge, {"Out": "*bf16", "Part_M": "*fp32", "Part_L": "*fp32", "Part_O": "*fp32"}, dict(
+            HD=hd, HD_P2=max(16, hd)), 4
+    for dtype in ("bf16", "fp32"):
+        for repeat, dk in ((4, 128), (4, 32)):
+            pointers = {name: f"*{dtype}" for name in ("Q", "K", "V", "A", "Bt", "A_log", "dt_bias", "Out")}
+            pointers |= {"State": "*fp32", "slots": "*i64", "out_slots": "*i64", "scale": "fp32"}
+            yield delta_rule._decode_step, pointers, dict(REPEAT=repeat, DK=dk, DK_P2=dk, DV=dk, BLOCK_V=32), 4
+
+
+if __name__ == "__main__":
+    for arch in map(int, sys.argv[1:]):
+        for fn, types, constexprs, warps in configurations(arch):
+            print(json.dumps(build(fn, types, constexprs, arch, warps)), flush=True)
