@@ -36,7 +36,8 @@ def configurations(arch: int):
     for query, cache in [("bf16", c) for c in caches] + [("fp32", "fp32")]:  # fp16: bf16's code
         for decode in (True, False):
             for hd, G in ((256, 16), (32, 2)) if arch >= 90 else ((256, 16),):
-                plan = attention.launch_plan(1 if decode else 4, 64, 16, 2, G, 1 if decode else 64, hd, torch.device("cpu"))
+                rows = 1 if decode else 64
+                plan = attention.launch_plan(1 if decode else 4, 64, 16, 2, G, rows, hd, torch.device("cpu"))
                 pointers = {"Q": f"*{query}", "K": f"*{cache}", "V": f"*{cache}", "Out": f"*{query}",
                             "Part_M": "*fp32", "Part_L": "*fp32", "Part_O": "*fp32", "block_tables": "*i64",
                             "query_start": "*i64", "context_lens": "*i64", "scale_log2": "fp32"}
