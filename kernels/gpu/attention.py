@@ -11,7 +11,8 @@ in fp32 the dots are IEEE (no tf32: fp32 is the parity mode), in 16-bit the prob
 query's dtype before the value dot, as in FlashAttention.
 
 Grid: (sequence, kv head, row tile x key split). A tile is BLOCK_M rows of (query row, head of the
-group); keys go BLOCK_N at a time, each key's block looked up in the table (any block size S). With
+group); keys go BLOCK_N at a time, within one cache block where S is a power of two >= 16, else each
+key's block looked up in the table. With
 one row per sequence (decode) the keys of a sequence are cut into `splits` ranges, each program keeps
 its running max, sum and unnormalised output, and a second kernel merges them; the split count is a
 function of the shapes only (batch, table width: static in a CUDA graph), never of the lengths.
@@ -80,10 +81,21 @@ if triton is not None:
         for start in range(key_start, key_end, BLOCK_N):
             p = start + tl.arange(0, BLOCK_N)
             p_ok = p < key_end
-            block = tl.load(block_tables + b * stride_bt + p // S, mask=p_ok, other=0)
-            at = (block * stride_kn + h * stride_kh + (p % S) * stride_ks)[:, None] + d[None, :]
             kv_ok = p_ok[:, None] & d_ok[None, :]
-            k = tl.load(K + at, mask=kv_ok, other=0.0).to(q.dtype)
+            if S % BLOCK_N == 0:  # the tile lies in one block: one base address, 32-bit offsets (fewer registers)
+                block = tl.load(block_tables + b * stride_bt + start // S)
+                row = start % S + tl.arange(0, BLOCK_N)
+                k_at = K + block * stride_kn + h * stride_kh
+                v_at = V + block * stride_vn + h * stride_vh
+                k = tl.load(k_at + (row * stride_ks)[:, None] + d[None, :], mask=kv_ok, other=0.0)
+                v = tl.load(v_at + (row * stride_vs)[:, None] + d[None, :], mask=kv_ok, other=0.0)
+            else:  # each key's block looked up
+                block = tl.load(block_tables + b * stride_bt + p // S, mask=p_ok, other=0)
+                k = tl.load(K + (block * stride_kn + h * stride_kh + (p % S) * stride_ks)[:, None] + d[None, :],
+                            mask=kv_ok, other=0.0)
+                v = tl.load(V + (block * stride_vn + h * stride_vh + (p % S) * stride_vs)[:, None] + d[None, :],
+                            mask=kv_ok, other=0.0)
+            k = k.to(q.dtype)
             scores = _dot(q, tl.trans(k), EXACT) * scale_log2
             visible = (p[None, :] <= last_key[:, None]) & p_ok[None, :]
             scores = tl.where(visible, scores, float("-inf"))
@@ -91,8 +103,7 @@ if triton is not None:
             probs = tl.exp2(scores - m_new[:, None])
             rescale = tl.exp2(m_run - m_new)
             l_run = l_run * rescale + tl.sum(probs, 1)
-            v_at = (block * stride_vn + h * stride_vh + (p % S) * stride_vs)[:, None] + d[None, :]
-            v = tl.load(V + v_at, mask=kv_ok, other=0.0).to(q.dtype)
+            v = v.to(q.dtype)
             acc = acc * rescale[:, None] + _dot(probs.to(q.dtype), v, EXACT)  # 16-bit: rounded probabilities
             m_run = m_new
 
@@ -147,6 +158,7 @@ def _pow2(n: int, least: int = 16) -> int:
 class LaunchPlan:
     block_m: int  # tile rows: (query row, head of the group) pairs
     block_n: int  # keys a loop iteration reads
+    num_warps: int
     num_tiles: int  # row tiles per (sequence, kv head)
     splits: int  # key ranges per tile (decode steps), merged after
     keys_per_split: int
@@ -155,14 +167,18 @@ class LaunchPlan:
 def launch_plan(B: int, W: int, S: int, Hkv: int, G: int, max_rows: int, hd: int, device: torch.device) -> LaunchPlan:
     """Shapes only (B sequences, tables W blocks of S keys, the longest chunk's rows): the same plan
     for every replay of a CUDA graph."""
-    block_m = 16 if max_rows == 1 else 64
-    block_n = 64 if _pow2(hd) <= 128 else 32
+    # tiles sized so that no configuration spills registers on sm_90 (ptxas -v on the flagship's and
+    # a toy's heads): a decode tile has the 16 query heads of a kv head; keys within one cache block
+    wide = _pow2(hd) > 128
+    block_m, num_warps = (16, 4) if max_rows == 1 else (64, 8)
+    power_of_two = S & (S - 1) == 0
+    block_n = min(S, 16 if wide else 32) if S >= 16 and power_of_two else 32 if wide else 64
     num_tiles = -(-max_rows * G // block_m)
     key_tiles = -(-W * S // block_n)
     wanted = -(-_programs_wanted(device) // (B * Hkv * num_tiles))
     splits = min(key_tiles, wanted, MAX_SPLITS) if max_rows == 1 else 1
     keys_per_split = -(-key_tiles // splits) * block_n
-    return LaunchPlan(block_m, block_n, num_tiles, -(-W * S // keys_per_split), keys_per_split)
+    return LaunchPlan(block_m, block_n, num_warps, num_tiles, -(-W * S // keys_per_split), keys_per_split)
 
 
 def paged_attention(query, key_cache, value_cache, block_tables, query_start, context_lens,
@@ -202,7 +218,7 @@ def _launch(query, key_cache, value_cache, out, block_tables, query_start, conte
         query.stride(0), query.stride(1), *key_cache.stride()[:3], *value_cache.stride()[:3],
         block_tables.stride(0), out.stride(0), out.stride(1), *(part_m.stride() if splits > 1 else (0, 0, 0)),
         G=Hq // Hkv, HD=hd, HD_P2=HD_P2, S=key_cache.shape[2], BLOCK_M=plan.block_m, BLOCK_N=plan.block_n,
-        SPLIT=splits > 1, EXACT=exact, num_warps=4 if HD_P2 <= 128 else 8)
+        SPLIT=splits > 1, EXACT=exact, num_warps=plan.num_warps)
     if splits > 1:
         _merge[(T, Hq)](out, part_m, part_l, part_o, splits, out.stride(0), out.stride(1), *part_m.stride(),
                         HD=hd, HD_P2=HD_P2)

@@ -159,7 +159,8 @@ def test_delta_rule_decode_steps_the_states_in_place(interpreter, dtype, heads_a
 def test_the_kernels_build_for_hopper_and_ampere(tmp_path):
     """Triton's compiler and its ptxas build each kernel in the configurations the engine launches
     (tests/kernels/triton_build.py: the flagship's heads and a toy's; bf16, fp8 and fp32 caches; decode
-    and prefill) into sm_90 and sm_80 cubins, no GPU needed, each within its card's shared memory."""
+    and prefill) into sm_90 and sm_80 cubins, no GPU needed, each within its card's shared memory and
+    without spilling registers (the tile sizes of kernels.gpu.attention.launch_plan were chosen so)."""
     pytest.importorskip("triton")
     from tests.kernels.triton_build import SHARED_MEMORY
 
@@ -172,4 +173,4 @@ def test_the_kernels_build_for_hopper_and_ampere(tmp_path):
                                                          for a in (90, 80)}
     assert len(built) == 32
     for b in built:
-        assert b["shared"] <= SHARED_MEMORY[b["arch"]], b
+        assert b["shared"] <= SHARED_MEMORY[b["arch"]] and b["spill_bytes"] == 0, b

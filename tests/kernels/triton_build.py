@@ -10,11 +10,15 @@ TRITON_INTERPRET (tests/kernels/test_gpu_kernels.py):
 from __future__ import annotations
 
 import json
+import re
+import subprocess
 import sys
+import tempfile
 
 import torch
 import triton
 from triton.backends.compiler import GPUTarget
+from triton.backends.nvidia.compiler import get_ptxas
 from triton.compiler import ASTSource
 
 from kernels.gpu import attention, delta_rule
@@ -23,10 +27,19 @@ SHARED_MEMORY = {90: 232_448, 80: 166_912}  # bytes a block may use (H100 / H200
 
 
 def build(fn, types: dict, constexprs: dict, arch: int, num_warps: int = 4) -> dict:
+    """The kernel compiled for sm_<arch>: its shared memory, and ptxas's count of registers and of
+    bytes spilled to local memory per thread."""
     signature = {name: "constexpr" if name in constexprs else types.get(name, "i32") for name in fn.arg_names}
     kernel = triton.compile(ASTSource(fn, signature, constexprs), target=GPUTarget("cuda", arch, 32),
                             options={"num_warps": num_warps})
-    return {"kernel": fn.__name__, "arch": arch, "config": {**constexprs, **types}, "shared": kernel.metadata.shared}
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx") as ptx:
+        ptx.write(kernel.asm["ptx"])
+        ptx.flush()
+        report = subprocess.run([get_ptxas(arch).path, f"-arch=sm_{arch}{'a' if arch >= 90 else ''}", "-v", ptx.name,
+                                 "-o", "/dev/null"], capture_output=True, text=True, check=True).stderr
+    return {"kernel": fn.__name__, "arch": arch, "config": {**constexprs, **types}, "warps": num_warps,
+            "shared": kernel.metadata.shared, "registers": int(re.search(r"Used (\d+) registers", report)[1]),
+            "spill_bytes": int(re.search(r"(\d+) bytes spill stores", report)[1])}
 
 
 def configurations(arch: int):
@@ -43,7 +56,7 @@ def configurations(arch: int):
                             "query_start": "*i64", "context_lens": "*i64", "scale_log2": "fp32"}
                 yield attention._attend, pointers, dict(
                     G=G, HD=hd, HD_P2=max(16, hd), S=16, BLOCK_M=plan.block_m, BLOCK_N=plan.block_n,
-                    SPLIT=plan.splits > 1, EXACT=query == "fp32"), 4 if hd <= 128 else 8
+                    SPLIT=plan.splits > 1, EXACT=query == "fp32"), plan.num_warps
     for hd in (256, 32):
         yield attention._merge, {"Out": "*bf16", "Part_M": "*fp32", "Part_L": "*fp32", "Part_O": "*fp32"}, dict(
             HD=hd, HD_P2=max(16, hd)), 4
