@@ -12,8 +12,8 @@ query's dtype before the value dot, as in FlashAttention.
 
 Grid: (sequence, kv head, row tile x key split). A tile is BLOCK_M rows of (query row, head of the
 group); keys go BLOCK_N at a time, within one cache block where S is a power of two >= 16, else each
-key's block looked up in the table. With
-one row per sequence (decode) the keys of a sequence are cut into `splits` ranges, each program keeps
+key's block looked up in the table. With one row per sequence (decode) the keys of a sequence are cut
+into `splits` ranges, each program keeps
 its running max, sum and unnormalised output, and a second kernel merges them; the split count is a
 function of the shapes only (batch, table width: static in a CUDA graph), never of the lengths.
 Tests run the kernels on CPU tensors through Triton's interpreter (TRITON_INTERPRET=1). A kernel
@@ -150,8 +150,9 @@ def _programs_wanted(device: torch.device) -> int:
     return 4 * torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _pow2(n: int, least: int = 16) -> int:
-    return max(least, 1 << (max(n, 1) - 1).bit_length())
+def _pow2(n: int) -> int:
+    """A tile dim: a power of two, at least tl.dot's 16."""
+    return max(16, triton.next_power_of_2(n))
 
 
 @dataclass(frozen=True)
@@ -173,12 +174,12 @@ def launch_plan(B: int, W: int, S: int, Hkv: int, G: int, max_rows: int, hd: int
     block_m, num_warps = (16, 4) if max_rows == 1 else (64, 8)
     power_of_two = S & (S - 1) == 0
     block_n = min(S, 16 if wide else 32) if S >= 16 and power_of_two else 32 if wide else 64
-    num_tiles = -(-max_rows * G // block_m)
-    key_tiles = -(-W * S // block_n)
-    wanted = -(-_programs_wanted(device) // (B * Hkv * num_tiles))
+    num_tiles = triton.cdiv(max_rows * G, block_m)
+    key_tiles = triton.cdiv(W * S, block_n)
+    wanted = triton.cdiv(_programs_wanted(device), B * Hkv * num_tiles)
     splits = min(key_tiles, wanted, MAX_SPLITS) if max_rows == 1 else 1
-    keys_per_split = -(-key_tiles // splits) * block_n
-    return LaunchPlan(block_m, block_n, num_warps, num_tiles, -(-W * S // keys_per_split), keys_per_split)
+    keys_per_split = triton.cdiv(key_tiles, splits) * block_n
+    return LaunchPlan(block_m, block_n, num_warps, num_tiles, triton.cdiv(W * S, keys_per_split), keys_per_split)
 
 
 def paged_attention(query, key_cache, value_cache, block_tables, query_start, context_lens,

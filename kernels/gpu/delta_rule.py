@@ -82,9 +82,9 @@ def decode(q, k, v, a, b, A_log, dt_bias, state, slots, out_slots) -> torch.Tens
     for x in (q, k, v):
         if x.stride(-1) != 1:
             raise ValueError("delta rule decode: q, k and v need contiguous head dims")
-    DK_P2 = max(16, 1 << (DK - 1).bit_length())
+    DK_P2 = max(16, triton.next_power_of_2(DK))
     BLOCK_V = 32 if DK_P2 <= 128 else 16  # the program's [dk, BLOCK_V] state block stays in registers
-    OP.launch(lambda: _decode_step[(B, H, -(-DV // BLOCK_V))](
+    OP.launch(lambda: _decode_step[(B, H, triton.cdiv(DV, BLOCK_V))](
         q, k, v, a, b, A_log, dt_bias, state, slots, out_slots, out,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), *a.stride(), *b.stride(),
         state.stride(0), state.stride(1), out.stride(0), out.stride(1), DK**-0.5,
