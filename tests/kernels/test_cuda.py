@@ -10,7 +10,7 @@ import torch
 import kernels
 from kernels import reference_kernels
 from kernels.gpu import fla
-from tests.kernels.test_ops import LENS, close, delta_inputs, ragged
+from tests.kernels.test_ops import LENS, close, delta_inputs, paged_inputs, ragged
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 
@@ -94,10 +94,9 @@ def test_triton_paged_attention_with_the_flagships_heads(dtype, cache_dtype, len
     batches split along the keys, and mixed steps, against the reference."""
     from kernels.gpu import attention as gpu_attention
     from kernels.attention import paged_attention_reference
-    from tests.kernels.test_gpu_kernels import inputs
 
     lens, past = lens_and_past
-    args = on_cuda(*inputs(dtype, (32, 2), cache_dtype, 16, 256, lens, past, width=200))
+    args = on_cuda(*paged_inputs(dtype, (32, 2), cache_dtype, 16, 256, lens, past, width=200))
     assert gpu_attention.usable(args[0])
     fast = kernels.paged_attention(*args)
     ref = paged_attention_reference(*args)

@@ -19,7 +19,7 @@ from kernels.attention import paged_attention_reference
 from kernels.delta_rule import delta_rule_decode_reference
 from kernels.gpu import attention as gpu_attention
 from kernels.gpu import delta_rule as gpu_delta_rule
-from tests.kernels.test_ops import delta_inputs
+from tests.kernels.test_ops import delta_inputs, paged_inputs
 
 TOLERANCE = {torch.float32: 2e-5, torch.bfloat16: 3e-2}
 
@@ -31,25 +31,6 @@ def interpreter():
     pytest.importorskip("triton")
     if os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("a GPU is here: tests/kernels/test_cuda.py runs the compiled kernels")
-
-
-def inputs(dtype, heads, cache_dtype, block_size, hd, lens, past, width=12, seed=5):
-    """The paged-attention arguments for sequences with lens[i] new rows after past[i] cached ones,
-    their blocks scattered over the cache; the query's heads strided (sliced from a wider tensor)."""
-    H, KV = heads
-    g = torch.Generator().manual_seed(seed)
-    context = [n + p for n, p in zip(lens, past)]
-    num_blocks = sum(-(-L // block_size) for L in context) + 3
-    key_cache = torch.randn(num_blocks, KV, block_size, hd, generator=g).to(cache_dtype or dtype)
-    value_cache = torch.randn(num_blocks, KV, block_size, hd, generator=g).to(cache_dtype or dtype)
-    blocks, tables = torch.randperm(num_blocks, generator=g).tolist(), []
-    for L in context:
-        n = -(-L // block_size)
-        tables.append(blocks[:n] + [0] * (width - n))
-        blocks = blocks[n:]
-    query = torch.randn(sum(lens), H, 2 * hd, generator=g).to(dtype)[..., :hd]
-    starts = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()])
-    return (query, key_cache, value_cache, torch.tensor(tables), starts, torch.tensor(context), hd**-0.5, lens)
 
 
 def check(args, dtype):
@@ -67,7 +48,7 @@ def test_mixed_steps_match_the_reference(interpreter, dtype, heads, cache_dtype,
     if cache_dtype == dtype:
         pytest.skip("the same as the query's")
     block_size, hd = block_and_head
-    check(inputs(dtype, heads, cache_dtype, block_size, hd, [1, 1, 9, 3, 17], [0, 20, 3, 0, 14]), dtype)
+    check(paged_inputs(dtype, heads, cache_dtype, block_size, hd, [1, 1, 9, 3, 17], [0, 20, 3, 0, 14]), dtype)
 
 
 @pytest.mark.parametrize("dtype", TOLERANCE)
@@ -76,7 +57,7 @@ def test_decode_batches_split_along_the_keys(interpreter, dtype, heads_and_dim):
     """Decode-only steps cut each sequence's keys into ranges merged by a second kernel (on a CPU 64
     programs are wanted: a batch of 3 splits several ways); short sequences leave splits empty."""
     H, KV, hd = heads_and_dim
-    args = inputs(dtype, (H, KV), None, 16, hd, [1, 1, 1], [0, 150, 37], width=16)
+    args = paged_inputs(dtype, (H, KV), None, 16, hd, [1, 1, 1], [0, 150, 37], width=16)
     B, W = args[3].shape
     assert gpu_attention.launch_plan(B, W, 16, KV, H // KV, 1, hd, torch.device("cpu")).splits > 1
     check(args, dtype)
@@ -107,7 +88,7 @@ def test_kernels_that_do_not_build_on_a_device_leave_the_batched_version_running
     monkeypatch.setattr(gpu_attention.OP, "unavailable", None)  # restored to it after the test
     # on CUDA tensors only; here a half-precision query (no C++ kernel takes it) stands in for one
     monkeypatch.setattr(gpu_attention, "usable", lambda query: gpu_attention.OP.unavailable is None)
-    args = inputs(torch.float16, (4, 2), None, 16, 32, [1, 5], [20, 0])
+    args = paged_inputs(torch.float16, (4, 2), None, 16, 32, [1, 5], [20, 0])
     with caplog.at_level("WARNING"):
         first = kernels.paged_attention(*args)
     assert "unavailable" in caplog.text and "OutOfResources" in gpu_attention.OP.unavailable

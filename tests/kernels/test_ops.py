@@ -76,6 +76,25 @@ def test_causal_conv1d(dtype):
         assert torch.equal(fast_args[2], ref_args[2]), backend  # the slots' last inputs, untouched elsewhere
 
 
+def paged_inputs(dtype, heads, cache_dtype, block_size, hd, lens, past, width=12, seed=5):
+    """paged_attention's arguments for sequences of lens[i] new rows after past[i] cached ones (heads
+    = (query heads, kv heads)), their blocks scattered over the cache, the query's heads strided
+    (sliced from a wider tensor), K/V in cache_dtype (None: the query's)."""
+    H, KV = heads
+    g = torch.Generator().manual_seed(seed)
+    context = [n + p for n, p in zip(lens, past)]
+    num_blocks = sum(-(-L // block_size) for L in context) + 3
+    key_cache = torch.randn(num_blocks, KV, block_size, hd, generator=g).to(cache_dtype or dtype)
+    value_cache = torch.randn(num_blocks, KV, block_size, hd, generator=g).to(cache_dtype or dtype)
+    blocks, tables = torch.randperm(num_blocks, generator=g).tolist(), []
+    for L in context:
+        n = -(-L // block_size)
+        tables.append(blocks[:n] + [0] * (width - n))
+        blocks = blocks[n:]
+    query = torch.randn(sum(lens), H, 2 * hd, generator=g).to(dtype)[..., :hd]
+    return (query, key_cache, value_cache, torch.tensor(tables), ragged(lens), torch.tensor(context), hd**-0.5, lens)
+
+
 def delta_inputs(T, Hk, H, dk, dv, M, dtype, seed):
     g = torch.Generator().manual_seed(seed)
     qkv = torch.randn(T, 2 * Hk * dk + H * dv + 7, generator=g).to(dtype)  # strided views
@@ -130,21 +149,8 @@ def test_prefill_then_decode_equals_recurrence():
 def test_paged_attention(dtype, heads, cache_dtype, block_and_head):
     if cache_dtype == dtype:
         pytest.skip("the same as the query's")
-    H, KV = heads
-    g = torch.Generator().manual_seed(5)
-    (S, hd), N = block_and_head, 64
-    lens, past = [1, 1, 9, 3, 17], [0, 20, 3, 0, 14]  # new rows and cached tokens per sequence
-    context = [n + p for n, p in zip(lens, past)]
-    key_cache = torch.randn(N, KV, S, hd, generator=g).to(cache_dtype or dtype)
-    value_cache = torch.randn(N, KV, S, hd, generator=g).to(cache_dtype or dtype)
-    blocks = torch.randperm(N, generator=g).tolist()
-    tables, used = [], 0
-    for L in context:
-        n = -(-L // S)
-        tables.append(blocks[used : used + n] + [0] * (12 - n))
-        used += n
-    query = torch.randn(sum(lens), H, 2 * hd, generator=g).to(dtype)[..., :hd]  # strided heads
-    args = (query, key_cache, value_cache, torch.tensor(tables), ragged(lens), torch.tensor(context), hd**-0.5, lens)
+    S, hd = block_and_head
+    args = paged_inputs(dtype, heads, cache_dtype, S, hd, [1, 1, 9, 3, 17], [0, 20, 3, 0, 14])
     for backend in ("native", "batched"):
         with backend_named(backend):
             fast, ref, *_ = both(kernels.paged_attention, *args)
