@@ -72,15 +72,16 @@ from kernels import reference_kernels
 
 
 @contextlib.contextmanager
-def decoding(llm: LLM, tag: str, batch: int, max_tokens: int, mix: tuple[int, int], vocab: int):
-    """`batch` greedy requests of 16 prompt tokens (token j of request i: (i * mix[0] + j * mix[1])
+def decoding(llm: LLM, tag: str, batch: int, max_tokens: int, mix: tuple[int, int], vocab: int,
+             prompt_len: int = 16):
+    """`batch` greedy requests of prompt_len tokens (token j of request i: (i * mix[0] + j * mix[1])
     mod vocab) past their prefill and first decode step: the block's first max_tokens engine steps
     are decodes of all of them (none finishes inside it, however many steps the prefills took).
     Afterwards they are aborted and the engine's finished state is dropped."""
     engine = llm.engine
     params = SamplingParams(max_tokens=max_tokens + batch, temperature=0.0, ignore_eos=True)
     for i in range(batch):
-        engine.add_request(f"{tag}{batch}-{i}", [(i * mix[0] + j * mix[1]) % vocab for j in range(16)], params)
+        engine.add_request(f"{tag}{batch}-{i}", [(i * mix[0] + j * mix[1]) % vocab for j in range(prompt_len)], params)
     scheduler = engine.scheduler
     while scheduler.waiting or any(not seq.output_ids for seq in scheduler.running):
         engine.step()  # prefills (several steps when the batch's prompts pass the step's token budget)
@@ -93,9 +94,10 @@ def decoding(llm: LLM, tag: str, batch: int, max_tokens: int, mix: tuple[int, in
     engine.flush()
 
 
-def decode_rate(llm: LLM, batch: int, steps: int, device: str, vocab: int) -> float:
-    """Decode steps per second at `batch` sequences (after their prefill), as tokens per second."""
-    with decoding(llm, "d", batch, steps + 3, (31, 7), vocab) as engine:
+def decode_rate(llm: LLM, batch: int, steps: int, device: str, vocab: int, prompt_len: int = 16) -> float:
+    """Decode steps per second at `batch` sequences (after their prefill of prompt_len tokens), as
+    tokens per second."""
+    with decoding(llm, "d", batch, steps + 3, (31, 7), vocab, prompt_len) as engine:
         sync(device)
         start = time.perf_counter()
         for _ in range(steps):
@@ -400,27 +402,10 @@ def main() -> None:
         llm = engine(width, "bfloat16", max_tokens=8192, seqs=4)
         long_prompt, steps = (256, 4) if args.smoke else (32768, args.steps)
         try:
-            found["long_context_decode_tok_s_after_16"] = decode_rate(llm, 1, steps, device, cfg.vocab_size)
-            engine_ = llm.engine
-            engine_.add_request("long", [(j * 7 + 1) % cfg.vocab_size for j in range(long_prompt)],
-                                SamplingParams(max_tokens=steps + 8, temperature=0.0, ignore_eos=True))
-            start = time.perf_counter()
-            while not any(seq.output_ids for seq in engine_.scheduler.running):
-                engine_.step()  # the prefill, in steps of 8192 tokens
-            sync(device)
-            found[f"long_context_prefill_{long_prompt}_s"] = time.perf_counter() - start
-            engine_.step()  # the first decode (its table width's graph captured)
-            sync(device)
-            start = time.perf_counter()
-            for _ in range(steps):
-                engine_.step()
-            sync(device)
-            rate = steps / (time.perf_counter() - start)
+            short = found["long_context_decode_tok_s_after_16"] = decode_rate(llm, 1, steps, device, cfg.vocab_size)
+            rate = decode_rate(llm, 1, steps, device, cfg.vocab_size, prompt_len=long_prompt)
             found[f"long_context_decode_tok_s_after_{long_prompt}"] = rate
-            found["long_context_ratio"] = rate / found["long_context_decode_tok_s_after_16"]
-            engine_.abort_request("long")
-            while engine_.has_unfinished():
-                engine_.step()
+            found["long_context_ratio"] = rate / short
         finally:
             llm.shutdown()
             del llm
