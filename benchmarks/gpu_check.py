@@ -19,12 +19,13 @@ builds them), through the real engine (scheduler, runner, kernels, sampler):
      step (scheduling, forward, LM head, sampling, the host copy of the tokens); and the same
      engine scheduled the other way (async scheduling, the default on a GPU, against step by step);
   3. prefill tok/s (4 prompts of 2048 tokens, 8192-token steps);
-  4. the routed experts (kernels.moe_experts: sort by expert, two torch._grouped_mm, SwiGLU, fp64
-     weighted sum) at 4k and 16k tokens with random top-10 routing, and their two grouped GEMMs
+  4. the routed experts (kernels.moe_experts: sort by expert, two torch._grouped_mm, SwiGLU and the
+     fp64 weighted sum as Triton passes) at 4k and 16k tokens with random top-10 routing, and their two grouped GEMMs
      alone, TFLOP/s against the card's bf16 peak (spec and a measured 8192^3 matmul) and against
      the roofline (the GEMMs' least bytes at the measured copy bandwidth); the same GEMMs as one
      batched matmul over rows padded to the busiest expert's (a probe); and the op's other passes
-     alone (sort, gather, SwiGLU, weighted sum: ms), where its time besides the GEMMs goes;
+     alone (sort, gather, SwiGLU, weighted sum: ms; the last two as torch's passes and as Triton's),
+     where its time besides the GEMMs goes, and the whole op with torch's passes (TFLOP/s);
   5. a probe of Qwen's block-scaled FP8 GEMM on the card's FP8 units (torch._scaled_mm): error and
      TFLOP/s beside bf16 (the engine itself dequantises FP8 checkpoints as it loads them);
   6. the split of a batch-1 decode step's wall time (scheduled step by step): layout, forward, LM
@@ -167,6 +168,7 @@ def environment(device: str) -> dict:
     from kernels.gpu import attention as gpu_attention
     from kernels.gpu import delta_rule as gpu_delta_rule
     from kernels.gpu import fla
+    from kernels.gpu import moe as gpu_moe
 
     found = {}
     for package in ("torch", "triton", "flash-linear-attention"):
@@ -181,7 +183,8 @@ def environment(device: str) -> dict:
                                    else "batched torch")
     found["paged_attention"] = ("C++" if device == "cpu" else "Triton" if gpu_attention.usable(probe)
                                 else "batched torch (SDPA)")
-    found["grouped_experts"] = "torch._grouped_mm" if hasattr(torch, "_grouped_mm") else "reference"
+    found["grouped_experts"] = ("reference" if not hasattr(torch, "_grouped_mm") else "torch._grouped_mm"
+                                + (", Triton SwiGLU and weighted sum" if gpu_moe.usable(probe) else ""))
     return found
 
 

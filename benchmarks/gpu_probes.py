@@ -86,7 +86,9 @@ def grouped_gemm(cfg: ModelConfig, tokens: int, dtype: torch.dtype, device: str)
         gate, up = torch.bmm(x_padded, gate_up.transpose(-2, -1)).chunk(2, dim=-1)
         return torch.bmm(F.silu(gate) * up, down.transpose(-2, -1))
 
-    # where the whole op's time goes besides its GEMMs: each of its passes alone, ms
+    # where the whole op's time goes besides its GEMMs: each of its passes alone, ms (SwiGLU and the
+    # weighted sum as torch's passes and as kernels.gpu.moe's Triton passes, which the op runs on GPUs)
+    from kernels.gpu import moe as gpu_moe
     from kernels.moe import _pairs_by_expert, _swiglu, _weighted_sum
 
     hidden = torch._grouped_mm(x_pairs, gate_up.transpose(-2, -1), offs=offsets)
@@ -94,12 +96,20 @@ def grouped_gemm(cfg: ModelConfig, tokens: int, dtype: torch.dtype, device: str)
     stages = {"sort": lambda: _pairs_by_expert(idx, N), "gather": lambda: x[order // K],
               "swiglu": lambda: _swiglu(hidden),
               "weighted_sum": lambda: _weighted_sum(sorted_out, order, idx, weights, False)}
+    if gpu_moe.usable(hidden):
+        stages |= {"swiglu_triton": lambda: gpu_moe.swiglu(hidden),
+                   "weighted_sum_triton": lambda: gpu_moe.weighted_sum(sorted_out, order, idx, weights, False)}
     stage_ms = {f"routed_experts_{name}_ms": seconds_per_call(run, device, 5) * 1e3 for name, run in stages.items()}
 
     flops = tokens * K * 6 * D * I
     size = torch.finfo(dtype).bits // 8
     least_bytes = (idx.unique().numel() * 3 * D * I + tokens * K * (2 * D + 3 * I)) * size
     whole = flops / seconds_per_call(lambda: moe_experts_grouped(x, idx, weights, gate_up, down), device, 5)
+    if gpu_moe.usable(hidden):  # the whole op once more with torch's passes (what it ran before them)
+        gpu_moe.OP.unavailable = "timing the torch passes"
+        torch_passes = flops / seconds_per_call(lambda: moe_experts_grouped(x, idx, weights, gate_up, down), device, 5)
+        gpu_moe.OP.unavailable = None
+        stage_ms["routed_experts_torch_passes_tflops"] = torch_passes / 1e12
     grouped = flops / seconds_per_call(gemms, device, 5)
     return {"routed_experts_tflops": whole / 1e12, "grouped_gemm_tflops": grouped / 1e12,
             "grouped_gemm_flop_per_byte": flops / least_bytes,

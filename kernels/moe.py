@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from .backend import batched, glue, native
+from .gpu import moe as gpu_moe
+from .gpu.triton_guard import KernelUnavailable
 from .linear import linear
 
 
@@ -46,13 +48,34 @@ def moe_experts_reference(x_RD, idx_RK, weights_RK, gate_up, down, partial: bool
 
 def moe_experts_grouped(x_RD, idx_RK, weights_RK, gate_up, down, partial: bool = False) -> torch.Tensor:
     """Any device, no host sync: the (row, expert) pairs sorted by expert, then two grouped GEMMs
-    (torch._grouped_mm: one launch each for every expert of the bank), SwiGLU between; the pair
-    outputs are put back in (row, k) order and each row's K terms summed in fp64 (exact for a row's
-    few terms, as the reference's; a fixed order and no atomics, unlike an index_add). Needs the
-    inner dims D and I to span multiples of 16 bytes (grouped_mm's stride rule)."""
+    (torch._grouped_mm: one launch each for every expert of the bank), SwiGLU between; each row's K
+    pair outputs summed in fp64 (exact for a row's few terms, as the reference's; no atomics, unlike
+    an index_add). On GPUs SwiGLU and the sum are kernels.gpu.moe's Triton passes. Needs the inner
+    dims D and I to span multiples of 16 bytes (grouped_mm's stride rule)."""
     order, offsets = _pairs_by_expert(idx_RK, gate_up.shape[0])
     hidden = torch._grouped_mm(x_RD[order // idx_RK.shape[1]], gate_up.transpose(-2, -1), offs=offsets)  # [R*K, 2I]
-    sorted_out = torch._grouped_mm(_swiglu(hidden), down.transpose(-2, -1), offs=offsets)
+    sorted_out = torch._grouped_mm(swiglu(hidden), down.transpose(-2, -1), offs=offsets)
+    return weighted_sum(sorted_out, order, idx_RK, weights_RK, partial)
+
+
+def swiglu(hidden: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up of [P, 2I] pair rows (gate | up): one Triton pass on GPUs, else torch's."""
+    if gpu_moe.usable(hidden):
+        try:
+            return gpu_moe.swiglu(hidden)
+        except KernelUnavailable:
+            pass
+    return _swiglu(hidden)
+
+
+def weighted_sum(sorted_out, order, idx_RK, weights_RK, partial: bool) -> torch.Tensor:
+    """Each row's router-weighted sum of its pairs' outputs (_weighted_sum): read in place in expert
+    order by one Triton pass on GPUs, else torch's."""
+    if gpu_moe.usable(sorted_out, weights_RK):
+        try:
+            return gpu_moe.weighted_sum(sorted_out, order, idx_RK, weights_RK, partial)
+        except KernelUnavailable:
+            pass
     return _weighted_sum(sorted_out, order, idx_RK, weights_RK, partial)
 
 

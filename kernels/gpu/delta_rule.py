@@ -21,20 +21,12 @@ from .triton_guard import TritonOp, triton
 if triton is not None:
     import triton.language as tl
 
+    from .rounding import round_to
+
 OP = TritonOp("delta rule decode", (torch.float32, torch.bfloat16, torch.float16))
 usable = OP.usable  # CUDA tensors, Triton present, the kernel not failed to build here before
 
 if triton is not None:
-
-    @triton.jit
-    def _round_to(x, dtype: tl.constexpr):
-        """fp32 x rounded to dtype and back, to nearest even (bf16 by its bits: Triton's interpreter
-        truncates where GPUs round)."""
-        if dtype == tl.bfloat16:
-            bits = x.to(tl.uint32, bitcast=True)
-            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-            return bits.to(tl.float32, bitcast=True)
-        return x.to(dtype).to(tl.float32)
 
     @triton.jit
     def _decode_step(Q, K, V, A, Bt, A_log, dt_bias, State, slots, out_slots, Out,
@@ -58,7 +50,7 @@ if triton is not None:
         softplus = tl.where(x > 20.0, x, tl.log(1.0 + tl.exp(x)))  # torch's threshold
         decay = tl.exp(-tl.exp(tl.load(A_log + h).to(tl.float32)) * softplus)
         b = tl.load(Bt + t * stride_bt + h * stride_bh)
-        beta = _round_to(1.0 / (1.0 + tl.exp(-b.to(tl.float32))), b.dtype)
+        beta = round_to(1.0 / (1.0 + tl.exp(-b.to(tl.float32))), b.dtype)
 
         block = dk[:, None] * DV + dv[None, :]  # [DK_P2, BLOCK_V] within a head's [dk, dv] state
         ok = dk_ok[:, None] & dv_ok[None, :]

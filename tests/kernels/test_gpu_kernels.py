@@ -137,11 +137,90 @@ def test_delta_rule_decode_steps_the_states_in_place(interpreter, dtype, heads_a
         assert torch.equal(fast_state[untouched], state[untouched])
 
 
+def routed_pairs(dtype, R=23, K=4, N=7, D=40, seed=9):
+    """A routed-experts step as the grouped GEMMs leave it: (row, k) pairs sorted by expert (some
+    outside the bank: idx -1), their outputs in expert order, NaN in the rows past the groups (which
+    the GEMMs never write), the router's weights."""
+    from kernels.moe import _pairs_by_expert
+
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(-1, N, (R, K), generator=g)
+    order, _ = _pairs_by_expert(idx, N)
+    sorted_out = torch.randn(R * K, D, generator=g).to(dtype)
+    sorted_out[idx.reshape(-1)[order] < 0] = float("nan")
+    return sorted_out, order, idx, torch.rand(R, K, generator=g).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", TOLERANCE)
+@pytest.mark.parametrize("partial", [False, True])
+@pytest.mark.parametrize("D", [40, 1100])  # one column block, ragged; two
+def test_routed_experts_weighted_sum_reads_the_pairs_in_place_with_the_same_bits(interpreter, dtype, partial, D):
+    """The Triton sum over each row's pairs, read at their positions in expert order, against the
+    torch version that copies them back to (row, k) order: bit for bit, fp64 sums (partial) too."""
+    from kernels.gpu import moe as gpu_moe
+    from kernels.moe import _weighted_sum
+
+    args = routed_pairs(dtype, D=D)
+    fast = gpu_moe.weighted_sum(*args, partial)
+    ref = _weighted_sum(*args, partial)
+    assert fast.dtype == ref.dtype == (torch.float64 if partial else dtype) and torch.equal(fast, ref)
+
+
+@pytest.mark.parametrize("dtype", TOLERANCE)
+def test_routed_experts_swiglu_in_one_pass(interpreter, dtype):
+    """silu(gate) * up, each rounded to the dtype as torch rounds: bf16 bit for bit but for an
+    ulp where the two exps differ in fp32's last bits (none in this draw), fp32 within a few ulps."""
+    from kernels.gpu import moe as gpu_moe
+    from kernels.moe import _swiglu
+
+    hidden = (3 * torch.randn(300, 2 * 200, generator=torch.Generator().manual_seed(10))).to(dtype)
+    fast, ref = gpu_moe.swiglu(hidden), _swiglu(hidden)
+    assert fast.dtype == dtype and fast.shape == (300, 200) and fast.is_contiguous()
+    if dtype == torch.bfloat16:
+        assert torch.equal(fast, ref)
+    assert ((fast.float() - ref.float()).abs() <= 1e-6 * ref.float().abs()).all()
+
+
+def test_routed_experts_run_the_triton_passes_on_gpus_and_torch_when_they_do_not_build(interpreter, monkeypatch,
+                                                                                        caplog):
+    """kernels.moe_experts' grouped path with the Triton passes swapped in (on CUDA tensors only; here
+    forced onto CPU tensors) gives the torch path's bits; a build failure logs once and the torch
+    passes run from then on."""
+    from triton.runtime.errors import OutOfResources
+
+    from kernels.gpu import moe as gpu_moe
+    from kernels.moe import moe_experts_grouped
+
+    g = torch.Generator().manual_seed(11)
+    R, K, N, D, I = 19, 4, 6, 32, 16
+    x = torch.randn(R, D, generator=g).bfloat16()
+    idx = torch.randint(-1, N, (R, K), generator=g)
+    weights = torch.rand(R, K, generator=g).bfloat16()
+    gate_up = (0.3 * torch.randn(N, 2 * I, D, generator=g)).bfloat16()
+    down = (0.3 * torch.randn(N, D, I, generator=g)).bfloat16()
+    torch_path = moe_experts_grouped(x, idx, weights, gate_up, down)
+    launched = []
+    real_launch = gpu_moe.OP.launch
+    monkeypatch.setattr(gpu_moe.OP, "unavailable", None)  # restored to it after the test
+    monkeypatch.setattr(gpu_moe.OP, "usable", lambda t: gpu_moe.OP.unavailable is None)
+    monkeypatch.setattr(gpu_moe.OP, "launch", lambda run: launched.append(run) or real_launch(run))
+    assert torch.equal(moe_experts_grouped(x, idx, weights, gate_up, down), torch_path) and len(launched) == 2
+
+    def does_not_fit():
+        raise OutOfResources(300_000, 232_448, "shared memory")
+
+    monkeypatch.setattr(gpu_moe.OP, "launch", lambda run: real_launch(does_not_fit))
+    with caplog.at_level("WARNING"):
+        assert torch.equal(moe_experts_grouped(x, idx, weights, gate_up, down), torch_path)
+    assert "OutOfResources" in gpu_moe.OP.unavailable and caplog.text.count("unavailable") == 1
+
+
 def test_the_kernels_build_for_hopper_and_ampere(tmp_path):
     """Triton's compiler and its ptxas build each kernel in the configurations the engine launches
     (tests/kernels/triton_build.py: the flagship's heads and a toy's; bf16, fp8 and fp32 caches; decode
-    and prefill) into sm_90 and sm_80 cubins, no GPU needed, each within its card's shared memory and
-    without spilling registers (the tile sizes of kernels.gpu.attention.launch_plan were chosen so)."""
+    and prefill; the routed experts' passes) into sm_90 and sm_80 cubins, no GPU needed, each within
+    its card's shared memory and without spilling registers (the tile sizes of
+    kernels.gpu.attention.launch_plan were chosen so)."""
     pytest.importorskip("triton")
     from tests.kernels.triton_build import SHARED_MEMORY
 
@@ -150,8 +229,8 @@ def test_the_kernels_build_for_hopper_and_ampere(tmp_path):
                          cwd=Path(__file__).parents[2], capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-4000:]
     built = [json.loads(line) for line in run.stdout.splitlines()]
-    assert {(b["kernel"], b["arch"]) for b in built} == {(k, a) for k in ("_attend", "_merge", "_decode_step")
-                                                         for a in (90, 80)}
-    assert len(built) == 32
+    kernels = ("_attend", "_merge", "_decode_step", "_swiglu", "_weighted_sum")
+    assert {(b["kernel"], b["arch"]) for b in built} == {(k, a) for k in kernels for a in (90, 80)}
+    assert len(built) == 44
     for b in built:
         assert b["shared"] <= SHARED_MEMORY[b["arch"]] and b["spill_bytes"] == 0, b

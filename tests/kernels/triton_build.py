@@ -21,7 +21,7 @@ from triton.backends.compiler import GPUTarget
 from triton.backends.nvidia.compiler import get_ptxas
 from triton.compiler import ASTSource
 
-from kernels.gpu import attention, delta_rule
+from kernels.gpu import attention, delta_rule, moe
 
 SHARED_MEMORY = {90: 232_448, 80: 166_912}  # bytes a block may use (H100 / H200, A100)
 
@@ -44,7 +44,8 @@ def build(fn, types: dict, constexprs: dict, arch: int, num_warps: int = 4) -> d
 
 def configurations(arch: int):
     """(kernel, argument types, constexprs, warps) as kernels.gpu launches them for the flagship's heads
-    (32 query / 2 kv heads of 256, 16 key / 64 value heads of 128) and a toy's (head dim 32)."""
+    (32 query / 2 kv heads of 256, 16 key / 64 value heads of 128) and a toy's (head dim 32), and its
+    routed experts."""
     caches = ["bf16", "fp8e4nv", "fp8e5"] if arch >= 89 else ["bf16"]  # e4m3 needs sm_89+
     for query, cache in [("bf16", c) for c in caches] + [("fp32", "fp32")]:  # fp16: bf16's code
         for decode in (True, False):
@@ -65,6 +66,12 @@ def configurations(arch: int):
             pointers = {name: f"*{dtype}" for name in ("Q", "K", "V", "A", "Bt", "A_log", "dt_bias", "Out")}
             pointers |= {"State": "*fp32", "slots": "*i64", "out_slots": "*i64", "scale": "fp32"}
             yield delta_rule._decode_step, pointers, dict(REPEAT=repeat, DK=dk, DK_P2=dk, DV=dk, BLOCK_V=32), 4
+    for dtype in ("bf16", "fp32"):  # the routed experts' passes at the flagship's widths (I 1024, D 4096)
+        yield moe._swiglu, {"Hidden": f"*{dtype}", "Out": f"*{dtype}"}, dict(BLOCK=moe._block(1024)), 4
+        for partial in (False, True):
+            pointers = {"Sorted": f"*{dtype}", "Position": "*i64", "Idx": "*i64", "Weights": f"*{dtype}",
+                        "Out": "*fp64" if partial else f"*{dtype}"}
+            yield moe._weighted_sum, pointers, dict(K=10, BLOCK=moe._block(4096), PARTIAL=partial), 4
 
 
 if __name__ == "__main__":
