@@ -92,13 +92,13 @@ def grouped_gemm(cfg: ModelConfig, tokens: int, dtype: torch.dtype, device: str)
     from kernels.moe import _pairs_by_expert, _swiglu, _weighted_sum
 
     hidden = torch._grouped_mm(x_pairs, gate_up.transpose(-2, -1), offs=offsets)
-    sorted_out = gemms()
+    sorted_out, position = gemms(), _pairs_by_expert(idx, N)[1]
     stages = {"sort": lambda: _pairs_by_expert(idx, N), "gather": lambda: x[order // K],
               "swiglu": lambda: _swiglu(hidden),
-              "weighted_sum": lambda: _weighted_sum(sorted_out, order, idx, weights, False)}
+              "weighted_sum": lambda: _weighted_sum(sorted_out, position, idx, weights, False)}
     if gpu_moe.usable(hidden):
         stages |= {"swiglu_triton": lambda: gpu_moe.swiglu(hidden),
-                   "weighted_sum_triton": lambda: gpu_moe.weighted_sum(sorted_out, order, idx, weights, False)}
+                   "weighted_sum_triton": lambda: gpu_moe.weighted_sum(sorted_out, position, idx, weights, False)}
     stage_ms = {f"routed_experts_{name}_ms": seconds_per_call(run, device, 5) * 1e3 for name, run in stages.items()}
 
     flops = tokens * K * 6 * D * I

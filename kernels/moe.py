@@ -52,10 +52,10 @@ def moe_experts_grouped(x_RD, idx_RK, weights_RK, gate_up, down, partial: bool =
     pair outputs summed in fp64 (exact for a row's few terms, as the reference's; no atomics, unlike
     an index_add). On GPUs SwiGLU and the sum are kernels.gpu.moe's Triton passes. Needs the inner
     dims D and I to span multiples of 16 bytes (grouped_mm's stride rule)."""
-    order, offsets = _pairs_by_expert(idx_RK, gate_up.shape[0])
+    order, position, offsets = _pairs_by_expert(idx_RK, gate_up.shape[0])
     hidden = torch._grouped_mm(x_RD[order // idx_RK.shape[1]], gate_up.transpose(-2, -1), offs=offsets)  # [R*K, 2I]
     sorted_out = torch._grouped_mm(swiglu(hidden), down.transpose(-2, -1), offs=offsets)
-    return weighted_sum(sorted_out, order, idx_RK, weights_RK, partial)
+    return weighted_sum(sorted_out, position, idx_RK, weights_RK, partial)
 
 
 def swiglu(hidden: torch.Tensor) -> torch.Tensor:
@@ -68,26 +68,28 @@ def swiglu(hidden: torch.Tensor) -> torch.Tensor:
     return _swiglu(hidden)
 
 
-def weighted_sum(sorted_out, order, idx_RK, weights_RK, partial: bool) -> torch.Tensor:
+def weighted_sum(sorted_out, position, idx_RK, weights_RK, partial: bool) -> torch.Tensor:
     """Each row's router-weighted sum of its pairs' outputs (_weighted_sum): read in place in expert
     order by one Triton pass on GPUs, else torch's."""
     if gpu_moe.usable(sorted_out, weights_RK):
         try:
-            return gpu_moe.weighted_sum(sorted_out, order, idx_RK, weights_RK, partial)
+            return gpu_moe.weighted_sum(sorted_out, position, idx_RK, weights_RK, partial)
         except KernelUnavailable:
             pass
-    return _weighted_sum(sorted_out, order, idx_RK, weights_RK, partial)
+    return _weighted_sum(sorted_out, position, idx_RK, weights_RK, partial)
 
 
 @glue
-def _pairs_by_expert(idx_RK: torch.Tensor, N: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _pairs_by_expert(idx_RK: torch.Tensor, N: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The order [R*K] that sorts the pairs by expert (pairs outside the bank last, past every
-    group) and the groups' ends [N] int32 (searchsorted, not bincount, which syncs to size its output)."""
+    group), its inverse (each pair's position in that order) and the groups' ends [N] int32
+    (searchsorted, not bincount, which syncs to size its output)."""
     flat = idx_RK.reshape(-1).long()
     key = torch.where(flat >= 0, flat, N)
     order = torch.argsort(key, stable=True)
+    position = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
     ends = torch.arange(1, N + 1, device=key.device)
-    return order, torch.searchsorted(key[order], ends).to(torch.int32)
+    return order, position, torch.searchsorted(key[order], ends).to(torch.int32)
 
 
 @glue
@@ -97,11 +99,11 @@ def _swiglu(hidden: torch.Tensor) -> torch.Tensor:
 
 
 @glue
-def _weighted_sum(sorted_out, order, idx_RK, weights_RK, partial: bool) -> torch.Tensor:
-    """Pair outputs [R*K, D] in expert order -> each row's router-weighted sum over its K pairs,
-    in fp64 (partial) or rounded once to the pairs' dtype."""
+def _weighted_sum(sorted_out, position, idx_RK, weights_RK, partial: bool) -> torch.Tensor:
+    """Pair outputs [R*K, D] in expert order (position: each (row, k) pair's place in it) -> each
+    row's router-weighted sum over its K pairs, in fp64 (partial) or rounded once to the pairs' dtype."""
     R, K = idx_RK.shape
-    pair_out = torch.empty_like(sorted_out).index_copy_(0, order, sorted_out).view(R, K, -1)  # [R, K, D]
+    pair_out = sorted_out[position].view(R, K, -1)  # [R, K, D]
     weighted = pair_out * weights_RK.to(sorted_out.dtype)[..., None]
     weighted = torch.where((idx_RK >= 0).view(R, K, 1), weighted, 0)  # pairs past the groups: not computed
     total = weighted.sum(1, dtype=torch.float64)

@@ -85,8 +85,8 @@ def swiglu(hidden_P2I: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def weighted_sum(sorted_out_PD, order_P, idx_RK, weights_RK, partial: bool) -> torch.Tensor:
-    """Pair outputs [P, D] in expert order (order_P[i]: the (row, k) pair at position i) -> [R, D]:
+def weighted_sum(sorted_out_PD, position_P, idx_RK, weights_RK, partial: bool) -> torch.Tensor:
+    """Pair outputs [P, D] in expert order (position_P[r*K + k]: where pair (r, k) is in it) -> [R, D]:
     each row's weighted sum over its K pairs, fp64 (partial) or rounded once to the pairs' dtype."""
     (R, K), D = idx_RK.shape, sorted_out_PD.shape[1]
     out = sorted_out_PD.new_empty(R, D, dtype=torch.float64 if partial else sorted_out_PD.dtype)
@@ -94,9 +94,8 @@ def weighted_sum(sorted_out_PD, order_P, idx_RK, weights_RK, partial: bool) -> t
         return out
     if sorted_out_PD.stride(1) != 1:
         raise ValueError("routed experts' weighted sum: the pair outputs must be contiguous rows")
-    position = torch.empty_like(order_P).scatter_(0, order_P, torch.arange(order_P.numel(), device=order_P.device))
     weights = weights_RK.to(sorted_out_PD.dtype).contiguous()
     OP.launch(lambda: _weighted_sum[(R, triton.cdiv(D, _block(D)))](
-        sorted_out_PD, position, idx_RK.contiguous(), weights, out, D, sorted_out_PD.stride(0), out.stride(0),
+        sorted_out_PD, position_P, idx_RK.contiguous(), weights, out, D, sorted_out_PD.stride(0), out.stride(0),
         K=K, BLOCK=_block(D), PARTIAL=partial))
     return out

@@ -144,7 +144,7 @@ def test_routed_experts_triton_passes_at_the_flagships_widths(partial):
     g = torch.Generator().manual_seed(24)
     R, K, N, D, I = 700, 10, 64, 4096, 1024
     idx = torch.randint(-1, N, (R, K), generator=g).cuda()
-    order, _ = _pairs_by_expert(idx, N)
+    order, position, _ = _pairs_by_expert(idx, N)
     hidden = (3 * torch.randn(R * K, 2 * I, generator=g)).bfloat16().cuda()
     sorted_out = torch.randn(R * K, D, generator=g).bfloat16().cuda()
     sorted_out[idx.reshape(-1)[order] < 0] = float("nan")  # rows the GEMMs never write
@@ -152,8 +152,8 @@ def test_routed_experts_triton_passes_at_the_flagships_widths(partial):
     assert gpu_moe.usable(hidden, sorted_out, weights)
     fast, ref = gpu_moe.swiglu(hidden), _swiglu(hidden)
     assert ((fast.float() - ref.float()).abs() <= ref.float().abs() / 128).all()
-    assert torch.equal(gpu_moe.weighted_sum(sorted_out, order, idx, weights, partial),
-                       _weighted_sum(sorted_out, order, idx, weights, partial))
+    assert torch.equal(gpu_moe.weighted_sum(sorted_out, position, idx, weights, partial),
+                       _weighted_sum(sorted_out, position, idx, weights, partial))
 
 
 def test_engine_on_cuda_gives_the_cpu_engines_logits_and_tokens(make_checkpoint):

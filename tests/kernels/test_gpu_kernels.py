@@ -145,10 +145,10 @@ def routed_pairs(dtype, R=23, K=4, N=7, D=40, seed=9):
 
     g = torch.Generator().manual_seed(seed)
     idx = torch.randint(-1, N, (R, K), generator=g)
-    order, _ = _pairs_by_expert(idx, N)
+    order, position, _ = _pairs_by_expert(idx, N)
     sorted_out = torch.randn(R * K, D, generator=g).to(dtype)
     sorted_out[idx.reshape(-1)[order] < 0] = float("nan")
-    return sorted_out, order, idx, torch.rand(R, K, generator=g).to(dtype)
+    return sorted_out, position, idx, torch.rand(R, K, generator=g).to(dtype)
 
 
 @pytest.mark.parametrize("dtype", TOLERANCE)
