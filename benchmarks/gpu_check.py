@@ -40,6 +40,9 @@ builds them), through the real engine (scheduler, runner, kernels, sampler):
  11. the DeltaNet decode step at batch 64 with the flagship's heads: the Triton kernel (states in place,
      kernels.gpu.delta_rule) against FLA's with the slots gathered and scattered, and batched torch;
  12. batch-1 decode through the engine after a 16-token and after a 32k-token prompt (its ratio).
+ 13. the routed experts at decode batches (1-64 rows, 512 experts top-10): the few-rows kernels
+     (kernels.gpu.moe, what the engine runs up to 8 rows) against the sorted grouped-GEMM path: us a
+     call and the experts' weight bytes over it.
 Each part records its figures as it goes; a part that fails is reported and the next one runs.
 The CUDA kernel tests: `python -m pytest tests/kernels/test_cuda.py` (skipped without a GPU).
 Prints a table and, with --json, writes the figures.
@@ -58,7 +61,7 @@ from pathlib import Path
 
 import torch
 from gpu_probes import (card_spec, copy_bandwidth, delta_rule_decode, dense_tflops, fp8_block_gemm, grouped_gemm,
-                        paged_attention, sync)
+                        paged_attention, routed_experts_few_rows, sync)
 
 from gpu_slice import RandomWeightsExecutor, slice_dir
 
@@ -423,6 +426,8 @@ def main() -> None:
     if device.startswith("cuda"):
         section("paged_attention", lambda found: found.update(paged_attention(device, args.smoke)))
         section("delta_rule_decode", lambda found: found.update(delta_rule_decode(device, args.smoke)))
+        section("routed_experts_few_rows",
+                lambda found: found.update(routed_experts_few_rows(cfg, device, args.smoke)))
     section("long_context", long_context)
     figures["seconds"] = time.perf_counter() - started
 

@@ -119,6 +119,37 @@ def grouped_gemm(cfg: ModelConfig, tokens: int, dtype: torch.dtype, device: str)
             "grouped_gemms_ms": flops / grouped * 1e3, **stage_ms}
 
 
+def routed_experts_few_rows(cfg: ModelConfig, device: str, smoke: bool = False) -> dict:
+    """The routed experts of one layer at decode batches (1 to 64 rows, random top-10 over the
+    flagship's 512 experts, bf16): the few-rows kernels (kernels.gpu.moe.experts_few_rows, what the
+    engine runs up to FEW_ROWS_MAX_PAIRS pairs) against the sorted grouped-GEMM path, us a call and
+    the weight bytes of the experts hit over that time; and max |diff| between the two."""
+    from kernels.gpu import moe as gpu_moe
+    from kernels.moe import moe_experts_grouped
+
+    N, D, I, K = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts_per_tok
+    gate_up = torch.randn(N, 2 * I, D, dtype=torch.bfloat16, device=device) / math.sqrt(D)
+    down = torch.randn(N, D, I, dtype=torch.bfloat16, device=device) / math.sqrt(I)
+    found = {}
+    for rows in (1, 2) if smoke else (1, 2, 4, 8, 16, 32, 64):
+        x = torch.randn(rows, D, dtype=torch.bfloat16, device=device)
+        idx = torch.rand(rows, N, device=device).topk(K, dim=-1).indices
+        weights = torch.softmax(torch.randn(rows, K, device=device), -1).to(torch.bfloat16)
+        expert_bytes = idx.unique().numel() * 3 * D * I * 2
+        ways = {"grouped": lambda: moe_experts_grouped(x, idx, weights, gate_up, down)}
+        if gpu_moe.FEW_ROWS.usable(x):
+            ways["few_rows"] = lambda: gpu_moe.experts_few_rows(x, idx, weights, gate_up, down, False)
+        outs = {}
+        for name, run in ways.items():
+            outs[name] = run()
+            seconds = seconds_per_call(run, device, 20)
+            found |= {f"routed_{name}_us_{rows}": seconds * 1e6,
+                      f"routed_{name}_tb_s_{rows}": expert_bytes / seconds / 1e12}
+        if "few_rows" in outs:
+            diff = outs["few_rows"].float() - outs["grouped"].float()
+            found[f"routed_few_rows_max_abs_diff_{rows}"] = diff.abs().max().item()
+    return found
+
 def dense_tflops(device: str, n: int = 8192) -> float:
     """bf16 TFLOP/s of one n x n x n matmul on random data: the card's attainable matrix rate."""
     a, b = (torch.randn(n, n, device=device, dtype=torch.bfloat16) for _ in range(2))

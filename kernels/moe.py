@@ -124,6 +124,11 @@ def moe_experts(x_RD, idx_RK, weights_RK, gate_up, down, partial: bool = False) 
     positions in the bank, -1 where the expert is not in this bank (contributes nothing)."""
     if native(x_RD):
         return torch.ops.epserve.moe_experts(x_RD, idx_RK, weights_RK, gate_up, down, partial)
+    if batched(x_RD) and gpu_moe.few_rows_usable(x_RD, idx_RK):  # GPUs, decode-sized batches
+        try:
+            return gpu_moe.experts_few_rows(x_RD, idx_RK, weights_RK, gate_up, down, partial)
+        except KernelUnavailable:  # logged once; from now on the grouped GEMMs
+            pass
     if batched(x_RD) and _grouped_mm_fits(x_RD, down):  # GPUs: grouped GEMM
         return moe_experts_grouped(x_RD, idx_RK, weights_RK, gate_up, down, partial)
     return moe_experts_reference(x_RD, idx_RK, weights_RK, gate_up, down, partial)

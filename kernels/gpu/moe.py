@@ -1,17 +1,28 @@
-"""The routed experts' passes around their two grouped GEMMs, as Triton kernels on GPUs: SwiGLU of
-the first GEMM's output in one pass, and each row's router-weighted sum of its K pair outputs read in
-place from the second GEMM's expert-ordered output, in one pass. The torch versions (kernels.moe's
-_swiglu, _weighted_sum) take two and six passes over [pairs, ...] in eager steps: the SwiGLU's
-activation written then multiplied; the pair outputs copied back to (row, k) order, weighted, masked,
-summed in fp64 and rounded in steps.
+"""The routed experts on GPUs, as Triton kernels around (or instead of) their grouped GEMMs.
 
-Same rounding as the torch versions: silu(gate) rounded to the dtype, then its product with up; each
-pair's weighted output rounded to the dtype, the K of a row summed in fp64 (exact for a row's few
-terms, so the order does not matter and any split of the experts over workers adds up to the same
-bits), then rounded fp64 -> fp32 -> dtype, or returned in fp64 (partial). The one difference: silu's
-exp is Triton's, which may differ from torch's in the last fp32 bit (rarely a bf16 ulp).
+Around the grouped GEMMs (any batch): SwiGLU of the first GEMM's output in one pass, and each row's
+router-weighted sum of its K pair outputs read in place from the second GEMM's expert-ordered output,
+in one pass. The torch versions (kernels.moe's _swiglu, _weighted_sum) take two and six passes over
+[pairs, ...] in eager steps: the SwiGLU's activation written then multiplied; the pair outputs copied
+back to (row, k) order, weighted, masked, summed in fp64 and rounded in steps.
 
-Shapes: P = R*K (row, expert) pairs in expert order, I expert intermediate, D hidden.
+Instead of them, for decode-sized batches (up to FEW_ROWS_MAX_PAIRS pairs): each (row, k) pair's
+expert MLP as two matrix-vector kernels over its expert's weights (gate_up with SwiGLU, then down),
+the pairs in (row, k) order, then the weighted sum: three launches where the sorted path takes about
+ten (sort, inverse, group ends, gather, two GEMMs, SwiGLU, sum), and the weights streamed by many
+small programs rather than by a GEMM's few wide tiles (on an H200 a batch-1 step's grouped GEMMs
+took 2 x ~60 us a layer for ~60 us of bytes). Each pair's output depends on its row and expert
+only, so these results do not change with the batch around them.
+
+Same rounding as the torch versions: a GEMM's output rounded to the dtype, silu(gate) rounded, then
+its product with up; each pair's weighted output rounded to the dtype, the K of a row summed in fp64
+(exact for a row's few terms, so the order does not matter and any split of the experts over
+workers adds up to the same bits), then rounded fp64 -> fp32 -> dtype, or returned in fp64
+(partial). silu's exp is Triton's, which may differ from torch's in the last fp32 bit (rarely a bf16
+ulp); the few-rows path's dot products sum in another order than a GEMM's (fp32 accumulation both).
+
+Shapes: R rows, K top-k, P = R*K (row, expert) pairs, N experts in the bank, D hidden, I expert
+intermediate; gate_up [N, 2I, D] (gate rows, then up), down [N, D, I].
 """
 
 from __future__ import annotations
@@ -26,11 +37,22 @@ if triton is not None:
     from .rounding import round_to
 
 OP = TritonOp("routed experts' SwiGLU and weighted sum", (torch.bfloat16, torch.float16, torch.float32))
+FEW_ROWS = TritonOp("routed experts for few rows", (torch.bfloat16, torch.float16))  # fp32: the parity path
+# Up to 8 rows at top-10 each pair streams its own expert's weights; with more, rows share experts
+# (batch 64 top-10 over 512 experts: 640 pairs hit ~365) and the grouped GEMMs' one read of each wins.
+FEW_ROWS_MAX_PAIRS = 80
+BLOCK_N, BLOCK_K = 8, 256  # a few-rows program's weight tile: 72 / 40 registers a thread on sm_90
 
 
 def usable(*tensors: torch.Tensor) -> bool:
     """CUDA tensors, Triton present and built here, and no autograd (the kernels have no backward)."""
     return all(OP.usable(t) and not t.requires_grad for t in tensors)
+
+
+def few_rows_usable(x_RD: torch.Tensor, idx_RK: torch.Tensor) -> bool:
+    """A decode-sized batch of 16-bit CUDA rows, no autograd, the kernels built here."""
+    return (0 < idx_RK.numel() <= FEW_ROWS_MAX_PAIRS and FEW_ROWS.usable(x_RD) and OP.usable(x_RD)
+            and not x_RD.requires_grad)
 
 
 if triton is not None:
@@ -69,6 +91,49 @@ if triton is not None:
             tl.store(Out + r * stride_o + col, rounded.to(Out.dtype.element_ty), mask=ok)
 
 
+    @triton.jit
+    def _experts_up(X, Idx, GateUp, Act, D, I, stride_x, stride_ge, stride_gn, stride_a,
+                    K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """One pair's [BLOCK_N] slice of silu(gate) * up, gate | up = its expert's gate_up rows @ x."""
+        p = tl.program_id(0).to(tl.int64)
+        n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        expert = tl.load(Idx + p)
+        n_read = n < tl.where(expert >= 0, I, 0)  # a pair outside the bank reads nothing
+        w = GateUp + tl.maximum(expert, 0) * stride_ge + n[:, None] * stride_gn
+        x = X + (p // K) * stride_x
+        gate = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        up = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        for start in range(0, D, BLOCK_K):
+            col = start + tl.arange(0, BLOCK_K)
+            ok = n_read[:, None] & (col[None, :] < D)
+            xs = tl.load(x + col, mask=col < D, other=0.0).to(tl.float32)[None, :]
+            gate += tl.load(w + col[None, :], mask=ok, other=0.0).to(tl.float32) * xs
+            up += tl.load(w + I * stride_gn + col[None, :], mask=ok, other=0.0).to(tl.float32) * xs
+        dtype = Act.dtype.element_ty
+        g = round_to(tl.sum(gate, 1), dtype)
+        act = round_to(g / (1.0 + tl.exp(-g)), dtype)
+        out = round_to(act * round_to(tl.sum(up, 1), dtype), dtype)
+        tl.store(Act + p * stride_a + n, out.to(dtype), mask=n < I)
+
+    @triton.jit
+    def _experts_down(Act, Idx, Down, Out, D, I, stride_a, stride_de, stride_dn, stride_o,
+                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """One pair's [BLOCK_N] slice of its expert's down rows @ its activation."""
+        p = tl.program_id(0).to(tl.int64)
+        n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        expert = tl.load(Idx + p)
+        n_read = n < tl.where(expert >= 0, D, 0)
+        w = Down + tl.maximum(expert, 0) * stride_de + n[:, None] * stride_dn
+        acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        for start in range(0, I, BLOCK_K):
+            col = start + tl.arange(0, BLOCK_K)
+            ok = n_read[:, None] & (col[None, :] < I)
+            a = tl.load(Act + p * stride_a + col, mask=col < I, other=0.0).to(tl.float32)[None, :]
+            acc += tl.load(w + col[None, :], mask=ok, other=0.0).to(tl.float32) * a
+        dtype = Out.dtype.element_ty
+        tl.store(Out + p * stride_o + n, round_to(tl.sum(acc, 1), dtype).to(dtype), mask=n < D)
+
+
 def _block(width: int) -> int:
     return min(1024, max(16, triton.next_power_of_2(width)))
 
@@ -99,3 +164,25 @@ def weighted_sum(sorted_out_PD, position_P, idx_RK, weights_RK, partial: bool) -
         sorted_out_PD, position_P, idx_RK.contiguous(), weights, out, D, sorted_out_PD.stride(0), out.stride(0),
         K=K, BLOCK=_block(D), PARTIAL=partial))
     return out
+
+
+def experts_few_rows(x_RD, idx_RK, weights_RK, gate_up, down, partial: bool) -> torch.Tensor:
+    """kernels.moe.moe_experts for a decode-sized batch (module docstring): [R, D] in x's dtype, or
+    fp64 (partial); idx -1 where the expert is not in this bank."""
+    (R, K), (I, D) = idx_RK.shape, (down.shape[2], down.shape[1])
+    P = R * K
+    if x_RD.stride(1) != 1 or gate_up.stride(2) != 1 or down.stride(2) != 1:
+        raise ValueError("routed experts for few rows: x and the banks need contiguous rows")
+    experts = idx_RK.reshape(-1).long().contiguous()  # int64: bank offsets pass 2^31 elements
+    act, pair_out = x_RD.new_empty(P, I), x_RD.new_empty(P, D)
+
+    def run():
+        _experts_up[(P, triton.cdiv(I, BLOCK_N))](
+            x_RD, experts, gate_up, act, D, I, x_RD.stride(0), gate_up.stride(0), gate_up.stride(1), act.stride(0),
+            K=K, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)
+        _experts_down[(P, triton.cdiv(D, BLOCK_N))](
+            act, experts, down, pair_out, D, I, act.stride(0), down.stride(0), down.stride(1), pair_out.stride(0),
+            BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)
+
+    FEW_ROWS.launch(run)
+    return weighted_sum(pair_out, torch.arange(P, device=x_RD.device), idx_RK, weights_RK, partial)

@@ -133,6 +133,26 @@ def test_grouped_expert_gemm():
     assert close(fast, ref, TOLERANCE[torch.bfloat16]), error(fast, ref)
 
 
+@pytest.mark.parametrize("rows", [1, 8])
+def test_routed_experts_for_few_rows_at_the_flagships_widths(rows):
+    """Decode-sized batches take kernels.gpu.moe's few-rows kernels (hidden 4096, intermediate 1024,
+    top-10): against the reference, and a row alone gives its bits in the batch."""
+    from kernels.gpu import moe as gpu_moe
+
+    g = torch.Generator().manual_seed(25)
+    N, D, I, K = 32, 4096, 1024, 10
+    x = torch.randn(rows, D, generator=g).bfloat16()
+    idx = torch.stack([torch.randperm(N, generator=g)[:K] for _ in range(rows)])
+    weights = torch.softmax(torch.randn(rows, K, generator=g), -1).bfloat16()
+    gate_up = (torch.randn(N, 2 * I, D, generator=g) / D**0.5).bfloat16()
+    down = (torch.randn(N, D, I, generator=g) / I**0.5).bfloat16()
+    assert gpu_moe.few_rows_usable(*on_cuda(x, idx))
+    fast, ref, fast_args, _ = cuda_and_reference(kernels.moe_experts, x, idx, weights, gate_up, down)
+    assert close(fast, ref, TOLERANCE[torch.bfloat16]), error(fast, ref)
+    x_, idx_, weights_ = (t[-1:] for t in fast_args[:3])
+    assert torch.equal(kernels.moe_experts(x_, idx_, weights_, *fast_args[3:]), fast[-1:])
+
+
 @pytest.mark.parametrize("partial", [False, True])
 def test_routed_experts_triton_passes_at_the_flagships_widths(partial):
     """kernels.gpu.moe's SwiGLU and weighted sum (what the grouped path runs on CUDA) against the

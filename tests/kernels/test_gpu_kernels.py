@@ -19,7 +19,7 @@ from kernels.attention import paged_attention_reference
 from kernels.delta_rule import delta_rule_decode_reference
 from kernels.gpu import attention as gpu_attention
 from kernels.gpu import delta_rule as gpu_delta_rule
-from tests.kernels.test_ops import delta_inputs, paged_inputs
+from tests.kernels.test_ops import close, delta_inputs, paged_inputs
 
 TOLERANCE = {torch.float32: 2e-5, torch.bfloat16: 3e-2}
 
@@ -215,6 +215,52 @@ def test_routed_experts_run_the_triton_passes_on_gpus_and_torch_when_they_do_not
     assert "OutOfResources" in gpu_moe.OP.unavailable and caplog.text.count("unavailable") == 1
 
 
+def few_rows_inputs(R, K, N, D, I, dtype=torch.bfloat16, seed=12):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(R, D, generator=g).to(dtype)
+    idx = torch.randint(-1, N, (R, K), generator=g)  # -1: an expert outside this bank
+    weights = torch.rand(R, K, generator=g).to(dtype)
+    gate_up = (torch.randn(N, 2 * I, D, generator=g) / D**0.5).to(dtype)
+    return x, idx, weights, gate_up, (torch.randn(N, D, I, generator=g) / I**0.5).to(dtype)
+
+
+@pytest.mark.parametrize("partial", [False, True])
+@pytest.mark.parametrize("shape", [(1, 10, 16, 64, 32), (8, 10, 40, 200, 40), (3, 4, 9, 300, 520)])  # R K N D I
+def test_routed_experts_for_few_rows_match_the_reference(interpreter, partial, shape):
+    """The decode-sized path (each pair's MLP as two matrix-vector kernels over its expert's weights,
+    then the weighted sum) against the reference, tiles ragged in both dims; each row's result the
+    same bits alone as in its batch."""
+    from kernels.gpu import moe as gpu_moe
+    from kernels.moe import moe_experts_reference
+
+    x, idx, weights, gate_up, down = few_rows_inputs(*shape)
+    fast = gpu_moe.experts_few_rows(x, idx, weights, gate_up, down, partial)
+    ref = moe_experts_reference(x, idx, weights, gate_up, down, partial)
+    assert fast.dtype == ref.dtype and close(fast, ref, TOLERANCE[torch.bfloat16])
+    alone = gpu_moe.experts_few_rows(x[-1:], idx[-1:], weights[-1:], gate_up, down, partial)
+    assert torch.equal(alone, fast[-1:])
+
+
+def test_decode_sized_batches_take_the_few_rows_kernels_and_larger_ones_the_grouped_gemms(interpreter, monkeypatch):
+    """kernels.moe_experts on GPUs (here fp16 CPU tensors, which no C++ kernel takes, with the kernels
+    allowed on them): up to FEW_ROWS_MAX_PAIRS pairs the few-rows kernels, past it the grouped path;
+    both within tolerance of the reference."""
+    import kernels
+    from kernels.gpu import moe as gpu_moe
+    from kernels.moe import moe_experts_reference
+
+    monkeypatch.setattr(gpu_moe.FEW_ROWS, "usable", lambda t: True)
+    monkeypatch.setattr(gpu_moe.OP, "usable", lambda t: True)
+    few_rows = []
+    real_launch = gpu_moe.FEW_ROWS.launch
+    monkeypatch.setattr(gpu_moe.FEW_ROWS, "launch", lambda run: few_rows.append(run) or real_launch(run))
+    for rows, expected in ((8, 1), (9, 0)):  # 80 pairs, 90 pairs at top-10
+        few_rows.clear()
+        args = few_rows_inputs(rows, 10, 24, 64, 32, torch.float16)
+        out = kernels.moe_experts(*args)
+        assert len(few_rows) == expected and close(out, moe_experts_reference(*args), TOLERANCE[torch.bfloat16])
+
+
 def test_the_kernels_build_for_hopper_and_ampere(tmp_path):
     """Triton's compiler and its ptxas build each kernel in the configurations the engine launches
     (tests/kernels/triton_build.py: the flagship's heads and a toy's; bf16, fp8 and fp32 caches; decode
@@ -229,8 +275,8 @@ def test_the_kernels_build_for_hopper_and_ampere(tmp_path):
                          cwd=Path(__file__).parents[2], capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-4000:]
     built = [json.loads(line) for line in run.stdout.splitlines()]
-    kernels = ("_attend", "_merge", "_decode_step", "_swiglu", "_weighted_sum")
+    kernels = ("_attend", "_merge", "_decode_step", "_swiglu", "_weighted_sum", "_experts_up", "_experts_down")
     assert {(b["kernel"], b["arch"]) for b in built} == {(k, a) for k in kernels for a in (90, 80)}
-    assert len(built) == 44
+    assert len(built) == 48
     for b in built:
         assert b["shared"] <= SHARED_MEMORY[b["arch"]] and b["spill_bytes"] == 0, b

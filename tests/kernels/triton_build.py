@@ -72,6 +72,9 @@ def configurations(arch: int):
             pointers = {"Sorted": f"*{dtype}", "Position": "*i64", "Idx": "*i64", "Weights": f"*{dtype}",
                         "Out": "*fp64" if partial else f"*{dtype}"}
             yield moe._weighted_sum, pointers, dict(K=10, BLOCK=moe._block(4096), PARTIAL=partial), 4
+    tiles = dict(BLOCK_N=moe.BLOCK_N, BLOCK_K=moe.BLOCK_K)  # the few-rows kernels, bf16
+    yield moe._experts_up, {"X": "*bf16", "Idx": "*i64", "GateUp": "*bf16", "Act": "*bf16"}, dict(K=10, **tiles), 4
+    yield moe._experts_down, {"Act": "*bf16", "Idx": "*i64", "Down": "*bf16", "Out": "*bf16"}, tiles, 4
 
 
 if __name__ == "__main__":
