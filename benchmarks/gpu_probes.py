@@ -105,18 +105,19 @@ def grouped_gemm(cfg: ModelConfig, tokens: int, dtype: torch.dtype, device: str)
     size = torch.finfo(dtype).bits // 8
     least_bytes = (idx.unique().numel() * 3 * D * I + tokens * K * (2 * D + 3 * I)) * size
     whole = flops / seconds_per_call(lambda: moe_experts_grouped(x, idx, weights, gate_up, down), device, 5)
+    torch_passes = {}
     if gpu_moe.usable(hidden):  # the whole op once more with torch's passes (what it ran before them)
         gpu_moe.OP.unavailable = "timing the torch passes"
-        torch_passes = flops / seconds_per_call(lambda: moe_experts_grouped(x, idx, weights, gate_up, down), device, 5)
+        seconds = seconds_per_call(lambda: moe_experts_grouped(x, idx, weights, gate_up, down), device, 5)
         gpu_moe.OP.unavailable = None
-        stage_ms["routed_experts_torch_passes_tflops"] = torch_passes / 1e12
+        torch_passes["routed_experts_torch_passes_tflops"] = flops / seconds / 1e12
     grouped = flops / seconds_per_call(gemms, device, 5)
     return {"routed_experts_tflops": whole / 1e12, "grouped_gemm_tflops": grouped / 1e12,
             "grouped_gemm_flop_per_byte": flops / least_bytes,
             "padded_bmm_tflops": flops / seconds_per_call(padded, device, 5) / 1e12,
             "padded_bmm_rows_per_expert": x_padded.shape[1], "mean_rows_per_expert": tokens * K / N,
             "routed_experts_ms": flops / whole * 1e3,
-            "grouped_gemms_ms": flops / grouped * 1e3, **stage_ms}
+            "grouped_gemms_ms": flops / grouped * 1e3, **stage_ms, **torch_passes}
 
 
 def routed_experts_few_rows(cfg: ModelConfig, device: str, smoke: bool = False) -> dict:

@@ -22,6 +22,9 @@ from kernels.gpu import delta_rule as gpu_delta_rule
 from tests.kernels.test_ops import close, delta_inputs, paged_inputs
 
 TOLERANCE = {torch.float32: 2e-5, torch.bfloat16: 3e-2}
+# grouped_mm leaves the rows of pairs outside the bank unwritten; SwiGLU of their garbage overflows
+# in the interpreter's numpy (the sum never reads them)
+OVERFLOW_IN_UNWRITTEN_ROWS = pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
 
 
 @pytest.fixture(scope="module")
@@ -181,6 +184,7 @@ def test_routed_experts_swiglu_in_one_pass(interpreter, dtype):
     assert ((fast.float() - ref.float()).abs() <= 1e-6 * ref.float().abs()).all()
 
 
+@OVERFLOW_IN_UNWRITTEN_ROWS
 def test_routed_experts_run_the_triton_passes_on_gpus_and_torch_when_they_do_not_build(interpreter, monkeypatch,
                                                                                         caplog):
     """kernels.moe_experts' grouped path with the Triton passes swapped in (on CUDA tensors only; here
@@ -241,6 +245,7 @@ def test_routed_experts_for_few_rows_match_the_reference(interpreter, partial, s
     assert torch.equal(alone, fast[-1:])
 
 
+@OVERFLOW_IN_UNWRITTEN_ROWS
 def test_decode_sized_batches_take_the_few_rows_kernels_and_larger_ones_the_grouped_gemms(interpreter, monkeypatch):
     """kernels.moe_experts on GPUs (here fp16 CPU tensors, which no C++ kernel takes, with the kernels
     allowed on them): up to FEW_ROWS_MAX_PAIRS pairs the few-rows kernels, past it the grouped path;
