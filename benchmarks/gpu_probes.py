@@ -151,6 +151,7 @@ def routed_experts_few_rows(cfg: ModelConfig, device: str, smoke: bool = False) 
             found[f"routed_few_rows_max_abs_diff_{rows}"] = diff.abs().max().item()
     return found
 
+
 def dense_tflops(device: str, n: int = 8192) -> float:
     """bf16 TFLOP/s of one n x n x n matmul on random data: the card's attainable matrix rate."""
     a, b = (torch.randn(n, n, device=device, dtype=torch.bfloat16) for _ in range(2))

@@ -90,7 +90,6 @@ if triton is not None:
             rounded = round_to(total.to(tl.float32), Out.dtype.element_ty)
             tl.store(Out + r * stride_o + col, rounded.to(Out.dtype.element_ty), mask=ok)
 
-
     @triton.jit
     def _experts_up(X, Idx, GateUp, Act, D, I, stride_x, stride_ge, stride_gn, stride_a,
                     K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
