@@ -27,7 +27,7 @@ builds them), through the real engine (scheduler, runner, kernels, sampler):
      alone (sort, gather, SwiGLU, weighted sum: ms; the last two as torch's passes and as Triton's),
      where its time besides the GEMMs goes, and the whole op with torch's passes (TFLOP/s);
   5. a probe of Qwen's block-scaled FP8 GEMM on the card's FP8 units (torch._scaled_mm): error and
-     TFLOP/s beside bf16 (the engine itself dequantises FP8 checkpoints as it loads them);
+     TFLOP/s beside bf16 (the engine keeps FP8 experts as stored but computes in bf16: 14);
   6. the split of a batch-1 decode step's wall time (scheduled step by step): layout, forward, LM
      head and sampling, the rest;
   7. with --profile, the heaviest ops of eager decode steps (torch.profiler) and kernels per step;
@@ -39,10 +39,13 @@ builds them), through the real engine (scheduler, runner, kernels, sampler):
      the batched torch version it replaced, on decode batches with long contexts and a prefill step;
  11. the DeltaNet decode step at batch 64 with the flagship's heads: the Triton kernel (states in place,
      kernels.gpu.delta_rule) against FLA's with the slots gathered and scattered, and batched torch;
- 12. batch-1 decode through the engine after a 16-token and after a 32k-token prompt (its ratio).
+ 12. batch-1 decode through the engine after a 16-token and after a 32k-token prompt (its ratio);
  13. the routed experts at decode batches (1-64 rows, 512 experts top-10): the few-rows kernels
      (kernels.gpu.moe, what the engine runs up to 8 rows) against the sorted grouped-GEMM path: us a
-     call and the experts' weight bytes over it.
+     call and the experts' weight bytes over it;
+ 14. the routed experts of an FP8 checkpoint kept FP8 (few-rows kernels over the stored weights up
+     to 8 rows, the bank dequantised past them) against the bank dequantised to bf16 at load: us a
+     call at 1-512 rows, the dequantisation alone, and whether both give the same bits.
 Each part records its figures as it goes; a part that fails is reported and the next one runs.
 The CUDA kernel tests: `python -m pytest tests/kernels/test_cuda.py` (skipped without a GPU).
 Prints a table and, with --json, writes the figures.
@@ -61,7 +64,7 @@ from pathlib import Path
 
 import torch
 from gpu_probes import (card_spec, copy_bandwidth, delta_rule_decode, dense_tflops, fp8_block_gemm, grouped_gemm,
-                        paged_attention, routed_experts_few_rows, sync)
+                        paged_attention, routed_experts_few_rows, routed_experts_fp8, sync)
 
 from gpu_slice import RandomWeightsExecutor, slice_dir
 
@@ -428,6 +431,7 @@ def main() -> None:
         section("delta_rule_decode", lambda found: found.update(delta_rule_decode(device, args.smoke)))
         section("routed_experts_few_rows",
                 lambda found: found.update(routed_experts_few_rows(cfg, device, args.smoke)))
+    section("routed_experts_fp8", lambda found: found.update(routed_experts_fp8(cfg, device, args.smoke)))
     section("long_context", long_context)
     figures["seconds"] = time.perf_counter() - started
 

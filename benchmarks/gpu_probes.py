@@ -152,6 +152,42 @@ def routed_experts_few_rows(cfg: ModelConfig, device: str, smoke: bool = False) 
     return found
 
 
+def routed_experts_fp8(cfg: ModelConfig, device: str, smoke: bool = False) -> dict:
+    """One layer's routed experts (the flagship's 512, top-10) held FP8 as Qwen stores them (128 x
+    128 block scales, random) against the same bank dequantised to bf16 at load, through
+    kernels.moe.moe_experts as a worker runs them: few-rows kernels over the FP8 weights up to 8
+    rows, the bank dequantised each call past them. us a call both ways, the dequantisation alone,
+    and whether the outputs are the same bits (they should be)."""
+    from kernels.moe import Fp8Scales, dequantize_bank, moe_experts
+
+    N, D, I, K = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts_per_tok
+    block = (128, 128)
+
+    def fp8_matrix(rows: int, cols: int) -> tuple[torch.Tensor, torch.Tensor]:
+        weight = torch.randn(N, rows, cols, dtype=torch.bfloat16, device=device).to(torch.float8_e4m3fn)
+        scale = torch.rand(N, -(-rows // block[0]), -(-cols // block[1]), device=device) / (100 * math.sqrt(cols))
+        return weight, scale
+
+    (gate_up, gate_up_scale), (down, down_scale) = fp8_matrix(2 * I, D), fp8_matrix(D, I)
+    scales = Fp8Scales(gate_up_scale, down_scale, block)
+    gate_up_bf16 = dequantize_bank(gate_up, gate_up_scale, block, torch.bfloat16)
+    down_bf16 = dequantize_bank(down, down_scale, block, torch.bfloat16)
+    found = {"routed_fp8_dequantize_bank_us": seconds_per_call(
+        lambda: (dequantize_bank(gate_up, gate_up_scale, block, torch.bfloat16),
+                 dequantize_bank(down, down_scale, block, torch.bfloat16)), device, 5) * 1e6}
+    for rows in (1, 16) if smoke else (1, 8, 64, 512):
+        x = torch.randn(rows, D, dtype=torch.bfloat16, device=device)
+        idx = torch.rand(rows, N, device=device).topk(K, dim=-1).indices
+        weights = torch.softmax(torch.randn(rows, K, device=device), -1).to(torch.bfloat16)
+        fp8 = moe_experts(x, idx, weights, gate_up, down, False, scales)
+        bf16 = moe_experts(x, idx, weights, gate_up_bf16, down_bf16)
+        found[f"routed_fp8_same_bits_{rows}"] = bool(torch.equal(fp8, bf16))
+        for name, run in {"fp8": lambda: moe_experts(x, idx, weights, gate_up, down, False, scales),
+                          "bf16": lambda: moe_experts(x, idx, weights, gate_up_bf16, down_bf16)}.items():
+            found[f"routed_{name}_bank_us_{rows}"] = seconds_per_call(run, device, 3 if smoke else 20) * 1e6
+    return found
+
+
 def dense_tflops(device: str, n: int = 8192) -> float:
     """bf16 TFLOP/s of one n x n x n matmul on random data: the card's attainable matrix rate."""
     a, b = (torch.randn(n, n, device=device, dtype=torch.bfloat16) for _ in range(2))
@@ -159,10 +195,10 @@ def dense_tflops(device: str, n: int = 8192) -> float:
 
 
 def fp8_block_gemm(device: str, tokens: int = 4096, out: int = 4096, inp: int = 4096) -> dict:
-    """Qwen's FP8 format on the GPU's FP8 units, a probe (the engine dequantises FP8 checkpoints to
-    the compute dtype as it loads them): weights in 128 x 128 blocks (cluster.model.quantization),
-    activations quantised per token in groups of 128, one torch._scaled_mm with block-wise scales
-    (cuBLAS, sm90, CUDA >= 12.9). Error against the dequantised weights in fp32, and TFLOP/s beside
+    """Qwen's FP8 format on the GPU's FP8 units, a probe (the engine computes in the 16-bit dtype:
+    FP8 experts are dequantised in registers or per layer, the dense weights at load): weights in
+    128 x 128 blocks (cluster.model.quantization), activations quantised per token in groups of
+    128, one torch._scaled_mm with block-wise scales (cuBLAS, sm90, CUDA >= 12.9). Error against the dequantised weights in fp32, and TFLOP/s beside
     a bf16 matmul of the same shape."""
     from cluster.model.quantization import FP8, FP8_MAX, dequantize, quantize
 

@@ -369,6 +369,7 @@ def cmd_plan(args) -> int:
     from cluster.config import ClusterConfig, ModelConfig, resolve_dtype
     from cluster.engine.cache_plan import CacheConfig, plan_cache
     from cluster.engine.memory_plan import FLAGSHIP, GIB, plan_instance
+    from cluster.model.quantization import read_quantization
 
     cfg = ModelConfig.from_dict(FLAGSHIP) if args.model is None else ModelConfig.from_pretrained(args.model)
     if args.dtype == "auto":  # the flagship is released in bfloat16 (and FP8 of it)
@@ -378,9 +379,13 @@ def cmd_plan(args) -> int:
     layout = plan_cache(cfg, cache, args.max_num_seqs, dtype_bytes)
     cluster = ClusterConfig(expert_workers=args.expert_workers, attention_workers=args.attention_workers,
                             use_ray=True)
-    plan = plan_instance(cfg, layout, dtype_bytes, cluster, args.max_num_batched_tokens)
-    print(f"{args.model or 'Qwen3.5-397B-A17B (flagship shape)'}, {args.dtype}: {args.attention_workers} attention + "
-          f"{args.expert_workers} expert workers; {args.max_num_seqs} sequences, {layout.num_blocks} KV blocks "
+    # planned for GPUs: an FP8 checkpoint's experts stay FP8 there with a 16-bit dtype
+    quantization = read_quantization(args.model) if args.model is not None else None
+    fp8_block = (quantization.block if quantization else (128, 128) if args.fp8 else None) if dtype_bytes == 2 else None
+    plan = plan_instance(cfg, layout, dtype_bytes, cluster, args.max_num_batched_tokens, fp8_block)
+    experts = f", experts FP8 ({fp8_block[0]}x{fp8_block[1]} blocks)" if fp8_block else ""
+    print(f"{args.model or 'Qwen3.5-397B-A17B (flagship shape)'}, {args.dtype}{experts}: "
+          f"{args.attention_workers} attention + {args.expert_workers} expert workers; {args.max_num_seqs} sequences, {layout.num_blocks} KV blocks "
           f"of {layout.block_size} tokens per attention worker")
     print(plan.describe())
     try:
@@ -413,6 +418,9 @@ def main(argv: list[str] | None = None) -> int:
     plan_p.add_argument("--model", type=Path, default=None, help="checkpoint dir (default: the 397B flagship shape)")
     plan_p.add_argument("--dtype", choices=DTYPES, default="auto",
                         help="auto: the checkpoint's own; bfloat16 for the flagship shape")
+    plan_p.add_argument("--fp8", action="store_true",
+                        help="the flagship's FP8 release (128x128 blocks): experts stay FP8 on GPUs (a checkpoint "
+                             "given with --model says so itself)")
     plan_p.add_argument("--expert-workers", type=int, default=8)
     plan_p.add_argument("--attention-workers", type=int, default=2)
     plan_p.add_argument("--max-num-seqs", type=int, default=32)

@@ -13,27 +13,48 @@ from dataclasses import dataclass
 import torch
 
 from kernels import moe_experts
+from kernels.moe import Fp8Scales
 
 
 @dataclass
 class ExpertBank:
-    """One layer's held experts: gate_up [N, 2I, D], down [N, D, I]."""
+    """One layer's held experts: gate_up [N, 2I, D], down [N, D, I], in the compute dtype, or FP8
+    as the checkpoint stores them with their block scales (GPUs: kernels.moe.fp8_banks_supported)."""
 
     expert_ids: tuple[int, ...]
     gate_up: torch.Tensor
     down: torch.Tensor
+    scales: Fp8Scales | None = None
 
     def __post_init__(self) -> None:
         n = len(self.expert_ids)
-        if self.gate_up.shape[0] != n or self.down.shape[0] != n:
-            raise ValueError(
-                f"bank holds {n} experts but gate_up has {self.gate_up.shape[0]} and down "
-                f"{self.down.shape[0]}"
-            )
+        held = [t.shape[0] for t in (self.gate_up, self.down)]
+        if self.scales is not None:
+            held += [t.shape[0] for t in (self.scales.gate_up, self.scales.down)]
+        if any(h != n for h in held):
+            raise ValueError(f"bank holds {n} experts but its tensors hold {held}")
 
     @property
     def nbytes(self) -> int:
-        return self.gate_up.nbytes + self.down.nbytes
+        return self.gate_up.nbytes + self.down.nbytes + (self.scales.nbytes if self.scales is not None else 0)
+
+    def experts(self, positions: list[int]) -> ExpertBank:
+        """The bank of the experts at these positions (a copy)."""
+        scales = self.scales
+        if scales is not None:
+            scales = Fp8Scales(scales.gate_up[positions], scales.down[positions], scales.block)
+        return ExpertBank(tuple(self.expert_ids[i] for i in positions), self.gate_up[positions],
+                          self.down[positions], scales)
+
+    @staticmethod
+    def joined(banks: list[ExpertBank]) -> ExpertBank:
+        """One bank of the experts of several, in order (all FP8 or none)."""
+        scales = None
+        if banks[0].scales is not None:
+            scales = Fp8Scales(torch.cat([b.scales.gate_up for b in banks]), torch.cat([b.scales.down for b in banks]),
+                               banks[0].scales.block)
+        return ExpertBank(tuple(e for b in banks for e in b.expert_ids), torch.cat([b.gate_up for b in banks]),
+                          torch.cat([b.down for b in banks]), scales)
 
 
 class ExpertShard:
@@ -57,4 +78,5 @@ class ExpertShard:
         if batch.hidden.shape[0] == 0:
             return batch.hidden.double() if partial else batch.hidden
         bank = self.banks[layer]
-        return moe_experts(batch.hidden, batch.expert_idx, batch.weights, bank.gate_up, bank.down, partial)
+        return moe_experts(batch.hidden, batch.expert_idx, batch.weights, bank.gate_up, bank.down, partial,
+                           bank.scales)

@@ -7,6 +7,8 @@ I expert intermediate. A bank stores gate_up [N, 2I, D] (gate rows first, then u
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -14,6 +16,53 @@ from .backend import batched, glue, native
 from .gpu import moe as gpu_moe
 from .gpu.triton_guard import KernelUnavailable
 from .linear import linear
+
+
+@dataclass(frozen=True)
+class Fp8Scales:
+    """The block scales of an FP8 (e4m3) expert bank kept as stored: gate_up [N, ceil(2I/b0),
+    ceil(D/b1)] and down [N, ceil(D/b0), ceil(I/b1)] (Qwen's weight_scale_inv), fp32, contiguous;
+    a weight is its fp8 value times its [b0, b1] block's scale."""
+
+    gate_up: torch.Tensor
+    down: torch.Tensor
+    block: tuple[int, int]
+
+    @property
+    def nbytes(self) -> int:
+        return self.gate_up.nbytes + self.down.nbytes
+
+    def to(self, device: torch.device | str) -> Fp8Scales:
+        return Fp8Scales(self.gate_up.to(device), self.down.to(device), self.block)
+
+
+def dequantize_blocks(weight: torch.Tensor, scale: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+    """weight [..., out, in] (fp8) * scale [..., ceil(out/b0), ceil(in/b1)] -> fp32 [..., out, in]."""
+    out, inp = weight.shape[-2:]
+    expanded = scale.float().repeat_interleave(block[0], -2)[..., :out, :].repeat_interleave(block[1], -1)[..., :inp]
+    return weight.float() * expanded
+
+
+def fp8_banks_supported(device: torch.device | str, dtype: torch.dtype) -> bool:
+    """Whether expert banks on this device may stay FP8 as stored: a GPU that has e4m3 (sm_89+:
+    Ada, Hopper and later) with Triton (the few-rows kernels read them, larger batches dequantise
+    them on the fly) and a 16-bit compute dtype; else FP8 checkpoints are dequantised as they load.
+    Asked where no GPU is (an engine planning Ray workers' memory), it answers for such a GPU."""
+    device = torch.device(device)
+    if device.type != "cuda" or gpu_moe.triton is None or dtype not in (torch.bfloat16, torch.float16):
+        return False
+    return not torch.cuda.is_available() or torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+def dequantize_bank(weight: torch.Tensor, scale: torch.Tensor, block: tuple[int, int],
+                    dtype: torch.dtype) -> torch.Tensor:
+    """An FP8 bank [N, R, C] in dtype: one Triton pass on GPUs, else dequantize_blocks' rounding."""
+    if gpu_moe.OP.usable_for(weight.device, dtype):
+        try:
+            return gpu_moe.dequantize(weight, scale, block, dtype)
+        except KernelUnavailable:
+            pass
+    return dequantize_blocks(weight, scale, block).to(dtype)
 
 
 @glue
@@ -117,11 +166,23 @@ def _grouped_mm_fits(x_RD, down) -> bool:
             and x_RD.shape[0] > 0 and x_RD.shape[1] % step == 0 and down.shape[-1] % step == 0)
 
 
-def moe_experts(x_RD, idx_RK, weights_RK, gate_up, down, partial: bool = False) -> torch.Tensor:
+def moe_experts(x_RD, idx_RK, weights_RK, gate_up, down, partial: bool = False,
+                scales: Fp8Scales | None = None) -> torch.Tensor:
     """out[r] = sum over k of weights[r, k] * SwiGLU of expert idx[r, k] on x[r], the sum taken in
     fp64 (exact for a row's few terms, so any split of its experts over workers adds up to the same
     bits) and rounded once; partial=True returns the fp64 sums (an expert worker's part). idx are
-    positions in the bank, -1 where the expert is not in this bank (contributes nothing)."""
+    positions in the bank, -1 where the expert is not in this bank (contributes nothing). scales:
+    the bank is FP8 as stored (GPUs): the same bits as the bank dequantised to x's dtype."""
+    if scales is not None:
+        # decode-sized batches: the few-rows kernels read the FP8 weights as stored; larger ones
+        # dequantise the whole bank (static shapes: no sync, CUDA graphs capture it) for the GEMMs
+        if batched(x_RD) and gpu_moe.few_rows_usable(x_RD, idx_RK):
+            try:
+                return gpu_moe.experts_few_rows(x_RD, idx_RK, weights_RK, gate_up, down, partial, scales)
+            except KernelUnavailable:
+                pass
+        gate_up = dequantize_bank(gate_up, scales.gate_up, scales.block, x_RD.dtype)
+        down = dequantize_bank(down, scales.down, scales.block, x_RD.dtype)
     if native(x_RD):
         return torch.ops.epserve.moe_experts(x_RD, idx_RK, weights_RK, gate_up, down, partial)
     if batched(x_RD) and gpu_moe.few_rows_usable(x_RD, idx_RK):  # GPUs, decode-sized batches

@@ -41,6 +41,35 @@ def make_checkpoint(tmp_path_factory):
     return make
 
 
+@pytest.fixture
+def gpu_kernels_on_cpu(monkeypatch) -> set[str]:
+    """kernels.gpu's Triton kernels run wherever a GPU would run them, here on CPU tensors through
+    Triton's interpreter (the C++ kernels off; the few-rows routed-expert kernels allowed fp32, the
+    parity dtype): returns the set of the ops launched, filled as they launch."""
+    pytest.importorskip("triton")
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("a GPU is here: tests/kernels/test_cuda.py runs the engine through the compiled kernels")
+    from kernels import backend
+    from kernels.gpu import moe as gpu_moe
+    from kernels.gpu.triton_guard import TritonOp
+
+    launched: set[str] = set()
+    launch = TritonOp.launch
+
+    def on_any_device(op: TritonOp, device: torch.device, dtype: torch.dtype) -> bool:
+        return op.unavailable is None and dtype in op.dtypes
+
+    def recorded(op: TritonOp, run, *args):
+        launched.add(op.name)
+        return launch(op, run, *args)
+
+    monkeypatch.setattr(backend, "_cpu_kernels", False)
+    monkeypatch.setattr(TritonOp, "usable_for", on_any_device)
+    monkeypatch.setattr(TritonOp, "launch", recorded)
+    monkeypatch.setattr(gpu_moe.FEW_ROWS, "dtypes", (torch.float32,))
+    return launched
+
+
 @pytest.fixture(scope="session")
 def trained_checkpoint(tmp_path_factory) -> Path:
     """`epserve make-tiny --train` for 6 seconds on epserve's own source (16 experts, hidden 64)."""

@@ -20,11 +20,13 @@ from typing import Callable
 import numpy as np
 import torch
 
+from kernels.moe import fp8_banks_supported
 from vision import PreparedImage
 
 from .cache_plan import CacheConfig, plan_cache
 from ..config import ClusterConfig, ConfigError, ModelConfig, RebalanceConfig, SpeculativeConfig, resolve_dtype
 from ..model.checkpoint import with_mtp
+from ..model.quantization import read_quantization
 from ..worker import decode_graphs
 from .executors.local import LocalExecutor
 from .memory_plan import device_capacity, plan_instance
@@ -91,14 +93,17 @@ class EngineCore(PlacementControl):
             self.tokenizer: Tokenizer | None = Tokenizer(self.model_dir, self.config.eos_token_ids)
         except FileNotFoundError:
             self.tokenizer = None
+        # Ray workers check the plan on GPUs only: planned for a GPU's FP8 residency
+        device = "cuda" if self.cluster.wants_ray else self.cluster.resolve_device(torch.cuda.is_available())
+        quantization = read_quantization(self.model_dir)
+        fp8_block = quantization.block if quantization and fp8_banks_supported(device, getattr(torch, dtype)) else None
         self.memory_plan = plan_instance(self.config, self.layout, dtype_bytes, self.cluster,
-                                         self.scheduler_config.max_num_batched_tokens)
+                                         self.scheduler_config.max_num_batched_tokens, fp8_block)
         log.info("memory plan per worker:\n%s", self.memory_plan.describe())
         if self.cluster.wants_ray:
             self.executor = RayExecutor(self.config, self.model_dir, dtype, self.cluster, self.layout,
                                         self.rebalance_config.window_steps, self.memory_plan)
         else:
-            device = self.cluster.resolve_device(torch.cuda.is_available())
             self.memory_plan.check(device, device_capacity(device))  # before a byte is read
             self.executor = LocalExecutor(self.config, self.model_dir, getattr(torch, dtype), self.layout,
                                           self.rebalance_config.window_steps, device,

@@ -4,7 +4,9 @@ Per attention worker: the dense weights (exact: the model built on the meta devi
 KV blocks and DeltaNet state slots (cache_plan), their second rows when failed steps are replayed
 (the states are double-buffered: a failed step leaves the current rows as they were), and the
 exchange buffers of one step. Per expert worker: its share of every MoE layer's experts (the
-busiest worker under the placement) and its exchange buffers. Activations of a step are not
+busiest worker under the placement) and its exchange buffers; experts an FP8 checkpoint keeps as
+stored (GPUs: kernels.moe.fp8_banks_supported) take a byte a weight plus their block scales, and a
+workspace for one layer's bank dequantised (batches past the few-rows kernels). Activations of a step are not
 planned (small next to these at serving batch sizes); `headroom` covers them and the allocator.
 A plan that does not fit the device is refused with the numbers.
 """
@@ -32,10 +34,11 @@ class WorkerMemory:
     state_slots: int = 0
     undo_rows: int = 0
     exchange: int = 0
+    workspace: int = 0  # one layer's FP8 bank dequantised to the compute dtype
 
     @property
     def total(self) -> int:
-        return self.weights + self.kv_cache + self.state_slots + self.undo_rows + self.exchange
+        return self.weights + self.kv_cache + self.state_slots + self.undo_rows + self.exchange + self.workspace
 
 
 @dataclass(frozen=True)
@@ -48,10 +51,11 @@ class MemoryPlan:
         return [self.attention] + ([self.expert] if self.expert is not None else [])
 
     def describe(self) -> str:
-        rows = ["worker     weights   KV cache  DeltaNet  undo rows  exchange     total  (GiB)"]
+        rows = ["worker     weights   KV cache  DeltaNet  undo rows  exchange  workspace     total  (GiB)"]
         for w in self.workers():
             rows.append(f"{w.role:<9}" + "".join(f"{b / GIB:>10.2f}" for b in (
-                w.weights, w.kv_cache, w.state_slots, w.undo_rows, w.exchange, w.total)))
+                w.weights, w.kv_cache, w.state_slots, w.undo_rows, w.exchange)) + f"{w.workspace / GIB:>11.2f}"
+                + f"{w.total / GIB:>10.2f}")
         return "\n".join(rows)
 
     def check(self, device: str, capacity: int, role: str | None = None) -> None:
@@ -64,7 +68,7 @@ class MemoryPlan:
                     f"the {w.role} worker needs {w.total / GIB:.2f} GiB on {device} but it has "
                     f"{capacity / GIB:.2f} GiB ({usable / GIB:.2f} GiB after {self.headroom:.0%} headroom):\n"
                     f"{self.describe()}\nuse more expert workers, a smaller cache budget, or a "
-                    f"smaller dtype (an FP8 checkpoint is dequantised to the compute dtype)")
+                    f"smaller dtype (an FP8 checkpoint's experts stay FP8 on GPUs with a 16-bit dtype)")
 
 
 def dense_parameters(cfg: ModelConfig) -> int:
@@ -81,33 +85,46 @@ def expert_parameters(cfg: ModelConfig) -> int:
     return 3 * cfg.hidden_size * cfg.moe_intermediate_size
 
 
+def expert_bytes(cfg: ModelConfig, dtype_bytes: int, fp8_block: tuple[int, int] | None = None) -> int:
+    """One routed expert's bytes as held: in the compute dtype, or (fp8_block) FP8 as stored, a
+    byte a weight plus fp32 scales of gate_up [ceil(2I/b0), ceil(D/b1)] and down [ceil(D/b0), ceil(I/b1)]."""
+    if fp8_block is None:
+        return expert_parameters(cfg) * dtype_bytes
+    (D, I), (b0, b1) = (cfg.hidden_size, cfg.moe_intermediate_size), fp8_block
+    scales = math.ceil(2 * I / b0) * math.ceil(D / b1) + math.ceil(D / b0) * math.ceil(I / b1)
+    return expert_parameters(cfg) + 4 * scales
+
+
 def plan_memory(cfg: ModelConfig, layout: CacheLayout, dtype_bytes: int, *, max_batched_tokens: int,
                 experts_per_worker: int | None = None, attention_workers: int = 1, expert_workers: int = 1,
-                replay_failed_steps: bool = True) -> MemoryPlan:
+                replay_failed_steps: bool = True, fp8_block: tuple[int, int] | None = None) -> MemoryPlan:
     """experts_per_worker: experts the busiest expert worker holds per MoE layer; None: one
-    process holds all of them (no expert workers, no exchange)."""
+    process holds all of them (no expert workers, no exchange). fp8_block: the experts stay FP8
+    as stored, in blocks of this shape."""
     moe_layers = len(cfg.moe_layer_ids)
     dense = dense_parameters(cfg) * dtype_bytes
     kv = layout.num_blocks * layout.block_bytes
     states = layout.num_slots * layout.slot_bytes
     undo = layout.num_slots * layout.slot_bytes if replay_failed_steps and experts_per_worker is not None else 0
+    held = cfg.num_experts if experts_per_worker is None else experts_per_worker
+    experts = held * moe_layers * expert_bytes(cfg, dtype_bytes, fp8_block)
+    workspace = held * expert_parameters(cfg) * dtype_bytes if fp8_block is not None else 0
     if experts_per_worker is None:
-        experts = cfg.num_experts * moe_layers * expert_parameters(cfg) * dtype_bytes
-        return MemoryPlan(WorkerMemory("attention", dense + experts, kv, states), None)
+        return MemoryPlan(WorkerMemory("attention", dense + experts, kv, states, workspace=workspace), None)
     # one step's exchange per MoE layer (buffers reused across layers): rows and (bank, weight)
     # pairs out to every expert worker, fp64 partial sums back
     T, D, K = max_batched_tokens, cfg.hidden_size, cfg.num_experts_per_tok
     out_bytes = T * (D * dtype_bytes + K * 8)
     attention_exchange = expert_workers * (out_bytes + T * D * 8)
     expert_exchange = attention_workers * (out_bytes + T * D * 8)
-    expert_weights = experts_per_worker * moe_layers * expert_parameters(cfg) * dtype_bytes
     return MemoryPlan(WorkerMemory("attention", dense, kv, states, undo, attention_exchange),
-                      WorkerMemory("expert", expert_weights, exchange=expert_exchange))
+                      WorkerMemory("expert", experts, exchange=expert_exchange, workspace=workspace))
 
 
 def plan_instance(cfg: ModelConfig, layout: CacheLayout, dtype_bytes: int, cluster: ClusterConfig,
-                  max_batched_tokens: int) -> MemoryPlan:
-    """The plan of one model instance laid out as `cluster` says (its placement, or contiguous)."""
+                  max_batched_tokens: int, fp8_block: tuple[int, int] | None = None) -> MemoryPlan:
+    """The plan of one model instance laid out as `cluster` says (its placement, or contiguous);
+    fp8_block: its experts stay FP8 as stored."""
     experts_per_worker = None
     if cluster.wants_ray:
         placement = cluster.placement or ExpertPlacement.contiguous(
@@ -115,7 +132,8 @@ def plan_instance(cfg: ModelConfig, layout: CacheLayout, dtype_bytes: int, clust
         experts_per_worker = max(len(ids) for held in placement.held.values() for ids in held)
     return plan_memory(cfg, layout, dtype_bytes, max_batched_tokens=max_batched_tokens,
                        experts_per_worker=experts_per_worker, attention_workers=cluster.attention_workers,
-                       expert_workers=cluster.expert_workers, replay_failed_steps=cluster.replay_failed_steps)
+                       expert_workers=cluster.expert_workers, replay_failed_steps=cluster.replay_failed_steps,
+                       fp8_block=fp8_block)
 
 
 def device_capacity(device: str) -> int:

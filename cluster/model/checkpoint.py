@@ -18,6 +18,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from kernels.moe import Fp8Scales
+
 from ..config import ConfigError, ModelConfig
 from .quantization import FP8, SCALE_SUFFIX, dequantize, read_quantization
 
@@ -90,12 +92,16 @@ class CheckpointReader:
         return list(self._open(file).get_slice(stored).get_shape())
 
     def read(self, name: str, expected_shape: tuple[int, ...] | None = None) -> torch.Tensor:
+        return self._dequantized(name, self._read_stored(name, expected_shape), None)
+
+    def _read_stored(self, name: str, expected_shape: tuple[int, ...] | None = None) -> torch.Tensor:
+        """The tensor as stored (FP8 not dequantised)."""
         stored, file = self._locate(name)
         if expected_shape is not None:
             self._check_shape(name, expected_shape)
         tensor = self._open(file).get_tensor(stored)
         self.bytes_read += tensor.nbytes
-        return self._dequantized(name, tensor, None)
+        return tensor
 
     def _dequantized(self, name: str, tensor: torch.Tensor, rows: list[int] | None) -> torch.Tensor:
         """An FP8 weight times its block scales (of the same rows of the first dimension), fp32."""
@@ -114,6 +120,9 @@ class CheckpointReader:
     def read_rows(self, name: str, rows: list[int]) -> torch.Tensor:
         """Rows of the first dimension only: other rows' bytes are never read (one slice per run
         of consecutive rows)."""
+        return self._dequantized(name, self._read_stored_rows(name, rows), rows)
+
+    def _read_stored_rows(self, name: str, rows: list[int]) -> torch.Tensor:
         stored, file = self._locate(name)
         view = self._open(file).get_slice(stored)
         parts, start = [], 0
@@ -125,7 +134,7 @@ class CheckpointReader:
             start = end + 1
         tensor = torch.cat(parts) if len(parts) > 1 else parts[0]
         self.bytes_read += tensor.nbytes
-        return self._dequantized(name, tensor, rows)
+        return tensor
 
     def _check_shape(self, name: str, expected: tuple[int, ...]) -> None:
         actual = self.shape(name)
@@ -162,6 +171,50 @@ class CheckpointReader:
             gate_up.append(torch.cat([gate, up], dim=0))
             down.append(self.read(f"{prefix}{e}.down_proj.weight", (hidden, intermediate)))
         return torch.stack(gate_up), torch.stack(down)
+
+
+    def read_experts_fp8(
+        self, layer: int | str, expert_ids: list[int], num_experts: int, hidden: int, intermediate: int
+    ) -> tuple[torch.Tensor, torch.Tensor, Fp8Scales] | None:
+        """The given experts as stored when they are block-wise FP8: gate_up [N, 2I, D] and down
+        [N, D, I] float8_e4m3fn and their block scales (fp32); None when they are not FP8, or when a
+        per-expert checkpoint's gate and up blocks would not stack into gate_up's (I not a multiple
+        of the blocks' rows): read_experts dequantises those."""
+        if self.quantization is None:
+            return None
+        prefix = (layer if isinstance(layer, str) else f"layers.{layer}.") + "mlp.experts."
+        block = self.quantization.block
+        fused = self.has(prefix + "gate_up_proj")
+        if fused:
+            names = [prefix + "gate_up_proj", prefix + "down_proj"]
+        else:
+            names = [f"{prefix}{e}.{m}_proj.weight" for e in expert_ids[:1] for m in ("gate", "up", "down")]
+            if intermediate % block[0]:
+                return None
+        if not all(self.has(n + SCALE_SUFFIX) for n in names):
+            return None  # stored unquantized (modules_to_not_convert)
+        if fused:
+            self._check_shape(names[0], (num_experts, 2 * intermediate, hidden))
+            self._check_shape(names[1], (num_experts, hidden, intermediate))
+            gate_up, down = (self._read_stored_rows(n, expert_ids) for n in names)
+            gate_up_scale, down_scale = (self._read_stored_rows(n + SCALE_SUFFIX, expert_ids) for n in names)
+        else:
+            def stored(e: int, matrix: str, shape: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+                name = f"{prefix}{e}.{matrix}_proj.weight"
+                return self._read_stored(name, shape), self._read_stored(name + SCALE_SUFFIX)
+
+            gate_up, down, gate_up_scale, down_scale = [], [], [], []
+            for e in expert_ids:
+                (gate, gate_s), (up, up_s) = (stored(e, m, (intermediate, hidden)) for m in ("gate", "up"))
+                weight, scale = stored(e, "down", (hidden, intermediate))
+                gate_up.append(torch.cat([gate, up]))
+                gate_up_scale.append(torch.cat([gate_s, up_s]))
+                down.append(weight)
+                down_scale.append(scale)
+            gate_up, down, gate_up_scale, down_scale = map(torch.stack, (gate_up, down, gate_up_scale, down_scale))
+        if gate_up.dtype != FP8 or down.dtype != FP8:
+            return None
+        return gate_up, down, Fp8Scales(gate_up_scale.float().contiguous(), down_scale.float().contiguous(), block)
 
 
 def with_mtp(cfg: ModelConfig, model_dir: str | Path) -> ModelConfig:

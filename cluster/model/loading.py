@@ -6,6 +6,7 @@ import torch
 
 from attention import PartialRotary
 from experts import ExpertBank, ExpertShard
+from kernels.moe import fp8_banks_supported
 
 from vision import VisionTower
 
@@ -42,11 +43,18 @@ def load_expert_shard(
     dtype: torch.dtype,
     device: str | torch.device = "cpu",
 ) -> ExpertShard:
-    """Reads only the listed experts of each layer (layer -> sorted global expert ids) onto `device`."""
+    """Reads only the listed experts of each layer (layer -> sorted global expert ids) onto `device`;
+    an FP8 checkpoint's experts stay FP8 where the device computes with them so (GPUs), else they
+    are dequantised to `dtype`."""
+    keep_fp8 = reader.quantization is not None and fp8_banks_supported(device, dtype)
     banks = {}
     for layer, ids in expert_ids.items():
-        gate_up, down = reader.read_experts(
-            cfg.layer_prefix(layer), ids, cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
-        )
-        banks[layer] = ExpertBank(tuple(ids), gate_up.to(device, dtype), down.to(device, dtype))
+        shape = (ids, cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size)
+        stored = reader.read_experts_fp8(cfg.layer_prefix(layer), *shape) if keep_fp8 else None
+        if stored is not None:
+            gate_up, down, scales = stored
+            banks[layer] = ExpertBank(tuple(ids), gate_up.to(device), down.to(device), scales.to(device))
+        else:
+            gate_up, down = reader.read_experts(cfg.layer_prefix(layer), *shape)
+            banks[layer] = ExpertBank(tuple(ids), gate_up.to(device, dtype), down.to(device, dtype))
     return ExpertShard(cfg.num_experts, banks)

@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from kernels.moe import dequantize_blocks
+
 from ..config import ConfigError
 
 FP8 = torch.float8_e4m3fn
@@ -70,9 +72,7 @@ def dequantize(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, 
     if tuple(scale_inv.shape) != expected:
         raise QuantizationError(f"scale shape {list(scale_inv.shape)} does not match weight {list(weight.shape)} "
                                 f"with {block[0]}x{block[1]} blocks (expected {list(expected)})")
-    scale = scale_inv.float().repeat_interleave(block[0], -2)[..., :out, :]
-    scale = scale.repeat_interleave(block[1], -1)[..., :inp]
-    return weight.float() * scale
+    return dequantize_blocks(weight, scale_inv, block)
 
 
 def quantize(weight: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -258,13 +258,13 @@ class ExpertWorker(_Worker):
             old = self.shard.banks.get(layer)
             have = {e: i for i, e in enumerate(old.expert_ids)} if old is not None else {}
             missing = [e for e in ids if e not in have]
-            fresh = {}
+            sources = [old.experts([have[e] for e in ids if e in have])] if have else []
             if missing:
-                bank = load_expert_shard(self.cfg, reader, {layer: missing}, self.dtype, self.device).banks[layer]
-                fresh = {e: (bank.gate_up[i], bank.down[i]) for i, e in enumerate(missing)}
-            gate_up = [old.gate_up[have[e]] if e in have else fresh[e][0] for e in ids]
-            down = [old.down[have[e]] if e in have else fresh[e][1] for e in ids]
-            banks[layer] = ExpertBank(tuple(ids), torch.stack(gate_up), torch.stack(down))
+                sources.append(load_expert_shard(self.cfg, reader, {layer: missing}, self.dtype,
+                                                 self.device).banks[layer])
+            joined = ExpertBank.joined([b for b in sources if b.expert_ids])
+            where = {e: i for i, e in enumerate(joined.expert_ids)}
+            banks[layer] = joined.experts([where[e] for e in ids])  # in the placement's order
         self._pending = (placement, ExpertShard(self.cfg.num_experts, banks))
         self.bytes_read += reader.bytes_read
         return reader.bytes_read

@@ -14,6 +14,11 @@ small programs rather than by a GEMM's few wide tiles (on an H200 a batch-1 step
 took 2 x ~60 us a layer for ~60 us of bytes). Each pair's output depends on its row and expert
 only, so these results do not change with the batch around them.
 
+FP8 banks (Qwen's block-wise e4m3 checkpoints, kept as stored on GPUs: half the bytes of bf16) are
+read as stored by the few-rows kernels, each weight times its block's scale rounded to the compute
+dtype as it is loaded (the bits of a bank dequantised at load); larger batches dequantise the bank
+(`dequantize`) for the grouped GEMMs.
+
 Same rounding as the torch versions: a GEMM's output rounded to the dtype, silu(gate) rounded, then
 its product with up; each pair's weighted output rounded to the dtype, the K of a row summed in fp64
 (exact for a row's few terms, so the order does not matter and any split of the experts over
@@ -42,6 +47,7 @@ FEW_ROWS = TritonOp("routed experts for few rows", (torch.bfloat16, torch.float1
 # (batch 64 top-10 over 512 experts: 640 pairs hit ~365) and the grouped GEMMs' one read of each wins.
 FEW_ROWS_MAX_PAIRS = 80
 BLOCK_N, BLOCK_K = 8, 256  # a few-rows program's weight tile: 72 / 40 registers a thread on sm_90
+DEQUANTIZE_TILE = (32, 128)  # an FP8 bank's [rows, columns] a program dequantises
 
 
 def usable(*tensors: torch.Tensor) -> bool:
@@ -91,46 +97,73 @@ if triton is not None:
             tl.store(Out + r * stride_o + col, rounded.to(Out.dtype.element_ty), mask=ok)
 
     @triton.jit
-    def _experts_up(X, Idx, GateUp, Act, D, I, stride_x, stride_ge, stride_gn, stride_a,
-                    K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        """One pair's [BLOCK_N] slice of silu(gate) * up, gate | up = its expert's gate_up rows @ x."""
+    def _weights(w_ptrs, scale_ptrs, mask, SCALED: tl.constexpr, dtype: tl.constexpr):
+        """A weight tile in fp32: as stored, or (SCALED) FP8 times its block's scale rounded to the
+        compute dtype, as a bank dequantised at load holds it."""
+        w = tl.load(w_ptrs, mask=mask, other=0.0).to(tl.float32)
+        if SCALED:
+            w = round_to(w * tl.load(scale_ptrs, mask=mask, other=0.0).to(tl.float32), dtype)
+        return w
+
+    @triton.jit
+    def _experts_up(X, Idx, GateUp, Scale, Act, D, I, stride_x, stride_ge, stride_gn, stride_se, stride_sn,
+                    stride_a, K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                    SCALED: tl.constexpr, B0: tl.constexpr, B1: tl.constexpr):
+        """One pair's [BLOCK_N] slice of silu(gate) * up, gate | up = its expert's gate_up rows @ x
+        (SCALED: FP8 rows with [B0, B1] block scales)."""
         p = tl.program_id(0).to(tl.int64)
         n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         expert = tl.load(Idx + p)
         n_read = n < tl.where(expert >= 0, I, 0)  # a pair outside the bank reads nothing
         w = GateUp + tl.maximum(expert, 0) * stride_ge + n[:, None] * stride_gn
+        s = Scale + tl.maximum(expert, 0) * stride_se
+        s_gate, s_up = s + (n // B0)[:, None] * stride_sn, s + ((I + n) // B0)[:, None] * stride_sn
         x = X + (p // K) * stride_x
+        dtype = Act.dtype.element_ty
         gate = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
         up = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
         for start in range(0, D, BLOCK_K):
             col = start + tl.arange(0, BLOCK_K)
             ok = n_read[:, None] & (col[None, :] < D)
             xs = tl.load(x + col, mask=col < D, other=0.0).to(tl.float32)[None, :]
-            gate += tl.load(w + col[None, :], mask=ok, other=0.0).to(tl.float32) * xs
-            up += tl.load(w + I * stride_gn + col[None, :], mask=ok, other=0.0).to(tl.float32) * xs
-        dtype = Act.dtype.element_ty
+            gate += _weights(w + col[None, :], s_gate + (col // B1)[None, :], ok, SCALED, dtype) * xs
+            up += _weights(w + I * stride_gn + col[None, :], s_up + (col // B1)[None, :], ok, SCALED, dtype) * xs
         g = round_to(tl.sum(gate, 1), dtype)
         act = round_to(g / (1.0 + tl.exp(-g)), dtype)
         out = round_to(act * round_to(tl.sum(up, 1), dtype), dtype)
         tl.store(Act + p * stride_a + n, out.to(dtype), mask=n < I)
 
     @triton.jit
-    def _experts_down(Act, Idx, Down, Out, D, I, stride_a, stride_de, stride_dn, stride_o,
-                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    def _experts_down(Act, Idx, Down, Scale, Out, D, I, stride_a, stride_de, stride_dn, stride_se, stride_sn,
+                      stride_o, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                      SCALED: tl.constexpr, B0: tl.constexpr, B1: tl.constexpr):
         """One pair's [BLOCK_N] slice of its expert's down rows @ its activation."""
         p = tl.program_id(0).to(tl.int64)
         n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         expert = tl.load(Idx + p)
         n_read = n < tl.where(expert >= 0, D, 0)
         w = Down + tl.maximum(expert, 0) * stride_de + n[:, None] * stride_dn
+        s = Scale + tl.maximum(expert, 0) * stride_se + (n // B0)[:, None] * stride_sn
+        dtype = Out.dtype.element_ty
         acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
         for start in range(0, I, BLOCK_K):
             col = start + tl.arange(0, BLOCK_K)
             ok = n_read[:, None] & (col[None, :] < I)
             a = tl.load(Act + p * stride_a + col, mask=col < I, other=0.0).to(tl.float32)[None, :]
-            acc += tl.load(w + col[None, :], mask=ok, other=0.0).to(tl.float32) * a
-        dtype = Out.dtype.element_ty
+            acc += _weights(w + col[None, :], s + (col // B1)[None, :], ok, SCALED, dtype) * a
         tl.store(Out + p * stride_o + n, round_to(tl.sum(acc, 1), dtype).to(dtype), mask=n < D)
+
+    @triton.jit
+    def _dequantize(W, Scale, Out, R, C, stride_we, stride_wr, stride_se, stride_sr, stride_oe, stride_or,
+                    B0: tl.constexpr, B1: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+        """One [BLOCK_R, BLOCK_C] tile of one expert's FP8 matrix times its block scales, rounded."""
+        e = tl.program_id(0).to(tl.int64)
+        r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+        c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+        ok = (r < R)[:, None] & (c < C)[None, :]
+        scales = Scale + e * stride_se + (r // B0)[:, None] * stride_sr + (c // B1)[None, :]
+        w = _weights(W + e * stride_we + r[:, None] * stride_wr + c[None, :], scales, ok, True, Out.dtype.element_ty)
+        tl.store(Out + e * stride_oe + r[:, None] * stride_or + c[None, :], w.to(Out.dtype.element_ty), mask=ok)
 
 
 def _block(width: int) -> int:
@@ -165,23 +198,45 @@ def weighted_sum(sorted_out_PD, position_P, idx_RK, weights_RK, partial: bool) -
     return out
 
 
-def experts_few_rows(x_RD, idx_RK, weights_RK, gate_up, down, partial: bool) -> torch.Tensor:
+def experts_few_rows(x_RD, idx_RK, weights_RK, gate_up, down, partial: bool, scales=None) -> torch.Tensor:
     """kernels.moe.moe_experts for a decode-sized batch (module docstring): [R, D] in x's dtype, or
-    fp64 (partial); idx -1 where the expert is not in this bank."""
+    fp64 (partial); idx -1 where the expert is not in this bank; scales: an FP8 bank's
+    (kernels.moe.Fp8Scales), None for a bank in x's dtype."""
     (R, K), (I, D) = idx_RK.shape, (down.shape[2], down.shape[1])
     P = R * K
     if x_RD.stride(1) != 1 or gate_up.stride(2) != 1 or down.stride(2) != 1:
         raise ValueError("routed experts for few rows: x and the banks need contiguous rows")
     experts = idx_RK.reshape(-1).long().contiguous()  # int64: bank offsets pass 2^31 elements
     act, pair_out = x_RD.new_empty(P, I), x_RD.new_empty(P, D)
+    # without scales the kernels take the weights as stand-ins they never read
+    up_scale, down_scale = (scales.gate_up, scales.down) if scales is not None else (gate_up, down)
+    (B0, B1) = scales.block if scales is not None else (1, 1)
+    tiles = dict(BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, SCALED=scales is not None, B0=B0, B1=B1)
 
     def run():
         _experts_up[(P, triton.cdiv(I, BLOCK_N))](
-            x_RD, experts, gate_up, act, D, I, x_RD.stride(0), gate_up.stride(0), gate_up.stride(1), act.stride(0),
-            K=K, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)
+            x_RD, experts, gate_up, up_scale, act, D, I, x_RD.stride(0), gate_up.stride(0), gate_up.stride(1),
+            up_scale.stride(0), up_scale.stride(1), act.stride(0), K=K, **tiles)
         _experts_down[(P, triton.cdiv(D, BLOCK_N))](
-            act, experts, down, pair_out, D, I, act.stride(0), down.stride(0), down.stride(1), pair_out.stride(0),
-            BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)
+            act, experts, down, down_scale, pair_out, D, I, act.stride(0), down.stride(0), down.stride(1),
+            down_scale.stride(0), down_scale.stride(1), pair_out.stride(0), **tiles)
 
     FEW_ROWS.launch(run)
     return weighted_sum(pair_out, torch.arange(P, device=x_RD.device), idx_RK, weights_RK, partial)
+
+
+def dequantize(weight_NRC: torch.Tensor, scale: torch.Tensor, block: tuple[int, int],
+               dtype: torch.dtype) -> torch.Tensor:
+    """An FP8 bank [N, R, C] times its block scales [N, ceil(R/b0), ceil(C/b1)] -> [N, R, C] in dtype,
+    each element rounded once (the bits of kernels.moe.dequantize_blocks(...).to(dtype))."""
+    N, R, C = weight_NRC.shape
+    out = torch.empty(N, R, C, dtype=dtype, device=weight_NRC.device)
+    if out.numel() == 0:
+        return out
+    if weight_NRC.stride(2) != 1 or scale.stride(2) != 1:
+        raise ValueError("FP8 bank dequantisation: the weights and scales need contiguous rows")
+    (BR, BC) = DEQUANTIZE_TILE
+    OP.launch(lambda: _dequantize[(N, triton.cdiv(R, BR), triton.cdiv(C, BC))](
+        weight_NRC, scale, out, R, C, weight_NRC.stride(0), weight_NRC.stride(1), scale.stride(0), scale.stride(1),
+        out.stride(0), out.stride(1), B0=block[0], B1=block[1], BLOCK_R=BR, BLOCK_C=BC))
+    return out

@@ -33,7 +33,10 @@ class TritonOp:
         self.unavailable: str | None = None  # why they did not build here (then never tried again)
 
     def usable(self, t: torch.Tensor) -> bool:
-        return triton is not None and self.unavailable is None and t.is_cuda and t.dtype in self.dtypes
+        return self.usable_for(t.device, t.dtype)
+
+    def usable_for(self, device: torch.device, dtype: torch.dtype) -> bool:
+        return triton is not None and self.unavailable is None and device.type == "cuda" and dtype in self.dtypes
 
     def launch(self, run, *args) -> None:
         """run(*args), the first build failure turned into KernelUnavailable (logged once)."""

@@ -42,7 +42,8 @@ def test_demo_prefers_a_trained_model(tmp_path, monkeypatch):
 
 def test_epserve_plan_of_the_flagship_fits_refuses_and_counts_narrow_kv(capsys):
     """The README's memory plan: 2 attention + 8 expert workers on 141 GiB devices; fp8 K/V doubles
-    the blocks of the same budget; 80 GiB devices cannot hold 8 expert workers' bf16 experts."""
+    the blocks of the same budget; 80 GiB devices cannot hold 8 expert workers' bf16 experts, but
+    can their FP8 ones."""
     from deploy.cli import main
 
     flagship = ["plan", "--expert-workers", "8", "--attention-workers", "2", "--kv-cache-memory-mb", "40000",
@@ -55,3 +56,6 @@ def test_epserve_plan_of_the_flagship_fits_refuses_and_counts_narrow_kv(capsys):
     assert main([*flagship, "--device-gib", "80"]) == 1
     out = capsys.readouterr().out
     assert "does not fit: the expert worker needs 90.63 GiB on a 80 GiB device" in out
+    assert main([*flagship, "--device-gib", "80", "--fp8"]) == 0  # FP8 experts: a byte a weight and scales
+    out = capsys.readouterr().out
+    assert "experts FP8 (128x128 blocks)" in out and "expert        45.01" in out and "fits a 80 GiB" in out

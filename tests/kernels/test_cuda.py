@@ -153,6 +153,29 @@ def test_routed_experts_for_few_rows_at_the_flagships_widths(rows):
     assert torch.equal(kernels.moe_experts(x_, idx_, weights_, *fast_args[3:]), fast[-1:])
 
 
+@pytest.mark.parametrize("rows", [1, 64])
+def test_fp8_banks_at_the_flagships_widths(rows):
+    """An FP8 bank as Qwen stores it (e4m3, 128 x 128 block scales), kept so on this GPU when it has
+    e4m3: the few-rows kernels (1 row) and the bank dequantised by Triton (64 rows) give the bits of
+    the bank dequantised at load by torch."""
+    from cluster.model.quantization import quantize
+    from kernels.moe import Fp8Scales, dequantize_blocks, fp8_banks_supported
+
+    if not fp8_banks_supported("cuda", torch.bfloat16):
+        pytest.skip("this GPU has no e4m3 (sm_89+) or no Triton: FP8 checkpoints are dequantised at load")
+    g = torch.Generator().manual_seed(26)
+    N, D, I, K = 32, 4096, 1024, 10
+    x = torch.randn(rows, D, generator=g).bfloat16().cuda()
+    idx = torch.stack([torch.randperm(N, generator=g)[:K] for _ in range(rows)]).cuda()
+    weights = torch.softmax(torch.randn(rows, K, generator=g), -1).bfloat16().cuda()
+    (gate_up, gate_up_s), (down, down_s) = (quantize(torch.randn(N, r, c, generator=g) / c**0.5, (128, 128))
+                                            for r, c in ((2 * I, D), (D, I)))
+    exact = [dequantize_blocks(w, s, (128, 128)).bfloat16().cuda() for w, s in ((gate_up, gate_up_s), (down, down_s))]
+    scales = Fp8Scales(gate_up_s.cuda(), down_s.cuda(), (128, 128))
+    fp8 = kernels.moe_experts(x, idx, weights, gate_up.cuda(), down.cuda(), False, scales)
+    assert torch.equal(fp8, kernels.moe_experts(x, idx, weights, *exact))
+
+
 @pytest.mark.parametrize("partial", [False, True])
 def test_routed_experts_triton_passes_at_the_flagships_widths(partial):
     """kernels.gpu.moe's SwiGLU and weighted sum (what the grouped path runs on CUDA) against the

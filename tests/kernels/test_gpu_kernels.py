@@ -24,7 +24,7 @@ from tests.kernels.test_ops import close, delta_inputs, paged_inputs
 TOLERANCE = {torch.float32: 2e-5, torch.bfloat16: 3e-2}
 # grouped_mm leaves the rows of pairs outside the bank unwritten; SwiGLU of their garbage overflows
 # in the interpreter's numpy (the sum never reads them)
-OVERFLOW_IN_UNWRITTEN_ROWS = pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
+OVERFLOW_IN_UNWRITTEN_ROWS = pytest.mark.filterwarnings("ignore:(overflow|invalid value) encountered:RuntimeWarning")
 
 
 @pytest.fixture(scope="module")
@@ -266,11 +266,49 @@ def test_decode_sized_batches_take_the_few_rows_kernels_and_larger_ones_the_grou
         assert len(few_rows) == expected and close(out, moe_experts_reference(*args), TOLERANCE[torch.bfloat16])
 
 
+def fp8_bank(gate_up, down, block):
+    """gate_up, down quantized as Qwen's FP8 checkpoints store them, and the bank they encode in the
+    original's dtype."""
+    from cluster.model.quantization import quantize
+    from kernels.moe import Fp8Scales, dequantize_blocks
+
+    (gate_up_q, gate_up_s), (down_q, down_s) = quantize(gate_up.float(), block), quantize(down.float(), block)
+    scales = Fp8Scales(gate_up_s.contiguous(), down_s.contiguous(), block)
+    exact = [dequantize_blocks(q, s, block).to(gate_up.dtype) for q, s in ((gate_up_q, gate_up_s), (down_q, down_s))]
+    return gate_up_q, down_q, scales, *exact
+
+
+@OVERFLOW_IN_UNWRITTEN_ROWS
+@pytest.mark.parametrize("shape_and_block", [((3, 4, 6, 200, 40), (16, 32)), ((9, 10, 12, 256, 64), (128, 128))])
+def test_fp8_banks_give_the_bits_of_the_bank_they_encode(interpreter, monkeypatch, shape_and_block):
+    """An FP8 bank kept as stored, its block scales ragged or Qwen's 128 x 128: the few-rows kernels
+    (each weight times its block's scale rounded to bf16 as it loads) and the Triton dequantisation
+    give the bits of the bank dequantised at load; moe_experts takes the few-rows kernels up to 80
+    pairs and dequantises the bank past them (12 and 90 pairs here)."""
+    import kernels
+    from kernels.gpu import moe as gpu_moe
+    from kernels.moe import moe_experts_reference
+
+    (R, K, N, D, I), block = shape_and_block
+    x, idx, weights, gate_up, down = few_rows_inputs(R, K, N, D, I)
+    gate_up_q, down_q, scales, gate_up_exact, down_exact = fp8_bank(gate_up, down, block)
+    assert torch.equal(gpu_moe.dequantize(gate_up_q, scales.gate_up, block, x.dtype), gate_up_exact)
+    assert torch.equal(gpu_moe.dequantize(down_q, scales.down, block, x.dtype), down_exact)
+    few = gpu_moe.experts_few_rows(x[:2], idx[:2], weights[:2], gate_up_q, down_q, False, scales)
+    assert torch.equal(few, gpu_moe.experts_few_rows(x[:2], idx[:2], weights[:2], gate_up_exact, down_exact, False))
+    monkeypatch.setattr(gpu_moe.FEW_ROWS, "usable", lambda t: True)
+    monkeypatch.setattr(gpu_moe.OP, "usable", lambda t: True)
+    monkeypatch.setattr(gpu_moe.OP, "usable_for", lambda device, dtype: True)
+    out = kernels.moe_experts(x, idx, weights, gate_up_q, down_q, False, scales)
+    assert torch.equal(out, kernels.moe_experts(x, idx, weights, gate_up_exact, down_exact))
+    assert close(out, moe_experts_reference(x, idx, weights, gate_up_exact, down_exact), TOLERANCE[torch.bfloat16])
+
+
 def test_the_kernels_build_for_hopper_and_ampere(tmp_path):
     """Triton's compiler and its ptxas build each kernel in the configurations the engine launches
     (tests/kernels/triton_build.py: the flagship's heads and a toy's; bf16, fp8 and fp32 caches; decode
-    and prefill; the routed experts' passes) into sm_90 and sm_80 cubins, no GPU needed, each within
-    its card's shared memory and without spilling registers (the tile sizes of
+    and prefill; the routed experts' passes, over bf16 and FP8 banks) into sm_90 and sm_80 cubins, no
+    GPU needed, each within its card's shared memory and without spilling registers (the tile sizes of
     kernels.gpu.attention.launch_plan were chosen so)."""
     pytest.importorskip("triton")
     from tests.kernels.triton_build import SHARED_MEMORY
@@ -281,7 +319,8 @@ def test_the_kernels_build_for_hopper_and_ampere(tmp_path):
     assert run.returncode == 0, run.stderr[-4000:]
     built = [json.loads(line) for line in run.stdout.splitlines()]
     kernels = ("_attend", "_merge", "_decode_step", "_swiglu", "_weighted_sum", "_experts_up", "_experts_down")
-    assert {(b["kernel"], b["arch"]) for b in built} == {(k, a) for k in kernels for a in (90, 80)}
-    assert len(built) == 48
+    assert {(b["kernel"], b["arch"]) for b in built} == {(k, a) for k in kernels for a in (90, 80)} | {
+        ("_dequantize", 90)}  # FP8 banks: sm_89+
+    assert len(built) == 51  # sm_90 also builds the few-rows kernels over FP8 banks
     for b in built:
         assert b["shared"] <= SHARED_MEMORY[b["arch"]] and b["spill_bytes"] == 0, b

@@ -72,9 +72,19 @@ def configurations(arch: int):
             pointers = {"Sorted": f"*{dtype}", "Position": "*i64", "Idx": "*i64", "Weights": f"*{dtype}",
                         "Out": "*fp64" if partial else f"*{dtype}"}
             yield moe._weighted_sum, pointers, dict(K=10, BLOCK=moe._block(4096), PARTIAL=partial), 4
-    tiles = dict(BLOCK_N=moe.BLOCK_N, BLOCK_K=moe.BLOCK_K)  # the few-rows kernels, bf16
-    yield moe._experts_up, {"X": "*bf16", "Idx": "*i64", "GateUp": "*bf16", "Act": "*bf16"}, dict(K=10, **tiles), 4
-    yield moe._experts_down, {"Act": "*bf16", "Idx": "*i64", "Down": "*bf16", "Out": "*bf16"}, tiles, 4
+    # the few-rows kernels, bf16 banks and FP8 ones with Qwen's 128x128 block scales (sm_89+: e4m3)
+    for bank in ("bf16", "fp8e4nv") if arch >= 89 else ("bf16",):
+        scaled = bank != "bf16"
+        tiles = dict(BLOCK_N=moe.BLOCK_N, BLOCK_K=moe.BLOCK_K, SCALED=scaled, B0=128 if scaled else 1,
+                     B1=128 if scaled else 1)
+        scale = "*fp32" if scaled else f"*{bank}"
+        yield moe._experts_up, {"X": "*bf16", "Idx": "*i64", "GateUp": f"*{bank}", "Scale": scale,
+                                "Act": "*bf16"}, dict(K=10, **tiles), 4
+        yield moe._experts_down, {"Act": "*bf16", "Idx": "*i64", "Down": f"*{bank}", "Scale": scale,
+                                  "Out": "*bf16"}, tiles, 4
+    if arch >= 89:
+        yield moe._dequantize, {"W": "*fp8e4nv", "Scale": "*fp32", "Out": "*bf16"}, dict(
+            B0=128, B1=128, BLOCK_R=moe.DEQUANTIZE_TILE[0], BLOCK_C=moe.DEQUANTIZE_TILE[1]), 4
 
 
 if __name__ == "__main__":

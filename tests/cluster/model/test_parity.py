@@ -78,38 +78,15 @@ def test_the_batched_torch_kernels_match_transformers(make_checkpoint, monkeypat
     assert worst <= TOL
 
 
-def test_the_gpu_triton_kernels_match_transformers(make_checkpoint, monkeypatch):
+def test_the_gpu_triton_kernels_match_transformers(make_checkpoint, gpu_kernels_on_cpu):
     """The GPU path's own kernels wired into the real forward (kernels.gpu: paged attention, the
     DeltaNet decode step, the routed experts' passes and their few-rows kernels), run on CPU tensors
-    through Triton's interpreter in fp32 (the few-rows kernels allowed fp32 here): scores of a mixed
-    step and greedy decoding in a batch of two against transformers, the same 1e-4."""
-    import os
-
-    pytest.importorskip("triton")
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("a GPU is here: tests/kernels/test_cuda.py runs the engine through the compiled kernels")
-    from kernels import backend
+    through Triton's interpreter in fp32: scores of a mixed step and greedy decoding in a batch of
+    two against transformers, the same 1e-4."""
     from kernels.gpu import attention as gpu_attention
     from kernels.gpu import delta_rule as gpu_delta_rule
     from kernels.gpu import moe as gpu_moe
-    from kernels.gpu.triton_guard import TritonOp
 
-    launched: set[str] = set()
-    launch = TritonOp.launch
-
-    def on_any_device(op: TritonOp, t: torch.Tensor) -> bool:
-        return op.unavailable is None and t.dtype in op.dtypes
-
-    def recorded(op: TritonOp, run, *args):
-        launched.add(op.name)
-        return launch(op, run, *args)
-
-    monkeypatch.setattr(backend, "_cpu_kernels", False)
-    monkeypatch.setattr(TritonOp, "usable", on_any_device)
-    monkeypatch.setattr(TritonOp, "launch", recorded)
-    monkeypatch.setattr(gpu_attention, "usable", gpu_attention.OP.usable)  # module aliases of the method
-    monkeypatch.setattr(gpu_delta_rule, "usable", gpu_delta_rule.OP.usable)
-    monkeypatch.setattr(gpu_moe.FEW_ROWS, "dtypes", (torch.float32,))
     model_dir = make_checkpoint(FEW_EXPERTS)  # top-2 of 8: few pairs, so the interpreter is quick
     llm = LLM(model=model_dir, warm_up=False)
     prompts = [_prompt(n, llm.config.vocab_size, n) for n in (1, 5, 65)]
@@ -118,4 +95,5 @@ def test_the_gpu_triton_kernels_match_transformers(make_checkpoint, monkeypatch)
     assert worst <= TOL
     outs = llm.generate(prompts[1:], SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True))
     assert [out.token_ids for out in outs] == [hf_greedy(model_dir, ids, 6) for ids in prompts[1:]]
-    assert launched == {gpu_attention.OP.name, gpu_delta_rule.OP.name, gpu_moe.OP.name, gpu_moe.FEW_ROWS.name}
+    assert gpu_kernels_on_cpu == {gpu_attention.OP.name, gpu_delta_rule.OP.name, gpu_moe.OP.name,
+                                  gpu_moe.FEW_ROWS.name}

@@ -17,7 +17,7 @@ from cluster.model.quantization import (
     quantize,
     write_fp8_checkpoint,
 )
-from tests.conftest import FLAGSHIP_SHAPE, TIED_FUSED
+from tests.conftest import FEW_EXPERTS, FLAGSHIP_SHAPE, TIED_FUSED
 
 PROMPTS = [[3], list(range(10, 40)), [7, 7, 9, 200, 31]]
 
@@ -44,6 +44,42 @@ def test_fp8_checkpoint_gives_the_logits_of_its_dequantised_weights(make_checkpo
     got = LLM(model=str(fp8), warm_up=False).score(PROMPTS)
     want = LLM(model=str(exact), warm_up=False).score(PROMPTS)
     assert max((g - w).abs().max().item() for g, w in zip(got, want)) <= 1e-4
+
+
+@pytest.mark.parametrize("shape", [FEW_EXPERTS, TIED_FUSED], ids=["per-expert", "fused-experts"])
+def test_fp8_experts_kept_as_stored_give_the_bits_of_their_dequantised_weights(make_checkpoint, tmp_path, shape,
+                                                                                gpu_kernels_on_cpu, monkeypatch):
+    """Where the GPU path runs (here its Triton kernels on CPU tensors through the interpreter,
+    fp32), an FP8 checkpoint's experts stay FP8 (a quarter of the fp32 bytes): decode steps read
+    them in the few-rows kernels, prefill steps dequantise the bank; scores and greedy tokens the
+    same bits as its dequantised copy's; the memory plan counts the bytes they take."""
+    from cluster.engine import engine
+    from cluster.engine.memory_plan import dense_parameters
+    from cluster.model import loading
+    from kernels.gpu import attention as gpu_attention
+    from kernels.gpu import delta_rule as gpu_delta_rule
+    from kernels.gpu import moe as gpu_moe
+
+    for op in (gpu_attention.OP, gpu_delta_rule.OP):  # the routed experts' kernels only: quicker
+        monkeypatch.setattr(op, "unavailable", "not under test")
+
+    fp8, exact = tmp_path / "fp8", tmp_path / "exact"
+    write_fp8_checkpoint(make_checkpoint(shape), fp8, block=(16, 40), dequantised=exact)  # I = 32: 2 block rows
+    params = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
+    runs = []
+    for model_dir, kept in ((exact, False), (fp8, True)):
+        for module in (loading, engine):
+            monkeypatch.setattr(module, "fp8_banks_supported", lambda device, dtype: kept)
+        llm = LLM(model=str(model_dir), warm_up=False)
+        plan = llm.engine.memory_plan.attention  # one process: the dense weights and every expert
+        assert plan.weights - dense_parameters(llm.config) * 4 == llm.engine.executor.expert_bytes
+        assert (plan.workspace > 0) == kept
+        runs.append((llm.engine.executor.expert_bytes, llm.score([list(range(10, 55))]),  # 90 pairs: dequantised
+                     [c.token_ids for c in llm.generate([PROMPTS[0], PROMPTS[2]], params)]))  # few rows
+    (exact_bytes, exact_scores, exact_tokens), (fp8_bytes, fp8_scores, fp8_tokens) = runs
+    assert fp8_bytes < exact_bytes / 3.9
+    assert all(torch.equal(a, b) for a, b in zip(fp8_scores, exact_scores)) and fp8_tokens == exact_tokens
+    assert {gpu_moe.OP.name, gpu_moe.FEW_ROWS.name} <= gpu_kernels_on_cpu
 
 
 def test_fp8_on_expert_workers_matches_one_process(ray_cluster, make_checkpoint, tmp_path):
