@@ -156,8 +156,8 @@ def routed_experts_fp8(cfg: ModelConfig, device: str, smoke: bool = False) -> di
     """One layer's routed experts (the flagship's 512, top-10) held FP8 as Qwen stores them (128 x
     128 block scales, random) against the same bank dequantised to bf16 at load, through
     kernels.moe.moe_experts as a worker runs them: few-rows kernels over the FP8 weights up to 8
-    rows, the bank dequantised each call past them. us a call both ways, the dequantisation alone,
-    and whether the outputs are the same bits (they should be)."""
+    rows, the experts hit dequantised each call past them. us a call both ways, the whole bank's
+    dequantisation alone, and whether the outputs are the same bits (they should be)."""
     from kernels.moe import Fp8Scales, dequantize_bank, moe_experts
 
     N, D, I, K = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts_per_tok

@@ -54,12 +54,13 @@ def fp8_banks_supported(device: torch.device | str, dtype: torch.dtype) -> bool:
     return not torch.cuda.is_available() or torch.cuda.get_device_capability(device) >= (8, 9)
 
 
-def dequantize_bank(weight: torch.Tensor, scale: torch.Tensor, block: tuple[int, int],
-                    dtype: torch.dtype) -> torch.Tensor:
-    """An FP8 bank [N, R, C] in dtype: one Triton pass on GPUs, else dequantize_blocks' rounding."""
+def dequantize_bank(weight: torch.Tensor, scale: torch.Tensor, block: tuple[int, int], dtype: torch.dtype,
+                    wanted_N: torch.Tensor | None = None) -> torch.Tensor:
+    """An FP8 bank [N, R, C] in dtype: one Triton pass on GPUs (wanted_N: only those experts' rows
+    written), else dequantize_blocks' rounding (every expert)."""
     if gpu_moe.OP.usable_for(weight.device, dtype):
         try:
-            return gpu_moe.dequantize(weight, scale, block, dtype)
+            return gpu_moe.dequantize(weight, scale, block, dtype, wanted_N)
         except KernelUnavailable:
             pass
     return dequantize_blocks(weight, scale, block).to(dtype)
@@ -175,14 +176,17 @@ def moe_experts(x_RD, idx_RK, weights_RK, gate_up, down, partial: bool = False,
     the bank is FP8 as stored (GPUs): the same bits as the bank dequantised to x's dtype."""
     if scales is not None:
         # decode-sized batches: the few-rows kernels read the FP8 weights as stored; larger ones
-        # dequantise the whole bank (static shapes: no sync, CUDA graphs capture it) for the GEMMs
+        # dequantise the experts they hit for the GEMMs (the others' rows are never read; marked
+        # on the device: no sync, CUDA graphs capture it)
         if batched(x_RD) and gpu_moe.few_rows_usable(x_RD, idx_RK):
             try:
                 return gpu_moe.experts_few_rows(x_RD, idx_RK, weights_RK, gate_up, down, partial, scales)
             except KernelUnavailable:
                 pass
-        gate_up = dequantize_bank(gate_up, scales.gate_up, scales.block, x_RD.dtype)
-        down = dequantize_bank(down, scales.down, scales.block, x_RD.dtype)
+        hit = torch.zeros(gate_up.shape[0] + 1, dtype=torch.int32, device=x_RD.device)
+        hit[idx_RK.reshape(-1).long() + 1] = 1  # slot 0: pairs outside the bank (-1)
+        gate_up = dequantize_bank(gate_up, scales.gate_up, scales.block, x_RD.dtype, hit[1:])
+        down = dequantize_bank(down, scales.down, scales.block, x_RD.dtype, hit[1:])
     if native(x_RD):
         return torch.ops.epserve.moe_experts(x_RD, idx_RK, weights_RK, gate_up, down, partial)
     if batched(x_RD) and gpu_moe.few_rows_usable(x_RD, idx_RK):  # GPUs, decode-sized batches

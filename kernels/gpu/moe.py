@@ -16,8 +16,8 @@ only, so these results do not change with the batch around them.
 
 FP8 banks (Qwen's block-wise e4m3 checkpoints, kept as stored on GPUs: half the bytes of bf16) are
 read as stored by the few-rows kernels, each weight times its block's scale rounded to the compute
-dtype as it is loaded (the bits of a bank dequantised at load); larger batches dequantise the bank
-(`dequantize`) for the grouped GEMMs.
+dtype as it is loaded (the bits of a bank dequantised at load); larger batches dequantise the
+experts they hit (`dequantize`) for the grouped GEMMs.
 
 Same rounding as the torch versions: a GEMM's output rounded to the dtype, silu(gate) rounded, then
 its product with up; each pair's weighted output rounded to the dtype, the K of a row summed in fp64
@@ -154,13 +154,15 @@ if triton is not None:
         tl.store(Out + p * stride_o + n, round_to(tl.sum(acc, 1), dtype).to(dtype), mask=n < D)
 
     @triton.jit
-    def _dequantize(W, Scale, Out, R, C, stride_we, stride_wr, stride_se, stride_sr, stride_oe, stride_or,
-                    B0: tl.constexpr, B1: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-        """One [BLOCK_R, BLOCK_C] tile of one expert's FP8 matrix times its block scales, rounded."""
+    def _dequantize(W, Scale, Wanted, Out, R, C, stride_we, stride_wr, stride_se, stride_sr, stride_oe,
+                    stride_or, B0: tl.constexpr, B1: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+        """One [BLOCK_R, BLOCK_C] tile of one expert's FP8 matrix times its block scales, rounded;
+        nothing read or written for an expert not wanted."""
         e = tl.program_id(0).to(tl.int64)
         r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
         c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
-        ok = (r < R)[:, None] & (c < C)[None, :]
+        rows = tl.where(tl.load(Wanted + e) != 0, R, 0)
+        ok = (r < rows)[:, None] & (c < C)[None, :]
         scales = Scale + e * stride_se + (r // B0)[:, None] * stride_sr + (c // B1)[None, :]
         w = _weights(W + e * stride_we + r[:, None] * stride_wr + c[None, :], scales, ok, True, Out.dtype.element_ty)
         tl.store(Out + e * stride_oe + r[:, None] * stride_or + c[None, :], w.to(Out.dtype.element_ty), mask=ok)
@@ -225,18 +227,21 @@ def experts_few_rows(x_RD, idx_RK, weights_RK, gate_up, down, partial: bool, sca
     return weighted_sum(pair_out, torch.arange(P, device=x_RD.device), idx_RK, weights_RK, partial)
 
 
-def dequantize(weight_NRC: torch.Tensor, scale: torch.Tensor, block: tuple[int, int],
-               dtype: torch.dtype) -> torch.Tensor:
+def dequantize(weight_NRC: torch.Tensor, scale: torch.Tensor, block: tuple[int, int], dtype: torch.dtype,
+               wanted_N: torch.Tensor | None = None) -> torch.Tensor:
     """An FP8 bank [N, R, C] times its block scales [N, ceil(R/b0), ceil(C/b1)] -> [N, R, C] in dtype,
-    each element rounded once (the bits of kernels.moe.dequantize_blocks(...).to(dtype))."""
+    each element rounded once (the bits of kernels.moe.dequantize_blocks(...).to(dtype)); wanted_N
+    (int32 0 / 1 or bool, on the device: no sync): only those experts, the others' rows unwritten."""
     N, R, C = weight_NRC.shape
     out = torch.empty(N, R, C, dtype=dtype, device=weight_NRC.device)
     if out.numel() == 0:
         return out
     if weight_NRC.stride(2) != 1 or scale.stride(2) != 1:
         raise ValueError("FP8 bank dequantisation: the weights and scales need contiguous rows")
+    wanted_N = (torch.ones(N, dtype=torch.int32, device=weight_NRC.device) if wanted_N is None
+                else wanted_N.to(torch.int32))  # Triton's interpreter takes no bool masks from memory
     (BR, BC) = DEQUANTIZE_TILE
     OP.launch(lambda: _dequantize[(N, triton.cdiv(R, BR), triton.cdiv(C, BC))](
-        weight_NRC, scale, out, R, C, weight_NRC.stride(0), weight_NRC.stride(1), scale.stride(0), scale.stride(1),
-        out.stride(0), out.stride(1), B0=block[0], B1=block[1], BLOCK_R=BR, BLOCK_C=BC))
+        weight_NRC, scale, wanted_N, out, R, C, weight_NRC.stride(0), weight_NRC.stride(1), scale.stride(0),
+        scale.stride(1), out.stride(0), out.stride(1), B0=block[0], B1=block[1], BLOCK_R=BR, BLOCK_C=BC))
     return out

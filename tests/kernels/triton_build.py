@@ -83,7 +83,7 @@ def configurations(arch: int):
         yield moe._experts_down, {"Act": "*bf16", "Idx": "*i64", "Down": f"*{bank}", "Scale": scale,
                                   "Out": "*bf16"}, tiles, 4
     if arch >= 89:
-        yield moe._dequantize, {"W": "*fp8e4nv", "Scale": "*fp32", "Out": "*bf16"}, dict(
+        yield moe._dequantize, {"W": "*fp8e4nv", "Scale": "*fp32", "Wanted": "*i32", "Out": "*bf16"}, dict(
             B0=128, B1=128, BLOCK_R=moe.DEQUANTIZE_TILE[0], BLOCK_C=moe.DEQUANTIZE_TILE[1]), 4
 
 
