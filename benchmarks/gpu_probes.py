@@ -198,8 +198,8 @@ def fp8_block_gemm(device: str, tokens: int = 4096, out: int = 4096, inp: int = 
     """Qwen's FP8 format on the GPU's FP8 units, a probe (the engine computes in the 16-bit dtype:
     FP8 experts are dequantised in registers or per layer, the dense weights at load): weights in
     128 x 128 blocks (cluster.model.quantization), activations quantised per token in groups of
-    128, one torch._scaled_mm with block-wise scales (cuBLAS, sm90, CUDA >= 12.9). Error against the dequantised weights in fp32, and TFLOP/s beside
-    a bf16 matmul of the same shape."""
+    128, one torch._scaled_mm with block-wise scales (cuBLAS, sm90, CUDA >= 12.9). Error against
+    the dequantised weights in fp32, and TFLOP/s beside a bf16 matmul of the same shape."""
     from cluster.model.quantization import FP8, FP8_MAX, dequantize, quantize
 
     w = torch.randn(out, inp) / math.sqrt(inp)
