@@ -381,12 +381,13 @@ def cmd_plan(args) -> int:
                             use_ray=True)
     # planned for GPUs: an FP8 checkpoint's experts stay FP8 there with a 16-bit dtype
     quantization = read_quantization(args.model) if args.model is not None else None
-    fp8_block = (quantization.block if quantization else (128, 128) if args.fp8 else None) if dtype_bytes == 2 else None
+    fp8_block = quantization.block if quantization else (128, 128) if args.fp8 else None
+    fp8_block = fp8_block if dtype_bytes == 2 else None
     plan = plan_instance(cfg, layout, dtype_bytes, cluster, args.max_num_batched_tokens, fp8_block)
     experts = f", experts FP8 ({fp8_block[0]}x{fp8_block[1]} blocks)" if fp8_block else ""
     print(f"{args.model or 'Qwen3.5-397B-A17B (flagship shape)'}, {args.dtype}{experts}: "
-          f"{args.attention_workers} attention + {args.expert_workers} expert workers; {args.max_num_seqs} sequences, {layout.num_blocks} KV blocks "
-          f"of {layout.block_size} tokens per attention worker")
+          f"{args.attention_workers} attention + {args.expert_workers} expert workers; {args.max_num_seqs} "
+          f"sequences, {layout.num_blocks} KV blocks of {layout.block_size} tokens per attention worker")
     print(plan.describe())
     try:
         plan.check(f"a {args.device_gib:g} GiB device", int(args.device_gib * GIB))

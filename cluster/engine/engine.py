@@ -93,8 +93,8 @@ class EngineCore(PlacementControl):
             self.tokenizer: Tokenizer | None = Tokenizer(self.model_dir, self.config.eos_token_ids)
         except FileNotFoundError:
             self.tokenizer = None
-        # Ray workers check the plan on GPUs only: planned for a GPU's FP8 residency
-        device = "cuda" if self.cluster.wants_ray else self.cluster.resolve_device(torch.cuda.is_available())
+        # Ray workers check the plan on their GPUs only: planned as if the cluster had GPUs
+        device = self.cluster.resolve_device(self.cluster.wants_ray or torch.cuda.is_available())
         quantization = read_quantization(self.model_dir)
         fp8_block = quantization.block if quantization and fp8_banks_supported(device, getattr(torch, dtype)) else None
         self.memory_plan = plan_instance(self.config, self.layout, dtype_bytes, self.cluster,

@@ -6,8 +6,9 @@ KV blocks and DeltaNet state slots (cache_plan), their second rows when failed s
 exchange buffers of one step. Per expert worker: its share of every MoE layer's experts (the
 busiest worker under the placement) and its exchange buffers; experts an FP8 checkpoint keeps as
 stored (GPUs: kernels.moe.fp8_banks_supported) take a byte a weight plus their block scales, and a
-workspace for one layer's bank dequantised (batches past the few-rows kernels). Activations of a step are not
-planned (small next to these at serving batch sizes); `headroom` covers them and the allocator.
+workspace for one layer's bank dequantised (batches past the few-rows kernels). Activations of a
+step are not planned (small next to these at serving batch sizes); `headroom` covers them and the
+allocator.
 A plan that does not fit the device is refused with the numbers.
 """
 

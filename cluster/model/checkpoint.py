@@ -172,7 +172,6 @@ class CheckpointReader:
             down.append(self.read(f"{prefix}{e}.down_proj.weight", (hidden, intermediate)))
         return torch.stack(gate_up), torch.stack(down)
 
-
     def read_experts_fp8(
         self, layer: int | str, expert_ids: list[int], num_experts: int, hidden: int, intermediate: int
     ) -> tuple[torch.Tensor, torch.Tensor, Fp8Scales] | None:
