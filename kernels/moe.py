@@ -58,7 +58,7 @@ def dequantize_bank(weight: torch.Tensor, scale: torch.Tensor, block: tuple[int,
                     wanted_N: torch.Tensor | None = None) -> torch.Tensor:
     """An FP8 bank [N, R, C] in dtype: one Triton pass on GPUs (wanted_N: only those experts' rows
     written), else dequantize_blocks' rounding (every expert)."""
-    if gpu_moe.OP.usable_for(weight.device, dtype):
+    if gpu_moe.DEQUANTIZE.usable_for(weight.device, dtype):
         try:
             return gpu_moe.dequantize(weight, scale, block, dtype, wanted_N)
         except KernelUnavailable:

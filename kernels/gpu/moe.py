@@ -43,6 +43,7 @@ if triton is not None:
 
 OP = TritonOp("routed experts' SwiGLU and weighted sum", (torch.bfloat16, torch.float16, torch.float32))
 FEW_ROWS = TritonOp("routed experts for few rows", (torch.bfloat16, torch.float16))  # fp32: the parity path
+DEQUANTIZE = TritonOp("FP8 expert banks' dequantisation", (torch.bfloat16, torch.float16, torch.float32))
 # Up to 8 rows at top-10 each pair streams its own expert's weights; with more, rows share experts
 # (batch 64 top-10 over 512 experts: 640 pairs hit ~365) and the grouped GEMMs' one read of each wins.
 FEW_ROWS_MAX_PAIRS = 80
@@ -241,7 +242,7 @@ def dequantize(weight_NRC: torch.Tensor, scale: torch.Tensor, block: tuple[int, 
     wanted_N = (torch.ones(N, dtype=torch.int32, device=weight_NRC.device) if wanted_N is None
                 else wanted_N.to(torch.int32))  # Triton's interpreter takes no bool masks from memory
     (BR, BC) = DEQUANTIZE_TILE
-    OP.launch(lambda: _dequantize[(N, triton.cdiv(R, BR), triton.cdiv(C, BC))](
+    DEQUANTIZE.launch(lambda: _dequantize[(N, triton.cdiv(R, BR), triton.cdiv(C, BC))](
         weight_NRC, scale, wanted_N, out, R, C, weight_NRC.stride(0), weight_NRC.stride(1), scale.stride(0),
         scale.stride(1), out.stride(0), out.stride(1), B0=block[0], B1=block[1], BLOCK_R=BR, BLOCK_C=BC))
     return out

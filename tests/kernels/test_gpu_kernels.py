@@ -300,7 +300,7 @@ def test_fp8_banks_give_the_bits_of_the_bank_they_encode(interpreter, monkeypatc
     assert torch.equal(few, gpu_moe.experts_few_rows(x[:2], idx[:2], weights[:2], gate_up_exact, down_exact, False))
     monkeypatch.setattr(gpu_moe.FEW_ROWS, "usable", lambda t: True)
     monkeypatch.setattr(gpu_moe.OP, "usable", lambda t: True)
-    monkeypatch.setattr(gpu_moe.OP, "usable_for", lambda device, dtype: True)
+    monkeypatch.setattr(gpu_moe.DEQUANTIZE, "usable_for", lambda device, dtype: True)
     idx = torch.where(idx < N // 2, idx, -1)  # half the experts not hit: not dequantised
     out = kernels.moe_experts(x, idx, weights, gate_up_q, down_q, False, scales)
     assert torch.equal(out, kernels.moe_experts(x, idx, weights, gate_up_exact, down_exact))
