@@ -45,8 +45,8 @@ builds them), through the real engine (scheduler, runner, kernels, sampler):
      call and the experts' weight bytes over it;
  14. the routed experts of an FP8 checkpoint kept FP8 (few-rows kernels over the stored weights up
      to 8 rows, the experts hit dequantised past them) against the bank dequantised to bf16 at load:
-     us a call at 1-512 rows, the whole bank's dequantisation alone, and whether both give the same
-     bits.
+     us a call at 1-512 rows (and the few-rows kernels over FP8 at every size), the whole bank's
+     dequantisation alone, and whether both give the same bits.
 Each part records its figures as it goes; a part that fails is reported and the next one runs.
 The CUDA kernel tests: `python -m pytest tests/kernels/test_cuda.py` (skipped without a GPU).
 Prints a table and, with --json, writes the figures.

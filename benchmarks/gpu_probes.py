@@ -156,8 +156,10 @@ def routed_experts_fp8(cfg: ModelConfig, device: str, smoke: bool = False) -> di
     """One layer's routed experts (the flagship's 512, top-10) held FP8 as Qwen stores them (128 x
     128 block scales, random) against the same bank dequantised to bf16 at load, through
     kernels.moe.moe_experts as a worker runs them: few-rows kernels over the FP8 weights up to 8
-    rows, the experts hit dequantised each call past them. us a call both ways, the whole bank's
+    rows, the experts hit dequantised each call past them. us a call both ways and through the
+    few-rows kernels at every size (the data for FP8's own threshold), the whole bank's
     dequantisation alone, and whether the outputs are the same bits (they should be)."""
+    from kernels.gpu import moe as gpu_moe
     from kernels.moe import Fp8Scales, dequantize_bank, moe_experts
 
     N, D, I, K = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts_per_tok
@@ -182,8 +184,11 @@ def routed_experts_fp8(cfg: ModelConfig, device: str, smoke: bool = False) -> di
         fp8 = moe_experts(x, idx, weights, gate_up, down, False, scales)
         bf16 = moe_experts(x, idx, weights, gate_up_bf16, down_bf16)
         found[f"routed_fp8_same_bits_{rows}"] = bool(torch.equal(fp8, bf16))
-        for name, run in {"fp8": lambda: moe_experts(x, idx, weights, gate_up, down, False, scales),
-                          "bf16": lambda: moe_experts(x, idx, weights, gate_up_bf16, down_bf16)}.items():
+        ways = {"fp8": lambda: moe_experts(x, idx, weights, gate_up, down, False, scales),
+                "bf16": lambda: moe_experts(x, idx, weights, gate_up_bf16, down_bf16)}
+        if gpu_moe.FEW_ROWS.usable(x):  # past 8 rows too: where reading FP8 a pair beats dequantising
+            ways["fp8_few_rows"] = lambda: gpu_moe.experts_few_rows(x, idx, weights, gate_up, down, False, scales)
+        for name, run in ways.items():
             found[f"routed_{name}_bank_us_{rows}"] = seconds_per_call(run, device, 3 if smoke else 20) * 1e6
     return found
 
