@@ -156,21 +156,9 @@ class CheckpointReader:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """gate_up [N, 2I, D] and down [N, D, I] of the given experts, whichever layout is stored.
         layer: a decoder layer's index, or its name prefix (ModelConfig.layer_prefix: the MTP layer)."""
-        prefix = (layer if isinstance(layer, str) else f"layers.{layer}.") + "mlp.experts."
-        if self.has(prefix + "gate_up_proj"):
-            self._check_shape(prefix + "gate_up_proj", (num_experts, 2 * intermediate, hidden))
-            self._check_shape(prefix + "down_proj", (num_experts, hidden, intermediate))
-            return (
-                self.read_rows(prefix + "gate_up_proj", expert_ids),
-                self.read_rows(prefix + "down_proj", expert_ids),
-            )
-        gate_up, down = [], []
-        for e in expert_ids:
-            gate = self.read(f"{prefix}{e}.gate_proj.weight", (intermediate, hidden))
-            up = self.read(f"{prefix}{e}.up_proj.weight", (intermediate, hidden))
-            gate_up.append(torch.cat([gate, up], dim=0))
-            down.append(self.read(f"{prefix}{e}.down_proj.weight", (hidden, intermediate)))
-        return torch.stack(gate_up), torch.stack(down)
+        prefix = _experts_prefix(layer)
+        self._check_expert_shapes(prefix, expert_ids, num_experts, hidden, intermediate)
+        return self._stacked_experts(prefix, expert_ids, "", self.read, self.read_rows)
 
     def read_experts_fp8(
         self, layer: int | str, expert_ids: list[int], num_experts: int, hidden: int, intermediate: int
@@ -181,39 +169,47 @@ class CheckpointReader:
         of the blocks' rows): read_experts dequantises those."""
         if self.quantization is None:
             return None
-        prefix = (layer if isinstance(layer, str) else f"layers.{layer}.") + "mlp.experts."
+        prefix = _experts_prefix(layer)
         block = self.quantization.block
-        fused = self.has(prefix + "gate_up_proj")
-        if fused:
+        if self.has(prefix + "gate_up_proj"):
             names = [prefix + "gate_up_proj", prefix + "down_proj"]
         else:
-            names = [f"{prefix}{e}.{m}_proj.weight" for e in expert_ids[:1] for m in ("gate", "up", "down")]
+            names = [f"{prefix}{expert_ids[0]}.{m}_proj.weight" for m in ("gate", "up", "down")]
             if intermediate % block[0]:
                 return None
         if not all(self.has(n + SCALE_SUFFIX) for n in names):
             return None  # stored unquantized (modules_to_not_convert)
-        if fused:
-            self._check_shape(names[0], (num_experts, 2 * intermediate, hidden))
-            self._check_shape(names[1], (num_experts, hidden, intermediate))
-            gate_up, down = (self._read_stored_rows(n, expert_ids) for n in names)
-            gate_up_scale, down_scale = (self._read_stored_rows(n + SCALE_SUFFIX, expert_ids) for n in names)
-        else:
-            def stored(e: int, matrix: str, shape: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-                name = f"{prefix}{e}.{matrix}_proj.weight"
-                return self._read_stored(name, shape), self._read_stored(name + SCALE_SUFFIX)
-
-            gate_up, down, gate_up_scale, down_scale = [], [], [], []
-            for e in expert_ids:
-                (gate, gate_s), (up, up_s) = (stored(e, m, (intermediate, hidden)) for m in ("gate", "up"))
-                weight, scale = stored(e, "down", (hidden, intermediate))
-                gate_up.append(torch.cat([gate, up]))
-                gate_up_scale.append(torch.cat([gate_s, up_s]))
-                down.append(weight)
-                down_scale.append(scale)
-            gate_up, down, gate_up_scale, down_scale = map(torch.stack, (gate_up, down, gate_up_scale, down_scale))
+        self._check_expert_shapes(prefix, expert_ids, num_experts, hidden, intermediate)
+        gate_up, down = self._stacked_experts(prefix, expert_ids, "", self._read_stored, self._read_stored_rows)
         if gate_up.dtype != FP8 or down.dtype != FP8:
             return None
-        return gate_up, down, Fp8Scales(gate_up_scale.float().contiguous(), down_scale.float().contiguous(), block)
+        scales = self._stacked_experts(prefix, expert_ids, SCALE_SUFFIX, self._read_stored, self._read_stored_rows)
+        return gate_up, down, Fp8Scales(*(s.float().contiguous() for s in scales), block)
+
+    def _check_expert_shapes(self, prefix: str, expert_ids: list[int], N: int, D: int, I: int) -> None:
+        if self.has(prefix + "gate_up_proj"):
+            self._check_shape(prefix + "gate_up_proj", (N, 2 * I, D))
+            self._check_shape(prefix + "down_proj", (N, D, I))
+            return
+        for e in expert_ids:
+            for matrix, shape in (("gate", (I, D)), ("up", (I, D)), ("down", (D, I))):
+                self._check_shape(f"{prefix}{e}.{matrix}_proj.weight", shape)
+
+    def _stacked_experts(self, prefix: str, expert_ids: list[int], suffix: str, read, read_rows):
+        """gate_up and down of the given experts (or, suffix SCALE_SUFFIX, their block scales) in
+        either layout, each tensor read by read(name) / read_rows(name, rows)."""
+        if self.has(prefix + "gate_up_proj"):
+            return tuple(read_rows(prefix + f"{m}_proj{suffix}", expert_ids) for m in ("gate_up", "down"))
+        gate_up, down = [], []
+        for e in expert_ids:
+            gate, up, down_e = (read(f"{prefix}{e}.{m}_proj.weight{suffix}") for m in ("gate", "up", "down"))
+            gate_up.append(torch.cat([gate, up], dim=0))
+            down.append(down_e)
+        return torch.stack(gate_up), torch.stack(down)
+
+
+def _experts_prefix(layer: int | str) -> str:
+    return (layer if isinstance(layer, str) else f"layers.{layer}.") + "mlp.experts."
 
 
 def with_mtp(cfg: ModelConfig, model_dir: str | Path) -> ModelConfig:
