@@ -44,9 +44,11 @@ builds them), through the real engine (scheduler, runner, kernels, sampler):
      (kernels.gpu.moe, what the engine runs up to 8 rows) against the sorted grouped-GEMM path: us a
      call and the experts' weight bytes over it;
  14. the routed experts of an FP8 checkpoint kept FP8 (few-rows kernels over the stored weights up
-     to 8 rows, the experts hit dequantised past them) against the bank dequantised to bf16 at load:
-     us a call at 1-512 rows (and the few-rows kernels over FP8 at every size), the whole bank's
-     dequantisation alone, and whether both give the same bits.
+     to 8 rows, past them grouped Triton kernels dequantising each weight tile as they load it)
+     against the bank dequantised to bf16 at load: us a call at 1-4096 rows, each way FP8 can take
+     at every size (few-rows, grouped, the experts hit dequantised for torch's grouped GEMMs), the
+     grouped Triton kernels over bf16 beside torch's grouped GEMMs, TFLOP/s at 512 and 4096 rows,
+     the whole bank's dequantisation alone, and how far FP8's outputs are from bf16's.
 Each part records its figures as it goes; a part that fails is reported and the next one runs.
 The CUDA kernel tests: `python -m pytest tests/kernels/test_cuda.py` (skipped without a GPU).
 Prints a table and, with --json, writes the figures.

@@ -156,11 +156,14 @@ def routed_experts_fp8(cfg: ModelConfig, device: str, smoke: bool = False) -> di
     """One layer's routed experts (the flagship's 512, top-10) held FP8 as Qwen stores them (128 x
     128 block scales, random) against the same bank dequantised to bf16 at load, through
     kernels.moe.moe_experts as a worker runs them: few-rows kernels over the FP8 weights up to 8
-    rows, the experts hit dequantised each call past them. us a call both ways and through the
-    few-rows kernels at every size (the data for FP8's own threshold), the whole bank's
-    dequantisation alone, and whether the outputs are the same bits (they should be)."""
+    rows, past them the grouped Triton kernels dequantising each weight tile as they load it. us a
+    call both ways, and of each way the FP8 bank can take at every size (few-rows kernels, grouped
+    kernels, the experts hit dequantised for the grouped GEMMs: the data for FP8's thresholds), the
+    grouped Triton kernels over the bf16 bank beside torch's grouped GEMMs, the whole bank's
+    dequantisation alone; whether FP8's outputs are bf16's bits (up to 8 rows, and dequantised:
+    they should be) and how far they are elsewhere; TFLOP/s at prefill sizes."""
     from kernels.gpu import moe as gpu_moe
-    from kernels.moe import Fp8Scales, dequantize_bank, moe_experts
+    from kernels.moe import Fp8Scales, dequantize_bank, moe_experts, moe_experts_dequantised, moe_experts_triton
 
     N, D, I, K = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts_per_tok
     block = (128, 128)
@@ -177,19 +180,30 @@ def routed_experts_fp8(cfg: ModelConfig, device: str, smoke: bool = False) -> di
     found = {"routed_fp8_dequantize_bank_us": seconds_per_call(
         lambda: (dequantize_bank(gate_up, gate_up_scale, block, torch.bfloat16),
                  dequantize_bank(down, down_scale, block, torch.bfloat16)), device, 5) * 1e6}
-    for rows in (1, 16) if smoke else (1, 8, 64, 512):
+    for rows in (1, 16) if smoke else (1, 8, 64, 512, 4096):
         x = torch.randn(rows, D, dtype=torch.bfloat16, device=device)
         idx = torch.rand(rows, N, device=device).topk(K, dim=-1).indices
         weights = torch.softmax(torch.randn(rows, K, device=device), -1).to(torch.bfloat16)
-        fp8 = moe_experts(x, idx, weights, gate_up, down, False, scales)
         bf16 = moe_experts(x, idx, weights, gate_up_bf16, down_bf16)
-        found[f"routed_fp8_same_bits_{rows}"] = bool(torch.equal(fp8, bf16))
+        fp8 = moe_experts(x, idx, weights, gate_up, down, False, scales)
+        found[f"routed_fp8_max_abs_diff_{rows}"] = (fp8.float() - bf16.float()).abs().max().item()
+        if gpu_moe.few_rows_usable(x, idx):
+            found[f"routed_fp8_same_bits_{rows}"] = bool(torch.equal(fp8, bf16))
+        dequantised = moe_experts_dequantised(x, idx, weights, gate_up, down, False, scales)
+        found[f"routed_fp8_dequantised_same_bits_{rows}"] = bool(torch.equal(dequantised, bf16))
         ways = {"fp8": lambda: moe_experts(x, idx, weights, gate_up, down, False, scales),
-                "bf16": lambda: moe_experts(x, idx, weights, gate_up_bf16, down_bf16)}
-        if gpu_moe.FEW_ROWS.usable(x):  # past 8 rows too: where reading FP8 a pair beats dequantising
+                "bf16": lambda: moe_experts(x, idx, weights, gate_up_bf16, down_bf16),
+                "fp8_dequantised": lambda: moe_experts_dequantised(x, idx, weights, gate_up, down, False, scales)}
+        if gpu_moe.grouped_usable(x):
+            ways["fp8_grouped"] = lambda: moe_experts_triton(x, idx, weights, gate_up, down, False, scales)
+            ways["bf16_grouped_triton"] = lambda: moe_experts_triton(x, idx, weights, gate_up_bf16, down_bf16)
+        if gpu_moe.FEW_ROWS.usable(x) and rows <= 512:  # past 8 rows too: where reading FP8 a pair beats the rest
             ways["fp8_few_rows"] = lambda: gpu_moe.experts_few_rows(x, idx, weights, gate_up, down, False, scales)
         for name, run in ways.items():
-            found[f"routed_{name}_bank_us_{rows}"] = seconds_per_call(run, device, 3 if smoke else 20) * 1e6
+            seconds = seconds_per_call(run, device, 3 if smoke else 20)
+            found[f"routed_{name}_bank_us_{rows}"] = seconds * 1e6
+            if rows >= 512:
+                found[f"routed_{name}_bank_tflops_{rows}"] = 6 * rows * K * D * I / seconds / 1e12
     return found
 
 

@@ -108,6 +108,16 @@ def moe_experts_grouped(x_RD, idx_RK, weights_RK, gate_up, down, partial: bool =
     return weighted_sum(sorted_out, position, idx_RK, weights_RK, partial)
 
 
+def moe_experts_triton(x_RD, idx_RK, weights_RK, gate_up, down, partial: bool = False,
+                       scales: Fp8Scales | None = None) -> torch.Tensor:
+    """GPUs, no host sync: the pairs sorted by expert, then kernels.gpu.moe's grouped kernels (the
+    banks read as stored, FP8 ones dequantised in each weight tile; x's rows gathered and SwiGLU
+    fused in the first GEMM) and the weighted sum."""
+    order, position, ends = _pairs_by_expert(idx_RK, gate_up.shape[0])
+    sorted_out = gpu_moe.experts_grouped(x_RD, order, ends, idx_RK.shape[1], gate_up, down, scales)
+    return weighted_sum(sorted_out, position, idx_RK, weights_RK, partial)
+
+
 def swiglu(hidden: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up of [P, 2I] pair rows (gate | up): one Triton pass on GPUs, else torch's."""
     if gpu_moe.usable(hidden):
@@ -173,20 +183,23 @@ def moe_experts(x_RD, idx_RK, weights_RK, gate_up, down, partial: bool = False,
     fp64 (exact for a row's few terms, so any split of its experts over workers adds up to the same
     bits) and rounded once; partial=True returns the fp64 sums (an expert worker's part). idx are
     positions in the bank, -1 where the expert is not in this bank (contributes nothing). scales:
-    the bank is FP8 as stored (GPUs): the same bits as the bank dequantised to x's dtype."""
+    the bank is FP8 as stored (GPUs), read as its weights dequantised to x's dtype."""
     if scales is not None:
-        # decode-sized batches: the few-rows kernels read the FP8 weights as stored; larger ones
-        # dequantise the experts they hit for the GEMMs (the others' rows are never read; marked
-        # on the device: no sync, CUDA graphs capture it)
+        # decode-sized batches: the few-rows kernels read the FP8 weights as stored (the bits of the
+        # bank dequantised at load); larger ones the grouped kernels, each weight tile dequantised as
+        # it is loaded (a byte a weight read, where dequantising the bank first moves five); if
+        # those do not build, the experts hit dequantised for the grouped GEMMs
         if batched(x_RD) and gpu_moe.few_rows_usable(x_RD, idx_RK):
             try:
                 return gpu_moe.experts_few_rows(x_RD, idx_RK, weights_RK, gate_up, down, partial, scales)
             except KernelUnavailable:
                 pass
-        hit = torch.zeros(gate_up.shape[0] + 1, dtype=torch.int32, device=x_RD.device)
-        hit[idx_RK.reshape(-1).long() + 1] = 1  # slot 0: pairs outside the bank (-1)
-        gate_up = dequantize_bank(gate_up, scales.gate_up, scales.block, x_RD.dtype, hit[1:])
-        down = dequantize_bank(down, scales.down, scales.block, x_RD.dtype, hit[1:])
+        if batched(x_RD) and gpu_moe.grouped_usable(x_RD):  # larger ones: FP8 read in the GEMMs' tiles
+            try:
+                return moe_experts_triton(x_RD, idx_RK, weights_RK, gate_up, down, partial, scales)
+            except KernelUnavailable:
+                pass
+        return moe_experts_dequantised(x_RD, idx_RK, weights_RK, gate_up, down, partial, scales)
     if native(x_RD):
         return torch.ops.epserve.moe_experts(x_RD, idx_RK, weights_RK, gate_up, down, partial)
     if batched(x_RD) and gpu_moe.few_rows_usable(x_RD, idx_RK):  # GPUs, decode-sized batches
@@ -196,7 +209,23 @@ def moe_experts(x_RD, idx_RK, weights_RK, gate_up, down, partial: bool = False,
             pass
     if batched(x_RD) and _grouped_mm_fits(x_RD, down):  # GPUs: grouped GEMM
         return moe_experts_grouped(x_RD, idx_RK, weights_RK, gate_up, down, partial)
+    if batched(x_RD) and gpu_moe.grouped_usable(x_RD):  # GPUs, fp16 (grouped_mm takes bf16 only there)
+        try:
+            return moe_experts_triton(x_RD, idx_RK, weights_RK, gate_up, down, partial)
+        except KernelUnavailable:
+            pass
     return moe_experts_reference(x_RD, idx_RK, weights_RK, gate_up, down, partial)
+
+
+def moe_experts_dequantised(x_RD, idx_RK, weights_RK, gate_up, down, partial: bool, scales: Fp8Scales):
+    """An FP8 bank's experts hit by these rows dequantised to x's dtype (the others' rows never read;
+    marked on the device: no sync, CUDA graphs capture it), then moe_experts over them: the bits of
+    the bank dequantised at load."""
+    hit = torch.zeros(gate_up.shape[0] + 1, dtype=torch.int32, device=x_RD.device)
+    hit[idx_RK.reshape(-1).long() + 1] = 1  # slot 0: pairs outside the bank (-1)
+    gate_up = dequantize_bank(gate_up, scales.gate_up, scales.block, x_RD.dtype, hit[1:])
+    down = dequantize_bank(down, scales.down, scales.block, x_RD.dtype, hit[1:])
+    return moe_experts(x_RD, idx_RK, weights_RK, gate_up, down, partial)
 
 
 @glue

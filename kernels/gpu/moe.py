@@ -16,21 +16,28 @@ only, so these results do not change with the batch around them.
 
 FP8 banks (Qwen's block-wise e4m3 checkpoints, kept as stored on GPUs: half the bytes of bf16) are
 read as stored by the few-rows kernels, each weight times its block's scale rounded to the compute
-dtype as it is loaded (the bits of a bank dequantised at load); larger batches dequantise the
-experts they hit (`dequantize`) for the grouped GEMMs.
+dtype as it is loaded (the bits of a bank dequantised at load). Larger batches take the grouped
+kernels (fused-MoE style: the pairs in expert order cut into tiles of one expert's pairs, a table
+built on the device without a host sync; x's rows gathered in place; each weight tile dequantised
+the same way in registers before tl.dot; SwiGLU fused into the first GEMM): an FP8 weight's byte
+read once a tile of pairs, where dequantising the bank first (`dequantize`, their fallback) writes
+and rereads two. fp16 banks, which torch's grouped GEMMs do not take on CUDA, take them too.
 
 Same rounding as the torch versions: a GEMM's output rounded to the dtype, silu(gate) rounded, then
 its product with up; each pair's weighted output rounded to the dtype, the K of a row summed in fp64
 (exact for a row's few terms, so the order does not matter and any split of the experts over
 workers adds up to the same bits), then rounded fp64 -> fp32 -> dtype, or returned in fp64
 (partial). silu's exp is Triton's, which may differ from torch's in the last fp32 bit (rarely a bf16
-ulp); the few-rows path's dot products sum in another order than a GEMM's (fp32 accumulation both).
+ulp); the few-rows and grouped kernels' dot products sum in another order than torch's GEMMs (fp32
+accumulation all).
 
 Shapes: R rows, K top-k, P = R*K (row, expert) pairs, N experts in the bank, D hidden, I expert
 intermediate; gate_up [N, 2I, D] (gate rows, then up), down [N, D, I].
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -44,11 +51,14 @@ if triton is not None:
 OP = TritonOp("routed experts' SwiGLU and weighted sum", (torch.bfloat16, torch.float16, torch.float32))
 FEW_ROWS = TritonOp("routed experts for few rows", (torch.bfloat16, torch.float16))  # fp32: the parity path
 DEQUANTIZE = TritonOp("FP8 expert banks' dequantisation", (torch.bfloat16, torch.float16, torch.float32))
+GROUPED = TritonOp("routed experts' grouped GEMMs over banks as stored", (torch.bfloat16, torch.float16))
 # Up to 8 rows at top-10 each pair streams its own expert's weights; with more, rows share experts
 # (batch 64 top-10 over 512 experts: 640 pairs hit ~365) and the grouped GEMMs' one read of each wins.
 FEW_ROWS_MAX_PAIRS = 80
 BLOCK_N, BLOCK_K = 8, 256  # a few-rows program's weight tile: 72 / 40 registers a thread on sm_90
 DEQUANTIZE_TILE = (32, 128)  # an FP8 bank's [rows, columns] a program dequantises
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # read by Triton as it is imported, as here
+GROUPED_BLOCK_N = 64  # a grouped program's output columns; its pairs: 16-64 (grouped_block_m)
 
 
 def usable(*tensors: torch.Tensor) -> bool:
@@ -155,6 +165,92 @@ if triton is not None:
         tl.store(Out + p * stride_o + n, round_to(tl.sum(acc, 1), dtype).to(dtype), mask=n < D)
 
     @triton.jit
+    def _bank_tile(w_ptrs, row_scales, start, col, mask, n_ok, SCALED: tl.constexpr, dtype: tl.constexpr,
+                   B1: tl.constexpr, BLOCK_K: tl.constexpr):
+        """A [BLOCK_N, BLOCK_K] weight tile (columns col from start) in the compute dtype for tl.dot:
+        as stored, or (SCALED) FP8 times its blocks' scales (row_scales: each row's first block
+        scale), rounded to dtype as a bank dequantised at load holds it. A tile within one block
+        column (Qwen's 128-wide blocks) reads one scale a row."""
+        w = tl.load(w_ptrs, mask=mask, other=0.0)
+        if SCALED:
+            if B1 % BLOCK_K == 0:
+                scale = tl.load(row_scales + start // B1, mask=n_ok, other=0.0).to(tl.float32)[:, None]
+            else:
+                scale = tl.load(row_scales[:, None] + (col // B1)[None, :], mask=mask, other=0.0).to(tl.float32)
+            w = round_to(w.to(tl.float32) * scale, dtype)
+        return w.to(dtype)
+
+    @triton.jit
+    def _dot(a, w, acc, WIDEN: tl.constexpr):
+        """acc + a [M, K] @ w [N, K]^T in fp32. WIDEN (Triton's interpreter, which multiplies bf16
+        operands as their uint16 bits): both widened to fp32 first, exactly, and multiplied exactly
+        (ieee), as a GPU's 16-bit MMA multiplies them."""
+        if WIDEN:
+            return tl.dot(a.to(tl.float32), tl.trans(w.to(tl.float32)), acc, input_precision="ieee")
+        return tl.dot(a, tl.trans(w), acc)
+
+    @triton.jit
+    def _grouped_up(X, Order, TileExpert, TileStart, Ends, GateUp, Scale, Act, D, I, stride_x, stride_ge,
+                    stride_gn, stride_se, stride_sn, stride_a, K: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SCALED: tl.constexpr, B0: tl.constexpr,
+                    B1: tl.constexpr, WIDEN: tl.constexpr):
+        """One tile of one expert's pairs (in expert order) x [BLOCK_N] columns of silu(gate) * up:
+        the pairs' rows of x gathered in place, the expert's gate and up rows read as stored."""
+        expert = tl.load(TileExpert + tl.program_id(0))
+        if expert >= 0:  # -1: a tile past the last expert's pairs
+            m = tl.load(TileStart + tl.program_id(0)) + tl.arange(0, BLOCK_M)
+            m_ok = m < tl.load(Ends + expert)
+            rows = tl.load(Order + m, mask=m_ok, other=0) // K
+            n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+            n_ok = n < I
+            w = GateUp + expert.to(tl.int64) * stride_ge + n[:, None] * stride_gn
+            s = Scale + expert.to(tl.int64) * stride_se
+            s_gate, s_up = s + (n // B0) * stride_sn, s + ((I + n) // B0) * stride_sn
+            dtype = Act.dtype.element_ty
+            gate = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            for start in range(0, D, BLOCK_K):
+                col = start + tl.arange(0, BLOCK_K)
+                c_ok = col < D
+                x = tl.load(X + rows[:, None] * stride_x + col[None, :], mask=m_ok[:, None] & c_ok[None, :],
+                            other=0.0)
+                ok = n_ok[:, None] & c_ok[None, :]
+                w_gate = _bank_tile(w + col[None, :], s_gate, start, col, ok, n_ok, SCALED, dtype, B1, BLOCK_K)
+                w_up = _bank_tile(w + I * stride_gn + col[None, :], s_up, start, col, ok, n_ok, SCALED, dtype, B1,
+                                  BLOCK_K)
+                gate = _dot(x, w_gate, gate, WIDEN)
+                up = _dot(x, w_up, up, WIDEN)
+            g = round_to(gate, dtype)
+            act = round_to(round_to(g / (1.0 + tl.exp(-g)), dtype) * round_to(up, dtype), dtype)
+            tl.store(Act + m[:, None] * stride_a + n[None, :], act.to(dtype), mask=m_ok[:, None] & n_ok[None, :])
+
+    @triton.jit
+    def _grouped_down(Act, TileExpert, TileStart, Ends, Down, Scale, Out, D, I, stride_a, stride_de, stride_dn,
+                      stride_se, stride_sn, stride_o, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                      BLOCK_K: tl.constexpr, SCALED: tl.constexpr, B0: tl.constexpr, B1: tl.constexpr,
+                      WIDEN: tl.constexpr):
+        """One tile of one expert's pairs x [BLOCK_N] columns of its down rows @ their activations."""
+        expert = tl.load(TileExpert + tl.program_id(0))
+        if expert >= 0:
+            m = tl.load(TileStart + tl.program_id(0)) + tl.arange(0, BLOCK_M)
+            m_ok = m < tl.load(Ends + expert)
+            n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+            n_ok = n < D
+            w = Down + expert.to(tl.int64) * stride_de + n[:, None] * stride_dn
+            s = Scale + expert.to(tl.int64) * stride_se + (n // B0) * stride_sn
+            dtype = Out.dtype.element_ty
+            acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            for start in range(0, I, BLOCK_K):
+                col = start + tl.arange(0, BLOCK_K)
+                c_ok = col < I
+                a = tl.load(Act + m[:, None] * stride_a + col[None, :], mask=m_ok[:, None] & c_ok[None, :], other=0.0)
+                ok = n_ok[:, None] & c_ok[None, :]
+                tile = _bank_tile(w + col[None, :], s, start, col, ok, n_ok, SCALED, dtype, B1, BLOCK_K)
+                acc = _dot(a, tile, acc, WIDEN)
+            tl.store(Out + m[:, None] * stride_o + n[None, :], round_to(acc, dtype).to(dtype),
+                     mask=m_ok[:, None] & n_ok[None, :])
+
+    @triton.jit
     def _dequantize(W, Scale, Wanted, Out, R, C, stride_we, stride_wr, stride_se, stride_sr, stride_oe,
                     stride_or, B0: tl.constexpr, B1: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
         """One [BLOCK_R, BLOCK_C] tile of one expert's FP8 matrix times its block scales, rounded;
@@ -246,3 +342,62 @@ def dequantize(weight_NRC: torch.Tensor, scale: torch.Tensor, block: tuple[int, 
         weight_NRC, scale, wanted_N, out, R, C, weight_NRC.stride(0), weight_NRC.stride(1), scale.stride(0),
         scale.stride(1), out.stride(0), out.stride(1), B0=block[0], B1=block[1], BLOCK_R=BR, BLOCK_C=BC))
     return out
+
+
+def grouped_usable(x_RD: torch.Tensor) -> bool:
+    """The grouped kernels may run: 16-bit CUDA rows, no autograd, built here."""
+    return GROUPED.usable(x_RD) and OP.usable(x_RD) and not x_RD.requires_grad
+
+
+def grouped_block_m(P: int, N: int) -> int:
+    """Pairs a grouped program takes: about a hit expert's share of the P pairs (every row comes to
+    every expert worker, so P / N is a guess from above), 16 to 64; from shapes only (no sync)."""
+    return min(64, max(16, triton.next_power_of_2(max(1, P // N))))
+
+
+def tiles_by_expert(ends_N: torch.Tensor, P: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The pairs in expert order (expert n's end at ends_N[n], int32) cut into tiles of block_m that
+    never span two experts: (expert int32, first pair int32) per tile, expert -1 past the last.
+    There are cdiv(P, block_m) + min(N, P) of them, the most there can be: no sync sizes the grid."""
+    N = ends_N.numel()
+    ends = ends_N.long()
+    starts = torch.cat([ends.new_zeros(1), ends[:-1]])
+    tiles = (ends - starts + block_m - 1) // block_m
+    tile_ends = tiles.cumsum(0)
+    t = torch.arange(triton.cdiv(P, block_m) + min(N, P), device=ends.device)
+    expert = torch.searchsorted(tile_ends, t, right=True)
+    e = expert.clamp(max=N - 1)
+    first = starts[e] + (t - (tile_ends - tiles)[e]) * block_m
+    return torch.where(expert < N, expert, -1).to(torch.int32), first.to(torch.int32)
+
+
+def experts_grouped(x_RD, order_P, ends_N, K: int, gate_up, down, scales=None) -> torch.Tensor:
+    """Both GEMMs of the routed experts over the pairs in expert order (order_P: the (row, k) pair at
+    each place; ends_N: each expert's group end), the banks read as stored (scales: an FP8 bank's,
+    each weight times its block's scale rounded to x's dtype as it is loaded), x's rows gathered in
+    place and SwiGLU fused in the first: -> the pair outputs [P, D] in expert order."""
+    (P, N), (I, D) = (order_P.numel(), gate_up.shape[0]), (down.shape[2], down.shape[1])
+    if x_RD.stride(1) != 1 or gate_up.stride(2) != 1 or down.stride(2) != 1:
+        raise ValueError("routed experts' grouped GEMMs: x and the banks need contiguous rows")
+    act, sorted_out = x_RD.new_empty(P, I), x_RD.new_empty(P, D)
+    if P == 0:
+        return sorted_out
+    block_m = grouped_block_m(P, N)
+    tile_expert, tile_start = tiles_by_expert(ends_N, P, block_m)
+    up_scale, down_scale = (scales.gate_up, scales.down) if scales is not None else (gate_up, down)
+    (B0, B1) = scales.block if scales is not None else (1, 128)
+    block_k = next((b for b in (128, 64, 32, 16) if B1 % b == 0), 32)  # within one block column if it can
+    tiles = dict(BLOCK_M=block_m, BLOCK_N=GROUPED_BLOCK_N, BLOCK_K=block_k, SCALED=scales is not None, B0=B0, B1=B1,
+                 WIDEN=INTERPRETED)
+    grid = tile_expert.numel()
+
+    def run():
+        _grouped_up[(grid, triton.cdiv(I, GROUPED_BLOCK_N))](
+            x_RD, order_P, tile_expert, tile_start, ends_N, gate_up, up_scale, act, D, I, x_RD.stride(0),
+            gate_up.stride(0), gate_up.stride(1), up_scale.stride(0), up_scale.stride(1), act.stride(0), K=K, **tiles)
+        _grouped_down[(grid, triton.cdiv(D, GROUPED_BLOCK_N))](
+            act, tile_expert, tile_start, ends_N, down, down_scale, sorted_out, D, I, act.stride(0), down.stride(0),
+            down.stride(1), down_scale.stride(0), down_scale.stride(1), sorted_out.stride(0), **tiles)
+
+    GROUPED.launch(run)
+    return sorted_out

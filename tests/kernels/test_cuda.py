@@ -133,6 +133,23 @@ def test_grouped_expert_gemm():
     assert close(fast, ref, TOLERANCE[torch.bfloat16]), error(fast, ref)
 
 
+def test_fp16_banks_past_the_few_rows_take_the_grouped_kernels():
+    """fp16 (which torch's grouped GEMMs do not take on CUDA): kernels.gpu.moe's grouped kernels at
+    the flagship's widths against the reference, no host sync."""
+    from kernels.gpu import moe as gpu_moe
+
+    g = torch.Generator().manual_seed(27)
+    R, K, N, D, I = 200, 10, 32, 4096, 1024
+    x = torch.randn(R, D, generator=g).half()
+    idx = torch.stack([torch.randperm(N, generator=g)[:K] for _ in range(R)])
+    weights = torch.softmax(torch.randn(R, K, generator=g), -1).half()
+    gate_up = (torch.randn(N, 2 * I, D, generator=g) / D**0.5).half()
+    down = (torch.randn(N, D, I, generator=g) / I**0.5).half()
+    assert gpu_moe.grouped_usable(x.cuda())
+    fast, ref, *_ = cuda_and_reference(kernels.moe_experts, x, idx, weights, gate_up, down)
+    assert close(fast, ref, TOLERANCE[torch.bfloat16]), error(fast, ref)
+
+
 @pytest.mark.parametrize("rows", [1, 8])
 def test_routed_experts_for_few_rows_at_the_flagships_widths(rows):
     """Decode-sized batches take kernels.gpu.moe's few-rows kernels (hidden 4096, intermediate 1024,
@@ -153,13 +170,14 @@ def test_routed_experts_for_few_rows_at_the_flagships_widths(rows):
     assert torch.equal(kernels.moe_experts(x_, idx_, weights_, *fast_args[3:]), fast[-1:])
 
 
-@pytest.mark.parametrize("rows", [1, 64])
+@pytest.mark.parametrize("rows", [1, 64, 512])
 def test_fp8_banks_at_the_flagships_widths(rows):
     """An FP8 bank as Qwen stores it (e4m3, 128 x 128 block scales), kept so on this GPU when it has
-    e4m3: the few-rows kernels (1 row) and the bank dequantised by Triton (64 rows) give the bits of
-    the bank dequantised at load by torch."""
+    e4m3: the few-rows kernels (1 row) give the bits of the bank dequantised at load by torch, the
+    grouped kernels (64 and 512 rows) its results within bf16's tolerance, and the experts hit
+    dequantised by Triton (their fallback) its bits."""
     from cluster.model.quantization import quantize
-    from kernels.moe import Fp8Scales, dequantize_blocks, fp8_banks_supported
+    from kernels.moe import Fp8Scales, dequantize_blocks, fp8_banks_supported, moe_experts_dequantised
 
     if not fp8_banks_supported("cuda", torch.bfloat16):
         pytest.skip("this GPU has no e4m3 (sm_89+) or no Triton: FP8 checkpoints are dequantised at load")
@@ -173,7 +191,9 @@ def test_fp8_banks_at_the_flagships_widths(rows):
     exact = [dequantize_blocks(w, s, (128, 128)).bfloat16().cuda() for w, s in ((gate_up, gate_up_s), (down, down_s))]
     scales = Fp8Scales(gate_up_s.cuda(), down_s.cuda(), (128, 128))
     fp8 = kernels.moe_experts(x, idx, weights, gate_up.cuda(), down.cuda(), False, scales)
-    assert torch.equal(fp8, kernels.moe_experts(x, idx, weights, *exact))
+    bf16 = kernels.moe_experts(x, idx, weights, *exact)
+    assert torch.equal(fp8, bf16) if rows == 1 else error(fp8, bf16) <= TOLERANCE[torch.bfloat16]
+    assert torch.equal(moe_experts_dequantised(x, idx, weights, gate_up.cuda(), down.cuda(), False, scales), bf16)
 
 
 @pytest.mark.parametrize("partial", [False, True])

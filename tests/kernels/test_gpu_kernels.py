@@ -267,6 +267,54 @@ def test_decode_sized_batches_take_the_few_rows_kernels_and_larger_ones_the_grou
         assert len(few_rows) == expected and close(out, moe_experts_reference(*args), TOLERANCE[torch.bfloat16])
 
 
+def test_grouped_tiles_cover_each_expert_s_pairs_once_and_never_span_two():
+    """The grouped kernels' tiles (kernels.gpu.moe.tiles_by_expert), sized without a host sync: every
+    pair of the groups in exactly one tile of its own expert, empty groups none, tiles past the last -1."""
+    pytest.importorskip("triton")
+    from kernels.gpu import moe as gpu_moe
+
+    g = torch.Generator().manual_seed(3)
+    for N, block_m in ((1, 16), (7, 16), (40, 64)):
+        counts = torch.randint(0, 150, (N,), generator=g) * (torch.rand(N, generator=g) > 0.3)
+        ends = counts.cumsum(0).to(torch.int32)
+        P = int(ends[-1]) + 5  # 5 pairs outside the bank, sorted past every group
+        expert, first = gpu_moe.tiles_by_expert(ends, P, block_m)
+        assert expert.numel() == -(-P // block_m) + min(N, P)
+        owner = torch.full((P,), -1)
+        for e, f in zip(expert.tolist(), first.tolist()):
+            if e >= 0:
+                pairs = torch.arange(f, min(f + block_m, int(ends[e])))
+                assert pairs.numel() > 0 and (owner[pairs] == -1).all()
+                owner[pairs] = e
+        assert torch.equal(owner[: int(ends[-1])], torch.repeat_interleave(torch.arange(N), counts))
+        assert (expert[(expert >= 0).sum():] == -1).all()
+
+
+@OVERFLOW_IN_UNWRITTEN_ROWS
+@pytest.mark.parametrize("dtype, shape, block", [  # R K N D I; an FP8 bank's block, None: the bank as is
+    (torch.float16, (9, 10, 12, 200, 40), None),  # ragged tiles both ways, 16 pairs a tile
+    (torch.float32, (128, 2, 2, 64, 48), None),  # 64 pairs a tile, several tiles an expert
+    (torch.bfloat16, (9, 10, 12, 200, 40), (16, 40)),  # a tile across block columns: scales a weight
+    (torch.bfloat16, (12, 8, 6, 512, 160), (64, 256))])  # tiles half a block column wide
+def test_grouped_kernels_match_the_reference(interpreter, monkeypatch, dtype, shape, block):
+    """The grouped path (pairs sorted by expert, both GEMMs as tiled Triton kernels reading the bank
+    as stored, x gathered and SwiGLU fused in the first) against the reference over the bank it holds
+    (an FP8 one: its weights dequantised); fp32 to fp32's tolerance."""
+    from kernels.gpu import moe as gpu_moe
+    from kernels.moe import moe_experts_reference, moe_experts_triton
+
+    x, idx, weights, gate_up, down = few_rows_inputs(*shape, dtype=dtype)
+    scales = None
+    if block is not None:
+        gate_up, down, scales, *exact = fp8_bank(gate_up, down, block)
+    ref = moe_experts_reference(x, idx, weights, *(exact if block else (gate_up, down)))
+    launched, real_launch = [], gpu_moe.GROUPED.launch
+    monkeypatch.setattr(gpu_moe.GROUPED, "launch", lambda run: launched.append(run) or real_launch(run))
+    out = moe_experts_triton(x, idx, weights, gate_up, down, False, scales)
+    assert launched and out.dtype == dtype
+    assert close(out, ref, TOLERANCE[torch.float32 if dtype == torch.float32 else torch.bfloat16])
+
+
 def fp8_bank(gate_up, down, block):
     """gate_up, down quantized as Qwen's FP8 checkpoints store them, and the bank they encode in the
     original's dtype."""
@@ -285,7 +333,8 @@ def test_fp8_banks_give_the_bits_of_the_bank_they_encode(interpreter, monkeypatc
     """An FP8 bank kept as stored, its block scales ragged or Qwen's 128 x 128: the few-rows kernels
     (each weight times its block's scale rounded to bf16 as it loads) and the Triton dequantisation
     give the bits of the bank dequantised at load; moe_experts takes the few-rows kernels up to 80
-    pairs and dequantises the experts hit past them (12 and 90 pairs here)."""
+    pairs (12 here), past them (90) the grouped kernels, or where those do not build the experts hit
+    dequantised for the grouped GEMMs (then the bits of the bank dequantised at load)."""
     import kernels
     from kernels.gpu import moe as gpu_moe
     from kernels.moe import moe_experts_reference
@@ -302,17 +351,30 @@ def test_fp8_banks_give_the_bits_of_the_bank_they_encode(interpreter, monkeypatc
     monkeypatch.setattr(gpu_moe.OP, "usable", lambda t: True)
     monkeypatch.setattr(gpu_moe.DEQUANTIZE, "usable_for", lambda device, dtype: True)
     idx = torch.where(idx < N // 2, idx, -1)  # half the experts not hit: not dequantised
+    reference = moe_experts_reference(x, idx, weights, gate_up_exact, down_exact)
+    monkeypatch.setattr(gpu_moe.GROUPED, "usable", lambda t: True)
+    grouped, real_launch = [], gpu_moe.GROUPED.launch
+    monkeypatch.setattr(gpu_moe.GROUPED, "launch", lambda run: grouped.append(run) or real_launch(run))
+    assert close(kernels.moe_experts(x, idx, weights, gate_up_q, down_q, False, scales), reference,
+                 TOLERANCE[torch.bfloat16]) and len(grouped) == (idx.numel() > gpu_moe.FEW_ROWS_MAX_PAIRS)
+    monkeypatch.setattr(gpu_moe.GROUPED, "launch", build_fails)
     out = kernels.moe_experts(x, idx, weights, gate_up_q, down_q, False, scales)
     assert torch.equal(out, kernels.moe_experts(x, idx, weights, gate_up_exact, down_exact))
-    assert close(out, moe_experts_reference(x, idx, weights, gate_up_exact, down_exact), TOLERANCE[torch.bfloat16])
+    assert close(out, reference, TOLERANCE[torch.bfloat16])
+
+
+def build_fails(run):
+    from kernels.gpu.triton_guard import KernelUnavailable
+
+    raise KernelUnavailable("did not build here")
 
 
 def test_the_kernels_build_for_hopper_and_ampere(tmp_path):
     """Triton's compiler and its ptxas build each kernel in the configurations the engine launches
     (tests/kernels/triton_build.py: the flagship's heads and a toy's; bf16, fp8 and fp32 caches; decode
-    and prefill; the routed experts' passes, over bf16 and FP8 banks) into sm_90 and sm_80 cubins, no
-    GPU needed, each within its card's shared memory and without spilling registers (the tile sizes of
-    kernels.gpu.attention.launch_plan were chosen so)."""
+    and prefill; the routed experts' passes and kernels over bf16, fp16 and FP8 banks) into sm_90 and
+    sm_80 cubins, no GPU needed, each within its card's shared memory and without spilling registers
+    (the tile sizes of kernels.gpu.attention.launch_plan and kernels.gpu.moe were chosen so)."""
     pytest.importorskip("triton")
     from tests.kernels.triton_build import SHARED_MEMORY
 
@@ -321,9 +383,10 @@ def test_the_kernels_build_for_hopper_and_ampere(tmp_path):
                          cwd=Path(__file__).parents[2], capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-4000:]
     built = [json.loads(line) for line in run.stdout.splitlines()]
-    kernels = ("_attend", "_merge", "_decode_step", "_swiglu", "_weighted_sum", "_experts_up", "_experts_down")
+    kernels = ("_attend", "_merge", "_decode_step", "_swiglu", "_weighted_sum", "_experts_up", "_experts_down",
+               "_grouped_up", "_grouped_down")
     assert {(b["kernel"], b["arch"]) for b in built} == {(k, a) for k in kernels for a in (90, 80)} | {
         ("_dequantize", 90)}  # FP8 banks: sm_89+
-    assert len(built) == 51  # sm_90 also builds the few-rows kernels over FP8 banks
+    assert len(built) == 59  # sm_90 also builds the few-rows and grouped kernels over FP8 banks
     for b in built:
         assert b["shared"] <= SHARED_MEMORY[b["arch"]] and b["spill_bytes"] == 0, b

@@ -26,11 +26,18 @@ from kernels.gpu import attention, delta_rule, moe
 SHARED_MEMORY = {90: 232_448, 80: 166_912}  # bytes a block may use (H100 / H200, A100)
 
 
+# kernels whose every pointer, size and stride is a multiple of 16 at the flagship's widths, as their
+# launches there find (Triton's launcher specialises such arguments: aligned, vectorised loads)
+ALIGNED = ("_grouped_up", "_grouped_down")
+
+
 def build(fn, types: dict, constexprs: dict, arch: int, num_warps: int = 4) -> dict:
     """The kernel compiled for sm_<arch>: its shared memory, and ptxas's count of registers and of
     bytes spilled to local memory per thread."""
     signature = {name: "constexpr" if name in constexprs else types.get(name, "i32") for name in fn.arg_names}
-    kernel = triton.compile(ASTSource(fn, signature, constexprs), target=GPUTarget("cuda", arch, 32),
+    attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
+             if fn.__name__ in ALIGNED and signature[name] != "constexpr"}
+    kernel = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=GPUTarget("cuda", arch, 32),
                             options={"num_warps": num_warps})
     with tempfile.NamedTemporaryFile("w", suffix=".ptx") as ptx:
         ptx.write(kernel.asm["ptx"])
@@ -82,6 +89,17 @@ def configurations(arch: int):
                                 "Act": "*bf16"}, dict(K=10, **tiles), 4
         yield moe._experts_down, {"Act": "*bf16", "Idx": "*i64", "Down": f"*{bank}", "Scale": scale,
                                   "Out": "*bf16"}, tiles, 4
+    # the grouped kernels over FP8 banks (decode-batch and prefill tiles) and over fp16 banks
+    for bank, block_m in ([("fp8e4nv", 16), ("fp8e4nv", 64)] if arch >= 89 else []) + [("fp16", 64)]:
+        scaled, x = bank != "fp16", "bf16" if bank != "fp16" else "fp16"
+        tiles = dict(BLOCK_M=block_m, BLOCK_N=moe.GROUPED_BLOCK_N, BLOCK_K=128, SCALED=scaled, B0=128, B1=128,
+                     WIDEN=False)
+        scale = "*fp32" if scaled else f"*{bank}"
+        tables = {"TileExpert": "*i32", "TileStart": "*i32", "Ends": "*i32"}
+        yield moe._grouped_up, {"X": f"*{x}", "Order": "*i64", **tables, "GateUp": f"*{bank}", "Scale": scale,
+                                "Act": f"*{x}"}, dict(K=10, **tiles), 4
+        yield moe._grouped_down, {"Act": f"*{x}", **tables, "Down": f"*{bank}", "Scale": scale,
+                                  "Out": f"*{x}"}, tiles, 4
     if arch >= 89:
         yield moe._dequantize, {"W": "*fp8e4nv", "Scale": "*fp32", "Wanted": "*i32", "Out": "*bf16"}, dict(
             B0=128, B1=128, BLOCK_R=moe.DEQUANTIZE_TILE[0], BLOCK_C=moe.DEQUANTIZE_TILE[1]), 4

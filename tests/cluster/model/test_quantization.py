@@ -47,12 +47,13 @@ def test_fp8_checkpoint_gives_the_logits_of_its_dequantised_weights(make_checkpo
 
 
 @pytest.mark.parametrize("shape", [FEW_EXPERTS, TIED_FUSED], ids=["per-expert", "fused-experts"])
-def test_fp8_experts_kept_as_stored_give_the_bits_of_their_dequantised_weights(make_checkpoint, tmp_path, shape,
-                                                                                gpu_kernels_on_cpu, monkeypatch):
+def test_fp8_experts_kept_as_stored_compute_with_their_dequantised_weights(make_checkpoint, tmp_path, shape,
+                                                                           gpu_kernels_on_cpu, monkeypatch):
     """Where the GPU path runs (here its Triton kernels on CPU tensors through the interpreter,
     fp32), an FP8 checkpoint's experts stay FP8 (a quarter of the fp32 bytes): decode steps read
-    them in the few-rows kernels, prefill steps dequantise the bank; scores and greedy tokens the
-    same bits as its dequantised copy's; the memory plan counts the bytes they take."""
+    them in the few-rows kernels (greedy tokens the same bits as its dequantised copy's), prefill
+    steps in the grouped kernels (scores within 1e-4 of the copy's); the memory plan counts the
+    bytes they take."""
     from cluster.engine import engine
     from cluster.engine.memory_plan import dense_parameters
     from cluster.model import loading
@@ -74,12 +75,13 @@ def test_fp8_experts_kept_as_stored_give_the_bits_of_their_dequantised_weights(m
         plan = llm.engine.memory_plan.attention  # one process: the dense weights and every expert
         assert plan.weights - dense_parameters(llm.config) * 4 == llm.engine.executor.expert_bytes
         assert (plan.workspace > 0) == kept
-        runs.append((llm.engine.executor.expert_bytes, llm.score([list(range(10, 55))]),  # 90 pairs: dequantised
+        runs.append((llm.engine.executor.expert_bytes, llm.score([list(range(10, 55))]),  # 90 pairs: grouped
                      [c.token_ids for c in llm.generate([PROMPTS[0], PROMPTS[2]], params)]))  # few rows
     (exact_bytes, exact_scores, exact_tokens), (fp8_bytes, fp8_scores, fp8_tokens) = runs
     assert fp8_bytes < exact_bytes / 3.9
-    assert all(torch.equal(a, b) for a, b in zip(fp8_scores, exact_scores)) and fp8_tokens == exact_tokens
-    assert {gpu_moe.OP.name, gpu_moe.FEW_ROWS.name, gpu_moe.DEQUANTIZE.name} <= gpu_kernels_on_cpu
+    assert max((a - b).abs().max().item() for a, b in zip(fp8_scores, exact_scores)) <= 1e-4
+    assert fp8_tokens == exact_tokens
+    assert {gpu_moe.OP.name, gpu_moe.FEW_ROWS.name, gpu_moe.GROUPED.name} <= gpu_kernels_on_cpu
 
 
 def test_fp8_on_expert_workers_matches_one_process(ray_cluster, make_checkpoint, tmp_path):
