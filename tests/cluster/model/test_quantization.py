@@ -47,7 +47,23 @@ def test_fp8_checkpoint_gives_the_logits_of_its_dequantised_weights(make_checkpo
 
 
 @pytest.mark.parametrize("shape", [FEW_EXPERTS, TIED_FUSED], ids=["per-expert", "fused-experts"])
-def test_fp8_experts_kept_as_stored_compute_with_their_dequantised_weights(make_checkpoint, tmp_path, shape,
+def test_fp8_experts_read_as_stored_encode_their_dequantised_weights(make_checkpoint, tmp_path, shape):
+    """Either layout's experts read as stored (per-expert gate and up blocks stacked into gate_up's):
+    FP8 weights and block scales whose product is what the dequantised copy stores."""
+    from cluster.model.checkpoint import CheckpointReader
+    from kernels.moe import dequantize_blocks
+
+    fp8, exact = tmp_path / "fp8", tmp_path / "exact"
+    write_fp8_checkpoint(make_checkpoint(shape), fp8, block=(16, 40), dequantised=exact)
+    ids, dims = [5, 0, 3], (shape.num_experts, shape.hidden, shape.moe_intermediate)
+    gate_up, down, scales = CheckpointReader(fp8).read_experts_fp8(1, ids, *dims)
+    want = CheckpointReader(exact).read_experts(1, ids, *dims)
+    assert gate_up.dtype == down.dtype == torch.float8_e4m3fn and scales.block == (16, 40)
+    got = (dequantize_blocks(gate_up, scales.gate_up, scales.block), dequantize_blocks(down, scales.down, scales.block))
+    assert all(torch.equal(g, w.float()) for g, w in zip(got, want))
+
+
+def test_fp8_experts_kept_as_stored_compute_with_their_dequantised_weights(make_checkpoint, tmp_path,
                                                                            gpu_kernels_on_cpu, monkeypatch):
     """Where the GPU path runs (here its Triton kernels on CPU tensors through the interpreter,
     fp32), an FP8 checkpoint's experts stay FP8 (a quarter of the fp32 bytes): decode steps read
@@ -64,8 +80,8 @@ def test_fp8_experts_kept_as_stored_compute_with_their_dequantised_weights(make_
     for op in (gpu_attention.OP, gpu_delta_rule.OP):  # the routed experts' kernels only: quicker
         monkeypatch.setattr(op, "unavailable", "not under test")
 
-    fp8, exact = tmp_path / "fp8", tmp_path / "exact"
-    write_fp8_checkpoint(make_checkpoint(shape), fp8, block=(16, 40), dequantised=exact)  # I = 32: 2 block rows
+    fp8, exact = tmp_path / "fp8", tmp_path / "exact"  # the layout read: the test above
+    write_fp8_checkpoint(make_checkpoint(FEW_EXPERTS), fp8, block=(16, 40), dequantised=exact)  # I = 32: 2 block rows
     params = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
     runs = []
     for model_dir, kept in ((exact, False), (fp8, True)):
