@@ -171,13 +171,11 @@ if triton is not None:
         as stored, or (SCALED) FP8 times its blocks' scales (row_scales: each row's first block
         scale), rounded to dtype as a bank dequantised at load holds it. A tile within one block
         column (Qwen's 128-wide blocks) reads one scale a row."""
-        w = tl.load(w_ptrs, mask=mask, other=0.0)
-        if SCALED:
-            if B1 % BLOCK_K == 0:
-                scale = tl.load(row_scales + start // B1, mask=n_ok, other=0.0).to(tl.float32)[:, None]
-            else:
-                scale = tl.load(row_scales[:, None] + (col // B1)[None, :], mask=mask, other=0.0).to(tl.float32)
-            w = round_to(w.to(tl.float32) * scale, dtype)
+        if SCALED and B1 % BLOCK_K == 0:
+            w = tl.load(w_ptrs, mask=mask, other=0.0).to(tl.float32)
+            w = round_to(w * tl.load(row_scales + start // B1, mask=n_ok, other=0.0).to(tl.float32)[:, None], dtype)
+        else:  # as stored, or a scale an element as the few-rows kernels read them
+            w = _weights(w_ptrs, row_scales[:, None] + (col // B1)[None, :], mask, SCALED, dtype)
         return w.to(dtype)
 
     @triton.jit
