@@ -15,7 +15,9 @@ import itertools
 import torch
 from torch import nn
 
-from kernels import causal_conv1d, delta_rule, deltanet_mixer, fuse_weights, gated_rms_norm, linear, one_call
+from kernels import (
+    causal_conv1d, delta_rule, deltanet_mixer, fuse_weights, gated_rms_norm, linear, one_call, weight_of,
+)
 
 from .cache import DeltaNetStateCache, ForwardBatch, SpeculativeRollback
 from .norm import GatedRMSNorm
@@ -53,12 +55,14 @@ class GatedDeltaNet(nn.Module):
         self.norm = GatedRMSNorm(value_head_dim, eps)
         self.out_proj = nn.Linear(self.value_dim, hidden_size, bias=False)
         self.in_proj: torch.Tensor | None = None  # [C + H * dv + 2H, D] once fused
+        self.out_weight: torch.Tensor | None = None  # once fused: out_proj's weight as kernels.linear takes it
         self.one_call_weights: tuple | None = None  # once fused: deltanet_mixer's weight arguments
 
     def fuse(self) -> None:
         """After loading: one matmul for qkv, z, b and a; the weights as the one-call op takes them
         (a plain tuple: no module attribute lookups per step)."""
         self.in_proj = fuse_weights(self.in_proj_qkv, self.in_proj_z, self.in_proj_b, self.in_proj_a)
+        self.out_weight = weight_of(self.out_proj)
         self.one_call_weights = (self.in_proj, self.conv1d.weight.view(self.conv_channels, -1), self.A_log,
                                  self.dt_bias, self.norm.weight, self.norm.eps, self.out_proj.weight)
 
@@ -80,7 +84,7 @@ class GatedDeltaNet(nn.Module):
         out = self._mix(qkv, a, b, batch.states, batch.slots, batch.out_slots, batch.query_start, batch.query_lens,
                         batch.num_decodes)
         normed = gated_rms_norm(out, z.view(T, H, dv), self.norm.weight, self.norm.eps)
-        return linear(normed.view(T, self.value_dim), self.out_proj.weight)
+        return linear(normed.view(T, self.value_dim), self.out_weight)
 
     def _mix(self, qkv, a, b, states, slots, out_slots, query_start, query_lens: list[int],
              num_decodes: int) -> torch.Tensor:

@@ -11,7 +11,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kernels import attention_mixer, fuse_weights, linear, one_call, paged_attention, qk_norm_rope, write_kv
+from kernels import (
+    attention_mixer, fuse_weights, linear, one_call, paged_attention, qk_norm_rope, weight_of, write_kv,
+)
 
 from .cache import ForwardBatch
 from .norm import RMSNorm
@@ -40,12 +42,14 @@ class GatedAttention(nn.Module):
         self.k_norm = RMSNorm(head_dim, eps)
         self.rotary = rotary  # shared by all attention layers; holds no weights
         self.qkv: torch.Tensor | None = None  # [2 H hd + 2 KV hd, D] once fused
+        self.o_weight: torch.Tensor | None = None  # once fused: o_proj's weight as kernels.linear takes it
         self.one_call_weights: tuple | None = None  # once fused: attention_mixer's weight arguments
 
     def fuse(self) -> None:
         """After loading: one matmul for q (with its gate), k and v; the weights as the one-call op
         takes them (a plain tuple: no module attribute lookups per step)."""
         self.qkv = fuse_weights(self.q_proj, self.k_proj, self.v_proj)
+        self.o_weight = weight_of(self.o_proj)
         self.one_call_weights = (self.qkv, self.q_norm.weight, self.k_norm.weight, self.q_norm.eps)
 
     def forward(self, x_TD: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
@@ -64,4 +68,4 @@ class GatedAttention(nn.Module):
         out = paged_attention(query, key_cache, value_cache, batch.block_tables, batch.query_start,
                               batch.context_lens, hd**-0.5, batch.query_lens)
         width = H * hd
-        return linear(out.reshape(T, width) * torch.sigmoid(gate.reshape(T, width)), self.o_proj.weight)
+        return linear(out.reshape(T, width) * torch.sigmoid(gate.reshape(T, width)), self.o_weight)

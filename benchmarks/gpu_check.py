@@ -49,6 +49,10 @@ builds them), through the real engine (scheduler, runner, kernels, sampler):
      at every size (few-rows, grouped, the experts hit dequantised for torch's grouped GEMMs), the
      grouped Triton kernels over bf16 beside torch's grouped GEMMs, TFLOP/s at 512 and 4096 rows,
      the whole bank's dequantisation alone, and how far FP8's outputs are from bf16's.
+ 15. a dense linear layer of an FP8 checkpoint kept FP8 (DeltaNet's fused in_proj_qkv and z,
+     through kernels.linear: the few-rows kernel up to 8 rows, tiles of rows past them) against
+     bf16 F.linear over it dequantised at load: us a call at 1-4096 rows, weight GB/s at 1 and 8
+     rows, TFLOP/s at 512 and 4096, and how far FP8's outputs are from bf16's.
 Each part records its figures as it goes; a part that fails is reported and the next one runs.
 The CUDA kernel tests: `python -m pytest tests/kernels/test_cuda.py` (skipped without a GPU).
 Prints a table and, with --json, writes the figures.
@@ -66,8 +70,8 @@ import traceback
 from pathlib import Path
 
 import torch
-from gpu_probes import (card_spec, copy_bandwidth, delta_rule_decode, dense_tflops, fp8_block_gemm, grouped_gemm,
-                        paged_attention, routed_experts_few_rows, routed_experts_fp8, sync)
+from gpu_probes import (card_spec, copy_bandwidth, delta_rule_decode, dense_fp8, dense_tflops, fp8_block_gemm,
+                        grouped_gemm, paged_attention, routed_experts_few_rows, routed_experts_fp8, sync)
 
 from gpu_slice import RandomWeightsExecutor, slice_dir
 
@@ -435,6 +439,7 @@ def main() -> None:
         section("routed_experts_few_rows",
                 lambda found: found.update(routed_experts_few_rows(cfg, device, args.smoke)))
     section("routed_experts_fp8", lambda found: found.update(routed_experts_fp8(cfg, device, args.smoke)))
+    section("dense_fp8", lambda found: found.update(dense_fp8(cfg, device, args.smoke)))
     section("long_context", long_context)
     figures["seconds"] = time.perf_counter() - started
 

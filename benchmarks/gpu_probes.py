@@ -207,6 +207,42 @@ def routed_experts_fp8(cfg: ModelConfig, device: str, smoke: bool = False) -> di
     return found
 
 
+def dense_fp8(cfg: ModelConfig, device: str, smoke: bool = False) -> dict:
+    """A dense linear layer of an FP8 checkpoint kept FP8 as Qwen stores it (DeltaNet's in_proj_qkv
+    and in_proj_z fused: 2 key dims + 2 value dims by hidden, 128 x 128 block scales, random)
+    through kernels.linear (few-rows kernel up to 8 rows, tiles of rows past them) against bf16
+    F.linear over the weight dequantised at load: us a call at 1-4096 rows both ways, GB/s of
+    weight read at 1 and 8 rows, TFLOP/s at 512 and 4096, and how far FP8's outputs are from bf16's
+    (on a CPU the weight is dequantised for each call: bf16's bits)."""
+    import torch.nn.functional as F
+
+    from kernels import Fp8Weight, linear
+    from kernels.moe import dequantize_bank
+
+    D = cfg.hidden_size
+    keys = cfg.linear_num_key_heads * cfg.linear_key_head_dim
+    N = 2 * (keys + cfg.linear_num_value_heads * cfg.linear_value_head_dim)  # q, k, v, z
+    block = (128, 128)
+    weight = torch.randn(N, D, dtype=torch.bfloat16, device=device).to(torch.float8_e4m3fn)
+    scale = torch.rand(-(-N // block[0]), -(-D // block[1]), device=device) / (100 * math.sqrt(D))
+    fp8 = Fp8Weight(weight, scale, block)
+    bf16 = dequantize_bank(weight[None], scale[None], block, torch.bfloat16)[0]
+    found = {}
+    for rows in (1, 16) if smoke else (1, 8, 64, 512, 4096):
+        x = torch.randn(rows, D, dtype=torch.bfloat16, device=device)
+        difference = linear(x, fp8).float() - F.linear(x, bf16).float()
+        found[f"dense_fp8_max_abs_diff_{rows}"] = difference.abs().max().item()
+        for name, run, weight_bytes in (("fp8", lambda: linear(x, fp8), weight.nbytes + scale.nbytes),
+                                        ("bf16", lambda: F.linear(x, bf16), bf16.nbytes)):
+            seconds = seconds_per_call(run, device, 3 if smoke else 50)
+            found[f"dense_{name}_us_{rows}"] = seconds * 1e6
+            if rows <= 8:
+                found[f"dense_{name}_weight_gb_s_{rows}"] = weight_bytes / seconds / 1e9
+            if rows >= 512:
+                found[f"dense_{name}_tflops_{rows}"] = 2 * rows * N * D / seconds / 1e12
+    return found
+
+
 def dense_tflops(device: str, n: int = 8192) -> float:
     """bf16 TFLOP/s of one n x n x n matmul on random data: the card's attainable matrix rate."""
     a, b = (torch.randn(n, n, device=device, dtype=torch.bfloat16) for _ in range(2))

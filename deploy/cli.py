@@ -369,6 +369,8 @@ def cmd_plan(args) -> int:
     from cluster.config import ClusterConfig, ModelConfig, resolve_dtype
     from cluster.engine.cache_plan import CacheConfig, plan_cache
     from cluster.engine.memory_plan import FLAGSHIP, GIB, plan_instance
+    from cluster.model.checkpoint import CheckpointReader
+    from cluster.model.loading import fp8_dense_names
     from cluster.model.quantization import read_quantization
 
     cfg = ModelConfig.from_dict(FLAGSHIP) if args.model is None else ModelConfig.from_pretrained(args.model)
@@ -383,8 +385,11 @@ def cmd_plan(args) -> int:
     quantization = read_quantization(args.model) if args.model is not None else None
     fp8_block = quantization.block if quantization else (128, 128) if args.fp8 else None
     fp8_block = fp8_block if dtype_bytes == 2 else None
-    plan = plan_instance(cfg, layout, dtype_bytes, cluster, args.max_num_batched_tokens, fp8_block)
-    experts = f", experts FP8 ({fp8_block[0]}x{fp8_block[1]} blocks)" if fp8_block else ""
+    reader = CheckpointReader(args.model) if args.model is not None else None  # None: as Qwen's FP8 release
+    fp8_dense = fp8_dense_names(cfg, reader) if fp8_block is not None else []
+    plan = plan_instance(cfg, layout, dtype_bytes, cluster, args.max_num_batched_tokens, fp8_block, fp8_dense)
+    experts = (f", experts and {len(fp8_dense)} dense linear layers FP8 ({fp8_block[0]}x{fp8_block[1]} blocks)"
+               if fp8_block else "")
     print(f"{args.model or 'Qwen3.5-397B-A17B (flagship shape)'}, {args.dtype}{experts}: "
           f"{args.attention_workers} attention + {args.expert_workers} expert workers; {args.max_num_seqs} "
           f"sequences, {layout.num_blocks} KV blocks of {layout.block_size} tokens per attention worker")

@@ -24,7 +24,8 @@ when installed).
 (**) when `one_call(x)`: the same kernels in the same order as the model's op-by-op path (their
 reference: the same bits), without the Python and small tensor calls between them.
 (***) when `one_call_forward(x)`: the sublayers' composites above, layer after layer (the same bits).
-`fuse_weights` concatenates sibling projections (q/k/v, gate/up, ...) for one matmul each.
+`fuse_weights` concatenates sibling projections (q/k/v, gate/up, ...) for one matmul each (FP8
+weights kept as stored, `Fp8Weight`, with their scales); `weight_of` is a layer's weight as `linear` takes it.
 Functions marked `@glue` (backend.glue: the plain-torch work between GEMMs and kernels) run through
 torch.compile inside `compiled_glue()`, which CUDA decode graphs enter while capturing.
 """
@@ -35,17 +36,17 @@ from .backend import (
 )
 from .conv import causal_conv1d
 from .delta_rule import delta_rule, delta_rule_decode, delta_rule_prefill
-from .fuse import fuse_weights
+from .fuse import fuse_weights, weight_of
 from .layers import ATTENTION_LAYER, DELTANET_LAYER, attention_mixer, decoder_layers, deltanet_mixer, moe_block
-from .linear import linear
+from .linear import Fp8Weight, linear
 from .moe import add_shared_expert, moe_experts, topk_softmax
 from .norms import add_rms_norm, gated_rms_norm, rms_norm
 from .sampling import SamplingTensors, sample, uniform_draw
 
 __all__ = [
-    "ATTENTION_LAYER", "DELTANET_LAYER", "SamplingTensors", "add_rms_norm", "add_shared_expert", "attention_mixer",
-    "causal_conv1d", "cpu_kernels_loaded", "decoder_layers", "delta_rule", "delta_rule_decode",
+    "ATTENTION_LAYER", "DELTANET_LAYER", "Fp8Weight", "SamplingTensors", "add_rms_norm", "add_shared_expert",
+    "attention_mixer", "causal_conv1d", "cpu_kernels_loaded", "decoder_layers", "delta_rule", "delta_rule_decode",
     "delta_rule_prefill", "deltanet_mixer", "fuse_weights", "gated_rms_norm", "linear", "moe_block", "moe_experts",
     "one_call", "one_call_forward", "paged_attention", "qk_norm_rope", "reference_kernels", "rms_norm", "sample",
-    "separate_layers", "separate_sublayers", "topk_softmax", "uniform_draw", "write_kv",
+    "separate_layers", "separate_sublayers", "topk_softmax", "uniform_draw", "weight_of", "write_kv",
 ]

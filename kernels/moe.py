@@ -239,4 +239,7 @@ def add_shared_expert(x_TD, gate_up, down, gate_logit_T1, routed_TD) -> torch.Te
     expert (gate_up [2I, D], down [D, I]) joined to the routed experts' sum, in one C++ call."""
     if native(x_TD):
         return torch.ops.epserve.shared_expert(x_TD, gate_up, down, gate_logit_T1, routed_TD)
-    return add_shared_expert_reference(x_TD, gate_up, down, gate_logit_T1, routed_TD)
+    if isinstance(gate_up, torch.Tensor) and isinstance(down, torch.Tensor):
+        return add_shared_expert_reference(x_TD, gate_up, down, gate_logit_T1, routed_TD)
+    # FP8 weights kept as stored (kernels.linear's Triton kernels): its steps eager, not compiled glue
+    return add_shared_expert_reference.__wrapped__(x_TD, gate_up, down, gate_logit_T1, routed_TD)

@@ -47,7 +47,7 @@ class MoELayer(nn.Module):
         """After loading: the router and the shared expert's gate as one matmul."""
         self.router = fuse_weights(self.gate, self.shared_expert_gate)
         self.shared_expert.fuse()
-        self.shared_weights = (self.shared_expert.gate_up, self.shared_expert.down_proj.weight)
+        self.shared_weights = (self.shared_expert.gate_up, self.shared_expert.down)
 
     def _phase(self, name: str):
         return self.timer.phase(name) if self.timer is not None else nullcontext()

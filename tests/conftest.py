@@ -44,8 +44,8 @@ def make_checkpoint(tmp_path_factory):
 @pytest.fixture
 def gpu_kernels_on_cpu(monkeypatch) -> set[str]:
     """kernels.gpu's Triton kernels run wherever a GPU would run them, here on CPU tensors through
-    Triton's interpreter (the C++ kernels off; the few-rows and grouped routed-expert kernels allowed
-    fp32, the parity dtype): returns the set of the ops launched, filled as they launch."""
+    Triton's interpreter (the C++ kernels off; the few-rows, grouped and dense FP8 kernels allowed fp32,
+    the parity dtype): returns the set of the ops launched, filled as they launch."""
     pytest.importorskip("triton")
     if os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("a GPU is here: tests/kernels/test_cuda.py runs the engine through the compiled kernels")
@@ -68,6 +68,7 @@ def gpu_kernels_on_cpu(monkeypatch) -> set[str]:
     monkeypatch.setattr(TritonOp, "launch", recorded)
     monkeypatch.setattr(gpu_moe.FEW_ROWS, "dtypes", (torch.float32,))
     monkeypatch.setattr(gpu_moe.GROUPED, "dtypes", (torch.float32,))
+    monkeypatch.setattr(gpu_moe.DENSE_FP8, "dtypes", (torch.float32,))
     return launched
 
 

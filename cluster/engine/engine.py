@@ -25,7 +25,8 @@ from vision import PreparedImage
 
 from .cache_plan import CacheConfig, plan_cache
 from ..config import ClusterConfig, ConfigError, ModelConfig, RebalanceConfig, SpeculativeConfig, resolve_dtype
-from ..model.checkpoint import with_mtp
+from ..model.checkpoint import CheckpointReader, with_mtp
+from ..model.loading import fp8_dense_names
 from ..model.quantization import read_quantization
 from ..worker import decode_graphs
 from .executors.local import LocalExecutor
@@ -97,8 +98,9 @@ class EngineCore(PlacementControl):
         device = self.cluster.resolve_device(self.cluster.wants_ray or torch.cuda.is_available())
         quantization = read_quantization(self.model_dir)
         fp8_block = quantization.block if quantization and fp8_banks_supported(device, getattr(torch, dtype)) else None
+        fp8_dense = fp8_dense_names(self.config, CheckpointReader(self.model_dir)) if fp8_block else []
         self.memory_plan = plan_instance(self.config, self.layout, dtype_bytes, self.cluster,
-                                         self.scheduler_config.max_num_batched_tokens, fp8_block)
+                                         self.scheduler_config.max_num_batched_tokens, fp8_block, fp8_dense)
         log.info("memory plan per worker:\n%s", self.memory_plan.describe())
         if self.cluster.wants_ray:
             self.executor = RayExecutor(self.config, self.model_dir, dtype, self.cluster, self.layout,

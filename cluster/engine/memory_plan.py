@@ -1,20 +1,23 @@
 """What each worker of a model instance holds in device memory, planned before anything loads.
 
-Per attention worker: the dense weights (exact: the model built on the meta device, counted), the
+Per attention worker: the dense weights (exact: the model built on the meta device, counted; the
+linear layers an FP8 checkpoint keeps as stored a byte a weight plus their block scales), the
 KV blocks and DeltaNet state slots (cache_plan), their second rows when failed steps are replayed
 (the states are double-buffered: a failed step leaves the current rows as they were), and the
 exchange buffers of one step. Per expert worker: its share of every MoE layer's experts (the
 busiest worker under the placement) and its exchange buffers; experts an FP8 checkpoint keeps as
-stored (GPUs: kernels.moe.fp8_banks_supported) take a byte a weight plus their block scales, and a
-workspace for one layer's bank dequantised (batches past the few-rows kernels). Activations of a
-step are not planned (small next to these at serving batch sizes); `headroom` covers them and the
-allocator.
+stored (GPUs: kernels.moe.fp8_banks_supported) take a byte a weight plus their block scales (the
+Triton kernels read them as stored: no dequantised copy). Activations of a step are not planned
+(small next to these at serving batch sizes); `headroom` covers them, the allocator, and the one
+layer's bank an FP8 worker dequantises if the grouped kernels do not build (1.5 GiB for the
+flagship on 8 expert workers: a fallback, logged when taken).
 A plan that does not fit the device is refused with the numbers.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -35,11 +38,10 @@ class WorkerMemory:
     state_slots: int = 0
     undo_rows: int = 0
     exchange: int = 0
-    workspace: int = 0  # one layer's FP8 bank dequantised to the compute dtype
 
     @property
     def total(self) -> int:
-        return self.weights + self.kv_cache + self.state_slots + self.undo_rows + self.exchange + self.workspace
+        return self.weights + self.kv_cache + self.state_slots + self.undo_rows + self.exchange
 
 
 @dataclass(frozen=True)
@@ -52,11 +54,10 @@ class MemoryPlan:
         return [self.attention] + ([self.expert] if self.expert is not None else [])
 
     def describe(self) -> str:
-        rows = ["worker     weights   KV cache  DeltaNet  undo rows  exchange  workspace     total  (GiB)"]
+        rows = ["worker     weights   KV cache  DeltaNet  undo rows  exchange     total  (GiB)"]
         for w in self.workers():
             rows.append(f"{w.role:<9}" + "".join(f"{b / GIB:>10.2f}" for b in (
-                w.weights, w.kv_cache, w.state_slots, w.undo_rows, w.exchange)) + f"{w.workspace / GIB:>11.2f}"
-                + f"{w.total / GIB:>10.2f}")
+                w.weights, w.kv_cache, w.state_slots, w.undo_rows, w.exchange, w.total)))
         return "\n".join(rows)
 
     def check(self, device: str, capacity: int, role: str | None = None) -> None:
@@ -72,13 +73,15 @@ class MemoryPlan:
                     f"smaller dtype (an FP8 checkpoint's experts stay FP8 on GPUs with a 16-bit dtype)")
 
 
-def dense_parameters(cfg: ModelConfig) -> int:
-    """Parameters of everything but the routed experts, counted on the meta device."""
-    from ..model.model import Qwen35MoeModel
+def dense_bytes(cfg: ModelConfig, dtype_bytes: int, fp8_names: Iterable[str] = (),
+                fp8_block: tuple[int, int] | None = None) -> int:
+    """Bytes of everything but the routed experts, counted on the meta device: dtype_bytes a
+    parameter, the weights in fp8_names (kept FP8 as stored) one plus their fp32 block scales."""
+    from ..model.loading import empty_model
 
-    with torch.device("meta"):
-        model = Qwen35MoeModel(cfg)
-    return sum(p.numel() for p in model.parameters())
+    model = empty_model(cfg, torch.float32, "meta", fp8_names, fp8_block)
+    scales = sum(b.nbytes for name, b in model.named_buffers() if name.endswith("weight_scale_inv"))
+    return scales + sum(p.numel() * (1 if p.element_size() == 1 else dtype_bytes) for p in model.parameters())
 
 
 def expert_parameters(cfg: ModelConfig) -> int:
@@ -98,20 +101,20 @@ def expert_bytes(cfg: ModelConfig, dtype_bytes: int, fp8_block: tuple[int, int] 
 
 def plan_memory(cfg: ModelConfig, layout: CacheLayout, dtype_bytes: int, *, max_batched_tokens: int,
                 experts_per_worker: int | None = None, attention_workers: int = 1, expert_workers: int = 1,
-                replay_failed_steps: bool = True, fp8_block: tuple[int, int] | None = None) -> MemoryPlan:
+                replay_failed_steps: bool = True, fp8_block: tuple[int, int] | None = None,
+                fp8_dense: Iterable[str] = ()) -> MemoryPlan:
     """experts_per_worker: experts the busiest expert worker holds per MoE layer; None: one
     process holds all of them (no expert workers, no exchange). fp8_block: the experts stay FP8
-    as stored, in blocks of this shape."""
+    as stored, in blocks of this shape, and so do the dense weights named in fp8_dense."""
     moe_layers = len(cfg.moe_layer_ids)
-    dense = dense_parameters(cfg) * dtype_bytes
+    dense = dense_bytes(cfg, dtype_bytes, fp8_dense if fp8_block is not None else (), fp8_block)
     kv = layout.num_blocks * layout.block_bytes
     states = layout.num_slots * layout.slot_bytes
     undo = layout.num_slots * layout.slot_bytes if replay_failed_steps and experts_per_worker is not None else 0
     held = cfg.num_experts if experts_per_worker is None else experts_per_worker
     experts = held * moe_layers * expert_bytes(cfg, dtype_bytes, fp8_block)
-    workspace = held * expert_parameters(cfg) * dtype_bytes if fp8_block is not None else 0
     if experts_per_worker is None:
-        return MemoryPlan(WorkerMemory("attention", dense + experts, kv, states, workspace=workspace), None)
+        return MemoryPlan(WorkerMemory("attention", dense + experts, kv, states), None)
     # one step's exchange per MoE layer (buffers reused across layers): rows and (bank, weight)
     # pairs out to every expert worker, fp64 partial sums back
     T, D, K = max_batched_tokens, cfg.hidden_size, cfg.num_experts_per_tok
@@ -119,13 +122,14 @@ def plan_memory(cfg: ModelConfig, layout: CacheLayout, dtype_bytes: int, *, max_
     attention_exchange = expert_workers * (out_bytes + T * D * 8)
     expert_exchange = attention_workers * (out_bytes + T * D * 8)
     return MemoryPlan(WorkerMemory("attention", dense, kv, states, undo, attention_exchange),
-                      WorkerMemory("expert", experts, exchange=expert_exchange, workspace=workspace))
+                      WorkerMemory("expert", experts, exchange=expert_exchange))
 
 
 def plan_instance(cfg: ModelConfig, layout: CacheLayout, dtype_bytes: int, cluster: ClusterConfig,
-                  max_batched_tokens: int, fp8_block: tuple[int, int] | None = None) -> MemoryPlan:
+                  max_batched_tokens: int, fp8_block: tuple[int, int] | None = None,
+                  fp8_dense: Iterable[str] = ()) -> MemoryPlan:
     """The plan of one model instance laid out as `cluster` says (its placement, or contiguous);
-    fp8_block: its experts stay FP8 as stored."""
+    fp8_block: its experts stay FP8 as stored, and the dense weights named in fp8_dense."""
     experts_per_worker = None
     if cluster.wants_ray:
         placement = cluster.placement or ExpertPlacement.contiguous(
@@ -134,7 +138,7 @@ def plan_instance(cfg: ModelConfig, layout: CacheLayout, dtype_bytes: int, clust
     return plan_memory(cfg, layout, dtype_bytes, max_batched_tokens=max_batched_tokens,
                        experts_per_worker=experts_per_worker, attention_workers=cluster.attention_workers,
                        expert_workers=cluster.expert_workers, replay_failed_steps=cluster.replay_failed_steps,
-                       fp8_block=fp8_block)
+                       fp8_block=fp8_block, fp8_dense=fp8_dense)
 
 
 def device_capacity(device: str) -> int:

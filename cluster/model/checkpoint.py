@@ -92,9 +92,9 @@ class CheckpointReader:
         return list(self._open(file).get_slice(stored).get_shape())
 
     def read(self, name: str, expected_shape: tuple[int, ...] | None = None) -> torch.Tensor:
-        return self._dequantized(name, self._read_stored(name, expected_shape), None)
+        return self._dequantized(name, self.read_stored(name, expected_shape), None)
 
-    def _read_stored(self, name: str, expected_shape: tuple[int, ...] | None = None) -> torch.Tensor:
+    def read_stored(self, name: str, expected_shape: tuple[int, ...] | None = None) -> torch.Tensor:
         """The tensor as stored (FP8 not dequantised)."""
         stored, file = self._locate(name)
         if expected_shape is not None:
@@ -102,6 +102,13 @@ class CheckpointReader:
         tensor = self._open(file).get_tensor(stored)
         self.bytes_read += tensor.nbytes
         return tensor
+
+    def is_fp8(self, name: str) -> bool:
+        """Whether the tensor is stored block-wise FP8 (float8 with its weight_scale_inv beside it)."""
+        if self.quantization is None or not self.has(name) or not self.has(name + SCALE_SUFFIX):
+            return False
+        stored, file = self._where[name]
+        return self._open(file).get_slice(stored).get_dtype() == "F8_E4M3"
 
     def _dequantized(self, name: str, tensor: torch.Tensor, rows: list[int] | None) -> torch.Tensor:
         """An FP8 weight times its block scales (of the same rows of the first dimension), fp32."""
@@ -180,10 +187,10 @@ class CheckpointReader:
         if not all(self.has(n + SCALE_SUFFIX) for n in names):
             return None  # stored unquantized (modules_to_not_convert)
         self._check_expert_shapes(prefix, expert_ids, num_experts, hidden, intermediate)
-        gate_up, down = self._stacked_experts(prefix, expert_ids, "", self._read_stored, self._read_stored_rows)
+        gate_up, down = self._stacked_experts(prefix, expert_ids, "", self.read_stored, self._read_stored_rows)
         if gate_up.dtype != FP8 or down.dtype != FP8:
             return None
-        scales = self._stacked_experts(prefix, expert_ids, SCALE_SUFFIX, self._read_stored, self._read_stored_rows)
+        scales = self._stacked_experts(prefix, expert_ids, SCALE_SUFFIX, self.read_stored, self._read_stored_rows)
         return gate_up, down, Fp8Scales(*(s.float().contiguous() for s in scales), block)
 
     def _check_expert_shapes(self, prefix: str, expert_ids: list[int], N: int, D: int, I: int) -> None:

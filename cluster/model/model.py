@@ -19,11 +19,12 @@ from attention import (
     RMSNorm,
     SharedExpert,
 )
-from kernels import ATTENTION_LAYER, DELTANET_LAYER, decoder_layers, linear, one_call_forward
+from kernels import ATTENTION_LAYER, DELTANET_LAYER, decoder_layers, linear, one_call_forward, weight_of
 from router import MoELayer, TopKGate
 from vision import VisionTower
 
 from .checkpoint import CheckpointReader
+from .quantization import FP8, SCALE_SUFFIX
 from ..config import ModelConfig
 
 
@@ -108,7 +109,7 @@ class MultiTokenPredictor(nn.Module):
     def forward(self, embeds_TD: torch.Tensor, hidden_TD: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         """embeds of tokens i+1 and hidden at i, [T, D] each -> the normed hidden predicting i+2."""
         joined = torch.cat([self.pre_fc_norm_embedding(embeds_TD), self.pre_fc_norm_hidden(hidden_TD)], dim=-1)
-        out, residual = self.layers[0].forward(linear(joined, self.fc.weight), None, batch)
+        out, residual = self.layers[0].forward(linear(joined, weight_of(self.fc)), None, batch)
         return self.norm.add_forward(residual, out)[1]
 
 
@@ -151,7 +152,8 @@ class Qwen35MoeModel(nn.Module):
         eps = set.union({self.norm.eps}, *(p[2] for p in parts))
         self.main_mlps = [layer.mlp for layer in self.layers]  # a plain list: no module lookups per step
         self.deltanet_ids = [i for i, layer in enumerate(self.layers) if layer.is_linear]
-        self.one_call_layers = None if len(eps) > 1 else (
+        plain = all(isinstance(w, torch.Tensor) for p in parts for w in p[1])  # not with FP8 kept as stored
+        self.one_call_layers = None if len(eps) > 1 or not plain else (
             [n for p in parts for n in p[0]], tuple(w for p in parts for w in p[1]) + (self.norm.weight,), eps.pop())
 
     def embed(self, input_ids_T: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
@@ -224,10 +226,16 @@ class Qwen35MoeModel(nn.Module):
         return linear(hidden_TD, self.lm_head.weight).float()
 
     def load_dense(self, reader: CheckpointReader) -> None:
-        """Copies every dense parameter from the checkpoint, checking names and shapes."""
+        """Copies every dense parameter from the checkpoint, checking names and shapes; weights
+        kept FP8 (float8 parameters: loading.empty_model) and their scales as stored."""
         for name, param in self.named_parameters():
             if name == "lm_head.weight" and self.cfg.tie_word_embeddings:
                 continue  # tied: it is embed_tokens.weight
-            tensor = reader.read(name, expected_shape=tuple(param.shape))
+            stored = param.dtype == FP8
+            read = reader.read_stored if stored else reader.read
+            tensor = read(name, expected_shape=tuple(param.shape))
             with torch.no_grad():
                 param.copy_(tensor.to(param.dtype))
+                if stored:
+                    scale = self.get_submodule(name.rsplit(".", 1)[0]).weight_scale_inv
+                    scale.copy_(reader.read_stored(name + SCALE_SUFFIX, expected_shape=tuple(scale.shape)))

@@ -5,7 +5,9 @@ Qwen publishes FP8 checkpoints as `config.json` `quantization_config = {"quant_m
 `<module>.weight` [out, in] is float8_e4m3fn beside `<module>.weight_scale_inv` [ceil(out/b0),
 ceil(in/b1)] (fp32 or bf16), and weight = fp8 value * scale_inv of its block. Modules in
 `modules_to_not_convert` (and any tensor stored in another dtype) are read as they are.
-On CPU the weights are dequantised to the compute dtype as they are read.
+On GPUs with e4m3 and a 16-bit compute dtype (kernels.moe.fp8_banks_supported) the routed experts
+and the dense linear layers kernels.linear runs (DENSE_KEPT_FP8) stay FP8 as stored; elsewhere, and
+for every other tensor, the weights are dequantised to the compute dtype as they are read.
 """
 
 from __future__ import annotations
@@ -25,6 +27,16 @@ from ..config import ConfigError
 FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max  # 448, the largest finite e4m3fn value
 SCALE_SUFFIX = "_scale_inv"
+# the dense weights that may stay FP8 as stored: the linear layers kernels.linear runs alone or fused
+# with siblings (not the router and the shared expert's gate, fused with each other; not the LM head,
+# the embeddings or the vision tower)
+DENSE_KEPT_FP8 = tuple(f".{m}.weight" for m in ("q_proj", "k_proj", "v_proj", "o_proj", "in_proj_qkv", "in_proj_z",
+                                                "in_proj_b", "in_proj_a", "out_proj", "gate_proj", "up_proj",
+                                                "down_proj", "fc"))
+# what Qwen's FP8 releases store unquantized (as Qwen3.5/3.6-FP8 list them: DeltaNet's small b / a
+# projections among them)
+QWEN_NOT_CONVERTED = ("embed_tokens", "lm_head", "mlp.gate", "shared_expert_gate", "norm", "conv1d", "in_proj_a",
+                      "in_proj_b")
 
 
 class QuantizationError(ConfigError):
@@ -65,6 +77,22 @@ def read_quantization(model_dir: str | Path) -> Fp8BlockQuantization | None:
     return quantization_from(json.loads(path.read_text())) if path.is_file() else None
 
 
+def may_stay_fp8(name: str) -> bool:
+    """Whether a dense weight (canonical name) may stay FP8 as stored: DENSE_KEPT_FP8."""
+    return name.endswith(DENSE_KEPT_FP8) and not name.startswith("visual.")
+
+
+def keep_fp8_as_stored(layer: torch.nn.Linear, block: tuple[int, int]) -> None:
+    """Makes a (meta) linear layer's weight float8 and gives it an fp32 weight_scale_inv buffer of
+    its block scales: kernels.fuse.weight_of then reads it as an FP8 weight."""
+    out, inp = layer.weight.shape
+    device = layer.weight.device
+    layer.weight = torch.nn.Parameter(torch.empty(out, inp, dtype=FP8, device=device), requires_grad=False)
+    scales = (math.ceil(out / block[0]), math.ceil(inp / block[1]))
+    layer.register_buffer("weight_scale_inv", torch.empty(scales, dtype=torch.float32, device=device))
+    layer.fp8_block = block
+
+
 def dequantize(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
     """weight [..., out, in] (fp8) * scale_inv [..., ceil(out/b0), ceil(in/b1)] -> fp32 [..., out, in]."""
     out, inp = weight.shape[-2:]
@@ -91,12 +119,12 @@ def quantize(weight: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tensor
 
 def is_quantized_weight(canonical_name: str, shape: list[int]) -> bool:
     """Which weights Qwen's FP8 checkpoints quantize: the linear layers' 2-D weights (attention,
-    DeltaNet, experts, shared expert); not embeddings, LM head, norms, the router, gates, conv."""
+    DeltaNet, experts, shared expert); not embeddings, LM head, norms, the router, gates, conv,
+    DeltaNet's b / a projections."""
     fused_experts = canonical_name.endswith(("experts.gate_up_proj", "experts.down_proj"))  # [E, out, in]
     if len(shape) < 2 or not (canonical_name.endswith(".weight") or fused_experts) or "norm" in canonical_name:
         return False
-    skip = ("embed_tokens", "lm_head", "mlp.gate.weight", "shared_expert_gate", "conv1d")
-    return not any(part in canonical_name for part in skip)
+    return not any(part in canonical_name for part in QWEN_NOT_CONVERTED)
 
 
 def write_fp8_checkpoint(src: str | Path, dst: str | Path, block: tuple[int, int] = (128, 128),
@@ -120,8 +148,7 @@ def write_fp8_checkpoint(src: str | Path, dst: str | Path, block: tuple[int, int
     config = json.loads((src / "config.json").read_text())
     config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
                                      "weight_block_size": list(block),
-                                     "modules_to_not_convert": ["embed_tokens", "lm_head", "mlp.gate",
-                                                                "shared_expert_gate", "norm", "conv1d"]}
+                                     "modules_to_not_convert": list(QWEN_NOT_CONVERTED)}
     (dst / "config.json").write_text(json.dumps(config, indent=2))
     weight_map = {}
     for path in sorted(src.glob("*.safetensors")):

@@ -22,6 +22,9 @@ built on the device without a host sync; x's rows gathered in place; each weight
 the same way in registers before tl.dot; SwiGLU fused into the first GEMM): an FP8 weight's byte
 read once a tile of pairs, where dequantising the bank first (`dequantize`, their fallback) writes
 and rereads two. fp16 banks, which torch's grouped GEMMs do not take on CUDA, take them too.
+A dense FP8 weight (an FP8 checkpoint's linear layers kept as stored: kernels.linear's Fp8Weight)
+is read by the same down kernels as a bank of one expert (linear_fp8): the few-rows kernel up to
+DENSE_FEW_ROWS_MAX rows, the grouped kernel's tiles of rows past them.
 
 Same rounding as the torch versions: a GEMM's output rounded to the dtype, silu(gate) rounded, then
 its product with up; each pair's weighted output rounded to the dtype, the K of a row summed in fp64
@@ -52,9 +55,11 @@ OP = TritonOp("routed experts' SwiGLU and weighted sum", (torch.bfloat16, torch.
 FEW_ROWS = TritonOp("routed experts for few rows", (torch.bfloat16, torch.float16))  # fp32: the parity path
 DEQUANTIZE = TritonOp("FP8 expert banks' dequantisation", (torch.bfloat16, torch.float16, torch.float32))
 GROUPED = TritonOp("routed experts' grouped GEMMs over banks as stored", (torch.bfloat16, torch.float16))
+DENSE_FP8 = TritonOp("FP8 dense weights read as stored", (torch.bfloat16, torch.float16))
 # Up to 8 rows at top-10 each pair streams its own expert's weights; with more, rows share experts
 # (batch 64 top-10 over 512 experts: 640 pairs hit ~365) and the grouped GEMMs' one read of each wins.
 FEW_ROWS_MAX_PAIRS = 80
+DENSE_FEW_ROWS_MAX = 8  # a dense FP8 weight: rows up to which each streams it (matrix-vector programs)
 BLOCK_N, BLOCK_K = 8, 256  # a few-rows program's weight tile: 72 / 40 registers a thread on sm_90
 DEQUANTIZE_TILE = (32, 128)  # an FP8 bank's [rows, columns] a program dequantises
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # read by Triton as it is imported, as here
@@ -342,6 +347,45 @@ def dequantize(weight_NRC: torch.Tensor, scale: torch.Tensor, block: tuple[int, 
     return out
 
 
+def dense_fp8_usable(x_TK: torch.Tensor) -> bool:
+    """linear_fp8 may run: 16-bit CUDA rows, no autograd, built here."""
+    return DENSE_FP8.usable(x_TK) and not x_TK.requires_grad
+
+
+def linear_fp8(x_TK, weight_NK, scale, block: tuple[int, int]) -> torch.Tensor:
+    """x W^T [T, N] in x's dtype for a dense FP8 weight kept as stored (scale [ceil(N/b0),
+    ceil(K/b1)]), read as a bank of one expert by the down kernels, each weight times its block's
+    scale rounded to x's dtype as it is loaded: up to DENSE_FEW_ROWS_MAX rows the few-rows kernel
+    (a program per row and 8 outputs), else the grouped one's tiles of rows. Within the compute
+    dtype's tolerance of x @ (the weight dequantised)^T (another summation order than torch's GEMMs)."""
+    (T, K), N = x_TK.shape, weight_NK.shape[0]
+    if x_TK.stride(1) != 1 or weight_NK.stride(1) != 1:
+        raise ValueError("FP8 dense weights: x and the weight need contiguous rows")
+    out = x_TK.new_empty(T, N)
+    if T == 0:
+        return out
+    bank, scales, (B0, B1) = weight_NK[None], scale[None], block
+    strides = (x_TK.stride(0), bank.stride(0), bank.stride(1), scales.stride(0), scales.stride(1), out.stride(0))
+    if T <= DENSE_FEW_ROWS_MAX:
+        expert = torch.zeros(T, dtype=torch.int64, device=x_TK.device)
+
+        def run():
+            _experts_down[(T, triton.cdiv(N, BLOCK_N))](x_TK, expert, bank, scales, out, N, K, *strides,
+                                                         BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, SCALED=True, B0=B0, B1=B1)
+    else:
+        block_m = grouped_block_m(T, 1)
+        tile_start = torch.arange(0, T, block_m, dtype=torch.int32, device=x_TK.device)
+        tile_expert, ends = torch.zeros_like(tile_start), torch.full((1,), T, dtype=torch.int32, device=x_TK.device)
+
+        def run():
+            _grouped_down[(tile_start.numel(), triton.cdiv(N, GROUPED_BLOCK_N))](
+                x_TK, tile_expert, tile_start, ends, bank, scales, out, N, K, *strides, BLOCK_M=block_m,
+                BLOCK_N=GROUPED_BLOCK_N, BLOCK_K=grouped_block_k(B1), SCALED=True, B0=B0, B1=B1, WIDEN=INTERPRETED)
+
+    DENSE_FP8.launch(run)
+    return out
+
+
 def grouped_usable(x_RD: torch.Tensor) -> bool:
     """The grouped kernels may run: 16-bit CUDA rows, no autograd, built here."""
     return GROUPED.usable(x_RD) and OP.usable(x_RD) and not x_RD.requires_grad
@@ -351,6 +395,11 @@ def grouped_block_m(P: int, N: int) -> int:
     """Pairs a grouped program takes: about a hit expert's share of the P pairs (every row comes to
     every expert worker, so P / N is a guess from above), 16 to 64; from shapes only (no sync)."""
     return min(64, max(16, triton.next_power_of_2(max(1, P // N))))
+
+
+def grouped_block_k(B1: int) -> int:
+    """The grouped kernels' reduction tile: within one block column of B1 where it can (one scale a row)."""
+    return next((b for b in (128, 64, 32, 16) if B1 % b == 0), 32)
 
 
 def tiles_by_expert(ends_N: torch.Tensor, P: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -384,9 +433,8 @@ def experts_grouped(x_RD, order_P, ends_N, K: int, gate_up, down, scales=None) -
     tile_expert, tile_start = tiles_by_expert(ends_N, P, block_m)
     up_scale, down_scale = (scales.gate_up, scales.down) if scales is not None else (gate_up, down)
     (B0, B1) = scales.block if scales is not None else (1, 128)
-    block_k = next((b for b in (128, 64, 32, 16) if B1 % b == 0), 32)  # within one block column if it can
-    tiles = dict(BLOCK_M=block_m, BLOCK_N=GROUPED_BLOCK_N, BLOCK_K=block_k, SCALED=scales is not None, B0=B0, B1=B1,
-                 WIDEN=INTERPRETED)
+    tiles = dict(BLOCK_M=block_m, BLOCK_N=GROUPED_BLOCK_N, BLOCK_K=grouped_block_k(B1), SCALED=scales is not None,
+                 B0=B0, B1=B1, WIDEN=INTERPRETED)
     grid = tile_expert.numel()
 
     def run():

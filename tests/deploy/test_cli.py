@@ -58,4 +58,7 @@ def test_epserve_plan_of_the_flagship_fits_refuses_and_counts_narrow_kv(capsys):
     assert "does not fit: the expert worker needs 90.63 GiB on a 80 GiB device" in out
     assert main([*flagship, "--device-gib", "80", "--fp8"]) == 0  # FP8 experts: a byte a weight and scales
     out = capsys.readouterr().out
-    assert "experts FP8 (128x128 blocks)" in out and "expert        45.01" in out and "fits a 80 GiB" in out
+    # as Qwen's release: 45 DeltaNet layers' qkv, z, out; 15 attention layers' q, k, v, o; 60 shared experts x 3
+    assert "experts and 375 dense linear layers FP8 (128x128 blocks)" in out and "fits a 80 GiB" in out
+    assert "attention     11.16     27.61     11.45     11.45      2.50     64.18" in out
+    assert "expert        45.01      0.00      0.00      0.00      0.63     45.64" in out  # no dequantised copy

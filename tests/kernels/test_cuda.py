@@ -196,6 +196,27 @@ def test_fp8_banks_at_the_flagships_widths(rows):
     assert torch.equal(moe_experts_dequantised(x, idx, weights, gate_up.cuda(), down.cuda(), False, scales), bf16)
 
 
+@pytest.mark.parametrize("rows", [1, 8, 64, 4096])
+def test_dense_fp8_weights_at_the_flagships_widths(rows):
+    """A dense FP8 weight as Qwen stores it (DeltaNet's in_proj_qkv: 12288 x 4096, 128 x 128
+    blocks) read as stored by kernels.linear (few-rows kernel up to 8 rows, tiles past them)
+    against bf16 x @ the weight dequantised to bf16, within bf16's tolerance."""
+    from cluster.model.quantization import quantize
+    from kernels import Fp8Weight
+    from kernels.gpu import moe as gpu_moe
+    from kernels.moe import dequantize_blocks, fp8_banks_supported
+
+    if not fp8_banks_supported("cuda", torch.bfloat16):
+        pytest.skip("this GPU has no e4m3 (sm_89+) or no Triton: FP8 checkpoints are dequantised at load")
+    g = torch.Generator().manual_seed(27)
+    weight, scale = quantize(torch.randn(12288, 4096, generator=g) / 64, (128, 128))
+    exact = dequantize_blocks(weight, scale, (128, 128)).bfloat16().cuda()
+    x = torch.randn(rows, 4096, generator=g).bfloat16().cuda()
+    assert gpu_moe.dense_fp8_usable(x)
+    fp8 = kernels.linear(x, Fp8Weight(weight.cuda(), scale.cuda(), (128, 128)))
+    assert error(fp8, torch.nn.functional.linear(x, exact)) <= TOLERANCE[torch.bfloat16]
+
+
 @pytest.mark.parametrize("partial", [False, True])
 def test_routed_experts_triton_passes_at_the_flagships_widths(partial):
     """kernels.gpu.moe's SwiGLU and weighted sum (what the grouped path runs on CUDA) against the
@@ -236,6 +257,36 @@ def test_engine_on_cuda_gives_the_cpu_engines_logits_and_tokens(make_checkpoint)
     for cpu, cuda in zip(results["cpu"][0], results["cuda"][0]):
         assert error(cuda, cpu) <= 1e-4, error(cuda, cpu)
     assert results["cpu"][1] == results["cuda"][1]
+
+
+def test_an_fp8_checkpoint_computes_with_its_weights_as_stored(make_checkpoint, tmp_path):
+    """An FP8 checkpoint in bf16 on a GPU with e4m3: its experts and dense linear layers stay FP8
+    (decode steps through CUDA graphs), its scores within bf16's tolerance of its dequantised
+    copy's, its greedy tokens those of the copy for most prompts."""
+    from cluster import LLM, SamplingParams
+    from cluster.model.quantization import write_fp8_checkpoint
+    from kernels import Fp8Weight
+    from kernels.moe import fp8_banks_supported
+    from tests.conftest import FEW_EXPERTS
+
+    if not fp8_banks_supported("cuda", torch.bfloat16):
+        pytest.skip("this GPU has no e4m3 (sm_89+) or no Triton: FP8 checkpoints are dequantised at load")
+    fp8, exact = tmp_path / "fp8", tmp_path / "exact"
+    write_fp8_checkpoint(make_checkpoint(FEW_EXPERTS), fp8, block=(32, 32), dequantised=exact)
+    prompts = [[5, 9, 13, 2, 7] * n for n in (1, 3, 30)]
+    greedy = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    results = []
+    for model in (fp8, exact):
+        llm = LLM(model=str(model), dtype="bfloat16", device="cuda", warm_up=False)
+        if model == fp8:
+            assert isinstance(llm.engine.executor.runner.model.layers[3].self_attn.qkv, Fp8Weight)
+        scores = [t.float().cpu() for t in llm.score(prompts)]
+        results.append((scores, [c.token_ids for c in llm.generate(prompts, greedy)]))
+        llm.shutdown()
+    (fp8_scores, fp8_tokens), (exact_scores, exact_tokens) = results
+    for a, b in zip(fp8_scores, exact_scores):
+        assert error(a, b) <= TOLERANCE[torch.bfloat16], error(a, b)
+    assert sum(a == b for a, b in zip(fp8_tokens, exact_tokens)) >= 2
 
 
 def test_bf16_decode_through_graphs_follows_eager_steps(make_checkpoint):

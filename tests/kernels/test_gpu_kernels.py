@@ -363,6 +363,59 @@ def test_fp8_banks_give_the_bits_of_the_bank_they_encode(interpreter, monkeypatc
     assert close(out, reference, TOLERANCE[torch.bfloat16])
 
 
+@pytest.mark.parametrize("rows, shape, block", [
+    (3, (70, 200), (16, 40)),  # few rows; ragged blocks: tiles across block columns read a scale an element
+    (100, (96, 256), (32, 128)),  # two tiles of rows (the last ragged), one scale a row
+])
+def test_dense_fp8_weights_are_read_as_stored(interpreter, monkeypatch, rows, shape, block):
+    """kernels.linear over a dense FP8 weight kept as stored: up to 8 rows the few-rows down kernel,
+    past them the grouped one's tiles (a bank of one expert), against x @ the weight dequantised to
+    x's dtype (fp32 and bf16 to their tolerances); where the kernel does not build, the weight
+    dequantised for the call: the bits of the weight dequantised at load."""
+    import torch.nn.functional as F
+
+    from cluster.model.quantization import quantize
+    from kernels import Fp8Weight, linear
+    from kernels.gpu import moe as gpu_moe
+    from kernels.moe import dequantize_blocks
+
+    N, K = shape
+    weight, scale = quantize(torch.randn(N, K) * K**-0.5, block)
+    fp8, exact = Fp8Weight(weight, scale, block), dequantize_blocks(weight, scale, block)
+    monkeypatch.setattr(gpu_moe.DENSE_FP8, "usable", lambda t: True)
+    launched, real_launch = [], gpu_moe.DENSE_FP8.launch
+    monkeypatch.setattr(gpu_moe.DENSE_FP8, "launch", lambda run: launched.append(run) or real_launch(run))
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(rows, K, dtype=dtype)
+        reference = F.linear(x.float(), exact.to(dtype).float())
+        assert close(linear(x, fp8), reference, TOLERANCE[dtype])
+    assert len(launched) == 2
+    monkeypatch.setattr(gpu_moe.DENSE_FP8, "launch", build_fails)
+    assert torch.equal(linear(x, fp8), F.linear(x, exact.to(x.dtype)))
+
+
+def test_the_shared_expert_over_fp8_weights_runs_eagerly_inside_compiled_glue(interpreter, monkeypatch):
+    """add_shared_expert is compiled glue (CUDA decode graphs), but not over FP8 weights, which
+    its Triton kernels read: the same values inside compiled_glue as outside."""
+    from cluster.model.quantization import quantize
+    from kernels import Fp8Weight, add_shared_expert, backend
+    from kernels.backend import compiled_glue
+    from kernels.gpu import moe as gpu_moe
+
+    monkeypatch.setattr(backend, "_cpu_kernels", False)
+    monkeypatch.setattr(gpu_moe.DENSE_FP8, "usable", lambda t: True)
+    launched, real_launch = [], gpu_moe.DENSE_FP8.launch
+    monkeypatch.setattr(gpu_moe.DENSE_FP8, "launch", lambda run: launched.append(run) or real_launch(run))
+    D, I = 64, 32
+    gate_up, down = (Fp8Weight(*quantize(torch.randn(*shape) * 0.2, (16, 16)), (16, 16))
+                     for shape in ((2 * I, D), (D, I)))
+    x, logit, routed = torch.randn(3, D), torch.randn(3, 1), torch.randn(3, D)
+    eager = add_shared_expert(x, gate_up, down, logit, routed)
+    with compiled_glue("aot_eager"):
+        assert torch.equal(add_shared_expert(x, gate_up, down, logit, routed), eager)
+    assert len(launched) == 4
+
+
 def build_fails(run):
     from kernels.gpu.triton_guard import KernelUnavailable
 

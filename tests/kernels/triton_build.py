@@ -92,8 +92,8 @@ def configurations(arch: int):
     # the grouped kernels over FP8 banks (decode-batch and prefill tiles) and over fp16 banks
     for bank, block_m in ([("fp8e4nv", 16), ("fp8e4nv", 64)] if arch >= 89 else []) + [("fp16", 64)]:
         scaled, x = bank != "fp16", "bf16" if bank != "fp16" else "fp16"
-        tiles = dict(BLOCK_M=block_m, BLOCK_N=moe.GROUPED_BLOCK_N, BLOCK_K=128, SCALED=scaled, B0=128, B1=128,
-                     WIDEN=False)
+        tiles = dict(BLOCK_M=block_m, BLOCK_N=moe.GROUPED_BLOCK_N, BLOCK_K=moe.grouped_block_k(128), SCALED=scaled,
+                     B0=128, B1=128, WIDEN=False)
         scale = "*fp32" if scaled else f"*{bank}"
         tables = {"TileExpert": "*i32", "TileStart": "*i32", "Ends": "*i32"}
         yield moe._grouped_up, {"X": f"*{x}", "Order": "*i64", **tables, "GateUp": f"*{bank}", "Scale": scale,

@@ -63,21 +63,22 @@ def test_fp8_experts_read_as_stored_encode_their_dequantised_weights(make_checkp
     assert all(torch.equal(g, w.float()) for g, w in zip(got, want))
 
 
-def test_fp8_experts_kept_as_stored_compute_with_their_dequantised_weights(make_checkpoint, tmp_path,
+def test_fp8_weights_kept_as_stored_compute_with_their_dequantised_weights(make_checkpoint, tmp_path,
                                                                            gpu_kernels_on_cpu, monkeypatch):
     """Where the GPU path runs (here its Triton kernels on CPU tensors through the interpreter,
-    fp32), an FP8 checkpoint's experts stay FP8 (a quarter of the fp32 bytes): decode steps read
-    them in the few-rows kernels (greedy tokens the same bits as its dequantised copy's), prefill
-    steps in the grouped kernels (scores within 1e-4 of the copy's); the memory plan counts the
-    bytes they take."""
+    fp32), an FP8 checkpoint's experts and dense linear layers stay FP8 (a quarter of the fp32
+    bytes; DeltaNet's b / a projections, stored unquantized as Qwen does, fused in a run of their
+    own): decode steps read the experts in the few-rows kernels, prefill steps in the grouped ones,
+    the dense weights in the same kernels as a bank of one; greedy tokens those of its dequantised
+    copy, scores within 1e-4; the memory plan counts the bytes they take."""
     from cluster.engine import engine
-    from cluster.engine.memory_plan import dense_parameters
     from cluster.model import loading
+    from kernels import Fp8Weight
     from kernels.gpu import attention as gpu_attention
     from kernels.gpu import delta_rule as gpu_delta_rule
     from kernels.gpu import moe as gpu_moe
 
-    for op in (gpu_attention.OP, gpu_delta_rule.OP):  # the routed experts' kernels only: quicker
+    for op in (gpu_attention.OP, gpu_delta_rule.OP):  # the FP8 weights' kernels only: quicker
         monkeypatch.setattr(op, "unavailable", "not under test")
 
     fp8, exact = tmp_path / "fp8", tmp_path / "exact"  # the layout read: the test above
@@ -88,16 +89,25 @@ def test_fp8_experts_kept_as_stored_compute_with_their_dequantised_weights(make_
         for module in (loading, engine):
             monkeypatch.setattr(module, "fp8_banks_supported", lambda device, dtype: kept)
         llm = LLM(model=str(model_dir), warm_up=False)
+        model = llm.engine.executor.runner.model
+        dense = sum(p.nbytes for p in model.parameters()) + sum(b.nbytes for n, b in model.named_buffers()
+                                                                 if n.endswith("weight_scale_inv"))
         plan = llm.engine.memory_plan.attention  # one process: the dense weights and every expert
-        assert plan.weights - dense_parameters(llm.config) * 4 == llm.engine.executor.expert_bytes
-        assert (plan.workspace > 0) == kept
-        runs.append((llm.engine.executor.expert_bytes, llm.score([list(range(10, 55))]),  # 90 pairs: grouped
+        assert plan.weights == dense + llm.engine.executor.expert_bytes
+        attention, deltanet = model.layers[3].self_attn, model.layers[0].linear_attn
+        if kept:
+            assert isinstance(attention.qkv, Fp8Weight) and isinstance(attention.o_weight, Fp8Weight)
+            qkvz, ba = deltanet.in_proj  # FP8 qkv and z, then the unquantized b and a
+            assert isinstance(qkvz, Fp8Weight) and qkvz.shape[0] == deltanet.conv_channels + deltanet.value_dim
+            assert ba.dtype == torch.float32 and ba.shape[0] == 2 * deltanet.num_value_heads
+            assert isinstance(model.layers[0].mlp.shared_expert.gate_up, Fp8Weight)
+        runs.append((dense, llm.engine.executor.expert_bytes, llm.score([list(range(10, 55))]),  # 90 pairs: grouped
                      [c.token_ids for c in llm.generate([PROMPTS[0], PROMPTS[2]], params)]))  # few rows
-    (exact_bytes, exact_scores, exact_tokens), (fp8_bytes, fp8_scores, fp8_tokens) = runs
-    assert fp8_bytes < exact_bytes / 3.9
+    (exact_dense, exact_bytes, exact_scores, exact_tokens), (fp8_dense, fp8_bytes, fp8_scores, fp8_tokens) = runs
+    assert fp8_bytes < exact_bytes / 3.9 and fp8_dense < 0.6 * exact_dense  # embeddings, LM head stay fp32
     assert max((a - b).abs().max().item() for a, b in zip(fp8_scores, exact_scores)) <= 1e-4
     assert fp8_tokens == exact_tokens
-    assert {gpu_moe.OP.name, gpu_moe.FEW_ROWS.name, gpu_moe.GROUPED.name} <= gpu_kernels_on_cpu
+    assert {gpu_moe.OP.name, gpu_moe.FEW_ROWS.name, gpu_moe.GROUPED.name, gpu_moe.DENSE_FP8.name} <= gpu_kernels_on_cpu
 
 
 def test_fp8_on_expert_workers_matches_one_process(ray_cluster, make_checkpoint, tmp_path):
