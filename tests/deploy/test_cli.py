@@ -62,3 +62,18 @@ def test_epserve_plan_of_the_flagship_fits_refuses_and_counts_narrow_kv(capsys):
     assert "experts and 375 dense linear layers FP8 (128x128 blocks)" in out and "fits a 80 GiB" in out
     assert "attention     11.16     27.61     11.45     11.45      2.50     64.18" in out
     assert "expert        45.01      0.00      0.00      0.00      0.63     45.64" in out  # no dequantised copy
+
+
+def test_epserve_plan_of_an_fp8_checkpoint_counts_the_layers_it_stores_fp8(make_checkpoint, tmp_path, capsys):
+    """`--model`: the checkpoint says which tensors are FP8 (safetensors headers): 3 DeltaNet layers'
+    qkv, z, out, an attention layer's q, k, v, o and 4 shared experts' gate, up, down; DeltaNet's b
+    and a stay as Qwen stores them, unquantized."""
+    from cluster.model.quantization import write_fp8_checkpoint
+    from deploy.cli import main
+    from tests.conftest import FEW_EXPERTS
+
+    write_fp8_checkpoint(make_checkpoint(FEW_EXPERTS), tmp_path / "fp8")
+    assert main(["plan", "--model", str(tmp_path / "fp8"), "--dtype", "bfloat16", "--device-gib", "1",
+                 "--kv-cache-memory-mb", "64"]) == 0
+    assert "experts and 25 dense linear layers FP8 (128x128 blocks)" in capsys.readouterr().out
+
