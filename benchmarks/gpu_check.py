@@ -53,6 +53,9 @@ builds them), through the real engine (scheduler, runner, kernels, sampler):
      through kernels.linear: the few-rows kernel up to 8 rows, tiles of rows past them) against
      bf16 F.linear over it dequantised at load: us a call at 1-4096 rows, weight GB/s at 1 and 8
      rows, TFLOP/s at 512 and 4096, and how far FP8's outputs are from bf16's.
+ 16. the slice of 2 with random FP8 experts and dense layers held as stored (as an FP8 checkpoint's
+     are on sm_89+): decode tok/s at batch 1 and 64 and batch 1's fraction of the copy bandwidth
+     over the bytes it reads, and its speed-up over the bf16 slice at batch 1.
 Each part records its figures as it goes; a part that fails is reported and the next one runs.
 The CUDA kernel tests: `python -m pytest tests/kernels/test_cuda.py` (skipped without a GPU).
 Prints a table and, with --json, writes the figures.
@@ -81,6 +84,7 @@ from cluster.config import ModelConfig
 from cluster.engine.cache_plan import CacheConfig
 from cluster.engine.memory_plan import FLAGSHIP
 from cluster.engine.scheduler import SchedulerConfig
+from cluster.model.loading import fp8_dense_names
 from cluster.model.model import Qwen35MoeModel
 from kernels import reference_kernels
 
@@ -160,18 +164,21 @@ def step_split(llm: LLM, batch: int, steps: int, device: str, vocab: int) -> dic
     return {f"step_split_batch{batch}_{name}_ms": ms for name, ms in split.items()}
 
 
-def decode_bytes(cfg: ModelConfig, dtype_bytes: int, context: int) -> int:
+def decode_bytes(cfg: ModelConfig, dtype_bytes: int, context: int, fp8: bool = False) -> int:
     """What one batch-1 decode step must read: every dense weight but the embedding table (one row),
-    the 10 routed experts of each layer, and the DeltaNet states (fp32, read and written) and KV."""
+    the 10 routed experts of each layer, and the DeltaNet states (fp32, read and written) and KV;
+    fp8: the experts and the dense layers Qwen's FP8 release stores FP8 a byte a weight."""
     with torch.device("meta"):
         model = Qwen35MoeModel(cfg)
-    dense = sum(p.numel() for n, p in model.named_parameters() if "embed_tokens" not in n) * dtype_bytes
+    stored_fp8 = set(fp8_dense_names(cfg, None)) if fp8 else set()
+    dense = sum(p.numel() * (1 if n in stored_fp8 else dtype_bytes)
+                for n, p in model.named_parameters() if "embed_tokens" not in n)
     experts = len(cfg.moe_layer_ids) * cfg.num_experts_per_tok * 3 * cfg.hidden_size * cfg.moe_intermediate_size
     linear = cfg.layer_types.count("linear_attention")
     full = cfg.layer_types.count("full_attention")
     states = 2 * linear * cfg.linear_num_value_heads * cfg.linear_key_head_dim * cfg.linear_value_head_dim * 4
     kv = full * 2 * context * cfg.num_key_value_heads * cfg.head_dim * dtype_bytes
-    return dense + experts * dtype_bytes + states + kv
+    return dense + experts * (1 if fp8 else dtype_bytes) + states + kv
 
 
 def environment(device: str) -> dict:
@@ -363,6 +370,29 @@ def main() -> None:
             llm.shutdown()
             del llm
 
+    def fp8_decode(found: dict) -> None:
+        """Section 2's slice with random FP8 experts and dense layers held as stored (as an FP8
+        checkpoint's are on this GPU): decode tok/s at batch 1 and 64 through the decode graphs,
+        and batch 1's fraction of the copy bandwidth over the bytes it reads (on a CPU: the
+        reference kernels, each FP8 weight dequantised as it is used)."""
+        RandomWeightsExecutor.fp8_block = (128, 128)
+        llm = engine(width, "bfloat16")
+        try:
+            steps = 4 if args.smoke else args.steps
+            with reference_kernels() if not device.startswith("cuda") else contextlib.nullcontext():
+                for batch in (1, 64):
+                    found[f"fp8_decode_tok_s_batch{batch}"] = decode_rate(llm, batch, steps, device, cfg.vocab_size)
+            step_bytes = decode_bytes(cfg, 2, context=18, fp8=True)
+            achieved = step_bytes * found["fp8_decode_tok_s_batch1"]
+            found |= {"fp8_decode_bytes_per_token": step_bytes,
+                      "fp8_fraction_of_copy_bandwidth": achieved / copy_bytes_s}
+            if "decode_tok_s_batch1" in found:
+                found["fp8_decode_speedup_batch1"] = found["fp8_decode_tok_s_batch1"] / found["decode_tok_s_batch1"]
+        finally:
+            RandomWeightsExecutor.fp8_block = None
+            llm.shutdown()
+            del llm
+
     def grouped(found: dict) -> None:
         dense = found["bf16_dense_tflops"] = dense_tflops(device, 512 if args.smoke else 8192)
         bandwidth = copy_bytes_s / 1e12
@@ -440,6 +470,7 @@ def main() -> None:
                 lambda found: found.update(routed_experts_few_rows(cfg, device, args.smoke)))
     section("routed_experts_fp8", lambda found: found.update(routed_experts_fp8(cfg, device, args.smoke)))
     section("dense_fp8", lambda found: found.update(dense_fp8(cfg, device, args.smoke)))
+    section("fp8_decode", fp8_decode)
     section("long_context", long_context)
     figures["seconds"] = time.perf_counter() - started
 

@@ -37,7 +37,7 @@ def fuse_weights(*layers: nn.Module) -> torch.Tensor | Fp8Weight | tuple:
 
 
 def _joins(previous: nn.Module, layer: nn.Module) -> bool:
-    """Whether layer's rows may follow previous's in one weight: both 16-bit, or both FP8 in the
+    """Whether layer's rows may follow previous's in one weight: both unquantized, or both FP8 in the
     same blocks with previous ending on a block row (its scales' rows then follow each other)."""
     fp8 = [isinstance(weight_of(m), Fp8Weight) for m in (previous, layer)]
     if not any(fp8):
