@@ -162,18 +162,16 @@ def routed_experts_fp8(cfg: ModelConfig, device: str, smoke: bool = False) -> di
     grouped Triton kernels over the bf16 bank beside torch's grouped GEMMs, the whole bank's
     dequantisation alone; whether FP8's outputs are bf16's bits (up to 8 rows, and dequantised:
     they should be) and how far they are elsewhere; TFLOP/s at prefill sizes."""
+    from gpu_slice import fp8_random
+
     from kernels.gpu import moe as gpu_moe
     from kernels.moe import Fp8Scales, dequantize_bank, moe_experts, moe_experts_dequantised, moe_experts_triton
 
     N, D, I, K = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts_per_tok
     block = (128, 128)
 
-    def fp8_matrix(rows: int, cols: int) -> tuple[torch.Tensor, torch.Tensor]:
-        weight = torch.randn(N, rows, cols, dtype=torch.bfloat16, device=device).to(torch.float8_e4m3fn)
-        scale = torch.rand(N, -(-rows // block[0]), -(-cols // block[1]), device=device) / (100 * math.sqrt(cols))
-        return weight, scale
-
-    (gate_up, gate_up_scale), (down, down_scale) = fp8_matrix(2 * I, D), fp8_matrix(D, I)
+    gate_up, gate_up_scale = fp8_random((N, 2 * I, D), block, device)
+    down, down_scale = fp8_random((N, D, I), block, device)
     scales = Fp8Scales(gate_up_scale, down_scale, block)
     gate_up_bf16 = dequantize_bank(gate_up, gate_up_scale, block, torch.bfloat16)
     down_bf16 = dequantize_bank(down, down_scale, block, torch.bfloat16)
@@ -216,6 +214,8 @@ def dense_fp8(cfg: ModelConfig, device: str, smoke: bool = False) -> dict:
     (on a CPU the weight is dequantised for each call: bf16's bits)."""
     import torch.nn.functional as F
 
+    from gpu_slice import fp8_random
+
     from kernels import Fp8Weight, linear
     from kernels.moe import dequantize_bank
 
@@ -223,8 +223,7 @@ def dense_fp8(cfg: ModelConfig, device: str, smoke: bool = False) -> dict:
     keys = cfg.linear_num_key_heads * cfg.linear_key_head_dim
     N = 2 * (keys + cfg.linear_num_value_heads * cfg.linear_value_head_dim)  # q, k, v, z
     block = (128, 128)
-    weight = torch.randn(N, D, dtype=torch.bfloat16, device=device).to(torch.float8_e4m3fn)
-    scale = torch.rand(-(-N // block[0]), -(-D // block[1]), device=device) / (100 * math.sqrt(D))
+    weight, scale = fp8_random((N, D), block, device)
     fp8 = Fp8Weight(weight, scale, block)
     bf16 = dequantize_bank(weight[None], scale[None], block, torch.bfloat16)[0]
     found = {}

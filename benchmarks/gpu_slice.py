@@ -61,9 +61,9 @@ def random_experts(cfg: ModelConfig, dtype: torch.dtype, device: str, seed: int)
     return ExpertShard(N, banks)
 
 
-def fp8_random(shape: tuple[int, ...], block: tuple[int, int], generator, device: str):
+def fp8_random(shape: tuple[int, ...], block: tuple[int, int], device: str, generator=None):
     """Random FP8 weights [..., out, in] (N(0, 1) values) and block scales 1/sqrt(in): dequantised,
-    N(0, 1/in) like random_model's."""
+    N(0, 1/in) like random_model's (gpu_probes' FP8 weights too)."""
     *lead, out, inp = shape
     weight = torch.randn(shape, generator=generator, device=device).to(FP8)
     scale = torch.full((*lead, -(-out // block[0]), -(-inp // block[1])), 1 / math.sqrt(inp), device=device)
@@ -75,7 +75,7 @@ def to_fp8(model: Qwen35MoeModel, block: tuple[int, int], device: str, seed: int
     g = torch.Generator(device=device).manual_seed(seed + 2)
     for name in fp8_dense_names(model.cfg, None):
         layer = model.get_submodule(name.removesuffix(".weight"))
-        weight, scale = fp8_random(tuple(layer.weight.shape), block, g, device)
+        weight, scale = fp8_random(tuple(layer.weight.shape), block, device, g)
         keep_fp8_as_stored(layer, block)
         layer.weight.data.copy_(weight)
         layer.weight_scale_inv.copy_(scale)
@@ -86,8 +86,8 @@ def random_fp8_experts(cfg: ModelConfig, block: tuple[int, int], device: str, se
     N, D, I = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
     banks = {}
     for layer in cfg.moe_layer_ids:
-        (gate_up, gate_up_scale), (down, down_scale) = (fp8_random((N, 2 * I, D), block, g, device),
-                                                        fp8_random((N, D, I), block, g, device))
+        (gate_up, gate_up_scale), (down, down_scale) = (fp8_random((N, 2 * I, D), block, device, g),
+                                                        fp8_random((N, D, I), block, device, g))
         banks[layer] = ExpertBank(tuple(range(N)), gate_up, down, Fp8Scales(gate_up_scale, down_scale, block))
     return ExpertShard(N, banks)
 
