@@ -385,8 +385,9 @@ def cmd_plan(args) -> int:
     quantization = read_quantization(args.model) if args.model is not None else None
     fp8_block = quantization.block if quantization else (128, 128) if args.fp8 else None
     fp8_block = fp8_block if dtype_bytes == 2 else None
-    reader = CheckpointReader(args.model) if args.model is not None else None  # None: as Qwen's FP8 release
-    fp8_dense = fp8_dense_names(cfg, reader) if fp8_block is not None else []
+    fp8_dense = []
+    if fp8_block is not None:  # the checkpoint's FP8 tensors, or (None) those of Qwen's FP8 release
+        fp8_dense = fp8_dense_names(cfg, CheckpointReader(args.model) if args.model is not None else None)
     plan = plan_instance(cfg, layout, dtype_bytes, cluster, args.max_num_batched_tokens, fp8_block, fp8_dense)
     experts = (f", experts and {len(fp8_dense)} dense linear layers FP8 ({fp8_block[0]}x{fp8_block[1]} blocks)"
                if fp8_block else "")
