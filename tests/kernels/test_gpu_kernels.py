@@ -431,11 +431,15 @@ def test_the_kernels_build_for_hopper_and_ampere(tmp_path):
     pytest.importorskip("triton")
     from tests.kernels.triton_build import SHARED_MEMORY
 
-    env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_CACHE_DIR": str(tmp_path)}  # compiled afresh
-    run = subprocess.run([sys.executable, "-m", "tests.kernels.triton_build", "90", "80"], env=env,
-                         cwd=Path(__file__).parents[2], capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-4000:]
-    built = [json.loads(line) for line in run.stdout.splitlines()]
+    built = []
+    builds = {arch: subprocess.Popen(  # one process an architecture, side by side: compiling is single-threaded
+        [sys.executable, "-m", "tests.kernels.triton_build", str(arch)], cwd=Path(__file__).parents[2],
+        env={**os.environ, "TRITON_INTERPRET": "0", "TRITON_CACHE_DIR": str(tmp_path / str(arch))},  # afresh
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for arch in (90, 80)}
+    for arch, build in builds.items():
+        stdout, stderr = build.communicate(timeout=600)
+        assert build.returncode == 0, (arch, stderr[-4000:])
+        built += [json.loads(line) for line in stdout.splitlines()]
     kernels = ("_attend", "_merge", "_decode_step", "_swiglu", "_weighted_sum", "_experts_up", "_experts_down",
                "_grouped_up", "_grouped_down")
     assert {(b["kernel"], b["arch"]) for b in built} == {(k, a) for k in kernels for a in (90, 80)} | {
