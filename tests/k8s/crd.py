@@ -99,6 +99,8 @@ def validate(resource: dict, strict: bool = True) -> list[str]:
     """Schema errors of one custom resource, as readable strings (empty when valid)."""
     kind, api_version = resource["kind"], resource["apiVersion"]
     validator = jsonschema.Draft4Validator(schema_for(kind, api_version, strict))
-    errors = [f"{'.'.join(map(str, e.absolute_path)) or '<root>'}: {e.message}" for e in validator.iter_errors(resource)]
-    raw = next(v for v in _crd(kind)["spec"]["versions"] if v["name"] == api_version.split("/")[1])["schema"]["openAPIV3Schema"]
+    errors = [f"{'.'.join(map(str, e.absolute_path)) or '<root>'}: {e.message}"
+              for e in validator.iter_errors(resource)]
+    version = next(v for v in _crd(kind)["spec"]["versions"] if v["name"] == api_version.split("/")[1])
+    raw = version["schema"]["openAPIV3Schema"]
     return errors + list_map_duplicates(resource, raw)

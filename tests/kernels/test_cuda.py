@@ -259,6 +259,25 @@ def test_engine_on_cuda_gives_the_cpu_engines_logits_and_tokens(make_checkpoint)
     assert results["cpu"][1] == results["cuda"][1]
 
 
+def test_mtp_speculative_decoding_on_cuda(make_checkpoint):
+    """Verify steps, the DeltaNet roll-back after rejected drafts (outside the model's forward) and
+    the drafts on CUDA: fp32 greedy tokens those of the CPU engine without speculation; bf16 runs
+    its verify steps (through the same kernels as prefill chunks) to the requested lengths."""
+    from cluster import LLM, SamplingParams
+    from tests.cluster.engine.test_speculative import MTP_SHAPE, PROMPTS
+
+    greedy = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    speculative = {"method": "mtp", "num_speculative_tokens": 2}
+    with LLM(model=make_checkpoint(MTP_SHAPE), dtype="float32", device="cpu", warm_up=False) as llm:
+        plain = [c.token_ids for c in llm.generate(PROMPTS, greedy)]
+    for dtype in ("float32", "bfloat16"):
+        with LLM(model=make_checkpoint(MTP_SHAPE), dtype=dtype, device="cuda", warm_up=False,
+                 speculative_config=speculative) as llm:
+            tokens = [c.token_ids for c in llm.generate(PROMPTS, greedy)]
+            assert llm.spec_stats()["verify_steps"] > 0
+        assert tokens == plain if dtype == "float32" else all(len(t) == 12 for t in tokens)
+
+
 def test_an_fp8_checkpoint_computes_with_its_weights_as_stored(make_checkpoint, tmp_path):
     """An FP8 checkpoint in bf16 on a GPU with e4m3: its experts and dense linear layers stay FP8
     (decode steps through CUDA graphs), its scores within bf16's tolerance of its dequantised

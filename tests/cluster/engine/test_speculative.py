@@ -42,13 +42,19 @@ def test_greedy_is_lossless_single_process(make_checkpoint, plain_tokens, k):
     assert stats["mean_accepted_length"] == 1 + stats["accepted"] / stats["verify_steps"]
 
 
-@pytest.mark.parametrize("transactional", [False, True], ids=["in-place", "double-buffered"])
-def test_rollback_after_partial_acceptance(make_checkpoint, plain_tokens, monkeypatch, transactional):
+@pytest.mark.parametrize("transactional, cpu_kernels", [(False, True), (True, True), (False, False)],
+                         ids=["in-place", "double-buffered", "in-place-torch-ops"])
+def test_rollback_after_partial_acceptance(make_checkpoint, plain_tokens, monkeypatch, transactional, cpu_kernels):
     """Drafts replaced by the right continuation with one wrong token at a varying place: every
     verify keeps 0..k drafts, the DeltaNet states and caches go back to just after them, and the
     tokens are those of plain decoding. Transactional (an attention worker's runner): the states
-    from before the step are the rows it read, not a copy."""
+    from before the step are the rows it read, not a copy. Torch ops (the C++ kernels off, as on a
+    GPU): the roll-back, which runs outside the model's forward, must not join autograd."""
+    from kernels import backend
+
     k = 3
+    if not cpu_kernels:
+        monkeypatch.setattr(backend, "_cpu_kernels", False)
     if transactional:
         real_init = ModelRunner.__init__
         monkeypatch.setattr(ModelRunner, "__init__",
