@@ -99,7 +99,9 @@ class GatedDeltaNet(nn.Module):
                           self.dt_bias, states.recurrent[self.layer_idx], slots, query_start, query_lens,
                           num_decodes, out_slots)
 
-    @torch.inference_mode()  # called between steps, outside the model's forward: the states it rewrites
+    # called between steps, outside the model's forward: without this the states it rewrites join
+    # autograd through torch's ops (GPUs' path), and the Triton kernels refuse such tensors
+    @torch.inference_mode()
     def roll_back(self, record: SpeculativeRollback, keep: list[int], states: DeltaNetStateCache) -> None:
         """After a verify step: chunk i of the record keeps its first keep[i] rows. Chunks that keep
         fewer than all get their states from before the step advanced over the kept rows again."""
