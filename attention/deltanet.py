@@ -100,7 +100,7 @@ class GatedDeltaNet(nn.Module):
                           num_decodes, out_slots)
 
     # called between steps, outside the model's forward: without this the states it rewrites join
-    # autograd through torch's ops (GPUs' path), and the Triton kernels refuse such tensors
+    # autograd through torch's ops (GPUs' path) and the next roll-back's in-place copy into them fails
     @torch.inference_mode()
     def roll_back(self, record: SpeculativeRollback, keep: list[int], states: DeltaNetStateCache) -> None:
         """After a verify step: chunk i of the record keeps its first keep[i] rows. Chunks that keep
