@@ -46,12 +46,14 @@ class LinkDispatcher:
     def dispatch(self, layer, hidden_TD, topk_idx_TK, topk_weights_TK):
         idx = self.tables[layer].route(topk_idx_TK)  # [E, T, K]
         weights = topk_weights_TK.float()
-        for e, link in enumerate(self.links):
-            link.send(hidden_TD, idx[e], weights)
         nothing = self._nothing_local.get(hidden_TD.dtype)
         if nothing is None:
             nothing = ExpertBatch(hidden_TD[:0].clone(), idx[0, :0].clone(), weights[:0].clone())
             self._nothing_local[hidden_TD.dtype] = nothing
+        if hidden_TD.device.type != "cpu":  # to the host once, not once a link
+            hidden_TD, idx, weights = hidden_TD.cpu(), idx.cpu(), weights.cpu()
+        for e, link in enumerate(self.links):
+            link.send(hidden_TD, idx[e], weights)
         return nothing, hidden_TD.shape
 
     def combine(self, expert_out_RD, shape):

@@ -259,6 +259,39 @@ def test_engine_on_cuda_gives_the_cpu_engines_logits_and_tokens(make_checkpoint)
     assert results["cpu"][1] == results["cuda"][1]
 
 
+@pytest.mark.parametrize("dtype", TOLERANCE)
+def test_the_moe_exchange_with_rows_and_banks_on_cuda(dtype):
+    """What a Ray layout's workers do on GPUs (without Ray): the attention side's rows copied to the
+    host once and sent over links to two expert workers (threads) whose banks are on the GPU, their
+    fp64 partial sums back onto the GPU and added: one shard holding every expert's rows."""
+    from tests.cluster.parallel.test_exchange import exchange_on_one_device
+
+    combined, whole = exchange_on_one_device("cuda", dtype)
+    assert combined.is_cuda and combined.dtype == dtype
+    assert error(combined, whole) <= TOLERANCE[dtype], error(combined, whole)
+
+
+def test_images_on_cuda_give_the_cpu_engines_logits_and_tokens(make_checkpoint):
+    """Prompts with images (the vision tower, M-RoPE positions, the image rows' embeddings) on
+    CUDA in fp32 against the CPU engine, chunked prefill splitting the image tokens."""
+    from cluster import LLM, SamplingParams
+    from cluster.engine.scheduler import SchedulerConfig
+    from tests.cluster.model.test_multimodal import SPEC, prompts
+
+    model = make_checkpoint(SPEC)
+    requests = [{"prompt_token_ids": ids, "images": images} for ids, images in prompts(model)]
+    greedy = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    results = {}
+    for device in ("cpu", "cuda"):
+        with LLM(model=model, dtype="float32", device=device, warm_up=False,
+                 scheduler=SchedulerConfig(max_num_batched_tokens=8)) as llm:
+            results[device] = ([t.float().cpu() for t in llm.score(requests)],
+                               [c.token_ids for c in llm.generate(requests, greedy)])
+    for cpu, cuda in zip(results["cpu"][0], results["cuda"][0]):
+        assert error(cuda, cpu) <= 1e-4, error(cuda, cpu)
+    assert results["cpu"][1] == results["cuda"][1]
+
+
 def test_mtp_speculative_decoding_on_cuda(make_checkpoint):
     """Verify steps, the DeltaNet roll-back after rejected drafts (outside the model's forward) and
     the drafts on CUDA: fp32 greedy tokens those of the CPU engine without speculation; bf16 runs

@@ -1,10 +1,12 @@
 """The MoE exchange over worker links (4 processes: 2 attention + 2 expert workers) against a
-pure-torch reference of dispatch + experts + combine."""
+pure-torch reference of dispatch + experts + combine; and on one device (threads of one process),
+against one shard holding every expert (tests/kernels/test_cuda.py runs it on a GPU)."""
 
 from __future__ import annotations
 
 import socket
 import sys
+import threading
 
 import pytest
 import torch
@@ -14,6 +16,7 @@ from cluster.worker import links
 from cluster.worker.exchange import ExpertServer, LinkDispatcher
 from cluster.worker.timing import PhaseTimer
 from experts import ExpertBank, ExpertShard
+from router import ExpertBatch
 from router.placement import ExpertPlacement
 from tests.reference import expert_mix
 
@@ -107,6 +110,43 @@ def test_exchange_matches_reference():
             rows = sum(x.shape[0] for x, _, _ in per_worker)
             for e in range(2):
                 assert outputs[f"expert{e}"][(name, scenario)] == rows * (D * 4 + K * 8)
+
+
+def exchange_on_one_device(device: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """An attention worker's dispatch and combine with its rows on `device`, served by two expert
+    workers (threads here, over links) whose banks are on `device` too, an expert replicated on
+    both: (the combined rows [T, D], the rows of one shard holding every expert)."""
+    gate_up, down = (w.to(device, dtype) for w in _weights())
+    placement = PLACEMENTS["replicated"]
+    x, idx, w = _scenarios()["uneven"][1]
+    x, idx, w = x.to(device, dtype), idx.to(device), w.to(device)
+    listeners = [links.Listener("127.0.0.1") for _ in range(2)]
+
+    def serve(index: int) -> None:
+        ids = placement.held[0][index]
+        shard = ExpertShard(E, {0: ExpertBank(ids, gate_up[list(ids)], down[list(ids)])})
+        link = listeners[index].accept(TOKEN, {("attention", 0)}, 60)[("attention", 0)]
+        ExpertServer([link], D, K, dtype, device=device, timer=PhaseTimer()).serve(0, [x.shape[0]], shard)
+        link.close()
+
+    threads = [threading.Thread(target=serve, args=(index,), daemon=True) for index in range(2)]
+    for thread in threads:
+        thread.start()
+    expert_links = [links.connect(listener.address, TOKEN, "attention", 0, 60) for listener in listeners]
+    dispatcher = LinkDispatcher(placement, expert_links, device=device)
+    batch, handle = dispatcher.dispatch(0, x, idx, w)
+    combined = dispatcher.combine(batch.hidden, handle)
+    for thread in threads:
+        thread.join(60)
+    for part in expert_links + listeners:
+        part.close()
+    whole = ExpertShard(E, {0: ExpertBank(tuple(range(E)), gate_up, down)})
+    return combined, whole.forward(0, ExpertBatch(x, idx, w))
+
+
+def test_exchange_on_one_device_gives_one_shards_bits():
+    combined, whole = exchange_on_one_device("cpu", torch.float32)
+    assert combined.dtype == torch.float32 and torch.equal(combined, whole)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="abstract Unix sockets are Linux's")
