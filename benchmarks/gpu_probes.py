@@ -152,6 +152,21 @@ def routed_experts_few_rows(cfg: ModelConfig, device: str, smoke: bool = False) 
     return found
 
 
+def w8a8(run):
+    """run, called with W8A8 on (kernels.use_fp8_activations), as ClusterConfig(fp8_activations=True)
+    runs it: the grouped kernels over FP8 weights multiply e4m3 activations on the FP8 tensor cores."""
+    from kernels import use_fp8_activations
+
+    def with_fp8_activations():
+        use_fp8_activations(True)
+        try:
+            return run()
+        finally:
+            use_fp8_activations(False)
+
+    return with_fp8_activations
+
+
 def routed_experts_fp8(cfg: ModelConfig, device: str, smoke: bool = False) -> dict:
     """One layer's routed experts (the flagship's 512, top-10) held FP8 as Qwen stores them (128 x
     128 block scales, random) against the same bank dequantised to bf16 at load, through
@@ -161,7 +176,8 @@ def routed_experts_fp8(cfg: ModelConfig, device: str, smoke: bool = False) -> di
     kernels, the experts hit dequantised for the grouped GEMMs: the data for FP8's thresholds), the
     grouped Triton kernels over the bf16 bank beside torch's grouped GEMMs, the whole bank's
     dequantisation alone; whether FP8's outputs are bf16's bits (up to 8 rows, and dequantised:
-    they should be) and how far they are elsewhere; TFLOP/s at prefill sizes."""
+    they should be) and how far they are elsewhere; TFLOP/s at prefill sizes; past 8 rows the same
+    with W8A8 (the activations in e4m3 too, FP8 x FP8: fp8_w8a8) and how far it is from bf16."""
     from gpu_slice import fp8_random
 
     from kernels.gpu import moe as gpu_moe
@@ -197,6 +213,10 @@ def routed_experts_fp8(cfg: ModelConfig, device: str, smoke: bool = False) -> di
             ways["bf16_grouped_triton"] = lambda: moe_experts_triton(x, idx, weights, gate_up_bf16, down_bf16)
         if gpu_moe.FEW_ROWS.usable(x) and rows <= 512:  # past 8 rows too: where reading FP8 a pair beats the rest
             ways["fp8_few_rows"] = lambda: gpu_moe.experts_few_rows(x, idx, weights, gate_up, down, False, scales)
+        if rows > 8:  # the grouped kernels' sizes
+            ways["fp8_w8a8"] = w8a8(lambda: moe_experts(x, idx, weights, gate_up, down, False, scales))
+            difference = ways["fp8_w8a8"]().float() - bf16.float()
+            found[f"routed_fp8_w8a8_max_abs_diff_{rows}"] = difference.abs().max().item()
         for name, run in ways.items():
             seconds = seconds_per_call(run, device, 3 if smoke else 20)
             found[f"routed_{name}_bank_us_{rows}"] = seconds * 1e6
@@ -211,7 +231,8 @@ def dense_fp8(cfg: ModelConfig, device: str, smoke: bool = False) -> dict:
     through kernels.linear (few-rows kernel up to 8 rows, tiles of rows past them) against bf16
     F.linear over the weight dequantised at load: us a call at 1-4096 rows both ways, GB/s of
     weight read at 1 and 8 rows, TFLOP/s at 512 and 4096, and how far FP8's outputs are from bf16's
-    (on a CPU the weight is dequantised for each call: bf16's bits)."""
+    (on a CPU the weight is dequantised for each call: bf16's bits); past 8 rows the same with W8A8
+    (fp8_w8a8: the activations in e4m3 too)."""
     import torch.nn.functional as F
 
     from gpu_slice import fp8_random
@@ -231,8 +252,13 @@ def dense_fp8(cfg: ModelConfig, device: str, smoke: bool = False) -> dict:
         x = torch.randn(rows, D, dtype=torch.bfloat16, device=device)
         difference = linear(x, fp8).float() - F.linear(x, bf16).float()
         found[f"dense_fp8_max_abs_diff_{rows}"] = difference.abs().max().item()
-        for name, run, weight_bytes in (("fp8", lambda: linear(x, fp8), weight.nbytes + scale.nbytes),
-                                        ("bf16", lambda: F.linear(x, bf16), bf16.nbytes)):
+        ways = [("fp8", lambda: linear(x, fp8), weight.nbytes + scale.nbytes),
+                ("bf16", lambda: F.linear(x, bf16), bf16.nbytes)]
+        if rows > 8:  # the grouped kernel's sizes
+            ways.append(("fp8_w8a8", w8a8(lambda: linear(x, fp8)), weight.nbytes + scale.nbytes))
+            difference = ways[-1][1]().float() - F.linear(x, bf16).float()
+            found[f"dense_fp8_w8a8_max_abs_diff_{rows}"] = difference.abs().max().item()
+        for name, run, weight_bytes in ways:
             seconds = seconds_per_call(run, device, 3 if smoke else 50)
             found[f"dense_{name}_us_{rows}"] = seconds * 1e6
             if rows <= 8:

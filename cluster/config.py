@@ -270,6 +270,12 @@ class ClusterConfig:
     # gating, attention's masking, the experts' sort and sum) through torch.compile (kernels.backend
     # .glue): ~490 -> ~250 kernels a step; it compiles as the engine's warm-up captures the buckets
     compile_decode_graphs: bool = True
+    # an FP8 checkpoint kept FP8 on GPUs (sm_89+): its GEMMs past the few-rows kernels (routed experts
+    # past 80 pairs, dense FP8 layers past 8 rows: prefill and larger decode batches) quantize their
+    # activations to e4m3 too, a scale per row and 128 columns, and multiply FP8 by FP8 on the tensor
+    # cores (W8A8, as vLLM and SGLang run these checkpoints), rounding the activations; off: each weight
+    # dequantised to the compute dtype as the kernels load it (W8A16, the dequantised weights' values)
+    fp8_activations: bool = False
     # schedule and launch step N + 1 before reading step N's tokens (its decodes take them on the
     # device), so the engine's work per step overlaps the device's or the workers'. None: on for Ray
     # layouts and in one process on a GPU, off in one process on a CPU and with speculative decoding
@@ -298,6 +304,9 @@ class ClusterConfig:
             raise ConfigError("device 'cuda' with gpus_per_worker = 0: the workers would see no GPU")
         if self.device == "cpu" and gpus:
             raise ConfigError(f"device 'cpu' with gpus_per_worker = {gpus}: drop one of them")
+        if self.device == "cpu" and self.fp8_activations:
+            raise ConfigError("fp8_activations needs GPUs with FP8 (sm_89+): on CPUs FP8 checkpoints are "
+                              "dequantised as they load")
         if self.fault_injection is not None:
             role, _, rest = self.fault_injection.partition(":")
             index, _, step = rest.partition(":")

@@ -61,7 +61,8 @@ class EpserveModel(OpenAIRoutes, Ingress):
 def with_device(cfg: AppConfig) -> AppConfig:
     """Resolves device "auto" against the Ray cluster this app is built on (GPUs there: cuda) and
     the GPUs each worker's bundle reserves (1 on cuda, 0 on cpu): the replica and its workers
-    then agree on both. Refuses cuda on a cluster without GPUs."""
+    then agree on both. Refuses cuda on a cluster without GPUs, and what ClusterConfig refuses
+    (fp8_activations on CPUs)."""
     import ray
 
     from cluster import ClusterConfig
@@ -69,6 +70,7 @@ def with_device(cfg: AppConfig) -> AppConfig:
     gpus_available = ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0
     device = ClusterConfig(device=cfg.device, gpus_per_worker=cfg.gpus_per_worker).resolve_device(gpus_available)
     gpus = cfg.gpus_per_worker if cfg.gpus_per_worker is not None else int(device == "cuda")
+    ClusterConfig(device=device, gpus_per_worker=gpus, fp8_activations=cfg.fp8_activations)
     return cfg.model_copy(update={"device": device, "gpus_per_worker": gpus})
 
 

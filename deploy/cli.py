@@ -84,7 +84,7 @@ def _server_config(args):
         speculative_tokens=args.speculative_tokens,
         allow_image_urls=args.allow_image_urls, image_url_hosts=args.image_url_host or [],
         max_images_per_request=args.max_images_per_request, stream_interval=args.stream_interval,
-        ingress=args.ingress, kv_cache_dtype=args.kv_cache_dtype,
+        ingress=args.ingress, kv_cache_dtype=args.kv_cache_dtype, fp8_activations=args.fp8_activations,
     )
 
 
@@ -341,6 +341,9 @@ def _add_server_args(p, grpc_port: int, http_port: int) -> None:
                    help="weights and activations; auto: the dtype the checkpoint was saved in")
     p.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default="auto",
                    help="how K/V are stored (auto: --dtype); narrower holds more tokens, rounded")
+    p.add_argument("--fp8-activations", action="store_true",
+                   help="an FP8 checkpoint on GPUs with e4m3 (sm_89+): prefill-sized GEMMs quantize their "
+                        "activations to e4m3 and multiply FP8 x FP8 (W8A8; default: weights dequantised, W8A16)")
     p.add_argument("--speculative-tokens", type=int, default=0, choices=range(4), metavar="K",
                    help="MTP speculative decoding: draft K (1..3) tokens per step with the checkpoint's MTP "
                         "module (0: off)")

@@ -43,6 +43,9 @@ class AppConfig(BaseModel):
     kv_cache_memory_mb: float = Field(512, gt=0, description="KV blocks + DeltaNet state per attention worker")
     kv_cache_dtype: Literal["auto", "bfloat16", "fp8_e5m2", "fp8_e4m3"] = Field(
         "auto", description="how K/V are stored: auto = the model's dtype; narrower holds more tokens, rounded")
+    fp8_activations: bool = Field(False, description="an FP8 checkpoint on GPUs with e4m3 (sm_89+): GEMMs past "
+                                  "the few-rows kernels quantize their activations to e4m3 too and multiply FP8 x "
+                                  "FP8 (W8A8); off: weights dequantised in registers (W8A16)")
     max_tokens_limit: int = Field(4096, ge=1, description="largest max_tokens a request may ask for")
     stream_interval: int = Field(1, ge=1, description="tokens per streamed message after the first (vLLM's "
                                  "--stream-interval): fewer, larger messages through Serve under load")

@@ -27,6 +27,16 @@ def output_dict(out) -> dict[str, Any]:
     return d
 
 
+def cluster_config(cfg: AppConfig) -> ClusterConfig:
+    """How each model instance of the app is laid out and run."""
+    return ClusterConfig(expert_workers=cfg.expert_workers, attention_workers=cfg.attention_workers,
+                         use_ray=not cfg.in_process, device=cfg.device, cpus_per_worker=cfg.cpus_per_worker,
+                         gpus_per_worker=cfg.gpus_per_worker, fp8_activations=cfg.fp8_activations,
+                         threads_per_worker=max(1, round(cfg.cpus_per_worker)),  # the CPUs reserved
+                         attention_resources=tuple(cfg.attention_worker_resources.items()),
+                         expert_resources=tuple(cfg.expert_worker_resources.items()))
+
+
 class ModelServer:
     def __init__(self, config: dict) -> None:
         cfg = AppConfig(**config)
@@ -34,12 +44,7 @@ class ModelServer:
         self.engine = AsyncLLM(
             cfg.model,
             dtype=cfg.dtype,
-            cluster=ClusterConfig(expert_workers=cfg.expert_workers, attention_workers=cfg.attention_workers,
-                                  use_ray=not cfg.in_process, device=cfg.device, cpus_per_worker=cfg.cpus_per_worker,
-                                  gpus_per_worker=cfg.gpus_per_worker,
-                                  threads_per_worker=max(1, round(cfg.cpus_per_worker)),  # the CPUs reserved
-                                  attention_resources=tuple(cfg.attention_worker_resources.items()),
-                                  expert_resources=tuple(cfg.expert_worker_resources.items())),
+            cluster=cluster_config(cfg),
             scheduler=SchedulerConfig(max_num_seqs=cfg.max_num_seqs, max_num_batched_tokens=cfg.max_num_batched_tokens,
                                       max_waiting=cfg.max_waiting, max_model_len=cfg.max_model_len),
             cache=CacheConfig(memory_budget_mb=cfg.kv_cache_memory_mb, kv_cache_dtype=cfg.kv_cache_dtype),

@@ -25,7 +25,8 @@ when installed).
 reference: the same bits), without the Python and small tensor calls between them.
 (***) when `one_call_forward(x)`: the sublayers' composites above, layer after layer (the same bits).
 `fuse_weights` concatenates sibling projections (q/k/v, gate/up, ...) for one matmul each (FP8
-weights kept as stored, `Fp8Weight`, with their scales); `weight_of` is a layer's weight as `linear` takes it.
+weights kept as stored, `Fp8Weight`, with their scales); `weight_of` is a layer's weight as `linear` takes it;
+`use_fp8_activations` turns W8A8 on for FP8 weights' prefill-sized GEMMs on GPUs (kernels.gpu.moe).
 Functions marked `@glue` (backend.glue: the plain-torch work between GEMMs and kernels) run through
 torch.compile inside `compiled_glue()`, which CUDA decode graphs enter while capturing.
 """
@@ -37,6 +38,7 @@ from .backend import (
 from .conv import causal_conv1d
 from .delta_rule import delta_rule, delta_rule_decode, delta_rule_prefill
 from .fuse import fuse_weights, weight_of
+from .gpu.moe import use_fp8_activations
 from .layers import ATTENTION_LAYER, DELTANET_LAYER, attention_mixer, decoder_layers, deltanet_mixer, moe_block
 from .linear import Fp8Weight, linear
 from .moe import add_shared_expert, moe_experts, topk_softmax
@@ -48,5 +50,6 @@ __all__ = [
     "attention_mixer", "causal_conv1d", "cpu_kernels_loaded", "decoder_layers", "delta_rule", "delta_rule_decode",
     "delta_rule_prefill", "deltanet_mixer", "fuse_weights", "gated_rms_norm", "linear", "moe_block", "moe_experts",
     "one_call", "one_call_forward", "paged_attention", "qk_norm_rope", "reference_kernels", "rms_norm", "sample",
-    "separate_layers", "separate_sublayers", "topk_softmax", "uniform_draw", "weight_of", "write_kv",
+    "separate_layers", "separate_sublayers", "topk_softmax", "uniform_draw", "use_fp8_activations", "weight_of",
+    "write_kv",
 ]

@@ -101,6 +101,9 @@ class EngineCore(PlacementControl):
         fp8_dense = fp8_dense_names(self.config, CheckpointReader(self.model_dir)) if fp8_block else []
         self.memory_plan = plan_instance(self.config, self.layout, dtype_bytes, self.cluster,
                                          self.scheduler_config.max_num_batched_tokens, fp8_block, fp8_dense)
+        if self.cluster.fp8_activations and fp8_block is None:
+            log.warning("fp8_activations has no effect: no FP8 weights are kept as stored here (%s, %s, %s)",
+                        "an FP8 checkpoint" if quantization else "not an FP8 checkpoint", device, dtype)
         log.info("memory plan per worker:\n%s", self.memory_plan.describe())
         if self.cluster.wants_ray:
             self.executor = RayExecutor(self.config, self.model_dir, dtype, self.cluster, self.layout,
@@ -111,7 +114,8 @@ class EngineCore(PlacementControl):
                                           self.rebalance_config.window_steps, device,
                                           decode_graphs=self.cluster.cuda_graphs
                                           and decode_graphs.supported(device, getattr(torch, dtype)),
-                                          compile_glue=self.cluster.compile_decode_graphs)
+                                          compile_glue=self.cluster.compile_decode_graphs,
+                                          fp8_activations=self.cluster.fp8_activations)
         self.scheduler = Scheduler(self.scheduler_config, self.layout, self.cluster.attention_workers,
                                    self.max_model_len, self.speculative)
         self.output_processor = OutputProcessor(self.scheduler, self.tokenizer, self.speculative)

@@ -21,6 +21,7 @@ import os
 import torch
 
 from experts import ExpertBank, ExpertShard
+from kernels import use_fp8_activations
 from router.placement import ExpertPlacement
 
 from ..config import ModelConfig
@@ -52,8 +53,9 @@ class _Worker:
     max_concurrency = 1  # Ray calls at once: the step loop holds the one thread while it runs
 
     def __init__(self, rank: int, num_attention: int, threads: int, fault_step: int | None = None,
-                 device: str = "cpu", memory_plan: MemoryPlan | None = None) -> None:
+                 device: str = "cpu", memory_plan: MemoryPlan | None = None, fp8_activations: bool = False) -> None:
         self.rank, self.num_attention = rank, num_attention
+        use_fp8_activations(fp8_activations)  # ClusterConfig.fp8_activations, for this process's kernels
         self.fault_step, self.steps_seen = fault_step, 0  # ClusterConfig.fault_injection
         self.device = worker_device(device)
         if memory_plan is not None and self.device.type == "cuda":  # refuse before loading a byte
@@ -131,8 +133,9 @@ class AttentionWorker(_Worker):
     def __init__(self, model_dir: str, cfg: ModelConfig, placement: ExpertPlacement, rank: int,
                  num_attention: int, dtype: str, threads: int, layout: CacheLayout,
                  load_window_steps: int = 64, overlap: bool = False, transactional: bool = True,
-                 fault_step: int | None = None, device: str = "cpu", memory_plan: MemoryPlan | None = None) -> None:
-        super().__init__(rank, num_attention, threads, fault_step, device, memory_plan)
+                 fault_step: int | None = None, device: str = "cpu", memory_plan: MemoryPlan | None = None,
+                 fp8_activations: bool = False) -> None:
+        super().__init__(rank, num_attention, threads, fault_step, device, memory_plan, fp8_activations)
         reader = CheckpointReader(model_dir)
         self.model = load_dense_model(cfg, reader, getattr(torch, dtype), self.device)
         self.dense_bytes = reader.bytes_read
@@ -210,8 +213,8 @@ class ExpertWorker(_Worker):
 
     def __init__(self, model_dir: str, cfg: ModelConfig, placement: ExpertPlacement, rank: int,
                  num_attention: int, dtype: str, threads: int, fault_step: int | None = None,
-                 device: str = "cpu", memory_plan: MemoryPlan | None = None) -> None:
-        super().__init__(rank, num_attention, threads, fault_step, device, memory_plan)
+                 device: str = "cpu", memory_plan: MemoryPlan | None = None, fp8_activations: bool = False) -> None:
+        super().__init__(rank, num_attention, threads, fault_step, device, memory_plan, fp8_activations)
         if self.device.type == "cpu" and hasattr(os, "SCHED_BATCH"):
             # woken by a dispatch, an expert worker must not take the core of the attention worker
             # that is still sending to the others: it runs on a free core, or when the sender waits

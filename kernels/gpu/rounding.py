@@ -16,3 +16,14 @@ if triton is not None:
             bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
             return bits.to(tl.float32, bitcast=True)
         return x.to(dtype).to(tl.float32)
+
+    @triton.jit
+    def round_to_e4m3(x):
+        """fp32 x (|x| <= 448) rounded to float8 e4m3 and back, to nearest even, by its bits: what
+        x.to(tl.float8e4nv) gives on a GPU, which Triton's interpreter gets wrong where a value rounds
+        up into the next power of two (126.8 -> 64, not 128)."""
+        bits = x.to(tl.uint32, bitcast=True)
+        normal = ((bits + 0x7FFFF + ((bits >> 20) & 1)) & 0xFFF00000).to(tl.float32, bitcast=True)
+        magic = 12582912.0  # 1.5 * 2^23: y + magic - magic is y rounded to an integer, ties to even
+        subnormal = ((x * 512.0 + magic) - magic) / 512.0  # below 2^-6 the step is 2^-9
+        return tl.where(tl.abs(x) < 0.015625, subnormal, normal)

@@ -77,3 +77,22 @@ def test_epserve_plan_of_an_fp8_checkpoint_counts_the_layers_it_stores_fp8(make_
                  "--kv-cache-memory-mb", "64"]) == 0
     assert "experts and 25 dense linear layers FP8 (128x128 blocks)" in capsys.readouterr().out
 
+
+def test_serve_fp8_activations_reach_the_instances_and_are_refused_on_cpus(make_checkpoint, monkeypatch):
+    """`epserve serve --fp8-activations`: the app's config and each instance's ClusterConfig carry it;
+    with the workers on CPUs the app is refused before anything starts."""
+    import pytest
+
+    from cluster import ConfigError
+    from deploy import launch
+    from deploy.app import with_device
+    from deploy.cli import main
+    from deploy.model_server import cluster_config
+    from tests.conftest import FEW_EXPERTS
+
+    started = []  # the app's config as `serve` hands it to the server, which resolves the device first
+    monkeypatch.setattr(launch, "start_server", lambda cfg, *args, **kwargs: started.append(cfg) or with_device(cfg))
+    with pytest.raises(ConfigError, match="fp8_activations needs GPUs"):
+        main(["serve", "--model", make_checkpoint(FEW_EXPERTS), "--fp8-activations", "--device", "cpu"])
+    [cfg] = started
+    assert cfg.fp8_activations and cluster_config(cfg.model_copy(update={"device": "cuda"})).fp8_activations

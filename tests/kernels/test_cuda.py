@@ -341,6 +341,59 @@ def test_an_fp8_checkpoint_computes_with_its_weights_as_stored(make_checkpoint, 
     assert sum(a == b for a, b in zip(fp8_tokens, exact_tokens)) >= 2
 
 
+def test_fp8_activations_on_cuda_match_their_emulation(monkeypatch):
+    """W8A8 on a GPU with e4m3: the grouped kernels over an FP8 bank (Qwen's 128 x 128 blocks, 96
+    pairs) and a dense FP8 weight past 8 rows, FP8 x FP8, against the torch emulation of what they
+    compute (tests/kernels/test_gpu_kernels.py), to bf16's tolerance; the W8A8 kernels built."""
+    import torch.nn.functional as F
+
+    from kernels import Fp8Weight, linear
+    from kernels.gpu import moe as gpu_moe
+    from kernels.moe import dequantize_blocks, fp8_banks_supported, moe_experts_triton
+    from tests.kernels.test_gpu_kernels import fp8_bank, few_rows_inputs, w8a8_reference, w8a8_tiles
+
+    if not fp8_banks_supported("cuda", torch.bfloat16):
+        pytest.skip("this GPU has no e4m3 (sm_89+): FP8 checkpoints are dequantised at load")
+    x, idx, weights, gate_up, down = few_rows_inputs(24, 4, 6, 256, 256)
+    gate_up_q, down_q, scales, *_ = fp8_bank(gate_up, down, (128, 128))
+    monkeypatch.setattr(gpu_moe, "_fp8_activations", False)
+    gpu_moe.use_fp8_activations(True)
+    routed = moe_experts_triton(*on_cuda(x, idx, weights, gate_up_q, down_q), False, scales.to("cuda"))
+    dense = Fp8Weight(down_q[0].cuda(), scales.down[0].cuda(), scales.block)
+    projected = linear(x.cuda(), dense)
+    assert gpu_moe.GROUPED_A8.unavailable is None
+    assert error(routed.cpu(), w8a8_reference(x, idx, weights, gate_up_q, down_q, scales, 128)) <= 3e-2
+    emulated = F.linear(w8a8_tiles(x, 128), dequantize_blocks(down_q[0], scales.down[0], scales.block))
+    assert error(projected.cpu(), emulated.to(torch.bfloat16)) <= 3e-2
+
+
+def test_fp8_activations_in_the_engine_on_cuda(make_checkpoint, tmp_path, monkeypatch):
+    """ClusterConfig(fp8_activations=True) on a GPU with e4m3: an FP8 checkpoint's prefill steps launch
+    the W8A8 kernels, its scores near the W8A16 run's (the activations' rounding: on this random
+    toy ~0.14 of a logit's spread in fp32 through the interpreter)."""
+    from cluster import LLM, ClusterConfig
+    from cluster.model.quantization import write_fp8_checkpoint
+    from kernels.gpu import moe as gpu_moe
+    from kernels.moe import fp8_banks_supported
+    from tests.conftest import FEW_EXPERTS
+
+    if not fp8_banks_supported("cuda", torch.bfloat16):
+        pytest.skip("this GPU has no e4m3 (sm_89+): FP8 checkpoints are dequantised at load")
+    write_fp8_checkpoint(make_checkpoint(FEW_EXPERTS), tmp_path / "fp8", block=(32, 32))
+    launched, launch = [], gpu_moe.GROUPED_A8.launch
+    monkeypatch.setattr(gpu_moe.GROUPED_A8, "launch", lambda run, *args: launched.append(args) or launch(run, *args))
+    monkeypatch.setattr(gpu_moe, "_fp8_activations", False)  # restored after the test
+    prompts = [list(range(10, 55)), [5, 9, 13, 2, 7] * 30]
+    scores = {}
+    for w8a8 in (False, True):
+        with LLM(model=str(tmp_path / "fp8"), dtype="bfloat16", device="cuda", warm_up=False,
+                 cluster=ClusterConfig(fp8_activations=w8a8)) as llm:
+            scores[w8a8] = [t.float().cpu() for t in llm.score(prompts)]
+    assert launched and gpu_moe.GROUPED_A8.unavailable is None
+    for a, b in zip(scores[True], scores[False]):
+        assert 0 < (a - b).abs().mean() <= 0.5 * b.std(), ((a - b).abs().mean(), b.std())
+
+
 def test_bf16_decode_through_graphs_follows_eager_steps(make_checkpoint):
     """bf16 on CUDA (flash-linear-attention when installed): decode steps replayed from CUDA graphs
     (batch padded to its bucket) against the same engine stepping eagerly."""

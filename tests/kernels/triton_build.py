@@ -32,8 +32,8 @@ ALIGNED = ("_grouped_up", "_grouped_down")
 
 
 def build(fn, types: dict, constexprs: dict, arch: int, num_warps: int = 4) -> dict:
-    """The kernel compiled for sm_<arch>: its shared memory, and ptxas's count of registers and of
-    bytes spilled to local memory per thread."""
+    """The kernel compiled for sm_<arch>: its shared memory, ptxas's count of registers and of bytes
+    spilled to local memory per thread, and the tensor-core instructions in its PTX."""
     signature = {name: "constexpr" if name in constexprs else types.get(name, "i32") for name in fn.arg_names}
     attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
              if fn.__name__ in ALIGNED and signature[name] != "constexpr"}
@@ -46,7 +46,8 @@ def build(fn, types: dict, constexprs: dict, arch: int, num_warps: int = 4) -> d
                                  "-o", "/dev/null"], capture_output=True, text=True, check=True).stderr
     return {"kernel": fn.__name__, "arch": arch, "config": {**constexprs, **types}, "warps": num_warps,
             "shared": kernel.metadata.shared, "registers": int(re.search(r"Used (\d+) registers", report)[1]),
-            "spill_bytes": int(re.search(r"(\d+) bytes spill stores", report)[1])}
+            "spill_bytes": int(re.search(r"(\d+) bytes spill stores", report)[1]),
+            "mma": sorted(set(re.findall(r"(?:wgmma\.mma_async|mma\.sync)[\w.]*", kernel.asm["ptx"])))}
 
 
 def configurations(arch: int):
@@ -89,11 +90,12 @@ def configurations(arch: int):
                                 "Act": "*bf16"}, dict(K=10, **tiles), 4
         yield moe._experts_down, {"Act": "*bf16", "Idx": "*i64", "Down": f"*{bank}", "Scale": scale,
                                   "Out": "*bf16"}, tiles, 4
-    # the grouped kernels over FP8 banks (decode-batch and prefill tiles) and over fp16 banks
-    for bank, block_m in ([("fp8e4nv", 16), ("fp8e4nv", 64)] if arch >= 89 else []) + [("fp16", 64)]:
+    # the grouped kernels over FP8 banks (decode-batch and prefill tiles; W8A16 and W8A8) and over fp16 banks
+    fp8 = [("fp8e4nv", 16, a8) for a8 in (False, True)] + [("fp8e4nv", 64, a8) for a8 in (False, True)]
+    for bank, block_m, a8 in (fp8 if arch >= 89 else []) + [("fp16", 64, False)]:
         scaled, x = bank != "fp16", "bf16" if bank != "fp16" else "fp16"
         tiles = dict(BLOCK_M=block_m, BLOCK_N=moe.GROUPED_BLOCK_N, BLOCK_K=moe.grouped_block_k(128), SCALED=scaled,
-                     B0=128, B1=128, WIDEN=False)
+                     B0=128, B1=128, WIDEN=False, A8=a8)
         scale = "*fp32" if scaled else f"*{bank}"
         tables = {"TileExpert": "*i32", "TileStart": "*i32", "Ends": "*i32"}
         yield moe._grouped_up, {"X": f"*{x}", "Order": "*i64", **tables, "GateUp": f"*{bank}", "Scale": scale,

@@ -12,6 +12,7 @@ from typing import Callable
 
 import torch
 
+from kernels import use_fp8_activations
 from router import LocalDispatcher
 
 from ...config import ModelConfig
@@ -26,7 +27,8 @@ from ..cache_plan import CacheLayout
 class LocalExecutor:
     def __init__(self, cfg: ModelConfig, model_dir: str | Path, dtype: torch.dtype, layout: CacheLayout,
                  load_window_steps: int = 64, device: str = "cpu", decode_graphs: bool = False,
-                 compile_glue: bool = True) -> None:
+                 compile_glue: bool = True, fp8_activations: bool = False) -> None:
+        use_fp8_activations(fp8_activations)  # ClusterConfig.fp8_activations, for this process's kernels
         reader = CheckpointReader(model_dir)
         model = load_dense_model(cfg, reader, dtype, device)
         all_experts = {layer: list(range(cfg.num_experts)) for layer in cfg.moe_layer_ids}

@@ -125,7 +125,7 @@ class RayExecutor(WorkerRecovery):
             max_concurrency=cls.max_concurrency,
             scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=bundle_index),
         ).remote(self.model_dir, self.cfg, placement or self.placement, *args, device=self.device,
-                 memory_plan=self.memory_plan)
+                 memory_plan=self.memory_plan, fp8_activations=self.cluster.fp8_activations)
 
     # -- links and the step loops ---------------------------------------------------------------------
     def _connect(self) -> None:

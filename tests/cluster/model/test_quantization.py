@@ -112,6 +112,23 @@ def test_fp8_weights_kept_as_stored_compute_with_their_dequantised_weights(make_
     assert {gpu_moe.OP.name, gpu_moe.FEW_ROWS.name, gpu_moe.GROUPED.name, gpu_moe.DENSE_FP8.name} <= gpu_kernels_on_cpu
 
 
+def test_fp8_activations_reach_this_process_kernels_and_need_a_gpu(make_checkpoint, monkeypatch, caplog):
+    """ClusterConfig(fp8_activations=True) turns W8A8 on for the kernels of the process that computes
+    (tests/kernels: what the kernels then do; a Ray worker gets it as it starts), says when nothing
+    stays FP8 for it to act on, and is refused where the device is a CPU."""
+    from cluster import ClusterConfig, ConfigError
+    from kernels.gpu import moe as gpu_moe
+
+    monkeypatch.setattr(gpu_moe, "_fp8_activations", False)  # restored after the test
+    with LLM(model=make_checkpoint(FEW_EXPERTS), warm_up=False, cluster=ClusterConfig(fp8_activations=True)):
+        assert gpu_moe._fp8_activations
+    assert "fp8_activations has no effect: no FP8 weights are kept as stored here" in caplog.text
+    with LLM(model=make_checkpoint(FEW_EXPERTS), warm_up=False):
+        assert not gpu_moe._fp8_activations
+    with pytest.raises(ConfigError, match="fp8_activations needs GPUs"):
+        ClusterConfig(device="cpu", fp8_activations=True)
+
+
 def test_fp8_on_expert_workers_matches_one_process(ray_cluster, make_checkpoint, tmp_path):
     write_fp8_checkpoint(make_checkpoint(FLAGSHIP_SHAPE), tmp_path / "fp8")  # Qwen's 128x128 blocks
     params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
