@@ -48,14 +48,16 @@ builds them), through the real engine (scheduler, runner, kernels, sampler):
      against the bank dequantised to bf16 at load: us a call at 1-4096 rows, each way FP8 can take
      at every size (few-rows, grouped, the experts hit dequantised for torch's grouped GEMMs), the
      grouped Triton kernels over bf16 beside torch's grouped GEMMs, TFLOP/s at 512 and 4096 rows,
-     the whole bank's dequantisation alone, and how far FP8's outputs are from bf16's.
+     the whole bank's dequantisation alone, and how far FP8's outputs are from bf16's; past 8 rows
+     the same with W8A8 (ClusterConfig.fp8_activations: activations in e4m3, FP8 x FP8);
  15. a dense linear layer of an FP8 checkpoint kept FP8 (DeltaNet's fused in_proj_qkv and z,
      through kernels.linear: the few-rows kernel up to 8 rows, tiles of rows past them) against
      bf16 F.linear over it dequantised at load: us a call at 1-4096 rows, weight GB/s at 1 and 8
-     rows, TFLOP/s at 512 and 4096, and how far FP8's outputs are from bf16's.
+     rows, TFLOP/s at 512 and 4096, and how far FP8's outputs are from bf16's; past 8 rows W8A8 too.
  16. the slice of 2 with random FP8 experts and dense layers held as stored (as an FP8 checkpoint's
      are on sm_89+): decode tok/s at batch 1 and 64 and batch 1's fraction of the copy bandwidth
-     over the bytes it reads, and its speed-up over the bf16 slice at batch 1.
+     over the bytes it reads, and its speed-up over the bf16 slice at batch 1; prefill tok/s as in
+     3, W8A16 and W8A8.
 Each part records its figures as it goes; a part that fails is reported and the next one runs.
 The CUDA kernel tests: `python -m pytest tests/kernels/test_cuda.py` (skipped without a GPU).
 Prints a table and, with --json, writes the figures.
@@ -86,7 +88,7 @@ from cluster.engine.memory_plan import FLAGSHIP
 from cluster.engine.scheduler import SchedulerConfig
 from cluster.model.loading import fp8_dense_names
 from cluster.model.model import Qwen35MoeModel
-from kernels import reference_kernels
+from kernels import reference_kernels, use_fp8_activations
 
 
 @contextlib.contextmanager
@@ -123,6 +125,17 @@ def decode_rate(llm: LLM, batch: int, steps: int, device: str, vocab: int, promp
         sync(device)
         seconds = (time.perf_counter() - start) / steps
     return batch / seconds
+
+
+def prefill_rate(llm: LLM, prompt_len: int, device: str, vocab: int) -> float:
+    """Prompt tokens per second of 4 prompts of prompt_len, one output token each (after a warm run)."""
+    params = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
+    llm.generate([[(i + j) % vocab for j in range(prompt_len)] for i in range(4)], params)  # warm
+    sync(device)
+    start = time.perf_counter()
+    llm.generate([[(i * 3 + j) % vocab for j in range(prompt_len)] for i in range(4)], params)
+    sync(device)
+    return 4 * prompt_len / (time.perf_counter() - start)
 
 
 def step_split(llm: LLM, batch: int, steps: int, device: str, vocab: int) -> dict:
@@ -353,14 +366,7 @@ def main() -> None:
             found |= {"decode_bytes_per_token": step_bytes, "decode_bandwidth_tb_s": achieved / 1e12,
                       "fraction_of_copy_bandwidth": achieved / copy_bytes_s,
                       "fraction_of_spec_bandwidth": achieved / (spec_tbps * 1e12) if spec_tbps else None}
-            prompt_len = 64 if args.smoke else 2048
-            params = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
-            llm.generate([[(i + j) % cfg.vocab_size for j in range(prompt_len)] for i in range(4)], params)  # warm
-            sync(device)
-            start = time.perf_counter()
-            llm.generate([[(i * 3 + j) % cfg.vocab_size for j in range(prompt_len)] for i in range(4)], params)
-            sync(device)
-            found["prefill_tok_s"] = 4 * prompt_len / (time.perf_counter() - start)
+            found["prefill_tok_s"] = prefill_rate(llm, 64 if args.smoke else 2048, device, cfg.vocab_size)
             if args.profile:  # eagerly: each kernel launch shows
                 runner.graphs = None
                 for batch in (1, 64):
@@ -382,6 +388,13 @@ def main() -> None:
             with reference_kernels() if not device.startswith("cuda") else contextlib.nullcontext():
                 for batch in (1, 64):
                     found[f"fp8_decode_tok_s_batch{batch}"] = decode_rate(llm, batch, steps, device, cfg.vocab_size)
+                prompt_len = 64 if args.smoke else 2048
+                found["fp8_prefill_tok_s"] = prefill_rate(llm, prompt_len, device, cfg.vocab_size)
+                use_fp8_activations(True)  # W8A8: read as each kernel launches (prefill steps run eagerly)
+                try:
+                    found["fp8_w8a8_prefill_tok_s"] = prefill_rate(llm, prompt_len, device, cfg.vocab_size)
+                finally:
+                    use_fp8_activations(False)
             step_bytes = decode_bytes(cfg, 2, context=18, fp8=True)
             achieved = step_bytes * found["fp8_decode_tok_s_batch1"]
             found |= {"fp8_decode_bytes_per_token": step_bytes,

@@ -100,12 +100,14 @@ class RandomWeightsExecutor(LocalExecutor):
     cpu_graphs = False  # --smoke: the decode graphs' static path on a CPU too (eagerly), so it is exercised
 
     def __init__(self, cfg, model_dir, dtype, layout, load_window_steps=64, device="cpu", decode_graphs=False,
-                 compile_glue=True) -> None:
+                 compile_glue=True, fp8_activations=False) -> None:
         from router import LocalDispatcher
 
         from cluster.worker.runner import ModelRunner
         from cluster.worker.timing import PhaseTimer
+        from kernels import use_fp8_activations
 
+        use_fp8_activations(fp8_activations)
         model = random_model(cfg, dtype, device, self.seed)
         if self.fp8_block is not None:
             to_fp8(model, self.fp8_block, device, self.seed)

@@ -26,4 +26,5 @@ def test_gpu_check_runs_end_to_end_at_smoke_size(tmp_path):
     # W8A8 asked for: on a CPU nothing stays FP8, so nothing changes
     assert figures["routed_fp8_w8a8_max_abs_diff_16"] == 0 and figures["dense_fp8_w8a8_max_abs_diff_16"] == 0
     assert figures["routed_fp8_w8a8_bank_us_16"] > 0 and figures["dense_fp8_w8a8_us_16"] > 0
+    assert figures["fp8_prefill_tok_s"] > 0 and figures["fp8_w8a8_prefill_tok_s"] > 0
     assert figures["fp8_decode_tok_s_batch64"] > 0 and "fp8_decode_error" not in figures  # the FP8 slice's decode

@@ -310,7 +310,7 @@ def test_grouped_kernels_match_the_reference(interpreter, monkeypatch, dtype, sh
         gate_up, down, scales, *exact = fp8_bank(gate_up, down, block)
     ref = moe_experts_reference(x, idx, weights, *(exact if block else (gate_up, down)))
     launched, real_launch = [], gpu_moe.GROUPED.launch
-    monkeypatch.setattr(gpu_moe.GROUPED, "launch", lambda run: launched.append(run) or real_launch(run))
+    monkeypatch.setattr(gpu_moe.GROUPED, "launch", lambda run, *args: launched.append(run) or real_launch(run, *args))
     out = moe_experts_triton(x, idx, weights, gate_up, down, False, scales)
     assert launched and out.dtype == dtype
     assert close(out, ref, TOLERANCE[torch.float32 if dtype == torch.float32 else torch.bfloat16])
@@ -355,7 +355,7 @@ def test_fp8_banks_give_the_bits_of_the_bank_they_encode(interpreter, monkeypatc
     reference = moe_experts_reference(x, idx, weights, gate_up_exact, down_exact)
     monkeypatch.setattr(gpu_moe.GROUPED, "usable", lambda t: True)
     grouped, real_launch = [], gpu_moe.GROUPED.launch
-    monkeypatch.setattr(gpu_moe.GROUPED, "launch", lambda run: grouped.append(run) or real_launch(run))
+    monkeypatch.setattr(gpu_moe.GROUPED, "launch", lambda run, *args: grouped.append(run) or real_launch(run, *args))
     assert close(kernels.moe_experts(x, idx, weights, gate_up_q, down_q, False, scales), reference,
                  TOLERANCE[torch.bfloat16]) and len(grouped) == (idx.numel() > gpu_moe.FEW_ROWS_MAX_PAIRS)
     monkeypatch.setattr(gpu_moe.GROUPED, "launch", build_fails)
@@ -459,7 +459,7 @@ def test_dense_fp8_weights_are_read_as_stored(interpreter, monkeypatch, rows, sh
     fp8, exact = Fp8Weight(weight, scale, block), dequantize_blocks(weight, scale, block)
     monkeypatch.setattr(gpu_moe.DENSE_FP8, "usable", lambda t: True)
     launched, real_launch = [], gpu_moe.DENSE_FP8.launch
-    monkeypatch.setattr(gpu_moe.DENSE_FP8, "launch", lambda run: launched.append(run) or real_launch(run))
+    monkeypatch.setattr(gpu_moe.DENSE_FP8, "launch", lambda run, *args: launched.append(run) or real_launch(run, *args))
     for dtype in (torch.float32, torch.bfloat16):
         x = torch.randn(rows, K, dtype=dtype)
         reference = F.linear(x.float(), exact.to(dtype).float())
@@ -480,7 +480,7 @@ def test_the_shared_expert_over_fp8_weights_runs_eagerly_inside_compiled_glue(in
     monkeypatch.setattr(backend, "_cpu_kernels", False)
     monkeypatch.setattr(gpu_moe.DENSE_FP8, "usable", lambda t: True)
     launched, real_launch = [], gpu_moe.DENSE_FP8.launch
-    monkeypatch.setattr(gpu_moe.DENSE_FP8, "launch", lambda run: launched.append(run) or real_launch(run))
+    monkeypatch.setattr(gpu_moe.DENSE_FP8, "launch", lambda run, *args: launched.append(run) or real_launch(run, *args))
     D, I = 64, 32
     gate_up, down = (Fp8Weight(*quantize(torch.randn(*shape) * 0.2, (16, 16)), (16, 16))
                      for shape in ((2 * I, D), (D, I)))
@@ -491,7 +491,7 @@ def test_the_shared_expert_over_fp8_weights_runs_eagerly_inside_compiled_glue(in
     assert len(launched) == 4
 
 
-def build_fails(run):
+def build_fails(run, *args):
     from kernels.gpu.triton_guard import KernelUnavailable
 
     raise KernelUnavailable("did not build here")
