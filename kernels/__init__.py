@@ -38,7 +38,7 @@ from .backend import (
 from .conv import causal_conv1d
 from .delta_rule import delta_rule, delta_rule_decode, delta_rule_prefill
 from .fuse import fuse_weights, weight_of
-from .gpu.moe import use_fp8_activations
+from .gpu.moe import fp8_activations_on, use_fp8_activations
 from .layers import ATTENTION_LAYER, DELTANET_LAYER, attention_mixer, decoder_layers, deltanet_mixer, moe_block
 from .linear import Fp8Weight, linear
 from .moe import add_shared_expert, moe_experts, topk_softmax
@@ -48,7 +48,8 @@ from .sampling import SamplingTensors, sample, uniform_draw
 __all__ = [
     "ATTENTION_LAYER", "DELTANET_LAYER", "Fp8Weight", "SamplingTensors", "add_rms_norm", "add_shared_expert",
     "attention_mixer", "causal_conv1d", "cpu_kernels_loaded", "decoder_layers", "delta_rule", "delta_rule_decode",
-    "delta_rule_prefill", "deltanet_mixer", "fuse_weights", "gated_rms_norm", "linear", "moe_block", "moe_experts",
+    "delta_rule_prefill", "deltanet_mixer", "fp8_activations_on", "fuse_weights", "gated_rms_norm", "linear",
+    "moe_block", "moe_experts",
     "one_call", "one_call_forward", "paged_attention", "qk_norm_rope", "reference_kernels", "rms_norm", "sample",
     "separate_layers", "separate_sublayers", "topk_softmax", "uniform_draw", "use_fp8_activations", "weight_of",
     "write_kv",

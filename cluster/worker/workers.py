@@ -21,7 +21,7 @@ import os
 import torch
 
 from experts import ExpertBank, ExpertShard
-from kernels import use_fp8_activations
+from kernels import fp8_activations_on, use_fp8_activations
 from router.placement import ExpertPlacement
 
 from ..config import ModelConfig
@@ -204,7 +204,8 @@ class AttentionWorker(_Worker):
 
     def info(self) -> dict:
         return {"role": "attention", "rank": self.rank, "pid": os.getpid(), "dense_bytes": self.dense_bytes,
-                "sequences": len(self.runner.sequences), "device": str(self.device)}
+                "sequences": len(self.runner.sequences), "device": str(self.device),
+                "fp8_activations": fp8_activations_on()}
 
 
 class ExpertWorker(_Worker):
@@ -305,6 +306,6 @@ class ExpertWorker(_Worker):
 
     def info(self) -> dict:
         return {"role": "expert", "rank": self.rank, "pid": os.getpid(), "expert_bytes": self.shard.nbytes,
-                "bytes_read": self.bytes_read, "device": str(self.device),
+                "bytes_read": self.bytes_read, "device": str(self.device), "fp8_activations": fp8_activations_on(),
                 "experts_per_layer": {layer: len(b.expert_ids) for layer, b in self.shard.banks.items()},
                 "bytes_in": self.server.bytes_in if self.server is not None else 0}

@@ -84,6 +84,11 @@ def use_fp8_activations(on: bool) -> None:
     _fp8_activations = on
 
 
+def fp8_activations_on() -> bool:
+    """Whether this process runs W8A8 (use_fp8_activations)."""
+    return _fp8_activations
+
+
 def _with_fp8_activations(x: torch.Tensor, block: tuple[int, int] | None, block_k: int) -> bool:
     """This launch quantizes its activations: asked for, FP8 weights whose block columns hold whole
     reduction tiles (one weight scale a row a tile), a tile the FP8 MMA takes, the kernels built."""

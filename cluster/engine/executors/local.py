@@ -12,7 +12,7 @@ from typing import Callable
 
 import torch
 
-from kernels import use_fp8_activations
+from kernels import fp8_activations_on, use_fp8_activations
 from router import LocalDispatcher
 
 from ...config import ModelConfig
@@ -72,7 +72,8 @@ class LocalExecutor:
         self.runner.load.reset()
 
     def worker_info(self) -> list[dict]:
-        return [{"role": "local", "expert_bytes": self.expert_bytes, "sequences": len(self.runner.sequences)}]
+        return [{"role": "local", "expert_bytes": self.expert_bytes, "sequences": len(self.runner.sequences),
+                 "fp8_activations": fp8_activations_on()}]
 
     def timings(self, reset: bool = False) -> list[dict[str, float]]:
         return [{"role": "local", **self.timer.snapshot(reset)}]

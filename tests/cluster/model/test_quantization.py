@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from cluster import LLM, SamplingParams
+from cluster import LLM, ClusterConfig, SamplingParams
 from cluster.model.checkpoint import CheckpointError
 from cluster.model.quantization import (
     QuantizationError,
@@ -116,15 +116,15 @@ def test_fp8_activations_reach_this_process_kernels_and_need_a_gpu(make_checkpoi
     """ClusterConfig(fp8_activations=True) turns W8A8 on for the kernels of the process that computes
     (tests/kernels: what the kernels then do; a Ray worker gets it as it starts), says when nothing
     stays FP8 for it to act on, and is refused where the device is a CPU."""
-    from cluster import ClusterConfig, ConfigError
+    from cluster import ConfigError
     from kernels.gpu import moe as gpu_moe
 
     monkeypatch.setattr(gpu_moe, "_fp8_activations", False)  # restored after the test
-    with LLM(model=make_checkpoint(FEW_EXPERTS), warm_up=False, cluster=ClusterConfig(fp8_activations=True)):
-        assert gpu_moe._fp8_activations
+    with LLM(model=make_checkpoint(FEW_EXPERTS), warm_up=False, cluster=ClusterConfig(fp8_activations=True)) as llm:
+        assert [w["fp8_activations"] for w in llm.worker_info()] == [True]
     assert "fp8_activations has no effect: no FP8 weights are kept as stored here" in caplog.text
-    with LLM(model=make_checkpoint(FEW_EXPERTS), warm_up=False):
-        assert not gpu_moe._fp8_activations
+    with LLM(model=make_checkpoint(FEW_EXPERTS), warm_up=False) as llm:
+        assert [w["fp8_activations"] for w in llm.worker_info()] == [False]
     with pytest.raises(ConfigError, match="fp8_activations needs GPUs"):
         ClusterConfig(device="cpu", fp8_activations=True)
 
@@ -133,8 +133,11 @@ def test_fp8_on_expert_workers_matches_one_process(ray_cluster, make_checkpoint,
     write_fp8_checkpoint(make_checkpoint(FLAGSHIP_SHAPE), tmp_path / "fp8")  # Qwen's 128x128 blocks
     params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
     single = [c.token_ids for c in LLM(model=str(tmp_path / "fp8"), warm_up=False).generate(PROMPTS, params)]
-    with LLM(model=str(tmp_path / "fp8"), expert_workers=2, use_ray=True, warm_up=False) as llm:
+    # fp8_activations reaches each worker's kernels (on CPUs FP8 is dequantised at load: no effect)
+    cluster = ClusterConfig(expert_workers=2, use_ray=True, fp8_activations=True)
+    with LLM(model=str(tmp_path / "fp8"), cluster=cluster, warm_up=False) as llm:
         assert [c.token_ids for c in llm.generate(PROMPTS, params)] == single
+        assert [w["fp8_activations"] for w in llm.worker_info()] == [True] * 3
 
 
 def _with_quantization(src: str, dst, quantization: dict):
