@@ -100,7 +100,8 @@ def _launch_grouped(op: TritonOp, run, a8: bool) -> None:
     """run(a8) under op; a W8A8 build that fails leaves the W8A16 kernels running (logged once)."""
     if a8:
         try:
-            return GROUPED_A8.launch(run, True)
+            GROUPED_A8.launch(run, True)
+            return
         except KernelUnavailable:
             pass
     op.launch(run, False)

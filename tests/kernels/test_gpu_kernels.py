@@ -400,9 +400,9 @@ def test_fp8_activations_multiply_fp8_by_fp8_in_the_grouped_kernels(interpreter,
     """W8A8 (use_fp8_activations): the grouped kernels over an FP8 bank with Qwen's 128 x 128 blocks
     quantize x's and SwiGLU's rows a [row, 128 columns] tile at a time (a scale a row a tile) and
     multiply by the FP8 weights as stored (and so does a dense FP8 layer past 8 rows): a torch emulation
-    of that within 1e-3 (fp32) or bf16's tolerance, and
-    within 8% of the largest output from the W8A16 kernels' (what the activations' rounding costs);
-    off, the W8A16 kernels run; blocks whose columns do not hold whole tiles stay W8A16."""
+    of that within 1e-3 (fp32) or bf16's tolerance, and within 8% of the largest output from the W8A16
+    kernels' (what the activations' rounding costs); off, the W8A16 kernels run, as they do for blocks
+    whose columns do not hold whole tiles and where the W8A8 kernels do not build."""
     from kernels import Fp8Weight, linear
     from kernels.gpu import moe as gpu_moe
     from kernels.moe import dequantize_blocks, moe_experts_triton
@@ -436,6 +436,8 @@ def test_fp8_activations_multiply_fp8_by_fp8_in_the_grouped_kernels(interpreter,
     emulated = F.linear(w8a8_tiles(x, 128), dequantize_blocks(dense.weight, dense.scale, dense.block)).to(dtype)
     assert close(linear(x, dense), emulated, tolerance)
     assert launched[3:] == [gpu_moe.GROUPED_A8.name]
+    monkeypatch.setattr(gpu_moe.GROUPED_A8, "launch", build_fails)  # W8A8 does not build: W8A16 runs
+    assert torch.equal(moe_experts_triton(x, idx, weights, gate_up_q, down_q, False, scales), w8a16)
 
 
 @pytest.mark.parametrize("rows, shape, block", [
