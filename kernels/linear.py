@@ -50,8 +50,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor | Fp8Weight | tuple) -> torch.T
 
 def linear_fp8(x: torch.Tensor, weight: Fp8Weight) -> torch.Tensor:
     """GPUs: the FP8 weight read as stored (a byte a weight) by the routed experts' down kernels,
-    as a bank of one expert; where those do not build (or references are forced), the weight
-    dequantised for this call: the bits of the weight dequantised at load."""
+    as a bank of one expert (past 8 rows FP8 x FP8 with use_fp8_activations); where those do not
+    build (or references are forced), the weight dequantised for this call: the bits of the weight
+    dequantised at load."""
     if batched(x) and gpu_moe.dense_fp8_usable(x):
         try:
             return gpu_moe.linear_fp8(x, weight.weight, weight.scale, weight.block)
