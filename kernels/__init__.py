@@ -26,7 +26,7 @@ reference: the same bits), without the Python and small tensor calls between the
 (***) when `one_call_forward(x)`: the sublayers' composites above, layer after layer (the same bits).
 `fuse_weights` concatenates sibling projections (q/k/v, gate/up, ...) for one matmul each (FP8
 weights kept as stored, `Fp8Weight`, with their scales); `weight_of` is a layer's weight as `linear` takes it;
-`use_fp8_activations` turns W8A8 on for FP8 weights' prefill-sized GEMMs on GPUs (kernels.gpu.moe).
+`use_fp8_activations` turns W8A8 on for FP8 weights' prefill-sized GEMMs on GPUs (kernels.gpu.fp8_activations).
 Functions marked `@glue` (backend.glue: the plain-torch work between GEMMs and kernels) run through
 torch.compile inside `compiled_glue()`, which CUDA decode graphs enter while capturing.
 """
@@ -38,7 +38,7 @@ from .backend import (
 from .conv import causal_conv1d
 from .delta_rule import delta_rule, delta_rule_decode, delta_rule_prefill
 from .fuse import fuse_weights, weight_of
-from .gpu.moe import fp8_activations_on, use_fp8_activations
+from .gpu.fp8_activations import fp8_activations_on, use_fp8_activations
 from .layers import ATTENTION_LAYER, DELTANET_LAYER, attention_mixer, decoder_layers, deltanet_mixer, moe_block
 from .linear import Fp8Weight, linear
 from .moe import add_shared_expert, moe_experts, topk_softmax

@@ -24,9 +24,9 @@ read once a tile of pairs, where dequantising the bank first (`dequantize`, thei
 and rereads two. fp16 banks, which torch's grouped GEMMs do not take on CUDA, take them too.
 A dense FP8 weight (an FP8 checkpoint's linear layers kept as stored: kernels.linear's Fp8Weight)
 is read by the same down kernels as a bank of one expert (linear_fp8): the few-rows kernel up to
-DENSE_FEW_ROWS_MAX rows, the grouped kernel's tiles of rows past them. With use_fp8_activations
-(W8A8) the grouped kernels instead quantize each tile of their activations to e4m3 and multiply FP8
-by FP8 (tl.dot of float8 operands, fp32 accumulation, both scales applied to each tile's product).
+DENSE_FEW_ROWS_MAX rows, the grouped kernel's tiles of rows past them. With W8A8 on
+(kernels.gpu.fp8_activations) the grouped kernels instead quantize each tile of their activations
+to e4m3 and multiply FP8 by FP8.
 
 Same rounding as the torch versions: a GEMM's output rounded to the dtype, silu(gate) rounded, then
 its product with up; each pair's weighted output rounded to the dtype, the K of a row summed in fp64
@@ -46,19 +46,20 @@ import os
 
 import torch
 
-from .triton_guard import KernelUnavailable, TritonOp, triton
+from .fp8_activations import launch_grouped, with_fp8_activations
+from .triton_guard import TritonOp, triton
 
 if triton is not None:
     import triton.language as tl
 
-    from .rounding import round_to, round_to_e4m3
+    from .fp8_activations import dot_fp8, quantize_rows
+    from .rounding import round_to
 
 OP = TritonOp("routed experts' SwiGLU and weighted sum", (torch.bfloat16, torch.float16, torch.float32))
 FEW_ROWS = TritonOp("routed experts for few rows", (torch.bfloat16, torch.float16))  # fp32: the parity path
 DEQUANTIZE = TritonOp("FP8 expert banks' dequantisation", (torch.bfloat16, torch.float16, torch.float32))
 GROUPED = TritonOp("routed experts' grouped GEMMs over banks as stored", (torch.bfloat16, torch.float16))
 DENSE_FP8 = TritonOp("FP8 dense weights read as stored", (torch.bfloat16, torch.float16))
-GROUPED_A8 = TritonOp("FP8 weights' grouped GEMMs with FP8 activations", (torch.bfloat16, torch.float16))
 # Up to 8 rows at top-10 each pair streams its own expert's weights; with more, rows share experts
 # (batch 64 top-10 over 512 experts: 640 pairs hit ~365) and the grouped GEMMs' one read of each wins.
 FEW_ROWS_MAX_PAIRS = 80
@@ -67,44 +68,6 @@ BLOCK_N, BLOCK_K = 8, 256  # a few-rows program's weight tile: 72 / 40 registers
 DEQUANTIZE_TILE = (32, 128)  # an FP8 bank's [rows, columns] a program dequantises
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # read by Triton as it is imported, as here
 GROUPED_BLOCK_N = 64  # a grouped program's output columns; its pairs: 16-64 (grouped_block_m)
-
-
-_fp8_activations = False  # use_fp8_activations
-
-
-def use_fp8_activations(on: bool) -> None:
-    """W8A8 for this process (ClusterConfig.fp8_activations): the grouped kernels over FP8 weights
-    (routed experts past FEW_ROWS_MAX_PAIRS pairs; dense FP8 layers past DENSE_FEW_ROWS_MAX rows)
-    quantize each [rows, BLOCK_K] tile of their activations to e4m3, a scale a row, and multiply FP8
-    by FP8 on the tensor cores (sm_89+; Hopper's wgmma in 64-pair tiles), as vLLM and SGLang run
-    block-FP8 checkpoints; the activations' rounding is the price. Off (the default): each weight
-    tile dequantised to the compute dtype (W8A16), the values of the weights dequantised at load.
-    The few-rows kernels (small decode batches) are W8A16 either way."""
-    global _fp8_activations
-    _fp8_activations = on
-
-
-def fp8_activations_on() -> bool:
-    """Whether this process runs W8A8 (use_fp8_activations)."""
-    return _fp8_activations
-
-
-def _with_fp8_activations(x: torch.Tensor, block: tuple[int, int] | None, block_k: int) -> bool:
-    """This launch quantizes its activations: asked for, FP8 weights whose block columns hold whole
-    reduction tiles (one weight scale a row a tile), a tile the FP8 MMA takes, the kernels built."""
-    return (_fp8_activations and block is not None and block[1] % block_k == 0 and block_k >= 32
-            and GROUPED_A8.usable(x))
-
-
-def _launch_grouped(op: TritonOp, run, a8: bool) -> None:
-    """run(a8) under op; a W8A8 build that fails leaves the W8A16 kernels running (logged once)."""
-    if a8:
-        try:
-            GROUPED_A8.launch(run, True)
-            return
-        except KernelUnavailable:
-            pass
-    op.launch(run, False)
 
 
 def usable(*tensors: torch.Tensor) -> bool:
@@ -234,28 +197,6 @@ if triton is not None:
         return tl.dot(a, tl.trans(w), acc)
 
     @triton.jit
-    def _quantize_rows(a, WIDEN: tl.constexpr):
-        """A [M, BLOCK_K] activation tile in e4m3 with a scale a row (its largest |value| / 448): the
-        tile as float8 for the FP8 MMA, or (WIDEN) its float8 values in fp32; and the scales [M]."""
-        a = a.to(tl.float32)
-        scale = tl.maximum(tl.max(tl.abs(a), 1), 1e-30) / 448.0
-        q = tl.minimum(tl.maximum(a / scale[:, None], -448.0), 448.0)
-        if WIDEN:
-            return round_to_e4m3(q), scale
-        return q.to(tl.float8e4nv), scale
-
-    @triton.jit
-    def _dot_fp8(a_q, a_scale, w_ptrs, w_scale, mask, WIDEN: tl.constexpr):
-        """(a_q [M, K] @ w [N, K]^T) * a_scale [M] * w_scale [N] in fp32: FP8 x FP8 on the tensor
-        cores (or, WIDEN, their values multiplied exactly in fp32), the FP8 weights as stored."""
-        w = tl.load(w_ptrs, mask=mask, other=0.0)
-        if WIDEN:
-            out = tl.dot(a_q, tl.trans(w.to(tl.float32)), input_precision="ieee")
-        else:
-            out = tl.dot(a_q, tl.trans(w))
-        return out * a_scale[:, None] * w_scale[None, :]
-
-    @triton.jit
     def _grouped_up(X, Order, TileExpert, TileStart, Ends, GateUp, Scale, Act, D, I, stride_x, stride_ge,
                     stride_gn, stride_se, stride_sn, stride_a, K: tl.constexpr, BLOCK_M: tl.constexpr,
                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SCALED: tl.constexpr, B0: tl.constexpr,
@@ -283,10 +224,10 @@ if triton is not None:
                             other=0.0)
                 ok = n_ok[:, None] & c_ok[None, :]
                 if A8:
-                    x_q, x_scale = _quantize_rows(x, WIDEN)
-                    gate += _dot_fp8(x_q, x_scale, w + col[None, :], tl.load(s_gate + start // B1, mask=n_ok,
+                    x_q, x_scale = quantize_rows(x, WIDEN)
+                    gate += dot_fp8(x_q, x_scale, w + col[None, :], tl.load(s_gate + start // B1, mask=n_ok,
                                      other=0.0), ok, WIDEN)
-                    up += _dot_fp8(x_q, x_scale, w + I * stride_gn + col[None, :],
+                    up += dot_fp8(x_q, x_scale, w + I * stride_gn + col[None, :],
                                    tl.load(s_up + start // B1, mask=n_ok, other=0.0), ok, WIDEN)
                 else:
                     w_gate = _bank_tile(w + col[None, :], s_gate, start, col, ok, n_ok, SCALED, dtype, B1, BLOCK_K)
@@ -321,8 +262,8 @@ if triton is not None:
                 a = tl.load(Act + m[:, None] * stride_a + col[None, :], mask=m_ok[:, None] & c_ok[None, :], other=0.0)
                 ok = n_ok[:, None] & c_ok[None, :]
                 if A8:
-                    a_q, a_scale = _quantize_rows(a, WIDEN)
-                    acc += _dot_fp8(a_q, a_scale, w + col[None, :], tl.load(s + start // B1, mask=n_ok, other=0.0),
+                    a_q, a_scale = quantize_rows(a, WIDEN)
+                    acc += dot_fp8(a_q, a_scale, w + col[None, :], tl.load(s + start // B1, mask=n_ok, other=0.0),
                                     ok, WIDEN)
                 else:
                     tile = _bank_tile(w + col[None, :], s, start, col, ok, n_ok, SCALED, dtype, B1, BLOCK_K)
@@ -458,7 +399,7 @@ def linear_fp8(x_TK, weight_NK, scale, block: tuple[int, int]) -> torch.Tensor:
             x_TK, tile_expert, tile_start, ends, bank, scales, out, N, K, *strides, BLOCK_M=block_m,
             BLOCK_N=GROUPED_BLOCK_N, BLOCK_K=block_k, SCALED=True, B0=B0, B1=B1, WIDEN=INTERPRETED, A8=a8)
 
-    _launch_grouped(DENSE_FP8, run, _with_fp8_activations(x_TK, block, block_k))
+    launch_grouped(DENSE_FP8, run, with_fp8_activations(x_TK, block, block_k))
     return out
 
 
@@ -523,5 +464,5 @@ def experts_grouped(x_RD, order_P, ends_N, K: int, gate_up, down, scales=None) -
             act, tile_expert, tile_start, ends_N, down, down_scale, sorted_out, D, I, act.stride(0), down.stride(0),
             down.stride(1), down_scale.stride(0), down_scale.stride(1), sorted_out.stride(0), A8=a8, **tiles)
 
-    _launch_grouped(GROUPED, run, _with_fp8_activations(x_RD, scales.block if scales is not None else None, block_k))
+    launch_grouped(GROUPED, run, with_fp8_activations(x_RD, scales.block if scales is not None else None, block_k))
     return sorted_out

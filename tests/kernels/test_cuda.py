@@ -348,7 +348,7 @@ def test_fp8_activations_on_cuda_match_their_emulation(monkeypatch):
     import torch.nn.functional as F
 
     from kernels import Fp8Weight, linear
-    from kernels.gpu import moe as gpu_moe
+    from kernels.gpu import fp8_activations as w8a8
     from kernels.moe import dequantize_blocks, fp8_banks_supported, moe_experts_triton
     from tests.kernels.test_gpu_kernels import fp8_bank, few_rows_inputs, w8a8_reference, w8a8_tiles
 
@@ -356,12 +356,12 @@ def test_fp8_activations_on_cuda_match_their_emulation(monkeypatch):
         pytest.skip("this GPU has no e4m3 (sm_89+): FP8 checkpoints are dequantised at load")
     x, idx, weights, gate_up, down = few_rows_inputs(24, 4, 6, 256, 256)
     gate_up_q, down_q, scales, *_ = fp8_bank(gate_up, down, (128, 128))
-    monkeypatch.setattr(gpu_moe, "_fp8_activations", False)
-    gpu_moe.use_fp8_activations(True)
+    monkeypatch.setattr(w8a8, "_on", False)
+    w8a8.use_fp8_activations(True)
     routed = moe_experts_triton(*on_cuda(x, idx, weights, gate_up_q, down_q), False, scales.to("cuda"))
     dense = Fp8Weight(down_q[0].cuda(), scales.down[0].cuda(), scales.block)
     projected = linear(x.cuda(), dense)
-    assert gpu_moe.GROUPED_A8.unavailable is None
+    assert w8a8.GROUPED_A8.unavailable is None
     assert error(routed.cpu(), w8a8_reference(x, idx, weights, gate_up_q, down_q, scales, 128)) <= 3e-2
     emulated = F.linear(w8a8_tiles(x, 128), dequantize_blocks(down_q[0], scales.down[0], scales.block))
     assert error(projected.cpu(), emulated.to(torch.bfloat16)) <= 3e-2
@@ -373,23 +373,23 @@ def test_fp8_activations_in_the_engine_on_cuda(make_checkpoint, tmp_path, monkey
     toy ~0.14 of a logit's spread in fp32 through the interpreter)."""
     from cluster import LLM, ClusterConfig
     from cluster.model.quantization import write_fp8_checkpoint
-    from kernels.gpu import moe as gpu_moe
+    from kernels.gpu import fp8_activations as w8a8
     from kernels.moe import fp8_banks_supported
     from tests.conftest import FEW_EXPERTS
 
     if not fp8_banks_supported("cuda", torch.bfloat16):
         pytest.skip("this GPU has no e4m3 (sm_89+): FP8 checkpoints are dequantised at load")
     write_fp8_checkpoint(make_checkpoint(FEW_EXPERTS), tmp_path / "fp8", block=(32, 32))
-    launched, launch = [], gpu_moe.GROUPED_A8.launch
-    monkeypatch.setattr(gpu_moe.GROUPED_A8, "launch", lambda run, *args: launched.append(args) or launch(run, *args))
-    monkeypatch.setattr(gpu_moe, "_fp8_activations", False)  # restored after the test
+    launched, launch = [], w8a8.GROUPED_A8.launch
+    monkeypatch.setattr(w8a8.GROUPED_A8, "launch", lambda run, *args: launched.append(args) or launch(run, *args))
+    monkeypatch.setattr(w8a8, "_on", False)  # restored after the test
     prompts = [list(range(10, 55)), [5, 9, 13, 2, 7] * 30]
     scores = {}
-    for w8a8 in (False, True):
+    for on in (False, True):
         with LLM(model=str(tmp_path / "fp8"), dtype="bfloat16", device="cuda", warm_up=False,
-                 cluster=ClusterConfig(fp8_activations=w8a8)) as llm:
-            scores[w8a8] = [t.float().cpu() for t in llm.score(prompts)]
-    assert launched and gpu_moe.GROUPED_A8.unavailable is None
+                 cluster=ClusterConfig(fp8_activations=on)) as llm:
+            scores[on] = [t.float().cpu() for t in llm.score(prompts)]
+    assert launched and w8a8.GROUPED_A8.unavailable is None
     for a, b in zip(scores[True], scores[False]):
         assert 0 < (a - b).abs().mean() <= 0.5 * b.std(), ((a - b).abs().mean(), b.std())
 

@@ -397,13 +397,14 @@ def w8a8_reference(x, idx, weights, gate_up_q, down_q, scales, block_k):
 @OVERFLOW_IN_UNWRITTEN_ROWS
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fp8_activations_multiply_fp8_by_fp8_in_the_grouped_kernels(interpreter, monkeypatch, dtype):
-    """W8A8 (use_fp8_activations): the grouped kernels over an FP8 bank with Qwen's 128 x 128 blocks
+    """W8A8 (kernels.gpu.fp8_activations): the grouped kernels over an FP8 bank with Qwen's 128 x 128 blocks
     quantize x's and SwiGLU's rows a [row, 128 columns] tile at a time (a scale a row a tile) and
     multiply by the FP8 weights as stored (and so does a dense FP8 layer past 8 rows): a torch emulation
     of that within 1e-3 (fp32) or bf16's tolerance, and within 8% of the largest output from the W8A16
     kernels' (what the activations' rounding costs); off, the W8A16 kernels run, as they do for blocks
     whose columns do not hold whole tiles and where the W8A8 kernels do not build."""
     from kernels import Fp8Weight, linear
+    from kernels.gpu import fp8_activations
     from kernels.gpu import moe as gpu_moe
     from kernels.moe import dequantize_blocks, moe_experts_triton
 
@@ -411,18 +412,18 @@ def test_fp8_activations_multiply_fp8_by_fp8_in_the_grouped_kernels(interpreter,
     x, idx, weights, gate_up, down = few_rows_inputs(R, K, N, D, I, dtype=dtype)
     gate_up_q, down_q, scales, *exact = fp8_bank(gate_up, down, (128, 128))
     monkeypatch.setattr(gpu_moe.GROUPED, "usable", lambda t: True)
-    monkeypatch.setattr(gpu_moe.GROUPED_A8, "dtypes", (torch.bfloat16, torch.float32))
-    monkeypatch.setattr(gpu_moe.GROUPED_A8, "usable", lambda t: t.dtype in gpu_moe.GROUPED_A8.dtypes)
+    monkeypatch.setattr(fp8_activations.GROUPED_A8, "dtypes", (torch.bfloat16, torch.float32))
+    monkeypatch.setattr(fp8_activations.GROUPED_A8, "usable", lambda t: t.dtype in fp8_activations.GROUPED_A8.dtypes)
     launched = []
-    for op in (gpu_moe.GROUPED, gpu_moe.GROUPED_A8):
+    for op in (gpu_moe.GROUPED, fp8_activations.GROUPED_A8):
         monkeypatch.setattr(op, "launch", lambda run, *args, op=op, launch=op.launch: launched.append(op.name)
                             or launch(run, *args))
     w8a16 = moe_experts_triton(x, idx, weights, gate_up_q, down_q, False, scales)
     assert launched == [gpu_moe.GROUPED.name]
-    monkeypatch.setattr(gpu_moe, "_fp8_activations", False)
-    gpu_moe.use_fp8_activations(True)
+    monkeypatch.setattr(fp8_activations, "_on", False)
+    fp8_activations.use_fp8_activations(True)
     w8a8 = moe_experts_triton(x, idx, weights, gate_up_q, down_q, False, scales)
-    assert launched[1:] == [gpu_moe.GROUPED_A8.name]
+    assert launched[1:] == [fp8_activations.GROUPED_A8.name]
     # fp32: the emulation's SwiGLU rows differ from the kernel's in last bits, so now and then one
     # rounds to the neighbouring e4m3 value, which moves that pair's whole output a little
     tolerance = 1e-3 if dtype == torch.float32 else TOLERANCE[torch.bfloat16]
@@ -435,8 +436,8 @@ def test_fp8_activations_multiply_fp8_by_fp8_in_the_grouped_kernels(interpreter,
     monkeypatch.setattr(gpu_moe.DENSE_FP8, "usable", lambda t: True)
     emulated = F.linear(w8a8_tiles(x, 128), dequantize_blocks(dense.weight, dense.scale, dense.block)).to(dtype)
     assert close(linear(x, dense), emulated, tolerance)
-    assert launched[3:] == [gpu_moe.GROUPED_A8.name]
-    monkeypatch.setattr(gpu_moe.GROUPED_A8, "launch", build_fails)  # W8A8 does not build: W8A16 runs
+    assert launched[3:] == [fp8_activations.GROUPED_A8.name]
+    monkeypatch.setattr(fp8_activations.GROUPED_A8, "launch", build_fails)  # W8A8 does not build: W8A16 runs
     assert torch.equal(moe_experts_triton(x, idx, weights, gate_up_q, down_q, False, scales), w8a16)
 
 

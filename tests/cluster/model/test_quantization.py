@@ -117,9 +117,9 @@ def test_fp8_activations_reach_this_process_kernels_and_need_a_gpu(make_checkpoi
     (tests/kernels: what the kernels then do; a Ray worker gets it as it starts), says when nothing
     stays FP8 for it to act on, and is refused where the device is a CPU."""
     from cluster import ConfigError
-    from kernels.gpu import moe as gpu_moe
+    from kernels.gpu import fp8_activations as w8a8
 
-    monkeypatch.setattr(gpu_moe, "_fp8_activations", False)  # restored after the test
+    monkeypatch.setattr(w8a8, "_on", False)  # restored after the test
     with LLM(model=make_checkpoint(FEW_EXPERTS), warm_up=False, cluster=ClusterConfig(fp8_activations=True)) as llm:
         assert [w["fp8_activations"] for w in llm.worker_info()] == [True]
     assert "fp8_activations has no effect: no FP8 weights are kept as stored here" in caplog.text
