@@ -68,6 +68,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import functools
 import gc
 import json
 import time
@@ -76,7 +77,7 @@ from pathlib import Path
 
 import torch
 from gpu_probes import (card_spec, copy_bandwidth, delta_rule_decode, dense_fp8, dense_tflops, fp8_block_gemm,
-                        grouped_gemm, paged_attention, routed_experts_few_rows, routed_experts_fp8, sync)
+                        grouped_gemm, paged_attention, routed_experts_few_rows, routed_experts_fp8, sync, w8a8)
 
 from gpu_slice import RandomWeightsExecutor, slice_dir
 
@@ -88,7 +89,7 @@ from cluster.engine.memory_plan import FLAGSHIP
 from cluster.engine.scheduler import SchedulerConfig
 from cluster.model.loading import fp8_dense_names
 from cluster.model.model import Qwen35MoeModel
-from kernels import reference_kernels, use_fp8_activations
+from kernels import reference_kernels
 
 
 @contextlib.contextmanager
@@ -390,11 +391,9 @@ def main() -> None:
                     found[f"fp8_decode_tok_s_batch{batch}"] = decode_rate(llm, batch, steps, device, cfg.vocab_size)
                 prompt_len = 64 if args.smoke else 2048
                 found["fp8_prefill_tok_s"] = prefill_rate(llm, prompt_len, device, cfg.vocab_size)
-                use_fp8_activations(True)  # W8A8: read as each kernel launches (prefill steps run eagerly)
-                try:
-                    found["fp8_w8a8_prefill_tok_s"] = prefill_rate(llm, prompt_len, device, cfg.vocab_size)
-                finally:
-                    use_fp8_activations(False)
+                # W8A8 is read as each kernel launches (prefill steps run eagerly)
+                found["fp8_w8a8_prefill_tok_s"] = w8a8(functools.partial(prefill_rate, llm, prompt_len, device,
+                                                                        cfg.vocab_size))()
             step_bytes = decode_bytes(cfg, 2, context=18, fp8=True)
             achieved = step_bytes * found["fp8_decode_tok_s_batch1"]
             found |= {"fp8_decode_bytes_per_token": step_bytes,
