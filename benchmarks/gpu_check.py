@@ -19,13 +19,15 @@ builds them), through the real engine (scheduler, runner, kernels, sampler):
      step (scheduling, forward, LM head, sampling, the host copy of the tokens); and the same
      engine scheduled the other way (async scheduling, the default on a GPU, against step by step);
   3. prefill tok/s (4 prompts of 2048 tokens, 8192-token steps);
-  4. the routed experts (kernels.moe_experts: sort by expert, two torch._grouped_mm, SwiGLU and the
-     fp64 weighted sum as Triton passes) at 4k and 16k tokens with random top-10 routing, and their
-     two grouped GEMMs alone, TFLOP/s against the card's bf16 peak (spec and a measured 8192^3
-     matmul) and against the roofline (the GEMMs' least bytes at the measured copy bandwidth); the
-     same GEMMs as one batched matmul over rows padded to the busiest expert's (a probe); and the op's other passes
+  4. the routed experts at 4k and 16k tokens with random top-10 routing: the whole op as the engine
+     runs it (kernels.moe_experts: at these sizes the padded batched matmuls, its path printed) and
+     through the grouped GEMMs (sort by expert, two torch._grouped_mm, SwiGLU and the fp64 weighted
+     sum as Triton passes), and those two grouped GEMMs alone, TFLOP/s against the card's bf16 peak
+     (spec and a measured 8192^3 matmul) and against the roofline (the GEMMs' least bytes at the
+     measured copy bandwidth); the same GEMMs as one batched matmul over rows padded to the busiest
+     expert's alone; and the grouped op's other passes
      alone (sort, gather, SwiGLU, weighted sum: ms; the last two as torch's passes and as Triton's),
-     where its time besides the GEMMs goes, and the whole op with torch's passes (TFLOP/s);
+     where its time besides the GEMMs goes, and the grouped op with torch's passes (TFLOP/s);
   5. a probe of Qwen's block-scaled FP8 GEMM on the card's FP8 units (torch._scaled_mm): error and
      TFLOP/s beside bf16 (the engine keeps FP8 experts as stored but computes in bf16: 14);
   6. the split of a batch-1 decode step's wall time (scheduled step by step): layout, forward, LM

@@ -104,15 +104,23 @@ def grouped_gemm(cfg: ModelConfig, tokens: int, dtype: torch.dtype, device: str)
     flops = tokens * K * 6 * D * I
     size = torch.finfo(dtype).bits // 8
     least_bytes = (idx.unique().numel() * 3 * D * I + tokens * K * (2 * D + 3 * I)) * size
-    whole = flops / seconds_per_call(lambda: moe_experts_grouped(x, idx, weights, gate_up, down), device, 5)
+    # the whole op as the engine runs it (kernels.moe_experts: the padded batched matmuls from
+    # PADDED_MIN_PAIRS pairs on, unless routing is too skewed), and through the grouped GEMMs
+    from kernels import moe as moe_ops
+
+    whole = flops / seconds_per_call(lambda: moe_ops.moe_experts(x, idx, weights, gate_up, down), device, 5)
+    padded_taken = (moe_ops.padded_usable(x, idx)
+                    and moe_ops.moe_experts_padded(x, idx, weights, gate_up, down) is not None)
+    via_grouped = flops / seconds_per_call(lambda: moe_experts_grouped(x, idx, weights, gate_up, down), device, 5)
     torch_passes = {}
-    if gpu_moe.usable(hidden):  # the whole op once more with torch's passes (what it ran before them)
+    if gpu_moe.usable(hidden):  # the grouped op once more with torch's passes (what it ran before them)
         gpu_moe.OP.unavailable = "timing the torch passes"
         seconds = seconds_per_call(lambda: moe_experts_grouped(x, idx, weights, gate_up, down), device, 5)
         gpu_moe.OP.unavailable = None
         torch_passes["routed_experts_torch_passes_tflops"] = flops / seconds / 1e12
     grouped = flops / seconds_per_call(gemms, device, 5)
-    return {"routed_experts_tflops": whole / 1e12, "grouped_gemm_tflops": grouped / 1e12,
+    return {"routed_experts_tflops": whole / 1e12, "routed_experts_path": "padded" if padded_taken else "grouped",
+            "routed_experts_grouped_tflops": via_grouped / 1e12, "grouped_gemm_tflops": grouped / 1e12,
             "grouped_gemm_flop_per_byte": flops / least_bytes,
             "padded_bmm_tflops": flops / seconds_per_call(padded, device, 5) / 1e12,
             "padded_bmm_rows_per_expert": x_padded.shape[1], "mean_rows_per_expert": tokens * K / N,

@@ -133,6 +133,30 @@ def test_grouped_expert_gemm():
     assert close(fast, ref, TOLERANCE[torch.bfloat16]), error(fast, ref)
 
 
+@pytest.mark.parametrize("partial", [False, True])
+def test_large_steps_take_the_padded_batched_matmuls(partial, monkeypatch):
+    """4k rows top-10 (PADDED_MIN_PAIRS), some pairs outside the bank: moe_experts takes
+    moe_experts_padded, against the reference and the grouped GEMMs it stands in for."""
+    from kernels import moe
+
+    g = torch.Generator().manual_seed(29)
+    R, K, N, D, I = 4096, 10, 64, 1024, 256
+    x = torch.randn(R, D, generator=g).bfloat16()
+    idx = torch.stack([torch.randperm(N + 8, generator=g)[:K] for _ in range(R)])
+    idx[idx >= N] = -1  # ~1 in 9 pairs another worker's
+    weights = torch.softmax(torch.randn(R, K, generator=g), -1).bfloat16()
+    gate_up = (torch.randn(N, 2 * I, D, generator=g) / D**0.5).bfloat16()
+    down = (torch.randn(N, D, I, generator=g) / I**0.5).bfloat16()
+    calls = []
+    padded = moe.moe_experts_padded
+    monkeypatch.setattr(moe, "moe_experts_padded", lambda *a: calls.append(1) or padded(*a))
+    assert moe.padded_usable(*on_cuda(x, idx))
+    fast, ref, args, _ = cuda_and_reference(kernels.moe_experts, x, idx, weights, gate_up, down, partial)
+    assert calls and close(fast, ref, TOLERANCE[torch.bfloat16]), error(fast, ref)
+    grouped = moe.moe_experts_grouped(*args)
+    assert close(fast, grouped, TOLERANCE[torch.bfloat16]), error(fast, grouped)
+
+
 def test_fp16_banks_past_the_few_rows_take_the_grouped_kernels():
     """fp16 (which torch's grouped GEMMs do not take on CUDA): kernels.gpu.moe's grouped kernels at
     the flagship's widths against the reference, no host sync."""

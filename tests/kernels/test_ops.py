@@ -209,9 +209,11 @@ def test_moe_experts(dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("partial", [False, True])
-def test_grouped_gemm_experts_match_the_reference(dtype, partial):
-    """The GPU path (torch._grouped_mm), run here on CPU tensors: same sums as the reference."""
-    from kernels.moe import moe_experts_grouped, moe_experts_reference
+def test_grouped_and_padded_gemm_experts_match_the_reference(dtype, partial, monkeypatch):
+    """The GPU paths (torch._grouped_mm; the padded batched matmuls of large steps), run here on CPU
+    tensors: same sums as the reference. The padded one declines skewed routing before any GEMM."""
+    from kernels import moe
+    from kernels.moe import moe_experts_grouped, moe_experts_padded, moe_experts_reference
 
     g = torch.Generator().manual_seed(8)
     R, K, N, D, I = 37, 4, 9, 32, 16
@@ -225,6 +227,15 @@ def test_grouped_gemm_experts_match_the_reference(dtype, partial):
     grouped = moe_experts_grouped(x, idx, weights, gate_up, down, partial)
     ref = moe_experts_reference(x, idx, weights, gate_up, down, partial)
     assert grouped.dtype == ref.dtype and close(grouped, ref, DTYPES[dtype])
+    # expert 3 holds 25+ of ~110 pairs in the bank: 9 x its count is over 1.5 x the pairs
+    assert moe_experts_padded(x, idx, weights, gate_up, down, partial) is None
+    monkeypatch.setattr(moe, "PADDED_MAX_WASTE", 10.0)
+    padded = moe_experts_padded(x, idx, weights, gate_up, down, partial)
+    assert padded.dtype == ref.dtype and close(padded, ref, DTYPES[dtype])
+    monkeypatch.setattr(moe, "PADDED_MAX_WASTE", 1.5)
+    even = torch.arange(R * K).view(R, K) % N  # 16-17 pairs each: 9 x 17 < 1.5 x 148
+    padded = moe_experts_padded(x, even, weights, gate_up, down, partial)
+    assert close(padded, moe_experts_reference(x, even, weights, gate_up, down, partial), DTYPES[dtype])
 
 
 def test_empty_batch_runs_through_every_op():
