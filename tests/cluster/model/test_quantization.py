@@ -80,6 +80,7 @@ def test_fp8_weights_kept_as_stored_compute_with_their_dequantised_weights(make_
 
     for op in (gpu_attention.OP, gpu_delta_rule.OP):  # the FP8 weights' kernels only: quicker
         monkeypatch.setattr(op, "unavailable", "not under test")
+    monkeypatch.setattr(gpu_moe, "BLOCK_N", 64)  # few-rows programs of 64 outputs, not 8 (tests/kernels: 8)
 
     fp8, exact = tmp_path / "fp8", tmp_path / "exact"  # the layout read: the test above
     write_fp8_checkpoint(make_checkpoint(FEW_EXPERTS), fp8, block=(16, 40), dequantised=exact)  # I = 32: 2 block rows

@@ -69,7 +69,8 @@ def test_a_trained_multimodal_checkpoint_keeps_its_vision_tower(tmp_path):
 
     spec = TinySpec(seed=7, num_experts=8, top_k=2, hidden=64, multimodal=True)
     untrained = load_file(str(make_tiny(tmp_path / "untrained", spec) / "model.safetensors"))
-    trained = make_trained(tmp_path / "trained", spec, TrainSpec(minutes=0.02), log=lambda *_: None)
+    trained = make_trained(tmp_path / "trained", spec, TrainSpec(minutes=0.02, max_corpus_mb=0.25),  # tokenised quickly
+                           log=lambda *_: None)
     tensors = load_file(str(trained / "model.safetensors"))
     vision = sorted(k for k in untrained if k.startswith("model.visual."))
     assert vision and sorted(k for k in tensors if "visual." in k) == vision
