@@ -18,8 +18,9 @@ def test_gpu_check_runs_end_to_end_at_smoke_size(tmp_path):
     figures = json.loads(out.read_text())
     assert figures["bf16_within_tolerance"] is True and 0.5 < figures["bf16_top1_agreement"] <= 1
     for key in ("decode_tok_s_batch1", "decode_tok_s_batch64", "prefill_tok_s", "grouped_gemm_tflops_512",
-                "fraction_of_copy_bandwidth"):
+                "routed_experts_tflops_512", "routed_experts_grouped_tflops_512", "fraction_of_copy_bandwidth"):
         assert figures[key] > 0, key
+    assert figures["routed_experts_path_512"] == "grouped"  # the padded path: GPUs only
     # FP8 experts dequantised for the GEMMs (all a CPU does): the bits of the bf16 bank
     assert figures["routed_fp8_dequantised_same_bits_16"] is True and figures["routed_fp8_max_abs_diff_16"] == 0
     assert figures["dense_fp8_max_abs_diff_16"] == 0 and figures["dense_fp8_us_16"] > 0  # dense ones too
