@@ -232,7 +232,7 @@ def test_grouped_and_padded_gemm_experts_match_the_reference(dtype, partial, mon
     monkeypatch.setattr(moe, "PADDED_MAX_WASTE", 10.0)
     padded = moe_experts_padded(x, idx, weights, gate_up, down, partial)
     assert padded.dtype == ref.dtype and close(padded, ref, DTYPES[dtype])
-    monkeypatch.setattr(moe, "PADDED_MAX_WASTE", 1.5)
+    monkeypatch.undo()  # the default bound again
     even = torch.arange(R * K).view(R, K) % N  # 16-17 pairs each: 9 x 17 < 1.5 x 148
     padded = moe_experts_padded(x, even, weights, gate_up, down, partial)
     assert close(padded, moe_experts_reference(x, even, weights, gate_up, down, partial), DTYPES[dtype])
