@@ -149,7 +149,7 @@ def moe_experts_padded(x_RD, idx_RK, weights_RK, gate_up, down, partial: bool = 
     hidden = torch.bmm(x_padded, gate_up.transpose(-2, -1))  # [N, B, 2I]
     act = swiglu(hidden.view(N * busiest, two_I)).view(N, busiest, two_I // 2)
     out = torch.bmm(act, down.transpose(-2, -1))  # [N, B, D]
-    sorted_out = out.new_zeros(idx_RK.numel(), D)  # pairs outside the bank: masked by the sum
+    sorted_out = out.new_empty(idx_RK.numel(), D)  # pairs outside the bank: unwritten, masked by the sum
     sorted_out[:inside] = out[expert, within]
     return weighted_sum(sorted_out, position, idx_RK, weights_RK, partial)
 
