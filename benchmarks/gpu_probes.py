@@ -58,7 +58,7 @@ def grouped_gemm(cfg: ModelConfig, tokens: int, dtype: torch.dtype, device: str)
     over 512 experts top-10 each expert sees ~80 rows: ~80 FLOP per weight byte, memory-bound)."""
     import torch.nn.functional as F
 
-    from kernels.moe import moe_experts_grouped
+    from kernels.moe import _pairs_by_expert, _swiglu, _weighted_sum, moe_experts_grouped, pad_by_expert
 
     N, D, I, K = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts_per_tok
     gate_up = torch.randn(N, 2 * I, D, dtype=dtype, device=device) / math.sqrt(D)
@@ -66,9 +66,8 @@ def grouped_gemm(cfg: ModelConfig, tokens: int, dtype: torch.dtype, device: str)
     x = torch.randn(tokens, D, dtype=dtype, device=device)
     idx = torch.rand(tokens, N, device=device).topk(K, dim=-1).indices
     weights = torch.full((tokens, K), 1.0 / K, dtype=dtype, device=device)
-    key = idx.reshape(-1)
-    order = torch.argsort(key, stable=True)
-    offsets = torch.searchsorted(key[order], torch.arange(1, N + 1, device=device)).to(torch.int32)
+    pairs = _pairs_by_expert(idx, N)
+    order, position, offsets = pairs
     x_pairs = x[order // K]
 
     def gemms():
@@ -76,11 +75,8 @@ def grouped_gemm(cfg: ModelConfig, tokens: int, dtype: torch.dtype, device: str)
         return torch._grouped_mm((F.silu(gate) * up).contiguous(), down.transpose(-2, -1), offs=offsets)
 
     # the same GEMMs as one batched matmul over every expert's rows padded to the busiest expert's
-    # count: dense tiles, wasted rows (a probe of the alternative to grouped_mm; flops counted useful)
-    starts = torch.cat([offsets.new_zeros(1), offsets[:-1]]).long()
-    within = torch.arange(tokens * K, device=device) - starts[key[order]]
-    x_padded = x.new_zeros(N, int(within.max()) + 1, D)
-    x_padded[key[order], within] = x_pairs
+    # count (what moe_experts_padded runs): dense tiles, wasted rows (flops counted useful)
+    x_padded = pad_by_expert(x, idx, pairs, N, max_waste=math.inf)[0]
 
     def padded():
         gate, up = torch.bmm(x_padded, gate_up.transpose(-2, -1)).chunk(2, dim=-1)
@@ -89,10 +85,9 @@ def grouped_gemm(cfg: ModelConfig, tokens: int, dtype: torch.dtype, device: str)
     # where the whole op's time goes besides its GEMMs: each of its passes alone, ms (SwiGLU and the
     # weighted sum as torch's passes and as kernels.gpu.moe's Triton passes, which the op runs on GPUs)
     from kernels.gpu import moe as gpu_moe
-    from kernels.moe import _pairs_by_expert, _swiglu, _weighted_sum
 
     hidden = torch._grouped_mm(x_pairs, gate_up.transpose(-2, -1), offs=offsets)
-    sorted_out, position = gemms(), _pairs_by_expert(idx, N)[1]
+    sorted_out = gemms()
     stages = {"sort": lambda: _pairs_by_expert(idx, N), "gather": lambda: x[order // K],
               "swiglu": lambda: _swiglu(hidden),
               "weighted_sum": lambda: _weighted_sum(sorted_out, position, idx, weights, False)}

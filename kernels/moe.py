@@ -96,24 +96,26 @@ def moe_experts_reference(x_RD, idx_RK, weights_RK, gate_up, down, partial: bool
     return total if partial else total.float().to(x_RD.dtype)
 
 
-def moe_experts_grouped(x_RD, idx_RK, weights_RK, gate_up, down, partial: bool = False) -> torch.Tensor:
-    """Any device, no host sync: the (row, expert) pairs sorted by expert, then two grouped GEMMs
-    (torch._grouped_mm: one launch each for every expert of the bank), SwiGLU between; each row's K
-    pair outputs summed in fp64 (exact for a row's few terms, as the reference's; no atomics, unlike
-    an index_add). On GPUs SwiGLU and the sum are kernels.gpu.moe's Triton passes. Needs the inner
-    dims D and I to span multiples of 16 bytes (grouped_mm's stride rule)."""
-    order, position, offsets = _pairs_by_expert(idx_RK, gate_up.shape[0])
+def moe_experts_grouped(x_RD, idx_RK, weights_RK, gate_up, down, partial: bool = False,
+                        pairs: tuple | None = None) -> torch.Tensor:
+    """Any device, no host sync: the (row, expert) pairs sorted by expert (pairs: the caller's sort),
+    then two grouped GEMMs (torch._grouped_mm: one launch each for every expert of the bank),
+    SwiGLU between; each row's K pair outputs summed in fp64 (exact for a row's few terms, as the
+    reference's; no atomics, unlike an index_add). On GPUs SwiGLU and the sum are kernels.gpu.moe's
+    Triton passes. Needs the inner dims D and I to span multiples of 16 bytes (grouped_mm's stride
+    rule)."""
+    order, position, offsets = pairs or _pairs_by_expert(idx_RK, gate_up.shape[0])
     hidden = torch._grouped_mm(x_RD[order // idx_RK.shape[1]], gate_up.transpose(-2, -1), offs=offsets)  # [R*K, 2I]
     sorted_out = torch._grouped_mm(swiglu(hidden), down.transpose(-2, -1), offs=offsets)
     return weighted_sum(sorted_out, position, idx_RK, weights_RK, partial)
 
 
 def moe_experts_triton(x_RD, idx_RK, weights_RK, gate_up, down, partial: bool = False,
-                       scales: Fp8Scales | None = None) -> torch.Tensor:
+                       scales: Fp8Scales | None = None, pairs: tuple | None = None) -> torch.Tensor:
     """GPUs, no host sync: the pairs sorted by expert, then kernels.gpu.moe's grouped kernels (the
     banks read as stored, FP8 ones dequantised in each weight tile; x's rows gathered and SwiGLU
     fused in the first GEMM) and the weighted sum."""
-    order, position, ends = _pairs_by_expert(idx_RK, gate_up.shape[0])
+    order, position, ends = pairs or _pairs_by_expert(idx_RK, gate_up.shape[0])
     sorted_out = gpu_moe.experts_grouped(x_RD, order, ends, idx_RK.shape[1], gate_up, down, scales)
     return weighted_sum(sorted_out, position, idx_RK, weights_RK, partial)
 
@@ -129,29 +131,43 @@ def padded_usable(x_RD: torch.Tensor, idx_RK: torch.Tensor) -> bool:
             and not torch.cuda.is_current_stream_capturing())
 
 
-def moe_experts_padded(x_RD, idx_RK, weights_RK, gate_up, down, partial: bool = False) -> torch.Tensor | None:
-    """Large steps: every expert's pairs padded to the busiest expert's count [N, B], the two GEMMs
-    as batched matmuls over them (dense tiles: on an H200 at 4k / 16k tokens over 512 experts top-10
-    they did 269 / 494 TFLOP/s of useful work where torch._grouped_mm did 245 / 395), SwiGLU between,
-    then the weighted sum. Reads the busiest count on the host (one sync); None, before any GEMM,
-    where the padding would pass PADDED_MAX_WASTE x the bank's pairs (skewed routing)."""
-    (N, two_I, D), K = gate_up.shape, idx_RK.shape[1]
-    order, position, ends = _pairs_by_expert(idx_RK, N)
+def pad_by_expert(x_RD, idx_RK, pairs: tuple, N: int, max_waste: float | None = None):
+    """x's row of each pair in the bank written to its expert's rows of x_padded [N, B, D], B the
+    busiest expert's pair count (read on the host: one sync), with each such pair's expert and row
+    there, in expert order: (x_padded, expert, within); None where N x B would pass max_waste
+    (default PADDED_MAX_WASTE) x the bank's pairs (skewed routing) or the bank has none."""
+    order, _, ends = pairs
     starts = torch.cat([ends.new_zeros(1), ends[:-1]])
     busiest, inside = torch.stack([(ends - starts).max(), ends[-1]]).tolist()  # the sync
-    if inside == 0 or N * busiest > PADDED_MAX_WASTE * inside:
+    if inside == 0 or N * busiest > (PADDED_MAX_WASTE if max_waste is None else max_waste) * inside:
         return None
     in_bank = order[:inside]  # the bank's pairs come first in expert order, then those outside it
     expert = idx_RK.reshape(-1)[in_bank].long()
     within = torch.arange(inside, device=x_RD.device) - starts[expert]  # each pair's row in its expert's
-    x_padded = x_RD.new_zeros(N, busiest, D)
-    x_padded[expert, within] = x_RD[in_bank // K]
+    x_padded = x_RD.new_zeros(N, busiest, x_RD.shape[1])
+    x_padded[expert, within] = x_RD[in_bank // idx_RK.shape[1]]
+    return x_padded, expert, within
+
+
+def moe_experts_padded(x_RD, idx_RK, weights_RK, gate_up, down, partial: bool = False,
+                       pairs: tuple | None = None) -> torch.Tensor | None:
+    """Large steps: every expert's pairs padded to the busiest expert's count [N, B] (pad_by_expert),
+    the two GEMMs as batched matmuls over them (dense tiles: on an H200 at 4k / 16k tokens over 512
+    experts top-10 they did 269 / 494 TFLOP/s of useful work where torch._grouped_mm did 245 / 395),
+    SwiGLU between, then the weighted sum. None, before any GEMM, where pad_by_expert declines."""
+    N, two_I, D = gate_up.shape
+    pairs = pairs or _pairs_by_expert(idx_RK, N)
+    padded = pad_by_expert(x_RD, idx_RK, pairs, N)
+    if padded is None:
+        return None
+    x_padded, expert, within = padded
+    busiest = x_padded.shape[1]
     hidden = torch.bmm(x_padded, gate_up.transpose(-2, -1))  # [N, B, 2I]
     act = swiglu(hidden.view(N * busiest, two_I)).view(N, busiest, two_I // 2)
     out = torch.bmm(act, down.transpose(-2, -1))  # [N, B, D]
     sorted_out = out.new_empty(idx_RK.numel(), D)  # pairs outside the bank: unwritten, masked by the sum
-    sorted_out[:inside] = out[expert, within]
-    return weighted_sum(sorted_out, position, idx_RK, weights_RK, partial)
+    sorted_out[:expert.numel()] = out[expert, within]
+    return weighted_sum(sorted_out, pairs[1], idx_RK, weights_RK, partial)
 
 
 def swiglu(hidden: torch.Tensor) -> torch.Tensor:
@@ -243,15 +259,17 @@ def moe_experts(x_RD, idx_RK, weights_RK, gate_up, down, partial: bool = False,
             return gpu_moe.experts_few_rows(x_RD, idx_RK, weights_RK, gate_up, down, partial)
         except KernelUnavailable:  # logged once; from now on the grouped GEMMs
             pass
+    pairs = None  # the sort by expert, once: a declined padded step hands it to the grouped GEMMs
     if batched(x_RD) and padded_usable(x_RD, idx_RK):  # GPUs, large prefill steps
-        out = moe_experts_padded(x_RD, idx_RK, weights_RK, gate_up, down, partial)
+        pairs = _pairs_by_expert(idx_RK, gate_up.shape[0])
+        out = moe_experts_padded(x_RD, idx_RK, weights_RK, gate_up, down, partial, pairs)
         if out is not None:
             return out
     if batched(x_RD) and _grouped_mm_fits(x_RD, down):  # GPUs: grouped GEMM
-        return moe_experts_grouped(x_RD, idx_RK, weights_RK, gate_up, down, partial)
+        return moe_experts_grouped(x_RD, idx_RK, weights_RK, gate_up, down, partial, pairs)
     if batched(x_RD) and gpu_moe.grouped_usable(x_RD):  # GPUs, fp16 (grouped_mm takes bf16 only there)
         try:
-            return moe_experts_triton(x_RD, idx_RK, weights_RK, gate_up, down, partial)
+            return moe_experts_triton(x_RD, idx_RK, weights_RK, gate_up, down, partial, pairs=pairs)
         except KernelUnavailable:
             pass
     return moe_experts_reference(x_RD, idx_RK, weights_RK, gate_up, down, partial)

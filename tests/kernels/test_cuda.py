@@ -149,7 +149,7 @@ def test_large_steps_take_the_padded_batched_matmuls(partial, monkeypatch):
     down = (torch.randn(N, D, I, generator=g) / I**0.5).bfloat16()
     calls = []
     padded = moe.moe_experts_padded
-    monkeypatch.setattr(moe, "moe_experts_padded", lambda *a: calls.append(1) or padded(*a))
+    monkeypatch.setattr(moe, "moe_experts_padded", lambda *a, **kw: calls.append(1) or padded(*a, **kw))
     assert moe.padded_usable(*on_cuda(x, idx))
     fast, ref, args, _ = cuda_and_reference(kernels.moe_experts, x, idx, weights, gate_up, down, partial)
     assert calls and close(fast, ref, TOLERANCE[torch.bfloat16]), error(fast, ref)

@@ -236,6 +236,14 @@ def test_grouped_and_padded_gemm_experts_match_the_reference(dtype, partial, mon
     even = torch.arange(R * K).view(R, K) % N  # 16-17 pairs each: 9 x 17 < 1.5 x 148
     padded = moe_experts_padded(x, even, weights, gate_up, down, partial)
     assert close(padded, moe_experts_reference(x, even, weights, gate_up, down, partial), DTYPES[dtype])
+    # the dispatch on a step the padded path declines: the grouped GEMMs take its sort (sorted once)
+    sorts, sort = [], moe._pairs_by_expert
+    monkeypatch.setattr(moe, "_pairs_by_expert", lambda *a: sorts.append(1) or sort(*a))
+    monkeypatch.setattr(moe, "native", lambda *a: False)  # no C++ kernel: the GPU's dispatch
+    monkeypatch.setattr(moe.gpu_moe, "few_rows_usable", lambda *a: False)
+    monkeypatch.setattr(moe, "padded_usable", lambda *a: True)
+    served = moe.moe_experts(x, idx, weights, gate_up, down, partial)
+    assert sorts == [1] and torch.equal(served, grouped)
 
 
 def test_empty_batch_runs_through_every_op():
