@@ -1,7 +1,7 @@
 """The hot ops of a step, behind one small interface the model code calls (it never names a backend).
 
 Each op has a plain-torch reference (any device; slow, obviously right) and a fast version; tests
-compare the two on random inputs with ragged batches (tests/kernels; on a GPU tests/kernels/test_cuda.py).
+compare the two on random inputs with ragged batches (tests/kernels; on a GPU tests/cuda).
 On CPU the fast versions are C++ (kernels/csrc, built once per machine: kernels.build); the chunked
 DeltaNet prefill and the sampler are batched torch. On other devices: batched torch versions of
 every op, torch._grouped_mm for the routed experts, and on CUDA the GPU's own kernels (kernels.gpu:

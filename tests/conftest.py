@@ -48,7 +48,7 @@ def gpu_kernels_on_cpu(monkeypatch) -> set[str]:
     the parity dtype): returns the set of the ops launched, filled as they launch."""
     pytest.importorskip("triton")
     if os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("a GPU is here: tests/kernels/test_cuda.py runs the engine through the compiled kernels")
+        pytest.skip("a GPU is here: tests/cuda/test_engine.py runs the engine through the compiled kernels")
     from kernels import backend
     from kernels.gpu import moe as gpu_moe
     from kernels.gpu.triton_guard import TritonOp

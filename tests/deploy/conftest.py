@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from cluster import LLM
 from cluster.model.tiny import TinySpec
+from deploy.client import Client
 from deploy.config import AppConfig
 from tests.conftest import free_port
 
@@ -32,3 +34,15 @@ def server(ray_cluster, make_checkpoint):
     yield {"grpc": f"127.0.0.1:{grpc_port}", "http": f"http://127.0.0.1:{http_port}", "config": cfg,
            "model_dir": model_dir, "admin_key": ADMIN_KEY}
     serve.shutdown()
+
+
+@pytest.fixture(scope="session")
+def client(server):
+    c = Client(server["grpc"])
+    yield c
+    c.close()
+
+
+@pytest.fixture(scope="session")
+def offline(server):
+    return LLM(model=server["model_dir"], speculative_config=SPECULATIVE)  # seeded draws as the server's

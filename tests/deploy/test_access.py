@@ -182,7 +182,8 @@ def test_epserve_serve_over_https_with_a_key(server, tmp_path):
          "--ssl-keyfile", key, "--api-key", KEY, "--dashboard-port", str(dashboard_port),
          "--metrics-port", str(metrics_port), "--direct-ingress"], stdout=log, stderr=subprocess.STDOUT, text=True,
         # as a user's shell: no Ray token settings inherited from this test session's own cluster
-        env={**{k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}, "EPSERVE_API_KEY": ""})
+        env={**{k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}, "EPSERVE_API_KEY": "",
+             "RAY_metrics_report_interval_ms": "1000"})  # metrics on the endpoint in 1 s, not Ray's 10
     try:
         deadline = time.time() + 180
         while "serving" not in (tmp_path / "serve.log").read_text():

@@ -1,7 +1,7 @@
 """kernels.backend.glue: the plain-torch glue that CUDA decode graphs run through torch.compile.
 Here on CPU through dynamo and AOT autograd without code generation (backend aot_eager: the
 tracing and functionalisation of the in-place cache and state writes are what could go wrong;
-inductor's own kernels are checked against eager steps on a GPU, tests/kernels/test_cuda.py)."""
+inductor's own kernels are checked against eager steps on a GPU, tests/cuda/test_engine.py)."""
 
 from __future__ import annotations
 

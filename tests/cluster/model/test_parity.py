@@ -78,7 +78,7 @@ def test_the_batched_torch_kernels_match_transformers(make_checkpoint, monkeypat
     assert worst <= TOL
 
 
-def test_the_gpu_triton_kernels_match_transformers(make_checkpoint, gpu_kernels_on_cpu):
+def test_the_gpu_triton_kernels_match_transformers(make_checkpoint, gpu_kernels_on_cpu, monkeypatch):
     """The GPU path's own kernels wired into the real forward (kernels.gpu: paged attention, the
     DeltaNet decode step, the routed experts' passes and their few-rows kernels), run on CPU tensors
     through Triton's interpreter in fp32: scores of a mixed step and greedy decoding in a batch of
@@ -87,6 +87,7 @@ def test_the_gpu_triton_kernels_match_transformers(make_checkpoint, gpu_kernels_
     from kernels.gpu import delta_rule as gpu_delta_rule
     from kernels.gpu import moe as gpu_moe
 
+    monkeypatch.setattr(gpu_moe, "BLOCK_N", 64)  # few-rows programs of 64 outputs, not 8 (tests/kernels: 8)
     model_dir = make_checkpoint(FEW_EXPERTS)  # top-2 of 8: few pairs, so the interpreter is quick
     llm = LLM(model=model_dir, warm_up=False)
     prompts = [_prompt(n, llm.config.vocab_size, n) for n in (1, 5, 65)]

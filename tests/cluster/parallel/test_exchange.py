@@ -1,6 +1,6 @@
 """The MoE exchange over worker links (4 processes: 2 attention + 2 expert workers) against a
 pure-torch reference of dispatch + experts + combine; and on one device (threads of one process),
-against one shard holding every expert (tests/kernels/test_cuda.py runs it on a GPU)."""
+against one shard holding every expert (tests/cuda/test_engine.py runs it on a GPU)."""
 
 from __future__ import annotations
 
