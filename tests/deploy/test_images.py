@@ -19,7 +19,7 @@ from cluster import SamplingParams
 from deploy.client import Client
 from deploy.errors import RequestError
 from deploy.images import ImageInputs
-from tests.deploy.test_server import offline, post  # noqa: F401 (fixture)
+from tests.deploy.test_server import post
 from tests.vision.test_vision import png, random_image, zero_width_png
 
 GREEDY = dict(max_tokens=6, temperature=0.0)
@@ -129,7 +129,7 @@ def client(server):
     c.close()
 
 
-def test_openai_chat_with_images_equals_the_engine(server, offline):  # noqa: F811
+def test_openai_chat_with_images_equals_the_engine(server, offline):
     from openai import OpenAI
 
     images = [png(random_image(70, 100, 31)), png(random_image(130, 64, 32))]
@@ -145,7 +145,7 @@ def test_openai_chat_with_images_equals_the_engine(server, offline):  # noqa: F8
     assert len(expected.prompt_token_ids) > len(offline.tokenizer.encode(prompt)) + 4
 
 
-def test_grpc_image_bytes_and_cli_equal_the_engine(server, client, offline, tmp_path):  # noqa: F811
+def test_grpc_image_bytes_and_cli_equal_the_engine(server, client, offline, tmp_path):
     image = png(random_image(96, 96, 33))
     reply = client.generate("Describe:", images=[image], **GREEDY)
     [expected] = offline.generate({"prompt": "Describe:", "images": [image]}, SamplingParams(**GREEDY))
