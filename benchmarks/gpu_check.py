@@ -61,7 +61,7 @@ builds them), through the real engine (scheduler, runner, kernels, sampler):
      over the bytes it reads, and its speed-up over the bf16 slice at batch 1; prefill tok/s as in
      3, W8A16 and W8A8.
 Each part records its figures as it goes; a part that fails is reported and the next one runs.
-The CUDA kernel tests: `python -m pytest tests/cuda` (skipped without a GPU).
+The CUDA tests (the ops and the engine): `python -m pytest tests/cuda` (skipped without a GPU).
 Prints a table and, with --json, writes the figures.
 """
 
