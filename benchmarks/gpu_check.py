@@ -2,6 +2,7 @@
 
     python benchmarks/gpu_check.py [--device cuda] [--layers 4] [--experts 512] [--json OUT] [--profile OUT]
     python benchmarks/gpu_check.py --smoke        # tiny sizes on CPU: checks the script itself
+    python benchmarks/gpu_check.py --sections decode_prefill,glue_compile   # some parts only
 
 On a flagship-width slice (hidden 4096, the flagship's attention / DeltaNet / expert widths and
 vocabulary, --layers layers in the 3:1 pattern, --experts experts top-10) with random weights made
@@ -78,8 +79,9 @@ import traceback
 from pathlib import Path
 
 import torch
-from gpu_probes import (card_spec, copy_bandwidth, delta_rule_decode, dense_fp8, dense_tflops, fp8_block_gemm,
-                        grouped_gemm, paged_attention, routed_experts_few_rows, routed_experts_fp8, sync, w8a8)
+from gpu_probes import (card_spec, copy_bandwidth, delta_rule_decode, dense_fp8, dense_tflops, environment,
+                        fp8_block_gemm, grouped_gemm, paged_attention, routed_experts_few_rows, routed_experts_fp8,
+                        sync, w8a8)
 
 from gpu_slice import RandomWeightsExecutor, slice_dir
 
@@ -197,33 +199,6 @@ def decode_bytes(cfg: ModelConfig, dtype_bytes: int, context: int, fp8: bool = F
     return dense + experts * (1 if fp8 else dtype_bytes) + states + kv
 
 
-def environment(device: str) -> dict:
-    """Versions and which implementation each op takes on this device."""
-    import importlib.metadata as md
-
-    from kernels.gpu import attention as gpu_attention
-    from kernels.gpu import delta_rule as gpu_delta_rule
-    from kernels.gpu import fla
-    from kernels.gpu import moe as gpu_moe
-
-    found = {}
-    for package in ("torch", "triton", "flash-linear-attention"):
-        try:
-            found[package] = md.version(package)
-        except md.PackageNotFoundError:
-            found[package] = None
-    probe = torch.empty(1, device=device, dtype=torch.bfloat16)
-    found["delta_rule_decode"] = ("C++" if device == "cpu" else "Triton" if gpu_delta_rule.usable(probe)
-                                  else "flash-linear-attention" if fla.usable(probe) else "batched torch")
-    found["delta_rule_prefill"] = ("C++" if device == "cpu" else "flash-linear-attention" if fla.usable(probe)
-                                   else "batched torch")
-    found["paged_attention"] = ("C++" if device == "cpu" else "Triton" if gpu_attention.usable(probe)
-                                else "batched torch (SDPA)")
-    found["grouped_experts"] = ("reference" if not hasattr(torch, "_grouped_mm") else "torch._grouped_mm"
-                                + (", Triton SwiGLU and weighted sum" if gpu_moe.usable(probe) else ""))
-    return found
-
-
 def profile_decode(llm: LLM, batch: int, device: str, vocab: int, out: Path | None) -> dict:
     """Kernel launches and the heaviest device ops of decode steps at `batch` (torch.profiler)."""
     from torch.autograd import DeviceType
@@ -245,6 +220,11 @@ def profile_decode(llm: LLM, batch: int, device: str, vocab: int, out: Path | No
     return {f"profile_batch{batch}_kernels_per_step": kernels_run / steps}
 
 
+SECTIONS = ("grouped_gemm", "bf16_vs_fp32", "decode_prefill", "fp8_kv", "fp8_block_gemm", "glue_compile",
+            "paged_attention", "delta_rule_decode", "routed_experts_few_rows", "routed_experts_fp8", "dense_fp8",
+            "fp8_decode", "long_context")  # in the order they run (the 16 parts above, some sharing one)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda")
@@ -254,7 +234,12 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="tiny sizes on CPU: checks the script runs")
     parser.add_argument("--json", type=Path, help="write the figures here (after every section)")
     parser.add_argument("--profile", type=Path, help="also profile decode steps; tables written beside this stem")
+    parser.add_argument("--sections", type=lambda names: names.split(","), default=list(SECTIONS),
+                        help=f"run only these, comma-separated (default all): {','.join(SECTIONS)}")
     args = parser.parse_args()
+    unknown = sorted(set(args.sections) - set(SECTIONS))
+    if unknown:
+        parser.error(f"--sections: no section {', '.join(unknown)} (there are {', '.join(SECTIONS)})")
     device = "cpu" if args.smoke else args.device
     engine_module.LocalExecutor = RandomWeightsExecutor  # random weights made on the device
     RandomWeightsExecutor.cpu_graphs = args.smoke
@@ -278,6 +263,8 @@ def main() -> None:
     def section(title: str, run) -> None:
         """One part of the check, writing its figures into `figures` as it goes: a failure is printed
         and recorded, and the next part still runs."""
+        if title not in args.sections:
+            return
         print(f"== {title} ({time.perf_counter() - started:.0f}s)", flush=True)
         try:
             run(figures)

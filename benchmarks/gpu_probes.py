@@ -1,7 +1,7 @@
-"""Device-level probes for benchmarks/gpu_check.py, apart from the engine: the card's copy
-bandwidth and bf16 matmul rate, the routed experts' grouped GEMMs against their roofline (and a
-padded batched-matmul alternative), and Qwen's block-scaled FP8 GEMM. Each returns figures; the
-device is synchronised around every timed call."""
+"""Device-level probes for benchmarks/gpu_check.py, apart from the engine: the card, its software
+and which implementation each op takes there, its copy bandwidth and bf16 matmul rate, the routed
+experts' grouped GEMMs against their roofline (and a padded batched-matmul alternative), and Qwen's
+block-scaled FP8 GEMM. Each returns figures; the device is synchronised around every timed call."""
 
 from __future__ import annotations
 
@@ -25,6 +25,33 @@ def card_spec(device: str) -> tuple[str, float | None, float | None]:
         if key in name:
             return name, tflops, tbps
     return name, None, None
+
+
+def environment(device: str) -> dict:
+    """Versions and which implementation each op takes on this device."""
+    import importlib.metadata as md
+
+    from kernels.gpu import attention as gpu_attention
+    from kernels.gpu import delta_rule as gpu_delta_rule
+    from kernels.gpu import fla
+    from kernels.gpu import moe as gpu_moe
+
+    found = {}
+    for package in ("torch", "triton", "flash-linear-attention"):
+        try:
+            found[package] = md.version(package)
+        except md.PackageNotFoundError:
+            found[package] = None
+    probe = torch.empty(1, device=device, dtype=torch.bfloat16)
+    found["delta_rule_decode"] = ("C++" if device == "cpu" else "Triton" if gpu_delta_rule.usable(probe)
+                                  else "flash-linear-attention" if fla.usable(probe) else "batched torch")
+    found["delta_rule_prefill"] = ("C++" if device == "cpu" else "flash-linear-attention" if fla.usable(probe)
+                                   else "batched torch")
+    found["paged_attention"] = ("C++" if device == "cpu" else "Triton" if gpu_attention.usable(probe)
+                                else "batched torch (SDPA)")
+    found["grouped_experts"] = ("reference" if not hasattr(torch, "_grouped_mm") else "torch._grouped_mm"
+                                + (", Triton SwiGLU and weighted sum" if gpu_moe.usable(probe) else ""))
+    return found
 
 
 def sync(device: str) -> None:

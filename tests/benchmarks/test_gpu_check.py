@@ -29,3 +29,17 @@ def test_gpu_check_runs_end_to_end_at_smoke_size(tmp_path):
     assert figures["routed_fp8_w8a8_bank_us_16"] > 0 and figures["dense_fp8_w8a8_us_16"] > 0
     assert figures["fp8_prefill_tok_s"] > 0 and figures["fp8_w8a8_prefill_tok_s"] > 0
     assert figures["fp8_decode_tok_s_batch64"] > 0 and "fp8_decode_error" not in figures  # the FP8 slice's decode
+
+
+def test_gpu_check_runs_the_sections_asked_for(tmp_path):
+    """--sections: a short device run can take the parts it needs; an unknown name is refused, named."""
+    out = tmp_path / "figures.json"
+    command = [sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--smoke", "--json", str(out)]
+    result = subprocess.run([*command, "--sections", "grouped_gemm"], capture_output=True, text=True, timeout=300,
+                            cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    figures = json.loads(out.read_text())
+    assert figures["grouped_gemm_tflops_512"] > 0 and "decode_tok_s_batch1" not in figures
+    refused = subprocess.run([*command, "--sections", "grouped_gemm,decode"], capture_output=True, text=True,
+                             timeout=300, cwd=ROOT)
+    assert refused.returncode == 2 and "no section decode" in refused.stderr
